@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# codex-relay entry point.
+#   ./run.sh [mitmdump args…]   set up .venv, upgrade the DB, start the relay on :8000 (SQLite by default)
+#   ./run.sh test [pytest args…] set up .venv and run the whole test suite (+ ruff)
+#   ./run.sh web [mitmweb args…] same as the default, in mitmweb
+#   ./run.sh stats|poll-stats|reconcile|bench …   see README
+set -euo pipefail
+cd "$(dirname "$0")"
+ROOT=$PWD
+VENV=$ROOT/.venv
+
+find_python() {
+    # mitmproxy 12 needs Python >= 3.12; the machine's default python3 may be older.
+    local c
+    for c in "${CODEX_PYTHON:-}" python3.13 python3.12 python3; do
+        [ -n "$c" ] || continue
+        if command -v "$c" >/dev/null 2>&1 && "$c" -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null; then
+            command -v "$c"; return 0
+        fi
+    done
+    if command -v pyenv >/dev/null 2>&1; then
+        local v
+        for v in $(pyenv versions --bare 2>/dev/null | grep -E '^3\.(1[2-9])' | sort -rV); do
+            c="$(pyenv prefix "$v")/bin/python"
+            if [ -x "$c" ]; then echo "$c"; return 0; fi
+        done
+    fi
+    return 1
+}
+
+setup_venv() {
+    local stamp=$VENV/.codex-stamp want
+    want=$(cat pyproject.toml | sha256sum | cut -d' ' -f1)
+    if [ -x "$VENV/bin/python" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
+        return 0
+    fi
+    if [ ! -x "$VENV/bin/python" ]; then
+        local py
+        py=$(find_python) || { echo "run.sh: no Python >= 3.12 found (set CODEX_PYTHON=/path/to/python3.12)" >&2; exit 1; }
+        echo "run.sh: creating .venv with $py" >&2
+        "$py" -m venv "$VENV"
+    fi
+    echo "run.sh: installing dependencies into .venv" >&2
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e ".[dev]" >&2
+    echo "$want" > "$stamp"
+}
+
+has_arg() {  # has_arg NAME… -- ARGS…: is any NAME among ARGS (also as NAME=…)?
+    local names=() a n
+    while [ "$1" != "--" ]; do names+=("$1"); shift; done; shift
+    for a in "$@"; do for n in "${names[@]}"; do
+        case "$a" in "$n"|"$n"=*) return 0;; esac
+    done; done
+    return 1
+}
+
+relay() {  # relay mitmdump|mitmweb ARGS…
+    local tool=$1; shift
+    local defaults=()
+    # Reverse mode with a lazy connection: the addon picks the node before mitmproxy connects anywhere.
+    has_arg --mode -m -- "$@" || defaults+=(--mode "reverse:${CODEX_REVERSE_TARGET:-https://api.openai.com}")
+    has_arg --listen-port -p -- "$@" || defaults+=(--listen-port "${CODEX_PORT:-8000}")
+    has_arg connection_strategy -- "$@" || defaults+=(--set connection_strategy=lazy)
+    exec "$VENV/bin/$tool" -s "$ROOT/addon/codex.py" "${defaults[@]}" "$@"
+}
+
+cmd=${1:-}
+case "$cmd" in
+    test)
+        shift; setup_venv
+        "$VENV/bin/ruff" check .
+        exec "$VENV/bin/python" -m pytest "$@"
+        ;;
+    web) shift; setup_venv; relay mitmweb "$@" ;;
+    stats) shift; setup_venv; exec "$VENV/bin/python" -m store.stats "$@" ;;
+    poll-stats) shift; setup_venv; exec "$VENV/bin/python" -m store.poll "$@" ;;
+    reconcile) shift; setup_venv; exec "$VENV/bin/python" -m store.reconcile "$@" ;;
+    bench) shift; setup_venv; exec "$VENV/bin/python" -m bench "$@" ;;
+    setup) setup_venv ;;
+    *) setup_venv; relay mitmdump "$@" ;;
+esac
