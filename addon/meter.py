@@ -1,0 +1,249 @@
+"""The stream meter: mitmproxy's ``flow.response.stream`` callable, metering an answer as it passes.
+
+Plain Python (no mitmproxy import). The bytes a client gets must never depend on this code: the
+callable returns each chunk object untouched and never raises (mitmproxy does not catch it and would
+empty the client's body), whatever the upstream sends. Parsing works on a content-decoded copy and
+simply stops, noting why, when something goes wrong.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+import brotli
+import zstandard
+
+from addon.sse import SSEEvent, SSEParser
+from addon.usage import UsageExtractor
+from store.records import Usage
+
+# Decoded bytes produced per decompression step: what a highly compressed chunk (or a bomb) can
+# make this process hold at once, instead of its whole expansion.
+_STEP = 64 * 2**10
+# zstd's incremental API has no output limit: feed it input in slices this small instead. One zstd
+# block (>= 3 bytes of input) expands to at most 128 KiB, so a slice yields at most ~6 MiB.
+_ZSTD_SLICE = 128
+# RFC 9659: a zstd content coding uses a window of at most 8 MiB; a larger one would be a memory grab.
+_ZSTD_MAX_WINDOW = 8 * 2**20
+
+# A body sent as something other than text/event-stream that still is one (some relays mislabel it).
+_LOOKS_LIKE_SSE = re.compile(rb"\s*(?:data|event)?:")
+
+
+@dataclass(frozen=True, slots=True)
+class MeterResult:
+    usage: Usage | None
+    model: str | None
+    error: str | None
+    completed: bool
+    bytes: int
+    first_chunk_at: float | None
+    last_chunk_at: float | None
+    ended: bool
+    events: int
+    raw_usage: str | None
+    parse_error: str | None
+
+
+class _Decoder(Protocol):
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        """Decoded pieces of bounded size, produced lazily as they are consumed.
+
+        Input after the end of the compressed stream is ignored.
+        """
+        ...
+
+
+class _ZlibDecoder:
+    """gzip (wbits 47 also accepts a zlib header) or deflate, zlib-wrapped or raw (sniffed)."""
+
+    def __init__(self, wbits: int | None) -> None:
+        self._head = b""  # wbits None: deflate, decided by the first two bytes
+        self._d = zlib.decompressobj(wbits) if wbits is not None else None
+
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        d = self._d
+        if d is None:
+            data = self._head + data
+            if len(data) < 2:
+                self._head = data
+                return
+            # RFC 1950 header: method 8 and a check sum; "deflate" servers often send raw RFC 1951.
+            zlib_wrapped = data[0] & 0x0F == 8 and (data[0] << 8 | data[1]) % 31 == 0
+            self._d = d = zlib.decompressobj(15 if zlib_wrapped else -15)
+            self._head = b""
+        while data and not d.eof:
+            out = d.decompress(data, _STEP)
+            if out:
+                yield out
+            data = d.unconsumed_tail
+            # A full step may leave output inside zlib with no input left: ask again to drain it.
+            while not data and len(out) == _STEP and not d.eof:
+                out = d.decompress(b"", _STEP)
+                if out:
+                    yield out
+
+
+class _BrotliDecoder:
+    def __init__(self) -> None:
+        self._d = brotli.Decompressor()
+
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        d = self._d
+        if d.is_finished():
+            return
+        out = d.process(data, output_buffer_limit=_STEP)
+        if out:
+            yield out
+        while not d.can_accept_more_data():
+            out = d.process(b"", output_buffer_limit=_STEP)
+            if out:
+                yield out
+
+
+class _ZstdDecoder:
+    def __init__(self) -> None:
+        self._d = zstandard.ZstdDecompressor(max_window_size=_ZSTD_MAX_WINDOW).decompressobj()
+
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        d = self._d
+        for i in range(0, len(data), _ZSTD_SLICE):
+            if d.eof:
+                return
+            out = d.decompress(data[i:i + _ZSTD_SLICE])
+            if out:
+                yield out
+
+
+_DECODERS: dict[str, Callable[[], _Decoder]] = {
+    "gzip": lambda: _ZlibDecoder(47),
+    "x-gzip": lambda: _ZlibDecoder(47),
+    "deflate": lambda: _ZlibDecoder(None),
+    "br": _BrotliDecoder,
+    "zstd": _ZstdDecoder,
+}
+
+
+class StreamMeter:
+    """Counts, times and parses one response body while mitmproxy streams it to the client.
+
+    ``text/event-stream`` bodies go through an ``SSEParser`` (memory bounded per event); any other
+    body is buffered, decoded, up to ``max_parse_bytes`` and parsed as JSON at its end. The end
+    (``b""``) is only acted on in ``result()``: mitmproxy also passes an empty chunk for an empty
+    HTTP/2 DATA frame in mid-stream. Why usage could not be read (an unknown encoding, a body over
+    the cap, a decoder error) is in ``parse_error``. ``kept`` holds the first ``keep_body_bytes``
+    raw bytes, for mitmweb.
+    """
+
+    def __init__(self, api_format: str | None, content_type: str | None, content_encoding: str | None, *,
+                 max_parse_bytes: int = 16 * 2**20, keep_body_bytes: int = 0,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.extractor = UsageExtractor(api_format)
+        self.max_parse_bytes = max_parse_bytes
+        self.keep_body_bytes = keep_body_bytes
+        self._clock = clock
+        self.bytes = 0
+        self.first_chunk_at: float | None = None
+        self.last_chunk_at: float | None = None
+        self.ended = False
+        self.events = 0
+        self.parse_error: str | None = None
+        self.truncated_parse = False
+        self._kept = bytearray()
+        self._body = bytearray()
+        media_type = (content_type or "").split(";", 1)[0].strip().lower()
+        self._sse = SSEParser() if media_type == "text/event-stream" else None
+        self._parsing = True
+        self._decoder: _Decoder | None = None
+        encoding = (content_encoding or "").strip().lower()
+        if encoding in _DECODERS:
+            self._decoder = _DECODERS[encoding]()
+        elif encoding not in ("", "identity"):
+            self._give_up(f"unsupported content-encoding {encoding!r}: body not parsed")
+
+    @property
+    def kept(self) -> bytes:
+        return bytes(self._kept)
+
+    def __call__(self, chunk: bytes) -> bytes:
+        try:
+            if chunk:
+                # An empty chunk before this one was an empty HTTP/2 DATA frame, not the end.
+                self.ended = False
+                self.bytes += len(chunk)
+                now = self._clock()
+                if self.first_chunk_at is None:
+                    self.first_chunk_at = now
+                self.last_chunk_at = now
+                room = self.keep_body_bytes - len(self._kept)
+                if room > 0:
+                    self._kept += chunk[:room]
+                if self._parsing:
+                    self._parse(chunk)
+            else:
+                self.ended = True
+        except Exception as e:  # anything: the client's bytes must flow on regardless
+            self._failed(e)
+        return chunk
+
+    def result(self) -> MeterResult:
+        """What was metered; once the body has ended, its last event or its JSON is parsed first."""
+        if self.ended and self._parsing:
+            try:
+                self._finish()
+            except Exception as e:
+                self._failed(e)
+        x = self.extractor
+        return MeterResult(
+            usage=x.usage, model=x.model, error=x.error, completed=x.completed, bytes=self.bytes,
+            first_chunk_at=self.first_chunk_at, last_chunk_at=self.last_chunk_at, ended=self.ended,
+            events=self.events, raw_usage=x.raw_usage, parse_error=self.parse_error,
+        )
+
+    def _parse(self, chunk: bytes) -> None:
+        pieces = self._decoder.feed(chunk) if self._decoder is not None else (chunk,)
+        for piece in pieces:
+            if self._sse is not None:
+                self._dispatch(self._sse.feed(piece))
+            elif len(self._body) + len(piece) > self.max_parse_bytes:
+                self.truncated_parse = True
+                self._give_up(f"body over {self.max_parse_bytes} bytes: not parsed")
+                return  # stops pulling from the decoder too: a bomb is not expanded further
+            else:
+                self._body += piece
+
+    def _finish(self) -> None:
+        self._parsing = False
+        if self._sse is not None:
+            self._dispatch(self._sse.close())
+            return
+        body = bytes(self._body)
+        self._body = bytearray()
+        if _LOOKS_LIKE_SSE.match(body):
+            parser = SSEParser()
+            self._dispatch(parser.feed(body) + parser.close())
+        else:
+            self.extractor.on_json(body)
+
+    def _dispatch(self, events: list[SSEEvent]) -> None:
+        for ev in events:
+            self.events += 1
+            self.extractor.on_event(ev)
+
+    def _give_up(self, reason: str) -> None:
+        self._parsing = False
+        self._body = bytearray()
+        if self.parse_error is None:
+            self.parse_error = reason
+
+    def _failed(self, e: Exception) -> None:
+        try:
+            reason = f"{type(e).__name__}: {e}"
+        except Exception:  # an exception whose str() fails
+            reason = type(e).__name__
+        self._give_up(reason)

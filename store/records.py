@@ -1,0 +1,84 @@
+"""Plain records passed from the relay to the store: no SQLAlchemy, no mitmproxy.
+
+Token convention (OpenAI's, for every API format): ``input_tokens`` includes
+``cached_tokens`` (and Anthropic's cache writes), ``output_tokens`` includes
+``reasoning_tokens``; ``total_tokens`` = input + output.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+
+
+def utcnow() -> dt.datetime:
+    """Naive UTC, as every timestamp column is stored."""
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
+
+
+@dataclass(slots=True)
+class Usage:
+    input_tokens: int = 0
+    cached_tokens: int = 0
+    cache_write_tokens: int = 0
+    output_tokens: int = 0
+    reasoning_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+
+@dataclass(slots=True)
+class NodeConfig:
+    """One upstream node as configured (TOML or admin page); stats are never part of it."""
+
+    id: str
+    base_url: str
+    api_key: str = ""
+    name: str = ""
+    weight: int = 1
+
+
+@dataclass(slots=True)
+class InvocationRecord:
+    """One metered call through the relay: one `codex_invocations` row plus node increments."""
+
+    invoke_id: str
+    occurred_at: dt.datetime
+    source: str
+    endpoint: str
+    status: str  # "success" | "failed" | "aborted"
+    node_id: str | None = None
+    api_format: str | None = None  # "responses" | "chat" | "messages" | None
+    model: str | None = None
+    stream: bool = False
+    http_status: int | None = None
+    error_message: str | None = None
+    usage: Usage = field(default_factory=Usage)
+    cost: float | None = None
+    ttfb_ms: int | None = None
+    stream_ms: int | None = None
+    duration_ms: int | None = None
+    request_bytes: int = 0
+    response_bytes: int = 0
+    attempts: int = 1
+    client_key: str | None = None
+    payload: str | None = None
+    raw_response: str | None = None
+    # Whether this call counts against the node's health (a client abort does not).
+    node_failure: bool = False
+
+
+@dataclass(slots=True)
+class NodeStateUpdate:
+    """A health change of one node, persisted through the writer like any record."""
+
+    node_id: str
+    failed: bool | None = None  # None: leave as is
+    # An attempt the client never saw (retried elsewhere): counts as a request and a failure of the node.
+    failed_attempt: bool = False
+    last_error: str | None = None  # None: leave as is
+    pinged: bool = False  # True: write both ping columns (last_ping_err None clears it)
+    last_ping_ms: int | None = None
+    last_ping_err: str | None = None

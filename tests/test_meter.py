@@ -1,0 +1,358 @@
+"""Stream meter: the client's bytes pass untouched whatever happens, and usage is read from them
+however they are chunked or content-encoded, within bounded memory."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import gzip
+import random
+import tracemalloc
+import zlib
+from collections.abc import Callable
+
+import brotli
+import pytest
+import zstandard
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from addon.meter import MeterResult, StreamMeter
+from tests.test_usage import CASES, CODEX_MODEL, CODEX_USAGE, OVERLOADED_STREAM, events_of
+
+SSE = "text/event-stream"
+JSON = "application/json"
+
+ENCODERS: dict[str, Callable[[bytes], bytes]] = {
+    "gzip": gzip.compress,
+    "x-gzip": gzip.compress,
+    "deflate": zlib.compress,
+    "deflate-raw": lambda b: zlib.compress(b, wbits=-15),
+    "br": brotli.compress,
+    "zstd": zstandard.compress,
+}
+
+
+def header(encoding: str | None) -> str | None:
+    return "deflate" if encoding == "deflate-raw" else encoding
+
+
+def encode(encoding: str | None, body: bytes) -> bytes:
+    return ENCODERS[encoding](body) if encoding else body
+
+
+def chunked(data: bytes, sizes: list[int]) -> list[bytes]:
+    out, pos, i = [], 0, 0
+    while pos < len(data):
+        n = sizes[i % len(sizes)]
+        out.append(data[pos:pos + n])
+        pos, i = pos + n, i + 1
+    return out
+
+
+def run(chunks: list[bytes], fmt: str | None = "responses", content_type: str | None = SSE,
+        encoding: str | None = None, **kw) -> StreamMeter:
+    """Feeds chunks then the end marker, as mitmproxy does, checking every chunk comes back as is."""
+    meter = StreamMeter(fmt, content_type, encoding, **kw)
+    for c in [*chunks, b""]:
+        assert meter(c) is c
+    return meter
+
+
+def usage_of(m: StreamMeter) -> tuple:
+    r = m.result()
+    return r.usage, r.model, r.completed, r.error
+
+
+# -- passthrough and bookkeeping ---------------------------------------------------------------------
+def test_chunks_come_back_as_the_same_objects_and_are_counted():
+    stream = CASES["responses"][0]
+    chunks = chunked(stream, [100, 1, 7])
+    m = run(chunks)
+    r = m.result()
+    assert r.bytes == len(stream) and r.ended
+    assert (r.usage, r.model, r.completed) == (CODEX_USAGE, CODEX_MODEL, True)
+    assert r.events == len(events_of(stream))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        r.bytes = 0  # type: ignore[misc]
+
+
+def test_times_of_first_and_last_chunk_from_the_clock():
+    ticks = iter([10.0, 10.5, 12.25])
+    m = StreamMeter("chat", SSE, None, clock=lambda: next(ticks))
+    assert m.result().first_chunk_at is None
+    m(b"data: {}\n\n")
+    m(b"")  # an empty chunk is no data: the clock is not read
+    assert (m.first_chunk_at, m.last_chunk_at, m.ended) == (10.0, 10.0, True)
+    m = StreamMeter("chat", SSE, None, clock=lambda: next(ticks))
+    m(b"a")
+    m(b"b")
+    assert (m.result().first_chunk_at, m.result().last_chunk_at, m.result().ended) == (10.5, 12.25, False)
+
+
+def test_kept_holds_the_first_raw_bytes_only():
+    raw = encode("gzip", CASES["chat"][0])
+    m = run(chunked(raw, [5]), "chat", SSE, "gzip", keep_body_bytes=64)
+    assert m.kept == raw[:64] and m.result().usage == CASES["chat"][3]
+    assert run([raw], "chat", SSE, "gzip").kept == b""
+
+
+def test_a_second_end_marker_changes_nothing():
+    # The relay's retry path feeds a whole body, then b"": an empty body means two end markers.
+    body = CASES["chat"][1]
+    m = run([body], "chat", JSON)
+    assert m(b"") == b"" and usage_of(m) == (CASES["chat"][3], CASES["chat"][2], True, None)
+    m = run([], "chat", JSON)
+    m(b"")
+    assert m.result().usage is None and m.result().ended
+
+
+def test_empty_chunk_in_mid_stream_is_not_the_end():
+    # mitmproxy passes an empty HTTP/2 DATA frame on as b"": only the last b"" ends the body.
+    _, body, model, usage = CASES["chat"]
+    m = StreamMeter("chat", JSON, None)
+    for c in (body[:40], b"", body[40:]):
+        m(c)
+    assert not m.ended
+    m(b"")
+    assert usage_of(m) == (usage, model, True, None) and m.result().ended
+
+
+# -- chunking ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", CASES)
+def test_every_split_point_gives_the_same_usage(fmt: str):
+    stream, _, model, usage = CASES[fmt]
+    for i in range(len(stream) + 1):
+        assert usage_of(run([stream[:i], stream[i:]], fmt)) == (usage, model, True, None), i
+
+
+@pytest.mark.parametrize("fmt", CASES)
+def test_random_chunkings_give_the_same_usage(fmt: str):
+    stream, _, model, usage = CASES[fmt]
+    rng = random.Random(fmt)
+    for _ in range(200):
+        sizes = [rng.randint(1, 64) for _ in range(rng.randint(1, 8))]
+        assert usage_of(run(chunked(stream, sizes), fmt)) == (usage, model, True, None)
+
+
+@pytest.mark.parametrize("eol", [b"\r\n", b"\r"])
+@pytest.mark.parametrize("fmt", CASES)
+def test_crlf_and_cr_streams(fmt: str, eol: bytes):
+    stream, _, model, usage = CASES[fmt]
+    body = stream.replace(b"\n", eol)
+    assert usage_of(run(chunked(body, [3, 1, 17]), fmt)) == (usage, model, True, None)
+
+
+@pytest.mark.parametrize("fmt", CASES)
+def test_keep_alive_comments_and_malformed_lines_are_ignored(fmt: str):
+    stream, _, model, usage = CASES[fmt]
+    noisy = stream.replace(b"\n\n", b"\n\n: keep-alive\n\n:\ndata: {broken json\n\nretry: 5\n\n")
+    assert usage_of(run(chunked(noisy, [11]), fmt)) == (usage, model, True, None)
+
+
+def test_media_type_parameters_and_case_are_ignored():
+    stream, _, model, usage = CASES["responses"]
+    assert usage_of(run([stream], "responses", "Text/Event-Stream; charset=utf-8")) == (usage, model, True, None)
+
+
+def test_error_event_in_a_200_stream_is_reported():
+    r = run(chunked(OVERLOADED_STREAM, [9]), "responses").result()
+    assert r.error is not None and "overloaded" in r.error
+    assert (r.completed, r.model, r.usage) == (False, CODEX_MODEL, None)
+
+
+# -- JSON bodies -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("encoding", [None, *ENCODERS])
+@pytest.mark.parametrize("fmt", CASES)
+def test_json_bodies_plain_and_encoded(fmt: str, encoding: str | None):
+    _, body, model, usage = CASES[fmt]
+    raw = encode(encoding, body)
+    m = run(chunked(raw, [13]), fmt, "application/json; charset=utf-8", header(encoding))
+    assert usage_of(m) == (usage, model, True, None) and m.bytes == len(raw)
+
+
+def test_event_stream_sent_with_a_wrong_content_type_is_still_read():
+    stream, _, model, usage = CASES["messages"]
+    assert usage_of(run([stream], "messages", "text/plain")) == (usage, model, True, None)
+    assert usage_of(run([stream], "messages", None)) == (usage, model, True, None)
+
+
+# -- content encodings -------------------------------------------------------------------------------
+@pytest.mark.parametrize("encoding", ENCODERS)
+@pytest.mark.parametrize("fmt", CASES)
+def test_encoded_streams_in_small_chunks(fmt: str, encoding: str):
+    stream, _, model, usage = CASES[fmt]
+    raw = encode(encoding, stream)
+    for sizes in ([1], [2, 5, 3], [64]):
+        m = run(chunked(raw, sizes), fmt, SSE, header(encoding))
+        assert usage_of(m) == (usage, model, True, None)
+        assert m.result().parse_error is None
+
+
+def _flushing(encoding: str) -> Callable[[bytes], bytes]:
+    """A compressor that flushes after each piece, as a streaming server does."""
+    if encoding == "gzip":
+        z = zlib.compressobj(wbits=31)
+        return lambda b: z.compress(b) + z.flush(zlib.Z_SYNC_FLUSH)
+    if encoding == "br":
+        c = brotli.Compressor()
+        return lambda b: c.process(b) + c.flush()
+    z = zstandard.ZstdCompressor().compressobj()
+    return lambda b: z.compress(b) + z.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "br", "zstd"])
+def test_decoding_is_incremental_not_at_the_end(encoding: str):
+    # The model is known as soon as response.created arrives, long before the body ends.
+    flush = _flushing(encoding)
+    stream = CASES["responses"][0]
+    first, rest = stream.split(b"\n\n", 1)
+    m = StreamMeter("responses", SSE, encoding)
+    m(flush(first + b"\n\n"))
+    assert (m.result().model, m.result().events) == (CODEX_MODEL, 1)
+    m(flush(rest))
+    m(b"")
+    assert usage_of(m) == (CODEX_USAGE, CODEX_MODEL, True, None)
+
+
+def test_unknown_encoding_is_recorded_and_not_parsed():
+    stream = CASES["responses"][0]
+    m = run([stream], "responses", SSE, "compress")
+    r = m.result()
+    assert r.usage is None and r.bytes == len(stream) and r.parse_error and "compress" in r.parse_error
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "br", "zstd"])
+def test_corrupt_encoded_body_stops_parsing_but_not_the_bytes(encoding: str):
+    garbage = b"\x1f\x8b\x08\x00" + bytes(range(256)) * 4 if encoding == "gzip" else b"\xff" * 1024
+    chunks = chunked(garbage, [100])
+    m = run(chunks, "responses", SSE, encoding)
+    r = m.result()
+    assert r.parse_error is not None and r.usage is None
+    assert r.bytes == len(garbage) and r.ended
+
+
+def test_exception_inside_parsing_does_not_escape_and_is_recorded_once():
+    stream = CASES["responses"][0]
+    m = StreamMeter("responses", SSE, None)
+    calls = []
+
+    def broken(ev):
+        calls.append(ev)
+        raise RuntimeError("boom")
+
+    m.extractor.on_event = broken  # type: ignore[method-assign]
+    chunks = chunked(stream, [50])
+    for c in [*chunks, b""]:
+        assert m(c) is c
+    r = m.result()
+    assert r.parse_error == "RuntimeError: boom" and len(calls) == 1  # parsing stopped at the first failure
+    assert r.bytes == len(stream) and r.ended and r.last_chunk_at is not None
+
+
+def test_a_failing_clock_does_not_escape():
+    def clock() -> float:
+        raise OSError("no time")
+
+    chunk = CASES["chat"][0]
+    m = StreamMeter("chat", SSE, None, clock=clock)
+    assert m(chunk) is chunk and m(b"") == b""
+    assert m.bytes == len(chunk) and m.parse_error == "OSError: no time"
+
+
+# -- memory caps -------------------------------------------------------------------------------------
+def test_json_body_over_the_cap_stops_buffering():
+    _, body, _, _ = CASES["responses"]
+    huge = body[:-1] + b', "padding": "' + b"x" * 200_000 + b'"}'
+    m = run(chunked(huge, [4096]), "responses", JSON, max_parse_bytes=50_000)
+    r = m.result()
+    assert m.truncated_parse and r.usage is None and r.parse_error and "50000" in r.parse_error
+    assert r.bytes == len(huge) and r.ended
+    m = run(chunked(huge, [4096]), "responses", JSON, max_parse_bytes=len(huge))
+    assert not m.truncated_parse and m.result().usage == CODEX_USAGE  # at the cap it still fits
+
+
+@functools.cache
+def _bomb(encoding: str, size: int = 64 * 2**20) -> bytes:
+    zeros = bytes(size)
+    return {"gzip": lambda: gzip.compress(zeros, 9), "br": lambda: brotli.compress(zeros, quality=1),
+            "zstd": lambda: zstandard.compress(zeros)}[encoding]()
+
+
+def _peak(fn: Callable[[], object]) -> int:
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("content_type", [JSON, SSE])
+@pytest.mark.parametrize("encoding", ["gzip", "br", "zstd"])
+def test_decompression_bomb_does_not_expand_in_memory(encoding: str, content_type: str):
+    bomb = _bomb(encoding)  # 64 MiB of zeros
+    chunks = chunked(bomb, [16384])
+    m = StreamMeter("responses", content_type, encoding, max_parse_bytes=2**20)
+    peak = _peak(lambda: [m(c) for c in [*chunks, b""]])
+    assert peak < 12 * 2**20, peak  # the SSE parser may hold up to its 4 MiB event cap
+    assert m.bytes == len(bomb) and m.result().usage is None
+    if content_type == JSON:
+        assert m.truncated_parse
+
+
+def test_zstd_frame_asking_for_a_window_over_8_mib_is_refused():
+    params = zstandard.ZstdCompressionParameters.from_level(3, window_log=25)
+    body = zstandard.ZstdCompressor(compression_params=params).compress(b"data: " + bytes(32 * 2**20))
+    m = StreamMeter("responses", SSE, "zstd")
+    peak = _peak(lambda: (m(body), m(b"")))
+    assert peak < 12 * 2**20 and m.bytes == len(body)
+    assert m.result().parse_error is not None and "memory" in m.result().parse_error
+
+
+# -- properties --------------------------------------------------------------------------------------
+_encodings = st.sampled_from([None, "", "identity", "gzip", "x-gzip", "deflate", "br", "zstd", "GZIP ", "gzip, br",
+                              "compress", "\x00"]) | st.text(max_size=10)
+_content_types = st.sampled_from([None, SSE, JSON, "text/plain", "text/event-stream;charset=utf-8", ""]) | st.text(
+    max_size=20)
+
+
+@st.composite
+def _bodies(draw) -> bytes:
+    """Random bytes, or a real (possibly encoded) body, possibly corrupted."""
+    if draw(st.booleans()):
+        return draw(st.binary(max_size=3000))
+    fmt = draw(st.sampled_from(sorted(CASES)))
+    body = CASES[fmt][draw(st.sampled_from([0, 1]))]
+    raw = encode(draw(st.sampled_from([None, *ENCODERS])), body)
+    if raw and draw(st.booleans()):
+        i = draw(st.integers(0, len(raw) - 1))
+        raw = raw[:i] + bytes([raw[i] ^ draw(st.integers(1, 255))]) + raw[i + 1:]
+    return raw
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(body=_bodies(), cuts=st.lists(st.integers(0, 4000), max_size=12), encoding=_encodings,
+       content_type=_content_types, fmt=st.sampled_from([None, "responses", "chat", "messages"]),
+       keep=st.integers(0, 100))
+def test_any_bytes_any_split_any_headers_pass_through(body, cuts, encoding, content_type, fmt, keep):
+    points = sorted({c for c in cuts if c < len(body)})
+    chunks = [body[a:b] for a, b in zip([0, *points], [*points, len(body)], strict=True)]
+    meter = StreamMeter(fmt, content_type, encoding, keep_body_bytes=keep)
+    returned = []
+    for c in [*chunks, b""]:
+        out = meter(c)
+        assert out is c
+        returned.append(out)
+    assert b"".join(returned) == body
+    assert meter.bytes == len(body)
+    assert isinstance(meter.result(), MeterResult) and meter.kept == body[:keep]
+
+
+@settings(max_examples=150, deadline=None)
+@given(fmt=st.sampled_from(sorted(CASES)), encoding=st.sampled_from([None, *ENCODERS]),
+       sizes=st.lists(st.integers(1, 200), min_size=1, max_size=10))
+def test_any_chunking_of_any_encoding_reads_the_same_usage(fmt, encoding, sizes):
+    stream, _, model, usage = CASES[fmt]
+    m = run(chunked(encode(encoding, stream), sizes), fmt, SSE, header(encoding))
+    assert usage_of(m) == (usage, model, True, None)

@@ -1,0 +1,356 @@
+"""Usage extraction: what the store is told a call used, for each API format, streamed and not.
+
+The fixtures here mirror what the real APIs send (event names, extra fields, null usage on chat
+chunks) and are shared with test_meter.py.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from addon.sse import SSEEvent, SSEParser
+from addon.usage import RequestInfo, UsageExtractor, detect_format, parse_request
+from store.records import Usage
+
+
+def sse(data: dict | str, event: str | None = None) -> bytes:
+    text = data if isinstance(data, str) else json.dumps(data)
+    return (f"event: {event}\n" if event else "").encode() + f"data: {text}\n\n".encode()
+
+
+def _responses_event(kind: str, seq: int, **fields: object) -> bytes:
+    return sse({"type": kind, "sequence_number": seq, **fields}, kind)
+
+
+# -- OpenAI Responses (Codex CLI) --------------------------------------------------------------------
+CODEX_MODEL = "gpt-5-codex"
+CODEX_USAGE = Usage(input_tokens=5120, cached_tokens=4096, output_tokens=311, reasoning_tokens=192)
+_codex_resp = {"id": "resp_68af", "object": "response", "created_at": 1756300000, "status": "in_progress",
+               "model": CODEX_MODEL, "output": [], "usage": None, "error": None, "prompt_cache_key": "conv-1"}
+_codex_done = dict(_codex_resp, status="completed", output=[
+    {"id": "rs_1", "type": "reasoning", "summary": [], "encrypted_content": "gAAAAB" + "x" * 300},
+    {"id": "msg_1", "type": "message", "role": "assistant",
+     "content": [{"type": "output_text", "text": "Done: tests pass.", "annotations": []}]}],
+    usage={"input_tokens": 5120, "input_tokens_details": {"cached_tokens": 4096}, "output_tokens": 311,
+           "output_tokens_details": {"reasoning_tokens": 192}, "total_tokens": 5431})
+CODEX_STREAM = b"".join([
+    _responses_event("response.created", 0, response=_codex_resp),
+    _responses_event("response.in_progress", 1, response=_codex_resp),
+    _responses_event("response.output_item.added", 2, output_index=0, item={"id": "rs_1", "type": "reasoning"}),
+    _responses_event("response.output_item.done", 3, output_index=0, item=_codex_done["output"][0]),
+    _responses_event("response.output_item.added", 4, output_index=1, item={"id": "msg_1", "type": "message"}),
+    *[_responses_event("response.output_text.delta", 5 + k, item_id="msg_1", output_index=1, content_index=0,
+                       delta=word, logprobs=[]) for k, word in enumerate(["Done", ":", " tests", " pass", "."])],
+    _responses_event("response.output_text.done", 10, item_id="msg_1", text="Done: tests pass."),
+    _responses_event("response.completed", 11, response=_codex_done),
+])
+CODEX_JSON = json.dumps(dict(_codex_done, object="response")).encode()
+
+# -- Chat Completions with stream_options.include_usage ----------------------------------------------
+CHAT_MODEL = "gpt-4.1-mini-2025-04-14"
+CHAT_USAGE = Usage(input_tokens=1200, cached_tokens=1024, output_tokens=57, reasoning_tokens=12)
+_chat_usage = {"prompt_tokens": 1200, "completion_tokens": 57, "total_tokens": 1257,
+               "prompt_tokens_details": {"cached_tokens": 1024, "audio_tokens": 0},
+               "completion_tokens_details": {"reasoning_tokens": 12, "audio_tokens": 0}}
+_chunk = {"id": "chatcmpl-B9", "object": "chat.completion.chunk", "created": 1756300000, "model": CHAT_MODEL,
+          "system_fingerprint": "fp_1", "usage": None}
+CHAT_STREAM = b"".join([
+    sse(dict(_chunk, choices=[{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])),
+    *[sse(dict(_chunk, choices=[{"index": 0, "delta": {"content": w}, "finish_reason": None}]))
+      for w in ["Hello", " there", "!"]],
+    sse(dict(_chunk, choices=[{"index": 0, "delta": {}, "finish_reason": "stop"}])),
+    sse(dict(_chunk, choices=[], usage=_chat_usage)),
+    sse("[DONE]"),
+])
+CHAT_JSON = json.dumps({
+    "id": "chatcmpl-B9", "object": "chat.completion", "created": 1756300000, "model": CHAT_MODEL,
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello there!"}, "finish_reason": "stop"}],
+    "usage": _chat_usage}).encode()
+
+# -- Anthropic Messages -------------------------------------------------------------------------------
+ANTHROPIC_MODEL = "claude-sonnet-4-5-20250929"
+# Anthropic says input 12, cache read 30000, cache write 2000: stored the OpenAI way.
+ANTHROPIC_USAGE = Usage(input_tokens=32012, cached_tokens=30000, cache_write_tokens=2000, output_tokens=503)
+_start_usage = {"input_tokens": 12, "cache_creation_input_tokens": 2000, "cache_read_input_tokens": 30000,
+                "output_tokens": 1, "service_tier": "standard"}
+ANTHROPIC_STREAM = b"".join([
+    sse({"type": "message_start", "message": {
+        "id": "msg_01", "type": "message", "role": "assistant", "model": ANTHROPIC_MODEL, "content": [],
+        "stop_reason": None, "stop_sequence": None, "usage": _start_usage}}, "message_start"),
+    sse({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+        "content_block_start"),
+    sse({"type": "ping"}, "ping"),
+    *[sse({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": w}},
+          "content_block_delta") for w in ["Hi", ", ", "there"]],
+    sse({"type": "content_block_stop", "index": 0}, "content_block_stop"),
+    sse({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+         "usage": {"output_tokens": 503}}, "message_delta"),
+    sse({"type": "message_stop"}, "message_stop"),
+])
+ANTHROPIC_JSON = json.dumps({
+    "id": "msg_01", "type": "message", "role": "assistant", "model": ANTHROPIC_MODEL,
+    "content": [{"type": "text", "text": "Hi, there"}], "stop_reason": "end_turn",
+    "usage": dict(_start_usage, output_tokens=503)}).encode()
+
+# -- In-200 failures ----------------------------------------------------------------------------------
+OVERLOADED_STREAM = (_responses_event("response.created", 0, response=_codex_resp)
+                     + sse({"type": "error", "code": "server_is_overloaded", "param": None, "sequence_number": 1,
+                            "message": "Our servers are currently overloaded. Please try again later."}, "error"))
+FAILED_STREAM = (_responses_event("response.created", 0, response=_codex_resp)
+                 + _responses_event("response.failed", 1, response=dict(
+                     _codex_resp, status="failed", error={"code": "server_error", "message": "overloaded"})))
+
+# api_format -> (stream, JSON body, model, usage)
+CASES = {
+    "responses": (CODEX_STREAM, CODEX_JSON, CODEX_MODEL, CODEX_USAGE),
+    "chat": (CHAT_STREAM, CHAT_JSON, CHAT_MODEL, CHAT_USAGE),
+    "messages": (ANTHROPIC_STREAM, ANTHROPIC_JSON, ANTHROPIC_MODEL, ANTHROPIC_USAGE),
+}
+
+
+def events_of(body: bytes) -> list[SSEEvent]:
+    p = SSEParser()
+    return p.feed(body) + p.close()
+
+
+def extract(api_format: str | None, body: bytes) -> UsageExtractor:
+    x = UsageExtractor(api_format)
+    for ev in events_of(body):
+        x.on_event(ev)
+    return x
+
+
+# -- request side ------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("path", "fmt"), [
+    ("/v1/responses", "responses"),
+    ("/openai/v1/responses?api-version=2025-04-01", "responses"),
+    ("/responses/", "responses"),
+    ("/v1/chat/completions", "chat"),
+    ("/api/openai/v1/chat/completions?x=/messages", "chat"),
+    ("/v1/messages", "messages"),
+    ("/anthropic/v1/messages?beta=true", "messages"),
+    ("/v1/responses/compact", None),
+    ("/v1/responses/resp_123", None),
+    ("/v1/messages/count_tokens", None),
+    ("/v1/models", None),
+    ("/v1/completions", None),
+    ("/", None),
+    ("", None),
+])
+def test_detect_format(path: str, fmt: str | None):
+    assert detect_format(path) == fmt
+
+
+def test_parse_request_reads_model_stream_and_cache_key():
+    body = json.dumps({"model": "gpt-5-codex", "stream": True, "prompt_cache_key": "conv-9", "input": []}).encode()
+    assert parse_request(body) == RequestInfo("gpt-5-codex", True, "conv-9")
+    assert parse_request(b'{"model": "m"}') == RequestInfo("m", False, None)
+
+
+@pytest.mark.parametrize("body", [
+    None, b"", b"not json", b"\xff\xfe", b"[1, 2]", b'"text"', b"null", b"[" * 100_000,
+    b'{"model": 5, "stream": "true", "prompt_cache_key": {"a": 1}}',
+    b'{"model": "", "stream": 1, "prompt_cache_key": null}',
+])
+def test_parse_request_never_raises_and_falls_back_to_defaults(body: bytes | None):
+    assert parse_request(body) == RequestInfo(None, False, None)
+
+
+# -- streams -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", CASES)
+def test_stream_usage_model_and_completion(fmt: str):
+    stream, _, model, usage = CASES[fmt]
+    x = extract(fmt, stream)
+    assert (x.usage, x.model, x.completed, x.error) == (usage, model, True, None)
+    assert x.raw_usage is not None and json.loads(x.raw_usage)  # the audited object is valid JSON
+
+
+@pytest.mark.parametrize("fmt", CASES)
+def test_unknown_format_recognises_every_shape(fmt: str):
+    stream, body, model, usage = CASES[fmt]
+    x = extract(None, stream)
+    assert (x.usage, x.model, x.completed) == (usage, model, True)
+    x = UsageExtractor(None)
+    x.on_json(body)
+    assert (x.usage, x.model, x.completed) == (usage, model, True)
+
+
+@pytest.mark.parametrize("fmt", CASES)
+def test_truncated_stream_is_not_completed(fmt: str):
+    stream, _, _, _ = CASES[fmt]
+    events = events_of(stream)
+    x = UsageExtractor(fmt)
+    for ev in events[:-2]:
+        x.on_event(ev)
+    assert not x.completed
+
+
+def test_codex_usage_sets_total_by_openai_convention():
+    x = extract("responses", CODEX_STREAM)
+    assert x.usage is not None and x.usage.total_tokens == 5120 + 311
+    assert json.loads(x.raw_usage)["total_tokens"] == 5431
+
+
+def test_codex_model_known_from_response_created_before_completion():
+    x = extract("responses", CODEX_STREAM.split(b"event: response.in_progress")[0])
+    assert (x.model, x.usage, x.completed) == (CODEX_MODEL, None, False)
+
+
+def test_anthropic_message_delta_overwrites_cumulative_counts():
+    x = UsageExtractor("messages")
+    for ev in events_of(ANTHROPIC_STREAM.split(b"event: message_delta")[0]):
+        x.on_event(ev)
+    assert x.usage == Usage(32012, 30000, 2000, 1, 0)  # message_start alone: output 1 so far
+    for out in (10, 250, 503):  # cumulative: the last one counts, they are not added
+        x.on_event(SSEEvent("message_delta", json.dumps({"type": "message_delta", "usage": {"output_tokens": out}})))
+    assert x.usage == ANTHROPIC_USAGE
+    # Newer APIs repeat the input side in message_delta: present values replace, nulls leave them.
+    x.on_event(SSEEvent("message_delta", json.dumps({"type": "message_delta", "usage": {
+        "input_tokens": 20, "cache_read_input_tokens": None, "cache_creation_input_tokens": 0, "output_tokens": 600}})))
+    assert x.usage == Usage(input_tokens=30020, cached_tokens=30000, cache_write_tokens=0, output_tokens=600)
+
+
+def test_chat_done_marker_completes_only_chat_streams():
+    done = SSEEvent("message", "[DONE]")
+    chat, responses = UsageExtractor("chat"), UsageExtractor("responses")
+    chat.on_event(done)
+    responses.on_event(done)
+    assert chat.completed and not responses.completed
+
+
+def test_chat_chunks_with_null_usage_are_not_the_usage():
+    before_usage = CHAT_STREAM.split(b'"choices": []')[0].rsplit(b"data:", 1)[0]
+    x = extract("chat", before_usage)
+    assert (x.usage, x.model, x.completed) == (None, CHAT_MODEL, False)
+
+
+def test_malformed_and_foreign_data_lines_are_skipped():
+    noise = b"data: {not json\n\ndata: 42\n\ndata: [1,2]\n\nevent: response.completed\ndata: {\"type\": 3}\n\n"
+    stream, _, model, usage = CASES["responses"]
+    x = extract("responses", noise + stream + noise)
+    assert (x.usage, x.model, x.completed, x.error) == (usage, model, True, None)
+
+
+# -- JSON bodies -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", CASES)
+def test_json_body_usage(fmt: str):
+    _, body, model, usage = CASES[fmt]
+    x = UsageExtractor(fmt)
+    x.on_json(body)
+    assert (x.usage, x.model, x.completed, x.error) == (usage, model, True, None)
+
+
+def test_non_json_body_is_not_completed():
+    x = UsageExtractor("chat")
+    x.on_json(b"<html>502 Bad Gateway</html>")
+    assert (x.usage, x.completed, x.error) == (None, False, None)
+
+
+# -- errors ------------------------------------------------------------------------------------------
+def test_error_event_inside_a_200_stream():
+    x = extract("responses", OVERLOADED_STREAM)
+    assert x.error == "server_is_overloaded: Our servers are currently overloaded. Please try again later."
+    assert (x.completed, x.model, x.usage) == (False, CODEX_MODEL, None)
+
+
+def test_response_failed_is_terminal_and_an_error():
+    x = extract("responses", FAILED_STREAM)
+    assert (x.completed, x.error) == (True, "server_error: overloaded")
+
+
+@pytest.mark.parametrize("response", [{"error": None}, None, "gone"])
+def test_response_failed_without_details_still_fails(response: object):
+    x = UsageExtractor("responses")
+    x.on_event(SSEEvent("response.failed", json.dumps({"type": "response.failed", "response": response})))
+    assert (x.error, x.completed) == ("response failed", True)
+
+
+@pytest.mark.parametrize(("fmt", "event", "expected"), [
+    ("messages", sse({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}, "error"),
+     "overloaded_error: Overloaded"),
+    ("chat", sse({"error": {"message": "upstream timed out", "type": "server_error", "code": None}}),
+     "server_error: upstream timed out"),
+    ("responses", b"event: error\ndata: upstream went away\n\n", "upstream went away"),
+    ("responses", sse({"type": "error", "error": {"type": "server_error", "code": "server_is_overloaded",
+                                                  "message": "Our servers are currently overloaded."}}, "error"),
+     "server_is_overloaded: Our servers are currently overloaded."),
+])
+def test_error_shapes_in_streams(fmt: str, event: bytes, expected: str):
+    assert extract(fmt, event).error == expected
+
+
+def test_first_error_is_kept():
+    x = extract("messages", sse({"type": "error", "error": {"message": "first"}}, "error")
+                + sse({"type": "error", "error": {"message": "second"}}, "error"))
+    assert x.error == "first"
+
+
+@pytest.mark.parametrize(("body", "expected"), [
+    (b'{"error": {"message": "Incorrect API key provided", "type": "invalid_request_error", '
+     b'"code": "invalid_api_key"}}', "invalid_api_key: Incorrect API key provided"),
+    (b'{"type": "error", "error": {"type": "rate_limit_error", "message": "slow down"}}',
+     "rate_limit_error: slow down"),
+    (b'{"error": "quota exceeded"}', "quota exceeded"),
+    (b'{"error": {"detail": 1}}', '{"detail":1}'),
+])
+def test_json_error_bodies(body: bytes, expected: str):
+    x = UsageExtractor(None)
+    x.on_json(body)
+    assert x.error == expected
+
+
+def test_successful_response_object_has_null_error_and_is_no_error():
+    x = UsageExtractor("responses")
+    x.on_json(CODEX_JSON)
+    assert json.loads(CODEX_JSON)["error"] is None and x.error is None
+
+
+# -- tolerance ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bad", [None, "12", -5, 1.5, True, [], {}, float("inf"), 2**80])
+def test_bad_counts_become_zero(bad: object):
+    usage = {"input_tokens": bad, "input_tokens_details": {"cached_tokens": bad}, "output_tokens": 7,
+             "output_tokens_details": bad}
+    x = UsageExtractor("responses")
+    x.on_event(SSEEvent("response.completed", json.dumps(
+        {"type": "response.completed", "response": {"model": 5, "usage": usage}})))
+    assert x.usage == Usage(output_tokens=7) and x.model is None and x.completed
+
+
+def test_integral_floats_count():
+    x = UsageExtractor("chat")
+    x.on_json(b'{"usage": {"prompt_tokens": 10.0, "completion_tokens": 3}}')
+    assert x.usage == Usage(input_tokens=10, output_tokens=3)
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+        st.sampled_from(["type", "response", "usage", "model", "error", "message", "choices", "input_tokens",
+                         "output_tokens", "prompt_tokens", "cache_read_input_tokens", "input_tokens_details",
+                         "cached_tokens", "finish_reason", "code"]), inner, max_size=6),
+    max_leaves=20)
+_event_names = st.sampled_from(["message", "error", "response.completed", "response.failed", "message_start",
+                                "message_delta", "message_stop", "response.created"])
+
+
+@settings(max_examples=150, deadline=None)
+@given(fmt=st.sampled_from([None, "responses", "chat", "messages"]),
+       items=st.lists(st.tuples(_event_names, st.sampled_from(["response.completed", "response.failed",
+                                                               "message_start", "message_delta", "error", None]),
+                                _json), max_size=6))
+def test_any_json_shape_never_raises_and_counts_stay_natural(fmt, items):
+    x = UsageExtractor(fmt)
+    for name, kind, value in items:
+        obj = {"type": kind, "response": value, "message": value, "usage": value} if kind else value
+        x.on_event(SSEEvent(name, json.dumps(obj)))
+        x.on_json(json.dumps(value).encode())
+    if x.usage is not None:
+        counts = [x.usage.input_tokens, x.usage.cached_tokens, x.usage.cache_write_tokens, x.usage.output_tokens,
+                  x.usage.reasoning_tokens]
+        assert all(type(n) is int and n >= 0 for n in counts)
+    assert x.error is None or isinstance(x.error, str)
+    assert x.model is None or isinstance(x.model, str)
