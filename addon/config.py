@@ -1,0 +1,71 @@
+"""Reading the nodes file (TOML) into NodeConfig records, with errors a user can act on."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from addon.routing import validate_base_url
+from store.records import NodeConfig
+
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, worded for the user."""
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    p = Path(path).expanduser()
+    try:
+        with p.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: file not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: invalid TOML: {e}") from None
+
+
+def node_from_mapping(item: Any, where: str) -> NodeConfig:
+    """One node from a TOML table or a JSON object; raises ConfigError naming ``where``."""
+    if not isinstance(item, dict):
+        raise ConfigError(f"{where}: must be a table")
+    unknown = set(item) - {"id", "name", "base_url", "api_key", "weight"}
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
+    node_id = item.get("id")
+    if not isinstance(node_id, str) or not _ID_RE.match(node_id):
+        raise ConfigError(f"{where}: id must be 1-64 letters, digits, '.', '_' or '-', got {node_id!r}")
+    base_url = item.get("base_url")
+    if not isinstance(base_url, str):
+        raise ConfigError(f"{where} ({node_id}): base_url is required")
+    problem = validate_base_url(base_url)
+    if problem:
+        raise ConfigError(f"{where} ({node_id}): {problem}")
+    weight = item.get("weight", 1)
+    if not isinstance(weight, int) or isinstance(weight, bool) or weight < 0:
+        raise ConfigError(f"{where} ({node_id}): weight must be an integer >= 0, got {weight!r}")
+    api_key = item.get("api_key", "")
+    name = item.get("name", node_id)
+    if not isinstance(api_key, str) or not isinstance(name, str):
+        raise ConfigError(f"{where} ({node_id}): name and api_key must be strings")
+    return NodeConfig(id=node_id, name=name, base_url=base_url, api_key=api_key, weight=weight)
+
+
+def load_nodes_file(path: str | Path) -> list[NodeConfig]:
+    """The ``[[nodes]]`` of a TOML file, validated: ids unique, URLs usable, weights >= 0."""
+    data = load_toml(path)
+    items = data.get("nodes", [])
+    if not isinstance(items, list):
+        raise ConfigError(f"{path}: 'nodes' must be an array of tables ([[nodes]])")
+    nodes: list[NodeConfig] = []
+    seen: set[str] = set()
+    for i, item in enumerate(items):
+        node = node_from_mapping(item, f"{path}: nodes[{i}]")
+        if node.id in seen:
+            raise ConfigError(f"{path}: nodes[{i}]: duplicate id {node.id!r}")
+        seen.add(node.id)
+        nodes.append(node)
+    return nodes

@@ -1,0 +1,43 @@
+"""What a finished call means: its status, whether it counts against the node, and its record.
+
+Plain Python so the rules are tested without mitmproxy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Statuses that say the node, not the client, is at fault (DESIGN, issue 3).
+NODE_FAILURE_STATUSES = frozenset({401, 403, 429})
+
+
+def is_node_failure_status(http_status: int) -> bool:
+    return http_status >= 500 or http_status in NODE_FAILURE_STATUSES
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    status: str  # "success" | "failed" | "aborted" | "truncated"
+    node_failure: bool
+    error: str | None
+
+
+def classify_response(http_status: int, *, body_error: str | None, stream: bool,
+                      completed: bool) -> Outcome:
+    """A response that reached its end. ``body_error``: an error reported inside the body."""
+    if http_status >= 400:
+        return Outcome("failed", is_node_failure_status(http_status), body_error or f"HTTP {http_status}")
+    if body_error:
+        # An error event inside an HTTP 200 stream ("overloaded" right after response.created).
+        return Outcome("failed", True, body_error)
+    if stream and not completed:
+        return Outcome("truncated", True, "stream ended before its final event")
+    return Outcome("success", False, None)
+
+
+def classify_error(message: str, *, got_response: bool) -> Outcome:
+    """A flow that ended in a mitmproxy error instead of a response."""
+    if "Client disconnected" in message or message == "Connection killed.":
+        return Outcome("aborted", False, message)
+    # Connect failures, upstream resets, timeouts: the node's fault.
+    return Outcome("failed" if not got_response else "truncated", True, message)

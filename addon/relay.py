@@ -1,0 +1,498 @@
+"""The relay addon: pick a node, rewrite the request, meter the streamed answer, queue the record.
+
+A thin shell over ``routing``, ``health``, ``meter``, ``outcome`` and the ``store`` writer: hooks are
+cheap and never touch the database (the writer thread does).
+
+Failover within mitmproxy's flow model (README, "Failover"):
+- a node that refuses or does not accept the connection is found by a connect probe in
+  ``server_connect`` and the request moves to another node before anything is sent (streamed as usual);
+- an HTTP failure status (5xx, 429, 401, 403) is kept from the client: the ``response`` hook retries
+  on other nodes with mitmproxy's own client and hands the first good answer over whole;
+- once response bytes have gone to the client nothing is retried (an error event inside a 200 stream
+  is recorded as a failure of that node).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from mitmproxy import ctx, exceptions, http
+from mitmproxy.addons.clientplayback import ReplayHandler
+from mitmproxy.proxy import server_hooks
+
+from addon.config import ConfigError, load_nodes_file
+from addon.health import Health, Pinger
+from addon.meter import StreamMeter
+from addon.outcome import Outcome, classify_error, classify_response, is_node_failure_status
+from addon.routing import Node, NodePool, StickyMap, join_url, set_upstream_key, validate_base_url
+from addon.usage import detect_format, parse_request
+from store.engine import make_engine, upgrade_to_head
+from store.nodes import load_nodes, upsert_nodes
+from store.records import InvocationRecord, NodeConfig, NodeStateUpdate, utcnow
+from store.writer import Writer
+
+log = logging.getLogger("codex.relay")
+
+STATE_KEY = "codex"
+RETRY_KEY = "codex_retry"
+CLIENT_KEY_NAME = "codex_client_key"  # set by the client-auth addon
+
+
+@dataclass(slots=True)
+class CallState:
+    """What the relay knows about one client call while it is in flight."""
+
+    invoke_id: str
+    occurred_at: dt.datetime
+    api_format: str | None
+    model: str | None
+    stream: bool
+    session_key: str | None
+    request_bytes: int
+    node: Node | None = None
+    attempts: int = 1
+    tried: list[str] = field(default_factory=list)
+    meter: StreamMeter | None = None
+    retry: bool = False  # an HTTP failure waits in the response hook for another node
+    timer: asyncio.TimerHandle | None = None
+    timeout_error: str | None = None
+
+
+def error_body(message: str, code: str, type_: str = "codex_relay_error") -> bytes:
+    """An error in the OpenAI error shape, which every OpenAI-compatible client can show."""
+    return json.dumps({"error": {"message": message, "type": type_, "code": code, "param": None}}).encode()
+
+
+def _seconds(name: str, value: str, *, allow_zero: bool = True) -> float:
+    """mitmproxy options have no float type: durations come in as strings."""
+    try:
+        v = float(value)
+    except ValueError:
+        raise exceptions.OptionsError(f"{name} must be a number of seconds, got {value!r}") from None
+    if v < 0 or (v == 0 and not allow_zero):
+        raise exceptions.OptionsError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+    return v
+
+
+class Relay:
+    def __init__(self) -> None:
+        self.pool = NodePool()
+        self.writer: Writer | None = None
+        self.engine = None
+        self.health = Health(self._submit)
+        self.pinger: Pinger | None = None
+        self._db_url: str | None = None
+        self._connect_timeout = 10.0
+        self._first_byte_timeout = 300.0
+        # client connection id -> flows routed on it that have not connected yet (server_connect probe)
+        self._connecting: dict[str, list[http.HTTPFlow]] = {}
+
+    # -- options -----------------------------------------------------------------------------------
+    def load(self, loader) -> None:
+        loader.add_option("codex_db", str, "sqlite:///data/codex.db",
+                          "SQLAlchemy URL of the stats database (sqlite:///file.db or "
+                          "mysql+pymysql://user:pass@host/db). Upgraded to the latest schema at start.")
+        loader.add_option("codex_nodes", str, "",
+                          "Path to a TOML file of upstream nodes ([[nodes]] id, name, base_url, api_key, "
+                          "weight). Upserted at every start; stats are never touched.")
+        loader.add_option("codex_upstream", str, "",
+                          "Base URL of a single upstream node (id 'default'), used when codex_nodes is "
+                          "not set, e.g. https://relay.example/v1.")
+        loader.add_option("codex_upstream_key", str, "", "API key of the codex_upstream node.")
+        loader.add_option("codex_upstream_name", str, "default", "Display name of the codex_upstream node.")
+        loader.add_option("codex_source", str, "relay",
+                          "Tag written to codex_invocations.source for calls this relay records.")
+        loader.add_option("codex_keep_body", int, 256 * 1024,
+                          "Keep up to this many bytes of each streamed response body on the flow, for "
+                          "mitmweb and -w. 0 keeps none.")
+        loader.add_option("codex_retries", int, 2,
+                          "Retry a call that failed before its first byte reached the client on up to "
+                          "this many other nodes.")
+        loader.add_option("codex_fail_threshold", int, 3,
+                          "Failures in a row that mark a node failed (out of rotation until a health "
+                          "ping answers). 0 never marks nodes failed.")
+        loader.add_option("codex_ping_interval", str, "30",
+                          "Seconds between health pings of every node. 0 disables pings.")
+        loader.add_option("codex_ping_path", str, "/models",
+                          "Path of the health ping, joined to each node's base_url like client paths.")
+        loader.add_option("codex_connect_timeout", str, "10",
+                          "Seconds to wait for a node to accept a connection before trying another.")
+        loader.add_option("codex_first_byte_timeout", str, "300",
+                          "Seconds to wait for a node's response headers before the call is failed.")
+        loader.add_option("codex_sticky_ttl", str, "3600",
+                          "Seconds a Codex session (session_id / conversation_id header or "
+                          "prompt_cache_key) stays on its node. 0 disables stickiness.")
+
+    def configure(self, updated: set[str]) -> None:
+        opts = ctx.options
+        if "codex_source" in updated and not (0 < len(opts.codex_source) <= 32):
+            raise exceptions.OptionsError("codex_source must be 1 to 32 characters")
+        for name in ("codex_keep_body", "codex_retries", "codex_fail_threshold"):
+            if name in updated and getattr(opts, name) < 0:
+                raise exceptions.OptionsError(f"{name} must be >= 0")
+        ping_interval = _seconds("codex_ping_interval", opts.codex_ping_interval)
+        self._connect_timeout = _seconds("codex_connect_timeout", opts.codex_connect_timeout, allow_zero=False)
+        self._first_byte_timeout = _seconds("codex_first_byte_timeout", opts.codex_first_byte_timeout,
+                                            allow_zero=False)
+        sticky_ttl = _seconds("codex_sticky_ttl", opts.codex_sticky_ttl)
+        self.health.threshold = opts.codex_fail_threshold
+        if "codex_db" in updated and opts.codex_db != self._db_url:
+            self._open_db(opts.codex_db)
+        if updated & {"codex_db", "codex_nodes", "codex_upstream", "codex_upstream_key",
+                      "codex_upstream_name", "codex_sticky_ttl"}:
+            self._configure_nodes(self._configured_nodes(), sticky_ttl)
+        if updated & {"codex_ping_interval", "codex_ping_path", "codex_connect_timeout"}:
+            if self.pinger is not None:
+                self.pinger.stop()
+            self.pinger = Pinger(lambda: self.pool, self._submit, interval=ping_interval,
+                                 path=opts.codex_ping_path, timeout=self._connect_timeout)
+            self.pinger.start()
+
+    def _open_db(self, url: str) -> None:
+        try:
+            engine = make_engine(url)
+            upgrade_to_head(engine)
+        except Exception as e:
+            raise exceptions.OptionsError(f"codex_db: cannot open {_safe_url(url)}: {e}") from e
+        if self.writer is not None:
+            self.writer.close()
+        self.engine = engine
+        self._db_url = url
+        self.writer = Writer(engine)
+        self.writer.start()
+        log.info("stats database: %s", _safe_url(url))
+
+    def _configured_nodes(self) -> list[NodeConfig]:
+        opts = ctx.options
+        if opts.codex_nodes:
+            try:
+                return load_nodes_file(opts.codex_nodes)
+            except ConfigError as e:
+                raise exceptions.OptionsError(f"codex_nodes: {e}") from None
+        if opts.codex_upstream:
+            problem = validate_base_url(opts.codex_upstream)
+            if problem:
+                raise exceptions.OptionsError(f"codex_upstream: {problem}")
+            return [NodeConfig(id="default", name=opts.codex_upstream_name or "default",
+                               base_url=opts.codex_upstream, api_key=opts.codex_upstream_key, weight=1)]
+        return []
+
+    def _configure_nodes(self, configs: list[NodeConfig], sticky_ttl: float) -> None:
+        assert self.engine is not None
+        with self.engine.begin() as conn:
+            if configs:
+                upsert_nodes(conn, configs)
+            failed = {r.id: bool(r.failed) for r in load_nodes(conn)}
+        # Only the configured nodes route; others in the DB keep their stats but get no traffic.
+        # A node failed before a restart stays failed until a health ping answers.
+        nodes = [Node(config=c, failed=failed.get(c.id, False)) for c in configs]
+        self.pool = NodePool(nodes, sticky=StickyMap(ttl=sticky_ttl) if sticky_ttl else StickyMap(max_entries=0))
+        if nodes:
+            log.info("routing over %d node(s): %s", len(nodes), ", ".join(
+                f"{n.id} (weight {n.config.weight}{', failed' if n.failed else ''})" for n in nodes))
+        else:
+            log.info("no upstream node configured: monitor mode (traffic passes through unchanged)")
+
+    def update_node(self, config: NodeConfig) -> None:
+        """Add or edit a node at run time (admin page): the same non-destructive upsert as at start.
+
+        Blocking DB work: call it off the event loop.
+        """
+        assert self.engine is not None
+        with self.engine.begin() as conn:
+            upsert_nodes(conn, [config])
+        current = self.pool.get(config.id)
+        self.pool.put(Node(config=config, failed=current.failed if current else False))
+
+    def done(self) -> None:
+        if self.pinger is not None:
+            self.pinger.stop()
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    def _submit(self, item: InvocationRecord | NodeStateUpdate) -> None:
+        if self.writer is not None:
+            self.writer.submit(item)
+
+    # -- hooks -------------------------------------------------------------------------------------
+    def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error or not flow.live or RETRY_KEY in flow.metadata:
+            return
+        api_format = detect_format(flow.request.path)
+        state = None
+        if api_format is not None:
+            info = parse_request(flow.request.raw_content)
+            state = CallState(
+                invoke_id=uuid.uuid4().hex, occurred_at=utcnow(), api_format=api_format, model=info.model,
+                stream=info.stream, session_key=_session_key(flow, info.session_key),
+                request_bytes=len(flow.request.raw_content or b""),
+            )
+            flow.metadata[STATE_KEY] = state
+        if not len(self.pool):
+            return  # monitor mode
+        node = self.pool.choose(session_key=state.session_key if state else None)
+        if node is None:
+            flow.response = http.Response.make(
+                503, error_body("codex-relay: no upstream node is available: every node is failed or has "
+                                "weight 0", "no_node_available"),
+                {"content-type": "application/json"})
+            return
+        self._route(flow, node)
+        if state is not None:
+            state.node = node
+            state.tried.append(node.id)
+            self._connecting.setdefault(flow.client_conn.id, []).append(flow)
+            state.timer = asyncio.get_running_loop().call_later(
+                self._first_byte_timeout, self._first_byte_timed_out, flow)
+
+    @staticmethod
+    def _route(flow: http.HTTPFlow, node: Node) -> None:
+        flow.request.url = join_url(node.config.base_url, flow.request.path)
+        set_upstream_key(flow.request.headers, node.config.api_key)
+
+    async def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
+        """Probe a new upstream connection; a node that does not accept it is swapped before sending."""
+        pending = self._connecting.get(data.client.id)
+        if not pending:
+            return
+        address = data.server.address
+        flow = next((f for f in pending if (f.request.host, f.request.port) == address), None)
+        state: CallState | None = flow.metadata.get(STATE_KEY) if flow else None
+        if flow is None or state is None or state.node is None:
+            return
+        pending.remove(flow)
+        scheme = flow.request.scheme
+        while True:
+            err = await _probe(flow.request.host, flow.request.port, self._connect_timeout)
+            if err is None:
+                return
+            self._attempt_failed(state.node, err)
+            node = self._next_node(state, lambda n: n.config.base_url.startswith(scheme + ":"))
+            if node is None:
+                return  # mitmproxy's own connect fails and the error hook records it
+            log.warning("node %s: %s; trying node %s", state.node.id, err, node.id)
+            state.node = node
+            self._route(flow, node)
+            data.server.address = (flow.request.host, flow.request.port)
+            if data.server.tls:
+                data.server.sni = flow.request.host
+
+    def _next_node(self, state: CallState, accept=lambda n: True) -> Node | None:
+        """Another node for a retry, if the retry budget allows; records the attempt."""
+        if state.attempts > ctx.options.codex_retries:
+            return None
+        for _ in range(len(self.pool)):
+            node = self.pool.choose(exclude=state.tried)
+            if node is None:
+                return None
+            state.tried.append(node.id)
+            if accept(node):
+                state.attempts += 1
+                if state.session_key:
+                    self.pool.sticky.put(state.session_key, node.id)
+                return node
+        return None
+
+    def _attempt_failed(self, node: Node, error: str) -> None:
+        """A failed attempt that the client did not see: it still counts against the node."""
+        self.health.failure(node, error)
+        self._submit(NodeStateUpdate(node.id, last_error=error[:1000], failed_attempt=True))
+
+    def _first_byte_timed_out(self, flow: http.HTTPFlow) -> None:
+        state: CallState | None = flow.metadata.get(STATE_KEY)
+        if state is None or flow.response is not None or flow.error is not None:
+            return
+        state.timeout_error = f"no response headers within {self._first_byte_timeout:g} s"
+        # mitmproxy cannot kill a flow in transit: close its server connection instead.
+        proxyserver = ctx.master.addons.get("proxyserver")
+        for handler in list(getattr(proxyserver, "connections", {}).values()):
+            if flow.server_conn in handler.transports:
+                handler.close_connection(flow.server_conn)
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        state: CallState | None = flow.metadata.get(STATE_KEY)
+        if state is None or flow.response is None:
+            return
+        self._stop_waiting(flow, state)
+        resp = flow.response
+        if (state.node is not None and is_node_failure_status(resp.status_code)
+                and state.attempts <= ctx.options.codex_retries
+                and self.pool.choose(exclude=state.tried) is not None):
+            state.retry = True  # not streamed: the (small) error body waits for the response hook
+            return
+        state.meter = StreamMeter(
+            state.api_format, resp.headers.get("content-type"), resp.headers.get("content-encoding"),
+            keep_body_bytes=ctx.options.codex_keep_body,
+        )
+        resp.stream = state.meter
+
+    async def response(self, flow: http.HTTPFlow) -> None:
+        state: CallState | None = flow.metadata.pop(STATE_KEY, None)
+        if state is None or flow.response is None:
+            return
+        self._stop_waiting(flow, state)
+        if state.retry:
+            await self._retry(flow, state)
+        resp = flow.response
+        if state.meter is None and state.node is None and len(self.pool):
+            outcome = Outcome("failed", False, "no upstream node available")  # our own 503
+        else:
+            if state.meter is None:  # a whole body: the retry's answer
+                state.meter = StreamMeter(state.api_format, resp.headers.get("content-type"),
+                                          resp.headers.get("content-encoding"))
+                state.meter(resp.raw_content or b"")
+                state.meter(b"")
+            result = state.meter.result()
+            state.model = result.model or state.model
+            outcome = classify_response(resp.status_code, body_error=result.error,
+                                        stream=state.stream or _is_sse(resp), completed=result.completed)
+            if state.meter.kept:
+                resp.raw_content = state.meter.kept
+        self._finish(flow, state, outcome)
+
+    async def _retry(self, flow: http.HTTPFlow, state: CallState) -> None:
+        """Try other nodes with mitmproxy's replay client; the client gets the first good answer whole.
+
+        ``state.node`` always names the node whose answer is in ``flow.response``: its failure is the
+        invocation's own, every superseded attempt is recorded as a failed attempt of its node.
+        """
+        assert flow.response is not None and state.node is not None
+        served = state.node
+        while (node := self._next_node(state)) is not None:
+            attempt = _copy_for_retry(flow)
+            self._route(attempt, node)
+            await ReplayHandler(attempt, ctx.options).replay()
+            resp = attempt.response
+            if resp is None:
+                self._attempt_failed(node, str(attempt.error or "no response"))
+                continue
+            self._attempt_failed(served, f"HTTP {flow.response.status_code}")
+            flow.response, served = resp, node
+            if not is_node_failure_status(resp.status_code):
+                log.info("call %s served by node %s after %d attempts", state.invoke_id, node.id, state.attempts)
+                break
+        state.node = served
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        state: CallState | None = flow.metadata.pop(STATE_KEY, None)
+        if state is None or flow.error is None:
+            return
+        self._stop_waiting(flow, state)
+        outcome = classify_error(flow.error.msg, got_response=flow.response is not None)
+        if state.timeout_error:
+            outcome = Outcome(outcome.status, True, state.timeout_error)
+        self._finish(flow, state, outcome)
+
+    def _stop_waiting(self, flow: http.HTTPFlow, state: CallState) -> None:
+        if state.timer is not None:
+            state.timer.cancel()
+            state.timer = None
+        pending = self._connecting.get(flow.client_conn.id)
+        if pending is not None:
+            if flow in pending:
+                pending.remove(flow)
+            if not pending:
+                del self._connecting[flow.client_conn.id]
+
+    # -- records -----------------------------------------------------------------------------------
+    def _finish(self, flow: http.HTTPFlow, state: CallState, outcome: Outcome) -> None:
+        resp = flow.response
+        meter = state.meter
+        result = meter.result() if meter else None
+        ttfb_ms = stream_ms = None
+        if resp is not None and resp.timestamp_start and flow.request.timestamp_end:
+            ttfb_ms = _ms(resp.timestamp_start - flow.request.timestamp_end)
+            last = (result.last_chunk_at if result else None) or resp.timestamp_start
+            stream_ms = _ms(last - resp.timestamp_start)
+        node = state.node
+        if node is not None:
+            if outcome.node_failure:
+                self.health.failure(node, outcome.error or outcome.status)
+            elif outcome.status == "success":
+                self.health.success(node)
+        record = InvocationRecord(
+            invoke_id=state.invoke_id, occurred_at=state.occurred_at, source=ctx.options.codex_source,
+            endpoint=flow.request.path.split("?", 1)[0][:255], status=outcome.status,
+            node_id=node.id if node else None, api_format=state.api_format,
+            model=state.model, stream=state.stream, http_status=resp.status_code if resp else None,
+            error_message=outcome.error[:2000] if outcome.error else None, ttfb_ms=ttfb_ms, stream_ms=stream_ms,
+            duration_ms=_ms(time.time() - flow.request.timestamp_start), request_bytes=state.request_bytes,
+            response_bytes=meter.bytes if meter else len(resp.raw_content or b"") if resp else 0,
+            attempts=state.attempts, raw_response=result.raw_usage if result else None,
+            client_key=flow.metadata.get(CLIENT_KEY_NAME), node_failure=outcome.node_failure,
+        )
+        if result is not None and result.usage is not None:
+            record.usage = result.usage
+        self._submit(record)
+        _annotate(flow, record)
+
+
+def _copy_for_retry(flow: http.HTTPFlow) -> http.HTTPFlow:
+    """A copy of the client's request for mitmproxy's replay client (no live state is copied)."""
+    saved = flow.metadata
+    flow.metadata = {}
+    try:
+        attempt = flow.copy()
+    finally:
+        flow.metadata = saved
+    attempt.metadata[RETRY_KEY] = True
+    attempt.is_replay = "request"
+    attempt.response = None
+    attempt.error = None
+    return attempt
+
+
+async def _probe(host: str, port: int, timeout: float) -> str | None:
+    """Why a TCP connection to host:port cannot be made, or None when it can."""
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    except TimeoutError:
+        return f"connect to {host}:{port} timed out after {timeout:g} s"
+    except OSError as e:
+        return f"connect to {host}:{port} failed: {e.strerror or e}"
+    writer.close()
+    return None
+
+
+def _session_key(flow: http.HTTPFlow, body_key: str | None) -> str | None:
+    """The Codex conversation this call belongs to: headers first, then the body's prompt_cache_key."""
+    h = flow.request.headers
+    return h.get("session_id") or h.get("conversation_id") or h.get("session-id") or body_key
+
+
+def _annotate(flow: http.HTTPFlow, record: InvocationRecord) -> None:
+    """What mitmweb shows in its flow list."""
+    u = record.usage
+    flow.comment = (
+        f"{record.node_id or 'direct'} {record.model or '?'} {record.status} "
+        f"in {u.input_tokens} (cached {u.cached_tokens}) out {u.output_tokens} "
+        f"ttfb {record.ttfb_ms if record.ttfb_ms is not None else '-'} ms"
+        + (f" attempts {record.attempts}" if record.attempts > 1 else "")
+    )
+    if record.status != "success":
+        flow.marked = ":warning:"
+
+
+def _ms(seconds: float) -> int:
+    return max(0, round(seconds * 1000))
+
+
+def _is_sse(resp: http.Response) -> bool:
+    return resp.headers.get("content-type", "").startswith("text/event-stream")
+
+
+def _safe_url(url: str) -> str:
+    """The URL without its password, for logs."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "<unparsable URL>"

@@ -1,0 +1,69 @@
+"""Shared fixtures: a fresh database per test on SQLite and on the real MariaDB.
+
+MariaDB is expected on 127.0.0.1:3306 (root, no password). Locally a missing server skips the
+MySQL variants with the reason; under CI=true it fails them.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import sqlalchemy as sa
+
+MYSQL_SERVER_URL = os.environ.get("CODEX_TEST_MYSQL", "mysql+pymysql://root@127.0.0.1:3306/test")
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+_mysql_error: str | None = None
+_mysql_checked = False
+
+
+def mysql_unavailable() -> str | None:
+    """The reason the MySQL server cannot be used, or None."""
+    global _mysql_error, _mysql_checked
+    if not _mysql_checked:
+        _mysql_checked = True
+        try:
+            eng = sa.create_engine(MYSQL_SERVER_URL, connect_args={"connect_timeout": 3})
+            with eng.connect() as conn:
+                conn.execute(sa.text("SELECT 1"))
+            eng.dispose()
+        except Exception as e:  # any failure means: no usable server
+            _mysql_error = f"MariaDB/MySQL at {MYSQL_SERVER_URL} unreachable: {e.__class__.__name__}: {e}"
+    return _mysql_error
+
+
+def require_mysql() -> None:
+    reason = mysql_unavailable()
+    if reason:
+        if IN_CI:
+            pytest.fail(f"CI=true requires the MySQL server: {reason}", pytrace=False)
+        pytest.skip(reason)
+
+
+def _fresh_mysql_db() -> tuple[str, sa.Engine]:
+    name = f"codex_t_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(MYSQL_SERVER_URL)
+    with admin.begin() as conn:
+        conn.execute(sa.text(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4"))
+    base = sa.engine.make_url(MYSQL_SERVER_URL)
+    return base.set(database=name).render_as_string(hide_password=False), admin
+
+
+@pytest.fixture(params=["sqlite", pytest.param("mysql", marks=pytest.mark.mysql)])
+def db_url(request: pytest.FixtureRequest, tmp_path) -> Iterator[str]:
+    """A URL of an empty database, once for SQLite (a file) and once for MariaDB (a new database)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'codex.db'}"
+        return
+    require_mysql()
+    url, admin = _fresh_mysql_db()
+    try:
+        yield url
+    finally:
+        name = sa.engine.make_url(url).database
+        with admin.begin() as conn:
+            conn.execute(sa.text(f"DROP DATABASE IF EXISTS `{name}`"))
+        admin.dispose()

@@ -1,0 +1,294 @@
+"""A fake LLM upstream on 127.0.0.1 for end-to-end tests and benchmarks.
+
+Speaks HTTP/1.1 with keep-alive and serves the three metered APIs (OpenAI Responses, Chat
+Completions, Anthropic Messages), streamed (SSE, chunked) or as JSON. The usage it reports is
+chosen by the client (``metadata.fake_usage = [input, cached, output, reasoning]`` in the request
+body) so tests know the exact numbers to expect. Behaviour can be switched at run time to fail in
+the ways real relays fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+DEFAULT_USAGE = (120, 40, 30, 10)
+
+
+@dataclass
+class SeenRequest:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+
+@dataclass
+class Behaviour:
+    status: int = 200  # non-200: an error JSON body with this status
+    error_event: bool = False  # 200 stream that fails after its first event
+    first_byte_delay: float = 0.0  # seconds before the response headers
+    event_delay: float = 0.0  # seconds between streamed events (benchmarks: a known TTFB)
+    hold: threading.Event | None = None  # streams pause after their first event until set
+    close_mid_stream: bool = False  # drop the connection after the first event
+    deltas: int = 3  # number of text deltas in a stream
+
+
+def _usage_from(body: dict) -> tuple[int, int, int, int]:
+    meta = body.get("metadata") if isinstance(body, dict) else None
+    usage = meta.get("fake_usage") if isinstance(meta, dict) else None
+    if isinstance(usage, list) and len(usage) == 4 and all(isinstance(x, int) for x in usage):
+        return tuple(usage)  # type: ignore[return-value]
+    return DEFAULT_USAGE
+
+
+def _sse(event: str | None, data: dict | str) -> bytes:
+    text = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {text}\n\n".encode()
+
+
+def responses_events(model: str, u: tuple[int, int, int, int], deltas: int) -> list[bytes]:
+    i, c, o, r = u
+    resp = {"id": "resp_fake", "object": "response", "model": model, "status": "in_progress"}
+    out = [_sse("response.created", {"type": "response.created", "response": resp})]
+    out += [_sse("response.output_text.delta", {"type": "response.output_text.delta", "delta": f"w{k} "})
+            for k in range(deltas)]
+    done = dict(resp, status="completed", usage={
+        "input_tokens": i, "input_tokens_details": {"cached_tokens": c},
+        "output_tokens": o, "output_tokens_details": {"reasoning_tokens": r}, "total_tokens": i + o})
+    out.append(_sse("response.completed", {"type": "response.completed", "response": done}))
+    return out
+
+
+def responses_json(model: str, u: tuple[int, int, int, int]) -> dict:
+    i, c, o, r = u
+    return {"id": "resp_fake", "object": "response", "model": model, "status": "completed",
+            "output": [{"type": "message", "content": [{"type": "output_text", "text": "hi"}]}],
+            "usage": {"input_tokens": i, "input_tokens_details": {"cached_tokens": c}, "output_tokens": o,
+                      "output_tokens_details": {"reasoning_tokens": r}, "total_tokens": i + o}}
+
+
+def _chat_usage(u: tuple[int, int, int, int]) -> dict:
+    i, c, o, r = u
+    return {"prompt_tokens": i, "completion_tokens": o, "total_tokens": i + o,
+            "prompt_tokens_details": {"cached_tokens": c}, "completion_tokens_details": {"reasoning_tokens": r}}
+
+
+def chat_events(model: str, u: tuple[int, int, int, int], deltas: int) -> list[bytes]:
+    base = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "model": model}
+    out = [_sse(None, dict(base, choices=[{"index": 0, "delta": {"content": f"w{k} "}}])) for k in range(deltas)]
+    out.append(_sse(None, dict(base, choices=[{"index": 0, "delta": {}, "finish_reason": "stop"}])))
+    out.append(_sse(None, dict(base, choices=[], usage=_chat_usage(u))))
+    out.append(_sse(None, "[DONE]"))
+    return out
+
+
+def chat_json(model: str, u: tuple[int, int, int, int]) -> dict:
+    return {"id": "chatcmpl-fake", "object": "chat.completion", "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+            "usage": _chat_usage(u)}
+
+
+def _anthropic_start_usage(u: tuple[int, int, int, int]) -> dict:
+    i, c, _o, _r = u
+    # Anthropic's input_tokens excludes cache reads.
+    return {"input_tokens": i - c, "cache_read_input_tokens": c, "cache_creation_input_tokens": 0,
+            "output_tokens": 1}
+
+
+def messages_events(model: str, u: tuple[int, int, int, int], deltas: int) -> list[bytes]:
+    msg = {"id": "msg_fake", "type": "message", "role": "assistant", "model": model, "content": [],
+           "usage": _anthropic_start_usage(u)}
+    out = [_sse("message_start", {"type": "message_start", "message": msg}),
+           _sse("content_block_start", {"type": "content_block_start", "index": 0,
+                                        "content_block": {"type": "text", "text": ""}}),
+           _sse("ping", {"type": "ping"})]
+    out += [_sse("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                         "delta": {"type": "text_delta", "text": f"w{k} "}}) for k in range(deltas)]
+    out += [_sse("content_block_stop", {"type": "content_block_stop", "index": 0}),
+            _sse("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+                                   "usage": {"output_tokens": u[2]}}),
+            _sse("message_stop", {"type": "message_stop"})]
+    return out
+
+
+def messages_json(model: str, u: tuple[int, int, int, int]) -> dict:
+    usage = _anthropic_start_usage(u)
+    usage["output_tokens"] = u[2]
+    return {"id": "msg_fake", "type": "message", "role": "assistant", "model": model,
+            "content": [{"type": "text", "text": "hi"}], "stop_reason": "end_turn", "usage": usage}
+
+
+FORMATS: dict[str, tuple[Callable, Callable]] = {
+    "/responses": (responses_events, responses_json),
+    "/chat/completions": (chat_events, chat_json),
+    "/messages": (messages_events, messages_json),
+}
+
+
+@dataclass
+class FakeUpstream:
+    """One fake node: ``start()`` binds 127.0.0.1 on a free port; ``base_url`` ends in /v1."""
+
+    name: str = "fake"
+    behaviour: Behaviour = field(default_factory=Behaviour)
+    seen: list[SeenRequest] = field(default_factory=list)
+    record: bool = True
+
+    def __post_init__(self) -> None:
+        self.port = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._server: asyncio.Server | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def start(self) -> FakeUpstream:
+        ready = threading.Event()
+
+        def run() -> None:
+            self._loop = asyncio.new_event_loop()
+            self._server = self._loop.run_until_complete(
+                asyncio.start_server(self._handle, "127.0.0.1", 0, backlog=512))
+            self.port = self._server.sockets[0].getsockname()[1]
+            ready.set()
+            self._loop.run_forever()
+            self._server.close()
+            self._loop.run_until_complete(self._server.wait_closed())
+            self._loop.close()
+
+        self._thread = threading.Thread(target=run, name=f"fake-{self.name}", daemon=True)
+        self._thread.start()
+        if not ready.wait(10):
+            raise RuntimeError("fake upstream did not start")
+        return self
+
+    def stop(self) -> None:
+        if self._loop and self._thread:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+
+    def __enter__(self) -> FakeUpstream:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def requests_to(self, suffix: str) -> list[SeenRequest]:
+        with self._lock:
+            return [r for r in self.seen if r.path.split("?")[0].endswith(suffix)]
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                line = await reader.readline()
+                if not line:
+                    break
+                method, path, _ = line.decode("latin-1").split(" ", 2)
+                headers: dict[str, str] = {}
+                while True:
+                    h = await reader.readline()
+                    if h in (b"\r\n", b"\n", b""):
+                        break
+                    k, _, v = h.decode("latin-1").partition(":")
+                    headers[k.strip().lower()] = v.strip()
+                body = await reader.readexactly(int(headers.get("content-length", "0") or 0))
+                if self.record:
+                    with self._lock:
+                        self.seen.append(SeenRequest(method, path, headers, body))
+                keep = await self._respond(writer, method, path, headers, body)
+                if not keep or headers.get("connection", "").lower() == "close":
+                    break
+        except (ConnectionError, asyncio.IncompleteReadError, ValueError):
+            pass
+        finally:
+            writer.close()
+
+    async def _respond(self, w: asyncio.StreamWriter, method: str, path: str, headers: dict[str, str],
+                       body: bytes) -> bool:
+        b = self.behaviour
+        if b.first_byte_delay:
+            await asyncio.sleep(b.first_byte_delay)
+        route = path.split("?")[0]
+        if route.endswith("/models"):
+            return await self._send_json(w, 200, {"object": "list", "data": [{"id": "gpt-5-codex"}]})
+        fmt = next((v for k, v in FORMATS.items() if route.endswith(k)), None)
+        if fmt is None:
+            return await self._send_json(w, 404, {"error": {"message": f"no route {route}"}})
+        if b.status != 200:
+            return await self._send_json(w, b.status, {"error": {"message": f"fake {b.status}",
+                                                                 "type": "server_error"}})
+        try:
+            req = json.loads(body or b"{}")
+        except ValueError:
+            return await self._send_json(w, 400, {"error": {"message": "bad json"}})
+        model = req.get("model", "gpt-5-codex")
+        usage = _usage_from(req)
+        if not req.get("stream"):
+            return await self._send_json(w, 200, fmt[1](model, usage))
+        events = fmt[0](model, usage, b.deltas)
+        if b.error_event:
+            err = {"type": "error", "error": {"type": "server_error", "code": "server_is_overloaded",
+                                              "message": "Our servers are currently overloaded."}}
+            events = [events[0], _sse("error", err)]
+        gz = headers.get("x-fake-encoding") == "gzip"
+        head = ("HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n"
+                "transfer-encoding: chunked\r\n" + ("content-encoding: gzip\r\n" if gz else "") + "\r\n")
+        w.write(head.encode())
+        z = zlib.compressobj(6, zlib.DEFLATED, 31) if gz else None  # wbits 31: gzip framing
+        for n, ev in enumerate(events):
+            data = z.compress(ev) + z.flush(zlib.Z_SYNC_FLUSH) if z else ev
+            w.write(b"%x\r\n%s\r\n" % (len(data), data))
+            await w.drain()
+            if n == 0:
+                if b.close_mid_stream:
+                    return False
+                if b.hold is not None:
+                    await asyncio.to_thread(b.hold.wait, 30)
+            if b.event_delay:
+                await asyncio.sleep(b.event_delay)
+        if z:
+            tail = z.flush()
+            w.write(b"%x\r\n%s\r\n" % (len(tail), tail))
+        w.write(b"0\r\n\r\n")
+        await w.drain()
+        return True
+
+    @staticmethod
+    async def _send_json(w: asyncio.StreamWriter, status: int, obj: dict) -> bool:
+        data = json.dumps(obj).encode()
+        w.write(f"HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {len(data)}\r\n\r\n"
+                .encode() + data)
+        await w.drain()
+        return True
+
+
+def main() -> None:
+    """``python -m tests.fakeupstream [--event-delay S] [--first-byte-delay S]``: serve until killed.
+
+    Prints ``listening on PORT`` once ready (benchmarks run it as a separate process).
+    """
+    import argparse
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--first-byte-delay", type=float, default=0.0)
+    p.add_argument("--event-delay", type=float, default=0.0)
+    p.add_argument("--deltas", type=int, default=3)
+    args = p.parse_args()
+    up = FakeUpstream("bench", behaviour=Behaviour(first_byte_delay=args.first_byte_delay,
+                                                   event_delay=args.event_delay, deltas=args.deltas),
+                      record=False).start()
+    print(f"listening on {up.port}", flush=True)
+    threading.Event().wait()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""Start and stop a real ``mitmdump -s addon/codex.py`` for end-to-end tests and benchmarks."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+_LISTEN_RE = re.compile(r"listening at (?:\[?[\d.:a-f]+\]?):(\d+)")
+
+
+class RelayProcess:
+    """One relay process on 127.0.0.1 with a free port; ``stop()`` sends SIGTERM (the flush path)."""
+
+    def __init__(self, *, db_url: str | None, options: dict[str, str] | None = None,
+                 reverse_target: str = "http://127.0.0.1:9", addon: bool = True,
+                 tool: str = "mitmdump", env: dict[str, str] | None = None,
+                 extra_args: list[str] | None = None) -> None:
+        self.db_url = db_url
+        self.options = dict(options or {})
+        self.reverse_target = reverse_target
+        self.addon = addon
+        self.tool = tool
+        self.env = env
+        self.extra_args = list(extra_args or [])
+        self.port = 0
+        self.proc: subprocess.Popen[str] | None = None
+        self.lines: list[str] = []
+        self._listening = threading.Event()
+        self._reader: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        cmd = [str(Path(sys.executable).with_name(self.tool)), "--mode", f"reverse:{self.reverse_target}",
+               "--listen-host", "127.0.0.1", "-p", "0", "--set", "connection_strategy=lazy"]
+        if self.addon:
+            cmd[1:1] = ["-s", str(ROOT / "addon" / "codex.py")]
+            if self.db_url:
+                cmd += ["--set", f"codex_db={self.db_url}"]
+            for k, v in self.options.items():
+                cmd += ["--set", f"{k}={v}"]
+        return cmd + self.extra_args
+
+    def start(self, timeout: float = 60) -> RelayProcess:
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **(self.env or {}))
+        self.proc = subprocess.Popen(self.command(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, cwd=ROOT, env=env, start_new_session=True)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        # The process says when it listens, or exits: either ends the wait.
+        if not self._listening.wait(timeout) or not self.port:
+            out = self.output()
+            self.kill()
+            raise RuntimeError(f"relay did not start listening:\n{out}")
+        return self
+
+    def _read(self) -> None:
+        assert self.proc and self.proc.stdout
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            m = _LISTEN_RE.search(line)
+            if m and not self.port:
+                self.port = int(m.group(1))
+                self._listening.set()
+        self._listening.set()  # exited
+
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def stop(self, timeout: float = 60) -> int:
+        """SIGTERM and wait: the relay flushes every record before it exits."""
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+        if self._reader:
+            self._reader.join(10)
+        return rc
+
+    def kill(self) -> None:
+        """SIGKILL: no flush, as in a crash."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(30)
+
+    def __enter__(self) -> RelayProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.stop()
+        finally:
+            self.kill()

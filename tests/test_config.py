@@ -1,0 +1,42 @@
+"""The nodes file: what loads, and the errors a user sees for what does not."""
+
+from __future__ import annotations
+
+import pytest
+
+from addon.config import ConfigError, load_nodes_file
+
+
+def write(tmp_path, text: str):
+    p = tmp_path / "nodes.toml"
+    p.write_text(text)
+    return p
+
+
+def test_loads_nodes_with_defaults(tmp_path):
+    p = write(tmp_path, '[[nodes]]\nid = "a"\nbase_url = "https://a/v1"\napi_key = "k"\nweight = 3\n'
+                        '[[nodes]]\nid = "b"\nname = "B"\nbase_url = "http://127.0.0.1:1/v1"\n')
+    a, b = load_nodes_file(p)
+    assert (a.id, a.name, a.base_url, a.api_key, a.weight) == ("a", "a", "https://a/v1", "k", 3)
+    assert (b.name, b.weight, b.api_key) == ("B", 1, "")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[[nodes]\nid=", "invalid TOML"),
+    ('nodes = "x"', "array of tables"),
+    ('[[nodes]]\nbase_url = "https://a"', "id must be"),
+    ('[[nodes]]\nid = "a"', "base_url is required"),
+    ('[[nodes]]\nid = "a"\nbase_url = "a.example"', "http:// or https://"),
+    ('[[nodes]]\nid = "a"\nbase_url = "https://a"\nweight = -1', "weight must be an integer >= 0"),
+    ('[[nodes]]\nid = "a"\nbase_url = "https://a"\nweight = 1.5', "weight must be an integer >= 0"),
+    ('[[nodes]]\nid = "a"\nbase_url = "https://a"\nwieght = 1', "unknown keys ['wieght']"),
+    ('[[nodes]]\nid = "a"\nbase_url = "https://a"\n[[nodes]]\nid = "a"\nbase_url = "https://b"', "duplicate id"),
+])
+def test_bad_files_give_clear_errors(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load_nodes_file(write(tmp_path, text))
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="file not found"):
+        load_nodes_file(tmp_path / "nope.toml")

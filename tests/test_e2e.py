@@ -1,0 +1,206 @@
+"""End to end: real mitmdump + the addon + fake upstreams on 127.0.0.1, on SQLite and MariaDB."""
+
+from __future__ import annotations
+
+import gzip
+import http.client
+import json
+import threading
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from tests.fakeupstream import Behaviour, FakeUpstream
+from tests.relayproc import RelayProcess
+
+pytestmark = pytest.mark.e2e
+
+PATHS = {"responses": "/v1/responses", "chat": "/v1/chat/completions", "messages": "/v1/messages"}
+
+
+def write_nodes(path: Path, nodes: list[tuple[str, str, str, int]]) -> Path:
+    text = "".join(
+        f'[[nodes]]\nid = "{i}"\nname = "{i} node"\nbase_url = "{url}"\napi_key = "{key}"\nweight = {w}\n\n'
+        for i, url, key, w in nodes)
+    path.write_text(text)
+    return path
+
+
+def call(relay: RelayProcess, fmt: str, *, stream: bool, usage: tuple[int, int, int, int],
+         model: str = "gpt-5-codex", headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    body = {"model": model, "stream": stream, "input": "hi", "metadata": {"fake_usage": list(usage)}}
+    if fmt == "chat":
+        body["stream_options"] = {"include_usage": True}
+    conn = http.client.HTTPConnection("127.0.0.1", relay.port, timeout=30)
+    try:
+        hdrs = {"content-type": "application/json", "authorization": "Bearer client-key"}
+        hdrs.update(headers or {})
+        conn.request("POST", PATHS[fmt], json.dumps(body), hdrs)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def rows(db_url: str, sql: str, **params) -> list[sa.Row]:
+    eng = sa.create_engine(db_url)
+    try:
+        with eng.connect() as conn:
+            return list(conn.execute(sa.text(sql), params))
+    finally:
+        eng.dispose()
+
+
+@pytest.fixture
+def two_nodes(tmp_path):
+    a, b = FakeUpstream("a").start(), FakeUpstream("b").start()
+    nodes = write_nodes(tmp_path / "nodes.toml", [("a", a.base_url, "key-a", 1), ("b", b.base_url, "key-b", 1)])
+    yield a, b, nodes
+    a.stop()
+    b.stop()
+
+
+def expected_input(fmt: str, usage: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+    """What the store keeps (OpenAI convention); Anthropic reports no reasoning tokens."""
+    i, c, o, r = usage
+    return (i, c, o, 0 if fmt == "messages" else r)
+
+
+def test_all_formats_metered_routed_and_stats_survive_restart(db_url, two_nodes):
+    a, b, nodes = two_nodes
+    calls = []
+    with RelayProcess(db_url=db_url, options={"codex_nodes": str(nodes)}) as relay:
+        for n, fmt in enumerate(PATHS):
+            for stream in (True, False):
+                usage = (100 + n * 10 + stream, 20 + n, 30 + n, 5 + n)
+                status, body = call(relay, fmt, stream=stream, usage=usage)
+                assert status == 200, body
+                calls.append((fmt, stream, usage))
+    assert relay.proc.returncode == 0, relay.output()
+
+    # The upstreams saw their own keys, never the client's.
+    for up, key in ((a, "key-a"), (b, "key-b")):
+        for r in up.seen:
+            assert r.headers.get("authorization") == f"Bearer {key}"
+    assert len(a.seen) + len(b.seen) == len(calls)
+
+    got = rows(db_url, "SELECT api_format, stream, input_tokens, cache_input_tokens, output_tokens, "
+                       "reasoning_tokens, total_tokens, node_id, source, status, http_status, model, ttfb_ms, "
+                       "response_bytes FROM codex_invocations ORDER BY id")
+    assert len(got) == len(calls)
+    for row, (fmt, stream, usage) in zip(got, calls, strict=True):
+        i, c, o, r = expected_input(fmt, usage)
+        assert (row.api_format, bool(row.stream)) == (fmt, stream)
+        assert (row.input_tokens, row.cache_input_tokens, row.output_tokens, row.reasoning_tokens) == (i, c, o, r)
+        assert row.total_tokens == i + o
+        assert row.source == "relay" and row.status == "success" and row.http_status == 200
+        assert row.model == "gpt-5-codex" and row.ttfb_ms is not None and row.response_bytes > 0
+    served = {"a": len(a.seen), "b": len(b.seen)}
+    by_node = {r.node_id: r.n for r in rows(db_url, "SELECT node_id, COUNT(*) AS n FROM codex_invocations "
+                                                    "GROUP BY node_id")}
+    assert by_node == {k: v for k, v in served.items() if v}
+
+    def node_totals():
+        return {r.id: r for r in rows(db_url, "SELECT * FROM nodes")}
+
+    before = node_totals()
+    for node_id in ("a", "b"):
+        inv = rows(db_url, "SELECT COUNT(*) AS n, COALESCE(SUM(input_tokens), 0) AS i, "
+                           "COALESCE(SUM(output_tokens), 0) AS o, COALESCE(SUM(response_bytes), 0) AS by "
+                           "FROM codex_invocations WHERE node_id = :n", n=node_id)[0]
+        node = before[node_id]
+        assert (node.requests, node.total_input, node.total_output, node.total_bytes) == (inv.n, inv.i, inv.o, inv.by)
+        assert node.api_key == f"key-{node_id}"
+
+    # The seed's bug: a restart with the same nodes file must keep every stat.
+    with RelayProcess(db_url=db_url, options={"codex_nodes": str(nodes)}) as relay:
+        status, _ = call(relay, "responses", stream=True, usage=(7, 0, 3, 0))
+        assert status == 200
+    after = node_totals()
+    assert sum(n.requests for n in after.values()) == sum(n.requests for n in before.values()) + 1
+    for node_id in ("a", "b"):
+        assert after[node_id].requests >= before[node_id].requests
+        assert after[node_id].total_input >= before[node_id].total_input
+
+
+def test_stream_reaches_client_before_upstream_finishes(db_url, tmp_path):
+    hold = threading.Event()
+    with FakeUpstream("slow", behaviour=Behaviour(hold=hold)) as up:
+        nodes = write_nodes(tmp_path / "nodes.toml", [("slow", up.base_url, "k", 1)])
+        with RelayProcess(db_url=db_url, options={"codex_nodes": str(nodes)}) as relay:
+            conn = http.client.HTTPConnection("127.0.0.1", relay.port, timeout=15)
+            body = {"model": "m", "stream": True, "metadata": {"fake_usage": [11, 1, 2, 0]}}
+            conn.request("POST", "/v1/responses", json.dumps(body), {"content-type": "application/json"})
+            resp = conn.getresponse()
+            first = b""
+            # The upstream holds the rest of its stream until we release it: the first event must arrive now.
+            while b"\n\n" not in first:
+                chunk = resp.read1(65536)
+                assert chunk, "stream ended before the first event"
+                first += chunk
+            assert b"response.created" in first and b"response.completed" not in first
+            hold.set()
+            rest = resp.read()
+            conn.close()
+            assert b"response.completed" in rest
+    got = rows(db_url, "SELECT input_tokens, output_tokens, status, stream_ms FROM codex_invocations")
+    assert [(r.input_tokens, r.output_tokens, r.status) for r in got] == [(11, 2, "success")]
+
+
+def test_gzip_stream_metered_and_passed_through(db_url, tmp_path):
+    with FakeUpstream("gz") as up:
+        nodes = write_nodes(tmp_path / "nodes.toml", [("gz", up.base_url, "k", 1)])
+        with RelayProcess(db_url=db_url, options={"codex_nodes": str(nodes)}) as relay:
+            conn = http.client.HTTPConnection("127.0.0.1", relay.port, timeout=15)
+            body = {"model": "m", "stream": True, "metadata": {"fake_usage": [50, 10, 20, 5]}}
+            conn.request("POST", "/v1/responses", json.dumps(body),
+                         {"content-type": "application/json", "x-fake-encoding": "gzip"})
+            resp = conn.getresponse()
+            raw = resp.read()
+            conn.close()
+            assert resp.getheader("content-encoding") == "gzip"
+            assert b"response.completed" in gzip.decompress(raw)
+    got = rows(db_url, "SELECT input_tokens, cache_input_tokens, output_tokens, reasoning_tokens "
+                       "FROM codex_invocations")
+    assert [tuple(r) for r in got] == [(50, 10, 20, 5)]
+
+
+def test_upstream_errors_and_in_200_error_event_recorded_as_failed(db_url, tmp_path):
+    with FakeUpstream("bad") as up:
+        nodes = write_nodes(tmp_path / "nodes.toml", [("bad", up.base_url, "k", 1)])
+        with RelayProcess(db_url=db_url, options={"codex_nodes": str(nodes), "codex_retries": "0",
+                                                  "codex_fail_threshold": "100"}) as relay:
+            up.behaviour.error_event = True
+            status, body = call(relay, "responses", stream=True, usage=(1, 0, 1, 0))
+            assert status == 200 and b"overloaded" in body
+            up.behaviour.error_event = False
+            up.behaviour.status = 500
+            status, _ = call(relay, "chat", stream=False, usage=(1, 0, 1, 0))
+            assert status == 500
+    got = rows(db_url, "SELECT status, http_status, error_message FROM codex_invocations ORDER BY id")
+    assert [(r.status, r.http_status) for r in got] == [("failed", 200), ("failed", 500)]
+    assert "overloaded" in got[0].error_message
+    node = rows(db_url, "SELECT requests, fail_count, fail_streak FROM nodes")[0]
+    assert (node.requests, node.fail_count, node.fail_streak) == (2, 2, 2)
+
+
+def test_no_node_available_gives_openai_style_503(db_url, tmp_path):
+    nodes = write_nodes(tmp_path / "nodes.toml", [("off", "http://127.0.0.1:9/v1", "k", 0)])
+    with RelayProcess(db_url=db_url, options={"codex_nodes": str(nodes)}) as relay:
+        status, body = call(relay, "responses", stream=True, usage=(1, 0, 1, 0))
+    assert status == 503
+    assert json.loads(body)["error"]["code"] == "no_node_available"
+    got = rows(db_url, "SELECT status, http_status, node_id FROM codex_invocations")
+    assert [tuple(r) for r in got] == [("failed", 503, None)]
+
+
+def test_monitor_mode_passes_through_and_meters(db_url):
+    with FakeUpstream("direct") as up, \
+            RelayProcess(db_url=db_url, reverse_target=f"http://127.0.0.1:{up.port}") as relay:
+        status, _ = call(relay, "messages", stream=True, usage=(40, 30, 9, 0))
+        assert status == 200
+        # Unchanged: the client's own credentials reach the upstream.
+        assert up.seen[0].headers["authorization"] == "Bearer client-key"
+    got = rows(db_url, "SELECT node_id, input_tokens, cache_input_tokens, output_tokens FROM codex_invocations")
+    assert [tuple(r) for r in got] == [(None, 40, 30, 9)]
