@@ -1,0 +1,1 @@
+"""Benchmarks (``./run.sh bench``): the relay's overhead against bare mitmdump, the writer, stats queries."""
