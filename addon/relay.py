@@ -35,6 +35,7 @@ from addon.usage import detect_format, parse_request
 from store.engine import make_engine, upgrade_to_head
 from store.nodes import load_nodes, upsert_nodes
 from store.records import InvocationRecord, NodeConfig, NodeStateUpdate, utcnow
+from store.spool import Spool, SpoolInUse, default_spool_path
 from store.writer import Writer
 
 log = logging.getLogger("codex.relay")
@@ -98,6 +99,10 @@ class Relay:
         loader.add_option("codex_db", str, "sqlite:///data/codex.db",
                           "SQLAlchemy URL of the stats database (sqlite:///file.db or "
                           "mysql+pymysql://user:pass@host/db). Upgraded to the latest schema at start.")
+        loader.add_option("codex_spool", str, "",
+                          "Local SQLite journal for records while the stats database is unreachable; "
+                          "written at the next start after a crash. Default: next to a SQLite "
+                          "database, data/spool-<hash of the URL>.db for MySQL.")
         loader.add_option("codex_nodes", str, "",
                           "Path to a TOML file of upstream nodes ([[nodes]] id, name, base_url, api_key, "
                           "weight). Upserted at every start; stats are never touched.")
@@ -143,7 +148,7 @@ class Relay:
         sticky_ttl = _seconds("codex_sticky_ttl", opts.codex_sticky_ttl)
         self.health.threshold = opts.codex_fail_threshold
         if "codex_db" in updated and opts.codex_db != self._db_url:
-            self._open_db(opts.codex_db)
+            self._open_db(opts.codex_db, opts.codex_spool)
         if updated & {"codex_db", "codex_nodes", "codex_upstream", "codex_upstream_key",
                       "codex_upstream_name", "codex_sticky_ttl"}:
             self._configure_nodes(self._configured_nodes(), sticky_ttl)
@@ -154,17 +159,21 @@ class Relay:
                                  path=opts.codex_ping_path, timeout=self._connect_timeout)
             self.pinger.start()
 
-    def _open_db(self, url: str) -> None:
+    def _open_db(self, url: str, spool_path: str) -> None:
         try:
             engine = make_engine(url)
             upgrade_to_head(engine)
         except Exception as e:
-            raise exceptions.OptionsError(f"codex_db: cannot open {_safe_url(url)}: {e}") from e
+            raise exceptions.OptionsError(f"codex_db: cannot open {_safe_url(url)}: {_first_line(e)}") from None
         if self.writer is not None:
             self.writer.close()
+        try:
+            spool = Spool(spool_path or default_spool_path(url))
+        except (SpoolInUse, OSError) as e:
+            raise exceptions.OptionsError(f"codex_spool: {e}") from None
         self.engine = engine
         self._db_url = url
-        self.writer = Writer(engine)
+        self.writer = Writer(engine, spool)
         self.writer.start()
         log.info("stats database: %s", _safe_url(url))
 
@@ -486,6 +495,11 @@ def _ms(seconds: float) -> int:
 
 def _is_sse(resp: http.Response) -> bool:
     return resp.headers.get("content-type", "").startswith("text/event-stream")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(getattr(e, "orig", None) or e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _safe_url(url: str) -> str:

@@ -107,10 +107,10 @@ def test_all_formats_metered_routed_and_stats_survive_restart(db_url, two_nodes)
     before = node_totals()
     for node_id in ("a", "b"):
         inv = rows(db_url, "SELECT COUNT(*) AS n, COALESCE(SUM(input_tokens), 0) AS i, "
-                           "COALESCE(SUM(output_tokens), 0) AS o, COALESCE(SUM(response_bytes), 0) AS by "
+                           "COALESCE(SUM(output_tokens), 0) AS o, COALESCE(SUM(response_bytes), 0) AS nbytes "
                            "FROM codex_invocations WHERE node_id = :n", n=node_id)[0]
         node = before[node_id]
-        assert (node.requests, node.total_input, node.total_output, node.total_bytes) == (inv.n, inv.i, inv.o, inv.by)
+        assert (node.requests, node.total_input, node.total_output, node.total_bytes) == (inv.n, inv.i, inv.o, inv.nbytes)
         assert node.api_key == f"key-{node_id}"
 
     # The seed's bug: a restart with the same nodes file must keep every stat.

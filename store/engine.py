@@ -1,0 +1,114 @@
+"""Engines from a URL, tuned per dialect, and the schema upgrade the relay runs at start."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy.engine import make_url
+from sqlalchemy.pool import StaticPool
+
+DEFAULT_DB = "sqlite:///data/codex.db"
+MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
+SUPPORTED = ("sqlite", "mysql")
+_MIGRATION_LOCK_S = 60
+
+
+def make_engine(url: str) -> sa.Engine:
+    """An engine for a SQLite or MySQL/MariaDB URL; raises ValueError with a readable reason."""
+    try:
+        parsed = make_url(url)
+    except Exception as e:
+        raise ValueError(f"not a database URL: {url!r} ({e})") from None
+    backend = parsed.get_backend_name()
+    if backend not in SUPPORTED:
+        raise ValueError(f"unsupported database {backend!r}: use sqlite:///file.db or mysql+pymysql://user@host/db")
+    if backend == "sqlite":
+        return _sqlite_engine(parsed)
+    query = dict(parsed.query)
+    # Fail fast on a dead server instead of hanging the writer for the OS TCP timeout.
+    for key, value in (("connect_timeout", "5"), ("read_timeout", "30"), ("write_timeout", "30"),
+                       ("charset", "utf8mb4")):
+        query.setdefault(key, value)
+    # READ COMMITTED: the writer's increments need no gap locks, which keeps two relays from deadlocking.
+    return sa.create_engine(parsed.set(query=query), pool_pre_ping=True, pool_recycle=3600,
+                            isolation_level="READ COMMITTED")
+
+
+def _sqlite_engine(url: sa.URL) -> sa.Engine:
+    database = url.database or ""
+    memory = database in ("", ":memory:") or url.query.get("mode") == "memory"
+    if memory:
+        # One shared connection, or every connection would see its own empty database.
+        engine = sa.create_engine(url, poolclass=StaticPool, connect_args={"check_same_thread": False})
+    else:
+        Path(database).expanduser().resolve().parent.mkdir(parents=True, exist_ok=True)
+        engine = sa.create_engine(url, connect_args={"timeout": 30})
+
+    @sa.event.listens_for(engine, "connect")
+    def _pragmas(dbapi_conn, _record) -> None:  # noqa: ANN001 - DBAPI objects have no types
+        cur = dbapi_conn.cursor()
+        if not memory:
+            # WAL lets the stats CLI and admin page read while the writer writes.
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.close()
+
+    return engine
+
+
+def upgrade_to_head(engine: sa.Engine) -> None:
+    """Bring the database to the latest schema revision (no-op when it is there already)."""
+    with engine.connect() as conn, _migration_lock(conn):
+        if current_revision(conn) == head_revision():
+            return
+        command.upgrade(_config(conn), "head")
+        conn.commit()
+
+
+def downgrade_to(engine: sa.Engine, revision: str) -> None:
+    """Step the schema back to ``revision`` (tests and operators undoing an upgrade)."""
+    with engine.connect() as conn, _migration_lock(conn):
+        command.downgrade(_config(conn), revision)
+        conn.commit()
+
+
+def current_revision(conn: sa.Connection) -> str | None:
+    return MigrationContext.configure(conn).get_current_revision()
+
+
+def head_revision() -> str | None:
+    return ScriptDirectory.from_config(_config()).get_current_head()
+
+
+def _config(conn: sa.Connection | None = None) -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    if conn is not None:  # env.py migrates on this connection and leaves logging alone
+        cfg.attributes["connection"] = conn
+    return cfg
+
+
+@contextlib.contextmanager
+def _migration_lock(conn: sa.Connection) -> Iterator[None]:
+    """Two relays starting together on one MySQL must not both run the same migration."""
+    if conn.dialect.name != "mysql":
+        yield
+        return
+    name = f"codex_relay.migrate.{conn.engine.url.database}"
+    if conn.execute(sa.select(sa.func.get_lock(name, _MIGRATION_LOCK_S))).scalar() != 1:
+        raise TimeoutError(f"another process held the migration lock for {_MIGRATION_LOCK_S} s")
+    conn.commit()
+    try:
+        yield
+    finally:
+        conn.rollback()
+        conn.execute(sa.select(sa.func.release_lock(name)))
+        conn.commit()

@@ -1,0 +1,148 @@
+"""Apply a batch of records in one transaction: invocation rows plus atomic per-node increments.
+
+Exactly once: an invocation whose ``invoke_id`` is already stored (a spool replay after a crash, a
+retried batch whose commit was lost) is skipped together with its increments. Node columns only
+change through ``col = col + ?`` (or a value that does not depend on the old row), so relays
+sharing one database never lose a count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import sqlalchemy as sa
+
+from store.records import InvocationRecord, NodeStateUpdate
+from store.schema import codex_invocations, nodes
+
+Item = InvocationRecord | NodeStateUpdate
+_ID_CHUNK = 500  # ids per IN (…) lookup
+
+_INCREMENTS = ("requests", "fail_count", "total_bytes", "total_input", "total_cached", "total_output",
+               "total_reasoning", "stream_dur_ms", "first_byte_ms")
+
+
+@dataclass(slots=True)
+class _NodeChange:
+    """The net effect of one batch on one node row, in the order the records happened."""
+
+    add: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_INCREMENTS, 0))
+    streak_reset: bool = False  # a success (or a recovery) reset the streak within the batch
+    streak_add: int = 0  # failures since that reset (or since the batch began)
+    values: dict[str, object] = field(default_factory=dict)  # plain assignments: failed, last_error, pings
+
+    def failure(self, error: str | None) -> None:
+        self.add["fail_count"] += 1
+        self.streak_add += 1
+        if error:
+            self.values["last_error"] = error[:2000]
+
+    def reset_streak(self) -> None:
+        self.streak_reset = True
+        self.streak_add = 0
+
+
+@dataclass(slots=True)
+class BatchResult:
+    inserted: int = 0
+    duplicates: int = 0
+    node_updates: int = 0
+
+
+def apply_batch(conn: sa.Connection, items: Sequence[Item]) -> BatchResult:
+    """Write ``items`` on ``conn`` (the caller owns the transaction)."""
+    result = BatchResult()
+    records = [i for i in items if isinstance(i, InvocationRecord)]
+    known = _stored_ids(conn, {r.invoke_id for r in records})
+    changes: dict[str, _NodeChange] = {}
+    rows: list[dict] = []
+    for item in items:
+        if isinstance(item, InvocationRecord):
+            if item.invoke_id in known:
+                result.duplicates += 1
+                continue
+            known.add(item.invoke_id)
+            rows.append(invocation_row(item))
+            if item.node_id:
+                _count_invocation(changes.setdefault(item.node_id, _NodeChange()), item)
+        else:
+            _apply_state(changes.setdefault(item.node_id, _NodeChange()), item)
+    if rows:
+        conn.execute(sa.insert(codex_invocations), rows)
+        result.inserted = len(rows)
+    # A fixed order of row locks: two relays updating the same nodes cannot deadlock each other.
+    for node_id in sorted(changes):
+        conn.execute(_node_statement(node_id, changes[node_id]))
+        result.node_updates += 1
+    return result
+
+
+def invocation_row(r: InvocationRecord) -> dict:
+    u = r.usage
+    return {
+        "invoke_id": r.invoke_id, "occurred_at": r.occurred_at, "source": r.source, "model": r.model,
+        "input_tokens": u.input_tokens, "output_tokens": u.output_tokens, "cache_input_tokens": u.cached_tokens,
+        "reasoning_tokens": u.reasoning_tokens, "total_tokens": u.total_tokens,
+        "cache_write_tokens": u.cache_write_tokens, "cost": r.cost, "cost_estimated": r.cost is not None,
+        "status": r.status, "error_message": r.error_message, "payload": r.payload,
+        "raw_response": r.raw_response, "node_id": r.node_id, "endpoint": r.endpoint[:255],
+        "api_format": r.api_format, "stream": r.stream, "http_status": r.http_status, "ttfb_ms": r.ttfb_ms,
+        "stream_ms": r.stream_ms, "duration_ms": r.duration_ms, "request_bytes": r.request_bytes,
+        "response_bytes": r.response_bytes, "attempts": r.attempts, "client_key": r.client_key,
+    }
+
+
+def _stored_ids(conn: sa.Connection, ids: Iterable[str]) -> set[str]:
+    ids = list(ids)
+    found: set[str] = set()
+    for start in range(0, len(ids), _ID_CHUNK):
+        chunk = ids[start:start + _ID_CHUNK]
+        found.update(conn.execute(sa.select(codex_invocations.c.invoke_id)
+                                  .where(codex_invocations.c.invoke_id.in_(chunk))).scalars())
+    return found
+
+
+def _count_invocation(change: _NodeChange, r: InvocationRecord) -> None:
+    u = r.usage
+    add = change.add
+    add["requests"] += 1
+    add["total_bytes"] += r.response_bytes
+    add["total_input"] += u.input_tokens
+    add["total_cached"] += u.cached_tokens
+    add["total_output"] += u.output_tokens
+    add["total_reasoning"] += u.reasoning_tokens
+    add["stream_dur_ms"] += r.stream_ms or 0
+    add["first_byte_ms"] += r.ttfb_ms or 0
+    if r.node_failure:
+        change.failure(r.error_message or r.status)
+    elif r.status == "success":
+        change.reset_streak()
+
+
+def _apply_state(change: _NodeChange, u: NodeStateUpdate) -> None:
+    if u.failed_attempt:
+        change.add["requests"] += 1
+        change.failure(u.last_error)
+    elif u.last_error is not None:
+        change.values["last_error"] = u.last_error[:2000]
+    if u.failed is not None:
+        change.values["failed"] = u.failed
+        if not u.failed:  # back in service: it starts a new streak
+            change.reset_streak()
+    if u.pinged:
+        change.values["last_ping_ms"] = u.last_ping_ms
+        change.values["last_ping_err"] = u.last_ping_err
+
+
+def _node_statement(node_id: str, change: _NodeChange) -> sa.Update:
+    c = nodes.c
+    values: dict[str, object] = {name: c[name] + amount for name, amount in change.add.items() if amount}
+    if change.streak_reset:
+        values["fail_streak"] = change.streak_add
+    elif change.streak_add:
+        values["fail_streak"] = c.fail_streak + change.streak_add
+    values.update(change.values)
+    if not values:
+        values["fail_streak"] = c.fail_streak  # a no-op keeps the statement valid
+    return sa.update(nodes).where(c.id == node_id).values(values)

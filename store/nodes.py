@@ -1,0 +1,34 @@
+"""Node rows: the non-destructive config upsert and reads. Stats columns are the writer's alone."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+
+from store.records import NodeConfig, utcnow
+from store.schema import nodes
+from store.upsert import upsert
+
+# What a config file or the admin page may set. Stats, health and `disabled` are never in here.
+CONFIG_COLUMNS = ("name", "base_url", "api_key", "weight", "updated_at")
+
+
+def upsert_nodes(conn: sa.Connection, configs: Sequence[NodeConfig]) -> None:
+    """Insert new nodes and update the config of known ones; their stats stay untouched."""
+    now = utcnow()
+    rows = [{"id": c.id, "name": c.name or c.id, "base_url": c.base_url, "api_key": c.api_key,
+             "weight": c.weight, "updated_at": now} for c in configs]
+    upsert(conn, nodes, rows, CONFIG_COLUMNS)
+
+
+def set_disabled(conn: sa.Connection, node_id: str, disabled: bool) -> bool:
+    """Take a node out of (or back into) routing; False when there is no such node."""
+    result = conn.execute(sa.update(nodes).where(nodes.c.id == node_id)
+                          .values(disabled=disabled, updated_at=utcnow()))
+    return result.rowcount > 0
+
+
+def load_nodes(conn: sa.Connection) -> list[sa.Row]:
+    """Every node row, config, health and stats, ordered by id."""
+    return list(conn.execute(sa.select(nodes).order_by(nodes.c.id)))

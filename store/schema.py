@@ -1,0 +1,141 @@
+"""The tables, as SQLAlchemy Core metadata: the contract of shared/DESIGN.md plus the relay's columns.
+
+Alembic (``migrations/``) owns how a database gets here; this module is the target the migrations
+are checked against (``tests/test_migrations.py`` compares them), and what queries are written with.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import mysql
+
+# SQLite only auto-increments an INTEGER PRIMARY KEY; MySQL wants the 64-bit type.
+BIGID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+# MySQL's DATETIME drops microseconds unless asked; an invocation's time is part of its unique key.
+TIMESTAMP = sa.DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql")
+# MySQL's TEXT stops at 64 KiB: request payloads and usage events can be larger.
+LONGTEXT = sa.Text().with_variant(mysql.MEDIUMTEXT(), "mysql")
+COUNTER = sa.BigInteger()
+
+metadata = sa.MetaData()
+
+
+def _counter(name: str) -> sa.Column:
+    return sa.Column(name, COUNTER, nullable=False, server_default="0")
+
+
+nodes = sa.Table(
+    "nodes", metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    # config: the only columns a config upsert writes
+    sa.Column("name", sa.String(128)),
+    sa.Column("base_url", sa.String(512)),
+    sa.Column("api_key", sa.String(512)),
+    sa.Column("weight", sa.Integer, nullable=False, server_default="1"),
+    # health: written by the relay's health tracking, kept across restarts
+    sa.Column("failed", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("last_error", sa.Text),
+    sa.Column("created_at", TIMESTAMP, server_default=sa.func.current_timestamp()),
+    # cumulative stats: only ever changed by atomic increments
+    _counter("requests"),
+    _counter("fail_count"),
+    sa.Column("fail_streak", sa.Integer, nullable=False, server_default="0"),
+    _counter("total_bytes"),
+    _counter("total_input"),
+    _counter("total_output"),
+    _counter("stream_dur_ms"),
+    _counter("first_byte_ms"),
+    sa.Column("last_ping_ms", sa.Integer),
+    sa.Column("last_ping_err", sa.Text),
+    # revision 3
+    _counter("total_cached"),
+    _counter("total_reasoning"),
+    # set from the admin page; a config file upsert leaves it alone
+    sa.Column("disabled", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("updated_at", TIMESTAMP),
+)
+
+codex_invocations = sa.Table(
+    "codex_invocations", metadata,
+    sa.Column("id", BIGID, primary_key=True, autoincrement=True),
+    sa.Column("invoke_id", sa.String(64), nullable=False),
+    sa.Column("occurred_at", TIMESTAMP, nullable=False),
+    sa.Column("source", sa.String(32), nullable=False, server_default="xy"),
+    sa.Column("model", sa.String(128)),
+    sa.Column("input_tokens", COUNTER),
+    sa.Column("output_tokens", COUNTER),
+    sa.Column("cache_input_tokens", COUNTER),
+    sa.Column("reasoning_tokens", COUNTER),
+    sa.Column("total_tokens", COUNTER),
+    sa.Column("cost", sa.Double),
+    sa.Column("status", sa.String(16)),
+    sa.Column("error_message", sa.Text),
+    sa.Column("payload", LONGTEXT),
+    sa.Column("raw_response", LONGTEXT),
+    sa.Column("created_at", TIMESTAMP, server_default=sa.func.current_timestamp()),
+    # revision 3: what the relay measures
+    sa.Column("node_id", sa.String(64)),
+    sa.Column("endpoint", sa.String(255)),
+    sa.Column("api_format", sa.String(16)),
+    sa.Column("stream", sa.Boolean),
+    sa.Column("http_status", sa.Integer),
+    sa.Column("ttfb_ms", sa.Integer),
+    sa.Column("stream_ms", sa.Integer),
+    sa.Column("duration_ms", sa.Integer),
+    sa.Column("request_bytes", COUNTER),
+    sa.Column("response_bytes", COUNTER),
+    sa.Column("attempts", sa.Integer),
+    sa.Column("client_key", sa.String(64)),
+    sa.Column("cache_write_tokens", COUNTER),
+    sa.Column("cost_estimated", sa.Boolean),
+    sa.UniqueConstraint("invoke_id", "occurred_at", name="uq_codex_invocations_invoke_id_occurred_at"),
+    sa.Index("idx_codex_invocations_source_occurred_at", "source", "occurred_at"),
+    sa.Index("idx_codex_invocations_occurred_at", "occurred_at"),
+    sa.Index("idx_codex_invocations_node_occurred_at", "node_id", "occurred_at"),
+    sa.Index("idx_codex_invocations_model_occurred_at", "model", "occurred_at"),
+)
+
+stats_source_snapshots = sa.Table(
+    "stats_source_snapshots", metadata,
+    sa.Column("id", BIGID, primary_key=True, autoincrement=True),
+    sa.Column("source", sa.String(32), nullable=False),
+    sa.Column("period", sa.String(16), nullable=False),
+    sa.Column("stats_date", sa.String(10), nullable=False),  # 'YYYY-MM-DD', the provider's day
+    sa.Column("model", sa.String(128)),  # NULL: the aggregate over all models
+    sa.Column("requests", COUNTER, nullable=False),
+    sa.Column("input_tokens", COUNTER),
+    sa.Column("output_tokens", COUNTER),
+    sa.Column("cache_create_tokens", COUNTER),
+    sa.Column("cache_read_tokens", COUNTER),
+    sa.Column("all_tokens", COUNTER),
+    sa.Column("cost_input", sa.Double),
+    sa.Column("cost_output", sa.Double),
+    sa.Column("cost_cache_write", sa.Double),
+    sa.Column("cost_cache_read", sa.Double),
+    sa.Column("cost_total", sa.Double),
+    sa.Column("raw_response", LONGTEXT),
+    sa.Column("captured_at", TIMESTAMP, nullable=False),
+    sa.Column("captured_at_epoch", sa.BigInteger, nullable=False),
+    sa.Column("created_at", TIMESTAMP, server_default=sa.func.current_timestamp()),
+    sa.UniqueConstraint("source", "period", "stats_date", "model", "captured_at_epoch",
+                        name="uq_stats_source_snapshots_capture"),
+    sa.Index("idx_stats_source_snapshots_date", "source", "period", "stats_date", "captured_at_epoch"),
+)
+
+stats_source_deltas = sa.Table(
+    "stats_source_deltas", metadata,
+    sa.Column("id", BIGID, primary_key=True, autoincrement=True),
+    sa.Column("source", sa.String(32), nullable=False),
+    sa.Column("period", sa.String(16), nullable=False),
+    sa.Column("stats_date", sa.String(10), nullable=False),
+    sa.Column("captured_at", TIMESTAMP, nullable=False),
+    sa.Column("captured_at_epoch", sa.BigInteger, nullable=False),
+    sa.Column("total_count", COUNTER, nullable=False),
+    sa.Column("success_count", COUNTER, nullable=False),
+    sa.Column("failure_count", COUNTER, nullable=False),
+    sa.Column("total_tokens", COUNTER, nullable=False),
+    sa.Column("total_cost", sa.Double, nullable=False),
+    sa.Column("created_at", TIMESTAMP, server_default=sa.func.current_timestamp()),
+    sa.UniqueConstraint("source", "period", "stats_date", "captured_at_epoch", name="uq_stats_source_deltas_capture"),
+    sa.Index("idx_stats_source_deltas_epoch", "source", "period", "captured_at_epoch"),
+)
