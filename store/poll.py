@@ -1,0 +1,236 @@
+"""Poll provider stats sources into snapshots and deltas: a thread in the relay, or once from cron.
+
+In the relay the ``Poller`` thread does blocking HTTP (urllib) and DB work, never the event loop.
+A failed poll (connection, HTTP status, malformed body, database) is logged and tried again at the
+next interval; nothing a source does stops the thread.
+
+``python -m store.poll`` (``./run.sh poll-stats``) polls every configured source once and exits
+non-zero if any failed (for cron)::
+
+    ./run.sh poll-stats --sources sources.toml --db mysql+pymysql://relay@db/codex
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import http.client
+import json
+import logging
+import os
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+
+from addon.config import ConfigError
+from store.engine import make_engine, upgrade_to_head
+from store.records import utcnow
+from store.snapshots import IngestResult, ingest
+from store.sources import SourceConfig, SourceFormatError, load_sources_file
+
+log = logging.getLogger("codex.poll")
+
+MAX_BODY_BYTES = 8 * 1024 * 1024
+DEFAULT_DB = "sqlite:///data/codex.db"
+
+
+class PollError(RuntimeError):
+    """A stats request that brought no usable response."""
+
+
+@dataclass(slots=True)
+class PollResult:
+    source: str
+    captured_at: dt.datetime
+    error: str | None = None  # None: the capture was stored (or was stored before)
+    ingest: IngestResult | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def describe(self) -> str:
+        if self.error is not None:
+            return f"{self.source}: FAILED: {self.error}"
+        assert self.ingest is not None
+        if not self.ingest.stored:
+            return f"{self.source}: {self.ingest.note}"
+        d = self.ingest.delta
+        change = (f"delta +{d.total_count} requests, +{d.total_tokens} tokens, +${d.total_cost:.6f}"
+                  if d else f"no delta ({self.ingest.note})")
+        return f"{self.source}: captured at {self.captured_at:%Y-%m-%d %H:%M:%S} UTC, {change}"
+
+
+def fetch(source: SourceConfig) -> str:
+    """The body of one stats request; raises PollError with a reason a user can act on."""
+    data = None if source.body is None else json.dumps(source.body).encode()
+    headers = {"Accept": "application/json", "User-Agent": "codex-relay stats poller", **source.headers}
+    if data is not None:
+        headers["Content-Type"] = "application/json"
+    request = urllib.request.Request(source.url, data=data, headers=headers, method=source.method)
+    try:
+        with urllib.request.urlopen(request, timeout=source.timeout) as resp:
+            body = resp.read(MAX_BODY_BYTES + 1)
+    except urllib.error.HTTPError as e:
+        detail = e.read(300).decode("utf-8", "replace").strip()
+        raise PollError(f"HTTP {e.code} {e.reason}" + (f": {detail}" if detail else "")) from None
+    except urllib.error.URLError as e:
+        raise PollError(f"request failed: {e.reason}") from None
+    except (OSError, http.client.HTTPException) as e:  # timeouts, resets, broken HTTP
+        raise PollError(f"request failed: {e.__class__.__name__}: {e}") from None
+    if len(body) > MAX_BODY_BYTES:
+        raise PollError(f"response larger than {MAX_BODY_BYTES} bytes")
+    return body.decode("utf-8", "replace")
+
+
+class Poller:
+    """Polls each source at its own interval on one background thread."""
+
+    def __init__(self, engine: sa.Engine, sources: Sequence[SourceConfig], *,
+                 fetch: Callable[[SourceConfig], str] = fetch, clock: Callable[[], dt.datetime] = utcnow,
+                 on_result: Callable[[PollResult], None] | None = None) -> None:
+        self.engine = engine
+        self.sources = list(sources)
+        self.last_results: dict[str, PollResult] = {}  # by source name, for the admin page
+        self._fetch = fetch
+        self._clock = clock
+        self._on_result = on_result
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def poll_once(self, names: Sequence[str] | None = None) -> list[PollResult]:
+        """Poll every source (or those named) now, one after the other; never raises."""
+        return [self.poll(s) for s in self.sources if names is None or s.name in names]
+
+    def poll(self, source: SourceConfig) -> PollResult:
+        """Fetch, parse and store one capture of ``source``; never raises."""
+        result = PollResult(source=source.name, captured_at=self._clock())
+        try:
+            text = self._fetch(source)
+            result.captured_at = self._clock()  # the provider's tally is as of its answer
+            result.ingest = ingest(self.engine, source.capture(text, result.captured_at))
+        except (PollError, SourceFormatError) as e:
+            result.error = str(e)
+        except sa.exc.SQLAlchemyError as e:
+            result.error = f"database: {e.__class__.__name__}: {e}".splitlines()[0]
+        except Exception as e:  # a bug must not stop the other sources or the thread
+            log.exception("stats source %s: unexpected error", source.name)
+            result.error = f"{e.__class__.__name__}: {e}"
+        if result.error is not None:
+            log.warning("stats source %s: %s (next try in %g s)", source.name, result.error, source.interval)
+        else:
+            log.debug("%s", result.describe())
+        self.last_results[source.name] = result
+        if self._on_result is not None:
+            self._on_result(result)
+        return result
+
+    def start(self) -> None:
+        if not self.sources or self._thread is not None:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="codex-stats-poller", daemon=True)
+        self._thread.start()
+        log.info("polling %d stats source(s): %s", len(self.sources),
+                 ", ".join(f"{s.name} every {s.interval:g} s" for s in self.sources))
+
+    def stop(self, timeout: float = 30) -> None:
+        """Stop the thread; a poll in flight finishes first (bounded by its source's timeout)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def _run(self) -> None:
+        due = dict.fromkeys((s.name for s in self.sources), time.monotonic())
+        while not self._stop.is_set():
+            for source in self.sources:
+                if self._stop.is_set():
+                    return
+                started = time.monotonic()
+                if due[source.name] <= started:
+                    self.poll(source)
+                    due[source.name] = started + source.interval
+            self._stop.wait(max(0.0, min(due.values()) - time.monotonic()))
+
+
+def start_poller(engine: sa.Engine, sources_path: str, previous: Poller | None = None) -> Poller | None:
+    """The relay's poller: stop ``previous``, then poll the ``[[sources]]`` of ``sources_path`` on a new
+    thread (none for an empty path or a file without sources).
+
+    Raises ConfigError before stopping anything when the file is not valid.
+    """
+    sources = load_sources_file(sources_path) if sources_path else []
+    if previous is not None:
+        previous.stop()
+    if not sources:
+        return None
+    poller = Poller(engine, sources)
+    poller.start()
+    return poller
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="poll-stats", description="Poll each configured provider stats source once and store the "
+        "snapshots and deltas. Exit status 1 if any source failed, 2 on a configuration error.")
+    parser.add_argument("--db", default=os.environ.get("CODEX_DB", DEFAULT_DB),
+                        help="SQLAlchemy URL of the stats database (default: $CODEX_DB or %(default)s)")
+    parser.add_argument("--sources", default=os.environ.get("CODEX_STATS_SOURCES"),
+                        help="TOML file with [[sources]] (default: $CODEX_STATS_SOURCES)")
+    parser.add_argument("--source", action="append", metavar="NAME", help="poll only this source (repeatable)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if not args.sources:
+        parser.error("--sources FILE (or $CODEX_STATS_SOURCES) is required")
+    try:
+        sources = load_sources_file(args.sources)
+    except ConfigError as e:
+        print(f"poll-stats: {e}", file=sys.stderr)
+        return 2
+    unknown = set(args.source or ()) - {s.name for s in sources}
+    if unknown:
+        print(f"poll-stats: {args.sources}: no source named {', '.join(sorted(unknown))}", file=sys.stderr)
+        return 2
+    if not sources:
+        print(f"poll-stats: {args.sources}: no [[sources]] configured", file=sys.stderr)
+        return 2
+    engine = open_db(args.db, "poll-stats")
+    if engine is None:
+        return 2
+    try:
+        results = Poller(engine, sources).poll_once(args.source)
+    finally:
+        engine.dispose()
+    for r in results:
+        print(r.describe())
+    return 0 if all(r.ok for r in results) else 1
+
+
+def open_db(url: str, prog: str) -> sa.Engine | None:
+    """The engine of an upgraded database, or None after printing why it cannot be opened."""
+    try:
+        shown = sa.engine.make_url(url).render_as_string(hide_password=True)
+    except sa.exc.ArgumentError:
+        print(f"{prog}: not a database URL: {url!r} (e.g. sqlite:///data/codex.db)", file=sys.stderr)
+        return None
+    try:
+        engine = make_engine(url)
+        upgrade_to_head(engine)
+    except Exception as e:  # any failure here is the user's URL or server: say it plainly
+        print(f"{prog}: cannot open database {shown}: {e.__class__.__name__}: {e}".splitlines()[0],
+              file=sys.stderr)
+        return None
+    return engine
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""Provider stats captures into ``stats_source_snapshots`` and ``stats_source_deltas``.
+
+A capture is one poll of one source: one snapshot row per model plus one aggregate row
+(``model`` NULL), all with the same ``captured_at_epoch``. Rules:
+
+- **Idempotent.** Storing the same capture (source, period, stats_date, captured_at_epoch) again
+  writes nothing. The unique key cannot enforce this for the aggregate row: NULLs never collide in a
+  unique index, on MySQL/MariaDB and on SQLite alike. So each capture is stored under a per-source
+  lock (MySQL ``GET_LOCK``; on SQLite the transaction takes the database write lock before it reads)
+  and skipped when its aggregate row is already there.
+- **Deltas** compare the aggregate with the previous capture of the same source/period/stats_date:
+  requests, tokens (``all_tokens``) and cost (``cost_total``). The first capture of a date starts
+  from zero. No row when nothing changed. A counter going backwards (a provider reset or correction)
+  is logged and writes no delta; the next delta starts from the lower value. A capture older than
+  one already stored (two pollers, one late) writes its snapshot but no delta, so the deltas of a
+  date still add up to its latest totals.
+- Providers report no failures: ``success_count`` = ``total_count``, ``failure_count`` = 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+
+from store.schema import stats_source_deltas, stats_source_snapshots
+from store.sources import COUNTERS, Capture, ModelStats
+
+log = logging.getLogger("codex.snapshots")
+
+_COST_EPSILON = 1e-9  # USD: float noise in provider sums is not a change
+_LOCK_TIMEOUT_S = 30
+
+
+@dataclass(slots=True)
+class Delta:
+    total_count: int
+    success_count: int
+    failure_count: int
+    total_tokens: int
+    total_cost: float
+
+
+@dataclass(slots=True)
+class IngestResult:
+    stored: bool  # False: this capture was stored before, nothing written
+    delta: Delta | None = None  # the delta row written, if any
+    note: str | None = None  # why there is no delta row
+
+
+@dataclass(slots=True)
+class StoredCapture:
+    """A capture as read back: its time and its rows by model (None: the aggregate)."""
+
+    captured_at: dt.datetime
+    captured_at_epoch: int
+    rows: dict[str | None, ModelStats]
+
+
+def ingest(engine: sa.Engine, capture: Capture) -> IngestResult:
+    """Store one capture and its delta in one transaction (see the module rules)."""
+    with engine.connect() as conn, _source_lock(conn, capture.source), conn.begin():
+        if conn.dialect.name == "sqlite":
+            # A write first: SQLite takes its write lock now, so the checks below see the final state.
+            conn.execute(sa.update(stats_source_snapshots).where(sa.false())
+                         .values(id=stats_source_snapshots.c.id))
+        return _ingest(conn, capture)
+
+
+@contextlib.contextmanager
+def _source_lock(conn: sa.Connection, source: str) -> Iterator[None]:
+    """Serialise captures of one source across processes sharing a MySQL/MariaDB database."""
+    if conn.dialect.name != "mysql":
+        yield
+        return
+    # Lock names are server-wide: the database's name keeps other databases' relays out of the way.
+    name = "codex_relay.snapshots." + hashlib.sha1(f"{conn.engine.url.database}/{source}".encode()).hexdigest()
+    got = conn.execute(sa.select(sa.func.get_lock(name, _LOCK_TIMEOUT_S))).scalar()
+    conn.commit()  # the lock is per session; the capture gets a transaction of its own
+    if got != 1:
+        raise TimeoutError(f"another process held the snapshot lock of source {source!r} for "
+                           f"{_LOCK_TIMEOUT_S} s")
+    try:
+        yield
+    finally:
+        conn.rollback()
+        conn.execute(sa.select(sa.func.release_lock(name)))
+        conn.commit()
+
+
+def _ingest(conn: sa.Connection, capture: Capture) -> IngestResult:
+    s = stats_source_snapshots
+    epoch = capture.captured_at_epoch
+    same_date = sa.and_(s.c.source == capture.source, s.c.period == capture.period,
+                        s.c.stats_date == capture.stats_date, s.c.model.is_(None))
+    if conn.execute(sa.select(s.c.id).where(same_date, s.c.captured_at_epoch == epoch).limit(1)).first():
+        return IngestResult(stored=False, note="capture already stored")
+    previous = conn.execute(sa.select(*_counter_columns()).where(same_date, s.c.captured_at_epoch < epoch)
+                            .order_by(s.c.captured_at_epoch.desc()).limit(1)).first()
+    newer = conn.execute(sa.select(s.c.id).where(same_date, s.c.captured_at_epoch > epoch).limit(1)).first()
+
+    total = capture.total
+    conn.execute(sa.insert(s), [_snapshot_row(capture, m) for m in [*capture.models, total]])
+
+    if newer is not None:
+        return IngestResult(stored=True, note="older than a capture already stored")
+    before = _stats(None, previous) if previous is not None else ModelStats(model=None)
+    count = total.requests - before.requests
+    tokens = total.all_tokens - before.all_tokens
+    cost = total.cost_total - before.cost_total
+    backwards = [name for name, diff in (("requests", count), ("tokens", tokens)) if diff < 0]
+    if cost < -_COST_EPSILON:
+        backwards.append("cost")
+    if backwards:
+        note = (f"counter went backwards ({', '.join(backwards)}): requests {before.requests} -> {total.requests}, "
+                f"tokens {before.all_tokens} -> {total.all_tokens}, cost {before.cost_total:.6f} -> "
+                f"{total.cost_total:.6f}; no delta written")
+        log.warning("stats source %s %s %s: %s", capture.source, capture.period, capture.stats_date, note)
+        return IngestResult(stored=True, note=note)
+    cost = round(cost, 9) if cost > _COST_EPSILON else 0.0
+    if count == 0 and tokens == 0 and cost == 0:
+        return IngestResult(stored=True, note="unchanged")
+    delta = Delta(total_count=count, success_count=count, failure_count=0, total_tokens=tokens, total_cost=cost)
+    conn.execute(sa.insert(stats_source_deltas).values(
+        source=capture.source, period=capture.period, stats_date=capture.stats_date,
+        captured_at=capture.captured_at, captured_at_epoch=epoch, total_count=delta.total_count,
+        success_count=delta.success_count, failure_count=delta.failure_count,
+        total_tokens=delta.total_tokens, total_cost=delta.total_cost))
+    return IngestResult(stored=True, delta=delta)
+
+
+def latest_capture(conn: sa.Connection, source: str, period: str, stats_date: str) -> StoredCapture | None:
+    """The most recent capture of a source's period/date, or None when there is none."""
+    s = stats_source_snapshots
+    key = sa.and_(s.c.source == source, s.c.period == period, s.c.stats_date == stats_date)
+    last = conn.execute(sa.select(s.c.captured_at, s.c.captured_at_epoch).where(key, s.c.model.is_(None))
+                        .order_by(s.c.captured_at_epoch.desc()).limit(1)).first()
+    if last is None:
+        return None
+    rows = conn.execute(sa.select(s.c.model, *_counter_columns())
+                        .where(key, s.c.captured_at_epoch == last.captured_at_epoch)).all()
+    return StoredCapture(captured_at=last.captured_at, captured_at_epoch=last.captured_at_epoch,
+                         rows={r.model: _stats(r.model, r) for r in rows})
+
+
+def _counter_columns() -> list[sa.ColumnElement]:
+    return [stats_source_snapshots.c[name] for name in COUNTERS]
+
+
+def _stats(model: str | None, row: sa.Row) -> ModelStats:
+    m = ModelStats(model=model)
+    for name in COUNTERS:
+        value = getattr(row, name)
+        if value is not None:  # a NULL counter (older rows) reads as zero
+            setattr(m, name, type(getattr(m, name))(value))
+    return m
+
+
+def _snapshot_row(capture: Capture, m: ModelStats) -> dict:
+    return {"source": capture.source, "period": capture.period, "stats_date": capture.stats_date,
+            "model": m.model, "raw_response": m.raw, "captured_at": capture.captured_at,
+            "captured_at_epoch": capture.captured_at_epoch, **{name: getattr(m, name) for name in COUNTERS}}
