@@ -69,14 +69,14 @@ def upgrade_to_head(engine: sa.Engine) -> None:
     with engine.connect() as conn, _migration_lock(conn):
         if current_revision(conn) == head_revision():
             return
-        command.upgrade(_config(conn), "head")
+        command.upgrade(alembic_config(conn), "head")
         conn.commit()
 
 
 def downgrade_to(engine: sa.Engine, revision: str) -> None:
     """Step the schema back to ``revision`` (tests and operators undoing an upgrade)."""
     with engine.connect() as conn, _migration_lock(conn):
-        command.downgrade(_config(conn), revision)
+        command.downgrade(alembic_config(conn), revision)
         conn.commit()
 
 
@@ -85,10 +85,10 @@ def current_revision(conn: sa.Connection) -> str | None:
 
 
 def head_revision() -> str | None:
-    return ScriptDirectory.from_config(_config()).get_current_head()
+    return ScriptDirectory.from_config(alembic_config()).get_current_head()
 
 
-def _config(conn: sa.Connection | None = None) -> Config:
+def alembic_config(conn: sa.Connection | None = None) -> Config:
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     if conn is not None:  # env.py migrates on this connection and leaves logging alone

@@ -110,7 +110,8 @@ def test_all_formats_metered_routed_and_stats_survive_restart(db_url, two_nodes)
                            "COALESCE(SUM(output_tokens), 0) AS o, COALESCE(SUM(response_bytes), 0) AS nbytes "
                            "FROM codex_invocations WHERE node_id = :n", n=node_id)[0]
         node = before[node_id]
-        assert (node.requests, node.total_input, node.total_output, node.total_bytes) == (inv.n, inv.i, inv.o, inv.nbytes)
+        assert (node.requests, node.total_input, node.total_output, node.total_bytes) == (
+            inv.n, inv.i, inv.o, inv.nbytes)
         assert node.api_key == f"key-{node_id}"
 
     # The seed's bug: a restart with the same nodes file must keep every stat.

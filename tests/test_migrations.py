@@ -1,0 +1,117 @@
+"""Alembic owns the schema: head equals store.schema, and a legacy database upgrades with its data."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+import sqlalchemy as sa
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+
+from store.engine import alembic_config, current_revision, downgrade_to, head_revision, make_engine, upgrade_to_head
+from store.schema import metadata
+
+
+@pytest.fixture
+def engine(db_url):
+    eng = make_engine(db_url)
+    yield eng
+    eng.dispose()
+
+
+def to_revision(engine: sa.Engine, revision: str) -> None:
+    with engine.connect() as conn:
+        command.upgrade(alembic_config(conn), revision)
+        conn.commit()
+
+
+def legacy_rows(engine: sa.Engine, n: int) -> None:
+    """Rows as the legacy relay wrote them: revision 1 columns only."""
+    t0 = dt.datetime(2026, 1, 1)
+    rows = [{"invoke_id": f"legacy-{i}", "occurred_at": (t0 + dt.timedelta(seconds=i)).isoformat(sep=" "),
+             "model": "gpt-5",
+             "input_tokens": i % 1000, "output_tokens": 7, "cache_input_tokens": 0, "reasoning_tokens": 0,
+             "total_tokens": i % 1000 + 7, "status": "success"} for i in range(n)]
+    stmt = sa.text("INSERT INTO codex_invocations (invoke_id, occurred_at, model, input_tokens, output_tokens, "
+                   "cache_input_tokens, reasoning_tokens, total_tokens, status) VALUES (:invoke_id, :occurred_at, "
+                   ":model, :input_tokens, :output_tokens, :cache_input_tokens, :reasoning_tokens, :total_tokens, "
+                   ":status)")
+    with engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO nodes (id, name, base_url, api_key, weight, requests, total_input) "
+                             "VALUES ('old', 'Old', 'https://old.example/v1', 'k', 1, 42, 4200)"))
+        for start in range(0, n, 10_000):
+            conn.execute(stmt, rows[start:start + 10_000])
+
+
+def summary(engine: sa.Engine) -> tuple:
+    with engine.connect() as conn:
+        return conn.execute(sa.text("SELECT count(*), count(distinct invoke_id), sum(input_tokens), "
+                                    "sum(total_tokens) FROM codex_invocations")).one()
+
+
+def test_head_matches_the_schema_module(engine):
+    upgrade_to_head(engine)
+    with engine.connect() as conn:
+        assert current_revision(conn) == head_revision() == "0003"
+        diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), metadata)
+    assert diff == []
+
+
+def test_upgrade_is_idempotent_and_full_downgrade_works(engine):
+    upgrade_to_head(engine)
+    upgrade_to_head(engine)
+    downgrade_to(engine, "base")
+    assert set(sa.inspect(engine).get_table_names()) <= {"alembic_version"}
+    upgrade_to_head(engine)
+    assert {"nodes", "codex_invocations", "stats_source_snapshots", "stats_source_deltas"} <= set(
+        sa.inspect(engine).get_table_names())
+
+
+def test_seed_indexes_and_unique_keys(engine):
+    upgrade_to_head(engine)
+    insp = sa.inspect(engine)
+    indexes = {i["name"]: i["column_names"] for t in ("codex_invocations", "stats_source_snapshots",
+                                                      "stats_source_deltas") for i in insp.get_indexes(t)}
+    assert indexes["idx_codex_invocations_source_occurred_at"] == ["source", "occurred_at"]
+    assert indexes["idx_stats_source_snapshots_date"] == ["source", "period", "stats_date", "captured_at_epoch"]
+    assert indexes["idx_stats_source_deltas_epoch"] == ["source", "period", "captured_at_epoch"]
+    uniques = {u["name"]: u["column_names"] for t in ("codex_invocations", "stats_source_snapshots",
+                                                      "stats_source_deltas") for u in insp.get_unique_constraints(t)}
+    assert uniques["uq_stats_source_snapshots_capture"] == ["source", "period", "stats_date", "model",
+                                                            "captured_at_epoch"]
+    assert uniques["uq_stats_source_deltas_capture"] == ["source", "period", "stats_date", "captured_at_epoch"]
+    assert uniques["uq_codex_invocations_invoke_id_occurred_at"] == ["invoke_id", "occurred_at"]
+    source = next(c for c in insp.get_columns("codex_invocations") if c["name"] == "source")
+    assert source["nullable"] is False and "xy" in str(source["default"])
+
+
+def check_legacy_upgrade(engine: sa.Engine, n: int) -> None:
+    to_revision(engine, "0001")
+    legacy_rows(engine, n)
+    before = summary(engine)
+    upgrade_to_head(engine)
+    assert summary(engine) == before
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT source, count(*) FROM codex_invocations GROUP BY source")).all() == [
+            ("xy", n)]
+        node = conn.execute(sa.text("SELECT requests, total_input, total_cached, disabled FROM nodes")).one()
+    assert tuple(node) == (42, 4200, 0, 0)
+    # Down to the legacy schema and up again: still every row, still tagged.
+    downgrade_to(engine, "0001")
+    assert "source" not in {c["name"] for c in sa.inspect(engine).get_columns("codex_invocations")}
+    assert summary(engine) == before
+    upgrade_to_head(engine)
+    assert summary(engine) == before
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM codex_invocations WHERE source = 'xy'")).scalar() == n
+
+
+def test_revision_1_database_upgrades_with_rows_tagged_xy(engine):
+    check_legacy_upgrade(engine, 50)
+
+
+@pytest.mark.fault
+def test_revision_1_database_with_100k_invocations(engine):
+    check_legacy_upgrade(engine, 100_000)

@@ -1,0 +1,182 @@
+"""The store on SQLite and MariaDB: non-destructive node upsert, atomic increments, exactly-once batches."""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import uuid
+
+import pytest
+import sqlalchemy as sa
+
+from store.engine import make_engine, upgrade_to_head
+from store.invocations import apply_batch
+from store.nodes import load_nodes, set_disabled, upsert_nodes
+from store.records import InvocationRecord, NodeConfig, NodeStateUpdate, Usage
+from store.schema import codex_invocations, nodes
+
+
+@pytest.fixture
+def engine(db_url):
+    eng = make_engine(db_url)
+    upgrade_to_head(eng)
+    yield eng
+    eng.dispose()
+
+
+def record(node_id: str | None = "a", status: str = "success", *, usage: Usage | None = None,
+           node_failure: bool = False, error: str | None = None, **kw) -> InvocationRecord:
+    return InvocationRecord(invoke_id=uuid.uuid4().hex, occurred_at=dt.datetime(2026, 11, 24, 12, 0, 0, 123456),
+                            source="relay", endpoint="/v1/responses", status=status, node_id=node_id,
+                            usage=usage or Usage(), node_failure=node_failure, error_message=error, **kw)
+
+
+def node_row(engine, node_id: str = "a") -> sa.Row:
+    with engine.connect() as conn:
+        return conn.execute(sa.select(nodes).where(nodes.c.id == node_id)).one()
+
+
+def write(engine, items) -> None:
+    with engine.begin() as conn:
+        apply_batch(conn, items)
+
+
+def test_upsert_twice_keeps_stats_and_updates_config(engine):
+    """The seed's verification: a restart's config upsert must not reset the node's stats."""
+    with engine.begin() as conn:
+        upsert_nodes(conn, [NodeConfig("a", "https://one.example/v1", "k1", "One", 2)])
+    write(engine, [record(usage=Usage(100, 40, 0, 10, 3), response_bytes=500, ttfb_ms=30, stream_ms=70),
+                   record(status="failed", node_failure=True, error="upstream 500")])
+    with engine.begin() as conn:
+        conn.execute(sa.update(nodes).where(nodes.c.id == "a").values(failed=True))
+        upsert_nodes(conn, [NodeConfig("a", "https://two.example/v1", "k2", "Two", 5)])
+        upsert_nodes(conn, [NodeConfig("a", "https://two.example/v1", "k2", "Two", 5)])
+    row = node_row(engine)
+    assert (row.base_url, row.api_key, row.name, row.weight) == ("https://two.example/v1", "k2", "Two", 5)
+    assert (row.requests, row.fail_count, row.fail_streak) == (2, 1, 1)
+    assert (row.total_input, row.total_cached, row.total_output, row.total_reasoning) == (100, 40, 10, 3)
+    assert (row.total_bytes, row.first_byte_ms, row.stream_dur_ms) == (500, 30, 70)
+    assert row.failed and row.last_error == "upstream 500"
+    assert row.created_at is not None
+
+
+def test_fail_streak_follows_the_order_of_records(engine):
+    with engine.begin() as conn:
+        upsert_nodes(conn, [NodeConfig("a", "https://a.example/v1")])
+    fail = dict(status="failed", node_failure=True, error="boom")
+    write(engine, [record(**fail), record(**fail)])
+    assert node_row(engine).fail_streak == 2
+    write(engine, [record(**fail), record(), record(**fail)])  # a success in between resets the streak
+    row = node_row(engine)
+    assert (row.requests, row.fail_count, row.fail_streak) == (5, 4, 1)
+    # A client abort is not the node's fault: no streak change, still a request.
+    write(engine, [record(status="aborted")])
+    assert (node_row(engine).requests, node_row(engine).fail_streak) == (6, 1)
+    write(engine, [record()])
+    assert node_row(engine).fail_streak == 0
+
+
+def test_node_state_updates(engine):
+    with engine.begin() as conn:
+        upsert_nodes(conn, [NodeConfig("a", "https://a.example/v1")])
+    write(engine, [NodeStateUpdate("a", failed_attempt=True, last_error="connect refused"),
+                   NodeStateUpdate("a", failed=True, last_error="3 failures in a row"),
+                   NodeStateUpdate("a", pinged=True, last_ping_ms=None, last_ping_err="refused")])
+    row = node_row(engine)
+    assert (row.requests, row.fail_count, row.fail_streak, row.failed) == (1, 1, 1, True)
+    assert (row.last_error, row.last_ping_err) == ("3 failures in a row", "refused")
+    write(engine, [NodeStateUpdate("a", failed=False, pinged=True, last_ping_ms=12, last_ping_err=None)])
+    row = node_row(engine)
+    assert (row.failed, row.fail_streak, row.last_ping_ms, row.last_ping_err) == (False, 0, 12, None)
+    assert row.requests == 1  # a ping is not a request
+
+
+def test_invocation_rows_and_exactly_once(engine):
+    with engine.begin() as conn:
+        upsert_nodes(conn, [NodeConfig("a", "https://a.example/v1")])
+    r = record(usage=Usage(1000, 200, 50, 300, 120), model="gpt-5-codex", stream=True, http_status=200,
+               ttfb_ms=41, stream_ms=900, duration_ms=950, request_bytes=321, response_bytes=4567, attempts=2,
+               client_key="alice", cost=0.0123)
+    write(engine, [r])
+    write(engine, [r, r])  # a replayed journal: already stored, nothing counted twice
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(codex_invocations)).all()
+    assert len(rows) == 1
+    row = rows[0]
+    assert row.occurred_at == r.occurred_at  # microseconds kept on both dialects
+    assert (row.source, row.model, row.node_id, row.status, row.http_status) == (
+        "relay", "gpt-5-codex", "a", "success", 200)
+    assert (row.input_tokens, row.cache_input_tokens, row.cache_write_tokens, row.output_tokens,
+            row.reasoning_tokens, row.total_tokens) == (1000, 200, 50, 300, 120, 1300)
+    assert (row.ttfb_ms, row.stream_ms, row.duration_ms, row.request_bytes, row.response_bytes) == (
+        41, 900, 950, 321, 4567)
+    assert (row.attempts, row.client_key, row.stream, row.cost_estimated) == (2, "alice", True, True)
+    assert row.cost == pytest.approx(0.0123)
+    assert node_row(engine).requests == 1
+
+
+def test_monitor_mode_rows_have_no_node(engine):
+    write(engine, [record(node_id=None, usage=Usage(5, 0, 0, 1, 0))])
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(codex_invocations.c.node_id, codex_invocations.c.total_tokens)).one() == (
+            None, 6)
+
+
+def test_increments_from_8_threads_are_exact(engine):
+    """No read-modify-write: concurrent writers (threads here, relays in production) never lose a count."""
+    with engine.begin() as conn:
+        upsert_nodes(conn, [NodeConfig("a", "https://a.example/v1"), NodeConfig("b", "https://b.example/v1")])
+    threads, batches, per_batch = 8, 10, 20
+    errors: list[BaseException] = []
+
+    def work(t: int) -> None:
+        try:
+            for _ in range(batches):
+                items = [record("a" if i % 2 else "b", usage=Usage(t + 1, 1, 0, 2, 0), response_bytes=10)
+                         for i in range(per_batch)]
+                for attempt in range(20):  # deadlock/lock-timeout victims retry, as the writer does
+                    try:
+                        write(engine, items)
+                        break
+                    except sa.exc.OperationalError:
+                        if attempt == 19:
+                            raise
+        except BaseException as e:  # surfaced below
+            errors.append(e)
+
+    workers = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert not errors
+    total = threads * batches * per_batch
+    a, b = node_row(engine, "a"), node_row(engine, "b")
+    assert a.requests + b.requests == total
+    assert a.requests == b.requests == total // 2
+    expected_input = sum((t + 1) * batches * per_batch for t in range(threads))
+    assert a.total_input + b.total_input == expected_input
+    assert a.total_bytes + b.total_bytes == total * 10
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(codex_invocations)).scalar() == total
+
+
+def test_disable_and_load(engine):
+    with engine.begin() as conn:
+        upsert_nodes(conn, [NodeConfig("b", "https://b.example/v1", weight=0), NodeConfig("a", "https://a/v1")])
+        assert set_disabled(conn, "a", True)
+        assert not set_disabled(conn, "nope", True)
+        upsert_nodes(conn, [NodeConfig("a", "https://a2/v1")])  # a config upsert keeps the admin's choice
+        rows = load_nodes(conn)
+    assert [(r.id, r.disabled, r.weight) for r in rows] == [("a", True, 1), ("b", False, 0)]
+
+
+def test_make_engine_rejects_bad_urls(tmp_path):
+    with pytest.raises(ValueError, match="unsupported database"):
+        make_engine("postgresql://x@127.0.0.1/db")
+    with pytest.raises(ValueError, match="not a database URL"):
+        make_engine("::nonsense::")
+    eng = make_engine(f"sqlite:///{tmp_path}/deep/er/codex.db")  # the folder is created
+    upgrade_to_head(eng)
+    assert (tmp_path / "deep/er/codex.db").exists()
+    eng.dispose()
