@@ -1,7 +1,11 @@
 """Entry script: ``mitmdump -s addon/codex.py`` loads the codex-relay addons."""
 
+import logging
 import sys
 from pathlib import Path
+
+# Alembic narrates its plugins and every migration step at INFO, some of it at import time.
+logging.getLogger("alembic").setLevel(logging.WARNING)
 
 # mitmproxy puts this script's folder on sys.path; the packages live one level up.
 _root = str(Path(__file__).resolve().parent.parent)

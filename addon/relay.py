@@ -31,6 +31,7 @@ from addon.health import Health, Pinger
 from addon.meter import StreamMeter
 from addon.outcome import Outcome, classify_error, classify_response, is_node_failure_status
 from addon.routing import Node, NodePool, StickyMap, join_url, set_upstream_key, validate_base_url
+from addon.startup import install_one_line_option_errors, unknown_options_message
 from addon.usage import detect_format, parse_request
 from store.engine import make_engine, upgrade_to_head
 from store.nodes import load_nodes, upsert_nodes
@@ -96,6 +97,7 @@ class Relay:
 
     # -- options -----------------------------------------------------------------------------------
     def load(self, loader) -> None:
+        install_one_line_option_errors()
         loader.add_option("codex_db", str, "sqlite:///data/codex.db",
                           "SQLAlchemy URL of the stats database (sqlite:///file.db or "
                           "mysql+pymysql://user:pass@host/db). Upgraded to the latest schema at start.")
@@ -218,6 +220,11 @@ class Relay:
             upsert_nodes(conn, [config])
         current = self.pool.get(config.id)
         self.pool.put(Node(config=config, failed=current.failed if current else False))
+
+    def running(self) -> None:
+        problem = unknown_options_message(ctx.options.deferred)
+        if problem:
+            log.error(problem)  # mitmproxy's start-up error check exits non-zero on it
 
     def done(self) -> None:
         if self.pinger is not None:

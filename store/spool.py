@@ -123,6 +123,11 @@ class Spool:
         return None if row[0] is None else max(0.0, time.time() - row[0])
 
     def close(self) -> None:
+        """Close; an empty journal file is removed (a non-empty one waits for the next start)."""
+        empty = self.count == 0 and self.rejected_count() == 0
         self._db.close()
+        if self.path and empty:
+            for suffix in ("", "-wal", "-shm", ".lock"):
+                Path(self.path + suffix).unlink(missing_ok=True)
         if self._lock_file is not None:
             self._lock_file.close()
