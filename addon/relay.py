@@ -34,7 +34,7 @@ from addon.routing import Node, NodePool, StickyMap, join_url, set_upstream_key,
 from addon.startup import install_one_line_option_errors, unknown_options_message
 from addon.usage import detect_format, parse_request
 from store.engine import make_engine, upgrade_to_head
-from store.nodes import load_nodes, upsert_nodes
+from store.nodes import load_nodes, set_disabled, upsert_nodes
 from store.records import InvocationRecord, NodeConfig, NodeStateUpdate, utcnow
 from store.spool import Spool, SpoolInUse, default_spool_path
 from store.writer import Writer
@@ -64,6 +64,16 @@ class CallState:
     retry: bool = False  # an HTTP failure waits in the response hook for another node
     timer: asyncio.TimerHandle | None = None
     timeout_error: str | None = None
+
+
+class DisabledNode(Node):
+    """A node switched off on the admin page: still pinged and shown, never chosen."""
+
+    __slots__ = ()
+
+    @property
+    def eligible(self) -> bool:
+        return False
 
 
 def error_body(message: str, code: str, type_: str = "codex_relay_error") -> bytes:
@@ -199,14 +209,18 @@ class Relay:
         with self.engine.begin() as conn:
             if configs:
                 upsert_nodes(conn, configs)
-            failed = {r.id: bool(r.failed) for r in load_nodes(conn)}
+            stored = load_nodes(conn)
+        failed = {r.id: bool(r.failed) for r in stored}
+        disabled = {r.id for r in stored if r.disabled}
         # Only the configured nodes route; others in the DB keep their stats but get no traffic.
-        # A node failed before a restart stays failed until a health ping answers.
-        nodes = [Node(config=c, failed=failed.get(c.id, False)) for c in configs]
+        # A node failed before a restart stays failed until a health ping answers; a disabled one stays out.
+        nodes = [(DisabledNode if c.id in disabled else Node)(config=c, failed=failed.get(c.id, False))
+                 for c in configs]
         self.pool = NodePool(nodes, sticky=StickyMap(ttl=sticky_ttl) if sticky_ttl else StickyMap(max_entries=0))
         if nodes:
             log.info("routing over %d node(s): %s", len(nodes), ", ".join(
-                f"{n.id} (weight {n.config.weight}{', failed' if n.failed else ''})" for n in nodes))
+                f"{n.id} (weight {n.config.weight}{', failed' if n.failed else ''}"
+                f"{', disabled' if isinstance(n, DisabledNode) else ''})" for n in nodes))
         else:
             log.info("no upstream node configured: monitor mode (traffic passes through unchanged)")
 
@@ -218,8 +232,25 @@ class Relay:
         assert self.engine is not None
         with self.engine.begin() as conn:
             upsert_nodes(conn, [config])
+            disabled = any(r.id == config.id and r.disabled for r in load_nodes(conn))
         current = self.pool.get(config.id)
-        self.pool.put(Node(config=config, failed=current.failed if current else False))
+        kind = DisabledNode if disabled else Node
+        self.pool.put(kind(config=config, failed=current.failed if current else False))
+
+    def set_node_disabled(self, node_id: str, disabled: bool) -> bool:
+        """Take a node out of routing, or put it back (admin page); its stats stay. False: no such node.
+
+        Blocking DB work: call it off the event loop.
+        """
+        assert self.engine is not None
+        with self.engine.begin() as conn:
+            if not set_disabled(conn, node_id, disabled):
+                return False
+        current = self.pool.get(node_id)
+        if current is not None:
+            kind = DisabledNode if disabled else Node
+            self.pool.put(kind(config=current.config, failed=current.failed, fail_streak=current.fail_streak))
+        return True
 
     def running(self) -> None:
         problem = unknown_options_message(ctx.options.deferred)
