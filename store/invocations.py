@@ -81,7 +81,8 @@ def apply_batch(conn: sa.Connection, items: Sequence[Item]) -> BatchResult:
 def invocation_row(r: InvocationRecord) -> dict:
     u = r.usage
     return {
-        "invoke_id": r.invoke_id, "occurred_at": r.occurred_at, "source": r.source, "model": r.model,
+        # Clipped to the column sizes: MySQL in strict mode refuses a longer value outright.
+        "invoke_id": r.invoke_id, "occurred_at": r.occurred_at, "source": r.source, "model": _clip(r.model, 128),
         "input_tokens": u.input_tokens, "output_tokens": u.output_tokens, "cache_input_tokens": u.cached_tokens,
         "reasoning_tokens": u.reasoning_tokens, "total_tokens": u.total_tokens,
         "cache_write_tokens": u.cache_write_tokens, "cost": r.cost, "cost_estimated": r.cost is not None,
@@ -89,8 +90,12 @@ def invocation_row(r: InvocationRecord) -> dict:
         "raw_response": r.raw_response, "node_id": r.node_id, "endpoint": r.endpoint[:255],
         "api_format": r.api_format, "stream": r.stream, "http_status": r.http_status, "ttfb_ms": r.ttfb_ms,
         "stream_ms": r.stream_ms, "duration_ms": r.duration_ms, "request_bytes": r.request_bytes,
-        "response_bytes": r.response_bytes, "attempts": r.attempts, "client_key": r.client_key,
+        "response_bytes": r.response_bytes, "attempts": r.attempts, "client_key": _clip(r.client_key, 64),
     }
+
+
+def _clip(text: str | None, size: int) -> str | None:
+    return text[:size] if text else text
 
 
 def _stored_ids(conn: sa.Connection, ids: Iterable[str]) -> set[str]:

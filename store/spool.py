@@ -44,7 +44,7 @@ def default_spool_path(db_url: str) -> str | None:
 def encode(item: Item) -> str:
     data = dataclasses.asdict(item)
     if isinstance(item, InvocationRecord):
-        data["occurred_at"] = item.occurred_at.isoformat()
+        data["occurred_at"] = item.occurred_at.isoformat() if item.occurred_at else None
         return json.dumps({"invocation": data})
     return json.dumps({"node_state": data})
 
@@ -53,7 +53,8 @@ def decode(text: str) -> Item:
     data = json.loads(text)
     if "invocation" in data:
         fields = data["invocation"]
-        fields["occurred_at"] = dt.datetime.fromisoformat(fields["occurred_at"])
+        if fields["occurred_at"]:
+            fields["occurred_at"] = dt.datetime.fromisoformat(fields["occurred_at"])
         fields["usage"] = Usage(**fields["usage"])
         return InvocationRecord(**fields)
     return NodeStateUpdate(**data["node_state"])

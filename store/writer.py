@@ -113,14 +113,20 @@ class Writer:
         stopping = False
         while not stopping:
             batch, stopping = self._take(timeout=self._wait_time())
-            if self.spool.count and time.monotonic() >= self._retry_at:
-                self._replay()
-            if batch:
-                if self.spool.count:  # keep the order: new records go behind the journaled ones
-                    self._to_spool(batch)
-                else:
-                    self._write(batch)
-                self._done(len(batch))
+            try:
+                if self.spool.count and time.monotonic() >= self._retry_at:
+                    self._replay()
+                if batch:
+                    if self.spool.count:  # keep the order: new records go behind the journaled ones
+                        self._to_spool(batch)
+                    else:
+                        self._write(batch)
+            except Exception:  # the thread must outlive any bug: a dead writer would lose everything after
+                log.exception("writer error; %d record(s) of this batch may be lost", len(batch))
+                self._retry_at = time.monotonic() + self.max_backoff
+            finally:
+                if batch:
+                    self._done(len(batch))
         # Last chance for the journal before the process ends.
         if self.spool.count:
             self._retry_at = 0.0

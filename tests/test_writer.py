@@ -1,0 +1,155 @@
+"""The writer thread and its spool: batching, flush on close, DB outages, crash replay, bad records."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import sqlalchemy as sa
+
+from store.engine import make_engine, upgrade_to_head
+from store.nodes import upsert_nodes
+from store.records import NodeConfig, NodeStateUpdate, Usage
+from store.schema import codex_invocations, nodes
+from store.spool import Spool, SpoolInUse, decode, default_spool_path, encode
+from store.writer import Writer
+from tests.conftest import require_mysql
+from tests.tcpproxy import TcpProxy
+from tests.test_store import record
+
+
+def wait_for(condition, timeout: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def engine(db_url):
+    eng = make_engine(db_url)
+    upgrade_to_head(eng)
+    with eng.begin() as conn:
+        upsert_nodes(conn, [NodeConfig("a", "https://a.example/v1")])
+    yield eng
+    eng.dispose()
+
+
+def counts(engine) -> tuple[int, int, int]:
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(sa.func.count(), sa.func.count(sa.distinct(codex_invocations.c.invoke_id)))
+                            .select_from(codex_invocations)).one()
+        requests = conn.execute(sa.select(nodes.c.requests).where(nodes.c.id == "a")).scalar()
+    return rows[0], rows[1], requests
+
+
+def test_records_are_written_in_batches_and_close_flushes(engine, db_url):
+    writer = Writer(make_engine(db_url), batch_size=200)
+    writer.start()
+    for _ in range(1000):
+        writer.submit(record(usage=Usage(3, 1, 0, 2, 0)))
+    assert writer.flush(60)
+    stats = writer.stats()
+    assert (stats.written, stats.queued, stats.spooled) == (1000, 0, 0)
+    assert 5 <= stats.batches < 1000  # batched, not one transaction per record
+    for _ in range(100):
+        writer.submit(record())
+    writer.close()  # SIGTERM path: everything queued is written
+    assert counts(engine) == (1100, 1100, 1100)
+
+
+def test_a_record_the_database_refuses_is_kept_aside_and_the_rest_written(engine, db_url, tmp_path):
+    spool = Spool(tmp_path / "spool.db")
+    writer = Writer(make_engine(db_url), spool)
+    writer.start()
+    bad = record()
+    bad.occurred_at = None  # NOT NULL: refused on every database
+    for r in [record(), bad, record()]:
+        writer.submit(r)
+    assert writer.flush(60)
+    assert writer.stats().rejected == 1
+    assert spool.rejected_count() == 1
+    assert counts(engine) == (2, 2, 2)
+    writer.close()
+    assert (tmp_path / "spool.db").exists()  # the rejected record is still there for an operator
+
+
+def test_journal_from_a_crashed_run_is_written_once(engine, db_url, tmp_path):
+    path = tmp_path / "spool.db"
+    earlier = [record(usage=Usage(10, 0, 0, 1, 0)) for _ in range(30)]
+    crashed = Spool(path)
+    crashed.append(earlier)
+    crashed._lock_file.close()  # what a SIGKILL leaves behind: the journal, no lock holder
+    writer = Writer(make_engine(db_url), Spool(path))
+    writer.start()
+    for r in earlier[:10]:  # the same records once more (their batch had committed after all)
+        writer.submit(r)
+    assert writer.flush(60)
+    writer.close()
+    assert counts(engine) == (30, 30, 30)
+    assert writer.stats().duplicates == 10
+    assert not path.exists()  # drained journals are removed
+
+
+def test_outage_spools_and_replays_exactly_once(tmp_path):
+    require_mysql()
+    from tests.conftest import _fresh_mysql_db
+
+    url, admin = _fresh_mysql_db()
+    direct = make_engine(url)
+    try:
+        upgrade_to_head(direct)
+        with direct.begin() as conn:
+            upsert_nodes(conn, [NodeConfig("a", "https://a.example/v1")])
+        with TcpProxy("127.0.0.1", sa.engine.make_url(url).port or 3306) as proxy:
+            via_proxy = sa.engine.make_url(url).set(port=proxy.port).render_as_string(hide_password=False)
+            writer = Writer(make_engine(via_proxy), Spool(tmp_path / "spool.db"), max_backoff=0.5)
+            writer.start()
+            for _ in range(50):
+                writer.submit(record())
+            assert writer.flush(60)
+            proxy.cut()
+            for _ in range(200):
+                writer.submit(record())
+            writer.submit(NodeStateUpdate("a", failed_attempt=True, last_error="while the DB was away"))
+            wait_for(lambda: writer.stats().spooled == 201, what="records to reach the spool")
+            assert not writer.stats().db_ok
+            assert writer.stats().spool_oldest_s is not None
+            assert counts(direct) == (50, 50, 50)  # nothing written while it was away, nothing lost either
+            proxy.restore()
+            assert writer.flush(60)
+            writer.close()
+        assert counts(direct) == (250, 250, 251)
+        with direct.connect() as conn:
+            assert conn.execute(sa.select(nodes.c.fail_count, nodes.c.last_error)).one() == (
+                1, "while the DB was away")
+        assert not (tmp_path / "spool.db").exists()
+    finally:
+        direct.dispose()
+        with admin.begin() as conn:
+            conn.execute(sa.text(f"DROP DATABASE IF EXISTS `{sa.engine.make_url(url).database}`"))
+        admin.dispose()
+
+
+def test_one_spool_per_process(tmp_path):
+    first = Spool(tmp_path / "s.db")
+    with pytest.raises(SpoolInUse, match="give each instance its own codex_spool"):
+        Spool(tmp_path / "s.db")
+    first.close()
+    Spool(tmp_path / "s.db").close()
+
+
+def test_spool_codec_round_trip():
+    r = record(usage=Usage(1, 2, 3, 4, 5), model="m", client_key="k", attempts=3)
+    assert decode(encode(r)) == r
+    u = NodeStateUpdate("a", failed=True, pinged=True, last_ping_ms=5)
+    assert decode(encode(u)) == u
+
+
+def test_default_spool_paths():
+    assert default_spool_path("sqlite:///data/codex.db") == "data/codex.db.spool"
+    assert default_spool_path("sqlite://") is None
+    a = default_spool_path("mysql+pymysql://root:secret@127.0.0.1/a")
+    assert a != default_spool_path("mysql+pymysql://root@127.0.0.1/b")
+    assert "secret" not in a
