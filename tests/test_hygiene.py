@@ -1,0 +1,104 @@
+"""Key hygiene addon: credentials are masked once sent, replays keep theirs until they are sent."""
+
+from __future__ import annotations
+
+from mitmproxy.test import tflow
+
+from addon.hygiene import KeyHygiene, mask_credential, mask_headers, mask_secret
+from addon.routing import set_upstream_key
+
+NODE_KEY = "sk-proj-NODEKEY-0123456789abcd"
+OTHER_KEY = "sk-ant-OTHERKEY-9876543210wxyz"
+
+
+def flow(headers: dict[str, str]) -> tflow.HTTPFlow:
+    f = tflow.tflow()
+    f.request.headers.clear()
+    for k, v in headers.items():
+        f.request.headers[k] = v
+    return f
+
+
+def test_mask_keeps_type_prefix_and_last_four():
+    assert mask_secret(NODE_KEY) == "sk-…abcd"
+    assert mask_secret("0123456789abcdefXYZW") == "…XYZW"
+    assert mask_secret("short-key") == "…"  # the last 4 would be half of it
+    assert mask_credential(f"Bearer {NODE_KEY}") == "Bearer sk-…abcd"
+    assert mask_credential(OTHER_KEY) == "sk-…wxyz"
+    # Masking twice changes nothing: hooks may run more than once on a flow.
+    assert mask_credential(mask_credential(f"Bearer {NODE_KEY}")) == "Bearer sk-…abcd"
+
+
+def test_mask_headers_covers_bearer_x_api_key_and_repeats():
+    f = flow({"authorization": f"Bearer {NODE_KEY}", "x-api-key": OTHER_KEY, "user-agent": "codex"})
+    f.request.headers.add("authorization", f"Bearer {OTHER_KEY}")
+    mask_headers(f.request.headers)
+    h = f.request.headers
+    assert h.get_all("authorization") == ["Bearer sk-…abcd", "Bearer sk-…wxyz"]
+    assert h["x-api-key"] == "sk-…wxyz" and h["user-agent"] == "codex"
+
+
+def test_key_stays_until_sent_then_is_masked():
+    hygiene = KeyHygiene()
+    f = flow({"authorization": "Bearer client"})
+    hygiene.requestheaders(f)
+    set_upstream_key(f.request.headers, NODE_KEY)  # the relay's request hook
+    hygiene.request(f)
+    assert f.request.headers["authorization"] == f"Bearer {NODE_KEY}"  # mitmproxy sends it after this hook
+    f.response = tflow.tresp()
+    hygiene.responseheaders(f)  # fires only after the request went out
+    assert f.request.headers["authorization"] == "Bearer sk-…abcd"
+    hygiene.response(f)
+    assert f.request.headers["authorization"] == "Bearer sk-…abcd"
+
+
+def test_error_masks_too():
+    hygiene = KeyHygiene()
+    f = flow({"x-api-key": NODE_KEY})
+    hygiene.request(f)
+    f.error = tflow.terr()
+    hygiene.error(f)
+    assert f.request.headers["x-api-key"] == "sk-…abcd"
+
+
+def test_relay_retry_replay_hidden_from_view_until_request():
+    """The relay's retry copy already carries the next node's key when mitmweb first lists it."""
+    hygiene = KeyHygiene()
+    attempt = flow({"authorization": f"Bearer {NODE_KEY}"})
+    attempt.is_replay = "request"
+    hygiene.requestheaders(attempt)
+    assert attempt.request.headers["authorization"] == "Bearer sk-…abcd"  # what mitmweb gets
+    hygiene.request(attempt)
+    assert attempt.request.headers["authorization"] == f"Bearer {NODE_KEY}"  # what the node gets
+    attempt.response = tflow.tresp()
+    hygiene.responseheaders(attempt)
+    assert attempt.request.headers["authorization"] == "Bearer sk-…abcd"
+
+
+def test_replay_rerouted_by_the_relay_keeps_the_new_key():
+    """A mitmweb replay of a masked flow: the relay's request hook sets a node's key, which must win."""
+    hygiene = KeyHygiene()
+    replay = flow({"authorization": f"Bearer {OTHER_KEY}"})
+    replay.is_replay = "request"
+    hygiene.requestheaders(replay)
+    set_upstream_key(replay.request.headers, NODE_KEY)
+    hygiene.request(replay)
+    assert replay.request.headers["authorization"] == f"Bearer {NODE_KEY}"
+
+
+def test_flows_in_flight_at_shutdown_are_masked_before_save():
+    hygiene = KeyHygiene()
+    waiting = flow({"authorization": f"Bearer {NODE_KEY}"})
+    hygiene.request(waiting)
+    hygiene.done()  # runs before mitmproxy's save addon writes the flows still in flight
+    assert waiting.request.headers["authorization"] == "Bearer sk-…abcd"
+
+
+def test_answered_by_an_addon_is_not_tracked_but_masked():
+    hygiene = KeyHygiene()
+    f = flow({"authorization": "Bearer client-key-that-is-long"})
+    f.response = tflow.tresp(status_code=401)
+    hygiene.request(f)
+    assert not hygiene._unmasked
+    hygiene.responseheaders(f)  # mitmproxy emulates it for an addon's response
+    assert f.request.headers["authorization"] == "Bearer …long"
