@@ -12,9 +12,11 @@ _root = str(Path(__file__).resolve().parent.parent)
 if _root not in sys.path:
     sys.path.insert(0, _root)
 
+from addon.admin import Admin  # noqa: E402
 from addon.auth import ClientAuth  # noqa: E402
 from addon.hygiene import KeyHygiene  # noqa: E402
 from addon.relay import Relay  # noqa: E402
 from addon.sseview import SSEView  # noqa: E402
 
-addons = [ClientAuth(), Relay(), KeyHygiene(), SSEView()]
+relay = Relay()
+addons = [ClientAuth(), Admin(relay), relay, KeyHygiene(), SSEView()]

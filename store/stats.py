@@ -120,6 +120,7 @@ class NodeStats(Metrics):
 
     node_id: str | None
     name: str | None = None
+    base_url: str | None = None
     weight: int | None = None
     status: str | None = None  # active | failed | disabled
     api_key_hint: str | None = None  # never the key: its last 4 characters
@@ -263,7 +264,7 @@ def per_node(conn: sa.Connection, f: Filters) -> list[NodeStats]:
 
 
 def _fill_node(s: NodeStats, row: sa.Row) -> None:
-    s.name, s.weight, s.status = row.name, row.weight, _status(row)
+    s.name, s.base_url, s.weight, s.status = row.name, row.base_url, row.weight, _status(row)
     s.api_key_hint = mask_key(row.api_key)
     s.last_error, s.last_ping_ms, s.last_ping_err = row.last_error, row.last_ping_ms, row.last_ping_err
     s.fail_streak = row.fail_streak

@@ -84,7 +84,8 @@ def test_per_node_window_stats_node_state_and_lifetime_counters(engine):
     assert alpha.cost == pytest.approx(0.03)
     assert alpha.avg_ttfb_ms == 300.0
     assert alpha.stream_ms_per_token == 12.5  # (300 + 700) ms / (30 + 50) tokens; the aborted call not counted
-    assert (alpha.name, alpha.weight, alpha.status, alpha.api_key_hint) == ("Alpha", 3, "active", "…1234")
+    assert (alpha.name, alpha.base_url, alpha.weight, alpha.status, alpha.api_key_hint) == \
+        ("Alpha", "https://a.example/v1", 3, "active", "…1234")
     assert (alpha.last_ping_ms, alpha.last_ping_err, alpha.last_error) == (42, None, None)
     assert (alpha.lifetime_requests, alpha.lifetime_failures, alpha.lifetime_bytes, alpha.lifetime_input_tokens,
             alpha.lifetime_cached_tokens, alpha.lifetime_output_tokens, alpha.lifetime_reasoning_tokens,

@@ -1,0 +1,351 @@
+"""The admin page: stats, node health and node management, served by the relay on its own port.
+
+``/admin`` (HTML) and ``/admin/api/…`` (JSON) are answered in the ``request`` hook by setting
+``flow.response``: such flows never go upstream and are never metered (the relay skips flows that
+already have a response). Database work runs in a thread, so the proxy keeps relaying meanwhile.
+
+Access: with ``codex_admin_token`` set, every request but the login form and the static files needs
+``Authorization: Bearer <token>`` or the cookie ``POST /admin/login`` sets (else 401). Without a token
+only loopback clients get in (else 403), and a browser's change request must come from a loopback
+page (its ``Origin``), so another web site open in the same browser cannot edit nodes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime as dt
+import hashlib
+import hmac
+import html
+import ipaddress
+import json
+import logging
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import sqlalchemy as sa
+from mitmproxy import ctx, exceptions, http
+from mitmproxy.proxy.mode_specs import ReverseMode
+
+from addon.config import ConfigError, node_from_mapping
+from addon.relay import Relay
+from store import stats
+from store.nodes import load_nodes
+from store.reconcile import ReconcileError, as_json, reconcile
+from store.sources import load_sources_file
+
+log = logging.getLogger("codex.admin")
+
+PREFIX = "/admin"
+COOKIE = "codex_admin"
+STATIC = Path(__file__).resolve().parent / "static"
+STATIC_TYPES = {"admin.html": "text/html; charset=utf-8", "admin.js": "text/javascript; charset=utf-8",
+                "admin.css": "text/css; charset=utf-8"}
+MAX_RECENT = 500
+_NODE_ACTION = re.compile(r"^/admin/api/nodes/([^/]+)/(enable|disable)$")
+_SECURITY_HEADERS = {
+    "cache-control": "no-store",
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "no-referrer",
+    "content-security-policy": "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'; "
+                               "form-action 'self'; base-uri 'none'",
+}
+
+
+class HttpError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def is_loopback(peername: Any) -> bool:
+    """Whether a client address (host, port, …) is this machine's."""
+    try:
+        ip = ipaddress.ip_address(str(peername[0]).split("%", 1)[0])
+    except (ValueError, TypeError, IndexError):
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
+def _loopback_origin(origin: str) -> bool:
+    host = urlsplit(origin).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def session_cookie(token: str) -> str:
+    """The login cookie's value: derived from the token, so it is not the token itself and a new
+    token logs every browser out."""
+    return hmac.new(token.encode(), b"codex-relay admin session", hashlib.sha256).hexdigest()
+
+
+def _response(status: int, body: bytes | str, content_type: str, **headers: str) -> http.Response:
+    return http.Response.make(status, body, {"content-type": content_type, **_SECURITY_HEADERS, **headers})
+
+
+def json_response(status: int, obj: Any, **headers: str) -> http.Response:
+    return _response(status, json.dumps(obj, default=str), "application/json", **headers)
+
+
+def _login_page(status: int, message: str = "") -> http.Response:
+    note = f'<p class="error">{html.escape(message)}</p>' if message else ""
+    page = ('<!doctype html><html lang="en"><head><meta charset="utf-8"><title>codex-relay admin: log in</title>'
+            '<link rel="stylesheet" href="/admin/static/admin.css"></head><body class="login">'
+            '<form method="post" action="/admin/login"><h1>codex-relay admin</h1>'
+            f'{note}<label>Admin token <input type="password" name="token" autofocus required></label>'
+            '<button type="submit">Log in</button></form></body></html>')
+    return _response(status, page, "text/html; charset=utf-8")
+
+
+def _filters(query: Any) -> stats.Filters:
+    def day(name: str) -> dt.date | None:
+        value = query.get(name) or None
+        if value is None:
+            return None
+        try:
+            return dt.date.fromisoformat(value)
+        except ValueError:
+            raise HttpError(400, f"{name} must be YYYY-MM-DD, got {value!r}") from None
+
+    f = stats.Filters(since=day("since"), until=day("until"), source=query.get("source") or None,
+                      node=query.get("node") or None, model=query.get("model") or None)
+    if f.since and f.until and f.since > f.until:
+        raise HttpError(400, f"since {f.since} is after until {f.until}")
+    return f
+
+
+class Admin:
+    """Answers ``/admin`` on the relay's port; construct it with the Relay whose nodes it manages."""
+
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+        self._token = ""
+
+    def load(self, loader) -> None:
+        loader.add_option("codex_admin_token", str, "",
+                          "Token for the admin page at /admin (at least 16 characters): clients send "
+                          "'Authorization: Bearer <token>' or log in with it in the browser. Unset: "
+                          "only clients on this machine (loopback) can open the admin page.")
+
+    def configure(self, updated: set[str]) -> None:
+        if "codex_admin_token" in updated:
+            token = ctx.options.codex_admin_token
+            if token and (len(token) < 16 or not token.isprintable() or any(c.isspace() for c in token)):
+                raise exceptions.OptionsError("codex_admin_token must be at least 16 printable characters "
+                                              "without spaces")
+            self._token = token
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response is not None or not self._is_admin(flow):
+            return
+        try:
+            flow.response = await self._answer(flow)
+        except HttpError as e:
+            flow.response = json_response(e.status, {"error": e.message})
+        except sa.exc.SQLAlchemyError as e:
+            log.warning("admin %s %s: database error: %s", flow.request.method, flow.request.path, e)
+            flow.response = json_response(503, {"error": f"database: {str(getattr(e, 'orig', e)).strip()[:300]}"})
+        except Exception:
+            log.exception("admin %s %s failed", flow.request.method, flow.request.path)
+            flow.response = json_response(500, {"error": "internal error: see the relay's log"})
+
+    @staticmethod
+    def _is_admin(flow: http.HTTPFlow) -> bool:
+        # In regular (forward proxy) mode /admin belongs to whatever site the client asked for.
+        if not isinstance(flow.client_conn.proxy_mode, ReverseMode):
+            return False
+        path = flow.request.path.split("?", 1)[0]
+        return path == PREFIX or path.startswith(PREFIX + "/")
+
+    # -- access ------------------------------------------------------------------------------------
+    def _authorised(self, flow: http.HTTPFlow) -> bool:
+        expected = self._token.encode()
+        auth = flow.request.headers.get("authorization", "")
+        if auth[:7].lower() == "bearer " and hmac.compare_digest(auth[7:].strip().encode(), expected):
+            return True
+        cookie = flow.request.cookies.get(COOKIE, "")
+        return hmac.compare_digest(cookie.encode(), session_cookie(self._token).encode())
+
+    def _denied(self, flow: http.HTTPFlow, path: str) -> http.Response | None:
+        """The refusal for a request that may not reach ``path``, or None."""
+        if not self._token:
+            if not is_loopback(flow.client_conn.peername):
+                return json_response(403, {"error": "the admin page answers only clients on this machine; "
+                                                    "set codex_admin_token to open it to others"})
+            origin = flow.request.headers.get("origin")
+            if flow.request.method != "GET" and origin is not None and not _loopback_origin(origin):
+                return json_response(403, {"error": f"changes from pages of {origin} are refused"})
+            return None
+        if path.startswith(PREFIX + "/static/") or path == PREFIX + "/login" or self._authorised(flow):
+            return None
+        if path.startswith(PREFIX + "/api/"):
+            return json_response(401, {"error": "admin token required"}, **{"www-authenticate": "Bearer"})
+        return _login_page(401)
+
+    # -- routing -----------------------------------------------------------------------------------
+    async def _answer(self, flow: http.HTTPFlow) -> http.Response:
+        path = flow.request.path.split("?", 1)[0].rstrip("/") or "/"
+        denied = self._denied(flow, path)
+        if denied is not None:
+            return denied
+        method = flow.request.method
+        if path == PREFIX:
+            self._method(method, "GET")
+            return await self._static("admin.html")
+        if path.startswith(PREFIX + "/static/"):
+            self._method(method, "GET")
+            return await self._static(path.removeprefix(PREFIX + "/static/"))
+        if path == PREFIX + "/login":
+            self._method(method, "POST")
+            return self._login(flow)
+        if path == PREFIX + "/logout":
+            self._method(method, "POST")
+            return _response(303, "", "text/plain", location=PREFIX,
+                             **{"set-cookie": f"{COOKIE}=; Path={PREFIX}; Max-Age=0; HttpOnly; SameSite=Strict"})
+        if method == "POST":
+            if flow.request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+                raise HttpError(415, "send changes as application/json")
+            return await self._change(flow, path)
+        self._method(method, "GET")
+        return await self._read(flow, path)
+
+    @staticmethod
+    def _method(method: str, allowed: str) -> None:
+        if method != allowed:
+            raise HttpError(405, f"use {allowed}")
+
+    async def _static(self, name: str) -> http.Response:
+        content_type = STATIC_TYPES.get(name)
+        if content_type is None:
+            raise HttpError(404, f"no file {name!r}")
+        body = await asyncio.to_thread((STATIC / name).read_bytes)
+        return _response(200, body, content_type)
+
+    def _login(self, flow: http.HTTPFlow) -> http.Response:
+        if not self._token:
+            return _response(303, "", "text/plain", location=PREFIX)
+        given = flow.request.urlencoded_form.get("token", "")
+        if not hmac.compare_digest(given.encode(), self._token.encode()):
+            log.warning("admin: failed login from %s", flow.client_conn.peername[0])
+            return _login_page(401, "Wrong token.")
+        cookie = f"{COOKIE}={session_cookie(self._token)}; Path={PREFIX}; HttpOnly; SameSite=Strict"
+        return _response(303, "", "text/plain", location=PREFIX, **{"set-cookie": cookie})
+
+    async def _read(self, flow: http.HTTPFlow, path: str) -> http.Response:
+        query = flow.request.query
+        f, limit, date = _filters(query), _limit(query.get("limit")), query.get("date") or None
+        readers: dict[str, Callable[[], Any]] = {
+            "/api/nodes": lambda: {"nodes": self._nodes(f)},
+            "/api/models": lambda: {"models": self._query(stats.per_model, f)},
+            "/api/sources": lambda: {"sources": self._query(stats.per_source, f)},
+            "/api/days": lambda: {"days": self._query(stats.per_day, f)},
+            "/api/recent": lambda: {"invocations": self._query(stats.recent_invocations, f, limit)},
+            "/api/writer": self._writer,
+            "/api/session": lambda: {"login": bool(self._token)},  # whether the page shows "Log out"
+            "/api/reconcile": lambda: self._reconcile(date),
+        }
+        reader = readers.get(path.removeprefix(PREFIX))
+        if reader is None:
+            raise HttpError(404, f"no such page: {path}")
+        return json_response(200, await asyncio.to_thread(reader))
+
+    async def _change(self, flow: http.HTTPFlow, path: str) -> http.Response:
+        try:
+            body = json.loads(flow.request.get_text() or "{}")
+        except ValueError as e:
+            raise HttpError(400, f"body is not JSON: {e}") from None
+        if path == PREFIX + "/api/nodes":
+            node = await asyncio.to_thread(self._save_node, body)
+            log.info("admin: node %s saved (weight %s, %s)", node["node_id"], node["weight"], node["base_url"])
+            return json_response(200, {"node": node})
+        m = _NODE_ACTION.match(path)
+        if m is None:
+            raise HttpError(404, f"no such action: {path}")
+        node_id, disable = unquote(m.group(1)), m.group(2) == "disable"
+        node = await asyncio.to_thread(self._set_disabled, node_id, disable)
+        log.info("admin: node %s %s", node_id, "disabled" if disable else "enabled")
+        return json_response(200, {"node": node})
+
+    # -- work done in a thread ---------------------------------------------------------------------
+    def _engine(self) -> sa.Engine:
+        if self.relay.engine is None:
+            raise HttpError(503, "the stats database is not open")
+        return self.relay.engine
+
+    def _query(self, fn: Callable[..., list], *args: Any) -> list[dict]:
+        with self._engine().connect() as conn:
+            return [row.as_dict() for row in fn(conn, *args)]
+
+    def _nodes(self, f: stats.Filters) -> list[dict]:
+        rows = self._query(stats.per_node, f)
+        for row in rows:
+            row["routed"] = row["node_id"] is not None and self.relay.pool.get(row["node_id"]) is not None
+        return rows
+
+    def _save_node(self, body: Any) -> dict:
+        """Add a node or change its config; an empty or missing api_key keeps the stored one."""
+        try:
+            config = node_from_mapping(body, "node")
+        except ConfigError as e:
+            raise HttpError(400, str(e)) from None
+        if not config.api_key:
+            with self._engine().connect() as conn:
+                stored = next((r for r in load_nodes(conn) if r.id == config.id), None)
+            if stored is not None:
+                config.api_key = stored.api_key or ""
+        self.relay.update_node(config)
+        return self._nodes(stats.Filters(node=config.id))[0]
+
+    def _set_disabled(self, node_id: str, disable: bool) -> dict:
+        self._engine()
+        if not self.relay.set_node_disabled(node_id, disable):
+            raise HttpError(404, f"no node {node_id!r}")
+        return self._nodes(stats.Filters(node=node_id))[0]
+
+    def _writer(self) -> dict:
+        writer = self.relay.writer
+        return {"writer": dataclasses.asdict(writer.stats()) if writer is not None else None}
+
+    def _reconcile(self, date: str | None) -> dict:
+        """Each daily stats source against the relay's calls, when the relay polls sources."""
+        try:
+            path = ctx.options.codex_stats_sources
+        except AttributeError:  # no stats poller loaded in this relay
+            path = ""
+        if not path:
+            return {"configured": False, "results": []}
+        try:
+            day = dt.date.fromisoformat(date) if date else dt.datetime.now(dt.UTC).date()
+        except ValueError:
+            raise HttpError(400, f"date must be YYYY-MM-DD, got {date!r}") from None
+        try:
+            sources = [s for s in load_sources_file(path) if s.period == "daily" and s.nodes]
+        except ConfigError as e:
+            raise HttpError(500, str(e)) from None
+        results = []
+        with self._engine().connect() as conn:
+            for source in sources:
+                try:
+                    results.append(as_json(reconcile(conn, source, day)))
+                except ReconcileError as e:
+                    results.append({"source": source.name, "stats_date": day.isoformat(), "error": str(e)})
+        return {"configured": True, "results": results}
+
+
+def _limit(value: str | None) -> int:
+    if not value:
+        return 50
+    if not value.isdigit() or not 1 <= int(value) <= MAX_RECENT:
+        raise HttpError(400, f"limit must be 1 to {MAX_RECENT}, got {value!r}")
+    return int(value)

@@ -1,0 +1,339 @@
+// codex-relay admin page: plain DOM, no build step. Every number comes from /admin/api/… (store/stats.py).
+"use strict";
+
+const $ = (selector, root = document) => root.querySelector(selector);
+const SVG = "http://www.w3.org/2000/svg";
+const COLORS = ["#2563eb", "#f97316", "#16a34a", "#9333ea", "#dc2626", "#0891b2", "#ca8a04", "#db2777"];
+const DAY_MS = 86400000;
+let timer = null;
+
+// -- formatting ---------------------------------------------------------------------------------
+const int = (v) => (v === null || v === undefined ? "–" : Math.round(v).toLocaleString("en-US"));
+const dec = (v) => (v === null || v === undefined ? "–" : v.toLocaleString("en-US", {minimumFractionDigits: 1, maximumFractionDigits: 1}));
+const pct = (v) => (v === null || v === undefined ? "–" : (v * 100).toFixed(1) + "%");
+const money = (v) => (v === null || v === undefined ? "–" : v.toFixed(4));
+const utcDay = (date) => date.toISOString().slice(0, 10);
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (v === null || v === undefined) continue;
+    if (k === "class") node.className = v;
+    else if (k.startsWith("data-")) node.setAttribute(k, String(v));
+    else node[k] = v;
+  }
+  node.append(...children.filter((c) => c !== null && c !== undefined));
+  return node;
+}
+
+// A table cell; data-col and data-value let tests and scripts read the raw number.
+function cell(col, text, raw, cls) {
+  return el("td", {"data-col": col, "data-value": raw === undefined ? null : raw, class: cls}, text);
+}
+
+function num(col, v, fmt = int) {
+  return cell(col, fmt(v), v === null ? "" : v, "num");
+}
+
+function fill(table, rows) {
+  const body = $("tbody", table);
+  body.replaceChildren(...rows);
+  if (!rows.length) {
+    const cols = $("thead tr", table).children.length;
+    body.append(el("tr", {}, el("td", {colSpan: cols, class: "muted"}, "nothing recorded")));
+  }
+}
+
+function say(text, isError = false) {
+  const box = $("#message");
+  box.textContent = text;
+  box.className = isError ? "error" : "ok";
+  box.hidden = !text;
+}
+
+// -- API ----------------------------------------------------------------------------------------
+async function api(path, body) {
+  const init = {credentials: "same-origin"};
+  if (body !== undefined) {
+    init.method = "POST";
+    init.headers = {"content-type": "application/json"};
+    init.body = JSON.stringify(body);
+  }
+  const resp = await fetch("/admin/api/" + path, init);
+  if (resp.status === 401) {
+    location.reload(); // the login form
+    throw new Error("logged out");
+  }
+  const data = await resp.json();
+  if (!resp.ok) throw new Error(data.error || resp.statusText);
+  return data;
+}
+
+function filterQuery() {
+  const params = new URLSearchParams();
+  for (const [k, v] of new FormData($("#filters"))) if (v) params.set(k, v);
+  return params;
+}
+
+// -- panels -------------------------------------------------------------------------------------
+function renderNodes(nodes) {
+  fill($("#nodes"), nodes.map((n) => {
+    const known = n.status !== null;
+    const actions = el("td", {class: "actions"});
+    if (known) {
+      actions.append(el("button", {type: "button", onclick: () => editNode(n), "data-action": "edit"}, "Edit"));
+      const disable = n.status !== "disabled";
+      actions.append(el("button", {type: "button", "data-action": disable ? "disable" : "enable",
+        onclick: () => toggleNode(n.node_id, disable)}, disable ? "Disable" : "Enable"));
+    }
+    const ping = n.last_ping_err ? "error: " + n.last_ping_err : n.last_ping_ms === null ? "–" : int(n.last_ping_ms) + " ms";
+    return el("tr", {"data-node": n.node_id ?? ""},
+      cell("node", n.node_id ?? "(no node)"),
+      cell("name", n.name ?? "–"),
+      cell("status", el("span", {class: "badge " + (n.status || "none")}, n.status ?? "–"), n.status ?? ""),
+      cell("routed", n.routed ? "yes" : "no", n.routed ? 1 : 0),
+      num("weight", n.weight),
+      num("requests", n.requests),
+      num("failures", n.failures),
+      num("health", n.health_rate, pct),
+      num("avg_ttfb_ms", n.avg_ttfb_ms, dec),
+      num("stream_ms_per_token", n.stream_ms_per_token, dec),
+      num("input_tokens", n.input_tokens),
+      num("cached_tokens", n.cached_tokens),
+      num("output_tokens", n.output_tokens),
+      num("reasoning_tokens", n.reasoning_tokens),
+      num("bytes", n.bytes),
+      num("lifetime_requests", n.lifetime_requests),
+      cell("key", n.api_key_hint ?? "–"),
+      cell("ping", ping),
+      cell("last_error", n.last_error ?? "", undefined, "error-text"),
+      actions);
+  }));
+  $("#node-list").replaceChildren(...nodes.filter((n) => n.node_id).map((n) => el("option", {value: n.node_id})));
+}
+
+function metricRow(key, label, s) {
+  return el("tr", {"data-key": key ?? ""}, cell("key", label), num("requests", s.requests), num("failures", s.failures),
+    num("health", s.health_rate, pct), num("input_tokens", s.input_tokens), num("output_tokens", s.output_tokens),
+    num("cost", s.cost, money), num("avg_ttfb_ms", s.avg_ttfb_ms, dec));
+}
+
+function renderWriter(w) {
+  const facts = w === null ? [["state", "not running"]] : [
+    ["database", w.db_ok ? "reachable" : "UNREACHABLE"], ["queued", int(w.queued)], ["spooled", int(w.spooled)],
+    ["oldest spooled", w.spool_oldest_s === null ? "–" : dec(w.spool_oldest_s) + " s"], ["written", int(w.written)],
+    ["duplicates", int(w.duplicates)], ["rejected", int(w.rejected)], ["dropped", int(w.dropped)],
+    ["batches", int(w.batches)], ["last error", w.last_error ?? "–"]];
+  $("#writer").replaceChildren(...facts.flatMap(([k, v]) => [el("dt", {}, k), el("dd", {"data-fact": k}, v)]));
+  $("#writer").classList.toggle("alarm", w !== null && (!w.db_ok || w.spooled > 0 || w.dropped > 0));
+}
+
+function renderRecent(calls) {
+  fill($("#recent"), calls.map((c) => el("tr", {"data-invoke": c.invoke_id, class: c.status === "success" ? "" : "bad"},
+    cell("time", c.occurred_at.replace("T", " ").slice(0, 19)), cell("source", c.source), cell("node", c.node_id ?? "–"),
+    cell("model", c.model ?? "–"), cell("status", c.status ?? "–"), num("http_status", c.http_status),
+    num("input_tokens", c.input_tokens), num("cached_tokens", c.cached_tokens), num("output_tokens", c.output_tokens),
+    num("ttfb_ms", c.ttfb_ms), num("duration_ms", c.duration_ms), num("attempts", c.attempts),
+    cell("error", c.error_message ?? "", undefined, "error-text"))));
+}
+
+// -- the per-day chart: stacked bars per source, one SVG per metric ----------------------------
+function dayRange(days, since, until) {
+  const known = days.map((d) => d.day).sort();
+  const first = since || known[0];
+  const last = until || (known.length ? known[known.length - 1] : first);
+  const out = [];
+  if (!first) return out;
+  for (let t = Date.parse(first + "T00:00:00Z"); t <= Date.parse(last + "T00:00:00Z") && out.length < 400; t += DAY_MS) {
+    out.push(utcDay(new Date(t)));
+  }
+  return out;
+}
+
+function drawChart(svg, axisDays, sources, value, metric) {
+  const W = 560, H = 220, left = 56, bottom = 24, top = 8;
+  svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
+  svg.setAttribute("aria-label", metric + " per day");
+  const totals = axisDays.map((day) => sources.reduce((sum, s) => sum + (value.get(day + "|" + s) || 0), 0));
+  const max = Math.max(1, ...totals);
+  const slot = (W - left) / Math.max(1, axisDays.length);
+  const bar = Math.max(2, slot * 0.7);
+  const scale = (H - top - bottom) / max;
+  const parts = [];
+  const add = (tag, attrs, text) => {
+    const node = document.createElementNS(SVG, tag);
+    for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, String(v));
+    if (text !== undefined) node.textContent = text;
+    parts.push(node);
+    return node;
+  };
+  for (const frac of [0, 0.5, 1]) {
+    const y = H - bottom - frac * max * scale;
+    add("line", {x1: left, x2: W, y1: y, y2: y, class: "grid"});
+    add("text", {x: left - 4, y: y + 4, "text-anchor": "end", class: "axis"}, int(frac * max));
+  }
+  const labelEvery = Math.ceil(axisDays.length / 8);
+  axisDays.forEach((day, i) => {
+    const x = left + i * slot + (slot - bar) / 2;
+    let y = H - bottom;
+    sources.forEach((source, k) => {
+      const v = value.get(day + "|" + source) || 0;
+      if (!v) return;
+      const h = v * scale;
+      y -= h;
+      const rect = add("rect", {x, y, width: bar, height: Math.max(h, 0.5), fill: COLORS[k % COLORS.length],
+        "data-day": day, "data-source": source, "data-value": v});
+      const title = document.createElementNS(SVG, "title");
+      title.textContent = `${day} ${source}: ${int(v)} ${metric}`;
+      rect.append(title);
+    });
+    add("rect", {x, y: H - bottom - totals[i] * scale, width: bar, height: 0, class: "total",
+      "data-day": day, "data-total": totals[i]});
+    if (i % labelEvery === 0) add("text", {x: x + bar / 2, y: H - 6, "text-anchor": "middle", class: "axis"}, day.slice(5));
+  });
+  svg.replaceChildren(...parts);
+}
+
+function renderDays(days, query) {
+  const sources = [...new Set(days.map((d) => d.source))].sort();
+  const axisDays = dayRange(days, query.get("since"), query.get("until"));
+  const tokens = new Map(days.map((d) => [d.day + "|" + d.source, d.total_tokens]));
+  const requests = new Map(days.map((d) => [d.day + "|" + d.source, d.requests]));
+  drawChart($("#chart-tokens"), axisDays, sources, tokens, "tokens");
+  drawChart($("#chart-requests"), axisDays, sources, requests, "requests");
+  $("#legend").replaceChildren(...sources.map((s, k) => {
+    const swatch = el("i");
+    swatch.style.background = COLORS[k % COLORS.length]; // CSSOM: allowed by the page's CSP, unlike style=""
+    return el("span", {class: "key", "data-source": s}, swatch, s);
+  }));
+  fill($("#days"), days.map((d) => el("tr", {"data-day": d.day, "data-source": d.source},
+    cell("day", d.day), cell("source", d.source), num("requests", d.requests), num("failures", d.failures),
+    num("input_tokens", d.input_tokens), num("cached_tokens", d.cached_tokens), num("output_tokens", d.output_tokens),
+    num("reasoning_tokens", d.reasoning_tokens), num("total_tokens", d.total_tokens))));
+  $("#source-list").replaceChildren(...sources.map((s) => el("option", {value: s})));
+}
+
+// -- refresh ------------------------------------------------------------------------------------
+async function refresh() {
+  const query = filterQuery();
+  const recentQuery = new URLSearchParams(query);
+  recentQuery.set("limit", $("#recent-limit").value);
+  try {
+    const [nodes, days, models, sources, recent, writer] = await Promise.all([
+      api("nodes?" + query), api("days?" + query), api("models?" + query), api("sources?" + query),
+      api("recent?" + recentQuery), api("writer")]);
+    renderNodes(nodes.nodes);
+    renderDays(days.days, query);
+    fill($("#models"), models.models.map((m) => metricRow(m.model, m.model ?? "(unknown)", m)));
+    $("#model-list").replaceChildren(...models.models.filter((m) => m.model).map((m) => el("option", {value: m.model})));
+    fill($("#sources"), sources.sources.map((s) => metricRow(s.source, s.source, s)));
+    renderRecent(recent.invocations);
+    renderWriter(writer.writer);
+    $("#updated").textContent = "updated " + new Date().toLocaleTimeString();
+    document.body.dataset.loaded = String(Date.now());
+  } catch (e) {
+    say("Could not load: " + e.message, true);
+  }
+}
+
+function schedule() {
+  clearInterval(timer);
+  const seconds = Number($("#refresh").value);
+  if (seconds) timer = setInterval(() => { if (!document.hidden) refresh(); }, seconds * 1000);
+}
+
+// -- node management ----------------------------------------------------------------------------
+function editNode(n) {
+  const form = $("#node-form");
+  form.elements.id.value = n.node_id;
+  form.elements.id.readOnly = true;
+  form.elements.name.value = n.name ?? "";
+  form.elements.base_url.value = n.base_url ?? "";
+  form.elements.api_key.value = "";
+  form.elements.api_key.placeholder = "unchanged (" + (n.api_key_hint ?? "none") + ")";
+  form.elements.weight.value = n.weight;
+  $("#node-form-title").textContent = "Edit node " + n.node_id;
+  form.elements.weight.focus();
+}
+
+function newNode() {
+  const form = $("#node-form");
+  form.reset();
+  form.elements.id.readOnly = false;
+  form.elements.api_key.placeholder = "";
+  $("#node-form-title").textContent = "Add a node";
+}
+
+async function saveNode(event) {
+  event.preventDefault();
+  const f = event.target.elements;
+  const body = {id: f.id.value.trim(), name: f.name.value.trim() || f.id.value.trim(), base_url: f.base_url.value.trim(),
+    weight: Number(f.weight.value)};
+  if (f.api_key.value) body.api_key = f.api_key.value;
+  try {
+    const {node} = await api("nodes", body);
+    say(`Node ${node.node_id} saved: weight ${node.weight}.`);
+    newNode();
+    await refresh();
+  } catch (e) {
+    say("Not saved: " + e.message, true);
+  }
+}
+
+async function toggleNode(id, disable) {
+  try {
+    await api(`nodes/${encodeURIComponent(id)}/${disable ? "disable" : "enable"}`, {});
+    say(`Node ${id} ${disable ? "disabled: it gets no new calls" : "enabled"}.`);
+    await refresh();
+  } catch (e) {
+    say("Not changed: " + e.message, true);
+  }
+}
+
+// -- reconciliation -----------------------------------------------------------------------------
+async function showReconcile(event) {
+  event.preventDefault();
+  const day = $("#reconcile-form").elements.date.value;
+  const box = $("#reconcile");
+  try {
+    const data = await api("reconcile" + (day ? "?date=" + day : ""));
+    if (!data.configured) {
+      box.replaceChildren(el("p", {class: "muted"}, "No stats sources configured (codex_stats_sources)."));
+      return;
+    }
+    box.replaceChildren(...data.results.map((r) => {
+      if (r.error) return el("p", {class: "error"}, `${r.source}: ${r.error}`);
+      if (!r.captured_at) return el("p", {class: "muted"}, `${r.source}: no provider snapshot of ${r.stats_date}.`);
+      const rows = r.rows.map((x) => el("tr", {class: x.within ? "" : "bad"}, cell("model", x.model ?? "(all models)"),
+        cell("metric", x.metric), num("provider", x.provider), num("relay", x.relay), num("diff", x.diff),
+        num("rel", x.rel, pct)));
+      return el("div", {}, el("h3", {}, `${r.source} ${r.stats_date}: ${r.ok ? "OK" : "MISMATCH"}`),
+        el("table", {}, el("thead", {}, el("tr", {}, ...["model", "metric", "provider", "relay", "diff", "rel"]
+          .map((h) => el("th", {}, h)))), el("tbody", {}, ...rows)));
+    }));
+  } catch (e) {
+    box.replaceChildren(el("p", {class: "error"}, e.message));
+  }
+}
+
+// -- start --------------------------------------------------------------------------------------
+async function start() {
+  const filters = $("#filters");
+  filters.elements.since.value = utcDay(new Date(Date.now() - 13 * DAY_MS)); // two weeks, today included
+  filters.addEventListener("submit", (e) => { e.preventDefault(); refresh(); });
+  $("#refresh").addEventListener("change", schedule);
+  $("#recent-limit").addEventListener("change", refresh);
+  $("#node-form").addEventListener("submit", saveNode);
+  $("#node-form-reset").addEventListener("click", newNode);
+  $("#reconcile-form").addEventListener("submit", showReconcile);
+  $("#reconcile-form").elements.date.value = utcDay(new Date());
+  try {
+    $("#logout").hidden = !(await api("session")).login;
+  } catch (e) {
+    say("Could not load: " + e.message, true);
+  }
+  await refresh();
+  schedule();
+}
+
+start();
