@@ -1,0 +1,211 @@
+"""Lose nothing: DB outages, crashes, many restarts and two relays on one MariaDB (``-m fault``)."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import sqlite3
+import threading
+import time
+import uuid
+
+import pytest
+import sqlalchemy as sa
+
+from tests.conftest import require_mysql
+from tests.fakeupstream import FakeUpstream
+from tests.relayproc import RelayProcess
+from tests.tcpproxy import TcpProxy
+from tests.test_e2e import rows, write_nodes
+
+pytestmark = [pytest.mark.fault, pytest.mark.e2e]
+
+
+def drive(port: int, total: int, clients: int = 4, usage: tuple[int, int, int, int] = (10, 2, 5, 1)) -> list[int]:
+    """``total`` streamed Responses calls over ``clients`` keep-alive connections; their statuses."""
+    statuses: list[int] = []
+    lock = threading.Lock()
+    body = json.dumps({"model": "gpt-5-codex", "stream": True, "metadata": {"fake_usage": list(usage)}})
+    counter = iter(range(total))
+
+    def worker() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        try:
+            while True:
+                with lock:
+                    if next(counter, None) is None:
+                        return
+                conn.request("POST", "/v1/responses", body, {"content-type": "application/json"})
+                resp = conn.getresponse()
+                resp.read()
+                with lock:
+                    statuses.append(resp.status)
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return statuses
+
+
+def wait_for(condition, timeout: float = 60.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def spooled(path) -> int:
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    except sqlite3.OperationalError:
+        return 0
+    try:
+        return db.execute("SELECT count(*) FROM spool").fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0
+    finally:
+        db.close()
+
+
+def totals(db_url: str) -> tuple[int, int, int, int, int]:
+    """(invocation rows, distinct invoke ids, sum of node requests, sum of input tokens on rows, on nodes)."""
+    inv = rows(db_url, "SELECT COUNT(*) AS n, COUNT(DISTINCT invoke_id) AS d, "
+                       "COALESCE(SUM(input_tokens), 0) AS i FROM codex_invocations")[0]
+    node = rows(db_url, "SELECT COALESCE(SUM(requests), 0) AS r, COALESCE(SUM(total_input), 0) AS i FROM nodes")[0]
+    return int(inv.n), int(inv.d), int(node.r), int(inv.i), int(node.i)
+
+
+@pytest.fixture
+def upstreams(tmp_path):
+    a, b = FakeUpstream("a").start(), FakeUpstream("b").start()
+    nodes = write_nodes(tmp_path / "nodes.toml", [("a", a.base_url, "key-a", 1), ("b", b.base_url, "key-b", 1)])
+    yield nodes
+    a.stop()
+    b.stop()
+
+
+@pytest.fixture
+def mysql_behind_proxy(db_url):
+    """The test's MariaDB database, reached through a TCP proxy the test can cut."""
+    if not db_url.startswith("mysql"):
+        pytest.skip("outages are simulated on the MariaDB connection")
+    url = sa.engine.make_url(db_url)
+    with TcpProxy(url.host or "127.0.0.1", url.port or 3306) as proxy:
+        yield db_url, url.set(port=proxy.port).render_as_string(hide_password=False), proxy
+
+
+def test_db_outage_keeps_relaying_and_writes_everything_once(mysql_behind_proxy, upstreams, tmp_path):
+    direct, via_proxy, proxy = mysql_behind_proxy
+    spool = tmp_path / "spool.db"
+    options = {"codex_nodes": str(upstreams), "codex_spool": str(spool), "codex_ping_interval": "0"}
+    with RelayProcess(db_url=via_proxy, options=options) as relay:
+        assert drive(relay.port, 20) == [200] * 20
+        wait_for(lambda: totals(direct)[0] == 20, what="the first rows")
+        proxy.cut()
+        assert drive(relay.port, 60) == [200] * 60  # relaying goes on without the database
+        wait_for(lambda: spooled(spool) == 60, what="60 records in the spool")
+        assert totals(direct)[0] == 20
+        proxy.restore()
+        wait_for(lambda: totals(direct)[0] == 80, what="the spool to drain")
+    assert relay.proc.returncode == 0
+    n, distinct, requests, inv_input, node_input = totals(direct)
+    assert (n, distinct, requests) == (80, 80, 80)
+    assert inv_input == node_input == 80 * 10
+    out = relay.output()
+    assert "database unreachable" in out and "record(s) waiting" in out and "database is back" in out
+    assert not spool.exists()
+
+
+def test_sigkill_while_spooling_loses_nothing_acknowledged(mysql_behind_proxy, upstreams, tmp_path):
+    direct, via_proxy, proxy = mysql_behind_proxy
+    spool = tmp_path / "spool.db"
+    options = {"codex_nodes": str(upstreams), "codex_spool": str(spool), "codex_ping_interval": "0"}
+    relay = RelayProcess(db_url=via_proxy, options=options).start()
+    try:
+        proxy.cut()
+        assert drive(relay.port, 40) == [200] * 40
+        wait_for(lambda: spooled(spool) == 40, what="40 records in the spool")
+    finally:
+        relay.kill()  # a crash: no flush, no goodbye
+    proxy.restore()
+    assert totals(direct)[0] == 0
+    with RelayProcess(db_url=via_proxy, options=options) as relay:
+        wait_for(lambda: totals(direct)[0] == 40, what="the journal of the crashed run")
+        assert drive(relay.port, 5) == [200] * 5
+    n, distinct, requests, inv_input, node_input = totals(direct)
+    assert (n, distinct, requests) == (45, 45, 45)
+    assert inv_input == node_input
+
+
+def test_sigterm_flushes_every_record(db_url, upstreams):
+    relay = RelayProcess(db_url=db_url, options={"codex_nodes": str(upstreams)}).start()
+    try:
+        assert drive(relay.port, 200, clients=8) == [200] * 200
+    finally:
+        assert relay.stop() == 0  # straight after the last response: whatever is queued must be written
+    assert totals(db_url)[:3] == (200, 200, 200)
+
+
+def test_fifty_restarts_keep_node_counters_equal_to_rows(db_url, upstreams):
+    """The seed's bug at scale: every start upserts the nodes; no start may reset or skip a count."""
+    for i in range(50):
+        with RelayProcess(db_url=db_url, options={"codex_nodes": str(upstreams), "codex_ping_interval": "0"}) as r:
+            assert drive(r.port, 3, clients=1, usage=(i + 1, 0, 1, 0)) == [200] * 3
+    n, distinct, requests, inv_input, node_input = totals(db_url)
+    assert (n, distinct, requests) == (150, 150, 150)
+    assert inv_input == node_input == 3 * sum(range(1, 51))
+
+
+def test_two_relays_on_one_mariadb_count_exactly(upstreams, tmp_path):
+    require_mysql()
+    from tests.conftest import _fresh_mysql_db
+
+    url, admin = _fresh_mysql_db()
+    try:
+        relays = [RelayProcess(db_url=url, options={"codex_nodes": str(upstreams), "codex_ping_interval": "0",
+                                                    "codex_spool": str(tmp_path / f"spool-{i}.db")})
+                  for i in range(2)]
+        for r in relays:
+            r.start()
+        try:
+            results: list[list[int]] = [[], []]
+
+            def run(i: int) -> None:
+                results[i] = drive(relays[i].port, 2000, clients=8, usage=(7, 3, 2, 1))
+
+            threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        finally:
+            codes = [r.stop() for r in relays]
+        assert codes == [0, 0]
+        assert results == [[200] * 2000, [200] * 2000]
+        n, distinct, requests, inv_input, node_input = totals(url)
+        assert (n, distinct, requests) == (4000, 4000, 4000)
+        assert inv_input == node_input == 4000 * 7
+        node = rows(url, "SELECT SUM(total_cached) AS c, SUM(total_output) AS o, SUM(total_reasoning) AS r "
+                         "FROM nodes")[0]
+        assert (node.c, node.o, node.r) == (4000 * 3, 4000 * 2, 4000 * 1)
+    finally:
+        with admin.begin() as conn:
+            conn.execute(sa.text(f"DROP DATABASE IF EXISTS `{sa.engine.make_url(url).database}`"))
+        admin.dispose()
+
+
+def test_spool_file_of_another_relay_is_refused(db_url, upstreams, tmp_path):
+    spool = tmp_path / f"spool-{uuid.uuid4().hex}.db"
+    options = {"codex_nodes": str(upstreams), "codex_spool": str(spool), "codex_ping_interval": "0"}
+    with RelayProcess(db_url=db_url, options=options):
+        second = RelayProcess(db_url=db_url, options=options).start()
+        try:
+            assert second.proc.wait(60) != 0  # mitmproxy's start-up check exits on the logged error
+        finally:
+            second.kill()
+        assert "codex_spool: spool" in second.output() and "in use by another relay" in second.output()
