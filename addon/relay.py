@@ -35,6 +35,8 @@ from addon.startup import install_one_line_option_errors, unknown_options_messag
 from addon.usage import detect_format, parse_request
 from store.engine import make_engine, upgrade_to_head
 from store.nodes import load_nodes, set_disabled, upsert_nodes
+from store.poll import Poller, start_poller
+from store.prices import PriceTable, load_prices
 from store.records import InvocationRecord, NodeConfig, NodeStateUpdate, utcnow
 from store.spool import Spool, SpoolInUse, default_spool_path
 from store.writer import Writer
@@ -99,6 +101,8 @@ class Relay:
         self.engine = None
         self.health = Health(self._submit)
         self.pinger: Pinger | None = None
+        self.poller: Poller | None = None
+        self.prices: PriceTable | None = None
         self._db_url: str | None = None
         self._connect_timeout = 10.0
         self._first_byte_timeout = 300.0
@@ -145,6 +149,12 @@ class Relay:
         loader.add_option("codex_sticky_ttl", str, "3600",
                           "Seconds a Codex session (session_id / conversation_id header or "
                           "prompt_cache_key) stays on its node. 0 disables stickiness.")
+        loader.add_option("codex_prices", str, "",
+                          "TOML price table (USD per 1M input, cached input, output tokens per model) used to "
+                          "estimate codex_invocations.cost. Default: the shipped store/prices.toml.")
+        loader.add_option("codex_stats_sources", str, "",
+                          "TOML file whose [[sources]] are provider stats endpoints to poll into "
+                          "stats_source_snapshots/deltas. Default: the [[sources]] of the codex_nodes file.")
 
     def configure(self, updated: set[str]) -> None:
         opts = ctx.options
@@ -164,6 +174,17 @@ class Relay:
         if updated & {"codex_db", "codex_nodes", "codex_upstream", "codex_upstream_key",
                       "codex_upstream_name", "codex_sticky_ttl"}:
             self._configure_nodes(self._configured_nodes(), sticky_ttl)
+        if "codex_prices" in updated:
+            try:
+                self.prices = load_prices(opts.codex_prices or None)
+            except ConfigError as e:
+                raise exceptions.OptionsError(f"codex_prices: {e}") from None
+        if updated & {"codex_db", "codex_stats_sources", "codex_nodes"}:
+            try:
+                # Its own thread: a slow provider endpoint never touches the event loop or the writer.
+                self.poller = start_poller(self.engine, opts.codex_stats_sources or opts.codex_nodes, self.poller)
+            except ConfigError as e:
+                raise exceptions.OptionsError(f"codex_stats_sources: {e}") from None
         if updated & {"codex_ping_interval", "codex_ping_path", "codex_connect_timeout"}:
             if self.pinger is not None:
                 self.pinger.stop()
@@ -260,6 +281,8 @@ class Relay:
     def done(self) -> None:
         if self.pinger is not None:
             self.pinger.stop()
+        if self.poller is not None:
+            self.poller.stop()
         if self.writer is not None:
             self.writer.close()
             self.writer = None
@@ -477,6 +500,10 @@ class Relay:
         )
         if result is not None and result.usage is not None:
             record.usage = result.usage
+        cost = self.prices.cost(record.model, record.usage) if self.prices else None
+        if cost is not None:
+            record.cost, record.cost_input, record.cost_cached, record.cost_output = (
+                cost.total, cost.input, cost.cached, cost.output)
         self._submit(record)
         _annotate(flow, record)
 

@@ -86,6 +86,7 @@ def invocation_row(r: InvocationRecord) -> dict:
         "input_tokens": u.input_tokens, "output_tokens": u.output_tokens, "cache_input_tokens": u.cached_tokens,
         "reasoning_tokens": u.reasoning_tokens, "total_tokens": u.total_tokens,
         "cache_write_tokens": u.cache_write_tokens, "cost": r.cost, "cost_estimated": r.cost is not None,
+        "cost_input": r.cost_input, "cost_cached": r.cost_cached, "cost_output": r.cost_output,
         "status": r.status, "error_message": r.error_message, "payload": r.payload,
         "raw_response": r.raw_response, "node_id": r.node_id, "endpoint": r.endpoint[:255],
         "api_format": r.api_format, "stream": r.stream, "http_status": r.http_status, "ttfb_ms": r.ttfb_ms,

@@ -56,7 +56,10 @@ class InvocationRecord:
     http_status: int | None = None
     error_message: str | None = None
     usage: Usage = field(default_factory=Usage)
-    cost: float | None = None
+    cost: float | None = None  # USD, estimated from the price table; None: model not priced
+    cost_input: float | None = None  # the split of ``cost``: uncached input, cached input, output
+    cost_cached: float | None = None
+    cost_output: float | None = None
     ttfb_ms: int | None = None
     stream_ms: int | None = None
     duration_ms: int | None = None

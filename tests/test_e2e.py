@@ -6,6 +6,7 @@ import gzip
 import http.client
 import json
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -205,3 +206,34 @@ def test_monitor_mode_passes_through_and_meters(db_url):
         assert up.seen[0].headers["authorization"] == "Bearer client-key"
     got = rows(db_url, "SELECT node_id, input_tokens, cache_input_tokens, output_tokens FROM codex_invocations")
     assert [tuple(r) for r in got] == [(None, 40, 30, 9)]
+
+
+def test_relay_prices_calls_and_polls_provider_stats(db_url, tmp_path):
+    """Cost is estimated from the price table; the nodes file's [[sources]] are polled inside the relay."""
+    from store.prices import default_prices
+    from store.records import Usage
+    from tests.fakestats import FakeStats, crs_item, crs_response
+
+    with FakeUpstream("p") as up, FakeStats() as stats:
+        stats.queue(200, crs_response(crs_item("gpt-5-codex", 3, 300, 30, cost=0.5)))
+        nodes = write_nodes(tmp_path / "nodes.toml", [("p", up.base_url, "k", 1)])
+        nodes.write_text(nodes.read_text() + f'[[sources]]\nname = "relay"\nurl = "{stats.url}"\nformat = "crs"\n'
+                                              'interval = 3600\nnodes = ["p"]\n')
+        with RelayProcess(db_url=db_url, options={"codex_nodes": str(nodes)}) as relay:
+            status, _ = call(relay, "responses", stream=True, usage=(1000, 400, 200, 50))
+            assert status == 200
+            status, _ = call(relay, "chat", stream=False, usage=(10, 0, 5, 0), model="unpriced-model")
+            assert status == 200
+            deadline = time.monotonic() + 30
+            while not rows(db_url, "SELECT id FROM stats_source_snapshots"):
+                assert time.monotonic() < deadline, relay.output()
+                time.sleep(0.05)
+    got = rows(db_url, "SELECT model, cost, cost_input, cost_cached, cost_output, cost_estimated "
+                       "FROM codex_invocations ORDER BY id")
+    split = default_prices().cost("gpt-5-codex", Usage(1000, 400, 0, 200, 50))
+    assert got[0].model == "gpt-5-codex" and bool(got[0].cost_estimated)
+    assert (got[0].cost, got[0].cost_input, got[0].cost_cached, got[0].cost_output) == pytest.approx(
+        (split.total, split.input, split.cached, split.output))
+    assert (got[1].cost, bool(got[1].cost_estimated)) == (None, False)
+    snaps = rows(db_url, "SELECT source, model, requests FROM stats_source_snapshots ORDER BY model")
+    assert {(s.source, s.model, s.requests) for s in snaps} == {("relay", None, 3), ("relay", "gpt-5-codex", 3)}

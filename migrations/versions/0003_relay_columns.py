@@ -42,6 +42,9 @@ def _invocation_columns() -> list[sa.Column]:
         sa.Column("client_key", sa.String(64)),
         sa.Column("cache_write_tokens", sa.BigInteger),
         sa.Column("cost_estimated", sa.Boolean),
+        sa.Column("cost_input", sa.Double),
+        sa.Column("cost_cached", sa.Double),
+        sa.Column("cost_output", sa.Double),
     ]
 
 
