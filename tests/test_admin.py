@@ -1,0 +1,336 @@
+"""The admin addon: access rules, endpoints, node management and the relay honouring them.
+
+In process (a real Relay and Admin under mitmproxy's test context) on SQLite and MariaDB, plus one
+end-to-end run through mitmdump: admin requests never reach a node and are never metered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import threading
+from http.client import HTTPConnection
+from types import SimpleNamespace
+
+import pytest
+import sqlalchemy as sa
+from mitmproxy import exceptions, http
+from mitmproxy.proxy.mode_specs import ProxyMode
+from mitmproxy.test import taddons, tflow
+
+from addon.admin import Admin, is_loopback, session_cookie
+from addon.relay import Relay
+from store import stats
+from store.engine import make_engine, upgrade_to_head
+from store.invocations import apply_batch
+from store.records import InvocationRecord, Usage
+from store.schema import codex_invocations, nodes
+from tests.fakeupstream import FakeUpstream
+from tests.relayproc import RelayProcess
+from tests.test_e2e import call, write_nodes
+
+ALPHA_KEY = "sk-alpha-0123456789abcdef"
+BETA_KEY = "sk-beta-fedcba9876543210"
+TOKEN = "admin-token-0123456789"
+REVERSE = "reverse:http://127.0.0.1:9"
+
+
+@pytest.fixture
+def env(db_url, tmp_path):
+    """A configured Relay (nodes alpha and beta, never called) with its Admin, and calls of alpha stored."""
+    nodes_file = write_nodes(tmp_path / "nodes.toml", [("alpha", "http://127.0.0.1:9/v1", ALPHA_KEY, 2),
+                                                       ("beta", "http://127.0.0.1:9/beta/v1", BETA_KEY, 1)])
+    relay = Relay()
+    admin = Admin(relay)
+    with taddons.context(relay, admin) as tctx:
+        tctx.configure(relay, codex_db=db_url, codex_spool=str(tmp_path / "spool.db"), codex_nodes=str(nodes_file),
+                       codex_ping_interval="0")
+        with relay.engine.begin() as conn:
+            apply_batch(conn, [
+                InvocationRecord(invoke_id=f"c{i}", occurred_at=dt.datetime(2026, 11, 20 + i, 12), source="relay",
+                                 endpoint="/v1/responses", status="success" if i else "failed", node_id="alpha",
+                                 model="gpt-5-codex", stream=True, http_status=200,
+                                 usage=Usage(input_tokens=100 * (i + 1), output_tokens=10), ttfb_ms=100,
+                                 stream_ms=50, response_bytes=1000)
+                for i in range(3)])
+        try:
+            yield SimpleNamespace(relay=relay, admin=admin, tctx=tctx)
+        finally:
+            relay.done()
+
+
+def ask(admin: Admin, method: str, path: str, body: object = None, *, headers: dict | None = None,
+        peer: tuple = ("127.0.0.1", 50000), mode: str = REVERSE) -> http.Response | None:
+    f = tflow.tflow()
+    f.client_conn.peername = peer
+    f.client_conn.proxy_mode = ProxyMode.parse(mode)
+    content = body if isinstance(body, bytes) else b"" if body is None else json.dumps(body).encode()
+    hdrs = {"content-type": "application/json"} if body is not None and not isinstance(body, bytes) else {}
+    f.request = http.Request.make(method, "http://127.0.0.1:9" + path, content, {**hdrs, **(headers or {})})
+    asyncio.run(admin.request(f))
+    return f.response
+
+
+def data(resp: http.Response) -> dict:
+    assert resp.headers["content-type"] == "application/json", resp.text
+    return json.loads(resp.get_text())
+
+
+def node_row(relay: Relay, node_id: str) -> sa.Row:
+    with relay.engine.connect() as conn:
+        return conn.execute(sa.select(nodes).where(nodes.c.id == node_id)).one()
+
+
+# -- access ----------------------------------------------------------------------------------------
+def test_without_token_only_loopback_clients(env):
+    assert ask(env.admin, "GET", "/admin").status_code == 200
+    for peer in (("::1", 1, 0, 0), ("::ffff:127.0.0.1", 1, 0, 0), ("127.0.0.2", 1)):
+        assert ask(env.admin, "GET", "/admin/api/nodes", peer=peer).status_code == 200, peer
+    for peer in (("192.0.2.7", 5555), ("10.0.0.1", 1), ("2001:db8::1", 1, 0, 0)):
+        resp = ask(env.admin, "GET", "/admin/api/nodes", peer=peer)
+        assert resp.status_code == 403 and "codex_admin_token" in data(resp)["error"]
+    assert not is_loopback(None) and not is_loopback(("not-an-ip", 1))
+
+
+def test_token_bearer_cookie_and_login_form(env):
+    env.tctx.configure(env.admin, codex_admin_token=TOKEN)
+    remote = ("192.0.2.7", 5555)  # a token opens the page to other machines
+    page = ask(env.admin, "GET", "/admin", peer=remote)
+    assert page.status_code == 401 and b'action="/admin/login"' in page.content and b"codex-relay" in page.content
+    api = ask(env.admin, "GET", "/admin/api/nodes", peer=remote)
+    assert api.status_code == 401 and api.headers["www-authenticate"] == "Bearer"
+    assert ask(env.admin, "GET", "/admin/api/nodes", headers={"authorization": "Bearer wrong"}).status_code == 401
+    ok = ask(env.admin, "GET", "/admin/api/nodes", headers={"authorization": f"Bearer {TOKEN}"}, peer=remote)
+    assert ok.status_code == 200 and [n["node_id"] for n in data(ok)["nodes"]] == ["alpha", "beta"]
+    # The login page needs its stylesheet before anyone is logged in.
+    assert ask(env.admin, "GET", "/admin/static/admin.css", peer=remote).status_code == 200
+
+    form = {"content-type": "application/x-www-form-urlencoded"}
+    wrong = ask(env.admin, "POST", "/admin/login", b"token=nope", headers=form, peer=remote)
+    assert wrong.status_code == 401 and b"Wrong token" in wrong.content and "set-cookie" not in wrong.headers
+    login = ask(env.admin, "POST", "/admin/login", f"token={TOKEN}".encode(), headers=form, peer=remote)
+    assert login.status_code == 303 and login.headers["location"] == "/admin"
+    cookie = login.headers["set-cookie"]
+    assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and TOKEN not in cookie
+    value = cookie.split(";")[0]
+    assert ask(env.admin, "GET", "/admin", headers={"cookie": value}, peer=remote).status_code == 200
+    stale = f"codex_admin={session_cookie('another-token-000000')}"
+    assert ask(env.admin, "GET", "/admin/api/writer", headers={"cookie": stale}, peer=remote).status_code == 401
+    logout = ask(env.admin, "POST", "/admin/logout", headers={"cookie": value}, peer=remote)
+    assert logout.status_code == 303 and "Max-Age=0" in logout.headers["set-cookie"]
+
+
+def test_token_is_validated(env):
+    with pytest.raises(exceptions.OptionsError, match="at least 16 printable characters"):
+        env.tctx.configure(env.admin, codex_admin_token="short")
+    with pytest.raises(exceptions.OptionsError):
+        env.tctx.configure(env.admin, codex_admin_token="has a space in the middle")
+
+
+def test_changes_need_json_and_a_loopback_origin(env):
+    body = {"id": "alpha", "name": "Alpha", "base_url": "http://127.0.0.1:9/v1", "weight": 4}
+    text = ask(env.admin, "POST", "/admin/api/nodes", json.dumps(body).encode(), headers={"content-type": "text/plain"})
+    assert text.status_code == 415  # what a cross-site form or no-cors fetch could send
+    bad = ask(env.admin, "POST", "/admin/api/nodes", b"{not json", headers={"content-type": "application/json"})
+    assert bad.status_code == 400 and "not JSON" in data(bad)["error"]
+    evil = ask(env.admin, "POST", "/admin/api/nodes", body, headers={"origin": "http://evil.example"})
+    assert evil.status_code == 403
+    assert node_row(env.relay, "alpha").weight == 2
+    ok = ask(env.admin, "POST", "/admin/api/nodes", body, headers={"origin": "http://127.0.0.1:8000"})
+    assert ok.status_code == 200 and node_row(env.relay, "alpha").weight == 4
+
+
+def test_only_admin_paths_in_reverse_mode_are_answered(env):
+    assert ask(env.admin, "GET", "/v1/models") is None
+    assert ask(env.admin, "GET", "/administrator") is None
+    assert ask(env.admin, "GET", "/admin", mode="regular") is None  # a forward proxy's /admin is the site's
+    answered = tflow.tflow(resp=True)
+    answered.client_conn.proxy_mode = ProxyMode.parse(REVERSE)
+    answered.request.path = "/admin"
+    asyncio.run(env.admin.request(answered))
+    assert answered.response.status_code == 200 and b"codex-relay admin" not in answered.response.content
+
+
+# -- reading -----------------------------------------------------------------------------------------
+def test_nodes_endpoint_numbers_and_masked_keys(env):
+    alpha, beta = data(ask(env.admin, "GET", "/admin/api/nodes"))["nodes"]
+    assert (alpha["node_id"], alpha["status"], alpha["weight"], alpha["routed"], alpha["requests"],
+            alpha["failures"], alpha["input_tokens"], alpha["lifetime_requests"]) == \
+        ("alpha", "active", 2, True, 3, 1, 600, 3)
+    assert alpha["health_rate"] == pytest.approx(2 / 3) and alpha["api_key_hint"] == "…cdef"
+    assert (beta["requests"], beta["health_rate"], beta["api_key_hint"]) == (0, None, "…3210")
+
+    (one,) = data(ask(env.admin, "GET", "/admin/api/nodes?node=alpha&since=2026-11-21&until=2026-11-21"))["nodes"]
+    assert (one["requests"], one["input_tokens"]) == (1, 200)
+    assert ask(env.admin, "GET", "/admin/api/nodes?since=21.11.2026").status_code == 400
+    assert ask(env.admin, "GET", "/admin/api/nodes?since=2026-11-22&until=2026-11-21").status_code == 400
+
+
+def test_no_response_ever_holds_a_full_key(env):
+    ask(env.admin, "POST", "/admin/api/nodes/beta/disable", {})
+    paths = ["/admin", "/admin/static/admin.js", "/admin/api/nodes", "/admin/api/days", "/admin/api/models",
+             "/admin/api/sources", "/admin/api/recent", "/admin/api/writer", "/admin/api/reconcile"]
+    bodies = [ask(env.admin, "GET", p).content for p in paths]
+    bodies.append(ask(env.admin, "POST", "/admin/api/nodes/beta/enable", {}).content)
+    bodies.append(ask(env.admin, "POST", "/admin/api/nodes", {"id": "alpha", "base_url": "http://127.0.0.1:9/v1",
+                                                               "api_key": "sk-new-key-77778888"}).content)
+    for body in bodies:
+        for key in (ALPHA_KEY, BETA_KEY, "sk-new-key-77778888"):
+            assert key.encode() not in body
+
+
+def test_days_recent_writer_and_reconcile_endpoints(env):
+    days = data(ask(env.admin, "GET", "/admin/api/days?since=2026-11-21"))["days"]
+    assert [(d["day"], d["source"], d["requests"], d["total_tokens"]) for d in days] == \
+        [("2026-11-21", "relay", 1, 210), ("2026-11-22", "relay", 1, 310)]
+    recent = data(ask(env.admin, "GET", "/admin/api/recent?limit=2"))["invocations"]
+    assert [c["invoke_id"] for c in recent] == ["c2", "c1"]
+    assert ask(env.admin, "GET", "/admin/api/recent?limit=0").status_code == 400
+    (model,) = data(ask(env.admin, "GET", "/admin/api/models"))["models"]
+    assert (model["model"], model["requests"]) == ("gpt-5-codex", 3)
+    writer = data(ask(env.admin, "GET", "/admin/api/writer"))["writer"]
+    assert writer["db_ok"] is True and writer["spooled"] == 0
+    assert data(ask(env.admin, "GET", "/admin/api/reconcile")) == {"configured": False, "results": []}
+    assert ask(env.admin, "GET", "/admin/api/nope").status_code == 404
+    assert ask(env.admin, "DELETE", "/admin/api/nodes").status_code == 405
+
+
+def test_slow_queries_leave_the_event_loop_free(env, monkeypatch):
+    started, release = threading.Event(), threading.Event()
+    freed: list[bool] = []
+    real = stats.per_node
+
+    def slow_per_node(conn, f):
+        started.set()
+        freed.append(release.wait(10))  # only the event loop sets it: True means the loop kept running
+        return real(conn, f)
+
+    monkeypatch.setattr(stats, "per_node", slow_per_node)
+
+    async def scenario() -> http.Response:
+        f = tflow.tflow()
+        f.client_conn.peername = ("127.0.0.1", 1)
+        f.client_conn.proxy_mode = ProxyMode.parse(REVERSE)
+        f.request = http.Request.make("GET", "http://127.0.0.1:9/admin/api/nodes")
+        task = asyncio.create_task(env.admin.request(f))
+        assert await asyncio.to_thread(started.wait, 10)
+        release.set()
+        await task
+        return f.response
+
+    resp = asyncio.run(scenario())
+    assert freed == [True] and resp.status_code == 200
+
+
+# -- node management -------------------------------------------------------------------------------
+def test_edit_weight_keeps_key_and_stats(env):
+    before = node_row(env.relay, "alpha")
+    resp = ask(env.admin, "POST", "/admin/api/nodes",
+               {"id": "alpha", "name": "Alpha!", "base_url": "http://127.0.0.1:9/v1", "weight": 7})
+    assert resp.status_code == 200 and data(resp)["node"]["weight"] == 7
+    after = node_row(env.relay, "alpha")
+    assert (after.weight, after.name, after.api_key) == (7, "Alpha!", ALPHA_KEY)  # no key sent: key kept
+    for col in ("requests", "fail_count", "total_input", "total_output", "total_bytes", "first_byte_ms", "created_at"):
+        assert getattr(after, col) == getattr(before, col), col
+    live = env.relay.pool.get("alpha").config
+    assert (live.weight, live.api_key) == (7, ALPHA_KEY)
+
+    ask(env.admin, "POST", "/admin/api/nodes", {"id": "alpha", "base_url": "http://127.0.0.1:9/v2", "weight": 7,
+                                                "api_key": "sk-rotated-000011112222"})
+    assert (node_row(env.relay, "alpha").api_key, env.relay.pool.get("alpha").config.base_url) == \
+        ("sk-rotated-000011112222", "http://127.0.0.1:9/v2")
+
+
+def test_add_node_routes_it(env):
+    resp = ask(env.admin, "POST", "/admin/api/nodes",
+               {"id": "gamma", "name": "Gamma", "base_url": "https://g.example/v1", "api_key": "sk-g-1234567890",
+                "weight": 3})
+    assert resp.status_code == 200 and data(resp)["node"]["routed"] is True
+    assert node_row(env.relay, "gamma").weight == 3 and env.relay.pool.get("gamma").eligible
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    ({"id": "alpha", "base_url": "http://127.0.0.1:9/v1", "weight": -1}, "weight must be an integer >= 0"),
+    ({"id": "alpha", "base_url": "ftp://x/v1", "weight": 1}, "base_url must start with http"),
+    ({"id": "bad id", "base_url": "http://x/v1"}, "id must be"),
+    ({"id": "alpha", "base_url": "http://x/v1", "requests": 0}, "unknown keys ['requests']"),
+    (["not", "an", "object"], "must be a table"),
+])
+def test_bad_node_is_refused(env, body, message):
+    resp = ask(env.admin, "POST", "/admin/api/nodes", body)
+    assert resp.status_code == 400 and message in data(resp)["error"]
+    assert node_row(env.relay, "alpha").weight == 2
+
+
+def test_disable_and_enable(env):
+    resp = ask(env.admin, "POST", "/admin/api/nodes/alpha/disable", {})
+    assert resp.status_code == 200 and data(resp)["node"]["status"] == "disabled"
+    assert node_row(env.relay, "alpha").disabled
+    assert {env.relay.pool.choose().id for _ in range(50)} == {"beta"}
+    assert env.relay.pool.choose(session_key="s1").id == "beta"
+
+    # A weight or key edit leaves a disabled node disabled.
+    ask(env.admin, "POST", "/admin/api/nodes", {"id": "alpha", "base_url": "http://127.0.0.1:9/v1", "weight": 9})
+    assert not env.relay.pool.get("alpha").eligible and node_row(env.relay, "alpha").disabled
+
+    assert data(ask(env.admin, "POST", "/admin/api/nodes/alpha/enable", {}))["node"]["status"] == "active"
+    assert not node_row(env.relay, "alpha").disabled and env.relay.pool.get("alpha").eligible
+    assert node_row(env.relay, "alpha").requests == 3
+    assert ask(env.admin, "POST", "/admin/api/nodes/nope/disable", {}).status_code == 404
+
+
+# -- end to end ------------------------------------------------------------------------------------
+def get(port: int, path: str) -> tuple[int, bytes]:
+    conn = HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def post(port: int, path: str, body: object) -> int:
+    conn = HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("POST", path, json.dumps(body), {"content-type": "application/json"})
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status
+    finally:
+        conn.close()
+
+
+@pytest.mark.e2e
+def test_admin_is_never_forwarded_nor_metered_and_disabled_survives_restart(db_url, tmp_path):
+    with FakeUpstream("a") as a, FakeUpstream("b") as b:
+        nodes_file = write_nodes(tmp_path / "nodes.toml",
+                                 [("a", a.base_url, "key-a", 1), ("b", b.base_url, "key-b", 1)])
+        options = {"codex_nodes": str(nodes_file), "codex_ping_interval": "0"}
+        with RelayProcess(db_url=db_url, options=options) as relay:
+            for path in ("/admin", "/admin/static/admin.js", "/admin/api/nodes", "/admin/api/recent", "/admin/nope"):
+                status, _ = get(relay.port, path)
+                assert status in (200, 404), path
+            assert post(relay.port, "/admin/api/nodes/a/disable", {}) == 200
+            for _ in range(6):
+                assert call(relay, "responses", stream=True, usage=(1, 0, 1, 0))[0] == 200
+        assert a.seen == [] and len(b.seen) == 6  # no admin request went upstream; disabled a got no call
+
+        with RelayProcess(db_url=db_url, options=options) as relay:
+            for _ in range(4):
+                assert call(relay, "responses", stream=True, usage=(1, 0, 1, 0))[0] == 200
+            assert a.seen == []  # still disabled after a restart with the same nodes file
+            assert post(relay.port, "/admin/api/nodes/a/enable", {}) == 200
+            status, body = get(relay.port, "/admin/api/nodes")
+            assert status == 200 and [n["status"] for n in json.loads(body)["nodes"]] == ["active", "active"]
+
+    engine = make_engine(db_url)
+    upgrade_to_head(engine)
+    try:
+        with engine.connect() as conn:
+            endpoints = set(conn.execute(sa.select(codex_invocations.c.endpoint)).scalars())
+            assert endpoints == {"/v1/responses"}  # admin requests were not metered
+            assert conn.execute(sa.select(sa.func.count()).select_from(codex_invocations)).scalar() == 10
+    finally:
+        engine.dispose()
