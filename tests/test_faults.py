@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 import sqlite3
 import threading
 import time
@@ -13,7 +14,7 @@ import pytest
 import sqlalchemy as sa
 
 from tests.conftest import require_mysql
-from tests.fakeupstream import FakeUpstream
+from tests.fakeupstream import Behaviour, FakeUpstream
 from tests.relayproc import RelayProcess
 from tests.tcpproxy import TcpProxy
 from tests.test_e2e import rows, write_nodes
@@ -209,3 +210,53 @@ def test_spool_file_of_another_relay_is_refused(db_url, upstreams, tmp_path):
         finally:
             second.kill()
         assert "codex_spool: spool" in second.output() and "in use by another relay" in second.output()
+
+
+def test_truncated_stream_and_client_abort_are_recorded_as_such(db_url, tmp_path):
+    hold = threading.Event()
+    with FakeUpstream("t", behaviour=Behaviour(close_mid_stream=True)) as cut, \
+            FakeUpstream("h", behaviour=Behaviour(hold=hold)) as held:
+        options = {"codex_ping_interval": "0", "codex_fail_threshold": "100"}
+        nodes = write_nodes(tmp_path / "cut.toml", [("cut", cut.base_url, "k", 1)])
+        with RelayProcess(db_url=db_url, options={**options, "codex_nodes": str(nodes)}) as relay:
+            # The upstream drops the connection after its first event: the client gets that event, the
+            # row says truncated, and it counts against the node.
+            status, body = drive_one(relay.port)
+            assert status == 200 and b"response.created" in body and b"response.completed" not in body
+            wait_for(lambda: rows(db_url, "SELECT id FROM codex_invocations"), what="the truncated row")
+
+        nodes = write_nodes(tmp_path / "held.toml", [("held", held.base_url, "k", 1)])
+        with RelayProcess(db_url=db_url, options={**options, "codex_nodes": str(nodes)}) as relay:
+            # The client reads the first event and hangs up while the upstream is still streaming.
+            sock = socket.create_connection(("127.0.0.1", relay.port), timeout=30)
+            body = json.dumps({"model": "m", "stream": True, "metadata": {"fake_usage": [1, 0, 1, 0]}}).encode()
+            sock.sendall(b"POST /v1/responses HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                         b"content-length: %d\r\n\r\n%s" % (len(body), body))
+            got = b""
+            while b"response.created" not in got:
+                chunk = sock.recv(65536)
+                assert chunk
+                got += chunk
+            sock.close()
+            wait_for(lambda: len(rows(db_url, "SELECT id FROM codex_invocations")) == 2, what="the aborted row")
+            hold.set()
+    got = rows(db_url, "SELECT node_id, status, error_message FROM codex_invocations ORDER BY id")
+    assert [(r.node_id, r.status) for r in got] == [("cut", "truncated"), ("held", "aborted")]
+    node = {r.id: r for r in rows(db_url, "SELECT id, requests, fail_count FROM nodes")}
+    assert (node["cut"].requests, node["cut"].fail_count) == (1, 1)
+    assert (node["held"].requests, node["held"].fail_count) == (1, 0)  # a client abort is not the node's fault
+
+
+def drive_one(port: int) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("POST", "/v1/responses", json.dumps({"model": "m", "stream": True,
+                                                          "metadata": {"fake_usage": [1, 0, 1, 0]}}),
+                     {"content-type": "application/json"})
+        resp = conn.getresponse()
+        try:
+            return resp.status, resp.read()
+        except http.client.IncompleteRead as e:
+            return resp.status, e.partial
+    finally:
+        conn.close()
