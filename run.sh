@@ -45,6 +45,16 @@ setup_venv() {
     echo "$want" > "$stamp"
 }
 
+ensure_chromium() {
+    # The admin page's browser test drives Debian's chromium; install it when we may (root, apt-get).
+    [ -x /usr/bin/chromium ] && return 0
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "run.sh: installing chromium for the browser test" >&2
+        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >&2 \
+            || echo "run.sh: chromium could not be installed: the browser test skips (fails under CI=true)" >&2
+    fi
+}
+
 has_arg() {  # has_arg NAME… -- ARGS…: is any NAME among ARGS (also as NAME=…)?
     local names=() a n
     while [ "$1" != "--" ]; do names+=("$1"); shift; done; shift
@@ -67,7 +77,7 @@ relay() {  # relay mitmdump|mitmweb ARGS…
 cmd=${1:-}
 case "$cmd" in
     test)
-        shift; setup_venv
+        shift; setup_venv; ensure_chromium
         "$VENV/bin/ruff" check .
         exec "$VENV/bin/python" -m pytest "$@"
         ;;

@@ -150,12 +150,19 @@ function dayRange(days, since, until) {
   return out;
 }
 
+// 1, 2 or 5 times a power of ten, at least `raw` (and at least 1: counts are whole).
+function niceStep(raw) {
+  const power = 10 ** Math.floor(Math.log10(Math.max(raw, 1)));
+  return [1, 2, 5, 10].map((m) => m * power).find((s) => s >= raw);
+}
+
 function drawChart(svg, axisDays, sources, value, metric) {
   const W = 560, H = 220, left = 56, bottom = 24, top = 8;
   svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
   svg.setAttribute("aria-label", metric + " per day");
   const totals = axisDays.map((day) => sources.reduce((sum, s) => sum + (value.get(day + "|" + s) || 0), 0));
-  const max = Math.max(1, ...totals);
+  const step = niceStep(Math.max(1, ...totals) / 4);
+  const max = step * Math.ceil(Math.max(1, ...totals) / step);
   const slot = (W - left) / Math.max(1, axisDays.length);
   const bar = Math.max(2, slot * 0.7);
   const scale = (H - top - bottom) / max;
@@ -167,10 +174,10 @@ function drawChart(svg, axisDays, sources, value, metric) {
     parts.push(node);
     return node;
   };
-  for (const frac of [0, 0.5, 1]) {
-    const y = H - bottom - frac * max * scale;
+  for (let tick = 0; tick <= max; tick += step) {
+    const y = H - bottom - tick * scale;
     add("line", {x1: left, x2: W, y1: y, y2: y, class: "grid"});
-    add("text", {x: left - 4, y: y + 4, "text-anchor": "end", class: "axis"}, int(frac * max));
+    add("text", {x: left - 4, y: y + 4, "text-anchor": "end", class: "axis"}, int(tick));
   }
   const labelEvery = Math.ceil(axisDays.length / 8);
   axisDays.forEach((day, i) => {

@@ -1,0 +1,189 @@
+"""The admin page in a real browser: Debian's chromium, headless, driven by Playwright.
+
+A real relay with fake upstreams records traffic; the page must show the numbers the store holds, draw
+them in the per-day chart, refresh by itself, and save a weight edit without touching the node's key
+or stats. Without chromium (or the playwright package) this skips locally and fails under CI=true;
+``./run.sh test`` installs chromium when it can. ``CODEX_UPDATE_SCREENSHOT=1`` also writes the
+screenshot to docs/admin.png (the README shows it).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from store.engine import make_engine
+from store.invocations import apply_batch
+from store.records import InvocationRecord, Usage
+from store.schema import codex_invocations, nodes
+from tests.conftest import IN_CI
+from tests.fakeupstream import FakeUpstream
+from tests.relayproc import ROOT, RelayProcess
+from tests.test_e2e import call, write_nodes
+
+pytestmark = pytest.mark.e2e
+
+CHROMIUM = Path("/usr/bin/chromium")
+SCREENSHOT = ROOT / "docs" / "admin.png"
+# Live calls through the relay (input, cached, output, reasoning); all on node "a" (b has weight 0).
+LIVE = [(1200, 800, 300, 100), (2400, 2000, 500, 200), (900, 0, 150, 0)]
+
+
+def _browser_missing() -> str | None:
+    if not CHROMIUM.exists():
+        return f"{CHROMIUM} not installed (./run.sh test installs Debian's chromium when run as root)"
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "the playwright package is not installed (pip install -e '.[dev]')"
+    return None
+
+
+@pytest.fixture
+def browser():
+    reason = _browser_missing()
+    if reason:
+        if IN_CI:
+            pytest.fail(f"CI=true requires the browser test: {reason}", pytrace=False)
+        pytest.skip(reason)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM))
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+def wait_for(condition, timeout: float = 30, what: str = "condition"):
+    """Poll ``condition`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.05)  # polling interval, not synchronisation
+
+
+def history(today: dt.date) -> list[InvocationRecord]:
+    """Earlier days, so the chart has bars of two sources; node b's calls give it stats to keep."""
+    out = []
+    for back, source, node, inp, out_tokens in [(1, "relay", "b", 5000, 1000), (1, "xy", "b", 2000, 500),
+                                                (3, "relay", "a", 3000, 700), (5, "xy", "b", 4000, 800)]:
+        out.append(InvocationRecord(
+            invoke_id=uuid.uuid4().hex, occurred_at=dt.datetime.combine(today - dt.timedelta(days=back), dt.time(9)),
+            source=source, endpoint="/v1/responses", status="success", node_id=node, api_format="responses",
+            model="gpt-5-codex", stream=True, http_status=200,
+            usage=Usage(input_tokens=inp, cached_tokens=inp // 2, output_tokens=out_tokens), ttfb_ms=400,
+            stream_ms=2000, response_bytes=4000))
+    return out
+
+
+def test_admin_page_shows_stats_and_edits_a_node(db_url, tmp_path, browser):
+    from playwright.sync_api import expect
+
+    today = dt.datetime.now(dt.UTC).date()
+    with FakeUpstream("a") as a, FakeUpstream("b") as b:
+        nodes_file = write_nodes(tmp_path / "nodes.toml",
+                                 [("a", a.base_url, "key-a-0123456789", 1), ("b", b.base_url, "key-b-9876543210", 0)])
+        options = {"codex_nodes": str(nodes_file), "codex_ping_interval": "0", "codex_retries": "0"}
+        with RelayProcess(db_url=db_url, options=options) as relay:
+            engine = make_engine(db_url)
+            try:
+                with engine.begin() as conn:
+                    apply_batch(conn, history(today))
+                for usage in LIVE:
+                    assert call(relay, "responses", stream=True, usage=usage)[0] == 200
+                a.behaviour.status = 500
+                assert call(relay, "responses", stream=True, usage=(1, 0, 1, 0))[0] == 500
+                a.behaviour.status = 200
+
+                def count_today():
+                    with engine.connect() as conn:
+                        return conn.execute(sa.select(sa.func.count()).select_from(codex_invocations).where(
+                            codex_invocations.c.occurred_at >= dt.datetime.combine(today, dt.time()))).scalar()
+
+                wait_for(lambda: count_today() == len(LIVE) + 1, what="the relay to store its calls")
+
+                page = browser.new_page(viewport={"width": 1500, "height": 1100})
+                page.goto(relay.url + "/admin")
+                node_a = page.locator('#nodes tr[data-node="a"]')
+
+                def col(row, name):
+                    return row.locator(f'[data-col="{name}"]')
+
+                # Node table: today's live calls plus a's history, as the store has them.
+                expect(col(node_a, "requests")).to_have_text("5")
+                expect(col(node_a, "failures")).to_have_text("1")
+                expect(col(node_a, "health")).to_have_text("80.0%")
+                expect(col(node_a, "input_tokens")).to_have_text(f"{sum(u[0] for u in LIVE) + 3000:,}")
+                expect(col(node_a, "status")).to_have_text("active")
+                expect(col(node_a, "key")).to_have_text("…6789")
+                node_b = page.locator('#nodes tr[data-node="b"]')
+                expect(col(node_b, "weight")).to_have_text("0")
+                expect(col(node_b, "requests")).to_have_text("3")
+                assert "key-a-0123456789" not in page.content()
+
+                # Chart: one bar segment per day and source, sized by the day's total tokens.
+                live_tokens = sum(u[0] + u[2] for u in LIVE)  # the failed call has no usage
+                expected = {(today.isoformat(), "relay"): live_tokens,
+                            ((today - dt.timedelta(days=1)).isoformat(), "relay"): 6000,
+                            ((today - dt.timedelta(days=1)).isoformat(), "xy"): 2500,
+                            ((today - dt.timedelta(days=3)).isoformat(), "relay"): 3700,
+                            ((today - dt.timedelta(days=5)).isoformat(), "xy"): 4800}
+                bars = page.locator("#chart-tokens rect[data-source]")
+                expect(bars).to_have_count(len(expected))
+                drawn = {(bars.nth(i).get_attribute("data-day"), bars.nth(i).get_attribute("data-source")):
+                         int(bars.nth(i).get_attribute("data-value")) for i in range(bars.count())}
+                assert drawn == expected
+                req = page.locator(f'#chart-requests rect[data-day="{today.isoformat()}"][data-source="relay"]')
+                assert req.get_attribute("data-value") == str(len(LIVE) + 1)
+                heights = {k: float(bars.nth(i).get_attribute("height")) for i, k in enumerate(drawn)}
+                tallest = max(expected, key=expected.get)
+                assert heights[tallest] == max(heights.values())  # bars scale with their numbers
+                assert page.locator("#days tbody tr").count() == len(expected)
+
+                # The page refreshes itself: a new call shows up without a reload.
+                page.select_option("#refresh", "5")
+                assert call(relay, "responses", stream=True, usage=(10, 0, 5, 0))[0] == 200
+                expect(col(node_a, "requests")).to_have_text("6", timeout=20_000)
+
+                # Edit a's weight through the form: saved in the DB, key and stats untouched.
+                page.select_option("#refresh", "0")
+                with engine.connect() as conn:
+                    before = conn.execute(sa.select(nodes).where(nodes.c.id == "a")).one()
+                node_a.locator('button[data-action="edit"]').click()
+                expect(page.locator("#node-form-title")).to_have_text("Edit node a")
+                page.fill('#node-form input[name="weight"]', "5")
+                page.click('#node-form button[type="submit"]')
+                expect(page.locator("#message")).to_have_text("Node a saved: weight 5.")
+                expect(col(node_a, "weight")).to_have_text("5")
+                with engine.connect() as conn:
+                    after = conn.execute(sa.select(nodes).where(nodes.c.id == "a")).one()
+                assert after.weight == 5 and after.api_key == "key-a-0123456789"
+                for name in ("requests", "fail_count", "total_input", "total_output", "total_bytes", "first_byte_ms"):
+                    assert getattr(after, name) == getattr(before, name), name
+
+                # Disable b from the page: the badge and the database agree.
+                node_b.locator('button[data-action="disable"]').click()
+                expect(col(node_b, "status")).to_have_text("disabled")
+                with engine.connect() as conn:
+                    assert conn.execute(sa.select(nodes.c.disabled).where(nodes.c.id == "b")).scalar()
+
+                shot = tmp_path / "admin.png"
+                page.screenshot(path=str(shot), full_page=True)
+                assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+                if os.environ.get("CODEX_UPDATE_SCREENSHOT") == "1":
+                    shutil.copyfile(shot, SCREENSHOT)
+            finally:
+                engine.dispose()
