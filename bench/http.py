@@ -1,15 +1,64 @@
-"""Relay overhead: direct to the upstream vs bare mitmdump vs the relay (SQLite, MariaDB), side by side."""
+"""Relay overhead: direct to the upstream vs bare mitmdump vs the relay (SQLite, MariaDB), side by side.
+
+Every target runs in its own process next to one fake streaming upstream (also its own process),
+and the load generator drives them in interleaved rounds (A B C D, B C D A, …) so drift on a shared
+machine hits every target alike; ratios are taken per round, then their median.
+
+Two bare baselines: ``mitmdump`` with its defaults buffers each response, ``mitmdump-stream``
+(``stream_large_bodies=1``) streams it as the relay does, so relay/mitmdump-stream is the cost of
+the addon alone and mitmdump-stream/mitmdump the cost of streaming in mitmproxy itself.
+"""
 
 from __future__ import annotations
 
+import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from contextlib import ExitStack
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.load import run_load
+import sqlalchemy as sa
+
+from bench.load import LoadResult, run_load
+from bench.scratch import scratch_mysql, sqlite_url
+from store.engine import make_engine
+from store.schema import codex_invocations
 from tests.relayproc import ROOT, RelayProcess
+
+BASELINES = ("mitmdump", "mitmdump-stream")
+CLIENT_KEY = "bench"  # what bench.load sends as its bearer token
+
+
+@dataclass
+class Target:
+    name: str
+    port: int
+    relay: RelayProcess | None = None
+    db_url: str | None = None  # where the relay records its calls
+    source: str | None = None  # its codex_source tag: this phase's rows
+    answered: int = 0  # HTTP 200 answers: each must become one recorded invocation
+    runs: dict[int, list[LoadResult]] = field(default_factory=dict)  # clients -> one result per round
+
+    def load(self, *, clients: int, seconds: float, max_requests: int | None = None) -> LoadResult:
+        res = run_load(self.port, clients=clients, seconds=seconds, max_requests=max_requests)
+        self.answered += res.requests
+        return res
+
+    def recorded(self) -> int | None:
+        """Stop the relay (it flushes its writer) and count the rows it wrote; None for a non-relay."""
+        if self.relay is None or self.db_url is None:
+            return None
+        self.relay.stop()
+        engine = make_engine(self.db_url)
+        try:
+            with engine.connect() as conn:
+                return conn.execute(sa.select(sa.func.count()).select_from(codex_invocations)
+                                    .where(codex_invocations.c.source == self.source)).scalar_one()
+        finally:
+            engine.dispose()
 
 
 def start_upstream(stack: ExitStack, *args: str) -> int:
@@ -23,51 +72,116 @@ def start_upstream(stack: ExitStack, *args: str) -> int:
     return int(line.split()[-1])
 
 
-def targets(stack: ExitStack, upstream_port: int, mysql_url: str | None) -> dict[str, int]:
-    """name -> port of each thing under test, all started and registered for stopping."""
-    tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="codex-bench-")))
+def start_targets(stack: ExitStack, upstream_port: int, tmp: Path, mysql_db: str | None, phase: str) -> list[Target]:
+    """Every thing under test, started and registered for stopping, in the order of the tables."""
     nodes = tmp / "nodes.toml"
     nodes.write_text(f'[[nodes]]\nid = "bench"\nbase_url = "http://127.0.0.1:{upstream_port}/v1"\n'
                      'api_key = "k"\nweight = 1\n')
     reverse = f"http://127.0.0.1:{upstream_port}"
     # Printing every flow costs mitmdump more than anything else here: off for all targets alike.
-    quiet = ["--set", "flow_detail=0", "--set", "termlog_verbosity=warn"]
-    relay_opts = {"codex_nodes": str(nodes), "codex_ping_interval": "0"}
-    out = {"direct": upstream_port}
-    bare = RelayProcess(db_url=None, addon=False, reverse_target=reverse, extra_args=quiet)
-    out["mitmdump"] = stack.enter_context(bare).port
-    relay = RelayProcess(db_url=f"sqlite:///{tmp / 'bench.db'}", reverse_target=reverse,
-                         options=relay_opts, extra_args=quiet)
-    out["relay-sqlite"] = stack.enter_context(relay).port
-    if mysql_url:
-        relay_my = RelayProcess(db_url=mysql_url, reverse_target=reverse, options=relay_opts, extra_args=quiet)
-        out["relay-mariadb"] = stack.enter_context(relay_my).port
+    quiet = ["--set", "flow_detail=0"]
+    out = [Target("direct", upstream_port)]
+    for name, extra in (("mitmdump", []), ("mitmdump-stream", ["--set", "stream_large_bodies=1"])):
+        bare = RelayProcess(db_url=None, addon=False, reverse_target=reverse, extra_args=quiet + extra)
+        out.append(Target(name, stack.enter_context(bare).port))
+    # As deployed: node file, client keys; pings off so only client traffic is measured.
+    relay_opts = {"codex_nodes": str(nodes), "codex_ping_interval": "0", "codex_source": phase,
+                  "codex_client_keys": f"{CLIENT_KEY}={CLIENT_KEY}"}
+    dbs = [("relay-sqlite", sqlite_url(tmp, f"{phase}.db"), {})]
+    if mysql_db:
+        dbs.append(("relay-mariadb", mysql_db, {"codex_spool": str(tmp / f"{phase}-mariadb.spool")}))
+    for name, url, opts in dbs:
+        relay = RelayProcess(db_url=url, reverse_target=reverse, options=relay_opts | opts, extra_args=quiet)
+        out.append(Target(name, stack.enter_context(relay).port, relay, url, phase))
     return out
 
 
-def bench_http(*, seconds: float, clients: list[int], rounds: int, mysql_url: str | None,
-               ttfb_delay: float, ttfb_requests: int) -> dict:
-    results: dict = {"throughput": [], "ttfb": []}
-    with ExitStack() as stack:
-        ports = targets(stack, start_upstream(stack), mysql_url)
-        for port in ports.values():  # warm-up: connections, imports, first DB writes
-            run_load(port, clients=4, seconds=0.5)
-        for c in clients:
-            for r in range(rounds):
-                # Interleaved so drift on a shared machine hits every target alike.
-                for name, port in ports.items():
-                    res = run_load(port, clients=c, seconds=seconds).summary()
-                    results["throughput"].append({"target": name, "round": r, **res})
-                    print(f"  {name:14} clients={c:<3} round={r} {res['rps']:>8} req/s  "
-                          f"median {res['latency_median_ms']} ms  p99 {res['latency_p99_ms']} ms", flush=True)
-    with ExitStack() as stack:
-        port = start_upstream(stack, "--first-byte-delay", str(ttfb_delay))
-        ports = targets(stack, port, None)
-        for p in ports.values():
-            run_load(p, clients=1, seconds=5, max_requests=3)
-        for name, p in ports.items():
-            res = run_load(p, clients=1, seconds=600, max_requests=ttfb_requests).summary()
-            results["ttfb"].append({"target": name, "first_event_delay_ms": ttfb_delay * 1000, **res})
-            print(f"  {name:14} TTFB median {res['ttfb_median_ms']} ms (upstream delay {ttfb_delay * 1000:g} ms)",
-                  flush=True)
-    return results
+def _rotated(targets: list[Target], r: int) -> list[Target]:
+    k = r % len(targets)
+    return targets[k:] + targets[:k]
+
+
+def _ratio(a: LoadResult, b: LoadResult) -> float | None:
+    return a.rps / b.rps if b.rps else None
+
+
+def _median(values: list[float | None]) -> float | None:
+    values = [v for v in values if v is not None]
+    return round(statistics.median(values), 3) if values else None
+
+
+def throughput(targets: list[Target], *, clients: list[int], rounds: int, seconds: float,
+               log: Callable[[str], None]) -> list[dict]:
+    for t in targets:  # warm-up: connections, imports, the relay's first DB writes
+        t.load(clients=4, seconds=min(1.0, seconds))
+    for c in clients:
+        for r in range(rounds):
+            for t in _rotated(targets, r):
+                res = t.load(clients=c, seconds=seconds)
+                t.runs.setdefault(c, []).append(res)
+            log(f"  clients={c:<3} round {r + 1}/{rounds}: " + "  ".join(
+                f"{t.name} {t.runs[c][-1].rps:,.0f}" for t in targets) + " req/s")
+    by_name = {t.name: t for t in targets}
+    rows = []
+    for c in clients:
+        for t in targets:
+            pooled = LoadResult.merge(t.runs[c]).summary()
+            row = {"target": t.name, "clients": c, "rps": _median([x.rps for x in t.runs[c]]),
+                   "rps_rounds": [round(x.rps, 1) for x in t.runs[c]], "errors": pooled["errors"],
+                   "latency_median_ms": pooled["latency_median_ms"], "latency_p99_ms": pooled["latency_p99_ms"]}
+            for base in BASELINES:  # per-round ratios: both numbers of a pair saw the same machine
+                row[f"vs_{base}"] = _median([_ratio(x, y) for x, y in zip(t.runs[c], by_name[base].runs[c],
+                                                                            strict=True)])
+            rows.append(row)
+    return rows
+
+
+def ttfb(targets: list[Target], *, rounds: int, per_round: int, log: Callable[[str], None]) -> list[dict]:
+    for t in targets:
+        t.load(clients=1, seconds=5, max_requests=2)
+    samples: dict[str, list[LoadResult]] = {t.name: [] for t in targets}
+    for r in range(rounds):
+        for t in _rotated(targets, r):
+            samples[t.name].append(t.load(clients=1, seconds=120, max_requests=per_round))
+        log(f"  TTFB round {r + 1}/{rounds}: " + "  ".join(
+            f"{t.name} {statistics.median(samples[t.name][-1].ttfbs_ms or [0]):.1f}" for t in targets) + " ms")
+    pooled = {name: LoadResult.merge(res).summary() for name, res in samples.items()}
+    direct = pooled["direct"]["ttfb_median_ms"]
+    return [{"target": name, "samples": len(LoadResult.merge(samples[name]).ttfbs_ms), "errors": s["errors"],
+             "ttfb_median_ms": s["ttfb_median_ms"], "ttfb_p99_ms": s["ttfb_p99_ms"],
+             "latency_median_ms": s["latency_median_ms"],
+             "added_vs_direct_ms": round(s["ttfb_median_ms"] - direct, 3)
+             if s["ttfb_median_ms"] is not None and direct is not None else None}
+            for name, s in pooled.items()]
+
+
+def _recorded(targets: list[Target]) -> dict[str, dict]:
+    return {t.name: {"answered": t.answered, "recorded": t.recorded()} for t in targets if t.relay is not None}
+
+
+def bench_http(*, seconds: float, clients: list[int], rounds: int, mysql_server: str | None,
+               ttfb_delay: float, ttfb_event_delay: float, ttfb_rounds: int, ttfb_per_round: int,
+               log: Callable[[str], None] = print) -> dict:
+    """Throughput and latency at each concurrency, then TTFB of a stream whose first event comes after
+    ``ttfb_delay`` s (and each next one ``ttfb_event_delay`` s later); relays on SQLite and, with a
+    ``mysql_server`` URL, on a scratch MariaDB database."""
+    out: dict = {"config": {"seconds": seconds, "clients": clients, "rounds": rounds,
+                            "ttfb_first_event_delay_ms": ttfb_delay * 1000,
+                            "ttfb_event_delay_ms": ttfb_event_delay * 1000, "ttfb_rounds": ttfb_rounds,
+                            "ttfb_requests_per_round": ttfb_per_round}}
+    with ExitStack() as outer:
+        tmp = Path(outer.enter_context(tempfile.TemporaryDirectory(prefix="codex-bench-")))
+        mysql_db = outer.enter_context(scratch_mysql(mysql_server)) if mysql_server else None
+        with ExitStack() as stack:
+            targets = start_targets(stack, start_upstream(stack), tmp, mysql_db, "bench-throughput")
+            log(f"throughput: {', '.join(t.name for t in targets)}; {rounds} rounds of {seconds:g} s")
+            out["throughput"] = throughput(targets, clients=clients, rounds=rounds, seconds=seconds, log=log)
+            out["recorded"] = _recorded(targets)
+        with ExitStack() as stack:
+            port = start_upstream(stack, "--first-byte-delay", str(ttfb_delay), "--event-delay", str(ttfb_event_delay))
+            targets = start_targets(stack, port, tmp, mysql_db, "bench-ttfb")
+            log(f"TTFB: first event after {ttfb_delay * 1000:g} ms, then one every {ttfb_event_delay * 1000:g} ms")
+            out["ttfb"] = ttfb(targets, rounds=ttfb_rounds, per_round=ttfb_per_round, log=log)
+            for name, rec in _recorded(targets).items():
+                out["recorded"][f"{name} (ttfb)"] = rec
+    return out

@@ -1,7 +1,8 @@
 """A small keep-alive HTTP/1.1 load generator on asyncio: requests/s, latency and TTFB percentiles.
 
 Each client holds one connection and sends streamed Responses API calls back to back; TTFB is the
-time from sending the request to the first byte of the response body (the first SSE event).
+time from sending the request to the first chunk of the response body (the first SSE event). A
+connection the server drops counts as an error and is opened again.
 """
 
 from __future__ import annotations
@@ -10,85 +11,121 @@ import asyncio
 import json
 import statistics
 import time
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 BODY = json.dumps({"model": "gpt-5-codex", "stream": True, "input": "bench",
                    "metadata": {"fake_usage": [1200, 800, 300, 100]}}).encode()
 
 
+def percentile(values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile, None for no values."""
+    if not values:
+        return None
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
 @dataclass
 class LoadResult:
     clients: int
-    requests: int
-    errors: int
-    seconds: float
-    latencies_ms: list[float]
-    ttfbs_ms: list[float]
+    requests: int = 0  # HTTP 200 answers read to the end
+    errors: int = 0  # other statuses and broken connections
+    seconds: float = 0.0
+    latencies_ms: list[float] = field(default_factory=list)
+    ttfbs_ms: list[float] = field(default_factory=list)
 
     @property
     def rps(self) -> float:
         return self.requests / self.seconds if self.seconds else 0.0
 
-    @staticmethod
-    def _pct(values: list[float], q: float) -> float:
-        if not values:
-            return float("nan")
-        s = sorted(values)
-        return s[min(len(s) - 1, int(q * len(s)))]
+    @classmethod
+    def merge(cls, results: Iterable[LoadResult]) -> LoadResult:
+        """Pool runs of the same target: counts and samples add up."""
+        out = cls(clients=0)
+        for r in results:
+            out.clients = r.clients
+            out.requests += r.requests
+            out.errors += r.errors
+            out.seconds += r.seconds
+            out.latencies_ms += r.latencies_ms
+            out.ttfbs_ms += r.ttfbs_ms
+        return out
 
     def summary(self) -> dict:
+        def ms(v: float | None) -> float | None:
+            return None if v is None else round(v, 3)
+
         return {"clients": self.clients, "requests": self.requests, "errors": self.errors,
-                "rps": round(self.rps, 1),
-                "latency_median_ms": round(statistics.median(self.latencies_ms), 3) if self.latencies_ms else None,
-                "latency_p99_ms": round(self._pct(self.latencies_ms, 0.99), 3) if self.latencies_ms else None,
-                "ttfb_median_ms": round(statistics.median(self.ttfbs_ms), 3) if self.ttfbs_ms else None}
+                "seconds": round(self.seconds, 3), "rps": round(self.rps, 1),
+                "latency_median_ms": ms(statistics.median(self.latencies_ms)) if self.latencies_ms else None,
+                "latency_p99_ms": ms(percentile(self.latencies_ms, 0.99)),
+                "ttfb_median_ms": ms(statistics.median(self.ttfbs_ms)) if self.ttfbs_ms else None,
+                "ttfb_p99_ms": ms(percentile(self.ttfbs_ms, 0.99))}
 
 
-async def _read_chunked(reader: asyncio.StreamReader, t0: float, ttfb: list[float]) -> None:
-    first = True
+async def _read_chunked(reader: asyncio.StreamReader, t0: float) -> float | None:
+    """Read a chunked body to its end; the TTFB in ms (None for an empty body)."""
+    ttfb = None
     while True:
         size = int((await reader.readline()).strip(), 16)
         if size == 0:
             await reader.readline()
-            return
+            return ttfb
         await reader.readexactly(size + 2)
-        if first:
-            ttfb.append((time.perf_counter() - t0) * 1000)
-            first = False
+        if ttfb is None:
+            ttfb = (time.perf_counter() - t0) * 1000
+
+
+async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, head: bytes,
+                    res: LoadResult) -> None:
+    t0 = time.perf_counter()
+    writer.write(head)
+    status = await reader.readline()
+    if not status:
+        raise ConnectionError("connection closed by the server")
+    headers = {}
+    while (line := await reader.readline()) not in (b"\r\n", b""):
+        k, _, v = line.decode("latin-1").partition(":")
+        headers[k.strip().lower()] = v.strip()
+    ttfb = None
+    if headers.get("transfer-encoding") == "chunked":
+        ttfb = await _read_chunked(reader, t0)
+    else:
+        await reader.readexactly(int(headers.get("content-length", 0)))
+    if b" 200 " not in status:
+        res.errors += 1
+        return
+    res.requests += 1
+    res.latencies_ms.append((time.perf_counter() - t0) * 1000)
+    if ttfb is not None:
+        res.ttfbs_ms.append(ttfb)
 
 
 async def _client(port: int, path: str, deadline: float, max_requests: int | None, res: LoadResult) -> None:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
     head = (f"POST {path} HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\ncontent-type: application/json\r\n"
             f"authorization: Bearer bench\r\ncontent-length: {len(BODY)}\r\n\r\n").encode() + BODY
     done = 0
-    try:
-        while time.perf_counter() < deadline and (max_requests is None or done < max_requests):
-            t0 = time.perf_counter()
-            writer.write(head)
-            status = await reader.readline()
-            headers = {}
-            while (line := await reader.readline()) not in (b"\r\n", b""):
-                k, _, v = line.decode("latin-1").partition(":")
-                headers[k.strip().lower()] = v.strip()
-            if headers.get("transfer-encoding") == "chunked":
-                await _read_chunked(reader, t0, res.ttfbs_ms)
-            else:
-                await reader.readexactly(int(headers.get("content-length", 0)))
-            res.latencies_ms.append((time.perf_counter() - t0) * 1000)
-            if b" 200 " in status:
-                res.requests += 1
-            else:
-                res.errors += 1
+    while time.perf_counter() < deadline and (max_requests is None or done < max_requests):
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            res.errors += 1
             done += 1
-    except (ConnectionError, asyncio.IncompleteReadError, ValueError):
-        res.errors += 1
-    finally:
-        writer.close()
+            await asyncio.sleep(0.05)  # no busy loop against a server that is not there
+            continue
+        try:
+            while time.perf_counter() < deadline and (max_requests is None or done < max_requests):
+                done += 1
+                await _exchange(reader, writer, head, res)
+        except (ConnectionError, asyncio.IncompleteReadError, ValueError):
+            res.errors += 1
+        finally:
+            writer.close()
 
 
 async def _run(port: int, clients: int, seconds: float, max_requests: int | None, path: str) -> LoadResult:
-    res = LoadResult(clients, 0, 0, 0.0, [], [])
+    res = LoadResult(clients)
     start = time.perf_counter()
     deadline = start + seconds
     await asyncio.gather(*(_client(port, path, deadline, max_requests, res) for _ in range(clients)))
