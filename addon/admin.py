@@ -36,7 +36,6 @@ from addon.relay import Relay
 from store import stats
 from store.nodes import load_nodes
 from store.reconcile import ReconcileError, as_json, reconcile
-from store.sources import load_sources_file
 
 log = logging.getLogger("codex.admin")
 
@@ -318,29 +317,23 @@ class Admin:
         return {"writer": dataclasses.asdict(writer.stats()) if writer is not None else None}
 
     def _reconcile(self, date: str | None) -> dict:
-        """Each daily stats source against the relay's calls, when the relay polls sources."""
-        try:
-            path = ctx.options.codex_stats_sources
-        except AttributeError:  # no stats poller loaded in this relay
-            path = ""
-        if not path:
-            return {"configured": False, "results": []}
+        """Each daily stats source the relay polls against the relay's own calls, and its last poll."""
+        poller = self.relay.poller
+        if poller is None:
+            return {"configured": False, "results": [], "polls": []}
         try:
             day = dt.date.fromisoformat(date) if date else dt.datetime.now(dt.UTC).date()
         except ValueError:
             raise HttpError(400, f"date must be YYYY-MM-DD, got {date!r}") from None
-        try:
-            sources = [s for s in load_sources_file(path) if s.period == "daily" and s.nodes]
-        except ConfigError as e:
-            raise HttpError(500, str(e)) from None
         results = []
         with self._engine().connect() as conn:
-            for source in sources:
+            for source in poller.sources:
                 try:
                     results.append(as_json(reconcile(conn, source, day)))
-                except ReconcileError as e:
+                except ReconcileError as e:  # not a daily source, or no nodes named
                     results.append({"source": source.name, "stats_date": day.isoformat(), "error": str(e)})
-        return {"configured": True, "results": results}
+        polls = [r.describe() for r in list(poller.last_results.values())]
+        return {"configured": True, "results": results, "polls": polls}
 
 
 def _limit(value: str | None) -> int:

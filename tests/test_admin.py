@@ -10,6 +10,7 @@ import asyncio
 import datetime as dt
 import json
 import threading
+import time
 from http.client import HTTPConnection
 from types import SimpleNamespace
 
@@ -26,6 +27,7 @@ from store.engine import make_engine, upgrade_to_head
 from store.invocations import apply_batch
 from store.records import InvocationRecord, Usage
 from store.schema import codex_invocations, nodes
+from tests.fakestats import FakeStats, crs_item, crs_response
 from tests.fakeupstream import FakeUpstream
 from tests.relayproc import RelayProcess
 from tests.test_e2e import call, write_nodes
@@ -70,6 +72,13 @@ def ask(admin: Admin, method: str, path: str, body: object = None, *, headers: d
     f.request = http.Request.make(method, "http://127.0.0.1:9" + path, content, {**hdrs, **(headers or {})})
     asyncio.run(admin.request(f))
     return f.response
+
+
+def wait_for(condition, what: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)  # polling interval, not synchronisation
 
 
 def data(resp: http.Response) -> dict:
@@ -191,9 +200,29 @@ def test_days_recent_writer_and_reconcile_endpoints(env):
     assert (model["model"], model["requests"]) == ("gpt-5-codex", 3)
     writer = data(ask(env.admin, "GET", "/admin/api/writer"))["writer"]
     assert writer["db_ok"] is True and writer["spooled"] == 0
-    assert data(ask(env.admin, "GET", "/admin/api/reconcile")) == {"configured": False, "results": []}
+    assert data(ask(env.admin, "GET", "/admin/api/reconcile")) == {"configured": False, "results": [], "polls": []}
     assert ask(env.admin, "GET", "/admin/api/nope").status_code == 404
     assert ask(env.admin, "DELETE", "/admin/api/nodes").status_code == 405
+
+
+def test_reconcile_panel_compares_the_polled_sources(env, tmp_path):
+    today = dt.datetime.now(dt.UTC).date()
+    with env.relay.engine.begin() as conn:  # today's one call through alpha, as the provider counts it
+        apply_batch(conn, [InvocationRecord(
+            invoke_id="today", occurred_at=dt.datetime.combine(today, dt.time()), source="relay",
+            endpoint="/v1/responses", status="success", node_id="alpha", model="gpt-5-codex",
+            usage=Usage(input_tokens=500, output_tokens=20))])
+    with FakeStats() as provider:
+        provider.queue(200, crs_response(crs_item("gpt-5-codex", 1, 500, 20)))
+        sources = tmp_path / "sources.toml"
+        sources.write_text(f'[[sources]]\nname = "crs"\nurl = "{provider.url}"\ninterval = 3600\nnodes = ["alpha"]\n')
+        env.tctx.configure(env.relay, codex_stats_sources=str(sources))
+        wait_for(lambda: "crs" in env.relay.poller.last_results, "the first poll")
+    got = data(ask(env.admin, "GET", f"/admin/api/reconcile?date={today}"))
+    assert got["configured"] is True and got["polls"][0].startswith("crs: captured at ")
+    (result,) = got["results"]
+    assert (result["source"], result["stats_date"], result["ok"]) == ("crs", today.isoformat(), True)
+    assert ask(env.admin, "GET", "/admin/api/reconcile?date=yesterday").status_code == 400
 
 
 def test_slow_queries_leave_the_event_loop_free(env, monkeypatch):

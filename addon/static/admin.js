@@ -308,7 +308,8 @@ async function showReconcile(event) {
       box.replaceChildren(el("p", {class: "muted"}, "No stats sources configured (codex_stats_sources)."));
       return;
     }
-    box.replaceChildren(...data.results.map((r) => {
+    const polls = el("ul", {class: "muted"}, ...data.polls.map((line) => el("li", {}, "last poll: " + line)));
+    box.replaceChildren(polls, ...data.results.map((r) => {
       if (r.error) return el("p", {class: "error"}, `${r.source}: ${r.error}`);
       if (!r.captured_at) return el("p", {class: "muted"}, `${r.source}: no provider snapshot of ${r.stats_date}.`);
       const rows = r.rows.map((x) => el("tr", {class: x.within ? "" : "bad"}, cell("model", x.model ?? "(all models)"),
