@@ -1,0 +1,97 @@
+"""Smoke test of the benchmarks: every part runs at tiny sizes and yields a complete result.
+
+Timings are not asserted (a shared 2-core machine makes them noise); the structure and the
+bookkeeping checks the benchmarks make (every call recorded, every record stored) are.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import sqlalchemy as sa
+
+from bench.__main__ import main
+from bench.http import BASELINES
+from bench.queries import QUERIES
+from bench.writer import slope
+from tests.conftest import MYSQL_SERVER_URL, require_mysql
+
+pytestmark = pytest.mark.e2e  # starts real mitmdump processes
+
+
+def _bench_databases() -> set[str]:
+    engine = sa.create_engine(MYSQL_SERVER_URL)
+    try:
+        with engine.connect() as conn:
+            return set(conn.execute(sa.text("SHOW DATABASES LIKE 'codex_bench\\_%'")).scalars())
+    finally:
+        engine.dispose()
+
+
+def _check_http(r: dict, relays: list[str]) -> None:
+    targets = ["direct", *BASELINES, *relays]
+    rows = r["throughput"]
+    assert [(t["clients"], t["target"]) for t in rows] == [(c, t) for c in (1, 4) for t in targets]
+    for t in rows:
+        assert t["rps"] > 0 and t["errors"] == 0
+        assert t["latency_median_ms"] is not None and t["latency_p99_ms"] is not None
+        assert all(t[f"vs_{b}"] is not None for b in BASELINES)
+    assert [t["target"] for t in r["ttfb"]] == targets
+    assert all(t["ttfb_median_ms"] is not None and t["samples"] > 0 for t in r["ttfb"])
+    assert set(r["recorded"]) == {*relays, *(f"{name} (ttfb)" for name in relays)}
+    for rec in r["recorded"].values():
+        assert rec["answered"] > 0 and rec["recorded"] == rec["answered"]
+
+
+def _check_writer(r: dict, backends: list[str]) -> None:
+    assert list(r) == backends
+    for w in r.values():
+        assert w["burst"]["per_s"] > 0 and w["burst"]["queue"]
+        assert w["paced"]["achieved_per_s"] > 0 and w["paced"]["queue"]
+        assert isinstance(w["paced"]["queue_growing"], bool)
+        check = w["check"]
+        assert check["stored"] == check["submitted"] == check["node_requests"] > 0
+        assert check["rejected"] == 0 and check["spooled"] == 0
+
+
+def _check_queries(r: dict, backends: list[str]) -> None:
+    assert list(r["results"]) == list(r["load_seconds"]) == backends
+    for results in r["results"].values():
+        expected = [(name, window) for window in ("all", "7 days") for name in QUERIES]
+        assert [(q["query"], q["window"]) for q in results] == expected
+        for q in results:
+            assert q["rows"] > 0 and q["runs"] >= 1 and q["median_ms"] >= 0
+            assert q["plan"], f"no plan captured for {q['query']}"
+
+
+def _run(tmp_path, mysql_url: str) -> dict:
+    out = tmp_path / "results.json"
+    assert main(["--quick", "--mysql-url", mysql_url, "--out", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+def test_quick_run_sqlite(tmp_path) -> None:
+    r = _run(tmp_path, "")
+    assert r["quick"] and r["machine"]["cpus"] >= 1
+    _check_http(r["http"], ["relay-sqlite"])
+    _check_writer(r["writer"], ["sqlite"])
+    _check_queries(r["queries"], ["sqlite"])
+
+
+@pytest.mark.mysql
+def test_quick_run_mariadb_uses_scratch_databases(tmp_path) -> None:
+    require_mysql()
+    before = _bench_databases()
+    r = _run(tmp_path, MYSQL_SERVER_URL)
+    assert "mariadb_skipped" not in r
+    _check_http(r["http"], ["relay-sqlite", "relay-mariadb"])
+    _check_writer(r["writer"], ["sqlite", "mariadb"])
+    _check_queries(r["queries"], ["sqlite", "mariadb"])
+    assert _bench_databases() <= before  # every scratch database was dropped
+
+
+def test_queue_slope() -> None:
+    assert slope([(0.0, 0), (1.0, 100), (2.0, 200)]) == pytest.approx(100.0)
+    assert slope([(0.0, 50), (1.0, 50)]) == 0.0
+    assert slope([(0.0, 7)]) == 0.0
