@@ -310,8 +310,8 @@ class Relay:
         node = self.pool.choose(session_key=state.session_key if state else None)
         if node is None:
             flow.response = http.Response.make(
-                503, error_body("codex-relay: no upstream node is available: every node is failed or has "
-                                "weight 0", "no_node_available"),
+                503, error_body("codex-relay: no upstream node is available: every node is failed, disabled "
+                                "or has weight 0", "no_node_available"),
                 {"content-type": "application/json"})
             return
         self._route(flow, node)
