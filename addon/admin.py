@@ -83,6 +83,12 @@ def _loopback_origin(origin: str) -> bool:
         return False
 
 
+def _same(given: str, expected: str) -> bool:
+    # Fixed-length digests: the comparison reveals neither the secret nor its length.
+    digest = [hashlib.sha256(s.encode("utf-8", "surrogateescape")).digest() for s in (given, expected)]
+    return hmac.compare_digest(*digest)
+
+
 def session_cookie(token: str) -> str:
     """The login cookie's value: derived from the token, so it is not the token itself and a new
     token logs every browser out."""
@@ -153,8 +159,10 @@ class Admin:
         except HttpError as e:
             flow.response = json_response(e.status, {"error": e.message})
         except sa.exc.SQLAlchemyError as e:
-            log.warning("admin %s %s: database error: %s", flow.request.method, flow.request.path, e)
-            flow.response = json_response(503, {"error": f"database: {str(getattr(e, 'orig', e)).strip()[:300]}"})
+            # The driver's message only: SQLAlchemy's own text lists the statement's parameters (API keys).
+            reason = str(getattr(e, "orig", None) or type(e).__name__).strip()[:300]
+            log.warning("admin %s %s: database error: %s", flow.request.method, flow.request.path, reason)
+            flow.response = json_response(503, {"error": f"database: {reason}"})
         except Exception:
             log.exception("admin %s %s failed", flow.request.method, flow.request.path)
             flow.response = json_response(500, {"error": "internal error: see the relay's log"})
@@ -169,12 +177,10 @@ class Admin:
 
     # -- access ------------------------------------------------------------------------------------
     def _authorised(self, flow: http.HTTPFlow) -> bool:
-        expected = self._token.encode()
         auth = flow.request.headers.get("authorization", "")
-        if auth[:7].lower() == "bearer " and hmac.compare_digest(auth[7:].strip().encode(), expected):
+        if auth[:7].lower() == "bearer " and _same(auth[7:].strip(), self._token):
             return True
-        cookie = flow.request.cookies.get(COOKIE, "")
-        return hmac.compare_digest(cookie.encode(), session_cookie(self._token).encode())
+        return _same(flow.request.cookies.get(COOKIE, ""), session_cookie(self._token))
 
     def _denied(self, flow: http.HTTPFlow, path: str) -> http.Response | None:
         """The refusal for a request that may not reach ``path``, or None."""
@@ -234,8 +240,7 @@ class Admin:
     def _login(self, flow: http.HTTPFlow) -> http.Response:
         if not self._token:
             return _response(303, "", "text/plain", location=PREFIX)
-        given = flow.request.urlencoded_form.get("token", "")
-        if not hmac.compare_digest(given.encode(), self._token.encode()):
+        if not _same(flow.request.urlencoded_form.get("token", ""), self._token):
             log.warning("admin: failed login from %s", flow.client_conn.peername[0])
             return _login_page(401, "Wrong token.")
         cookie = f"{COOKIE}={session_cookie(self._token)}; Path={PREFIX}; HttpOnly; SameSite=Strict"

@@ -292,6 +292,18 @@ def test_bad_node_is_refused(env, body, message):
     assert node_row(env.relay, "alpha").weight == 2
 
 
+def test_database_error_is_a_503_without_the_statement(env, monkeypatch):
+    def down(config):
+        raise sa.exc.OperationalError("UPDATE nodes SET api_key=%s", {"api_key": config.api_key},
+                                      Exception("(2006, 'MySQL server has gone away')"))
+
+    monkeypatch.setattr(env.relay, "update_node", down)
+    resp = ask(env.admin, "POST", "/admin/api/nodes", {"id": "alpha", "base_url": "http://127.0.0.1:9/v1",
+                                                       "api_key": "sk-fresh-key-99990000"})
+    assert resp.status_code == 503 and "gone away" in data(resp)["error"]
+    assert b"sk-fresh-key-99990000" not in resp.content and b"UPDATE" not in resp.content
+
+
 def test_disable_and_enable(env):
     resp = ask(env.admin, "POST", "/admin/api/nodes/alpha/disable", {})
     assert resp.status_code == 200 and data(resp)["node"]["status"] == "disabled"
