@@ -10,12 +10,13 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import threading
 from pathlib import Path
 
 import pytest
 from mitmproxy import io
 
-from tests.fakeupstream import FakeUpstream
+from tests.fakeupstream import Behaviour, FakeUpstream
 from tests.relayproc import RelayProcess
 from tests.test_e2e import PATHS, rows, write_nodes
 from tests.test_failover import wait_for
@@ -131,3 +132,38 @@ def test_bad_client_keys_option_stops_the_relay(tmp_path):
         relay.start()
     assert relay.stop() != 0
     assert "codex_client_keys: cannot read" in relay.output()
+
+
+@pytest.mark.xfail(strict=True, reason="relay.py keeps CallState (with the Node and its NodeConfig.api_key) in "
+                   "flow.metadata: -w's save at shutdown fails on it and logs its repr, key included. Fix: keep "
+                   "the state out of flow.metadata, or NodeConfig.api_key = field(repr=False); then drop this mark.")
+def test_stream_in_flight_at_shutdown_leaks_no_key(tmp_path):
+    flows_file = tmp_path / "flows.mitm"
+    hold, first_event = threading.Event(), threading.Event()
+    with FakeUpstream("slow", behaviour=Behaviour(hold=hold)) as up:
+        nodes = write_nodes(tmp_path / "nodes.toml", [("slow", up.base_url, KEY_A, 1)])
+        relay = RelayProcess(db_url=f"sqlite:///{tmp_path / 'codex.db'}",
+                             options={"codex_nodes": str(nodes), "codex_ping_interval": "0"},
+                             extra_args=["-w", str(flows_file)]).start()
+
+        def client() -> None:
+            conn = http.client.HTTPConnection("127.0.0.1", relay.port, timeout=30)
+            conn.request("POST", PATHS["responses"], json.dumps({"model": "m", "stream": True}),
+                         {"authorization": "Bearer client-key"})
+            resp = conn.getresponse()
+            resp.read1(65536)
+            first_event.set()
+            with contextlib.suppress(OSError, http.client.HTTPException):
+                resp.read()  # cut off by the shutdown
+
+        thread = threading.Thread(target=client, daemon=True)
+        thread.start()
+        try:
+            assert first_event.wait(30), "the stream did not start"
+            relay.stop()  # the stream is still open: -w writes the in-flight flow at shutdown
+        finally:
+            hold.set()
+            relay.kill()
+        thread.join(30)
+    assert "LEAKCANARY" not in relay.output()
+    assert b"LEAKCANARY" not in flows_file.read_bytes()
