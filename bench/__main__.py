@@ -181,7 +181,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "codex_bench_<hex> is created there and dropped, the URL's own database is never "
                              "used. Empty: SQLite only")
     parser.add_argument("--out", type=Path, help="JSON results file (default bench/results/<UTC timestamp>.json)")
+    parser.add_argument("--show", type=Path, metavar="JSON", help="print the tables of an earlier results file")
     args = parser.parse_args(argv)
+    if args.show:
+        earlier = json.loads(args.show.read_text())
+        print(f"{args.show}: started {earlier['started']}, {earlier['machine']['cpus']} CPUs")
+        for part in PARTS:
+            if part in earlier:
+                print(TABLES[part](earlier[part]))
+        return 0
     started = dt.datetime.now(dt.UTC)
     out_path = args.out or Path("bench/results") / f"{started:%Y%m%dT%H%M%SZ}.json"
     sizes = QUICK if args.quick else FULL
