@@ -7,9 +7,9 @@ invocation: it is not recorded in ``codex_invocations`` and counts against no no
 flows that already have a response). An accepted request carries the key's *name* (never the key)
 in ``flow.metadata["codex_client_key"]``, which the relay records as ``client_key``.
 
-Not checked: paths under ``/admin`` (the admin page has its own token) and replayed flows (the
-relay's retries are replays of copies that already carry a node's key; a replay from mitmweb is the
-operator's own).
+Not checked: paths under ``/admin`` on the relay's own port, i.e. in reverse mode (the admin page
+answers those itself and has its own token), and replayed flows (the relay's retries are replays of
+copies that already carry a node's key; a replay from mitmweb is the operator's own).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import logging
 from pathlib import Path
 
 from mitmproxy import ctx, exceptions, http
+from mitmproxy.proxy.mode_specs import ReverseMode
 
 from addon.relay import CLIENT_KEY_NAME, error_body
 
@@ -141,7 +142,9 @@ class ClientAuth:
     def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live or flow.is_replay or not self._keys:
             return
-        if is_admin_path(flow.request.path):
+        # The admin page answers /admin only on the relay's own port (reverse mode); in regular mode
+        # such a path belongs to whatever site the client asked for and the relay would route it.
+        if isinstance(flow.client_conn.proxy_mode, ReverseMode) and is_admin_path(flow.request.path):
             return
         name = self.identify(flow.request.headers)
         if name is not None:

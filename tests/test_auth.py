@@ -7,6 +7,7 @@ import json
 
 import pytest
 from mitmproxy import exceptions
+from mitmproxy.proxy.mode_specs import ProxyMode
 from mitmproxy.test import taddons, tflow
 
 from addon.auth import ClientAuth, is_admin_path, parse_client_keys
@@ -110,8 +111,14 @@ def test_unknown_key_gets_openai_shaped_401(auth, headers, says):
 
 def test_admin_paths_and_replays_are_not_checked(auth):
     admin = flow("/admin/api/nodes?x=1")
+    admin.client_conn.proxy_mode = ProxyMode.parse("reverse:http://127.0.0.1:9")  # the relay's own port
     auth.request(admin)
     assert admin.response is None
+    # As a forward proxy, /admin is some site's path, which the admin page does not answer.
+    elsewhere = flow("/admin/api/nodes")
+    elsewhere.client_conn.proxy_mode = ProxyMode.parse("regular")
+    auth.request(elsewhere)
+    assert elsewhere.response.status_code == 401
     # The relay's retries are replays whose Authorization already is a node's key.
     replay = flow(headers={"authorization": "Bearer node-key"})
     replay.is_replay = "request"
