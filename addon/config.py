@@ -51,6 +51,9 @@ def node_from_mapping(item: Any, where: str) -> NodeConfig:
     name = item.get("name", node_id)
     if not isinstance(api_key, str) or not isinstance(name, str):
         raise ConfigError(f"{where} ({node_id}): name and api_key must be strings")
+    # The column sizes of `nodes`: MySQL would refuse a longer value with the key in its error text.
+    if len(api_key) > 512 or len(name) > 128 or len(base_url) > 512:
+        raise ConfigError(f"{where} ({node_id}): api_key and base_url are limited to 512 characters, name to 128")
     return NodeConfig(id=node_id, name=name, base_url=base_url, api_key=api_key, weight=weight)
 
 

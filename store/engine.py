@@ -37,8 +37,9 @@ def make_engine(url: str) -> sa.Engine:
                        ("charset", "utf8mb4")):
         query.setdefault(key, value)
     # READ COMMITTED: the writer's increments need no gap locks, which keeps two relays from deadlocking.
+    # hide_parameters: a failed statement's error text must not carry node API keys into logs.
     return sa.create_engine(parsed.set(query=query), pool_pre_ping=True, pool_recycle=3600,
-                            isolation_level="READ COMMITTED")
+                            isolation_level="READ COMMITTED", hide_parameters=True)
 
 
 def _sqlite_engine(url: sa.URL) -> sa.Engine:
@@ -46,10 +47,11 @@ def _sqlite_engine(url: sa.URL) -> sa.Engine:
     memory = database in ("", ":memory:") or url.query.get("mode") == "memory"
     if memory:
         # One shared connection, or every connection would see its own empty database.
-        engine = sa.create_engine(url, poolclass=StaticPool, connect_args={"check_same_thread": False})
+        engine = sa.create_engine(url, poolclass=StaticPool, connect_args={"check_same_thread": False},
+                                  hide_parameters=True)
     else:
         Path(database).expanduser().resolve().parent.mkdir(parents=True, exist_ok=True)
-        engine = sa.create_engine(url, connect_args={"timeout": 30})
+        engine = sa.create_engine(url, connect_args={"timeout": 30}, hide_parameters=True)
 
     @sa.event.listens_for(engine, "connect")
     def _pragmas(dbapi_conn, _record) -> None:  # noqa: ANN001 - DBAPI objects have no types

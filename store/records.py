@@ -35,7 +35,7 @@ class NodeConfig:
 
     id: str
     base_url: str
-    api_key: str = ""
+    api_key: str = field(default="", repr=False)  # never in a repr: flows, logs and tracebacks print those
     name: str = ""
     weight: int = 1
 

@@ -28,6 +28,7 @@ def test_loads_nodes_with_defaults(tmp_path):
     ('[[nodes]]\nid = "a"', "base_url is required"),
     ('[[nodes]]\nid = "a"\nbase_url = "a.example"', "http:// or https://"),
     ('[[nodes]]\nid = "a"\nbase_url = "https://a"\nweight = -1', "weight must be an integer >= 0"),
+    ('[[nodes]]\nid = "a"\nbase_url = "https://a"\napi_key = "' + "k" * 513 + '"', "limited to 512 characters"),
     ('[[nodes]]\nid = "a"\nbase_url = "https://a"\nweight = 1.5', "weight must be an integer >= 0"),
     ('[[nodes]]\nid = "a"\nbase_url = "https://a"\nwieght = 1', "unknown keys ['wieght']"),
     ('[[nodes]]\nid = "a"\nbase_url = "https://a"\n[[nodes]]\nid = "a"\nbase_url = "https://b"', "duplicate id"),
@@ -40,3 +41,8 @@ def test_bad_files_give_clear_errors(tmp_path, text, message):
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="file not found"):
         load_nodes_file(tmp_path / "nope.toml")
+
+
+def test_node_repr_never_shows_the_key(tmp_path):
+    p = write(tmp_path, '[[nodes]]\nid = "a"\nbase_url = "https://a/v1"\napi_key = "sk-secret-1234"\n')
+    assert "sk-secret-1234" not in repr(load_nodes_file(p))

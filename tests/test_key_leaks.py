@@ -134,9 +134,6 @@ def test_bad_client_keys_option_stops_the_relay(tmp_path):
     assert "codex_client_keys: cannot read" in relay.output()
 
 
-@pytest.mark.xfail(strict=True, reason="relay.py keeps CallState (with the Node and its NodeConfig.api_key) in "
-                   "flow.metadata: -w's save at shutdown fails on it and logs its repr, key included. Fix: keep "
-                   "the state out of flow.metadata, or NodeConfig.api_key = field(repr=False); then drop this mark.")
 def test_stream_in_flight_at_shutdown_leaks_no_key(tmp_path):
     flows_file = tmp_path / "flows.mitm"
     hold, first_event = threading.Event(), threading.Event()
