@@ -1,8 +1,9 @@
 """Every stats aggregate, in one place: the stats CLI and the admin page both read through here.
 
-SQLAlchemy Core on ``codex_invocations`` and ``nodes``, portable between SQLite and MySQL. Filters
-are range predicates on ``occurred_at`` (and equality on source / node / model) so the
-``idx_codex_invocations_*`` indexes serve them.
+SQLAlchemy Core, portable between SQLite and MySQL. The aggregates read ``codex_daily_stats`` (the
+writer keeps it per day, source, node and model in the same transaction as the invocation rows), so
+a query costs the same over a day or a year; the recent calls read ``codex_invocations`` with range
+predicates on ``occurred_at`` that its indexes serve.
 
 Definitions, the same in every view:
 - ``failures`` = calls whose status is not ``success`` (failed, truncated, aborted);
@@ -29,15 +30,16 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import sqlalchemy as sa
 
 from store.engine import DEFAULT_DB, current_revision, head_revision, make_engine
 from store.nodes import load_nodes
-from store.schema import codex_invocations
+from store.schema import codex_daily_stats, codex_invocations
 
 _inv = codex_invocations.c
+_day = codex_daily_stats.c
 
 
 @dataclass(slots=True)
@@ -57,6 +59,18 @@ class Filters:
         if self.until is not None:
             conds.append(_inv.occurred_at < dt.datetime.combine(self.until + dt.timedelta(days=1), dt.time()))
         for column, value in ((_inv.source, self.source), (_inv.node_id, self.node), (_inv.model, self.model)):
+            if value is not None:
+                conds.append(column == value)
+        return conds
+
+    def daily_where(self) -> list[sa.ColumnElement[bool]]:
+        """The same filter on ``codex_daily_stats`` ('' there stands for no node / unknown model)."""
+        conds: list[sa.ColumnElement[bool]] = []
+        if self.since is not None:
+            conds.append(_day.day >= self.since)
+        if self.until is not None:
+            conds.append(_day.day <= self.until)
+        for column, value in ((_day.source, self.source), (_day.node_id, self.node), (_day.model, self.model)):
             if value is not None:
                 conds.append(column == value)
         return conds
@@ -180,31 +194,16 @@ def mask_key(key: str | None) -> str | None:
 
 # -- queries ---------------------------------------------------------------------------------------
 def _metric_columns() -> list[sa.ColumnElement]:
-    timed = sa.and_(_inv.status == "success", _inv.stream.is_(True), _inv.stream_ms.is_not(None),
-                    _inv.output_tokens > 0)
-    return [
-        sa.func.count().label("requests"),
-        sa.func.sum(sa.case((_inv.status == "success", 1), else_=0)).label("successes"),
-        sa.func.sum(_inv.input_tokens).label("input_tokens"),
-        sa.func.sum(_inv.cache_input_tokens).label("cached_tokens"),
-        sa.func.sum(_inv.output_tokens).label("output_tokens"),
-        sa.func.sum(_inv.reasoning_tokens).label("reasoning_tokens"),
-        sa.func.sum(_inv.total_tokens).label("total_tokens"),
-        sa.func.sum(_inv.cost).label("cost"),
-        sa.func.sum(_inv.response_bytes).label("bytes"),
-        # Means are divided here, not in SQL: AVG's type and rounding differ between dialects.
-        sa.func.sum(_inv.ttfb_ms).label("ttfb_sum"),
-        sa.func.count(_inv.ttfb_ms).label("ttfb_n"),
-        sa.func.sum(sa.case((timed, _inv.stream_ms))).label("stream_ms"),
-        sa.func.sum(sa.case((timed, _inv.output_tokens))).label("stream_tokens"),
-    ]
+    return [sa.func.sum(_day[name]).label(name) for name in (
+        "requests", "successes", "input_tokens", "cached_tokens", "output_tokens", "reasoning_tokens",
+        "total_tokens", "cost", "bytes", "ttfb_sum", "ttfb_n", "stream_ms", "stream_tokens")]
 
 
 def _metrics(row: sa.Row) -> dict[str, Any]:
     """Metrics fields from a row of ``_metric_columns`` (MySQL sums come back as Decimal or NULL)."""
     m = row._mapping
-    requests, successes = int(m["requests"]), int(m["successes"] or 0)
-    ttfb_n, stream_tokens = int(m["ttfb_n"]), int(m["stream_tokens"] or 0)
+    requests, successes = int(m["requests"] or 0), int(m["successes"] or 0)
+    ttfb_n, stream_tokens = int(m["ttfb_n"] or 0), int(m["stream_tokens"] or 0)
     return {
         "requests": requests, "successes": successes, "failures": requests - successes,
         **{k: int(m[k] or 0) for k in ("input_tokens", "cached_tokens", "output_tokens", "reasoning_tokens",
@@ -216,29 +215,27 @@ def _metrics(row: sa.Row) -> dict[str, Any]:
 
 
 def _grouped(conn: sa.Connection, f: Filters, *keys: sa.ColumnElement) -> list[sa.Row]:
-    query = sa.select(*keys, *_metric_columns()).where(*f.where()).group_by(*keys)
+    query = sa.select(*keys, *_metric_columns()).where(*f.daily_where()).group_by(*keys)
     return list(conn.execute(query))
 
 
 def per_model(conn: sa.Connection, f: Filters) -> list[ModelStats]:
     """Per model (None: calls whose model is unknown), most requests first."""
-    rows = [ModelStats(model=r.model, **_metrics(r)) for r in _grouped(conn, f, _inv.model)]
+    rows = [ModelStats(model=r.model or None, **_metrics(r)) for r in _grouped(conn, f, _day.model)]
     return sorted(rows, key=lambda s: (-s.requests, s.model or ""))
 
 
 def per_source(conn: sa.Connection, f: Filters) -> list[SourceStats]:
     """Per ``source`` tag, by name."""
-    rows = [SourceStats(source=r.source, **_metrics(r)) for r in _grouped(conn, f, _inv.source)]
+    rows = [SourceStats(source=r.source, **_metrics(r)) for r in _grouped(conn, f, _day.source)]
     return sorted(rows, key=lambda s: s.source)
 
 
 def per_day(conn: sa.Connection, f: Filters) -> list[DayStats]:
     """Per UTC day and source, oldest day first; days without calls are absent."""
-    day = sa.func.date(_inv.occurred_at).label("day")
     out = []
-    for r in _grouped(conn, f, day, _inv.source):
-        # SQLite's date() gives a string, MySQL's DATE() a date.
-        out.append(DayStats(day=str(_jsonable(r.day)), source=r.source, **_metrics(r)))
+    for r in _grouped(conn, f, _day.day, _day.source):
+        out.append(DayStats(day=r.day.isoformat(), source=r.source, **_metrics(r)))
     return sorted(out, key=lambda s: (s.day, s.source))
 
 
@@ -249,7 +246,7 @@ def _status(row: sa.Row) -> str:
 def per_node(conn: sa.Connection, f: Filters) -> list[NodeStats]:
     """Every node in ``nodes`` (even without calls in the window) and every node id the calls name,
     by id; the calls no node served last."""
-    calls = {r.node_id: _metrics(r) for r in _grouped(conn, f, _inv.node_id)}
+    calls = {r.node_id or None: _metrics(r) for r in _grouped(conn, f, _day.node_id)}
     rows = {r.id: r for r in load_nodes(conn) if f.node is None or r.id == f.node}
     out = []
     for node_id in sorted(rows.keys() | {k for k in calls if k is not None}):
@@ -439,8 +436,14 @@ def _first_line(e: BaseException) -> str:
     return f"{e.__class__.__name__}: {text.splitlines()[0] if text else ''}"
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, like every other error of this command (argparse would print the usage first).
+        self.exit(2, f"{self.prog}: {message} (see --help)\n")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="stats", description="Stats of the calls the relay recorded: per node, model, source, day, "
         "or the latest calls. Days are UTC; --since and --until are inclusive.")
     parser.add_argument("view", nargs="?", default="nodes", choices=list(VIEWS), help="what to show (default nodes)")

@@ -13,7 +13,7 @@ from store.engine import make_engine, upgrade_to_head
 from store.invocations import apply_batch
 from store.nodes import set_disabled, upsert_nodes
 from store.records import InvocationRecord, NodeConfig, NodeStateUpdate, Usage
-from store.stats import Filters, main, mask_key, per_day, per_model, per_node, per_source, recent_invocations
+from store.stats import Filters, main, mask_key, parse_day, per_day, per_model, per_node, per_source, recent_invocations
 
 D20, D21, D22 = dt.date(2026, 11, 20), dt.date(2026, 11, 21), dt.date(2026, 11, 22)
 CODEX, MINI = "gpt-5-codex", "gpt-5-mini"
@@ -174,6 +174,10 @@ def test_mask_key():
     assert mask_key("12345678") == "…" and mask_key("") is None and mask_key(None) is None
 
 
+def test_relative_days():
+    assert (parse_day("today", D22), parse_day("yesterday", D22), parse_day("2026-11-20")) == (D22, D21, D20)
+
+
 def test_rows_serialise_without_the_api_key(engine):
     for fn in (per_node, per_model, per_source, per_day, recent_invocations):
         text = json.dumps([r.as_dict() for r in query(engine, fn)])
@@ -258,8 +262,16 @@ def test_cli_errors(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("CODEX_DB", f"sqlite:///{missing}")
     assert err()[0] == 2  # $CODEX_DB is the default
 
-    for bad in (["--since", "2026-13-01"], ["--since", "2026-11-22", "--until", "2026-11-21"], ["bogus"]):
+    for bad, message in [
+        (["--since", "2026-13-01"], "stats: argument --since: expected YYYY-MM-DD, today or yesterday, "
+                                    "got '2026-13-01' (see --help)\n"),
+        (["--since", "2026-11-22", "--until", "2026-11-21"],
+         "stats: --since 2026-11-22 is after --until 2026-11-21 (see --help)\n"),
+        (["--limit", "0", "recent"], "stats: --limit must be at least 1 (see --help)\n"),
+    ]:
         with pytest.raises(SystemExit) as e:
             main(bad)
-        assert e.value.code == 2
-        assert capsys.readouterr().err.strip().splitlines()[-1].startswith("stats: error: ")
+        assert (e.value.code, capsys.readouterr().err) == (2, message)
+    with pytest.raises(SystemExit) as e:
+        main(["bogus"])
+    assert e.value.code == 2 and capsys.readouterr().err.startswith("stats: argument view: invalid choice: 'bogus'")
