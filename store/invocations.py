@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import sqlalchemy as sa
 
 from store.records import InvocationRecord, NodeStateUpdate
-from store.schema import codex_invocations, nodes
+from store.schema import codex_daily_stats, codex_invocations, nodes
+from store.upsert import upsert
 
 Item = InvocationRecord | NodeStateUpdate
 _ID_CHUNK = 500  # ids per IN (…) lookup
@@ -71,6 +72,9 @@ def apply_batch(conn: sa.Connection, items: Sequence[Item]) -> BatchResult:
     if rows:
         conn.execute(sa.insert(codex_invocations), rows)
         result.inserted = len(rows)
+        # Sorted keys: two relays upserting the same days lock their rows in the same order.
+        daily = sorted(_daily(rows).values(), key=lambda d: (d["day"], d["source"], d["node_id"], d["model"]))
+        upsert(conn, codex_daily_stats, daily, increment=DAILY_COUNTERS)
     # A fixed order of row locks: two relays updating the same nodes cannot deadlock each other.
     for node_id in sorted(changes):
         conn.execute(_node_statement(node_id, changes[node_id]))
@@ -93,6 +97,39 @@ def invocation_row(r: InvocationRecord) -> dict:
         "stream_ms": r.stream_ms, "duration_ms": r.duration_ms, "request_bytes": r.request_bytes,
         "response_bytes": r.response_bytes, "attempts": r.attempts, "client_key": _clip(r.client_key, 64),
     }
+
+
+DAILY_COUNTERS = ("requests", "successes", "input_tokens", "cached_tokens", "output_tokens", "reasoning_tokens",
+                  "total_tokens", "cost", "bytes", "ttfb_sum", "ttfb_n", "stream_ms", "stream_tokens")
+
+
+def _daily(rows: Sequence[dict]) -> dict[tuple, dict]:
+    """The batch's invocation rows added up per codex_daily_stats key."""
+    out: dict[tuple, dict] = {}
+    for r in rows:
+        key = (r["occurred_at"].date(), r["source"], r["node_id"] or "", r["model"] or "")
+        d = out.get(key)
+        if d is None:
+            d = out[key] = dict(zip(("day", "source", "node_id", "model"), key, strict=True),
+                                **dict.fromkeys(DAILY_COUNTERS, 0))
+        success = r["status"] == "success"
+        timed = success and r["stream"] and r["stream_ms"] is not None and r["output_tokens"] > 0
+        d["requests"] += 1
+        d["successes"] += success
+        d["input_tokens"] += r["input_tokens"]
+        d["cached_tokens"] += r["cache_input_tokens"]
+        d["output_tokens"] += r["output_tokens"]
+        d["reasoning_tokens"] += r["reasoning_tokens"]
+        d["total_tokens"] += r["total_tokens"]
+        d["cost"] += r["cost"] or 0.0
+        d["bytes"] += r["response_bytes"]
+        if r["ttfb_ms"] is not None:
+            d["ttfb_sum"] += r["ttfb_ms"]
+            d["ttfb_n"] += 1
+        if timed:
+            d["stream_ms"] += r["stream_ms"]
+            d["stream_tokens"] += r["output_tokens"]
+    return out
 
 
 def _clip(text: str | None, size: int) -> str | None:

@@ -98,6 +98,31 @@ codex_invocations = sa.Table(
     sa.Index("idx_codex_invocations_model_occurred_at", "model", "occurred_at"),
 )
 
+# Per UTC day, source, node and model: what the stats views add up, kept by the writer with atomic
+# increments in the same transaction as the invocation rows, so a query over a year reads a few
+# thousand rows instead of every invocation. '' stands for "no node" / "unknown model" (a key
+# column cannot be NULL).
+codex_daily_stats = sa.Table(
+    "codex_daily_stats", metadata,
+    sa.Column("day", sa.Date, primary_key=True),
+    sa.Column("source", sa.String(32), primary_key=True),
+    sa.Column("node_id", sa.String(64), primary_key=True),
+    sa.Column("model", sa.String(128), primary_key=True),
+    _counter("requests"),
+    _counter("successes"),
+    _counter("input_tokens"),
+    _counter("cached_tokens"),
+    _counter("output_tokens"),
+    _counter("reasoning_tokens"),
+    _counter("total_tokens"),
+    sa.Column("cost", sa.Double, nullable=False, server_default="0"),
+    _counter("bytes"),
+    _counter("ttfb_sum"),  # over the calls with a first byte; ttfb_n of them
+    _counter("ttfb_n"),
+    _counter("stream_ms"),  # over successful streamed calls with output: generation speed
+    _counter("stream_tokens"),
+)
+
 stats_source_snapshots = sa.Table(
     "stats_source_snapshots", metadata,
     sa.Column("id", BIGID, primary_key=True, autoincrement=True),

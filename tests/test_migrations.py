@@ -54,7 +54,7 @@ def summary(engine: sa.Engine) -> tuple:
 def test_head_matches_the_schema_module(engine):
     upgrade_to_head(engine)
     with engine.connect() as conn:
-        assert current_revision(conn) == head_revision() == "0003"
+        assert current_revision(conn) == head_revision() == "0004"
         diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), metadata)
     assert diff == []
 
@@ -96,6 +96,12 @@ def check_legacy_upgrade(engine: sa.Engine, n: int) -> None:
     with engine.connect() as conn:
         assert conn.execute(sa.text("SELECT source, count(*) FROM codex_invocations GROUP BY source")).all() == [
             ("xy", n)]
+        # The daily rollup is filled from the rows already there.
+        rolled = conn.execute(sa.text("SELECT count(*), sum(requests), sum(input_tokens), sum(total_tokens) "
+                                      "FROM codex_daily_stats WHERE source = 'xy' AND node_id = ''")).one()
+    assert (rolled[1], rolled[2], rolled[3]) == (n, before[2], before[3])
+    assert rolled[0] == len({(dt.datetime(2026, 1, 1) + dt.timedelta(seconds=i)).date() for i in range(n)})
+    with engine.connect() as conn:
         node = conn.execute(sa.text("SELECT requests, total_input, total_cached, disabled FROM nodes")).one()
     assert tuple(node) == (42, 4200, 0, 0)
     # Down to the legacy schema and up again: still every row, still tagged.

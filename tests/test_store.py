@@ -180,3 +180,32 @@ def test_make_engine_rejects_bad_urls(tmp_path):
     upgrade_to_head(eng)
     assert (tmp_path / "deep/er/codex.db").exists()
     eng.dispose()
+
+
+def test_daily_rollup_equals_the_rows_it_adds_up(engine):
+    """The stats views read codex_daily_stats: it must agree with codex_invocations, group by group."""
+    day2 = dt.datetime(2026, 11, 25, 23, 59, 59)
+    items = [record(usage=Usage(10, 4, 0, 3, 1), model="m1", stream=True, stream_ms=30, ttfb_ms=5,
+                    response_bytes=100, cost=0.5),
+             record(usage=Usage(20, 0, 0, 0, 0), model="m1", status="failed", node_failure=True, ttfb_ms=7),
+             record("b", usage=Usage(1, 0, 0, 1, 0), model=None),
+             record(None, model="m2", status="aborted")]
+    items[2].occurred_at = day2
+    write(engine, items[:2])
+    write(engine, items[2:] + items[:1])  # the repeated record adds nothing
+    inv = codex_invocations.c
+    with engine.connect() as conn:
+        raw = conn.execute(sa.select(sa.func.coalesce(inv.node_id, ""), sa.func.coalesce(inv.model, ""),
+                                     sa.func.count(), sa.func.sum(inv.input_tokens), sa.func.sum(inv.output_tokens),
+                                     sa.func.count(inv.ttfb_ms))
+                           .group_by(inv.node_id, inv.model)).all()
+        daily = conn.execute(sa.text("SELECT node_id, model, sum(requests), sum(input_tokens), "
+                                     "sum(output_tokens), sum(ttfb_n) FROM codex_daily_stats "
+                                     "GROUP BY node_id, model")).all()
+        days = conn.execute(sa.text("SELECT day, requests, successes, ttfb_sum, stream_ms, stream_tokens, cost "
+                                    "FROM codex_daily_stats WHERE node_id = 'a' AND model = 'm1'")).one()
+    assert sorted(tuple(int(v) for v in r[2:]) + tuple(r[:2]) for r in raw) == sorted(
+        tuple(int(v) for v in r[2:]) + tuple(r[:2]) for r in daily)
+    assert str(days.day) == "2026-11-24"
+    assert (days.requests, days.successes, days.ttfb_sum, days.stream_ms, days.stream_tokens) == (2, 1, 12, 30, 3)
+    assert days.cost == pytest.approx(0.5)
