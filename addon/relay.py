@@ -68,16 +68,6 @@ class CallState:
     timeout_error: str | None = None
 
 
-class DisabledNode(Node):
-    """A node switched off on the admin page: still pinged and shown, never chosen."""
-
-    __slots__ = ()
-
-    @property
-    def eligible(self) -> bool:
-        return False
-
-
 def error_body(message: str, code: str, type_: str = "codex_relay_error") -> bytes:
     """An error in the OpenAI error shape, which every OpenAI-compatible client can show."""
     return json.dumps({"error": {"message": message, "type": type_, "code": code, "param": None}}).encode()
@@ -235,13 +225,12 @@ class Relay:
         disabled = {r.id for r in stored if r.disabled}
         # Only the configured nodes route; others in the DB keep their stats but get no traffic.
         # A node failed before a restart stays failed until a health ping answers; a disabled one stays out.
-        nodes = [(DisabledNode if c.id in disabled else Node)(config=c, failed=failed.get(c.id, False))
-                 for c in configs]
+        nodes = [Node(config=c, failed=failed.get(c.id, False), disabled=c.id in disabled) for c in configs]
         self.pool = NodePool(nodes, sticky=StickyMap(ttl=sticky_ttl) if sticky_ttl else StickyMap(max_entries=0))
         if nodes:
             log.info("routing over %d node(s): %s", len(nodes), ", ".join(
                 f"{n.id} (weight {n.config.weight}{', failed' if n.failed else ''}"
-                f"{', disabled' if isinstance(n, DisabledNode) else ''})" for n in nodes))
+                f"{', disabled' if n.disabled else ''})" for n in nodes))
         else:
             log.info("no upstream node configured: monitor mode (traffic passes through unchanged)")
 
@@ -255,8 +244,10 @@ class Relay:
             upsert_nodes(conn, [config])
             disabled = any(r.id == config.id and r.disabled for r in load_nodes(conn))
         current = self.pool.get(config.id)
-        kind = DisabledNode if disabled else Node
-        self.pool.put(kind(config=config, failed=current.failed if current else False))
+        if current is None:
+            self.pool.put(Node(config=config, disabled=disabled))
+        else:  # in place: calls in flight hold this object and report its health to it
+            current.config, current.disabled = config, disabled
 
     def set_node_disabled(self, node_id: str, disabled: bool) -> bool:
         """Take a node out of routing, or put it back (admin page); its stats stay. False: no such node.
@@ -269,8 +260,7 @@ class Relay:
                 return False
         current = self.pool.get(node_id)
         if current is not None:
-            kind = DisabledNode if disabled else Node
-            self.pool.put(kind(config=current.config, failed=current.failed, fail_streak=current.fail_streak))
+            current.disabled = disabled
         return True
 
     def running(self) -> None:

@@ -23,6 +23,7 @@ class Node:
     config: NodeConfig
     failed: bool = False
     fail_streak: int = 0
+    disabled: bool = False  # switched off on the admin page: still pinged and shown, never chosen
 
     @property
     def id(self) -> str:
@@ -30,7 +31,7 @@ class Node:
 
     @property
     def eligible(self) -> bool:
-        return not self.failed and self.config.weight > 0
+        return not self.failed and not self.disabled and self.config.weight > 0
 
 
 def join_url(base_url: str, client_path: str) -> str:
