@@ -160,8 +160,10 @@ def query_tables(r: dict) -> str:
     out = table(f"store.stats queries over {r['invocations']:,} invocations ({r['span_days']} days; "
                 f"target < {QUERY_TARGET_MS:g} ms)",
                 ["backend", "query", "window", "groups", "median ms", "max ms", "target met"], rows)
-    out += table("Bulk load (executemany, one transaction per 10,000 rows)", ["backend", "seconds", "rows/s"],
-                 [(k, v, round(r["invocations"] / v) if v else None) for k, v in r["load_seconds"].items()])
+    out += table("Bulk load (store.invocations.apply_batch, one transaction per 10,000 invocations)",
+                 ["backend", "seconds", "invocations/s", "daily rollup rows"],
+                 [(k, v, round(r["invocations"] / v) if v else None, r["rollup_rows"].get(k))
+                  for k, v in r["load_seconds"].items()])
     out += "\nPlans (EXPLAIN QUERY PLAN on SQLite, EXPLAIN on MariaDB):\n"
     for name, qs in r["results"].items():
         for q in qs:

@@ -1,8 +1,10 @@
 """Stats queries at scale: ``store.stats`` aggregates over a million invocations, with their plans.
 
-The queries are the product's own (``store.stats.per_node`` …), never SQL written here; the
-statements they send are captured to show how the database runs them (EXPLAIN QUERY PLAN on
-SQLite, EXPLAIN on MySQL).
+The data goes in through the writer's own ``apply_batch`` (the invocation rows by executemany, the
+daily rollup and the node counters), so every table the stats read is filled as in production. The
+queries are the product's own (``store.stats.per_node`` …), never SQL written here; the statements
+they send are captured to show how the database runs them (EXPLAIN QUERY PLAN on SQLite, EXPLAIN on
+MySQL).
 """
 
 from __future__ import annotations
@@ -18,10 +20,10 @@ import sqlalchemy as sa
 
 from bench.data import NODES, records
 from store import stats
-from store.invocations import invocation_row
+from store.invocations import apply_batch
 from store.nodes import upsert_nodes
 from store.records import utcnow
-from store.schema import codex_invocations
+from store.schema import codex_daily_stats, codex_invocations
 
 QUERIES: dict[str, Callable[[sa.Connection, stats.Filters], list]] = {
     "per_node": stats.per_node, "per_day": stats.per_day, "per_model": stats.per_model,
@@ -36,28 +38,31 @@ BUDGET_S = 3.0
 
 def generate(engines: dict[str, sa.Engine], n: int, *, end: dt.datetime,
              log: Callable[[str], None] = print) -> dict[str, float]:
-    """Insert ``n`` invocations over the ``SPAN_DAYS`` days before ``end`` into every engine, in chunks of
-    one executemany each (one transaction per chunk); returns seconds spent inserting, per engine."""
+    """Write ``n`` invocations over the ``SPAN_DAYS`` days before ``end`` into every engine, one
+    ``apply_batch`` transaction per chunk; returns seconds spent writing, per engine."""
     spent = dict.fromkeys(engines, 0.0)
     for engine in engines.values():
         with engine.begin() as conn:
             upsert_nodes(conn, NODES)
     source = records(n, start=end - dt.timedelta(days=SPAN_DAYS), span=dt.timedelta(days=SPAN_DAYS))
     done, next_report, t0 = 0, 0.1, time.perf_counter()
-    while chunk := [invocation_row(r) for r in itertools.islice(source, CHUNK)]:
+    while chunk := list(itertools.islice(source, CHUNK)):
         for name, engine in engines.items():
             t = time.perf_counter()
             with engine.begin() as conn:
-                conn.execute(sa.insert(codex_invocations), chunk)
+                apply_batch(conn, chunk)
             spent[name] += time.perf_counter() - t
         done += len(chunk)
         if done >= next_report * n or done == n:
             per = ", ".join(f"{k} {done / v:,.0f}/s" for k, v in spent.items() if v)
-            log(f"  generated {done:,}/{n:,} ({done / n:.0%}, {time.perf_counter() - t0:.0f} s; insert {per})")
+            log(f"  generated {done:,}/{n:,} ({done / n:.0%}, {time.perf_counter() - t0:.0f} s; write {per})")
             next_report += 0.1
     for engine in engines.values():  # fresh statistics, as a long-running database would have
         with engine.begin() as conn:
-            conn.exec_driver_sql("ANALYZE" if engine.dialect.name == "sqlite" else "ANALYZE TABLE codex_invocations")
+            if engine.dialect.name == "sqlite":
+                conn.exec_driver_sql("ANALYZE")
+            else:
+                conn.exec_driver_sql("ANALYZE TABLE codex_invocations, codex_daily_stats")
     return {k: round(v, 2) for k, v in spent.items()}
 
 
@@ -101,7 +106,7 @@ def time_queries(engine: sa.Engine, *, end: dt.datetime, repeat: int) -> list[di
                 started = time.perf_counter()
                 with captured(engine) as seen:
                     rows = query(conn, f)
-                plans = [explain(conn, s, p) for s, p in seen if "codex_invocations" in s]
+                plans = [explain(conn, s, p) for s, p in seen if s.lstrip().upper().startswith("SELECT")]
                 times: list[float] = []
                 while len(times) < repeat and (not times or time.perf_counter() - started < BUDGET_S):
                     t = time.perf_counter()
@@ -119,11 +124,14 @@ def bench_queries(engines: dict[str, sa.Engine], *, n: int, repeat: int,
     """Fill every engine (a fresh schema each) with ``n`` invocations, then time the stats queries on each."""
     end = utcnow()
     load_s = generate(engines, n, end=end, log=log)
-    out: dict = {"invocations": n, "span_days": SPAN_DAYS, "load_seconds": load_s, "results": {}}
+    out: dict = {"invocations": n, "span_days": SPAN_DAYS, "load_seconds": load_s, "rollup_rows": {},
+                 "results": {}}
     for name, engine in engines.items():
         with engine.connect() as conn:
             stored = conn.execute(sa.select(sa.func.count()).select_from(codex_invocations)).scalar_one()
+            rollup = conn.execute(sa.select(sa.func.count()).select_from(codex_daily_stats)).scalar_one()
         if stored != n:
-            raise RuntimeError(f"{name}: {stored} invocations stored, {n} inserted")
+            raise RuntimeError(f"{name}: {stored} invocations stored, {n} written")
+        out["rollup_rows"][name] = rollup
         out["results"][name] = time_queries(engine, end=end, repeat=repeat)
     return out
