@@ -52,6 +52,23 @@ def _fresh_mysql_db() -> tuple[str, sa.Engine]:
     return base.set(database=name).render_as_string(hide_password=False), admin
 
 
+def _drop(url: str, admin: sa.Engine) -> None:
+    with admin.begin() as conn:
+        conn.execute(sa.text(f"DROP DATABASE IF EXISTS `{sa.engine.make_url(url).database}`"))
+    admin.dispose()
+
+
+@pytest.fixture
+def mariadb() -> Iterator[str]:
+    """A URL of a fresh database on the MariaDB server, for tests that only make sense there."""
+    require_mysql()
+    url, admin = _fresh_mysql_db()
+    try:
+        yield url
+    finally:
+        _drop(url, admin)
+
+
 @pytest.fixture(params=["sqlite", pytest.param("mysql", marks=pytest.mark.mysql)])
 def db_url(request: pytest.FixtureRequest, tmp_path) -> Iterator[str]:
     """A URL of an empty database, once for SQLite (a file) and once for MariaDB (a new database)."""
@@ -63,7 +80,4 @@ def db_url(request: pytest.FixtureRequest, tmp_path) -> Iterator[str]:
     try:
         yield url
     finally:
-        name = sa.engine.make_url(url).database
-        with admin.begin() as conn:
-            conn.execute(sa.text(f"DROP DATABASE IF EXISTS `{name}`"))
-        admin.dispose()
+        _drop(url, admin)

@@ -13,7 +13,6 @@ import uuid
 import pytest
 import sqlalchemy as sa
 
-from tests.conftest import require_mysql
 from tests.fakeupstream import Behaviour, FakeUpstream
 from tests.relayproc import RelayProcess
 from tests.tcpproxy import TcpProxy
@@ -91,13 +90,11 @@ def upstreams(tmp_path):
 
 
 @pytest.fixture
-def mysql_behind_proxy(db_url):
-    """The test's MariaDB database, reached through a TCP proxy the test can cut."""
-    if not db_url.startswith("mysql"):
-        pytest.skip("outages are simulated on the MariaDB connection")
-    url = sa.engine.make_url(db_url)
+def mysql_behind_proxy(mariadb):
+    """A MariaDB database reached through a TCP proxy the test can cut: an outage on demand."""
+    url = sa.engine.make_url(mariadb)
     with TcpProxy(url.host or "127.0.0.1", url.port or 3306) as proxy:
-        yield db_url, url.set(port=proxy.port).render_as_string(hide_password=False), proxy
+        yield mariadb, url.set(port=proxy.port).render_as_string(hide_password=False), proxy
 
 
 def test_db_outage_keeps_relaying_and_writes_everything_once(mysql_behind_proxy, upstreams, tmp_path):
@@ -162,42 +159,36 @@ def test_fifty_restarts_keep_node_counters_equal_to_rows(db_url, upstreams):
     assert inv_input == node_input == 3 * sum(range(1, 51))
 
 
-def test_two_relays_on_one_mariadb_count_exactly(upstreams, tmp_path):
-    require_mysql()
-    from tests.conftest import _fresh_mysql_db
-
-    url, admin = _fresh_mysql_db()
+def test_two_relays_on_one_mariadb_count_exactly(mariadb, upstreams, tmp_path):
+    url = mariadb
+    relays = [RelayProcess(db_url=url, options={"codex_nodes": str(upstreams), "codex_ping_interval": "0",
+                                                "codex_spool": str(tmp_path / f"spool-{i}.db")})
+              for i in range(2)]
+    for r in relays:
+        r.start()
     try:
-        relays = [RelayProcess(db_url=url, options={"codex_nodes": str(upstreams), "codex_ping_interval": "0",
-                                                    "codex_spool": str(tmp_path / f"spool-{i}.db")})
-                  for i in range(2)]
-        for r in relays:
-            r.start()
-        try:
-            results: list[list[int]] = [[], []]
+        results: list[list[int]] = [[], []]
 
-            def run(i: int) -> None:
-                results[i] = drive(relays[i].port, 2000, clients=8, usage=(7, 3, 2, 1))
+        def run(i: int) -> None:
+            results[i] = drive(relays[i].port, 2000, clients=8, usage=(7, 3, 2, 1))
 
-            threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-        finally:
-            codes = [r.stop() for r in relays]
-        assert codes == [0, 0]
-        assert results == [[200] * 2000, [200] * 2000]
-        n, distinct, requests, inv_input, node_input = totals(url)
-        assert (n, distinct, requests) == (4000, 4000, 4000)
-        assert inv_input == node_input == 4000 * 7
-        node = rows(url, "SELECT SUM(total_cached) AS c, SUM(total_output) AS o, SUM(total_reasoning) AS r "
-                         "FROM nodes")[0]
-        assert (node.c, node.o, node.r) == (4000 * 3, 4000 * 2, 4000 * 1)
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
     finally:
-        with admin.begin() as conn:
-            conn.execute(sa.text(f"DROP DATABASE IF EXISTS `{sa.engine.make_url(url).database}`"))
-        admin.dispose()
+        codes = [r.stop() for r in relays]
+    assert codes == [0, 0]
+    assert results == [[200] * 2000, [200] * 2000]
+    n, distinct, requests, inv_input, node_input = totals(url)
+    assert (n, distinct, requests) == (4000, 4000, 4000)
+    assert inv_input == node_input == 4000 * 7
+    node = rows(url, "SELECT SUM(total_cached) AS c, SUM(total_output) AS o, SUM(total_reasoning) AS r "
+                     "FROM nodes")[0]
+    assert (node.c, node.o, node.r) == (4000 * 3, 4000 * 2, 4000 * 1)
+    daily = rows(url, "SELECT SUM(requests) AS n, SUM(input_tokens) AS i FROM codex_daily_stats")[0]
+    assert (daily.n, daily.i) == (4000, 4000 * 7)
 
 
 def test_spool_file_of_another_relay_is_refused(db_url, upstreams, tmp_path):

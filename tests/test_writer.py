@@ -13,7 +13,6 @@ from store.records import NodeConfig, NodeStateUpdate, Usage
 from store.schema import codex_invocations, nodes
 from store.spool import Spool, SpoolInUse, decode, default_spool_path, encode
 from store.writer import Writer
-from tests.conftest import require_mysql
 from tests.tcpproxy import TcpProxy
 from tests.test_store import record
 
@@ -92,11 +91,8 @@ def test_journal_from_a_crashed_run_is_written_once(engine, db_url, tmp_path):
     assert not path.exists()  # drained journals are removed
 
 
-def test_outage_spools_and_replays_exactly_once(tmp_path):
-    require_mysql()
-    from tests.conftest import _fresh_mysql_db
-
-    url, admin = _fresh_mysql_db()
+def test_outage_spools_and_replays_exactly_once(mariadb, tmp_path):
+    url = mariadb
     direct = make_engine(url)
     try:
         upgrade_to_head(direct)
@@ -127,9 +123,6 @@ def test_outage_spools_and_replays_exactly_once(tmp_path):
         assert not (tmp_path / "spool.db").exists()
     finally:
         direct.dispose()
-        with admin.begin() as conn:
-            conn.execute(sa.text(f"DROP DATABASE IF EXISTS `{sa.engine.make_url(url).database}`"))
-        admin.dispose()
 
 
 def test_one_spool_per_process(tmp_path):
