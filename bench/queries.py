@@ -71,7 +71,7 @@ def captured(engine: sa.Engine) -> Iterator[list[tuple[str, object]]]:
     """The (statement, parameters) pairs sent to the driver inside the block."""
     seen: list[tuple[str, object]] = []
 
-    def hook(conn, cursor, statement, parameters, context, executemany) -> None:  # noqa: ANN001 - event API
+    def hook(conn, cursor, statement, parameters, context, executemany) -> None:  # before_cursor_execute signature
         seen.append((statement, parameters))
 
     sa.event.listen(engine, "before_cursor_execute", hook)
