@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import sqlalchemy as sa
@@ -15,20 +16,23 @@ def upsert(conn: sa.Connection, table: sa.Table, rows: Sequence[dict], update: S
 
     Never delete + insert (``REPLACE INTO``): that resets every column not in the row.
     """
-    if not rows:
-        return
-    dialect = conn.dialect.name
+    if rows:
+        conn.execute(_statement(conn.dialect.name, table, tuple(update), tuple(increment)), list(rows))
+
+
+@functools.cache
+def _statement(dialect: str, table: sa.Table, update: tuple[str, ...], increment: tuple[str, ...]) -> sa.Insert:
+    # Built once without values and run with executemany: compiling a multi-row VALUES statement
+    # anew for every batch cost the writer more than the database did.
     if dialect == "mysql":
-        stmt = mysql.insert(table).values(list(rows))
+        stmt = mysql.insert(table)
         new = stmt.inserted
     elif dialect == "sqlite":
-        stmt = sqlite.insert(table).values(list(rows))
+        stmt = sqlite.insert(table)
         new = stmt.excluded
     else:
         raise NotImplementedError(f"no upsert for dialect {dialect!r}")
     changes = {c: new[c] for c in update} | {c: table.c[c] + new[c] for c in increment}
     if dialect == "mysql":
-        stmt = stmt.on_duplicate_key_update(changes)
-    else:
-        stmt = stmt.on_conflict_do_update(index_elements=[c.name for c in table.primary_key], set_=changes)
-    conn.execute(stmt)
+        return stmt.on_duplicate_key_update(changes)
+    return stmt.on_conflict_do_update(index_elements=[c.name for c in table.primary_key], set_=changes)
