@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,18 +58,26 @@ def node_from_mapping(item: Any, where: str) -> NodeConfig:
     return NodeConfig(id=node_id, name=name, base_url=base_url, api_key=api_key, weight=weight)
 
 
-def load_nodes_file(path: str | Path) -> list[NodeConfig]:
-    """The ``[[nodes]]`` of a TOML file, validated: ids unique, URLs usable, weights >= 0."""
-    data = load_toml(path)
-    items = data.get("nodes", [])
+def load_entries[T](path: str | Path, key: str, parse: Callable[[Any, str], T], name: Callable[[T], str],
+                    what: str) -> list[T]:
+    """The ``[[key]]`` tables of a TOML file, each parsed by ``parse(item, where)``, ``name`` unique.
+
+    Raises ConfigError naming the file and the entry. No such key means no entries.
+    """
+    items = load_toml(path).get(key, [])
     if not isinstance(items, list):
-        raise ConfigError(f"{path}: 'nodes' must be an array of tables ([[nodes]])")
-    nodes: list[NodeConfig] = []
+        raise ConfigError(f"{path}: '{key}' must be an array of tables ([[{key}]])")
+    entries: list[T] = []
     seen: set[str] = set()
     for i, item in enumerate(items):
-        node = node_from_mapping(item, f"{path}: nodes[{i}]")
-        if node.id in seen:
-            raise ConfigError(f"{path}: nodes[{i}]: duplicate id {node.id!r}")
-        seen.add(node.id)
-        nodes.append(node)
-    return nodes
+        entry = parse(item, f"{path}: {key}[{i}]")
+        if name(entry) in seen:
+            raise ConfigError(f"{path}: {key}[{i}]: duplicate {what} {name(entry)!r}")
+        seen.add(name(entry))
+        entries.append(entry)
+    return entries
+
+
+def load_nodes_file(path: str | Path) -> list[NodeConfig]:
+    """The ``[[nodes]]`` of a TOML file, validated: ids unique, URLs usable, weights >= 0."""
+    return load_entries(path, "nodes", node_from_mapping, lambda n: n.id, "id")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -13,6 +11,8 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import StaticPool
+
+from store.locks import named_lock
 
 DEFAULT_DB = "sqlite:///data/codex.db"
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
@@ -68,7 +68,7 @@ def _sqlite_engine(url: sa.URL) -> sa.Engine:
 
 def upgrade_to_head(engine: sa.Engine) -> None:
     """Bring the database to the latest schema revision (no-op when it is there already)."""
-    with engine.connect() as conn, _migration_lock(conn):
+    with engine.connect() as conn, named_lock(conn, "migrations", _MIGRATION_LOCK_S):
         if current_revision(conn) == head_revision():
             return
         command.upgrade(alembic_config(conn), "head")
@@ -77,7 +77,7 @@ def upgrade_to_head(engine: sa.Engine) -> None:
 
 def downgrade_to(engine: sa.Engine, revision: str) -> None:
     """Step the schema back to ``revision`` (tests and operators undoing an upgrade)."""
-    with engine.connect() as conn, _migration_lock(conn):
+    with engine.connect() as conn, named_lock(conn, "migrations", _MIGRATION_LOCK_S):
         command.downgrade(alembic_config(conn), revision)
         conn.commit()
 
@@ -96,21 +96,3 @@ def alembic_config(conn: sa.Connection | None = None) -> Config:
     if conn is not None:  # env.py migrates on this connection and leaves logging alone
         cfg.attributes["connection"] = conn
     return cfg
-
-
-@contextlib.contextmanager
-def _migration_lock(conn: sa.Connection) -> Iterator[None]:
-    """Two relays starting together on one MySQL must not both run the same migration."""
-    if conn.dialect.name != "mysql":
-        yield
-        return
-    name = f"codex_relay.migrate.{conn.engine.url.database}"
-    if conn.execute(sa.select(sa.func.get_lock(name, _MIGRATION_LOCK_S))).scalar() != 1:
-        raise TimeoutError(f"another process held the migration lock for {_MIGRATION_LOCK_S} s")
-    conn.commit()
-    try:
-        yield
-    finally:
-        conn.rollback()
-        conn.execute(sa.select(sa.func.release_lock(name)))
-        conn.commit()

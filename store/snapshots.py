@@ -19,15 +19,13 @@ A capture is one poll of one source: one snapshot row per model plus one aggrega
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
-import hashlib
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import sqlalchemy as sa
 
+from store.locks import named_lock
 from store.schema import stats_source_deltas, stats_source_snapshots
 from store.sources import COUNTERS, Capture, ModelStats
 
@@ -64,33 +62,12 @@ class StoredCapture:
 
 def ingest(engine: sa.Engine, capture: Capture) -> IngestResult:
     """Store one capture and its delta in one transaction (see the module rules)."""
-    with engine.connect() as conn, _source_lock(conn, capture.source), conn.begin():
+    with engine.connect() as conn, named_lock(conn, f"snapshots/{capture.source}", _LOCK_TIMEOUT_S), conn.begin():
         if conn.dialect.name == "sqlite":
             # A write first: SQLite takes its write lock now, so the checks below see the final state.
             conn.execute(sa.update(stats_source_snapshots).where(sa.false())
                          .values(id=stats_source_snapshots.c.id))
         return _ingest(conn, capture)
-
-
-@contextlib.contextmanager
-def _source_lock(conn: sa.Connection, source: str) -> Iterator[None]:
-    """Serialise captures of one source across processes sharing a MySQL/MariaDB database."""
-    if conn.dialect.name != "mysql":
-        yield
-        return
-    # Lock names are server-wide: the database's name keeps other databases' relays out of the way.
-    name = "codex_relay.snapshots." + hashlib.sha1(f"{conn.engine.url.database}/{source}".encode()).hexdigest()
-    got = conn.execute(sa.select(sa.func.get_lock(name, _LOCK_TIMEOUT_S))).scalar()
-    conn.commit()  # the lock is per session; the capture gets a transaction of its own
-    if got != 1:
-        raise TimeoutError(f"another process held the snapshot lock of source {source!r} for "
-                           f"{_LOCK_TIMEOUT_S} s")
-    try:
-        yield
-    finally:
-        conn.rollback()
-        conn.execute(sa.select(sa.func.release_lock(name)))
-        conn.commit()
 
 
 def _ingest(conn: sa.Connection, capture: Capture) -> IngestResult:

@@ -7,8 +7,9 @@ MySQL variants with the reason; under CI=true it fails them.
 from __future__ import annotations
 
 import os
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import sqlalchemy as sa
@@ -58,15 +59,19 @@ def _drop(url: str, admin: sa.Engine) -> None:
     admin.dispose()
 
 
-@pytest.fixture
-def mariadb() -> Iterator[str]:
-    """A URL of a fresh database on the MariaDB server, for tests that only make sense there."""
+def _mariadb() -> Iterator[str]:
     require_mysql()
     url, admin = _fresh_mysql_db()
     try:
         yield url
     finally:
         _drop(url, admin)
+
+
+@pytest.fixture
+def mariadb() -> Iterator[str]:
+    """A URL of a fresh database on the MariaDB server, for tests that only make sense there."""
+    yield from _mariadb()
 
 
 @pytest.fixture(params=["sqlite", pytest.param("mysql", marks=pytest.mark.mysql)])
@@ -75,9 +80,13 @@ def db_url(request: pytest.FixtureRequest, tmp_path) -> Iterator[str]:
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'codex.db'}"
         return
-    require_mysql()
-    url, admin = _fresh_mysql_db()
-    try:
-        yield url
-    finally:
-        _drop(url, admin)
+    yield from _mariadb()
+
+
+def wait_for(condition: Callable[[], object], timeout: float = 60.0, what: str = "condition") -> None:
+    """Poll ``condition`` until it holds: synchronisation on an observable state, not a fixed sleep."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(0.02)

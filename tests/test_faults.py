@@ -7,12 +7,12 @@ import json
 import socket
 import sqlite3
 import threading
-import time
 import uuid
 
 import pytest
 import sqlalchemy as sa
 
+from tests.conftest import wait_for
 from tests.fakeupstream import Behaviour, FakeUpstream
 from tests.relayproc import RelayProcess
 from tests.tcpproxy import TcpProxy
@@ -49,14 +49,6 @@ def drive(port: int, total: int, clients: int = 4, usage: tuple[int, int, int, i
     for t in threads:
         t.join()
     return statuses
-
-
-def wait_for(condition, timeout: float = 60.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def spooled(path) -> int:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import sqlalchemy as sa
 
@@ -13,16 +11,9 @@ from store.records import NodeConfig, NodeStateUpdate, Usage
 from store.schema import codex_invocations, nodes
 from store.spool import Spool, SpoolInUse, decode, default_spool_path, encode
 from store.writer import Writer
+from tests.conftest import wait_for
 from tests.tcpproxy import TcpProxy
 from tests.test_store import record
-
-
-def wait_for(condition, timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from addon.config import ConfigError, load_toml
+from addon.config import ConfigError, load_entries
 from addon.routing import validate_base_url
 
 
@@ -182,19 +182,7 @@ def load_sources_file(path: str | Path) -> list[SourceConfig]:
 
     Raises ConfigError naming the file and the entry. No ``sources`` key means no sources.
     """
-    data = load_toml(path)
-    items = data.get("sources", [])
-    if not isinstance(items, list):
-        raise ConfigError(f"{path}: 'sources' must be an array of tables ([[sources]])")
-    sources: list[SourceConfig] = []
-    seen: set[str] = set()
-    for i, item in enumerate(items):
-        source = source_from_mapping(item, f"{path}: sources[{i}]")
-        if source.name in seen:
-            raise ConfigError(f"{path}: sources[{i}]: duplicate name {source.name!r}")
-        seen.add(source.name)
-        sources.append(source)
-    return sources
+    return load_entries(path, "sources", source_from_mapping, lambda s: s.name, "name")
 
 
 def source_from_mapping(item: Any, where: str) -> SourceConfig:
