@@ -83,10 +83,12 @@ def db_url(request: pytest.FixtureRequest, tmp_path) -> Iterator[str]:
     yield from _mariadb()
 
 
-def wait_for(condition: Callable[[], object], timeout: float = 60.0, what: str = "condition") -> None:
-    """Poll ``condition`` until it holds: synchronisation on an observable state, not a fixed sleep."""
+def wait_for[T](condition: Callable[[], T], timeout: float = 60.0, what: str = "condition") -> T:
+    """Poll ``condition`` until it holds and return its value: synchronisation on an observable state,
+    not a fixed sleep."""
     deadline = time.monotonic() + timeout
-    while not condition():
+    while not (value := condition()):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
         time.sleep(0.02)
+    return value

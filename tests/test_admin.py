@@ -10,7 +10,6 @@ import asyncio
 import datetime as dt
 import json
 import threading
-import time
 from http.client import HTTPConnection
 from types import SimpleNamespace
 
@@ -27,6 +26,7 @@ from store.engine import make_engine, upgrade_to_head
 from store.invocations import apply_batch
 from store.records import InvocationRecord, Usage
 from store.schema import codex_invocations, nodes
+from tests.conftest import wait_for
 from tests.fakestats import FakeStats, crs_item, crs_response
 from tests.fakeupstream import FakeUpstream
 from tests.relayproc import RelayProcess
@@ -72,13 +72,6 @@ def ask(admin: Admin, method: str, path: str, body: object = None, *, headers: d
     f.request = http.Request.make(method, "http://127.0.0.1:9" + path, content, {**hdrs, **(headers or {})})
     asyncio.run(admin.request(f))
     return f.response
-
-
-def wait_for(condition, what: str, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)  # polling interval, not synchronisation
 
 
 def data(resp: http.Response) -> dict:
@@ -217,7 +210,7 @@ def test_reconcile_panel_compares_the_polled_sources(env, tmp_path):
         sources = tmp_path / "sources.toml"
         sources.write_text(f'[[sources]]\nname = "crs"\nurl = "{provider.url}"\ninterval = 3600\nnodes = ["alpha"]\n')
         env.tctx.configure(env.relay, codex_stats_sources=str(sources))
-        wait_for(lambda: "crs" in env.relay.poller.last_results, "the first poll")
+        wait_for(lambda: "crs" in env.relay.poller.last_results, what="the first poll")
     got = data(ask(env.admin, "GET", f"/admin/api/reconcile?date={today}"))
     assert got["configured"] is True and got["polls"][0].startswith("crs: captured at ")
     (result,) = got["results"]

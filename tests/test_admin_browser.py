@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime as dt
 import os
 import shutil
-import time
 import uuid
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from store.engine import make_engine
 from store.invocations import apply_batch
 from store.records import InvocationRecord, Usage
 from store.schema import codex_invocations, nodes
-from tests.conftest import IN_CI
+from tests.conftest import IN_CI, wait_for
 from tests.fakeupstream import FakeUpstream
 from tests.relayproc import ROOT, RelayProcess
 from tests.test_e2e import call, write_nodes
@@ -61,18 +60,6 @@ def browser():
             yield b
         finally:
             b.close()
-
-
-def wait_for(condition, timeout: float = 30, what: str = "condition"):
-    """Poll ``condition`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.05)  # polling interval, not synchronisation
 
 
 def history(today: dt.date) -> list[InvocationRecord]:

@@ -9,6 +9,7 @@ from collections import Counter
 
 import pytest
 
+from tests.conftest import wait_for
 from tests.fakeupstream import Behaviour, FakeUpstream
 from tests.relayproc import RelayProcess
 from tests.test_e2e import call, rows, write_nodes
@@ -16,6 +17,8 @@ from tests.test_e2e import call, rows, write_nodes
 pytestmark = pytest.mark.e2e
 
 FAST = {"codex_ping_interval": "0"}
+# The weight that makes a node the first choice: a lighter node (weight 1) goes first once in 10^9.
+HEAVY = 1_000_000_000
 
 
 def closed_port() -> int:
@@ -30,24 +33,13 @@ def nodes_row(db_url: str) -> dict:
     return {r.id: r for r in rows(db_url, "SELECT * FROM nodes")}
 
 
-def wait_for(condition, timeout: float = 30, what: str = "condition"):
-    """Poll a condition the system under test makes true (not a sleep standing in for it)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 @pytest.mark.parametrize("failure", ["refused", "500", "429"])
 def test_retry_lands_on_healthy_node_and_failing_node_is_counted(db_url, tmp_path, failure):
     with FakeUpstream("good") as good, FakeUpstream("bad") as bad:
         bad_url = f"http://127.0.0.1:{closed_port()}/v1" if failure == "refused" else bad.base_url
         bad.behaviour.status = int(failure) if failure != "refused" else 200
-        # The failing node has most of the weight, so the first attempt nearly always goes there.
-        nodes = write_nodes(tmp_path / "n.toml", [("bad", bad_url, "kb", 1000), ("good", good.base_url, "kg", 1)])
+        # The failing node has nearly all the weight, so the first attempt goes there.
+        nodes = write_nodes(tmp_path / "n.toml", [("bad", bad_url, "kb", HEAVY), ("good", good.base_url, "kg", 1)])
         with RelayProcess(db_url=db_url, options={"codex_nodes": str(nodes), **FAST}) as relay:
             for k in range(6):
                 status, body = call(relay, "responses", stream=True, usage=(10 + k, 0, 5, 0))
@@ -65,7 +57,7 @@ def test_retry_lands_on_healthy_node_and_failing_node_is_counted(db_url, tmp_pat
 
 def test_in_200_error_event_is_a_node_failure_not_retried(db_url, tmp_path):
     with FakeUpstream("e", behaviour=Behaviour(error_event=True)) as up, FakeUpstream("ok") as ok:
-        nodes = write_nodes(tmp_path / "n.toml", [("e", up.base_url, "k", 1000), ("ok", ok.base_url, "k2", 1)])
+        nodes = write_nodes(tmp_path / "n.toml", [("e", up.base_url, "k", HEAVY), ("ok", ok.base_url, "k2", 1)])
         with RelayProcess(db_url=db_url, options={"codex_nodes": str(nodes), **FAST}) as relay:
             status, body = call(relay, "responses", stream=True, usage=(1, 0, 1, 0))
     assert status == 200 and b"overloaded" in body
@@ -91,7 +83,7 @@ def test_slow_first_byte_does_not_hold_the_client(db_url, tmp_path):
 
 def test_ping_recovery_and_failed_state_survives_restart(db_url, tmp_path):
     with FakeUpstream("flaky", behaviour=Behaviour(status=500)) as flaky, FakeUpstream("ok") as ok:
-        nodes = write_nodes(tmp_path / "n.toml", [("flaky", flaky.base_url, "k", 1000), ("ok", ok.base_url, "k", 1)])
+        nodes = write_nodes(tmp_path / "n.toml", [("flaky", flaky.base_url, "k", HEAVY), ("ok", ok.base_url, "k", 1)])
         with RelayProcess(db_url=db_url, options={"codex_nodes": str(nodes), **FAST}) as relay:
             for _ in range(3):
                 assert call(relay, "chat", stream=False, usage=(1, 0, 1, 0))[0] == 200
