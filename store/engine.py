@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -13,6 +15,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.pool import StaticPool
 
 from store.locks import named_lock
+
+log = logging.getLogger("codex.store")
 
 DEFAULT_DB = "sqlite:///data/codex.db"
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
@@ -69,10 +73,15 @@ def _sqlite_engine(url: sa.URL) -> sa.Engine:
 def upgrade_to_head(engine: sa.Engine) -> None:
     """Bring the database to the latest schema revision (no-op when it is there already)."""
     with engine.connect() as conn, named_lock(conn, "migrations", _MIGRATION_LOCK_S):
-        if current_revision(conn) == head_revision():
+        current, head = current_revision(conn), head_revision()
+        if current == head:
             return
+        # Rewriting a large table can take minutes: say so before, and how long it took after.
+        log.info("upgrading the database schema from revision %s to %s", current or "(empty)", head)
+        started = time.monotonic()
         command.upgrade(alembic_config(conn), "head")
         conn.commit()
+        log.info("database schema at revision %s (%.1f s)", head, time.monotonic() - started)
 
 
 def downgrade_to(engine: sa.Engine, revision: str) -> None:
