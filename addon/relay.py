@@ -34,7 +34,7 @@ from addon.routing import Node, NodePool, StickyMap, join_url, set_upstream_key,
 from addon.startup import install_one_line_option_errors, unknown_options_message
 from addon.usage import detect_format, parse_request
 from store.engine import make_engine, upgrade_to_head
-from store.nodes import load_nodes, set_disabled, upsert_nodes
+from store.nodes import config_of, load_nodes, set_disabled, upsert_nodes
 from store.poll import Poller, start_poller
 from store.prices import PriceTable, load_prices
 from store.records import InvocationRecord, NodeConfig, NodeStateUpdate, utcnow
@@ -225,8 +225,11 @@ class Relay:
             stored = load_nodes(conn)
         failed = {r.id: bool(r.failed) for r in stored}
         disabled = {r.id for r in stored if r.disabled}
-        # Only the configured nodes route; others in the DB keep their stats but get no traffic.
-        # A node failed before a restart stays failed until a health ping answers; a disabled one stays out.
+        # The configured nodes route, and those added on the admin page; others in the DB (dropped from
+        # the file) keep their stats but get no traffic. A node failed before a restart stays failed
+        # until a health ping answers; a disabled one stays out.
+        named = {c.id for c in configs}
+        configs = configs + [config_of(r) for r in stored if r.origin == "admin" and r.id not in named]
         nodes = [Node(config=c, failed=failed.get(c.id, False), disabled=c.id in disabled) for c in configs]
         self.pool = NodePool(nodes, sticky=StickyMap(ttl=sticky_ttl) if sticky_ttl else StickyMap(max_entries=0))
         if nodes:
@@ -243,7 +246,7 @@ class Relay:
         """
         assert self.engine is not None
         with self.engine.begin() as conn:
-            upsert_nodes(conn, [config])
+            upsert_nodes(conn, [config], origin="admin")
             disabled = any(r.id == config.id and r.disabled for r in load_nodes(conn))
         current = self.pool.get(config.id)
         if current is None:

@@ -14,12 +14,21 @@ from store.upsert import upsert
 CONFIG_COLUMNS = ("name", "base_url", "api_key", "weight", "updated_at")
 
 
-def upsert_nodes(conn: sa.Connection, configs: Sequence[NodeConfig]) -> None:
-    """Insert new nodes and update the config of known ones; their stats stay untouched."""
+def upsert_nodes(conn: sa.Connection, configs: Sequence[NodeConfig], origin: str = "file") -> None:
+    """Insert new nodes and update the config of known ones; their stats stay untouched.
+
+    ``origin`` 'file' (the nodes file) claims existing nodes too; 'admin' (the admin page) only marks
+    the nodes it creates, so editing a file node on the page leaves it the file's.
+    """
     now = utcnow()
     rows = [{"id": c.id, "name": c.name or c.id, "base_url": c.base_url, "api_key": c.api_key,
-             "weight": c.weight, "updated_at": now} for c in configs]
-    upsert(conn, nodes, rows, CONFIG_COLUMNS)
+             "weight": c.weight, "updated_at": now, "origin": origin} for c in configs]
+    upsert(conn, nodes, rows, CONFIG_COLUMNS + (("origin",) if origin == "file" else ()))
+
+
+def config_of(row: sa.Row) -> NodeConfig:
+    return NodeConfig(id=row.id, base_url=row.base_url or "", api_key=row.api_key or "", name=row.name or row.id,
+                      weight=row.weight)
 
 
 def set_disabled(conn: sa.Connection, node_id: str, disabled: bool) -> bool:

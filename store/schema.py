@@ -53,6 +53,9 @@ nodes = sa.Table(
     # set from the admin page; a config file upsert leaves it alone
     sa.Column("disabled", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Column("updated_at", TIMESTAMP),
+    # 'file': from codex_nodes / codex_upstream (routes while the file names it); 'admin': added on the
+    # admin page (routes after a restart too, until a file takes it over)
+    sa.Column("origin", sa.String(16), nullable=False, server_default="file"),
 )
 
 codex_invocations = sa.Table(

@@ -368,3 +368,30 @@ def test_admin_is_never_forwarded_nor_metered_and_disabled_survives_restart(db_u
             assert conn.execute(sa.select(sa.func.count()).select_from(codex_invocations)).scalar() == 10
     finally:
         engine.dispose()
+
+
+@pytest.mark.e2e
+def test_node_added_on_the_page_routes_after_a_restart_and_the_file_wins_its_own_nodes(db_url, tmp_path):
+    with FakeUpstream("a") as a, FakeUpstream("c") as c:
+        nodes_file = write_nodes(tmp_path / "nodes.toml", [("a", a.base_url, "key-a", 1)])
+        options = {"codex_nodes": str(nodes_file), "codex_ping_interval": "0"}
+        with RelayProcess(db_url=db_url, options=options) as relay:
+            assert post(relay.port, "/admin/api/nodes", {"id": "c", "base_url": c.base_url, "api_key": "key-c",
+                                                         "weight": 1}) == 200
+            assert post(relay.port, "/admin/api/nodes", {"id": "a", "base_url": a.base_url, "weight": 0}) == 200
+            assert post(relay.port, "/admin/api/nodes/a/disable", {}) == 200
+            assert post(relay.port, "/admin/api/nodes/a/enable", {}) == 200
+        with RelayProcess(db_url=db_url, options=options) as relay:
+            for _ in range(20):
+                assert call(relay, "responses", stream=True, usage=(1, 0, 1, 0))[0] == 200
+    # c (added on the page) still routes; a is back at the file's weight 1, so both got calls.
+    assert len(c.seen) > 0 and len(a.seen) > 0 and len(a.seen) + len(c.seen) == 20
+    assert all(r.headers["authorization"] == "Bearer key-c" for r in c.seen)
+    engine = make_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            rows = {r.id: r for r in conn.execute(sa.text("SELECT id, origin, weight, requests FROM nodes"))}
+    finally:
+        engine.dispose()
+    assert {k: (r.origin, r.weight) for k, r in rows.items()} == {"a": ("file", 1), "c": ("admin", 1)}
+    assert rows["a"].requests + rows["c"].requests == 20

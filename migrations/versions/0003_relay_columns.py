@@ -23,6 +23,7 @@ def _node_columns() -> list[sa.Column]:
         sa.Column("total_reasoning", sa.BigInteger, nullable=False, server_default="0"),
         sa.Column("disabled", sa.Boolean, nullable=False, server_default=sa.false()),
         sa.Column("updated_at", TIMESTAMP),
+        sa.Column("origin", sa.String(16), nullable=False, server_default="file"),
     ]
 
 
