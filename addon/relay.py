@@ -33,7 +33,7 @@ from addon.outcome import Outcome, classify_error, classify_response, is_node_fa
 from addon.routing import Node, NodePool, StickyMap, join_url, set_upstream_key, validate_base_url
 from addon.startup import install_one_line_option_errors, unknown_options_message
 from addon.usage import detect_format, parse_request
-from store.engine import make_engine, upgrade_to_head
+from store.engine import error_line, make_engine, upgrade_to_head
 from store.nodes import config_of, load_nodes, set_disabled, upsert_nodes
 from store.poll import Poller, start_poller
 from store.prices import PriceTable, load_prices
@@ -187,7 +187,7 @@ class Relay:
             engine = make_engine(url)
             upgrade_to_head(engine)
         except Exception as e:
-            raise exceptions.OptionsError(f"codex_db: cannot open {_safe_url(url)}: {_first_line(e)}") from None
+            raise exceptions.OptionsError(f"codex_db: cannot open {_safe_url(url)}: {error_line(e)}") from None
         if self.writer is not None:
             self.writer.close()
         try:
@@ -555,11 +555,6 @@ def _ms(seconds: float) -> int:
 
 def _is_sse(resp: http.Response) -> bool:
     return resp.headers.get("content-type", "").startswith("text/event-stream")
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(getattr(e, "orig", None) or e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _safe_url(url: str) -> str:

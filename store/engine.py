@@ -70,6 +70,12 @@ def _sqlite_engine(url: sa.URL) -> sa.Engine:
     return engine
 
 
+def error_line(error: BaseException) -> str:
+    """The first line of the driver's message: no SQL statement, no parameters (keys), no stack."""
+    text = str(getattr(error, "orig", None) or error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def upgrade_to_head(engine: sa.Engine) -> None:
     """Bring the database to the latest schema revision (no-op when it is there already)."""
     with engine.connect() as conn, named_lock(conn, "migrations", _MIGRATION_LOCK_S):

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import sqlalchemy as sa
 
 from store.records import InvocationRecord, NodeStateUpdate
-from store.schema import codex_daily_stats, codex_invocations, nodes
+from store.schema import DAILY_COUNTERS, codex_daily_stats, codex_invocations, nodes
 from store.upsert import upsert
 
 Item = InvocationRecord | NodeStateUpdate
@@ -97,10 +97,6 @@ def invocation_row(r: InvocationRecord) -> dict:
         "stream_ms": r.stream_ms, "duration_ms": r.duration_ms, "request_bytes": r.request_bytes,
         "response_bytes": r.response_bytes, "attempts": r.attempts, "client_key": _clip(r.client_key, 64),
     }
-
-
-DAILY_COUNTERS = ("requests", "successes", "input_tokens", "cached_tokens", "output_tokens", "reasoning_tokens",
-                  "total_tokens", "cost", "bytes", "ttfb_sum", "ttfb_n", "stream_ms", "stream_tokens")
 
 
 def _daily(rows: Sequence[dict]) -> dict[tuple, dict]:

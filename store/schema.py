@@ -126,6 +126,9 @@ codex_daily_stats = sa.Table(
     _counter("stream_tokens"),
 )
 
+# What the writer adds to a codex_daily_stats row and the stats views sum, in table order.
+DAILY_COUNTERS = tuple(c.name for c in codex_daily_stats.columns if not c.primary_key)
+
 stats_source_snapshots = sa.Table(
     "stats_source_snapshots", metadata,
     sa.Column("id", BIGID, primary_key=True, autoincrement=True),

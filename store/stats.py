@@ -36,7 +36,7 @@ import sqlalchemy as sa
 
 from store.engine import DEFAULT_DB, current_revision, head_revision, make_engine
 from store.nodes import load_nodes
-from store.schema import codex_daily_stats, codex_invocations
+from store.schema import DAILY_COUNTERS, codex_daily_stats, codex_invocations
 
 _inv = codex_invocations.c
 _day = codex_daily_stats.c
@@ -194,9 +194,7 @@ def mask_key(key: str | None) -> str | None:
 
 # -- queries ---------------------------------------------------------------------------------------
 def _metric_columns() -> list[sa.ColumnElement]:
-    return [sa.func.sum(_day[name]).label(name) for name in (
-        "requests", "successes", "input_tokens", "cached_tokens", "output_tokens", "reasoning_tokens",
-        "total_tokens", "cost", "bytes", "ttfb_sum", "ttfb_n", "stream_ms", "stream_tokens")]
+    return [sa.func.sum(_day[name]).label(name) for name in DAILY_COUNTERS]
 
 
 def _metrics(row: sa.Row) -> dict[str, Any]:

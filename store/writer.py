@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 
+from store.engine import error_line
 from store.invocations import Item, apply_batch
 from store.spool import Spool
 
@@ -150,8 +151,8 @@ class Writer:
         deadline = time.monotonic() + self.linger
         while len(batch) < self.batch_size:
             try:
-                item = self._queue.get_nowait() if self._queue.qsize() else \
-                    self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                # Returns at once while items are waiting, even after the deadline.
+                item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 break
             if item is _STOP:
@@ -186,7 +187,7 @@ class Writer:
         self._backoff = 0.5
 
     def _one_by_one(self, batch: Sequence[Item], error: Exception) -> None:
-        log.warning("a batch of %d was refused (%s): writing its records one by one", len(batch), _short(error))
+        log.warning("a batch of %d was refused (%s): writing its records one by one", len(batch), _error_text(error))
         for item in batch:
             try:
                 self._apply([item])
@@ -196,9 +197,9 @@ class Writer:
                     self._to_spool([item])
                     continue
                 self._rejected += 1
-                self.spool.reject(item, _short(e))
+                self.spool.reject(item, _error_text(e))
                 log.error("record %s refused by the database, kept in the spool's rejected table: %s",
-                          getattr(item, "invoke_id", item), _short(e))
+                          getattr(item, "invoke_id", item), _error_text(e))
 
     def _replay(self) -> None:
         while self.spool.count:
@@ -223,7 +224,7 @@ class Writer:
 
     def _outage(self, error: Exception) -> None:
         now = time.monotonic()
-        self._last_error = _short(error)
+        self._last_error = _error_text(error)
         if self._db_ok or now - self._last_outage_log >= _OUTAGE_LOG_EVERY_S:
             age = self.spool.oldest_age()
             log.warning("database unreachable (%s): spooling to %s; %d record(s) waiting, oldest %s",
@@ -235,6 +236,6 @@ class Writer:
         self._backoff = min(self.max_backoff, self._backoff * 2)
 
 
-def _short(error: BaseException) -> str:
-    text = str(getattr(error, "orig", None) or error)
-    return text.splitlines()[0][:300] if text else type(error).__name__
+
+def _error_text(error: BaseException) -> str:
+    return error_line(error)[:300]
