@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # codex-relay entry point.
-#   ./run.sh [mitmdump args…]   set up .venv, upgrade the DB, start the relay on :8000 (SQLite by default)
+#   ./run.sh [mitmdump args…]   set up .venv, upgrade the DB, start the relay on 127.0.0.1:8000 (SQLite by default)
 #   ./run.sh test [pytest args…] set up .venv and run the whole test suite (+ ruff)
 #   ./run.sh web [mitmweb args…] same as the default, in mitmweb
 #   ./run.sh stats|poll-stats|reconcile|bench …   see README
@@ -70,6 +70,8 @@ relay() {  # relay mitmdump|mitmweb ARGS…
     # Reverse mode with a lazy connection: the addon picks the node before mitmproxy connects anywhere.
     has_arg --mode -m -- "$@" || defaults+=(--mode "reverse:${CODEX_REVERSE_TARGET:-https://api.openai.com}")
     has_arg --listen-port -p -- "$@" || defaults+=(--listen-port "${CODEX_PORT:-8000}")
+    # Loopback unless told otherwise: the relay lends its node keys to whoever reaches it.
+    has_arg --listen-host -- "$@" || defaults+=(--listen-host "${CODEX_HOST:-127.0.0.1}")
     has_arg connection_strategy -- "$@" || defaults+=(--set connection_strategy=lazy)
     exec "$VENV/bin/$tool" -s "$ROOT/addon/codex.py" "${defaults[@]}" "$@"
 }

@@ -7,7 +7,11 @@ already have a response). Database work runs in a thread, so the proxy keeps rel
 Access: with ``codex_admin_token`` set, every request but the login form and the static files needs
 ``Authorization: Bearer <token>`` or the cookie ``POST /admin/login`` sets (else 401). Without a token
 only loopback clients get in (else 403), and a browser's change request must come from a loopback
-page (its ``Origin``), so another web site open in the same browser cannot edit nodes.
+page (its ``Origin``), so another web site open in the same browser cannot edit nodes. Either way a
+request whose ``Host`` is a name other than ``localhost`` or one in ``codex_admin_hosts`` gets 403
+(IP literals are always fine): a page of another site that rebinds its name to this machine cannot
+read the admin API. A node's stored key never follows the node to another origin: changing its
+scheme, host or port on the page needs the key again.
 """
 
 from __future__ import annotations
@@ -32,8 +36,14 @@ from mitmproxy import ctx, exceptions, http
 from mitmproxy.proxy.mode_specs import ReverseMode
 
 from addon.config import ConfigError, node_from_mapping
+from addon.egress import origin_of
+from addon.errors import fail_closed
+from addon.refusal import answered
 from addon.relay import Relay
+from addon.secrets import secrets_equal
+from addon.target import is_admin_path
 from store import stats
+from store.engine import error_line
 from store.nodes import load_nodes
 from store.reconcile import ReconcileError, as_json, reconcile
 
@@ -83,12 +93,6 @@ def _loopback_origin(origin: str) -> bool:
         return False
 
 
-def _same(given: str, expected: str) -> bool:
-    # Fixed-length digests: the comparison reveals neither the secret nor its length.
-    digest = [hashlib.sha256(s.encode("utf-8", "surrogateescape")).digest() for s in (given, expected)]
-    return hmac.compare_digest(*digest)
-
-
 def session_cookie(token: str) -> str:
     """The login cookie's value: derived from the token, so it is not the token itself and a new
     token logs every browser out."""
@@ -136,12 +140,16 @@ class Admin:
     def __init__(self, relay: Relay) -> None:
         self.relay = relay
         self._token = ""
+        self._hosts: frozenset[str] = frozenset()
 
     def load(self, loader) -> None:
         loader.add_option("codex_admin_token", str, "",
                           "Token for the admin page at /admin (at least 16 characters): clients send "
                           "'Authorization: Bearer <token>' or log in with it in the browser. Unset: "
                           "only clients on this machine (loopback) can open the admin page.")
+        loader.add_option("codex_admin_hosts", str, "",
+                          "Comma-separated host names (besides localhost and IP addresses) under which the "
+                          "admin page answers, e.g. relay.example.com; other Host headers get 403.")
 
     def configure(self, updated: set[str]) -> None:
         if "codex_admin_token" in updated:
@@ -150,9 +158,13 @@ class Admin:
                 raise exceptions.OptionsError("codex_admin_token must be at least 16 printable characters "
                                               "without spaces")
             self._token = token
+        if "codex_admin_hosts" in updated:
+            self._hosts = frozenset(h.strip().lower().rstrip(".") for h in ctx.options.codex_admin_hosts.split(",")
+                                    if h.strip())
 
+    @fail_closed
     async def request(self, flow: http.HTTPFlow) -> None:
-        if flow.response is not None or not self._is_admin(flow):
+        if answered(flow) or not self._is_admin(flow):
             return
         try:
             flow.response = await self._answer(flow)
@@ -160,7 +172,7 @@ class Admin:
             flow.response = json_response(e.status, {"error": e.message})
         except sa.exc.SQLAlchemyError as e:
             # The driver's message only: SQLAlchemy's own text lists the statement's parameters (API keys).
-            reason = str(getattr(e, "orig", None) or type(e).__name__).strip()[:300]
+            reason = error_line(e)[:300]
             log.warning("admin %s %s: database error: %s", flow.request.method, flow.request.path, reason)
             flow.response = json_response(503, {"error": f"database: {reason}"})
         except Exception:
@@ -170,20 +182,28 @@ class Admin:
     @staticmethod
     def _is_admin(flow: http.HTTPFlow) -> bool:
         # In regular (forward proxy) mode /admin belongs to whatever site the client asked for.
-        if not isinstance(flow.client_conn.proxy_mode, ReverseMode):
-            return False
-        path = flow.request.path.split("?", 1)[0]
-        return path == PREFIX or path.startswith(PREFIX + "/")
+        return isinstance(flow.client_conn.proxy_mode, ReverseMode) and is_admin_path(flow.request.path)
+
+    def _known_host(self, flow: http.HTTPFlow) -> bool:
+        """Whether the Host the client addressed is this relay's (see the module docstring)."""
+        host_header = flow.request.host_header
+        if host_header is None:
+            return True  # no browser omits it; a DNS-rebinding page cannot
+        host = urlsplit("//" + host_header).hostname or ""
+        return host in ("localhost", *self._hosts) or _is_ip(host)
 
     # -- access ------------------------------------------------------------------------------------
     def _authorised(self, flow: http.HTTPFlow) -> bool:
         auth = flow.request.headers.get("authorization", "")
-        if auth[:7].lower() == "bearer " and _same(auth[7:].strip(), self._token):
+        if auth[:7].lower() == "bearer " and secrets_equal(auth[7:].strip(), self._token):
             return True
-        return _same(flow.request.cookies.get(COOKIE, ""), session_cookie(self._token))
+        return secrets_equal(flow.request.cookies.get(COOKIE, ""), session_cookie(self._token))
 
     def _denied(self, flow: http.HTTPFlow, path: str) -> http.Response | None:
         """The refusal for a request that may not reach ``path``, or None."""
+        if not self._known_host(flow):
+            return json_response(403, {"error": "unknown Host: open the admin page by this machine's address or "
+                                                "a name listed in codex_admin_hosts"})
         if not self._token:
             if not is_loopback(flow.client_conn.peername):
                 return json_response(403, {"error": "the admin page answers only clients on this machine; "
@@ -240,7 +260,7 @@ class Admin:
     def _login(self, flow: http.HTTPFlow) -> http.Response:
         if not self._token:
             return _response(303, "", "text/plain", location=PREFIX)
-        if not _same(flow.request.urlencoded_form.get("token", ""), self._token):
+        if not secrets_equal(flow.request.urlencoded_form.get("token", ""), self._token):
             log.warning("admin: failed login from %s", flow.client_conn.peername[0])
             return _login_page(401, "Wrong token.")
         cookie = f"{COOKIE}={session_cookie(self._token)}; Path={PREFIX}; HttpOnly; SameSite=Strict"
@@ -307,6 +327,9 @@ class Admin:
             with self._engine().connect() as conn:
                 stored = next((r for r in load_nodes(conn) if r.id == config.id), None)
             if stored is not None:
+                if stored.api_key and origin_of(stored.base_url) != origin_of(config.base_url):
+                    raise HttpError(400, "base_url moves the node to another scheme, host or port: give its "
+                                         "api_key again (a stored key never follows a node elsewhere)")
                 config.api_key = stored.api_key or ""
         self.relay.update_node(config)
         return self._nodes(stats.Filters(node=config.id))[0]
@@ -339,6 +362,14 @@ class Admin:
                     results.append({"source": source.name, "stats_date": day.isoformat(), "error": str(e)})
         polls = [r.describe() for r in list(poller.last_results.values())]
         return {"configured": True, "results": results, "polls": polls}
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _limit(value: str | None) -> int:

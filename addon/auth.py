@@ -1,28 +1,38 @@
 """Client auth: only clients holding one of the relay's own keys reach a node.
 
 With ``codex_client_keys`` set, every request must carry one of those keys as
-``Authorization: Bearer <key>`` or ``x-api-key: <key>``; any other request is answered here with
-HTTP 401 in the OpenAI error shape and never reaches a node. A rejected request is not an
-invocation: it is not recorded in ``codex_invocations`` and counts against no node (the relay skips
-flows that already have a response). An accepted request carries the key's *name* (never the key)
-in ``flow.metadata["codex_client_key"]``, which the relay records as ``client_key``.
+``Authorization: Bearer <key>``, ``x-api-key: <key>`` or (through the relay as a forward proxy)
+``Proxy-Authorization: Bearer <key>`` / ``Basic base64(<any user>:<key>)``; any other request is
+answered here with HTTP 401 in the client's API shape and never reaches a node. The check runs in
+``requestheaders``, before mitmproxy reads the request body, and a refused body is never held
+(``addon.refusal``). A refused request is not an invocation: it is not recorded and counts against
+no node. An accepted request carries the key's *name* (never the key) in
+``flow.metadata[CLIENT_KEY_NAME]``, which the relay records as ``client_key``.
 
-Not checked: paths under ``/admin`` on the relay's own port, i.e. in reverse mode (the admin page
-answers those itself and has its own token), and replayed flows (the relay's retries are replays of
-copies that already carry a node's key; a replay from mitmweb is the operator's own).
+In regular (forward proxy) mode a ``CONNECT`` needs a client key in ``Proxy-Authorization`` (else 407):
+an open CONNECT would make the relay a TCP relay for anyone. Requests inside an authorised tunnel
+are that client's.
+
+Not checked: the admin page's own paths on the relay's port (reverse mode; it has its own token),
+and replayed flows (the relay's retries are replays of copies that already carry a node's key; a
+replay from mitmweb is the operator's own).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
-import hmac
 import logging
 from pathlib import Path
 
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.proxy.mode_specs import ReverseMode
 
-from addon.relay import CLIENT_KEY_NAME, error_body
+from addon.errors import CLIENT_KEY_NAME, error_response, fail_closed
+from addon.refusal import RefusalSink, answered
+from addon.secrets import KnownSecrets, digest
+from addon.target import is_admin_path
 
 log = logging.getLogger("codex.auth")
 
@@ -78,26 +88,12 @@ def parse_client_keys(spec: str) -> list[tuple[str, str]]:
     return pairs
 
 
-def is_admin_path(path: str) -> bool:
-    """A request for the admin page, which checks its own token.
-
-    Only plain ``/admin`` and ``/admin/...`` paths: one with a dot segment or a percent escape (e.g.
-    ``/admin/../v1/responses``) could mean a model endpoint to the node and must not skip client auth.
-    """
-    route = path.partition("?")[0].partition("#")[0]
-    if route != "/admin" and not route.startswith("/admin/"):
-        return False
-    return "%" not in route and "\\" not in route and not any(s in (".", "..") for s in route.split("/"))
-
-
-def _digest(secret: str) -> bytes:
-    # Comparing fixed-length digests keeps compare_digest from revealing a key's length.
-    return hashlib.sha256(secret.encode("utf-8", "surrogateescape")).digest()
-
-
 class ClientAuth:
-    def __init__(self) -> None:
+    def __init__(self, refusals: RefusalSink | None = None, secrets: KnownSecrets | None = None) -> None:
+        self.refusals = refusals or RefusalSink()
+        self.secrets = secrets or KnownSecrets()
         self._keys: list[tuple[str, bytes]] = []  # (name, SHA-256 of the key): the keys are not kept
+        self._tunnels: dict[str, str] = {}  # client connection id -> key name of its authorised CONNECT
 
     def load(self, loader) -> None:
         loader.add_option(
@@ -113,51 +109,88 @@ class ClientAuth:
         spec = ctx.options.codex_client_keys
         if not spec.strip():
             self._keys = []
+            self.secrets.client_digests = frozenset()
             return
         try:
             pairs = parse_client_keys(spec)
         except ValueError as e:
             raise exceptions.OptionsError(f"codex_client_keys: {e}") from None
-        self._keys = [(name, _digest(key)) for name, key in pairs]
+        self._keys = [(name, digest(key)) for name, key in pairs]
+        self.secrets.client_digests = frozenset(d for _, d in self._keys)
         log.info("client auth: %d key(s): %s", len(pairs), ", ".join(name for name, _ in pairs))
+
+    def _name_of(self, candidate: str) -> str | None:
+        found = None
+        if candidate:
+            d = digest(candidate)
+            for name, key_digest in self._keys:
+                # No early exit: the time taken does not depend on which key matched.
+                if self.secrets.same_digest(d, key_digest) and found is None:
+                    found = name
+        return found
 
     def identify(self, headers: http.Headers) -> str | None:
         """The name of the client key these request headers carry, or None."""
         candidates = [v.strip() for v in headers.get_all("x-api-key")]
-        for value in headers.get_all("authorization"):
-            scheme, _, token = value.strip().partition(" ")
-            if scheme.lower() == "bearer":
-                candidates.append(token.strip())
-        found = None
-        for candidate in candidates:
-            if not candidate:
-                continue
-            digest = _digest(candidate)
-            for name, key_digest in self._keys:
-                # No early exit: the time taken does not depend on which key matched.
-                if hmac.compare_digest(digest, key_digest) and found is None:
-                    found = name
-        return found
+        for value in headers.get_all("authorization") + headers.get_all("proxy-authorization"):
+            candidates.extend(_credentials(value))
+        names = [self._name_of(c) for c in candidates]
+        return next((n for n in names if n is not None), None)
 
-    def request(self, flow: http.HTTPFlow) -> None:
-        if flow.response or flow.error or not flow.live or flow.is_replay or not self._keys:
+    @fail_closed
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error or not self._keys:
+            return
+        name = self.identify(flow.request.headers)
+        if name is not None:
+            self._tunnels[flow.client_conn.id] = name
+            return
+        given = "proxy-authorization" in flow.request.headers
+        flow.response = error_response(
+            flow.request.path, 407, "codex-relay: proxy authentication required: send a client key as "
+            "'Proxy-Authorization: Basic base64(user:<key>)' or 'Proxy-Authorization: Bearer <key>'",
+            "proxy_auth_required", proxy_authenticate='Basic realm="codex-relay"')
+        flow.comment = "client auth: " + ("incorrect proxy key" if given else "no proxy key")
+
+    def client_disconnected(self, client) -> None:
+        self._tunnels.pop(client.id, None)
+
+    @fail_closed
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if answered(flow) or flow.is_replay or not self._keys:
             return
         # The admin page answers /admin only on the relay's own port (reverse mode); in regular mode
         # such a path belongs to whatever site the client asked for and the relay would route it.
         if isinstance(flow.client_conn.proxy_mode, ReverseMode) and is_admin_path(flow.request.path):
             return
-        name = self.identify(flow.request.headers)
+        name = self.identify(flow.request.headers) or self._tunnels.get(flow.client_conn.id)
         if name is not None:
             flow.metadata[CLIENT_KEY_NAME] = name
             return
-        given = "authorization" in flow.request.headers or "x-api-key" in flow.request.headers
+        given = any(h in flow.request.headers for h in ("authorization", "x-api-key", "proxy-authorization"))
         message = ("codex-relay: incorrect API key provided" if given else
                    "codex-relay: no API key provided; send one of the relay's client keys as "
                    "'Authorization: Bearer <key>' or 'x-api-key: <key>'")
-        flow.response = http.Response.make(
-            401, error_body(message, "invalid_api_key", "invalid_request_error"),
-            {"content-type": "application/json", "www-authenticate": 'Bearer realm="codex-relay"'})
-        flow.comment = "client auth: " + ("incorrect key" if given else "no key")
+        reason = "incorrect key" if given else "no key"
+        self.refusals.refuse(flow, error_response(flow.request.path, 401, message, "invalid_api_key",
+                                                  www_authenticate='Bearer realm="codex-relay"'),
+                             "client auth: " + reason)
+        flow.comment = "client auth: " + reason
         # The route without its query string: a client may put a key there by mistake.
         log.debug("client %s: %s %s rejected: %s", flow.client_conn.peername, flow.request.method,
-                  flow.request.path.partition("?")[0], "incorrect key" if given else "no key")
+                  flow.request.path.partition("?")[0], reason)
+
+
+def _credentials(value: str) -> list[str]:
+    """The secrets a credential header value may carry: a bearer token, or a Basic password (and user)."""
+    scheme, _, token = value.strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() == "bearer":
+        return [token]
+    if scheme.lower() == "basic":
+        try:
+            user, _, password = base64.b64decode(token, validate=True).decode("utf-8").partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            return []
+        return [password, user]
+    return []

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import json
 import logging
 import time
 import uuid
@@ -27,11 +26,16 @@ from mitmproxy.addons.clientplayback import ReplayHandler
 from mitmproxy.proxy import server_hooks
 
 from addon.config import ConfigError, load_nodes_file
+from addon.egress import attach, clear_as_is
+from addon.errors import CLIENT_KEY_NAME, error_response, fail_closed
 from addon.health import Health, Pinger
 from addon.meter import StreamMeter
 from addon.outcome import Outcome, classify_error, classify_response, is_node_failure_status
-from addon.routing import Node, NodePool, StickyMap, join_url, set_upstream_key, validate_base_url
-from addon.startup import install_one_line_option_errors, unknown_options_message
+from addon.refusal import RefusalSink, answered
+from addon.routing import Node, NodePool, StickyMap, validate_base_url
+from addon.secrets import KnownSecrets
+from addon.startup import fatal, listen_hosts, open_relay_problem
+from addon.target import target_problem
 from addon.usage import detect_format, parse_request
 from store.engine import error_line, make_engine, upgrade_to_head
 from store.nodes import config_of, load_nodes, set_disabled, upsert_nodes
@@ -43,9 +47,10 @@ from store.writer import Writer
 
 log = logging.getLogger("codex.relay")
 
-STATE_KEY = "codex"
 RETRY_KEY = "codex_retry"
-CLIENT_KEY_NAME = "codex_client_key"  # set by the client-auth addon
+# An error answer of a node is held back (not streamed) to retry the call elsewhere only up to this size
+# and only with a content-length; a larger one streams through to the client and is not retried.
+MAX_HELD_ERROR_BYTES = 1 << 20
 
 
 @dataclass(slots=True)
@@ -59,6 +64,7 @@ class CallState:
     stream: bool
     session_key: str | None
     request_bytes: int
+    client_target: str  # the path (and query) the client asked for: every attempt maps this one
     node: Node | None = None
     attempts: int = 1
     tried: list[str] = field(default_factory=list)
@@ -66,11 +72,6 @@ class CallState:
     retry: bool = False  # an HTTP failure waits in the response hook for another node
     timer: asyncio.TimerHandle | None = None
     timeout_error: str | None = None
-
-
-def error_body(message: str, code: str, type_: str = "codex_relay_error") -> bytes:
-    """An error in the OpenAI error shape, which every OpenAI-compatible client can show."""
-    return json.dumps({"error": {"message": message, "type": type_, "code": code, "param": None}}).encode()
 
 
 def _seconds(name: str, value: str, *, allow_zero: bool = True) -> float:
@@ -85,7 +86,9 @@ def _seconds(name: str, value: str, *, allow_zero: bool = True) -> float:
 
 
 class Relay:
-    def __init__(self) -> None:
+    def __init__(self, refusals: RefusalSink | None = None, secrets: KnownSecrets | None = None) -> None:
+        self.refusals = refusals or RefusalSink()
+        self.secrets = secrets or KnownSecrets()
         self.pool = NodePool()
         self.writer: Writer | None = None
         self.engine = None
@@ -98,10 +101,11 @@ class Relay:
         self._first_byte_timeout = 300.0
         # client connection id -> flows routed on it that have not connected yet (server_connect probe)
         self._connecting: dict[str, list[http.HTTPFlow]] = {}
+        # flow id -> its call in flight. Not in flow.metadata: -w pickles that, and a call holds timers.
+        self._calls: dict[str, CallState] = {}
 
     # -- options -----------------------------------------------------------------------------------
     def load(self, loader) -> None:
-        install_one_line_option_errors()
         loader.add_option("codex_db", str, "sqlite:///data/codex.db",
                           "SQLAlchemy URL of the stats database (sqlite:///file.db or "
                           "mysql+pymysql://user:pass@host/db). Upgraded to the latest schema at start.")
@@ -142,6 +146,13 @@ class Relay:
         loader.add_option("codex_prices", str, "",
                           "TOML price table (USD per 1M input, cached input, output tokens per model) used to "
                           "estimate codex_invocations.cost. Default: the shipped store/prices.toml.")
+        loader.add_option("codex_max_request_body", int, 32 * 2**20,
+                          "Largest request body (bytes) the relay forwards; a larger one gets HTTP 413 and "
+                          "reaches no node.")
+        loader.add_option("codex_allow_open", bool, False,
+                          "Allow a relay that routes to nodes to listen beyond loopback without "
+                          "codex_client_keys (anyone who reaches it spends the node keys). Off: such a relay "
+                          "refuses to start.")
         loader.add_option("codex_stats_sources", str, "",
                           "TOML file whose [[sources]] are provider stats endpoints to poll into "
                           "stats_source_snapshots/deltas. Default: the [[sources]] of the codex_nodes file.")
@@ -150,7 +161,7 @@ class Relay:
         opts = ctx.options
         if "codex_source" in updated and not (0 < len(opts.codex_source) <= 32):
             raise exceptions.OptionsError("codex_source must be 1 to 32 characters")
-        for name in ("codex_keep_body", "codex_retries", "codex_fail_threshold"):
+        for name in ("codex_keep_body", "codex_retries", "codex_fail_threshold", "codex_max_request_body"):
             if name in updated and getattr(opts, name) < 0:
                 raise exceptions.OptionsError(f"{name} must be >= 0")
         ping_interval = _seconds("codex_ping_interval", opts.codex_ping_interval)
@@ -232,6 +243,7 @@ class Relay:
         configs = configs + [config_of(r) for r in stored if r.origin == "admin" and r.id not in named]
         nodes = [Node(config=c, failed=failed.get(c.id, False), disabled=c.id in disabled) for c in configs]
         self.pool = NodePool(nodes, sticky=StickyMap(ttl=sticky_ttl) if sticky_ttl else StickyMap(max_entries=0))
+        self.secrets.set_node_keys(n.config.api_key for n in nodes)
         if nodes:
             log.info("routing over %d node(s): %s", len(nodes), ", ".join(
                 f"{n.id} (weight {n.config.weight}{', failed' if n.failed else ''}"
@@ -253,6 +265,7 @@ class Relay:
             self.pool.put(Node(config=config, disabled=disabled))
         else:  # in place: calls in flight hold this object and report its health to it
             current.config, current.disabled = config, disabled
+        self.secrets.set_node_keys(n.config.api_key for n in self.pool)
 
     def set_node_disabled(self, node_id: str, disabled: bool) -> bool:
         """Take a node out of routing, or put it back (admin page); its stats stay. False: no such node.
@@ -269,9 +282,12 @@ class Relay:
         return True
 
     def running(self) -> None:
-        problem = unknown_options_message(ctx.options.deferred)
+        opts = ctx.options
+        problem = open_relay_problem(routes=len(self.pool) > 0, client_keys=bool(opts.codex_client_keys.strip()),
+                                     hosts=listen_hosts(opts.mode, opts.listen_host),
+                                     allow_open=opts.codex_allow_open)
         if problem:
-            log.error(problem)  # mitmproxy's start-up error check exits non-zero on it
+            fatal(problem)
 
     def done(self) -> None:
         if self.pinger is not None:
@@ -281,46 +297,68 @@ class Relay:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+        self._calls.clear()
 
     def _submit(self, item: InvocationRecord | NodeStateUpdate) -> None:
         if self.writer is not None:
             self.writer.submit(item)
 
     # -- hooks -------------------------------------------------------------------------------------
-    def request(self, flow: http.HTTPFlow) -> None:
-        if flow.response or flow.error or not flow.live or RETRY_KEY in flow.metadata:
+    @fail_closed
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if answered(flow) or RETRY_KEY in flow.metadata:
             return
-        api_format = detect_format(flow.request.path)
+        length = flow.request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > ctx.options.codex_max_request_body:
+            self._too_large(flow)
+
+    def _too_large(self, flow: http.HTTPFlow) -> None:
+        limit = ctx.options.codex_max_request_body
+        self.refusals.refuse(flow, error_response(
+            flow.request.path, 413, f"codex-relay: the request body is larger than {limit} bytes "
+            "(codex_max_request_body)", "request_too_large"), "request body too large")
+
+    @fail_closed
+    def request(self, flow: http.HTTPFlow) -> None:
+        if answered(flow) or RETRY_KEY in flow.metadata:
+            return
+        # A chunked body has no length up front: mitmproxy has read it by now.
+        if len(flow.request.raw_content or b"") > ctx.options.codex_max_request_body:
+            self._too_large(flow)
+            return
+        target = flow.request.path
+        routed = len(self.pool) > 0
+        problem = target_problem(target) if routed else None
+        if problem:  # as a forward proxy: the Gate checks only the relay's own port
+            self.refusals.refuse(flow, error_response(target, 400, f"codex-relay: {problem}",
+                                                      "invalid_request_target"), problem)
+            return
+        api_format = detect_format(target)
         state = None
         if api_format is not None:
             info = parse_request(flow.request.raw_content)
             state = CallState(
                 invoke_id=uuid.uuid4().hex, occurred_at=utcnow(), api_format=api_format, model=info.model,
                 stream=info.stream, session_key=_session_key(flow, info.session_key),
-                request_bytes=len(flow.request.raw_content or b""),
+                request_bytes=len(flow.request.raw_content or b""), client_target=target,
             )
-            flow.metadata[STATE_KEY] = state
-        if not len(self.pool):
-            return  # monitor mode
+            self._calls[flow.id] = state
+        if not routed:
+            clear_as_is(flow)  # monitor mode: the request goes where it was sent, unchanged
+            return
         node = self.pool.choose(session_key=state.session_key if state else None)
         if node is None:
-            flow.response = http.Response.make(
-                503, error_body("codex-relay: no upstream node is available: every node is failed, disabled "
-                                "or has weight 0", "no_node_available"),
-                {"content-type": "application/json"})
+            flow.response = error_response(
+                target, 503, "codex-relay: no upstream node is available: every node is failed, disabled "
+                "or has weight 0", "no_node_available")
             return
-        self._route(flow, node)
+        attach(flow, node.config, target)
         if state is not None:
             state.node = node
             state.tried.append(node.id)
             self._connecting.setdefault(flow.client_conn.id, []).append(flow)
             state.timer = asyncio.get_running_loop().call_later(
                 self._first_byte_timeout, self._first_byte_timed_out, flow)
-
-    @staticmethod
-    def _route(flow: http.HTTPFlow, node: Node) -> None:
-        flow.request.url = join_url(node.config.base_url, flow.request.path)
-        set_upstream_key(flow.request.headers, node.config.api_key)
 
     async def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
         """Probe a new upstream connection; a node that does not accept it is swapped before sending."""
@@ -329,7 +367,7 @@ class Relay:
             return
         address = data.server.address
         flow = next((f for f in pending if (f.request.host, f.request.port) == address), None)
-        state: CallState | None = flow.metadata.get(STATE_KEY) if flow else None
+        state = self._calls.get(flow.id) if flow else None
         if flow is None or state is None or state.node is None:
             return
         pending.remove(flow)
@@ -344,7 +382,7 @@ class Relay:
                 return  # mitmproxy's own connect fails and the error hook records it
             log.warning("node %s: %s; trying node %s", state.node.id, err, node.id)
             state.node = node
-            self._route(flow, node)
+            attach(flow, node.config, state.client_target)
             data.server.address = (flow.request.host, flow.request.port)
             if data.server.tls:
                 data.server.sni = flow.request.host
@@ -367,11 +405,12 @@ class Relay:
 
     def _attempt_failed(self, node: Node, error: str) -> None:
         """A failed attempt that the client did not see: it still counts against the node."""
+        error = self.secrets.scrub(error[:1000])
         self.health.failure(node, error)
-        self._submit(NodeStateUpdate(node.id, last_error=error[:1000], failed_attempt=True))
+        self._submit(NodeStateUpdate(node.id, last_error=error, failed_attempt=True))
 
     def _first_byte_timed_out(self, flow: http.HTTPFlow) -> None:
-        state: CallState | None = flow.metadata.get(STATE_KEY)
+        state = self._calls.get(flow.id)
         if state is None or flow.response is not None or flow.error is not None:
             return
         state.timeout_error = f"no response headers within {self._first_byte_timeout:g} s"
@@ -382,15 +421,17 @@ class Relay:
                 handler.close_connection(flow.server_conn)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        state: CallState | None = flow.metadata.get(STATE_KEY)
+        state = self._calls.get(flow.id)
         if state is None or flow.response is None:
             return
         self._stop_waiting(flow, state)
         resp = flow.response
+        length = resp.headers.get("content-length", "")
         if (state.node is not None and is_node_failure_status(resp.status_code)
+                and length.isdigit() and int(length) <= MAX_HELD_ERROR_BYTES
                 and state.attempts <= ctx.options.codex_retries
                 and self.pool.choose(exclude=state.tried) is not None):
-            state.retry = True  # not streamed: the (small) error body waits for the response hook
+            state.retry = True  # not streamed: the small error body waits for the response hook
             return
         state.meter = StreamMeter(
             state.api_format, resp.headers.get("content-type"), resp.headers.get("content-encoding"),
@@ -399,7 +440,7 @@ class Relay:
         resp.stream = state.meter
 
     async def response(self, flow: http.HTTPFlow) -> None:
-        state: CallState | None = flow.metadata.pop(STATE_KEY, None)
+        state = self._calls.pop(flow.id, None)
         if state is None or flow.response is None:
             return
         self._stop_waiting(flow, state)
@@ -432,7 +473,7 @@ class Relay:
         served = state.node
         while (node := self._next_node(state)) is not None:
             attempt = _copy_for_retry(flow)
-            self._route(attempt, node)
+            attach(attempt, node.config, state.client_target)
             await ReplayHandler(attempt, ctx.options).replay()
             resp = attempt.response
             if resp is None:
@@ -446,10 +487,12 @@ class Relay:
         state.node = served
 
     def error(self, flow: http.HTTPFlow) -> None:
-        state: CallState | None = flow.metadata.pop(STATE_KEY, None)
+        state = self._calls.pop(flow.id, None)
         if state is None or flow.error is None:
             return
         self._stop_waiting(flow, state)
+        if state.meter is not None and state.meter.kept and flow.response is not None:
+            flow.response.raw_content = state.meter.kept  # mitmweb shows what came before the cut
         outcome = classify_error(flow.error.msg, got_response=flow.response is not None)
         if state.timeout_error:
             outcome = Outcome(outcome.status, True, state.timeout_error)
@@ -468,6 +511,8 @@ class Relay:
 
     # -- records -----------------------------------------------------------------------------------
     def _finish(self, flow: http.HTTPFlow, state: CallState, outcome: Outcome) -> None:
+        if outcome.error:  # upstream text: it may echo a key back
+            outcome = Outcome(outcome.status, outcome.node_failure, self.secrets.scrub(outcome.error[:2000]))
         resp = flow.response
         meter = state.meter
         result = meter.result() if meter else None
@@ -487,7 +532,7 @@ class Relay:
             endpoint=flow.request.path.split("?", 1)[0][:255], status=outcome.status,
             node_id=node.id if node else None, api_format=state.api_format,
             model=state.model, stream=state.stream, http_status=resp.status_code if resp else None,
-            error_message=outcome.error[:2000] if outcome.error else None, ttfb_ms=ttfb_ms, stream_ms=stream_ms,
+            error_message=outcome.error, ttfb_ms=ttfb_ms, stream_ms=stream_ms,
             duration_ms=_ms(time.time() - flow.request.timestamp_start), request_bytes=state.request_bytes,
             response_bytes=meter.bytes if meter else len(resp.raw_content or b"") if resp else 0,
             attempts=state.attempts, raw_response=result.raw_usage if result else None,
@@ -504,14 +549,9 @@ class Relay:
 
 
 def _copy_for_retry(flow: http.HTTPFlow) -> http.HTTPFlow:
-    """A copy of the client's request for mitmproxy's replay client (no live state is copied)."""
-    saved = flow.metadata
-    flow.metadata = {}
-    try:
-        attempt = flow.copy()
-    finally:
-        flow.metadata = saved
-    attempt.metadata[RETRY_KEY] = True
+    """A copy of the client's request for mitmproxy's replay client."""
+    attempt = flow.copy()
+    attempt.metadata = {RETRY_KEY: True}
     attempt.is_replay = "request"
     attempt.response = None
     attempt.error = None

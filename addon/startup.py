@@ -1,15 +1,28 @@
-"""Start-up problems as one clear line each, so a bad option or file reads as an error, not a crash.
+"""Start-up: problems as one clear line each and a non-zero exit, never a relay that runs half-configured.
 
-mitmproxy logs an ``OptionsError`` raised while a script loads together with its traceback, and
-silently keeps ``--set`` values of options nobody declared. Its error check then exits non-zero on
-any error logged during start-up; these helpers only make what it prints readable.
+mitmproxy logs an ``OptionsError`` raised while a script loads together with its traceback, and its
+error check exits non-zero on any error logged during start-up. Two failures it does not catch:
+a ``--set`` of one of this script's options that cannot be applied (given twice, or not of the
+option's type) makes mitmproxy drop the whole script silently — the process then serves as a bare
+proxy with no client auth, routing or masking — and ``--set`` names nobody declared are kept unused.
+``StartupCheck``, the script's last addon, finds both, says so, and makes the process exit; until
+it has seen every addon configured, the ``Gate`` answers every request with a 503.
 """
 
 from __future__ import annotations
 
+import asyncio
+import ipaddress
 import logging
+import sys
+from collections.abc import Iterable
 
-from mitmproxy import exceptions
+from mitmproxy import ctx, exceptions, optmanager
+from mitmproxy.proxy.mode_specs import ProxyMode
+
+from addon.gate import Gate
+
+log = logging.getLogger("codex.startup")
 
 _SCRIPT_LOGGER = "mitmproxy.addons.script"
 
@@ -35,3 +48,94 @@ def unknown_options_message(deferred: dict) -> str | None:
         return None
     names = ", ".join(sorted(deferred))
     return f"unknown option(s): {names} (mitmdump --options lists every option; codex_* options are in the README)"
+
+
+def take_unusable_options(options: optmanager.OptManager) -> list[str]:
+    """Remove the deferred ``--set`` values of declared options that cannot be applied; say why for each.
+
+    Removing them lets the script finish loading (so it can refuse traffic and exit) instead of being
+    dropped by mitmproxy. Messages name the option, never its value (it may be a key).
+    """
+    declared = dict(options.items())
+    problems = []
+    for name, value in list(options.deferred.items()):
+        values = getattr(value, "val", None)  # still the strings given on the command line
+        if name not in declared or not isinstance(values, list):
+            continue
+        if len(values) > 1:
+            problems.append(f"{name} is given {len(values)} times: give each option once")
+        else:
+            o = declared[name]
+            scratch = optmanager.OptManager()
+            scratch.add_option(name, o.typespec, o.default, o.help, o.choices)
+            try:
+                scratch.set(*(f"{name}={v}" for v in values))
+            except exceptions.OptionsError as e:
+                problems.append(f"{name}: {str(e).split(':', 1)[0]}: {type(o.default).__name__} expected")
+            else:
+                continue
+        del options.deferred[name]
+    return problems
+
+
+def is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def listen_hosts(modes: Iterable[str], default_host: str) -> list[str]:
+    """The hosts the proxy's servers listen on ('' = every interface)."""
+    return [ProxyMode.parse(spec).listen_host(default_host) for spec in modes]
+
+
+def open_relay_problem(*, routes: bool, client_keys: bool, hosts: Iterable[str], allow_open: bool) -> str | None:
+    """Why a relay must not start: it would lend its node keys to anyone who can reach it."""
+    exposed = [h or "*" for h in hosts if not is_loopback_host(h)]
+    if not routes or client_keys or allow_open or not exposed:
+        return None
+    return (f"refusing to start: the relay routes to nodes and listens on {', '.join(exposed)} with no "
+            "codex_client_keys, so anyone who reaches it spends your node keys; set codex_client_keys, "
+            "listen on 127.0.0.1 (--listen-host), or set codex_allow_open=true")
+
+
+def fatal(message: str) -> None:
+    """Log ``message`` as an error and end the process non-zero.
+
+    Errors logged during start-up end mitmdump through its error check; a script that mitmproxy loads
+    after that check has run is ended here.
+    """
+    log.error(message)
+    asyncio.get_running_loop().call_soon(sys.exit, 1)
+
+
+class StartupCheck:
+    """The script's last addon: opens the gate once every addon before it has been configured."""
+
+    def __init__(self, gate: Gate) -> None:
+        self.gate = gate
+        self.problems: list[str] = []
+
+    def load(self, loader) -> None:
+        install_one_line_option_errors()
+        # Every addon of the script has declared its options by now; mitmproxy applies the deferred
+        # values right after this hook, and one it cannot apply would drop the script.
+        self.problems = take_unusable_options(ctx.options)
+        for problem in self.problems:
+            log.error(problem)
+
+    def configure(self, updated: set[str]) -> None:
+        # Configure runs in chain order: reaching this addon means every one before it accepted its options.
+        if not self.problems:
+            self.gate.ready = True
+
+    def running(self) -> None:
+        problem = unknown_options_message(ctx.options.deferred)
+        if problem:
+            self.problems.append(problem)
+        if self.problems:
+            self.gate.ready = False
+            fatal("; ".join(self.problems))

@@ -10,8 +10,9 @@ from mitmproxy import exceptions
 from mitmproxy.proxy.mode_specs import ProxyMode
 from mitmproxy.test import taddons, tflow
 
-from addon.auth import ClientAuth, is_admin_path, parse_client_keys
-from addon.relay import CLIENT_KEY_NAME
+from addon.auth import ClientAuth, parse_client_keys
+from addon.errors import CLIENT_KEY_NAME
+from addon.target import is_admin_path
 
 ALICE = "ck-alice-0123456789abcdef"
 BOB = "ck-bob-fedcba9876543210"
@@ -86,7 +87,7 @@ def test_configure_errors_are_option_errors(tmp_path):
 ])
 def test_known_key_passes_with_its_name(auth, headers, name):
     f = flow(headers=headers)
-    auth.request(f)
+    auth.requestheaders(f)
     assert f.response is None
     assert f.metadata[CLIENT_KEY_NAME] == name
 
@@ -99,7 +100,7 @@ def test_known_key_passes_with_its_name(auth, headers, name):
 ])
 def test_unknown_key_gets_openai_shaped_401(auth, headers, says):
     f = flow(headers=headers)
-    auth.request(f)
+    auth.requestheaders(f)
     assert f.response is not None and f.response.status_code == 401
     assert f.response.headers["content-type"] == "application/json"
     err = json.loads(f.response.content)["error"]
@@ -112,17 +113,17 @@ def test_unknown_key_gets_openai_shaped_401(auth, headers, says):
 def test_admin_paths_and_replays_are_not_checked(auth):
     admin = flow("/admin/api/nodes?x=1")
     admin.client_conn.proxy_mode = ProxyMode.parse("reverse:http://127.0.0.1:9")  # the relay's own port
-    auth.request(admin)
+    auth.requestheaders(admin)
     assert admin.response is None
     # As a forward proxy, /admin is some site's path, which the admin page does not answer.
     elsewhere = flow("/admin/api/nodes")
     elsewhere.client_conn.proxy_mode = ProxyMode.parse("regular")
-    auth.request(elsewhere)
+    auth.requestheaders(elsewhere)
     assert elsewhere.response.status_code == 401
     # The relay's retries are replays whose Authorization already is a node's key.
     replay = flow(headers={"authorization": "Bearer node-key"})
     replay.is_replay = "request"
-    auth.request(replay)
+    auth.requestheaders(replay)
     assert replay.response is None
 
 
@@ -139,16 +140,16 @@ def test_without_keys_everyone_passes():
         tctx.configure(addon, codex_client_keys=f"alice={ALICE}")
         tctx.configure(addon, codex_client_keys="")
         f = flow()
-        addon.request(f)
+        addon.requestheaders(f)
     assert f.response is None and CLIENT_KEY_NAME not in f.metadata
 
 
 def test_answered_or_dead_flows_are_left_alone(auth):
     answered = flow()
     answered.response = tflow.tresp()
-    auth.request(answered)
+    auth.requestheaders(answered)
     assert answered.response.status_code == 200
     gone = flow()
     gone.live = False
-    auth.request(gone)
+    auth.requestheaders(gone)
     assert gone.response is None

@@ -5,10 +5,12 @@ from __future__ import annotations
 from mitmproxy.test import tflow
 
 from addon.hygiene import KeyHygiene, mask_credential, mask_headers, mask_secret
-from addon.routing import set_upstream_key
+from addon.egress import attach
+from store.records import NodeConfig
 
 NODE_KEY = "sk-proj-NODEKEY-0123456789abcd"
 OTHER_KEY = "sk-ant-OTHERKEY-9876543210wxyz"
+NODE = NodeConfig(id="n", base_url="http://127.0.0.1:9/v1", api_key=NODE_KEY)
 
 
 def flow(headers: dict[str, str]) -> tflow.HTTPFlow:
@@ -42,7 +44,7 @@ def test_key_stays_until_sent_then_is_masked():
     hygiene = KeyHygiene()
     f = flow({"authorization": "Bearer client"})
     hygiene.requestheaders(f)
-    set_upstream_key(f.request.headers, NODE_KEY)  # the relay's request hook
+    attach(f, NODE, "/v1/responses")  # the relay's request hook
     hygiene.request(f)
     assert f.request.headers["authorization"] == f"Bearer {NODE_KEY}"  # mitmproxy sends it after this hook
     f.response = tflow.tresp()
@@ -81,7 +83,7 @@ def test_replay_rerouted_by_the_relay_keeps_the_new_key():
     replay = flow({"authorization": f"Bearer {OTHER_KEY}"})
     replay.is_replay = "request"
     hygiene.requestheaders(replay)
-    set_upstream_key(replay.request.headers, NODE_KEY)
+    attach(replay, NODE, "/v1/responses")
     hygiene.request(replay)
     assert replay.request.headers["authorization"] == f"Bearer {NODE_KEY}"
 

@@ -101,14 +101,18 @@ def test_client_keys_gate_the_relay_and_name_the_caller(db_url, tmp_path):
             rejected = [
                 post(relay, "responses", stream=True, headers={}),
                 post(relay, "responses", stream=True, headers={"authorization": f"Bearer {ALICE}x"}),
-                post(relay, "messages", stream=False, headers={"x-api-key": KEY_A}),  # a node key is no client key
-                # A path that only looks like the admin page's still needs a client key.
-                post(relay, "responses", stream=False, headers={}, path="/admin/../v1/responses"),
             ]
             for status, body in rejected:
                 assert status == 401, body
                 err = json.loads(body)["error"]
                 assert err["code"] == "invalid_api_key" and {"message", "type", "param"} <= set(err)
+            # A node key is no client key; an Anthropic client gets Anthropic's error shape.
+            status, body = post(relay, "messages", stream=False, headers={"x-api-key": KEY_A})
+            assert status == 401 and json.loads(body)["type"] == "error"
+            assert json.loads(body)["error"]["type"] == "authentication_error"
+            # A path that only looks like the admin page's is no request target the relay accepts.
+            status, body = post(relay, "responses", stream=False, headers={}, path="/admin/../v1/responses")
+            assert status == 400 and json.loads(body)["error"]["code"] == "invalid_request_target"
             assert up.seen == []  # nothing reached the node
 
             assert post(relay, "responses", stream=True, headers={"authorization": f"Bearer {ALICE}"})[0] == 200

@@ -1,0 +1,112 @@
+"""Where a request goes and the one place a node's key is put on it.
+
+The invariant: a node's key is only ever set on a request whose final scheme, host and port are the
+node's own. The destination is built from parsed parts (never by gluing strings, which a target such
+as ``@evil:1/v1/x`` would turn into another host), then compared with the node's origin, and only then
+is the key set. ``attach`` records the origin it checked on the flow; ``egress_problem`` (run by the
+last addon, after every other ``request`` hook) refuses a flow whose destination no longer matches it,
+or that nobody marked at all: nothing leaves the relay because a hook failed or was skipped.
+
+Paths: a node's ``base_url`` is what you would give an SDK (it carries its own version prefix, e.g.
+``https://h/openai/v1``); the client talks to the relay as to an OpenAI-style base URL ending in
+``/v1``. So a leading ``/v1`` of the client's path is dropped and the rest is put after the node's
+path: ``/v1/responses`` on ``https://h/openai/v1`` → ``/openai/v1/responses``. The query is kept.
+Every attempt of a call (first choice, connect probe, retries) maps the client's *original* target.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from mitmproxy import http
+
+from addon.target import target_problem
+from store.records import NodeConfig
+
+# Metadata: the (scheme, host, port) a flow was cleared to go to. Plain data: flows are pickled by -w.
+EGRESS_KEY = "codex_egress"
+# Credentials a client may send; none of them ever reaches a node as the client sent it.
+CREDENTIAL_HEADERS = ("authorization", "x-api-key", "proxy-authorization")
+
+
+class EgressRefused(ValueError):
+    """The request cannot go to the node; the message is for the client (no key, no URL secrets)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    scheme: str
+    host: str
+    port: int
+
+    def as_tuple(self) -> tuple[str, str, int]:
+        return (self.scheme, self.host, self.port)
+
+
+def origin_of(base_url: str) -> Origin:
+    """The scheme, host and port of a node's base URL (default ports filled in)."""
+    parts = urlsplit(base_url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise EgressRefused("the node's base_url is not an http(s) URL")
+    return Origin(parts.scheme, parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
+
+
+def node_path(base_url: str, client_target: str) -> str:
+    """The path and query a client's request target maps to on the node."""
+    problem = target_problem(client_target)
+    if problem:
+        raise EgressRefused(problem)
+    path, sep, query = client_target.partition("?")
+    if path == "/v1" or path.startswith("/v1/"):
+        path = path[3:]
+    return "/" + (urlsplit(base_url).path.strip("/") + path).lstrip("/") + sep + query
+
+
+def node_url(base_url: str, client_target: str) -> str:
+    """The full URL of a client target on a node (health pings; requests use ``attach``)."""
+    origin = origin_of(base_url)
+    host = f"[{origin.host}]" if ":" in origin.host else origin.host
+    return f"{origin.scheme}://{host}:{origin.port}{node_path(base_url, client_target)}"
+
+
+def attach(flow: http.HTTPFlow, node: NodeConfig, client_target: str) -> Origin:
+    """Point ``flow``'s request at ``node`` and put the node's key on it; raises EgressRefused.
+
+    The client's credentials are removed first, whatever happens next. The key goes where the client
+    put its own: ``x-api-key`` (Anthropic) and/or ``Authorization: Bearer`` (the default).
+    """
+    request = flow.request
+    headers = request.headers
+    wants_x_api_key = "x-api-key" in headers
+    wants_bearer = "authorization" in headers or not wants_x_api_key
+    for name in CREDENTIAL_HEADERS:
+        headers.pop(name, None)
+    flow.metadata.pop(EGRESS_KEY, None)
+    origin = origin_of(node.base_url)
+    path = node_path(node.base_url, client_target)
+    request.scheme, request.host, request.port, request.path = origin.scheme, origin.host, origin.port, path
+    if (request.scheme, request.host, request.port) != origin.as_tuple():
+        raise EgressRefused("the request's destination is not the node's")
+    flow.metadata[EGRESS_KEY] = origin.as_tuple()
+    if wants_x_api_key:
+        headers["x-api-key"] = node.api_key
+    if wants_bearer:
+        headers["authorization"] = f"Bearer {node.api_key}"
+    return origin
+
+
+def clear_as_is(flow: http.HTTPFlow) -> None:
+    """Let a request go where it is addressed, unchanged (monitor mode: the relay routes nothing)."""
+    flow.metadata[EGRESS_KEY] = (flow.request.scheme, flow.request.host, flow.request.port)
+
+
+def egress_problem(flow: http.HTTPFlow) -> str | None:
+    """Why this request must not leave the relay, or None: it was cleared and still goes where it was cleared to."""
+    cleared = flow.metadata.get(EGRESS_KEY)
+    if cleared is None:
+        return "no addon cleared the request for sending"
+    request = flow.request
+    if (request.scheme, request.host, request.port) != tuple(cleared):
+        return "the request's destination changed after it was cleared"
+    return None

@@ -1,0 +1,56 @@
+"""The relay's first and last word on every request.
+
+``Gate`` (first addon) answers 503 until the script is fully configured (see ``addon.startup``) and, on
+the relay's own port (reverse mode), refuses every request target that is not canonical
+(``addon.target``) before any other addon reads it. ``EgressCheck`` (last ``request`` hook) lets no
+request leave unless an addon cleared its destination (``addon.egress``).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from mitmproxy import http
+from mitmproxy.proxy.mode_specs import ReverseMode
+
+from addon.egress import CREDENTIAL_HEADERS, egress_problem
+from addon.errors import error_response, fail_closed, internal_error
+from addon.refusal import RefusalSink, answered
+from addon.target import target_problem
+
+log = logging.getLogger("codex.gate")
+
+
+class Gate:
+    def __init__(self, refusals: RefusalSink) -> None:
+        self.refusals = refusals
+        self.ready = False
+
+    @fail_closed
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if answered(flow):
+            return
+        path = flow.request.path
+        if not self.ready:
+            self.refusals.refuse(flow, error_response(
+                path, 503, "codex-relay is not ready: its configuration did not complete (see its log)",
+                "relay_not_ready"), "not ready")
+            return
+        if isinstance(flow.client_conn.proxy_mode, ReverseMode):
+            problem = target_problem(path)
+            if problem:
+                self.refusals.refuse(flow, error_response(path, 400, f"codex-relay: {problem}",
+                                                          "invalid_request_target"), problem)
+
+
+class EgressCheck:
+    @fail_closed
+    def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error or not flow.live:  # a refused flow is cleared for the refusal endpoint
+            return
+        problem = egress_problem(flow)
+        if problem:
+            log.error("%s %s not sent: %s", flow.request.method, flow.request.path.partition("?")[0][:200], problem)
+            for name in CREDENTIAL_HEADERS:
+                flow.request.headers.pop(name, None)
+            flow.response = internal_error(flow)

@@ -1,0 +1,48 @@
+"""Request targets: which ones the relay accepts, and which of them are the admin page's.
+
+One predicate per question, shared by every addon, so that no two addons can read one path two ways
+(client auth skipping what the admin page does not answer, a node receiving what the relay never
+checked). A target is canonical when it is an origin-form path of printable ASCII (one leading ``/``)
+with no fragment, no backslash, no dot segment and no percent-encoded ``/``, ``.`` or ``\\`` in the
+path: then what the client, the relay and the node see is the same path.
+"""
+
+from __future__ import annotations
+
+import re
+
+ADMIN_PREFIX = "/admin"
+
+# Percent escapes that would turn into a separator or a dot segment at the node.
+_HIDDEN_SEPARATOR = re.compile(r"%(?:2[fFeE]|5[cC])")
+
+
+def target_problem(target: str) -> str | None:
+    """Why ``target`` (mitmproxy's ``request.path``: path and query) is not canonical, or None."""
+    if not target.startswith("/") or target.startswith("//"):
+        return "the request target must be a path starting with a single '/'"
+    if not target.isascii() or not target.isprintable() or " " in target:
+        return "the request target must be printable ASCII"
+    if "#" in target:
+        return "the request target must not contain '#'"
+    path = target.partition("?")[0]
+    if "\\" in path:
+        return "the request path must not contain '\\'"
+    if _HIDDEN_SEPARATOR.search(path):
+        return "the request path must not percent-encode '/', '.' or '\\'"
+    if any(segment in (".", "..") for segment in path.split("/")):
+        return "the request path must not contain '.' or '..' segments"
+    return None
+
+
+def route(target: str) -> str:
+    """The path of a request target, without its query string."""
+    return target.partition("?")[0]
+
+
+def is_admin_path(target: str) -> bool:
+    """A canonical target of the admin page (``/admin``, ``/admin/…``); anything else is not."""
+    if target_problem(target) is not None:
+        return False
+    path = route(target)
+    return path == ADMIN_PREFIX or path.startswith(ADMIN_PREFIX + "/")
