@@ -70,8 +70,8 @@ def take_unusable_options(options: optmanager.OptManager) -> list[str]:
             scratch.add_option(name, o.typespec, o.default, o.help, o.choices)
             try:
                 scratch.set(*(f"{name}={v}" for v in values))
-            except exceptions.OptionsError as e:
-                problems.append(f"{name}: {str(e).split(':', 1)[0]}: {type(o.default).__name__} expected")
+            except exceptions.OptionsError:
+                problems.append(f"{name}: the value given is not a valid {type(o.default).__name__}")
             else:
                 continue
         del options.deferred[name]

@@ -63,13 +63,15 @@ def env(db_url, tmp_path):
 
 
 def ask(admin: Admin, method: str, path: str, body: object = None, *, headers: dict | None = None,
-        peer: tuple = ("127.0.0.1", 50000), mode: str = REVERSE) -> http.Response | None:
+        peer: tuple = ("127.0.0.1", 50000), mode: str = REVERSE, host: str | None = None) -> http.Response | None:
     f = tflow.tflow()
     f.client_conn.peername = peer
     f.client_conn.proxy_mode = ProxyMode.parse(mode)
     content = body if isinstance(body, bytes) else b"" if body is None else json.dumps(body).encode()
     hdrs = {"content-type": "application/json"} if body is not None and not isinstance(body, bytes) else {}
     f.request = http.Request.make(method, "http://127.0.0.1:9" + path, content, {**hdrs, **(headers or {})})
+    if host is not None:  # after make: setting the URL rewrites the Host header
+        f.request.headers["host"] = host
     asyncio.run(admin.request(f))
     return f.response
 
@@ -262,6 +264,26 @@ def test_edit_weight_keeps_key_and_stats(env):
                                                 "api_key": "sk-rotated-000011112222"})
     assert (node_row(env.relay, "alpha").api_key, env.relay.pool.get("alpha").config.base_url) == \
         ("sk-rotated-000011112222", "http://127.0.0.1:9/v2")
+
+
+def test_stored_key_never_follows_a_node_to_another_origin(env):
+    moved = {"id": "alpha", "base_url": "http://127.0.0.1:19/v1", "weight": 2}  # another port, no key
+    resp = ask(env.admin, "POST", "/admin/api/nodes", moved)
+    assert resp.status_code == 400 and "api_key" in data(resp)["error"]
+    assert node_row(env.relay, "alpha").base_url == "http://127.0.0.1:9/v1"
+    assert env.relay.pool.get("alpha").config.base_url == "http://127.0.0.1:9/v1"
+    resp = ask(env.admin, "POST", "/admin/api/nodes", {**moved, "api_key": "sk-for-the-new-host-0001"})
+    assert resp.status_code == 200 and node_row(env.relay, "alpha").api_key == "sk-for-the-new-host-0001"
+
+
+def test_unknown_host_names_are_refused(env):
+    for host in ("evil.example:8000", "rebind.attacker.test"):
+        resp = ask(env.admin, "GET", "/admin/api/nodes", host=host)
+        assert resp.status_code == 403 and "codex_admin_hosts" in data(resp)["error"]
+    for host in ("127.0.0.1:8000", "localhost:8000", "[::1]:8000", "192.0.2.9"):
+        assert ask(env.admin, "GET", "/admin/api/nodes", host=host).status_code == 200, host
+    env.tctx.configure(env.admin, codex_admin_hosts="relay.example.com, other.test")
+    assert ask(env.admin, "GET", "/admin/api/nodes", host="relay.example.com:8000").status_code == 200
 
 
 def test_add_node_routes_it(env):

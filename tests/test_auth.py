@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 
@@ -153,3 +154,38 @@ def test_answered_or_dead_flows_are_left_alone(auth):
     gone.live = False
     auth.requestheaders(gone)
     assert gone.response is None
+
+
+# -- forward proxy ----------------------------------------------------------------------------------
+def connect(headers: dict[str, str]) -> tflow.HTTPFlow:
+    f = flow("", headers)
+    f.request.method = "CONNECT"
+    f.request.host, f.request.port = "127.0.0.1", 9
+    f.client_conn.proxy_mode = ProxyMode.parse("regular")
+    return f
+
+
+def test_connect_needs_a_client_key_in_proxy_authorization(auth):
+    for headers in ({}, {"proxy-authorization": "Basic " + base64.b64encode(b"u:wrong").decode()},
+                    {"authorization": f"Bearer {ALICE}x"}):
+        f = connect(headers)
+        auth.http_connect(f)
+        assert f.response.status_code == 407 and "proxy-authenticate" in f.response.headers
+        assert json.loads(f.response.content)["error"]["code"] == "proxy_auth_required"
+    basic = connect({"proxy-authorization": "Basic " + base64.b64encode(f"anyone:{ALICE}".encode()).decode()})
+    auth.http_connect(basic)
+    assert basic.response is None
+    # Requests inside that tunnel are alice's, also without their own key.
+    inner = flow(headers={})
+    inner.client_conn = basic.client_conn
+    auth.requestheaders(inner)
+    assert inner.response is None and inner.metadata[CLIENT_KEY_NAME] == "alice"
+    bearer = connect({"proxy-authorization": f"Bearer {BOB}"})
+    auth.http_connect(bearer)
+    assert bearer.response is None
+
+
+def test_proxy_authorization_names_plain_http_requests(auth):
+    f = flow(headers={"proxy-authorization": f"Bearer {BOB}"})
+    auth.requestheaders(f)
+    assert f.response is None and f.metadata[CLIENT_KEY_NAME] == "bob"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from mitmproxy.test import tflow
 
-from addon.hygiene import KeyHygiene, mask_credential, mask_headers, mask_secret
 from addon.egress import attach
+from addon.hygiene import KeyHygiene, mask_credential, mask_headers, mask_secret
 from store.records import NodeConfig
 
 NODE_KEY = "sk-proj-NODEKEY-0123456789abcd"

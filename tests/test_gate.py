@@ -1,0 +1,178 @@
+"""Gate, egress check, refusal endpoint and start-up check: the relay refuses rather than passes through."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from mitmproxy import exceptions, optmanager
+from mitmproxy.proxy.mode_specs import ProxyMode
+from mitmproxy.test import taddons, tflow
+
+from addon.egress import EGRESS_KEY, attach
+from addon.errors import fail_closed
+from addon.gate import EgressCheck, Gate
+from addon.refusal import REFUSED_KEY, RefusalSink, answered
+from addon.startup import StartupCheck, listen_hosts, open_relay_problem, take_unusable_options
+from store.records import NodeConfig
+
+NODE = NodeConfig(id="n", base_url="http://127.0.0.1:9/v1", api_key="sk-node-0123456789abcdef")
+
+
+def flow(path: str = "/v1/responses", mode: str = "reverse:http://127.0.0.1:9", headers: dict | None = None):
+    f = tflow.tflow()
+    f.client_conn.proxy_mode = ProxyMode.parse(mode)
+    f.request.path = path
+    f.request.headers.clear()
+    f.request.headers.update(headers or {})
+    return f
+
+
+def error_of(f) -> dict:
+    assert f.response is not None and f.response.headers["content-type"] == "application/json"
+    return json.loads(f.response.content)
+
+
+def test_nothing_is_handled_until_the_script_is_configured():
+    gate = Gate(RefusalSink())
+    f = flow()
+    gate.requestheaders(f)
+    assert f.response.status_code == 503 and error_of(f)["error"]["code"] == "relay_not_ready"
+    assert answered(f) and f.metadata[REFUSED_KEY] == 503
+    # The Anthropic client of /v1/messages gets Anthropic's shape.
+    m = flow("/v1/messages")
+    gate.requestheaders(m)
+    assert error_of(m) == {"type": "error", "error": {"type": "overloaded_error", "message": error_of(m)["error"]
+                                                      ["message"]}}
+
+
+@pytest.mark.parametrize("path", ["@127.0.0.1:1/v1/responses", "/admin#/../v1/responses", "/v1/r\udcc3\udca9sponses",
+                                  "//evil/v1/responses", "/v1/./responses", "/v1%2Fresponses"])
+def test_non_canonical_targets_get_400_on_the_relays_port(path):
+    gate = Gate(RefusalSink())
+    gate.ready = True
+    f = flow(path)
+    gate.requestheaders(f)
+    assert f.response.status_code == 400 and error_of(f)["error"]["code"] == "invalid_request_target"
+    # As a forward proxy the Gate leaves other sites' paths alone (the relay checks what it routes).
+    g = flow(path, mode="regular")
+    gate.requestheaders(g)
+    assert g.response is None
+
+
+def test_a_request_nobody_cleared_never_leaves():
+    check = EgressCheck()
+    f = flow(headers={"authorization": "Bearer client-key"})
+    check.request(f)
+    assert f.response.status_code == 500 and error_of(f)["error"]["code"] == "relay_internal_error"
+    assert "authorization" not in f.request.headers
+    ok = flow()
+    attach(ok, NODE, "/v1/responses")
+    check.request(ok)
+    assert ok.response is None
+    ok.request.port = 1  # moved after it was cleared
+    check.request(ok)
+    assert ok.response.status_code == 500
+
+
+def test_an_exception_in_a_hook_answers_500_instead_of_passing_through():
+    class Broken:
+        @fail_closed
+        def request(self, f):
+            f.request.url = "http://h/v1/r\udcc3\udca9sponses"  # UnicodeEncodeError, as in the issue
+
+        @fail_closed
+        async def requestheaders(self, f):
+            raise RuntimeError("bug")
+
+    f = flow("/v1/messages")
+    Broken().request(f)
+    assert f.response.status_code == 500 and error_of(f)["type"] == "error"
+    g = flow()
+    asyncio.run(Broken().requestheaders(g))
+    assert error_of(g)["error"]["code"] == "relay_internal_error"
+
+
+def test_refused_body_is_drained_by_the_local_endpoint_not_buffered():
+    async def scenario() -> tuple[bytes, tflow.HTTPFlow]:
+        sink = RefusalSink()
+        await sink.running()
+        try:
+            f = flow(headers={"content-length": "1000000", "authorization": "Bearer wrong"})
+            from addon.errors import error_response
+            sink.refuse(f, error_response("/v1/responses", 401, "no", "invalid_api_key"), "test")
+            assert f.response is None and f.request.stream is True  # mitmproxy streams it on, unbuffered
+            assert (f.request.host, f.request.port) == ("127.0.0.1", sink.port)
+            assert "authorization" not in f.request.headers and f.metadata[EGRESS_KEY][2] == sink.port
+            reader, writer = await asyncio.open_connection("127.0.0.1", sink.port)
+            writer.write(f"POST {f.request.path} HTTP/1.1\r\nhost: x\r\ncontent-length: 1000000\r\n\r\n".encode())
+            for _ in range(100):
+                writer.write(b"x" * 10_000)
+            await writer.drain()
+            answer = await reader.read()
+            writer.close()
+            return answer, f
+        finally:
+            sink.done()
+
+    answer, f = asyncio.run(scenario())
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 401") and json.loads(body)["error"]["code"] == "invalid_api_key"
+    assert f.metadata[REFUSED_KEY] == 401
+
+
+def deferred_options() -> optmanager.OptManager:
+    opts = optmanager.OptManager()
+    # As mitmdump does: --set values wait until the script's addons declare their options in load.
+    opts.set("codex_client_keys=@a", "codex_client_keys=@a", "codex_retries=abc", "codex_source=x",
+             "codex_other=1", defer=True)
+    opts.add_option("codex_client_keys", str, "", "keys")
+    opts.add_option("codex_retries", int, 2, "retries")
+    opts.add_option("codex_source", str, "relay", "source")
+    return opts
+
+
+def test_options_given_twice_or_mistyped_are_taken_out_and_named():
+    with pytest.raises(exceptions.OptionsError):  # what mitmproxy does next, dropping the whole script
+        deferred_options().process_deferred()
+    opts = deferred_options()
+    problems = take_unusable_options(opts)
+    assert problems == ["codex_client_keys is given 2 times: give each option once",
+                        "codex_retries: the value given is not a valid int"]
+    assert "@a" not in " ".join(problems)
+    assert set(opts.deferred) == {"codex_source", "codex_other"}
+    opts.process_deferred()  # no longer raises
+    assert opts.codex_source == "x"
+
+
+def test_startup_check_keeps_the_gate_closed_when_options_were_refused():
+    gate = Gate(RefusalSink())
+    check = StartupCheck(gate)
+    with taddons.context(check) as tctx:
+        tctx.configure(check)
+        assert gate.ready
+        check.problems = ["codex_client_keys is given 2 times"]
+        tctx.configure(check)
+        gate.ready = False
+        tctx.configure(check)
+        assert not gate.ready
+
+
+@pytest.mark.parametrize(("hosts", "keys", "allow", "refused"), [
+    ([""], False, False, True), (["0.0.0.0"], False, False, True), (["::"], False, False, True),
+    (["127.0.0.1"], False, False, False), (["localhost", "::1"], False, False, False),
+    ([""], True, False, False), ([""], False, True, False), (["127.0.0.1", "192.0.2.1"], False, False, True),
+])
+def test_open_relay_refused(hosts, keys, allow, refused):
+    problem = open_relay_problem(routes=True, client_keys=keys, hosts=hosts, allow_open=allow)
+    assert (problem is not None) == refused
+    if refused:
+        assert "codex_allow_open" in problem
+    assert open_relay_problem(routes=False, client_keys=False, hosts=[""], allow_open=False) is None
+
+
+def test_listen_hosts_read_mode_specs():
+    assert listen_hosts(["reverse:http://h:1", "regular@0.0.0.0:8080"], "127.0.0.1") == ["127.0.0.1", "0.0.0.0"]
+
+
