@@ -33,9 +33,10 @@ class Health:
 
     def failure(self, node: Node, error: str) -> None:
         b = node.breaker
-        if not b.failure(self.clock(), self.policy):
+        now = self.clock()
+        if not b.failure(now, self.policy):
             return
-        cooldown = self.policy.cooldown_after(b.openings)
+        cooldown = b.until - now
         if b.openings == 1:
             log.warning("node %s out of rotation after %d failures in a row (%s): one trial call in %g s",
                         node.id, b.streak, error, cooldown)
