@@ -1,7 +1,7 @@
-"""Node health: failure streaks, the failed flag, and health pings that bring nodes back.
+"""Node health: each node's circuit breaker driven by call outcomes, and health pings.
 
-The in-memory state decides routing at once; every change is also queued to the writer so the
-database (shared by several relays) keeps `failed`, `last_error` and the ping columns.
+The in-memory breaker decides routing at once; opening and closing are also queued to the writer so
+the database (shared by several relays) keeps `failed` and `last_error`, and pings keep their columns.
 """
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 
-from addon.routing import Node, NodePool, join_url
+from addon.breaker import Breaker, BreakerPolicy
+from addon.egress import node_url
+from addon.routing import Node, NodePool
 from store.records import NodeStateUpdate
 
 log = logging.getLogger("codex.health")
@@ -22,26 +24,56 @@ Submit = Callable[[NodeStateUpdate], None]
 
 
 class Health:
-    """Applies attempt outcomes to nodes: ``threshold`` failures in a row take a node out."""
+    """Applies call outcomes to the nodes' breakers (``policy``) and persists opening and closing."""
 
-    def __init__(self, submit: Submit, threshold: int = 3) -> None:
+    def __init__(self, submit: Submit, policy: BreakerPolicy | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.submit = submit
-        self.threshold = threshold
+        self.policy = policy or BreakerPolicy()
+        self.clock = clock
 
     def failure(self, node: Node, error: str) -> None:
-        node.fail_streak += 1
-        if not node.failed and self.threshold and node.fail_streak >= self.threshold:
-            node.failed = True
-            log.warning("node %s marked failed after %d failures in a row: %s", node.id, node.fail_streak, error)
+        b = node.breaker
+        now = self.clock()
+        if not b.failure(now, self.policy):
+            return
+        cooldown = b.until - now
+        if b.openings == 1:
+            log.warning("node %s out of rotation after %d failures in a row (%s): one trial call in %g s",
+                        node.id, b.streak, error, cooldown)
             self.submit(NodeStateUpdate(node.id, failed=True, last_error=error[:1000]))
+        else:
+            log.warning("node %s failed its trial call (%s): next trial in %g s", node.id, error, cooldown)
 
     def success(self, node: Node) -> None:
-        node.fail_streak = 0
+        if node.breaker.close():
+            log.warning("node %s: a call succeeded, back in rotation", node.id)
+            self.submit(NodeStateUpdate(node.id, failed=False))
+
+    def release(self, node: Node, holder: object) -> None:
+        """A call that ended neither way (client abort, client error): its trial, if any, is free again."""
+        node.breaker.release(holder)
+
+    def reset(self, node: Node) -> None:
+        """Admin enable: closed, streak 0, and `failed` cleared in the database."""
+        node.breaker.close()
+        self.submit(NodeStateUpdate(node.id, failed=False))
+
+    def restored(self, failed: bool) -> Breaker:
+        """The breaker of a node as the database left it: a failed node starts open, first cooldown."""
+        breaker = Breaker()
+        if failed:
+            breaker.open(self.clock(), self.policy)
+        return breaker
+
+    def ping_answered(self, node: Node) -> None:
+        if node.breaker.ping_answered(self.clock()):
+            log.warning("node %s answers its health ping: its next call is a trial", node.id)
 
 
 def ping(node: Node, path: str, timeout: float) -> tuple[int, str | None]:
     """One health request to the node: (elapsed ms, error or None). Blocking: call it from a thread."""
-    url = join_url(node.config.base_url, path)
+    url = node_url(node.config.base_url, path)
     req = urllib.request.Request(url, headers={"authorization": f"Bearer {node.config.api_key}",
                                                "user-agent": "codex-relay-ping"})
     start = time.perf_counter()
@@ -57,12 +89,14 @@ def ping(node: Node, path: str, timeout: float) -> tuple[int, str | None]:
 
 
 class Pinger:
-    """A thread that pings every node each ``interval`` seconds and restores failed nodes that answer."""
+    """A thread that pings every node each ``interval`` seconds; an answer may end a node's cooldown
+    (so its next call is a trial) but never puts it back into rotation: GET /models can answer while
+    calls fail."""
 
-    def __init__(self, pool_getter: Callable[[], NodePool], submit: Submit, *, interval: float,
+    def __init__(self, pool_getter: Callable[[], NodePool], health: Health, *, interval: float,
                  path: str = "/models", timeout: float = 10.0) -> None:
         self.pool_getter = pool_getter
-        self.submit = submit
+        self.health = health
         self.interval = interval
         self.path = path
         self.timeout = timeout
@@ -72,13 +106,9 @@ class Pinger:
     def ping_once(self) -> None:
         for node in self.pool_getter():
             ms, err = ping(node, self.path, self.timeout)
-            update = NodeStateUpdate(node.id, pinged=True, last_ping_ms=ms, last_ping_err=err)
-            if err is None and node.failed:
-                node.failed = False
-                node.fail_streak = 0
-                update.failed = False
-                log.warning("node %s answers its health ping again: back in rotation", node.id)
-            self.submit(update)
+            if err is None:
+                self.health.ping_answered(node)
+            self.health.submit(NodeStateUpdate(node.id, pinged=True, last_ping_ms=ms, last_ping_err=err))
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):

@@ -25,6 +25,7 @@ from mitmproxy import ctx, exceptions, http
 from mitmproxy.addons.clientplayback import ReplayHandler
 from mitmproxy.proxy import server_hooks
 
+from addon.breaker import BreakerPolicy
 from addon.config import ConfigError, load_nodes_file
 from addon.egress import attach, clear_as_is
 from addon.errors import CLIENT_KEY_NAME, error_response, fail_closed
@@ -130,8 +131,12 @@ class Relay:
                           "Retry a call that failed before its first byte reached the client on up to "
                           "this many other nodes.")
         loader.add_option("codex_fail_threshold", int, 3,
-                          "Failures in a row that mark a node failed (out of rotation until a health "
-                          "ping answers). 0 never marks nodes failed.")
+                          "Failures in a row that mark a node failed: out of rotation for codex_cooldown, "
+                          "then one trial call whose success brings it back. 0 never marks nodes failed.")
+        loader.add_option("codex_cooldown", str, "30",
+                          "Seconds a failed node waits for its trial call; doubled each time its trial "
+                          "fails, up to codex_cooldown_max. A health ping that answers ends the wait once.")
+        loader.add_option("codex_cooldown_max", str, "600", "Longest cooldown of a failed node, in seconds.")
         loader.add_option("codex_ping_interval", str, "30",
                           "Seconds between health pings of every node. 0 disables pings.")
         loader.add_option("codex_ping_path", str, "/models",
@@ -169,7 +174,12 @@ class Relay:
         self._first_byte_timeout = _seconds("codex_first_byte_timeout", opts.codex_first_byte_timeout,
                                             allow_zero=False)
         sticky_ttl = _seconds("codex_sticky_ttl", opts.codex_sticky_ttl)
-        self.health.threshold = opts.codex_fail_threshold
+        cooldown = _seconds("codex_cooldown", opts.codex_cooldown)
+        cooldown_max = _seconds("codex_cooldown_max", opts.codex_cooldown_max)
+        if cooldown_max < cooldown:
+            raise exceptions.OptionsError(f"codex_cooldown_max must be >= codex_cooldown ({cooldown:g}), "
+                                          f"got {opts.codex_cooldown_max!r}")
+        self.health.policy = BreakerPolicy(opts.codex_fail_threshold, cooldown, cooldown_max)
         if "codex_db" in updated and opts.codex_db != self._db_url:
             self._open_db(opts.codex_db, opts.codex_spool)
         if updated & {"codex_db", "codex_nodes", "codex_upstream", "codex_upstream_key",
@@ -189,7 +199,7 @@ class Relay:
         if updated & {"codex_ping_interval", "codex_ping_path", "codex_connect_timeout"}:
             if self.pinger is not None:
                 self.pinger.stop()
-            self.pinger = Pinger(lambda: self.pool, self._submit, interval=ping_interval,
+            self.pinger = Pinger(lambda: self.pool, self.health, interval=ping_interval,
                                  path=opts.codex_ping_path, timeout=self._connect_timeout)
             self.pinger.start()
 
@@ -237,11 +247,12 @@ class Relay:
         failed = {r.id: bool(r.failed) for r in stored}
         disabled = {r.id for r in stored if r.disabled}
         # The configured nodes route, and those added on the admin page; others in the DB (dropped from
-        # the file) keep their stats but get no traffic. A node failed before a restart stays failed
-        # until a health ping answers; a disabled one stays out.
+        # the file) keep their stats but get no traffic. A node failed before a restart starts with its
+        # first cooldown, then gets its trial call; a disabled one stays out.
         named = {c.id for c in configs}
         configs = configs + [config_of(r) for r in stored if r.origin == "admin" and r.id not in named]
-        nodes = [Node(config=c, failed=failed.get(c.id, False), disabled=c.id in disabled) for c in configs]
+        nodes = [Node(config=c, breaker=self.health.restored(failed.get(c.id, False)), disabled=c.id in disabled)
+                 for c in configs]
         self.pool = NodePool(nodes, sticky=StickyMap(ttl=sticky_ttl) if sticky_ttl else StickyMap(max_entries=0))
         self.secrets.set_node_keys(n.config.api_key for n in nodes)
         if nodes:
@@ -279,6 +290,8 @@ class Relay:
         current = self.pool.get(node_id)
         if current is not None:
             current.disabled = disabled
+            if not disabled:  # enable is also the way to clear a failed node at once
+                self.health.reset(current)
         return True
 
     def running(self) -> None:
@@ -346,7 +359,7 @@ class Relay:
         if not routed:
             clear_as_is(flow)  # monitor mode: the request goes where it was sent, unchanged
             return
-        node = self.pool.choose(session_key=state.session_key if state else None)
+        node = self.pool.choose(session_key=state.session_key if state else None, holder=state)
         if node is None:
             flow.response = error_response(
                 target, 503, "codex-relay: no upstream node is available: every node is failed, disabled "
@@ -392,7 +405,7 @@ class Relay:
         if state.attempts > ctx.options.codex_retries:
             return None
         for _ in range(len(self.pool)):
-            node = self.pool.choose(exclude=state.tried)
+            node = self.pool.choose(exclude=state.tried, holder=state)
             if node is None:
                 return None
             state.tried.append(node.id)
@@ -401,6 +414,7 @@ class Relay:
                 if state.session_key:
                     self.pool.sticky.put(state.session_key, node.id)
                 return node
+            self.health.release(node, state)
         return None
 
     def _attempt_failed(self, node: Node, error: str) -> None:
@@ -527,6 +541,8 @@ class Relay:
                 self.health.failure(node, outcome.error or outcome.status)
             elif outcome.status == "success":
                 self.health.success(node)
+            else:  # a client abort or a client error says nothing about the node
+                self.health.release(node, state)
         record = InvocationRecord(
             invoke_id=state.invoke_id, occurred_at=state.occurred_at, source=ctx.options.codex_source,
             endpoint=flow.request.path.split("?", 1)[0][:255], status=outcome.status,

@@ -1,4 +1,4 @@
-"""Node pool: weighted choice among healthy nodes, sticky sessions, URL and key rewriting.
+"""Node pool: weighted choice among healthy nodes, breaker trials, sticky sessions, URL and key rewriting.
 
 Plain Python (no mitmproxy) so it is tested directly.
 """
@@ -9,10 +9,11 @@ import random
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, MutableMapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+from addon.breaker import Breaker
 from store.records import NodeConfig
 
 
@@ -21,8 +22,7 @@ class Node:
     """A node as the router sees it: its config plus in-memory health."""
 
     config: NodeConfig
-    failed: bool = False
-    fail_streak: int = 0
+    breaker: Breaker = field(default_factory=Breaker)
     disabled: bool = False  # switched off on the admin page: still pinged and shown, never chosen
 
     @property
@@ -30,32 +30,18 @@ class Node:
         return self.config.id
 
     @property
+    def failed(self) -> bool:
+        return self.breaker.is_open
+
+    @property
+    def routable(self) -> bool:
+        """May get calls at all: enabled and with weight."""
+        return not self.disabled and self.config.weight > 0
+
+    @property
     def eligible(self) -> bool:
-        return not self.failed and not self.disabled and self.config.weight > 0
-
-
-def join_url(base_url: str, client_path: str) -> str:
-    """Where a client path goes on a node.
-
-    The client talks to the relay as if it were an OpenAI-style base URL ending in ``/v1``; the node's
-    ``base_url`` is what you would give an SDK (it includes its own version prefix). So a leading
-    ``/v1`` of the client path is dropped and the rest is appended to the node's base URL:
-    ``/v1/responses`` on ``https://h/openai/v1`` → ``https://h/openai/v1/responses``. A path without a
-    ``/v1`` prefix is appended whole. The query string is kept.
-    """
-    path, sep, query = client_path.partition("?")
-    if path == "/v1" or path.startswith("/v1/"):
-        path = path[3:]
-    url = base_url.rstrip("/") + path
-    return url + sep + query
-
-
-def set_upstream_key(headers: MutableMapping[str, str], api_key: str) -> None:
-    """Replace the client's credentials with the node's: OpenAI bearer and Anthropic x-api-key."""
-    if "x-api-key" in headers:
-        headers["x-api-key"] = api_key
-    if "authorization" in headers or "x-api-key" not in headers:
-        headers["authorization"] = f"Bearer {api_key}"
+        """In full rotation: routable and its breaker closed."""
+        return self.routable and not self.failed
 
 
 def validate_base_url(url: str) -> str | None:
@@ -106,10 +92,11 @@ class NodePool:
     """The configured nodes and the choice among them."""
 
     def __init__(self, nodes: Iterable[Node] = (), *, rng: random.Random | None = None,
-                 sticky: StickyMap | None = None) -> None:
+                 sticky: StickyMap | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self._nodes: dict[str, Node] = {n.id: n for n in nodes}
         self._rng = rng or random.Random()
         self.sticky = sticky or StickyMap()
+        self._clock = clock  # the clock of the breakers' cooldowns (Health's)
         # Admin edits and pings run off the event loop; choices must see a consistent set.
         self._lock = threading.Lock()
 
@@ -126,26 +113,46 @@ class NodePool:
         with self._lock:
             self._nodes[node.id] = node
 
-    def choose(self, *, exclude: Iterable[str] = (), session_key: str | None = None) -> Node | None:
-        """A healthy node with weight > 0, by weight; the session's node while it stays healthy."""
+    def choose(self, *, exclude: Iterable[str] = (), session_key: str | None = None,
+               holder: object | None = None) -> Node | None:
+        """A node for a call, never a disabled one or one of weight 0. In this order:
+
+        the session's node while its breaker is closed; an open node whose cooldown is over, as its
+        one trial; a closed node by weight; and when every node is open, the one whose cooldown ends
+        first, as its trial now rather than no node at all. A trial is held by ``holder`` (the call)
+        until the call reports to Health; without a holder no trial is taken (the call reports nothing).
+        """
         excluded = set(exclude)
         if session_key:
             sticky_id = self.sticky.get(session_key)
             node = self._nodes.get(sticky_id) if sticky_id else None
             if node is not None and node.eligible and node.id not in excluded:
                 return node
+        now = self._clock()
         with self._lock:
-            candidates = [n for n in self._nodes.values() if n.eligible and n.id not in excluded]
+            usable = [n for n in self._nodes.values() if n.routable and n.id not in excluded]
+        opened = sorted((n for n in usable if n.failed), key=lambda n: n.breaker.until)
+        chosen = None
+        if holder is not None:
+            chosen = next((n for n in opened if n.breaker.claim(holder, now)), None)
+        if chosen is None:
+            chosen = self._weighted([n for n in usable if not n.failed])
+        if chosen is None and opened:
+            if holder is None:
+                chosen = opened[0]
+            else:
+                chosen = next((n for n in opened if n.breaker.claim(holder, now, early=True)), None)
+        if chosen is not None and session_key:
+            self.sticky.put(session_key, chosen.id)
+        return chosen
+
+    def _weighted(self, candidates: list[Node]) -> Node | None:
         if not candidates:
             return None
         total = sum(n.config.weight for n in candidates)
         point = self._rng.random() * total
-        chosen = candidates[-1]
         for n in candidates:
             point -= n.config.weight
             if point < 0:
-                chosen = n
-                break
-        if session_key:
-            self.sticky.put(session_key, chosen.id)
-        return chosen
+                return n
+        return candidates[-1]

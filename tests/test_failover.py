@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import socket
 import time
 from collections import Counter
@@ -96,13 +95,16 @@ def test_ping_recovery_and_failed_state_survives_restart(db_url, tmp_path):
                 assert call(relay, "chat", stream=False, usage=(1, 0, 1, 0))[0] == 200
         assert len(flaky.seen) == before
 
-        # With pings: the node answers /models again and comes back into rotation.
+        # With pings: the node answers /models again, so its cooldown ends and the next call is its
+        # trial; only that call's success brings it back into rotation (a ping alone never does).
         flaky.behaviour.status = 200
         opts = {"codex_nodes": str(nodes), "codex_ping_interval": "0.2"}
         with RelayProcess(db_url=db_url, options=opts) as relay:
             wait_for(lambda: flaky.requests_to("/models"), what="a health ping")
-            wait_for(lambda: not nodes_row(db_url)["flaky"].failed, what="the node restored in the DB")
+            wait_for(lambda: nodes_row(db_url)["flaky"].last_ping_ms is not None, what="the ping stored")
+            assert nodes_row(db_url)["flaky"].failed
             assert call(relay, "chat", stream=False, usage=(1, 0, 1, 0))[0] == 200
+            wait_for(lambda: not nodes_row(db_url)["flaky"].failed, what="the node restored in the DB")
         assert flaky.requests_to("/chat/completions")[-1:] and len(flaky.requests_to("/chat/completions")) > 3
     n = nodes_row(db_url)["flaky"]
     assert n.last_ping_ms is not None and n.last_ping_err is None and n.fail_streak == 0
@@ -125,15 +127,30 @@ def test_sticky_sessions_hold_and_spread_by_weight(db_url, tmp_path):
     assert 0.55 < spread["b"] / 120 < 0.92, spread
 
 
-def test_all_nodes_down_gives_clear_503(db_url, tmp_path):
+def test_all_nodes_down_still_tries_a_node(db_url, tmp_path):
     nodes = write_nodes(tmp_path / "n.toml", [("x", f"http://127.0.0.1:{closed_port()}/v1", "k", 1),
                                               ("y", f"http://127.0.0.1:{closed_port()}/v1", "k", 1)])
     with RelayProcess(db_url=db_url, options={"codex_nodes": str(nodes), **FAST}) as relay:
         statuses = [call(relay, "responses", stream=True, usage=(1, 0, 1, 0)) for _ in range(4)]
     assert all(s >= 500 for s, _ in statuses)
-    # After both nodes are marked failed the relay answers with its own error.
-    last_status, last_body = statuses[-1]
-    assert last_status == 503 and json.loads(last_body)["error"]["code"] == "no_node_available"
-    got = rows(db_url, "SELECT status FROM codex_invocations")
+    # After both nodes are marked failed, a call is still the trial of the node due first, not the
+    # relay's own 503 (that one is left for nodes disabled or of weight 0: test_e2e).
+    got = rows(db_url, "SELECT status, node_id, error_message FROM codex_invocations ORDER BY id")
     assert len(got) == 4 and {r.status for r in got} == {"failed"}
+    assert got[-1].node_id in ("x", "y") and "no upstream node" not in got[-1].error_message
     assert all(bool(n.failed) for n in nodes_row(db_url).values())
+
+
+def test_single_failed_node_gets_trials_not_503(db_url, tmp_path):
+    with FakeUpstream("only", behaviour=Behaviour(status=500)) as up:
+        nodes = write_nodes(tmp_path / "n.toml", [("only", up.base_url, "k", 1)])
+        with RelayProcess(db_url=db_url, options={"codex_nodes": str(nodes), **FAST}) as relay:
+            # Three failures open its breaker (30 s cooldown); with no other node the next call is its
+            # trial at once, and the first trial that succeeds closes it.
+            assert [call(relay, "chat", stream=False, usage=(1, 0, 1, 0))[0] for _ in range(4)] == [500] * 4
+            up.behaviour.status = 200
+            assert [call(relay, "chat", stream=False, usage=(1, 0, 1, 0))[0] for _ in range(2)] == [200] * 2
+    got = rows(db_url, "SELECT node_id, status FROM codex_invocations ORDER BY id")
+    assert [(r.node_id, r.status) for r in got] == [("only", "failed")] * 4 + [("only", "success")] * 2
+    n = nodes_row(db_url)["only"]
+    assert not n.failed and n.fail_streak == 0 and n.fail_count == 4

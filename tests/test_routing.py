@@ -1,4 +1,4 @@
-"""Routing: weighted choice, weight 0, failed nodes, stickiness, URL joining and key rewriting."""
+"""Routing: weighted choice, weight 0, open breakers and their trials, stickiness, URL joining and key rewriting."""
 
 from __future__ import annotations
 
@@ -7,13 +7,23 @@ from collections import Counter
 
 import pytest
 
+from addon.breaker import Breaker
 from addon.routing import Node, NodePool, StickyMap, validate_base_url
 from store.records import NodeConfig
+
+HEAVY = 1_000_000
 
 
 def pool(weights: dict[str, int], seed: int = 7, **kw) -> NodePool:
     nodes = [Node(NodeConfig(id=k, base_url=f"http://{k}.test/v1", weight=w)) for k, w in weights.items()]
     return NodePool(nodes, rng=random.Random(seed), **kw)
+
+
+def trip(p: NodePool, node_id: str, until: float) -> Node:
+    """Open a node's breaker with its cooldown ending at ``until``."""
+    node = p.get(node_id)
+    node.breaker = Breaker(streak=3, openings=1, until=until)
+    return node
 
 
 def test_weight_distribution_within_tolerance():
@@ -25,12 +35,56 @@ def test_weight_distribution_within_tolerance():
         assert abs(share - weight / 10) < 0.015, (node_id, share)
 
 
-def test_weight_zero_and_failed_nodes_never_chosen():
-    p = pool({"zero": 0, "ok": 1, "down": 5})
-    p.get("down").failed = True
-    assert {p.choose().id for _ in range(2000)} == {"ok"}
-    p.get("ok").failed = True
-    assert p.choose() is None
+def test_weight_zero_disabled_and_cooling_nodes_not_chosen():
+    p = pool({"zero": 0, "ok": 1, "down": 5, "off": 5}, clock=lambda: 0.0)
+    trip(p, "down", until=10)
+    p.get("off").disabled = True
+    assert {p.choose(holder=object()).id for _ in range(2000)} == {"ok"}
+    assert p.get("down").breaker.trial is None
+
+
+def test_disabled_and_weight_zero_nodes_are_never_chosen_even_as_trials():
+    p = pool({"zero": 0, "off": 1}, clock=lambda: 100.0)
+    p.get("off").disabled = True
+    trip(p, "zero", until=0)
+    trip(p, "off", until=0)
+    assert p.choose(holder=object()) is None and p.choose() is None
+
+
+def test_cooled_down_node_gets_exactly_one_trial():
+    now = [0.0]
+    p = pool({"ok": HEAVY, "down": 1}, clock=lambda: now[0])
+    down = trip(p, "down", until=10)
+    now[0] = 9.9
+    assert {p.choose(holder=object()).id for _ in range(200)} == {"ok"}
+    now[0] = 10
+    first, second = object(), object()
+    # The trial goes out at once, whatever the weights; the calls after it stay in rotation.
+    assert p.choose(holder=first) is down and down.breaker.trial is first
+    assert {p.choose(holder=second).id for _ in range(200)} == {"ok"}
+    down.breaker.release(second)  # not its trial: nothing changes
+    assert p.choose(holder=object()).id == "ok"
+    down.breaker.release(first)  # the trial ended neither way: the next call is the trial
+    assert p.choose(holder=second) is down
+
+
+def test_calls_that_report_nothing_take_no_trial():
+    p = pool({"ok": HEAVY, "down": 1}, clock=lambda: 50.0)
+    down = trip(p, "down", until=10)
+    assert {p.choose().id for _ in range(200)} == {"ok"} and down.breaker.trial is None
+
+
+def test_every_node_open_the_one_due_first_takes_its_trial_now():
+    p = pool({"a": 1, "b": 1, "off": 1, "zero": 0}, clock=lambda: 0.0)
+    p.get("off").disabled = True
+    trip(p, "a", until=50)
+    trip(p, "b", until=20)
+    h1, h2 = object(), object()
+    assert p.choose(holder=h1).id == "b" and p.get("b").breaker.trial is h1
+    assert p.choose(holder=h2).id == "a"
+    assert p.choose(holder=object()) is None  # both trials are out: one at a time per node
+    assert p.choose().id == "b"  # a call that reports nothing still gets a node, without a trial
+    assert p.choose(exclude={"a"}, holder=object()) is None
 
 
 def test_exclude_skips_nodes_already_tried():
@@ -43,7 +97,7 @@ def test_sticky_session_keeps_its_node_while_healthy():
     p = pool({"a": 1, "b": 1, "c": 1})
     first = p.choose(session_key="conv-1").id
     assert all(p.choose(session_key="conv-1").id == first for _ in range(50))
-    p.get(first).failed = True
+    trip(p, first, until=float("inf"))
     moved = p.choose(session_key="conv-1").id
     assert moved != first
     assert all(p.choose(session_key="conv-1").id == moved for _ in range(20))
