@@ -31,9 +31,9 @@ import sqlalchemy as sa
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.proxy.mode_specs import ReverseMode
 
-from addon.config import ConfigError, node_from_mapping
 from addon.relay import Relay
 from store import stats
+from store.config import ConfigError, node_from_mapping
 from store.nodes import load_nodes
 from store.reconcile import ReconcileError, as_json, reconcile
 

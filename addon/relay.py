@@ -26,13 +26,13 @@ from mitmproxy import ctx, exceptions, http
 from mitmproxy.addons.clientplayback import ReplayHandler
 from mitmproxy.proxy import server_hooks
 
-from addon.config import ConfigError, load_nodes_file
 from addon.health import Health, Pinger
 from addon.meter import StreamMeter
 from addon.outcome import Outcome, classify_error, classify_response, is_node_failure_status
-from addon.routing import Node, NodePool, StickyMap, join_url, set_upstream_key, validate_base_url
+from addon.routing import Node, NodePool, StickyMap, join_url, set_upstream_key
 from addon.startup import install_one_line_option_errors, unknown_options_message
 from addon.usage import detect_format, parse_request
+from store.config import ConfigError, load_nodes_file, validate_base_url
 from store.engine import error_line, make_engine, upgrade_to_head
 from store.nodes import config_of, load_nodes, set_disabled, upsert_nodes
 from store.poll import Poller, start_poller

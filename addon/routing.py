@@ -11,7 +11,6 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, MutableMapping
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 from store.records import NodeConfig
 
@@ -56,20 +55,6 @@ def set_upstream_key(headers: MutableMapping[str, str], api_key: str) -> None:
         headers["x-api-key"] = api_key
     if "authorization" in headers or "x-api-key" not in headers:
         headers["authorization"] = f"Bearer {api_key}"
-
-
-def validate_base_url(url: str) -> str | None:
-    """Why ``url`` cannot be a node's base URL, or None when it can."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https"):
-        return f"base_url must start with http:// or https://, got {url!r}"
-    if not parts.hostname:
-        return f"base_url has no host: {url!r}"
-    try:
-        parts.port  # noqa: B018 - raises ValueError on a bad port
-    except ValueError as e:
-        return f"base_url has a bad port: {url!r} ({e})"
-    return None
 
 
 class StickyMap:

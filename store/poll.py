@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 
-from addon.config import ConfigError
+from store.config import ConfigError
 from store.engine import make_engine, upgrade_to_head
 from store.records import utcnow
 from store.snapshots import IngestResult, ingest

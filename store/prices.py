@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from addon.config import ConfigError, load_toml
+from store.config import ConfigError, load_toml
 from store.records import Usage
 
 DEFAULT_PRICES = Path(__file__).with_name("prices.toml")

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 
-from addon.config import ConfigError
+from store.config import ConfigError
 from store.poll import DEFAULT_DB, open_db
 from store.records import utcnow
 from store.schema import codex_invocations

@@ -21,6 +21,8 @@ from mitmproxy.test import taddons, tflow
 
 from addon.admin import Admin, is_loopback, session_cookie
 from addon.relay import Relay
+from bench.fakeupstream import FakeUpstream
+from bench.relayproc import RelayProcess
 from store import stats
 from store.engine import make_engine, upgrade_to_head
 from store.invocations import apply_batch
@@ -28,8 +30,6 @@ from store.records import InvocationRecord, Usage
 from store.schema import codex_invocations, nodes
 from tests.conftest import wait_for
 from tests.fakestats import FakeStats, crs_item, crs_response
-from tests.fakeupstream import FakeUpstream
-from tests.relayproc import RelayProcess
 from tests.test_e2e import call, write_nodes
 
 ALPHA_KEY = "sk-alpha-0123456789abcdef"

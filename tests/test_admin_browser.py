@@ -18,13 +18,13 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from bench.fakeupstream import FakeUpstream
+from bench.relayproc import ROOT, RelayProcess
 from store.engine import make_engine
 from store.invocations import apply_batch
 from store.records import InvocationRecord, Usage
 from store.schema import codex_invocations, nodes
 from tests.conftest import IN_CI, wait_for
-from tests.fakeupstream import FakeUpstream
-from tests.relayproc import ROOT, RelayProcess
 from tests.test_e2e import call, write_nodes
 
 pytestmark = pytest.mark.e2e

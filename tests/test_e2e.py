@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from tests.fakeupstream import Behaviour, FakeUpstream
-from tests.relayproc import RelayProcess
+from bench.fakeupstream import Behaviour, FakeUpstream
+from bench.relayproc import RelayProcess
 
 pytestmark = pytest.mark.e2e
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from addon.health import Health, Pinger, ping
 from addon.routing import Node, NodePool
+from bench.fakeupstream import FakeUpstream
 from store.records import NodeConfig, NodeStateUpdate
-from tests.fakeupstream import FakeUpstream
 
 
 def node(node_id: str, base_url: str = "http://127.0.0.1:9/v1") -> Node:

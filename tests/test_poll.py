@@ -228,7 +228,7 @@ def test_command_errors(tmp_path, capsys, monkeypatch):
 
 
 def test_start_poller_for_the_relay(engine, stats, tmp_path):
-    from addon.config import ConfigError
+    from store.config import ConfigError
     from store.poll import start_poller
 
     assert start_poller(engine, "") is None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from addon.config import ConfigError
+from store.config import ConfigError
 from store.prices import CostSplit, Price, PriceTable, default_prices, estimate_cost, load_prices
 from store.records import Usage
 

@@ -7,7 +7,8 @@ from collections import Counter
 
 import pytest
 
-from addon.routing import Node, NodePool, StickyMap, join_url, set_upstream_key, validate_base_url
+from addon.routing import Node, NodePool, StickyMap, join_url, set_upstream_key
+from store.config import validate_base_url
 from store.records import NodeConfig
 
 
