@@ -33,7 +33,7 @@ from addon.routing import Node, NodePool, StickyMap, join_url, set_upstream_key
 from addon.startup import install_one_line_option_errors, unknown_options_message
 from addon.usage import detect_format, parse_request
 from store.config import ConfigError, load_nodes_file, validate_base_url
-from store.engine import error_line, make_engine, upgrade_to_head
+from store.engine import DEFAULT_DB, error_line, make_engine, upgrade_to_head
 from store.nodes import config_of, load_nodes, set_disabled, upsert_nodes
 from store.poll import Poller, start_poller
 from store.prices import PriceTable, load_prices
@@ -102,7 +102,7 @@ class Relay:
     # -- options -----------------------------------------------------------------------------------
     def load(self, loader) -> None:
         install_one_line_option_errors()
-        loader.add_option("codex_db", str, "sqlite:///data/codex.db",
+        loader.add_option("codex_db", str, DEFAULT_DB,
                           "SQLAlchemy URL of the stats database (sqlite:///file.db or "
                           "mysql+pymysql://user:pass@host/db). Upgraded to the latest schema at start.")
         loader.add_option("codex_spool", str, "",

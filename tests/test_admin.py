@@ -160,8 +160,8 @@ def test_nodes_endpoint_numbers_and_masked_keys(env):
     assert (alpha["node_id"], alpha["status"], alpha["weight"], alpha["routed"], alpha["requests"],
             alpha["failures"], alpha["input_tokens"], alpha["lifetime_requests"]) == \
         ("alpha", "active", 2, True, 3, 1, 600, 3)
-    assert alpha["health_rate"] == pytest.approx(2 / 3) and alpha["api_key_hint"] == "…cdef"
-    assert (beta["requests"], beta["health_rate"], beta["api_key_hint"]) == (0, None, "…3210")
+    assert alpha["health_rate"] == pytest.approx(2 / 3) and alpha["api_key_hint"] == "sk-…cdef"
+    assert (beta["requests"], beta["health_rate"], beta["api_key_hint"]) == (0, None, "sk-…3210")
 
     (one,) = data(ask(env.admin, "GET", "/admin/api/nodes?node=alpha&since=2026-11-21&until=2026-11-21"))["nodes"]
     assert (one["requests"], one["input_tokens"]) == (1, 200)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from mitmproxy.test import tflow
 
-from addon.hygiene import KeyHygiene, mask_credential, mask_headers, mask_secret
+from addon.hygiene import KeyHygiene, mask_credential, mask_headers
 from addon.routing import set_upstream_key
+from store.masking import mask_secret
 
 NODE_KEY = "sk-proj-NODEKEY-0123456789abcd"
 OTHER_KEY = "sk-ant-OTHERKEY-9876543210wxyz"

@@ -11,7 +11,8 @@ import threading
 
 import pytest
 
-from store.poll import Poller, fetch, main
+from store.poll import Poller, fetch
+from store.poll_cli import main
 from store.sources import SourceConfig
 from tests.fakestats import FakeStats, crs_item, crs_response, delta_rows, fresh_engine, snapshot_rows
 

@@ -10,7 +10,8 @@ import pytest
 
 from store.invocations import apply_batch
 from store.prices import estimate_cost
-from store.reconcile import ALL_MODELS, NO_MODEL, ReconRow, Totals, compare, main, reconcile
+from store.reconcile import ALL_MODELS, NO_MODEL, ReconRow, Totals, compare, reconcile
+from store.reconcile_cli import main
 from store.records import InvocationRecord, Usage
 from store.snapshots import ingest
 from store.sources import SourceConfig
