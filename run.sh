@@ -84,9 +84,9 @@ case "$cmd" in
         exec "$VENV/bin/python" -m pytest "$@"
         ;;
     web) shift; setup_venv; relay mitmweb "$@" ;;
-    stats) shift; setup_venv; exec "$VENV/bin/python" -m store.stats "$@" ;;
-    poll-stats) shift; setup_venv; exec "$VENV/bin/python" -m store.poll "$@" ;;
-    reconcile) shift; setup_venv; exec "$VENV/bin/python" -m store.reconcile "$@" ;;
+    stats) shift; setup_venv; exec "$VENV/bin/python" -m store.stats_cli "$@" ;;
+    poll-stats) shift; setup_venv; exec "$VENV/bin/python" -m store.poll_cli "$@" ;;
+    reconcile) shift; setup_venv; exec "$VENV/bin/python" -m store.reconcile_cli "$@" ;;
     bench) shift; setup_venv; exec "$VENV/bin/python" -m bench "$@" ;;
     setup) setup_venv ;;
     *) setup_venv; relay mitmdump "$@" ;;

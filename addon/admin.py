@@ -35,7 +35,6 @@ import sqlalchemy as sa
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.proxy.mode_specs import ReverseMode
 
-from addon.config import ConfigError, node_from_mapping
 from addon.egress import origin_of
 from addon.errors import fail_closed
 from addon.refusal import answered
@@ -43,6 +42,7 @@ from addon.relay import Relay
 from addon.secrets import secrets_equal
 from addon.target import is_admin_path
 from store import stats
+from store.config import ConfigError, node_from_mapping
 from store.engine import error_line
 from store.nodes import load_nodes
 from store.reconcile import ReconcileError, as_json, reconcile

@@ -22,23 +22,9 @@ from __future__ import annotations
 
 from mitmproxy import http
 
+from store.masking import mask_secret
+
 CREDENTIAL_HEADERS = ("authorization", "x-api-key")
-ELLIPSIS = "…"
-MIN_REVEAL_CHARS = 16  # shorter secrets show nothing: 4 characters would be too much of them
-
-
-def mask_secret(secret: str) -> str:
-    """``sk-proj-…wxyz`` → ``sk-…wxyz``: a short type prefix and the last 4 characters, for telling keys apart.
-
-    Already masked values are returned unchanged.
-    """
-    if ELLIPSIS in secret:
-        return secret
-    if len(secret) < MIN_REVEAL_CHARS:
-        return ELLIPSIS
-    head, sep, _ = secret.partition("-")
-    prefix = head + sep if sep and 0 < len(head) <= 3 else ""
-    return f"{prefix}{ELLIPSIS}{secret[-4:]}"
 
 
 def mask_credential(value: str) -> str:

@@ -1,4 +1,4 @@
-"""What a finished call means: its status, whether it counts against the node, and its record.
+"""What a finished call means: its status, whether it counts against the node, and its error text.
 
 Plain Python so the rules are tested without mitmproxy.
 """
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# Statuses that say the node, not the client, is at fault (DESIGN, issue 3).
+# HTTP statuses that say the node (its key, its quota), not the client, is at fault.
 NODE_FAILURE_STATUSES = frozenset({401, 403, 429})
 
 

@@ -26,19 +26,19 @@ from mitmproxy.addons.clientplayback import ReplayHandler
 from mitmproxy.proxy import server_hooks
 
 from addon.breaker import BreakerPolicy
-from addon.config import ConfigError, load_nodes_file
 from addon.egress import attach, clear_as_is
 from addon.errors import CLIENT_KEY_NAME, error_response, fail_closed
 from addon.health import Health, Pinger
 from addon.meter import StreamMeter
 from addon.outcome import Outcome, classify_error, classify_response, is_node_failure_status
 from addon.refusal import RefusalSink, answered
-from addon.routing import Node, NodePool, StickyMap, validate_base_url
+from addon.routing import Node, NodePool, StickyMap
 from addon.secrets import KnownSecrets
 from addon.startup import fatal, listen_hosts, open_relay_problem
 from addon.target import target_problem
 from addon.usage import detect_format, parse_request
-from store.engine import error_line, make_engine, upgrade_to_head
+from store.config import ConfigError, load_nodes_file, validate_base_url
+from store.engine import DEFAULT_DB, error_line, make_engine, upgrade_to_head
 from store.nodes import config_of, load_nodes, set_disabled, upsert_nodes
 from store.poll import Poller, start_poller
 from store.prices import PriceTable, load_prices
@@ -107,7 +107,7 @@ class Relay:
 
     # -- options -----------------------------------------------------------------------------------
     def load(self, loader) -> None:
-        loader.add_option("codex_db", str, "sqlite:///data/codex.db",
+        loader.add_option("codex_db", str, DEFAULT_DB,
                           "SQLAlchemy URL of the stats database (sqlite:///file.db or "
                           "mysql+pymysql://user:pass@host/db). Upgraded to the latest schema at start.")
         loader.add_option("codex_spool", str, "",

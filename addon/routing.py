@@ -11,7 +11,6 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
 
 from addon.breaker import Breaker
 from store.records import NodeConfig
@@ -42,20 +41,6 @@ class Node:
     def eligible(self) -> bool:
         """In full rotation: routable and its breaker closed."""
         return self.routable and not self.failed
-
-
-def validate_base_url(url: str) -> str | None:
-    """Why ``url`` cannot be a node's base URL, or None when it can."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https"):
-        return f"base_url must start with http:// or https://, got {url!r}"
-    if not parts.hostname:
-        return f"base_url has no host: {url!r}"
-    try:
-        parts.port  # noqa: B018 - raises ValueError on a bad port
-    except ValueError as e:
-        return f"base_url has a bad port: {url!r} ({e})"
-    return None
 
 
 class StickyMap:

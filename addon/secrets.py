@@ -14,7 +14,7 @@ import hmac
 import re
 from collections.abc import Iterable
 
-from addon.hygiene import mask_secret
+from store.masking import mask_secret
 
 # Runs of characters API keys are made of; anything shorter than 8 is no key worth hiding.
 _TOKEN = re.compile(r"[A-Za-z0-9_\-.~+/=]{8,}")

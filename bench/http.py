@@ -23,10 +23,10 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from bench.load import LoadResult, run_load
+from bench.relayproc import ROOT, RelayProcess
 from bench.scratch import scratch_mysql, sqlite_url
 from store.engine import make_engine
 from store.schema import codex_invocations
-from tests.relayproc import ROOT, RelayProcess
 
 BASELINES = ("mitmdump", "mitmdump-stream")
 CLIENT_KEY = "bench"  # what bench.load sends as its bearer token
@@ -63,7 +63,7 @@ class Target:
 
 def start_upstream(stack: ExitStack, *args: str) -> int:
     """The fake upstream in its own process, so it does not share a GIL with the load generator."""
-    proc = subprocess.Popen([sys.executable, "-m", "tests.fakeupstream", *args], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "bench.fakeupstream", *args], cwd=ROOT,
                             stdout=subprocess.PIPE, text=True)
     stack.callback(lambda: (proc.kill(), proc.wait(10)))
     line = proc.stdout.readline() if proc.stdout else ""

@@ -14,12 +14,13 @@ from alembic.script import ScriptDirectory
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import StaticPool
 
+import migrations
 from store.locks import named_lock
 
 log = logging.getLogger("codex.store")
 
 DEFAULT_DB = "sqlite:///data/codex.db"
-MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
+MIGRATIONS = Path(migrations.__file__).resolve().parent  # an installed package, not a path beside store/
 SUPPORTED = ("sqlite", "mysql")
 _MIGRATION_LOCK_S = 60
 

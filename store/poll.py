@@ -4,21 +4,15 @@ In the relay the ``Poller`` thread does blocking HTTP (urllib) and DB work, neve
 A failed poll (connection, HTTP status, malformed body, database) is logged and tried again at the
 next interval; nothing a source does stops the thread.
 
-``python -m store.poll`` (``./run.sh poll-stats``) polls every configured source once and exits
-non-zero if any failed (for cron)::
-
-    ./run.sh poll-stats --sources sources.toml --db mysql+pymysql://relay@db/codex
+Polling once from the command line (cron) is ``store.poll_cli``.
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import http.client
 import json
 import logging
-import os
-import sys
 import threading
 import time
 import urllib.error
@@ -28,8 +22,7 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 
-from addon.config import ConfigError
-from store.engine import make_engine, upgrade_to_head
+from store.engine import error_line
 from store.records import utcnow
 from store.snapshots import IngestResult, ingest
 from store.sources import SourceConfig, SourceFormatError, load_sources_file
@@ -37,7 +30,6 @@ from store.sources import SourceConfig, SourceFormatError, load_sources_file
 log = logging.getLogger("codex.poll")
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
-DEFAULT_DB = "sqlite:///data/codex.db"
 
 
 class PollError(RuntimeError):
@@ -118,7 +110,7 @@ class Poller:
         except (PollError, SourceFormatError) as e:
             result.error = str(e)
         except sa.exc.SQLAlchemyError as e:
-            result.error = f"database: {e.__class__.__name__}: {e}".splitlines()[0]
+            result.error = f"database: {type(e).__name__}: {error_line(e)}"
         except Exception as e:  # a bug must not stop the other sources or the thread
             log.exception("stats source %s: unexpected error", source.name)
             result.error = f"{e.__class__.__name__}: {e}"
@@ -174,63 +166,3 @@ def start_poller(engine: sa.Engine, sources_path: str, previous: Poller | None =
     poller = Poller(engine, sources)
     poller.start()
     return poller
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="poll-stats", description="Poll each configured provider stats source once and store the "
-        "snapshots and deltas. Exit status 1 if any source failed, 2 on a configuration error.")
-    parser.add_argument("--db", default=os.environ.get("CODEX_DB", DEFAULT_DB),
-                        help="SQLAlchemy URL of the stats database (default: $CODEX_DB or %(default)s)")
-    parser.add_argument("--sources", default=os.environ.get("CODEX_STATS_SOURCES"),
-                        help="TOML file with [[sources]] (default: $CODEX_STATS_SOURCES)")
-    parser.add_argument("--source", action="append", metavar="NAME", help="poll only this source (repeatable)")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
-    if not args.sources:
-        parser.error("--sources FILE (or $CODEX_STATS_SOURCES) is required")
-    try:
-        sources = load_sources_file(args.sources)
-    except ConfigError as e:
-        print(f"poll-stats: {e}", file=sys.stderr)
-        return 2
-    unknown = set(args.source or ()) - {s.name for s in sources}
-    if unknown:
-        print(f"poll-stats: {args.sources}: no source named {', '.join(sorted(unknown))}", file=sys.stderr)
-        return 2
-    if not sources:
-        print(f"poll-stats: {args.sources}: no [[sources]] configured", file=sys.stderr)
-        return 2
-    engine = open_db(args.db, "poll-stats")
-    if engine is None:
-        return 2
-    try:
-        results = Poller(engine, sources).poll_once(args.source)
-    finally:
-        engine.dispose()
-    for r in results:
-        print(r.describe())
-    return 0 if all(r.ok for r in results) else 1
-
-
-def open_db(url: str, prog: str) -> sa.Engine | None:
-    """The engine of an upgraded database, or None after printing why it cannot be opened."""
-    try:
-        shown = sa.engine.make_url(url).render_as_string(hide_password=True)
-    except sa.exc.ArgumentError:
-        print(f"{prog}: not a database URL: {url!r} (e.g. sqlite:///data/codex.db)", file=sys.stderr)
-        return None
-    try:
-        engine = make_engine(url)
-        upgrade_to_head(engine)
-    except Exception as e:  # any failure here is the user's URL or server: say it plainly
-        print(f"{prog}: cannot open database {shown}: {e.__class__.__name__}: {e}".splitlines()[0],
-              file=sys.stderr)
-        return None
-    return engine
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,18 +1,17 @@
 """Cost estimates for relay-captured calls from a per-model price table (``store/prices.toml``).
 
-The relay calls ``estimate_cost`` for every record it writes, on the proxy's event loop: a lookup
-is one or two dict hits and a few multiplications; the table is read once, at configure time.
+The relay loads the table once, at configure time (``load_prices``), and calls ``PriceTable.cost``
+for every record it writes, on the proxy's event loop: one or two dict hits and a few multiplications.
 """
 
 from __future__ import annotations
 
-import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from addon.config import ConfigError, load_toml
+from store.config import ConfigError, load_toml
 from store.records import Usage
 
 DEFAULT_PRICES = Path(__file__).with_name("prices.toml")
@@ -91,13 +90,3 @@ def load_prices(path: str | Path | None = None) -> PriceTable:
         prices[name] = Price(input=float(entry["input"]), cached_input=float(entry.get("cached_input", entry["input"])),
                              output=float(entry["output"]))
     return PriceTable(prices)
-
-
-@functools.cache
-def default_prices() -> PriceTable:
-    return load_prices()
-
-
-def estimate_cost(model: str | None, usage: Usage, prices: PriceTable | None = None) -> CostSplit | None:
-    """The estimated cost of one call with ``prices`` (default: the shipped table); None if unpriced."""
-    return (prices if prices is not None else default_prices()).cost(model, usage)

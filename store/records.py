@@ -48,7 +48,7 @@ class InvocationRecord:
     occurred_at: dt.datetime
     source: str
     endpoint: str
-    status: str  # "success" | "failed" | "aborted"
+    status: str  # "success" | "failed" | "truncated" | "aborted" (addon.outcome decides)
     node_id: str | None = None
     api_format: str | None = None  # "responses" | "chat" | "messages" | None
     model: str | None = None

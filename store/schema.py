@@ -1,4 +1,4 @@
-"""The tables, as SQLAlchemy Core metadata: the contract of shared/DESIGN.md plus the relay's columns.
+"""The tables, as SQLAlchemy Core metadata: those the earlier relay made (migration 0001) plus this relay's.
 
 Alembic (``migrations/``) owns how a database gets here; this module is the target the migrations
 are checked against (``tests/test_migrations.py`` compares them), and what queries are written with.

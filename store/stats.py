@@ -13,28 +13,19 @@ Definitions, the same in every view:
   how fast a node generates, independent of answer length;
 - ``bytes`` = response bytes sent to clients.
 
-``python -m store.stats [nodes|models|sources|days|recent]`` (``./run.sh stats``) prints them as an
-aligned table, ``--json`` or ``--csv``.
+The command line over these queries is ``store.stats_cli``.
 """
 
 from __future__ import annotations
 
-import argparse
-import csv
 import dataclasses
 import datetime as dt
-import io
-import json
-import os
-import sys
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import sqlalchemy as sa
 
-from store.engine import DEFAULT_DB, current_revision, head_revision, make_engine
+from store.masking import mask_secret
 from store.nodes import load_nodes
 from store.schema import DAILY_COUNTERS, codex_daily_stats, codex_invocations
 
@@ -137,7 +128,7 @@ class NodeStats(Metrics):
     base_url: str | None = None
     weight: int | None = None
     status: str | None = None  # active | failed | disabled
-    api_key_hint: str | None = None  # never the key: its last 4 characters
+    api_key_hint: str | None = None  # never the key: store.masking.mask_secret of it
     last_error: str | None = None
     last_ping_ms: int | None = None
     last_ping_err: str | None = None
@@ -183,13 +174,6 @@ class Invocation:
 
     def as_dict(self) -> dict[str, Any]:
         return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
-
-
-def mask_key(key: str | None) -> str | None:
-    """``…abcd``: enough to tell keys apart, useless to anyone who reads it. Short keys show nothing."""
-    if not key:
-        return None
-    return "…" + key[-4:] if len(key) > 8 else "…"
 
 
 # -- queries ---------------------------------------------------------------------------------------
@@ -260,7 +244,7 @@ def per_node(conn: sa.Connection, f: Filters) -> list[NodeStats]:
 
 def _fill_node(s: NodeStats, row: sa.Row) -> None:
     s.name, s.base_url, s.weight, s.status = row.name, row.base_url, row.weight, _status(row)
-    s.api_key_hint = mask_key(row.api_key)
+    s.api_key_hint = mask_secret(row.api_key) if row.api_key else None
     s.last_error, s.last_ping_ms, s.last_ping_err = row.last_error, row.last_ping_ms, row.last_ping_err
     s.fail_streak = row.fail_streak
     s.lifetime_requests, s.lifetime_failures, s.lifetime_bytes = row.requests, row.fail_count, row.total_bytes
@@ -290,202 +274,3 @@ def recent_invocations(conn: sa.Connection, f: Filters, limit: int = 50) -> list
             ttfb_ms=r.ttfb_ms, stream_ms=r.stream_ms, duration_ms=r.duration_ms, bytes=r.response_bytes or 0,
             attempts=r.attempts))
     return out
-
-
-# -- the CLI ---------------------------------------------------------------------------------------
-class StatsError(Exception):
-    """Why the CLI cannot answer, worded for the user."""
-
-
-def _int(v: int | None) -> str:
-    return "-" if v is None else f"{v:,}"
-
-
-def _ms(v: float | None) -> str:
-    return "-" if v is None else f"{v:,.1f}"
-
-
-def _rate(v: float | None) -> str:
-    return "-" if v is None else f"{v:.1%}"
-
-
-def _text(v: str | None, width: int = 40) -> str:
-    if not v:
-        return "-"
-    v = " ".join(v.split())
-    return v if len(v) <= width else v[:width - 1] + "…"
-
-
-# One table per view: (heading, cell of a row, right-aligned). JSON and CSV carry every field.
-Column = tuple[str, Callable[[Any], str], bool]
-_METRIC_COLUMNS: list[Column] = [
-    ("requests", lambda s: _int(s.requests), True),
-    ("failures", lambda s: _int(s.failures), True),
-    ("health", lambda s: _rate(s.health_rate), True),
-    ("input", lambda s: _int(s.input_tokens), True),
-    ("cached", lambda s: _int(s.cached_tokens), True),
-    ("output", lambda s: _int(s.output_tokens), True),
-    ("reasoning", lambda s: _int(s.reasoning_tokens), True),
-    ("cost $", lambda s: f"{s.cost:.4f}", True),
-    ("ttfb ms", lambda s: _ms(s.avg_ttfb_ms), True),
-]
-VIEWS: dict[str, tuple[Callable[..., list], list[Column]]] = {
-    "nodes": (per_node, [
-        ("node", lambda s: s.node_id or "(no node)", False),
-        ("name", lambda s: _text(s.name, 24), False),
-        ("status", lambda s: s.status or "-", False),
-        ("weight", lambda s: _int(s.weight), True),
-        *_METRIC_COLUMNS[:7],
-        ("bytes", lambda s: _int(s.bytes), True),
-        ("ttfb ms", lambda s: _ms(s.avg_ttfb_ms), True),
-        ("ms/token", lambda s: _ms(s.stream_ms_per_token), True),
-        ("ping ms", lambda s: _int(s.last_ping_ms), True),
-        ("last error", lambda s: _text(s.last_error), False),
-    ]),
-    "models": (per_model, [("model", lambda s: s.model or "(unknown)", False), *_METRIC_COLUMNS]),
-    "sources": (per_source, [("source", lambda s: s.source, False), *_METRIC_COLUMNS]),
-    "days": (per_day, [("day", lambda s: s.day, False), ("source", lambda s: s.source, False),
-                       *_METRIC_COLUMNS[:7], ("total", lambda s: _int(s.total_tokens), True)]),
-    "recent": (recent_invocations, [
-        ("time (UTC)", lambda s: f"{s.occurred_at:%Y-%m-%d %H:%M:%S}", False),
-        ("source", lambda s: s.source, False),
-        ("node", lambda s: s.node_id or "-", False),
-        ("model", lambda s: s.model or "-", False),
-        ("status", lambda s: s.status or "-", False),
-        ("http", lambda s: _int(s.http_status), True),
-        ("input", lambda s: _int(s.input_tokens), True),
-        ("cached", lambda s: _int(s.cached_tokens), True),
-        ("output", lambda s: _int(s.output_tokens), True),
-        ("ttfb ms", lambda s: _int(s.ttfb_ms), True),
-        ("total ms", lambda s: _int(s.duration_ms), True),
-        ("error", lambda s: _text(s.error_message), False),
-    ]),
-}
-
-
-def format_table(rows: Sequence[Any], columns: Sequence[Column]) -> str:
-    """An aligned plain-text table: text left, numbers right."""
-    cells = [[name for name, _, _ in columns]] + [[cell(r) for _, cell, _ in columns] for r in rows]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
-    lines = ["  ".join(c.rjust(w) if right else c.ljust(w)
-                       for c, w, (_, _, right) in zip(line, widths, columns, strict=True)).rstrip()
-             for line in cells]
-    return "\n".join(lines) + "\n"
-
-
-def format_csv(rows: Sequence[Any]) -> str:
-    dicts = [r.as_dict() for r in rows]
-    out = io.StringIO()
-    if dicts:
-        writer = csv.DictWriter(out, fieldnames=list(dicts[0]), lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(dicts)
-    return out.getvalue()
-
-
-def parse_day(text: str, today: dt.date | None = None) -> dt.date:
-    """``YYYY-MM-DD``, ``today`` or ``yesterday`` (UTC)."""
-    today = today or dt.datetime.now(dt.UTC).date()
-    if text == "today":
-        return today
-    if text == "yesterday":
-        return today - dt.timedelta(days=1)
-    try:
-        return dt.date.fromisoformat(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected YYYY-MM-DD, today or yesterday, got {text!r}") from None
-
-
-def open_readonly(url: str) -> sa.Engine:
-    """An engine on an existing, up-to-date stats database; raises StatsError saying what is wrong.
-
-    Reading stats never creates a database or migrates one: that is the relay's job.
-    """
-    try:
-        parsed = sa.engine.make_url(url)
-    except sa.exc.ArgumentError:
-        raise StatsError(f"not a database URL: {url!r} (e.g. sqlite:///data/codex.db)") from None
-    shown = parsed.render_as_string(hide_password=True)
-    if parsed.get_backend_name() == "sqlite":
-        path = parsed.database or ""
-        if path in ("", ":memory:"):
-            raise StatsError("an in-memory SQLite database has no stats: give the relay's database file")
-        if not Path(path).expanduser().is_file():
-            raise StatsError(f"no database file {path} (start the relay once, or pass --db / $CODEX_DB)")
-    try:
-        engine = make_engine(url)
-    except ValueError as e:
-        raise StatsError(str(e)) from None
-    try:
-        with engine.connect() as conn:
-            revision = current_revision(conn)
-    except sa.exc.SQLAlchemyError as e:
-        engine.dispose()
-        raise StatsError(f"cannot open database {shown}: {_first_line(e)}") from None
-    if revision != head_revision():
-        engine.dispose()
-        found = f"schema revision {revision}" if revision else "no codex-relay tables"
-        raise StatsError(f"database {shown} has {found}; start the relay (or `alembic upgrade head`) to upgrade it")
-    return engine
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(getattr(e, "orig", None) or e).strip()
-    return f"{e.__class__.__name__}: {text.splitlines()[0] if text else ''}"
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        # One line, like every other error of this command (argparse would print the usage first).
-        self.exit(2, f"{self.prog}: {message} (see --help)\n")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = _Parser(
-        prog="stats", description="Stats of the calls the relay recorded: per node, model, source, day, "
-        "or the latest calls. Days are UTC; --since and --until are inclusive.")
-    parser.add_argument("view", nargs="?", default="nodes", choices=list(VIEWS), help="what to show (default nodes)")
-    parser.add_argument("--since", type=parse_day, metavar="DAY", help="first day: YYYY-MM-DD, today or yesterday")
-    parser.add_argument("--until", type=parse_day, metavar="DAY", help="last day, included")
-    parser.add_argument("--source", help="only calls with this source tag")
-    parser.add_argument("--node", help="only calls served by this node id")
-    parser.add_argument("--model", help="only calls of this model")
-    parser.add_argument("--limit", type=int, default=50, help="rows of the recent view (default %(default)s)")
-    fmt = parser.add_mutually_exclusive_group()
-    fmt.add_argument("--json", action="store_true", help="print JSON")
-    fmt.add_argument("--csv", action="store_true", help="print CSV with a header row")
-    parser.add_argument("--db", default=os.environ.get("CODEX_DB", DEFAULT_DB),
-                        help="SQLAlchemy URL of the stats database (default: $CODEX_DB or %(default)s)")
-    args = parser.parse_args(argv)
-    if args.since and args.until and args.since > args.until:
-        parser.error(f"--since {args.since} is after --until {args.until}")
-    if args.limit < 1:
-        parser.error("--limit must be at least 1")
-    query, columns = VIEWS[args.view]
-    f = Filters(since=args.since, until=args.until, source=args.source, node=args.node, model=args.model)
-    try:
-        engine = open_readonly(args.db)
-        try:
-            with engine.connect() as conn:
-                rows = query(conn, f, args.limit) if args.view == "recent" else query(conn, f)
-        finally:
-            engine.dispose()
-    except StatsError as e:
-        print(f"stats: {e}", file=sys.stderr)
-        return 2
-    except sa.exc.SQLAlchemyError as e:
-        print(f"stats: database: {_first_line(e)}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps([r.as_dict() for r in rows], indent=2))
-    elif args.csv:
-        print(format_csv(rows), end="")
-    elif not rows:
-        print(f"no calls recorded{' for these filters' if any(dataclasses.astuple(f)) else ''}")
-    else:
-        print(format_table(rows, columns), end="")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -21,6 +21,8 @@ from mitmproxy.test import taddons, tflow
 
 from addon.admin import Admin, is_loopback, session_cookie
 from addon.relay import Relay
+from bench.fakeupstream import FakeUpstream
+from bench.relayproc import RelayProcess
 from store import stats
 from store.engine import make_engine, upgrade_to_head
 from store.invocations import apply_batch
@@ -28,8 +30,6 @@ from store.records import InvocationRecord, Usage
 from store.schema import codex_invocations, nodes
 from tests.conftest import wait_for
 from tests.fakestats import FakeStats, crs_item, crs_response
-from tests.fakeupstream import FakeUpstream
-from tests.relayproc import RelayProcess
 from tests.test_e2e import call, write_nodes
 
 ALPHA_KEY = "sk-alpha-0123456789abcdef"
@@ -162,8 +162,8 @@ def test_nodes_endpoint_numbers_and_masked_keys(env):
     assert (alpha["node_id"], alpha["status"], alpha["weight"], alpha["routed"], alpha["requests"],
             alpha["failures"], alpha["input_tokens"], alpha["lifetime_requests"]) == \
         ("alpha", "active", 2, True, 3, 1, 600, 3)
-    assert alpha["health_rate"] == pytest.approx(2 / 3) and alpha["api_key_hint"] == "…cdef"
-    assert (beta["requests"], beta["health_rate"], beta["api_key_hint"]) == (0, None, "…3210")
+    assert alpha["health_rate"] == pytest.approx(2 / 3) and alpha["api_key_hint"] == "sk-…cdef"
+    assert (beta["requests"], beta["health_rate"], beta["api_key_hint"]) == (0, None, "sk-…3210")
 
     (one,) = data(ask(env.admin, "GET", "/admin/api/nodes?node=alpha&since=2026-11-21&until=2026-11-21"))["nodes"]
     assert (one["requests"], one["input_tokens"]) == (1, 200)

@@ -18,13 +18,13 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from bench.fakeupstream import FakeUpstream
+from bench.relayproc import ROOT, RelayProcess
 from store.engine import make_engine
 from store.invocations import apply_batch
 from store.records import InvocationRecord, Usage
 from store.schema import codex_invocations, nodes
 from tests.conftest import IN_CI, wait_for
-from tests.fakeupstream import FakeUpstream
-from tests.relayproc import ROOT, RelayProcess
 from tests.test_e2e import call, write_nodes
 
 pytestmark = pytest.mark.e2e
@@ -115,7 +115,7 @@ def test_admin_page_shows_stats_and_edits_a_node(db_url, tmp_path, browser):
                 expect(col(node_a, "health")).to_have_text("80.0%")
                 expect(col(node_a, "input_tokens")).to_have_text(f"{sum(u[0] for u in LIVE) + 3000:,}")
                 expect(col(node_a, "status")).to_have_text("active")
-                expect(col(node_a, "key")).to_have_text("…6789")
+                expect(col(node_a, "key")).to_have_text("key-…6789")
                 node_b = page.locator('#nodes tr[data-node="b"]')
                 expect(col(node_b, "weight")).to_have_text("0")
                 expect(col(node_b, "requests")).to_have_text("3")

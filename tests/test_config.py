@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from addon.config import ConfigError, load_nodes_file
+from store.config import ConfigError, load_nodes_file
 
 
 def write(tmp_path, text: str):

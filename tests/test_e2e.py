@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from tests.fakeupstream import Behaviour, FakeUpstream
-from tests.relayproc import RelayProcess
+from bench.fakeupstream import Behaviour, FakeUpstream
+from bench.relayproc import RelayProcess
 
 pytestmark = pytest.mark.e2e
 
@@ -210,7 +210,7 @@ def test_monitor_mode_passes_through_and_meters(db_url):
 
 def test_relay_prices_calls_and_polls_provider_stats(db_url, tmp_path):
     """Cost is estimated from the price table; the nodes file's [[sources]] are polled inside the relay."""
-    from store.prices import default_prices
+    from store.prices import load_prices
     from store.records import Usage
     from tests.fakestats import FakeStats, crs_item, crs_response
 
@@ -230,7 +230,7 @@ def test_relay_prices_calls_and_polls_provider_stats(db_url, tmp_path):
                 time.sleep(0.05)
     got = rows(db_url, "SELECT model, cost, cost_input, cost_cached, cost_output, cost_estimated "
                        "FROM codex_invocations ORDER BY id")
-    split = default_prices().cost("gpt-5-codex", Usage(1000, 400, 0, 200, 50))
+    split = load_prices().cost("gpt-5-codex", Usage(1000, 400, 0, 200, 50))
     assert got[0].model == "gpt-5-codex" and bool(got[0].cost_estimated)
     assert (got[0].cost, got[0].cost_input, got[0].cost_cached, got[0].cost_output) == pytest.approx(
         (split.total, split.input, split.cached, split.output))

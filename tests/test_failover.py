@@ -8,9 +8,9 @@ from collections import Counter
 
 import pytest
 
+from bench.fakeupstream import Behaviour, FakeUpstream
+from bench.relayproc import RelayProcess
 from tests.conftest import wait_for
-from tests.fakeupstream import Behaviour, FakeUpstream
-from tests.relayproc import RelayProcess
 from tests.test_e2e import call, rows, write_nodes
 
 pytestmark = pytest.mark.e2e

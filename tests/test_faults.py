@@ -12,9 +12,9 @@ import uuid
 import pytest
 import sqlalchemy as sa
 
+from bench.fakeupstream import Behaviour, FakeUpstream
+from bench.relayproc import RelayProcess
 from tests.conftest import wait_for
-from tests.fakeupstream import Behaviour, FakeUpstream
-from tests.relayproc import RelayProcess
 from tests.tcpproxy import TcpProxy
 from tests.test_e2e import rows, write_nodes
 

@@ -14,9 +14,9 @@ from addon.breaker import BreakerPolicy
 from addon.health import Health, Pinger, ping
 from addon.relay import Relay
 from addon.routing import Node, NodePool
+from bench.fakeupstream import FakeUpstream
 from store.records import NodeConfig, NodeStateUpdate
 from tests.conftest import wait_for
-from tests.fakeupstream import FakeUpstream
 from tests.test_e2e import rows, write_nodes
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from mitmproxy.test import tflow
 
 from addon.egress import attach
-from addon.hygiene import KeyHygiene, mask_credential, mask_headers, mask_secret
+from addon.hygiene import KeyHygiene, mask_credential, mask_headers
+from store.masking import mask_secret
 from store.records import NodeConfig
 
 NODE_KEY = "sk-proj-NODEKEY-0123456789abcd"

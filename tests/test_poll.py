@@ -11,7 +11,8 @@ import threading
 
 import pytest
 
-from store.poll import Poller, fetch, main
+from store.poll import Poller, fetch
+from store.poll_cli import main
 from store.sources import SourceConfig
 from tests.fakestats import FakeStats, crs_item, crs_response, delta_rows, fresh_engine, snapshot_rows
 
@@ -228,7 +229,7 @@ def test_command_errors(tmp_path, capsys, monkeypatch):
 
 
 def test_start_poller_for_the_relay(engine, stats, tmp_path):
-    from addon.config import ConfigError
+    from store.config import ConfigError
     from store.poll import start_poller
 
     assert start_poller(engine, "") is None

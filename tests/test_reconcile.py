@@ -9,8 +9,9 @@ import uuid
 import pytest
 
 from store.invocations import apply_batch
-from store.prices import estimate_cost
-from store.reconcile import ALL_MODELS, NO_MODEL, ReconRow, Totals, compare, main, reconcile
+from store.prices import load_prices
+from store.reconcile import ALL_MODELS, NO_MODEL, ReconRow, Totals, compare, reconcile
+from store.reconcile_cli import main
 from store.records import InvocationRecord, Usage
 from store.snapshots import ingest
 from store.sources import SourceConfig
@@ -22,12 +23,13 @@ SOURCE = SourceConfig(name="crs", url="http://127.0.0.1:9/stats", nodes=("alpha"
 DAY = dt.date(2026, 11, 23)
 CAPTURED = dt.datetime(2026, 11, 23, 15, 0, 0)  # UTC: 23:00 provider time
 CODEX, MINI = "gpt-5-codex", "gpt-5-mini"
+PRICES = load_prices()  # the shipped table, as the relay uses it by default
 
 
 def call(node: str, model: str | None, at: dt.datetime, inp: int, cached: int, out: int,
          status: str = "success") -> InvocationRecord:
     usage = Usage(input_tokens=inp, cached_tokens=cached, output_tokens=out)
-    cost = estimate_cost(model, usage)
+    cost = PRICES.cost(model, usage)
     return InvocationRecord(invoke_id=uuid.uuid4().hex, occurred_at=at, source="relay", endpoint="/v1/responses",
                             status=status, node_id=node, api_format="responses", model=model, stream=True,
                             http_status=200 if status == "success" else 502, usage=usage,

@@ -8,7 +8,8 @@ from collections import Counter
 import pytest
 
 from addon.breaker import Breaker
-from addon.routing import Node, NodePool, StickyMap, validate_base_url
+from addon.routing import Node, NodePool, StickyMap
+from store.config import validate_base_url
 from store.records import NodeConfig
 
 HEAVY = 1_000_000
@@ -122,6 +123,7 @@ def test_sticky_map_is_bounded_and_expires():
 @pytest.mark.parametrize("url, ok", [
     ("https://relay.example/v1", True), ("http://127.0.0.1:8080", True),
     ("ftp://x/v1", False), ("https:///v1", False), ("relay.example/v1", False), ("http://h:99999/", False),
+    ("http://user:key@h/v1", False), ("https://h/v1?x=1", False), ("https://h/v1#frag", False),
 ])
 def test_validate_base_url(url, ok):
     assert (validate_base_url(url) is None) == ok

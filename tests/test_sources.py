@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from addon.config import ConfigError
+from store.config import ConfigError
 from store.sources import ModelStats, SourceConfig, SourceFormatError, load_sources_file
 
 NOON = dt.datetime(2026, 11, 23, 12, 0, 0, 987_000)

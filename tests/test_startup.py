@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from tests.relayproc import RelayProcess
+from bench.relayproc import RelayProcess
 
 pytestmark = pytest.mark.e2e
 

@@ -13,7 +13,8 @@ from store.engine import make_engine, upgrade_to_head
 from store.invocations import apply_batch
 from store.nodes import set_disabled, upsert_nodes
 from store.records import InvocationRecord, NodeConfig, NodeStateUpdate, Usage
-from store.stats import Filters, main, mask_key, parse_day, per_day, per_model, per_node, per_source, recent_invocations
+from store.stats import Filters, per_day, per_model, per_node, per_source, recent_invocations
+from store.stats_cli import main, parse_day
 
 D20, D21, D22 = dt.date(2026, 11, 20), dt.date(2026, 11, 21), dt.date(2026, 11, 22)
 CODEX, MINI = "gpt-5-codex", "gpt-5-mini"
@@ -85,7 +86,7 @@ def test_per_node_window_stats_node_state_and_lifetime_counters(engine):
     assert alpha.avg_ttfb_ms == 300.0
     assert alpha.stream_ms_per_token == 12.5  # (300 + 700) ms / (30 + 50) tokens; the aborted call not counted
     assert (alpha.name, alpha.base_url, alpha.weight, alpha.status, alpha.api_key_hint) == \
-        ("Alpha", "https://a.example/v1", 3, "active", "…1234")
+        ("Alpha", "https://a.example/v1", 3, "active", "sk-…1234")
     assert (alpha.last_ping_ms, alpha.last_ping_err, alpha.last_error) == (42, None, None)
     assert (alpha.lifetime_requests, alpha.lifetime_failures, alpha.lifetime_bytes, alpha.lifetime_input_tokens,
             alpha.lifetime_cached_tokens, alpha.lifetime_output_tokens, alpha.lifetime_reasoning_tokens,
@@ -169,9 +170,14 @@ def test_recent_invocations(engine):
     assert query(engine, recent_invocations, Filters(source="xy"))[0].stream is False
 
 
-def test_mask_key():
-    assert mask_key("sk-alpha-secret-1234") == "…1234"
-    assert mask_key("12345678") == "…" and mask_key("") is None and mask_key(None) is None
+def test_key_hint_masks_as_flows_do_and_is_absent_without_a_key(engine):
+    # The one rule of store.masking: type prefix and last 4 from 16 characters on, nothing shorter.
+    with engine.begin() as conn:
+        upsert_nodes(conn, [NodeConfig("delta", "https://d.example/v1", "", "Delta"),
+                            NodeConfig("eps", "https://e.example/v1", "1234567890abcdef", "Eps")])
+    (delta,) = query(engine, per_node, Filters(node="delta"))
+    (eps,) = query(engine, per_node, Filters(node="eps"))
+    assert (delta.api_key_hint, eps.api_key_hint) == (None, "…cdef")
 
 
 def test_relative_days():
@@ -184,7 +190,7 @@ def test_rows_serialise_without_the_api_key(engine):
         assert "secret" not in text
     (alpha,) = query(engine, per_node, Filters(node="alpha"))
     d = alpha.as_dict()
-    assert d["health_rate"] == pytest.approx(2 / 3) and d["api_key_hint"] == "…1234" and "api_key" not in d
+    assert d["health_rate"] == pytest.approx(2 / 3) and d["api_key_hint"] == "sk-…1234" and "api_key" not in d
 
 
 # -- the CLI ---------------------------------------------------------------------------------------
@@ -232,7 +238,7 @@ def test_cli_json_and_csv(engine, capsys):
 
     code, out, _ = run(engine, capsys, "nodes", "--json")
     nodes = {n["node_id"]: n for n in json.loads(out)}
-    assert nodes["alpha"]["api_key_hint"] == "…1234" and "secret" not in out
+    assert nodes["alpha"]["api_key_hint"] == "sk-…1234" and "secret" not in out
     assert nodes[None]["requests"] == 1  # the calls no node served: node_id null
 
 

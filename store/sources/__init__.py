@@ -26,8 +26,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from addon.config import ConfigError, load_entries
-from addon.routing import validate_base_url
+from store.config import ConfigError, load_entries, validate_base_url
 
 
 class SourceFormatError(ValueError):

@@ -15,12 +15,16 @@ _LISTEN_RE = re.compile(r"listening at (?:\[?[\d.:a-f]+\]?):(\d+)")
 
 
 class RelayProcess:
-    """One relay process on 127.0.0.1 with a free port; ``stop()`` sends SIGTERM (the flush path)."""
+    """One relay process on 127.0.0.1 with a free port; ``stop()`` sends SIGTERM (the flush path).
+
+    ``root``: where ``addon/codex.py`` is, also the working directory (an installed copy, or this repository).
+    """
 
     def __init__(self, *, db_url: str | None, options: dict[str, str] | None = None,
                  reverse_target: str = "http://127.0.0.1:9", addon: bool = True,
                  tool: str = "mitmdump", env: dict[str, str] | None = None,
-                 extra_args: list[str] | None = None) -> None:
+                 extra_args: list[str] | None = None, root: Path = ROOT) -> None:
+        self.root = root
         self.db_url = db_url
         self.options = dict(options or {})
         self.reverse_target = reverse_target
@@ -42,7 +46,7 @@ class RelayProcess:
         cmd = [str(Path(sys.executable).with_name(self.tool)), "--mode", f"reverse:{self.reverse_target}",
                "--listen-host", "127.0.0.1", "-p", "0", "--set", "connection_strategy=lazy"]
         if self.addon:
-            cmd[1:1] = ["-s", str(ROOT / "addon" / "codex.py")]
+            cmd[1:1] = ["-s", str(self.root / "addon" / "codex.py")]
             if self.db_url:
                 cmd += ["--set", f"codex_db={self.db_url}"]
             for k, v in self.options.items():
@@ -52,7 +56,7 @@ class RelayProcess:
     def start(self, timeout: float = 60) -> RelayProcess:
         env = dict(os.environ, PYTHONUNBUFFERED="1", **(self.env or {}))
         self.proc = subprocess.Popen(self.command(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True, cwd=ROOT, env=env, start_new_session=True)
+                                     text=True, cwd=self.root, env=env, start_new_session=True)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         # The process says when it listens, or exits: either ends the wait.

@@ -272,7 +272,7 @@ class FakeUpstream:
 
 
 def main() -> None:
-    """``python -m tests.fakeupstream [--event-delay S] [--first-byte-delay S]``: serve until killed.
+    """``python -m bench.fakeupstream [--event-delay S] [--first-byte-delay S]``: serve until killed.
 
     Prints ``listening on PORT`` once ready (benchmarks run it as a separate process).
     """

@@ -1,4 +1,8 @@
-"""Reading the nodes file (TOML) into NodeConfig records, with errors a user can act on."""
+"""Configuration files (TOML) read and validated, with errors a user can act on.
+
+The nodes file, the stats sources and the price table all load through here; it sits in ``store``
+so that both the store's CLIs and the addon can use it (``store`` never imports ``addon``).
+"""
 
 from __future__ import annotations
 
@@ -7,8 +11,8 @@ import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-from addon.routing import validate_base_url
 from store.records import NodeConfig
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -27,6 +31,25 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{p}: file not found") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{p}: invalid TOML: {e}") from None
+
+
+def validate_base_url(url: str) -> str | None:
+    """Why ``url`` cannot be a node's base URL, or None when it can."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        return f"base_url must start with http:// or https://, got {url!r}"
+    if not parts.hostname:
+        return f"base_url has no host: {url!r}"
+    try:
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError as e:
+        return f"base_url has a bad port: {url!r} ({e})"
+    # The node is its scheme, host and port plus a path prefix; anything else would be ambiguous.
+    if parts.username is not None or parts.password is not None:
+        return "base_url must not contain user:password@ (put the key in api_key)"
+    if parts.query or parts.fragment or "?" in url or "#" in url:
+        return f"base_url must not have a query or fragment: {url!r}"
+    return None
 
 
 def node_from_mapping(item: Any, where: str) -> NodeConfig:

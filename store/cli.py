@@ -1,0 +1,38 @@
+"""What the store's command-line tools (``stats_cli``, ``poll_cli``, ``reconcile_cli``) share: the
+``--db`` and ``--sources`` options and opening the database of a tool that writes."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import sqlalchemy as sa
+
+from store.engine import DEFAULT_DB, error_line, make_engine, upgrade_to_head
+
+
+def add_db_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--db", default=os.environ.get("CODEX_DB", DEFAULT_DB),
+                        help="SQLAlchemy URL of the stats database (default: $CODEX_DB or %(default)s)")
+
+
+def add_sources_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sources", default=os.environ.get("CODEX_STATS_SOURCES"),
+                        help="TOML file with [[sources]] (default: $CODEX_STATS_SOURCES)")
+
+
+def open_db(url: str, prog: str) -> sa.Engine | None:
+    """The engine of an upgraded database, or None after printing why it cannot be opened."""
+    try:
+        shown = sa.engine.make_url(url).render_as_string(hide_password=True)
+    except sa.exc.ArgumentError:
+        print(f"{prog}: not a database URL: {url!r} (e.g. {DEFAULT_DB})", file=sys.stderr)
+        return None
+    try:
+        engine = make_engine(url)
+        upgrade_to_head(engine)
+    except Exception as e:  # any failure here is the user's URL or server: say it plainly
+        print(f"{prog}: cannot open database {shown}: {type(e).__name__}: {error_line(e)}", file=sys.stderr)
+        return None
+    return engine
