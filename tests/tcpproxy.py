@@ -32,6 +32,8 @@ class TcpProxy:
     def __exit__(self, *exc: object) -> None:
         self._closed = True
         self._flowing.set()  # releases pipes held by a freeze, which then see their sockets closed
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes accept(): close() alone leaves it blocked
         self._listener.close()
         self._drop_all()
         self._thread.join(5)
