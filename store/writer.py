@@ -104,7 +104,7 @@ class Writer:
         self._queue.put(item)
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until every submitted record is written (or spooled); False on timeout."""
+        """Wait until every submitted record is written (or journaled, or counted lost); False on timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._idle:
             while self._pending or (self.spool.count and self._db_ok):
@@ -119,9 +119,11 @@ class Writer:
         if self._thread.is_alive():
             self._queue.put(_STOP)
             self._thread.join(timeout)
-        if self.spool.count:
+        if self.spool.count and self.spool.path:
             log.warning("%d record(s) left in spool %s: they are written at the next start",
-                        self.spool.count, self.spool.path or "(memory: lost)")
+                        self.spool.count, self.spool.path)
+        elif self.spool.count:
+            self._lose(self.spool.count, "the database is unreachable and the journal is in memory")
         self.spool.close()
         self.engine.dispose()
 
