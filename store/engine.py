@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -23,6 +25,13 @@ DEFAULT_DB = "sqlite:///data/codex.db"
 MIGRATIONS = Path(migrations.__file__).resolve().parent  # an installed package, not a path beside store/
 SUPPORTED = ("sqlite", "mysql")
 _MIGRATION_LOCK_S = 60
+# A frozen server (connection accepted, nothing answers) is noticed after two read timeouts: the
+# pool's pre-ping, then the handshake of its reconnect (pymysql bounds both by read_timeout). Four
+# seconds each sends the writer's records to its journal in under 10 s; every statement of the
+# relay is far shorter. URL query parameters of the same names override them.
+_MYSQL_DEFAULTS = (("connect_timeout", "4"), ("read_timeout", "4"), ("write_timeout", "4"), ("charset", "utf8mb4"))
+# Rewriting a large table can take many minutes, and a start waits for another relay's migration.
+_MIGRATION_TIMEOUTS = {"read_timeout": "3600", "write_timeout": "3600"}
 
 
 def make_engine(url: str) -> sa.Engine:
@@ -37,9 +46,7 @@ def make_engine(url: str) -> sa.Engine:
     if backend == "sqlite":
         return _sqlite_engine(parsed)
     query = dict(parsed.query)
-    # Fail fast on a dead server instead of hanging the writer for the OS TCP timeout.
-    for key, value in (("connect_timeout", "5"), ("read_timeout", "30"), ("write_timeout", "30"),
-                       ("charset", "utf8mb4")):
+    for key, value in _MYSQL_DEFAULTS:
         query.setdefault(key, value)
     # READ COMMITTED: the writer's increments need no gap locks, which keeps two relays from deadlocking.
     # hide_parameters: a failed statement's error text must not carry node API keys into logs.
@@ -79,7 +86,7 @@ def error_line(error: BaseException) -> str:
 
 def upgrade_to_head(engine: sa.Engine) -> None:
     """Bring the database to the latest schema revision (no-op when it is there already)."""
-    with engine.connect() as conn, named_lock(conn, "migrations", _MIGRATION_LOCK_S):
+    with _migration_connection(engine) as conn, named_lock(conn, "migrations", _MIGRATION_LOCK_S):
         current, head = current_revision(conn), head_revision()
         if current == head:
             return
@@ -93,9 +100,24 @@ def upgrade_to_head(engine: sa.Engine) -> None:
 
 def downgrade_to(engine: sa.Engine, revision: str) -> None:
     """Step the schema back to ``revision`` (tests and operators undoing an upgrade)."""
-    with engine.connect() as conn, named_lock(conn, "migrations", _MIGRATION_LOCK_S):
+    with _migration_connection(engine) as conn, named_lock(conn, "migrations", _MIGRATION_LOCK_S):
         command.downgrade(alembic_config(conn), revision)
         conn.commit()
+
+
+@contextlib.contextmanager
+def _migration_connection(engine: sa.Engine) -> Iterator[sa.Connection]:
+    """A connection of ``engine``, on MySQL with read and write timeouts long enough for a migration."""
+    if engine.dialect.name != "mysql":
+        with engine.connect() as conn:
+            yield conn
+        return
+    patient = make_engine(engine.url.update_query_dict(_MIGRATION_TIMEOUTS).render_as_string(hide_password=False))
+    try:
+        with patient.connect() as conn:
+            yield conn
+    finally:
+        patient.dispose()
 
 
 def current_revision(conn: sa.Connection) -> str | None:

@@ -19,6 +19,11 @@ from store.upsert import upsert
 
 Item = InvocationRecord | NodeStateUpdate
 _ID_CHUNK = 500  # ids per IN (…) lookup
+# What one row may store: a poisoned answer must not make a row (and its batch) too large for the
+# database (MariaDB drops the connection on a statement over max_allowed_packet).
+RAW_RESPONSE_MAX = 64 * 1024  # characters
+ERROR_MESSAGE_MAX = 2000
+FLAGS_MAX = 255  # the column's size
 
 _INCREMENTS = ("requests", "fail_count", "total_bytes", "total_input", "total_cached", "total_output",
                "total_reasoning", "stream_dur_ms", "first_byte_ms")
@@ -37,7 +42,7 @@ class _NodeChange:
         self.add["fail_count"] += 1
         self.streak_add += 1
         if error:
-            self.values["last_error"] = error[:2000]
+            self.values["last_error"] = error[:ERROR_MESSAGE_MAX]
 
     def reset_streak(self) -> None:
         self.streak_reset = True
@@ -84,6 +89,11 @@ def apply_batch(conn: sa.Connection, items: Sequence[Item]) -> BatchResult:
 
 def invocation_row(r: InvocationRecord) -> dict:
     u = r.usage
+    flags, raw, error = r.flags, r.raw_response, r.error_message
+    if raw is not None and len(raw) > RAW_RESPONSE_MAX:
+        raw, flags = raw[:RAW_RESPONSE_MAX], [*flags, "raw_trimmed"]
+    if error is not None and len(error) > ERROR_MESSAGE_MAX:
+        error, flags = error[:ERROR_MESSAGE_MAX], [*flags, "error_trimmed"]
     return {
         # Clipped to the column sizes: MySQL in strict mode refuses a longer value outright.
         "invoke_id": r.invoke_id, "occurred_at": r.occurred_at, "source": r.source, "model": _clip(r.model, 128),
@@ -91,11 +101,13 @@ def invocation_row(r: InvocationRecord) -> dict:
         "reasoning_tokens": u.reasoning_tokens, "total_tokens": u.total_tokens,
         "cache_write_tokens": u.cache_write_tokens, "cost": r.cost, "cost_estimated": r.cost is not None,
         "cost_input": r.cost_input, "cost_cached": r.cost_cached, "cost_output": r.cost_output,
-        "status": r.status, "error_message": r.error_message, "payload": r.payload,
-        "raw_response": r.raw_response, "node_id": r.node_id, "endpoint": r.endpoint[:255],
+        "status": r.status, "error_message": error, "payload": r.payload,
+        "raw_response": raw, "node_id": r.node_id, "endpoint": r.endpoint[:255],
         "api_format": r.api_format, "stream": r.stream, "http_status": r.http_status, "ttfb_ms": r.ttfb_ms,
         "stream_ms": r.stream_ms, "duration_ms": r.duration_ms, "request_bytes": r.request_bytes,
         "response_bytes": r.response_bytes, "attempts": r.attempts, "client_key": _clip(r.client_key, 64),
+        # Most rows have none: skip the set and sort (the writer's hot path).
+        "flags": (",".join(sorted(set(flags)))[:FLAGS_MAX] or None) if flags else None,
     }
 
 
@@ -164,7 +176,7 @@ def _apply_state(change: _NodeChange, u: NodeStateUpdate) -> None:
         change.add["requests"] += 1
         change.failure(u.last_error)
     elif u.last_error is not None:
-        change.values["last_error"] = u.last_error[:2000]
+        change.values["last_error"] = u.last_error[:ERROR_MESSAGE_MAX]
     if u.failed is not None:
         change.values["failed"] = u.failed
         if not u.failed:  # back in service: it starts a new streak

@@ -71,6 +71,8 @@ class InvocationRecord:
     raw_response: str | None = None
     # Whether this call counts against the node's health (a client abort does not).
     node_failure: bool = False
+    # Short notes about the row (free-form: "raw_trimmed", "no_usage", ...), stored as a sorted set.
+    flags: list[str] = field(default_factory=list)
 
 
 @dataclass(slots=True)

@@ -94,6 +94,8 @@ codex_invocations = sa.Table(
     sa.Column("cost_input", sa.Double),
     sa.Column("cost_cached", sa.Double),
     sa.Column("cost_output", sa.Double),
+    # revision 5: comma-separated sorted notes about the row (raw_trimmed, error_trimmed, no_usage, …)
+    sa.Column("flags", sa.String(255)),
     sa.UniqueConstraint("invoke_id", "occurred_at", name="uq_codex_invocations_invoke_id_occurred_at"),
     sa.Index("idx_codex_invocations_source_occurred_at", "source", "occurred_at"),
     sa.Index("idx_codex_invocations_occurred_at", "occurred_at"),

@@ -2,8 +2,10 @@
 
 When the database is unreachable, batches go to the spool (store.spool) and are replayed, oldest
 first, once a retry succeeds (backoff up to ``max_backoff`` seconds). A record the database refuses
-for another reason (bad data) is kept in the spool's ``rejected`` table and logged, never retried
-forever and never allowed to block the records behind it.
+for its own content (too large, data too long, a bad value) is found by halving its batch until it is
+alone, kept in the spool's ``rejected`` table and logged: never retried forever, never allowed to block
+the records around it. A record that can be neither written nor journaled is counted ``lost`` and
+logged as an error, never hidden.
 """
 
 from __future__ import annotations
@@ -25,6 +27,12 @@ log = logging.getLogger("codex.writer")
 
 _STOP = object()
 _OUTAGE_LOG_EVERY_S = 10.0
+# MySQL client errors "server has gone away" / "lost connection": the server went away, or it dropped
+# this connection because of the statement (MariaDB answers a statement over max_allowed_packet so).
+_DROPPED = frozenset({2006, 2013, 2055})
+# MySQL server errors about the values of a statement that pymysql raises as OperationalError:
+# packet too large, row size too large, incorrect value.
+_REFUSED_VALUES = frozenset({1118, 1153, 1292})
 
 
 @dataclass(slots=True)
@@ -35,7 +43,7 @@ class WriterStats:
     written: int
     duplicates: int
     rejected: int
-    dropped: int
+    lost: int  # neither written nor journaled (journal full or failing)
     batches: int
     db_ok: bool
     last_error: str | None
@@ -44,8 +52,23 @@ class WriterStats:
 def is_outage(error: BaseException) -> bool:
     """Whether an error means "the database is not there" (retry later) rather than "bad data"."""
     if isinstance(error, sa.exc.DBAPIError):
+        if _mysql_errno(error) in _REFUSED_VALUES:
+            return False
         return error.connection_invalidated or isinstance(error, sa.exc.OperationalError | sa.exc.InterfaceError)
     return isinstance(error, sa.exc.TimeoutError | ConnectionError | TimeoutError)
+
+
+def dropped_connection(error: BaseException) -> bool:
+    """Whether the server dropped the connection under a statement (not a timeout): an outage, or
+    MariaDB's answer to a statement too large. Only asking the server again tells which."""
+    if not isinstance(error, sa.exc.DBAPIError) or isinstance(getattr(error.orig, "__context__", None), TimeoutError):
+        return False  # a timeout: a frozen or overloaded server, an outage either way
+    return error.connection_invalidated or _mysql_errno(error) in _DROPPED
+
+
+def _mysql_errno(error: sa.exc.DBAPIError) -> int | None:
+    args = getattr(error.orig, "args", ())
+    return args[0] if args and isinstance(args[0], int) else None
 
 
 class Writer:
@@ -60,7 +83,7 @@ class Writer:
         self._thread = threading.Thread(target=self._run, name="codex-writer", daemon=True)
         self._idle = threading.Condition()
         self._pending = 0  # submitted, not yet written or spooled
-        self._written = self._duplicates = self._rejected = self._dropped = self._batches = 0
+        self._written = self._duplicates = self._rejected = self._lost = self._batches = 0
         self._db_ok = True
         self._last_error: str | None = None
         self._backoff = 0.5
@@ -81,7 +104,7 @@ class Writer:
         self._queue.put(item)
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until every submitted record is written (or spooled); False on timeout."""
+        """Wait until every submitted record is written (or journaled, or counted lost); False on timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._idle:
             while self._pending or (self.spool.count and self._db_ok):
@@ -96,9 +119,11 @@ class Writer:
         if self._thread.is_alive():
             self._queue.put(_STOP)
             self._thread.join(timeout)
-        if self.spool.count:
+        if self.spool.count and self.spool.path:
             log.warning("%d record(s) left in spool %s: they are written at the next start",
-                        self.spool.count, self.spool.path or "(memory: lost)")
+                        self.spool.count, self.spool.path)
+        elif self.spool.count:
+            self._lose(self.spool.count, "the database is unreachable and the journal is in memory")
         self.spool.close()
         self.engine.dispose()
 
@@ -106,7 +131,7 @@ class Writer:
         return WriterStats(queued=self._queue.qsize(), spooled=self.spool.count,
                            spool_oldest_s=self.spool.oldest_age() if self.spool.count else None,
                            written=self._written, duplicates=self._duplicates, rejected=self._rejected,
-                           dropped=self._dropped, batches=self._batches, db_ok=self._db_ok,
+                           lost=self._lost, batches=self._batches, db_ok=self._db_ok,
                            last_error=self._last_error)
 
     # -- the writer thread -------------------------------------------------------------------------
@@ -114,20 +139,20 @@ class Writer:
         stopping = False
         while not stopping:
             batch, stopping = self._take(timeout=self._wait_time())
+            if self.spool.count and time.monotonic() >= self._retry_at:
+                self._replay()
+            if not batch:
+                continue
             try:
-                if self.spool.count and time.monotonic() >= self._retry_at:
-                    self._replay()
-                if batch:
-                    if self.spool.count:  # keep the order: new records go behind the journaled ones
-                        self._to_spool(batch)
-                    else:
-                        self._write(batch)
-            except Exception:  # the thread must outlive any bug: a dead writer would lose everything after
-                log.exception("writer error; %d record(s) of this batch may be lost", len(batch))
-                self._retry_at = time.monotonic() + self.max_backoff
+                if self.spool.count:  # keep the order: new records go behind the journaled ones
+                    self._to_spool(batch)
+                else:
+                    self._write(batch)
+            except Exception as e:  # the thread must outlive any bug: a dead writer would lose everything after
+                log.exception("writer error")
+                self._lose(len(batch), f"writer error: {_error_text(e)}")
             finally:
-                if batch:
-                    self._done(len(batch))
+                self._done(len(batch))
         # Last chance for the journal before the process ends.
         if self.spool.count:
             self._retry_at = 0.0
@@ -166,14 +191,30 @@ class Writer:
             self._idle.notify_all()
 
     def _write(self, batch: Sequence[Item]) -> None:
+        left = self._settle(batch)
+        if left:
+            self._to_spool(left)
+
+    def _settle(self, batch: Sequence[Item]) -> Sequence[Item]:
+        """Write ``batch``, setting aside each record the database refuses for its content; returns the
+        records not written because the database went away (a tail of ``batch``)."""
         try:
             self._apply(batch)
+            return ()
         except Exception as e:
-            if is_outage(e):
+            if self._gone(e):
                 self._outage(e)
-                self._to_spool(batch)
-            else:
-                self._one_by_one(batch, e)
+                return batch
+            if len(batch) == 1:
+                self._reject(batch[0], e)
+                return ()
+            log.debug("a batch of %d was refused (%s): halving it", len(batch), _error_text(e))
+        # Halves, in order: about two transactions per halving to find one offender among many.
+        mid = len(batch) // 2
+        left = self._settle(batch[:mid])
+        if left:
+            return [*left, *batch[mid:]]
+        return self._settle(batch[mid:])
 
     def _apply(self, batch: Sequence[Item]) -> None:
         with self.engine.begin() as conn:
@@ -186,41 +227,65 @@ class Writer:
         self._db_ok = True
         self._backoff = 0.5
 
-    def _one_by_one(self, batch: Sequence[Item], error: Exception) -> None:
-        log.warning("a batch of %d was refused (%s): writing its records one by one", len(batch), _error_text(error))
-        for item in batch:
-            try:
-                self._apply([item])
-            except Exception as e:
-                if is_outage(e):
-                    self._outage(e)
-                    self._to_spool([item])
-                    continue
-                self._rejected += 1
-                self.spool.reject(item, _error_text(e))
-                log.error("record %s refused by the database, kept in the spool's rejected table: %s",
-                          getattr(item, "invoke_id", item), _error_text(e))
+    def _gone(self, error: Exception) -> bool:
+        """Whether ``error`` means the database is away (journal, retry later), not refusing this data."""
+        if dropped_connection(error):
+            return not self._reachable()
+        return is_outage(error)
+
+    def _reachable(self) -> bool:
+        """Whether the database answers now (the pool's pre-ping replaces a dead connection)."""
+        try:
+            with self.engine.connect() as conn:
+                conn.exec_driver_sql("SELECT 1")
+        except Exception:
+            return False
+        return True
+
+    def _reject(self, item: Item, error: Exception) -> None:
+        reason = _error_text(error)
+        if dropped_connection(error):
+            reason += " (dropped on this record alone while the server answered: too large?)"
+        try:
+            self.spool.reject(item, reason)
+        except Exception as e:  # disk full, I/O error
+            self._lose(1, f"refused by the database ({reason}) and the journal failed: {_error_text(e)}")
+            return
+        self._rejected += 1
+        log.error("record %s refused by the database, kept in the spool's rejected table: %s",
+                  getattr(item, "invoke_id", item), reason)
 
     def _replay(self) -> None:
-        while self.spool.count:
-            ids, items = self.spool.peek(self.batch_size)
-            try:
-                self._apply(items)
-            except Exception as e:
-                if is_outage(e):
-                    self._outage(e)
+        try:
+            while self.spool.count:
+                ids, items = self.spool.peek(self.batch_size)
+                left = self._settle(items)
+                # Written or set aside: out of the journal; what the database did not take stays.
+                self.spool.remove(ids[:len(ids) - len(left)])
+                with self._idle:
+                    self._idle.notify_all()
+                if left:
                     return
-                self._one_by_one(items, e)
-            self.spool.remove(ids)
-            with self._idle:
-                self._idle.notify_all()
+        except Exception:  # a journal that cannot be read or trimmed keeps its records for the next try
+            log.exception("replaying spool %s failed", self.spool.path or "(memory)")
+            self._retry_at = time.monotonic() + self.max_backoff
+            return
         log.info("spool drained")
 
     def _to_spool(self, batch: Sequence[Item]) -> None:
-        dropped = self.spool.append(batch)
+        try:
+            dropped = self.spool.append(batch)
+        except Exception as e:  # disk full, I/O error
+            self._lose(len(batch), f"the journal failed: {_error_text(e)}")
+            return
         if dropped:
-            self._dropped += dropped
-            log.error("spool full (%d records): %d record(s) dropped", self.spool.max_items, dropped)
+            self._lose(dropped, f"the journal is full ({self.spool.max_items} records)")
+
+    def _lose(self, n: int, reason: str) -> None:
+        self._lost += n
+        self._db_ok = False  # never "ok" while records are being lost
+        self._last_error = reason
+        log.error("%d record(s) lost, neither written nor journaled: %s", n, reason)
 
     def _outage(self, error: Exception) -> None:
         now = time.monotonic()
@@ -234,7 +299,6 @@ class Writer:
         self._db_ok = False
         self._retry_at = now + self._backoff
         self._backoff = min(self.max_backoff, self._backoff * 2)
-
 
 
 def _error_text(error: BaseException) -> str:

@@ -1,4 +1,4 @@
-"""A TCP forwarder on 127.0.0.1 that a test can cut: the database "goes away" and comes back."""
+"""A TCP forwarder on 127.0.0.1 that a test can cut or freeze: the database "goes away" and comes back."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import threading
 
 class TcpProxy:
     """Forwards 127.0.0.1:port to a target. ``cut()`` drops every connection and refuses new ones
-    (accepts and closes at once, as a dead server behind a load balancer does); ``restore()`` ends that."""
+    (accepts and closes at once, as a dead server behind a load balancer does). ``freeze()`` keeps every
+    connection open and accepts new ones but forwards nothing (a server stopped with SIGSTOP: the
+    kernel still accepts, nothing answers). ``restore()`` ends either."""
 
     def __init__(self, target_host: str, target_port: int) -> None:
         self.target = (target_host, target_port)
@@ -18,6 +20,8 @@ class TcpProxy:
         self._lock = threading.Lock()
         self._open: set[socket.socket] = set()
         self._cut = False
+        self._flowing = threading.Event()
+        self._flowing.set()
         self._closed = False
         self._thread = threading.Thread(target=self._accept, name="tcpproxy", daemon=True)
 
@@ -27,6 +31,9 @@ class TcpProxy:
 
     def __exit__(self, *exc: object) -> None:
         self._closed = True
+        self._flowing.set()  # releases pipes held by a freeze, which then see their sockets closed
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes accept(): close() alone leaves it blocked
         self._listener.close()
         self._drop_all()
         self._thread.join(5)
@@ -36,9 +43,13 @@ class TcpProxy:
             self._cut = True
         self._drop_all()
 
+    def freeze(self) -> None:
+        self._flowing.clear()
+
     def restore(self) -> None:
         with self._lock:
             self._cut = False
+        self._flowing.set()
 
     def _drop_all(self) -> None:
         with self._lock:
@@ -73,6 +84,7 @@ class TcpProxy:
     def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
         try:
             while data := src.recv(65536):
+                self._flowing.wait()
                 dst.sendall(data)
         except OSError:
             pass

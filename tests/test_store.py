@@ -209,3 +209,21 @@ def test_daily_rollup_equals_the_rows_it_adds_up(engine):
     assert str(days.day) == "2026-11-24"
     assert (days.requests, days.successes, days.ttfb_sum, days.stream_ms, days.stream_tokens) == (2, 1, 12, 30, 3)
     assert days.cost == pytest.approx(0.5)
+
+
+def test_stored_size_is_bounded_and_trimmed_rows_are_flagged(engine):
+    """A poisoned answer cannot make a row too large for the database; the row says what was cut."""
+    big = record(raw_response="r" * 300_000, error="e" * 5000, flags=["usage_clamped", "no_usage", "usage_clamped"])
+    plain = record(raw_response='{"input_tokens": 1}', error="upstream 500")
+    write(engine, [big, plain])
+    c = codex_invocations.c
+    with engine.connect() as conn:
+        got = {r.invoke_id: r for r in conn.execute(sa.select(c.invoke_id, c.raw_response, c.error_message,
+                                                                c.flags))}
+    row = got[big.invoke_id]
+    assert (len(row.raw_response), len(row.error_message)) == (64 * 1024, 2000)
+    assert row.raw_response == "r" * 64 * 1024
+    assert row.flags == "error_trimmed,no_usage,raw_trimmed,usage_clamped"
+    row = got[plain.invoke_id]
+    assert (row.raw_response, row.error_message, row.flags) == ('{"input_tokens": 1}', "upstream 500", None)
+    assert big.flags == ["usage_clamped", "no_usage", "usage_clamped"]  # the record itself is left alone

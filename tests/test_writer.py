@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import sqlite3
+
 import pytest
 import sqlalchemy as sa
 
@@ -116,6 +120,126 @@ def test_outage_spools_and_replays_exactly_once(mariadb, tmp_path):
         direct.dispose()
 
 
+# Over MariaDB's max_allowed_packet (16 MiB here): the server drops the connection (2006).
+OVERSIZED = "x" * 17_000_000
+
+
+def mariadb_engine(url: str) -> sa.Engine:
+    eng = make_engine(url)
+    upgrade_to_head(eng)
+    with eng.begin() as conn:
+        upsert_nodes(conn, [NodeConfig("a", "https://a.example/v1")])
+    return eng
+
+
+def rejected_errors(path) -> list[str]:
+    db = sqlite3.connect(path)
+    try:
+        return [r[0] for r in db.execute("SELECT error FROM rejected")]
+    finally:
+        db.close()
+
+
+def test_an_oversized_record_never_blocks_its_batch_nor_the_next_start(mariadb, tmp_path):
+    direct = mariadb_engine(mariadb)
+    path = tmp_path / "spool.db"
+    writer = Writer(make_engine(mariadb), Spool(path))
+    big_raw = record(raw_response=OVERSIZED)  # trimmed at the store boundary: stored, flagged
+    big_payload = record(payload=OVERSIZED)  # not trimmed: the database refuses it
+    normal = [record() for _ in range(6)]
+    for r in [*normal[:3], big_raw, big_payload, *normal[3:]]:
+        writer.submit(r)  # before start: all in one batch
+    writer.start()
+    assert writer.flush(60)
+    assert counts(direct) == (7, 7, 7)
+    stats = writer.stats()
+    assert (stats.written, stats.rejected, stats.spooled, stats.lost, stats.db_ok) == (7, 1, 0, 0, True)
+    with direct.connect() as conn:
+        c = codex_invocations.c
+        assert conn.execute(sa.select(sa.func.length(c.raw_response), c.flags)
+                            .where(c.invoke_id == big_raw.invoke_id)).one() == (65536, "raw_trimmed")
+    writer.close()
+    assert len(errors := rejected_errors(path)) == 1 and "2006" in errors[0]
+    # The next start on the same journal: the refused record stays aside, nothing is retried.
+    again = Writer(make_engine(mariadb), Spool(path))
+    again.start()
+    assert again.flush(60)
+    assert (again.stats().written, again.stats().spooled, again.stats().db_ok) == (0, 0, True)
+    again.close()
+    assert counts(direct) == (7, 7, 7)
+    direct.dispose()
+
+
+def test_an_oversized_record_journaled_by_an_earlier_run_is_set_aside(mariadb, tmp_path):
+    direct = mariadb_engine(mariadb)
+    path = tmp_path / "spool.db"
+    crashed = Spool(path)
+    crashed.append([record(), record(payload=OVERSIZED), record(), NodeStateUpdate("a", failed_attempt=True)])
+    crashed._lock_file.close()
+    writer = Writer(make_engine(mariadb), Spool(path))
+    writer.start()
+    assert writer.flush(60)
+    stats = writer.stats()
+    writer.close()
+    assert counts(direct) == (2, 2, 3)
+    assert (stats.written, stats.rejected, stats.spooled, stats.db_ok) == (2, 1, 0, True)
+    direct.dispose()
+
+
+def test_a_frozen_database_sends_records_to_the_journal_within_seconds(mariadb, tmp_path):
+    direct = mariadb_engine(mariadb)
+    with TcpProxy("127.0.0.1", sa.engine.make_url(mariadb).port or 3306) as proxy:
+        via_proxy = sa.engine.make_url(mariadb).set(port=proxy.port).render_as_string(hide_password=False)
+        writer = Writer(make_engine(via_proxy), Spool(tmp_path / "spool.db"), max_backoff=0.5)
+        writer.start()
+        for _ in range(10):
+            writer.submit(record())
+        assert writer.flush(60)  # a pooled connection through the proxy, idle when the server freezes
+        proxy.freeze()
+        for _ in range(20):
+            writer.submit(record())
+        # Two read timeouts (the pool's pre-ping, its reconnect's handshake): about 8 s.
+        wait_for(lambda: writer.stats().spooled == 20, timeout=15, what="records in the journal")
+        assert not writer.stats().db_ok
+        proxy.restore()
+        assert writer.flush(60)
+        writer.close()
+    assert counts(direct) == (30, 30, 30)  # written exactly once
+    direct.dispose()
+
+
+class FullDisk(Spool):
+    def append(self, items):
+        raise sqlite3.OperationalError("database or disk is full")
+
+
+def test_records_neither_written_nor_journaled_are_counted_lost(tmp_path, caplog):
+    # A directory as the database file: every connection fails, as on a full or broken disk.
+    writer = Writer(make_engine(f"sqlite:///{tmp_path}"), FullDisk(None))
+    writer.start()
+    with caplog.at_level(logging.ERROR, logger="codex.writer"):
+        for _ in range(5):
+            writer.submit(record())
+        assert writer.flush(60)
+    stats = writer.stats()
+    writer.close()
+    assert (stats.lost, stats.spooled, stats.written, stats.db_ok) == (5, 0, 0, False)
+    assert "lost" in caplog.text and "database or disk is full" in caplog.text
+
+
+def test_a_full_journal_counts_what_it_cannot_take_as_lost(tmp_path, caplog):
+    writer = Writer(make_engine(f"sqlite:///{tmp_path}"), Spool(None, max_items=3))
+    writer.start()
+    for _ in range(5):
+        writer.submit(record())
+    assert writer.flush(60)
+    stats = writer.stats()
+    assert (stats.lost, stats.spooled, stats.db_ok) == (2, 3, False)
+    with caplog.at_level(logging.ERROR, logger="codex.writer"):
+        writer.close()  # an in-memory journal ends with the process: its records are lost too, and said so
+    assert "3 record(s) lost" in caplog.text
+
+
 def test_one_spool_per_process(tmp_path):
     first = Spool(tmp_path / "s.db")
     with pytest.raises(SpoolInUse, match="give each instance its own codex_spool"):
@@ -125,8 +249,11 @@ def test_one_spool_per_process(tmp_path):
 
 
 def test_spool_codec_round_trip():
-    r = record(usage=Usage(1, 2, 3, 4, 5), model="m", client_key="k", attempts=3)
+    r = record(usage=Usage(1, 2, 3, 4, 5), model="m", client_key="k", attempts=3, flags=["no_usage"])
     assert decode(encode(r)) == r
+    older = json.loads(encode(r))  # a journal entry written before records had flags
+    del older["invocation"]["flags"]
+    assert decode(json.dumps(older)).flags == []
     u = NodeStateUpdate("a", failed=True, pinged=True, last_ping_ms=5)
     assert decode(encode(u)) == u
 

@@ -122,10 +122,13 @@ function renderWriter(w) {
   const facts = w === null ? [["state", "not running"]] : [
     ["database", w.db_ok ? "reachable" : "UNREACHABLE"], ["queued", int(w.queued)], ["spooled", int(w.spooled)],
     ["oldest spooled", w.spool_oldest_s === null ? "–" : dec(w.spool_oldest_s) + " s"], ["written", int(w.written)],
-    ["duplicates", int(w.duplicates)], ["rejected", int(w.rejected)], ["dropped", int(w.dropped)],
+    ["duplicates", int(w.duplicates)], ["rejected", int(w.rejected)], ["lost", int(w.lost)],
     ["batches", int(w.batches)], ["last error", w.last_error ?? "–"]];
-  $("#writer").replaceChildren(...facts.flatMap(([k, v]) => [el("dt", {}, k), el("dd", {"data-fact": k}, v)]));
-  $("#writer").classList.toggle("alarm", w !== null && (!w.db_ok || w.spooled > 0 || w.dropped > 0));
+  // Records neither written nor journaled: never to be missed.
+  const red = (k) => k === "lost" && w.lost > 0 ? "color: var(--bad); font-weight: 600" : null;
+  $("#writer").replaceChildren(...facts.flatMap(([k, v]) => [el("dt", {}, k),
+    el("dd", {"data-fact": k, style: red(k)}, v)]));
+  $("#writer").classList.toggle("alarm", w !== null && (!w.db_ok || w.spooled > 0 || w.lost > 0));
 }
 
 function renderRecent(calls) {
