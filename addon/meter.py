@@ -9,7 +9,8 @@ It runs on mitmproxy's event loop, so a compression bomb must not buy unbounded 
 call stops past ``max_decoded_bytes`` decoded bytes, and at a chunk that decodes to more than
 ``MAX_INFLATE_RATIO`` times its own size and more than ``CHUNK_INFLATE_FLOOR``. Decoded bytes cost
 parsing (64 MiB of tiny SSE events take ~20 s), so the per-chunk bound is what keeps one event-loop
-step short (~2 s at worst, a 64 KiB chunk of tiny events; ~50 ms of zeros).
+step short: mitmproxy reads at most 64 KiB, which may then cost ~2.5 s if it inflates to tiny
+events, ~50 ms if to zeros.
 """
 
 from __future__ import annotations
