@@ -4,6 +4,13 @@ Plain Python (no mitmproxy import). The bytes a client gets must never depend on
 callable returns each chunk object untouched and never raises (mitmproxy does not catch it and would
 empty the client's body), whatever the upstream sends. Parsing works on a content-decoded copy and
 simply stops, noting why, when something goes wrong.
+
+It runs on mitmproxy's event loop, so a compression bomb must not buy unbounded work: parsing a
+call stops past ``max_decoded_bytes`` decoded bytes, and at a chunk that decodes to more than
+``MAX_INFLATE_RATIO`` times its own size and more than ``CHUNK_INFLATE_FLOOR``. Decoded bytes cost
+parsing (64 MiB of tiny SSE events take ~20 s), so the per-chunk bound is what keeps one event-loop
+step short: mitmproxy reads at most 64 KiB, which may then cost ~2.5 s if it inflates to tiny
+events, ~50 ms if to zeros.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from typing import Protocol
 import brotli
 import zstandard
 
-from addon.sse import SSEEvent, SSEParser
+from addon.sse import DEFAULT_MAX_EVENT_BYTES, SSEEvent, SSEParser
 from addon.usage import UsageExtractor
 from store.records import Usage
 
@@ -30,6 +37,16 @@ _STEP = 64 * 2**10
 _ZSTD_SLICE = 128
 # RFC 9659: a zstd content coding uses a window of at most 8 MiB; a larger one would be a memory grab.
 _ZSTD_MAX_WINDOW = 8 * 2**20
+
+# Real SSE and JSON compress ~20x (synthetic streams up to ~140x); zeros ~1000x (gzip) and far more
+# (br, zstd). The floor lets one chunk hold the largest event the SSE parser takes, however
+# compressible (a looping model's final event repeats its whole output).
+MAX_INFLATE_RATIO = 100
+CHUNK_INFLATE_FLOOR = DEFAULT_MAX_EVENT_BYTES
+
+# Flags beside UsageExtractor's: why a row's usage may be missing.
+USAGE_UNREAD = "usage_unread"  # parsing gave up (see parse_error): usage missing or partial
+NO_USAGE = "no_usage"  # the body ended and said nothing about usage
 
 # A body sent as something other than text/event-stream that still is one (some relays mislabel it).
 _LOOKS_LIKE_SSE = re.compile(rb"\s*(?:data|event)?:")
@@ -48,6 +65,7 @@ class MeterResult:
     events: int
     raw_usage: str | None
     parse_error: str | None
+    flags: tuple[str, ...]  # sorted, unique: USAGE_UNREAD, NO_USAGE and UsageExtractor's
 
 
 class _Decoder(Protocol):
@@ -136,15 +154,17 @@ class StreamMeter:
     body is buffered, decoded, up to ``max_parse_bytes`` and parsed as JSON at its end. The end
     (``b""``) is only acted on in ``result()``: mitmproxy also passes an empty chunk for an empty
     HTTP/2 DATA frame in mid-stream. Why usage could not be read (an unknown encoding, a body over
-    the cap, a decoder error) is in ``parse_error``. ``kept`` holds the first ``keep_body_bytes``
-    raw bytes, for mitmweb.
+    the cap, a compression bomb, a decoder error) is in ``parse_error``. ``inflated`` counts the
+    bytes the content decoder produced. ``kept`` holds the first ``keep_body_bytes`` raw bytes, for
+    mitmweb.
     """
 
     def __init__(self, api_format: str | None, content_type: str | None, content_encoding: str | None, *,
-                 max_parse_bytes: int = 16 * 2**20, keep_body_bytes: int = 0,
+                 max_parse_bytes: int = 16 * 2**20, max_decoded_bytes: int = 64 * 2**20, keep_body_bytes: int = 0,
                  clock: Callable[[], float] = time.time) -> None:
         self.extractor = UsageExtractor(api_format)
         self.max_parse_bytes = max_parse_bytes
+        self.max_decoded_bytes = max_decoded_bytes
         self.keep_body_bytes = keep_body_bytes
         self._clock = clock
         self.bytes = 0
@@ -152,6 +172,7 @@ class StreamMeter:
         self.last_chunk_at: float | None = None
         self.ended = False
         self.events = 0
+        self.inflated = 0
         self.parse_error: str | None = None
         self.truncated_parse = False
         self._kept = bytearray()
@@ -199,23 +220,44 @@ class StreamMeter:
             except Exception as e:
                 self._failed(e)
         x = self.extractor
+        flags = set(x.flags)
+        # An event over the SSE parser's cap was dropped: it may have been the usage.
+        if self.parse_error is not None or (x.usage is None and self._sse is not None and self._sse.dropped):
+            flags.add(USAGE_UNREAD)
+        elif x.usage is None and self.ended:
+            flags.add(NO_USAGE)
         return MeterResult(
             usage=x.usage, model=x.model, error=x.error, completed=x.completed, bytes=self.bytes,
             first_chunk_at=self.first_chunk_at, last_chunk_at=self.last_chunk_at, ended=self.ended,
-            events=self.events, raw_usage=x.raw_usage, parse_error=self.parse_error,
+            events=self.events, raw_usage=x.raw_usage, parse_error=self.parse_error, flags=tuple(sorted(flags)),
         )
 
     def _parse(self, chunk: bytes) -> None:
-        pieces = self._decoder.feed(chunk) if self._decoder is not None else (chunk,)
-        for piece in pieces:
-            if self._sse is not None:
-                self._dispatch(self._sse.feed(piece))
-            elif len(self._body) + len(piece) > self.max_parse_bytes:
-                self.truncated_parse = True
-                self._give_up(f"body over {self.max_parse_bytes} bytes: not parsed")
-                return  # stops pulling from the decoder too: a bomb is not expanded further
-            else:
-                self._body += piece
+        if self._decoder is None:
+            self._take(chunk)
+            return
+        budget = max(CHUNK_INFLATE_FLOOR, MAX_INFLATE_RATIO * len(chunk))
+        limit = min(self.inflated + budget, self.max_decoded_bytes)
+        for piece in self._decoder.feed(chunk):
+            self.inflated += len(piece)
+            if self.inflated > limit:
+                cause = (f"over {self.max_decoded_bytes} bytes decoded" if limit == self.max_decoded_bytes
+                         else f"a {len(chunk)}-byte chunk decodes to over {budget} bytes")
+                self._give_up(f"{cause}: a compression bomb? not parsed further")
+                return  # stops pulling from the decoder: the bomb is not expanded further
+            self._take(piece)
+            if not self._parsing:
+                return
+
+    def _take(self, data: bytes) -> None:
+        """Parse content-decoded bytes."""
+        if self._sse is not None:
+            self._dispatch(self._sse.feed(data))
+        elif len(self._body) + len(data) > self.max_parse_bytes:
+            self.truncated_parse = True
+            self._give_up(f"body over {self.max_parse_bytes} bytes: not parsed")
+        else:
+            self._body += data
 
     def _finish(self) -> None:
         self._parsing = False
@@ -225,7 +267,7 @@ class StreamMeter:
         body = bytes(self._body)
         self._body = bytearray()
         if _LOOKS_LIKE_SSE.match(body):
-            parser = SSEParser()
+            self._sse = parser = SSEParser()  # parsing is over: kept for result()'s dropped count
             self._dispatch(parser.feed(body) + parser.close())
         else:
             self.extractor.on_json(body)
@@ -238,6 +280,7 @@ class StreamMeter:
     def _give_up(self, reason: str) -> None:
         self._parsing = False
         self._body = bytearray()
+        self._decoder = None  # its state (a zstd window: up to 8 MiB) is not needed any more
         if self.parse_error is None:
             self.parse_error = reason
 

@@ -3,12 +3,28 @@
 Plain Python (no mitmproxy, no DB). Every field read from the wire is untrusted: missing, null or
 mistyped values count as 0 or are ignored, never an exception. Token counts follow the convention
 of ``store.records``: OpenAI's, so Anthropic's cache reads and writes are added to its input.
+
+Which usage counts when a body says it more than once (one rule per API):
+
+- Responses: the first terminal event (``response.completed``, ``.incomplete``, ``.failed``) holding
+  a response object is the answer's end; a later terminal event is ignored whole (usage, error)
+  and flagged ``usage_repeated``.
+- Chat Completions: usage on chunks before the final one is provisional (servers that report
+  running totals on every chunk), the first final usage chunk (no choices, or a finish_reason)
+  wins; a later chunk carrying usage is ignored and flagged ``usage_repeated``.
+- Anthropic Messages: one message per stream. ``message_delta`` counts are cumulative, so each
+  replaces the one before; after the first ``message_start`` another ``message_start``, and any
+  usage after ``message_stop``, is ignored and flagged ``usage_repeated``.
+
+An ignored event whose usage equals the kept one is no news and is not flagged. Impossible values
+are clamped and flagged ``usage_clamped``: cached at most the input, reasoning at most the output.
+Anthropic's cache reads and writes are bounded by construction: they are added to its input.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from addon.sse import SSEEvent
@@ -27,6 +43,10 @@ _ANTHROPIC_USAGE_KEYS = ("input_tokens", "cache_read_input_tokens", "cache_creat
 _NOISE_EVENTS = frozenset({"content_block_start", "content_block_delta", "content_block_stop", "ping"})
 
 _INVALID = object()
+
+# Flags (sorted into ``MeterResult.flags``, then a row's ``flags`` column).
+USAGE_CLAMPED = "usage_clamped"
+USAGE_REPEATED = "usage_repeated"
 
 
 def detect_format(path: str) -> str | None:
@@ -67,7 +87,10 @@ class UsageExtractor:
         self.error: str | None = None
         self.completed = False
         self.raw_usage: str | None = None
+        self.flags: set[str] = set()
+        self._final = False  # the usage that counts has been read: later usage is ignored
         self._anthropic: dict[str, int] = {}  # message_start usage overwritten by message_delta's
+        self._anthropic_started = False
 
     def _accepts(self, fmt: str) -> bool:
         return self.api_format is None or self.api_format == fmt
@@ -117,15 +140,20 @@ class UsageExtractor:
     # -- per format ---------------------------------------------------------------------------------
     def _responses_event(self, kind: str, obj: dict) -> None:
         terminal = kind in _RESPONSES_TERMINAL
-        if terminal:
-            self.completed = True
         resp = obj.get("response")
+        final = terminal and isinstance(resp, dict)  # a bare terminal name in a foreign line ends nothing
         if not isinstance(resp, dict):
             resp = {}
+        usage = resp.get("usage")
+        if self._final:  # the first terminal event ended the answer: what follows is ignored
+            if terminal and isinstance(usage, dict):
+                self._repeated(_usage_responses(usage))
+            return
         self._set_model(resp.get("model"))
         if not terminal:
             return
-        usage = resp.get("usage")
+        self.completed = True
+        self._final = final
         if isinstance(usage, dict):
             self._set_usage(_usage_responses(usage), usage)
         if kind == "response.failed":
@@ -137,39 +165,57 @@ class UsageExtractor:
         usage = obj.get("usage")
         if not isinstance(usage, dict):
             return
+        if self._final:
+            self._repeated(_usage_chat(usage))
+            return
         self._set_usage(_usage_chat(usage), usage)
         choices = obj.get("choices")
         # With include_usage the usage comes last, in a chunk without choices; some servers put it
         # in the chunk that carries finish_reason instead.
         if not choices or (isinstance(choices, list)
                            and any(isinstance(c, dict) and c.get("finish_reason") for c in choices)):
-            self.completed = True
+            self.completed = self._final = True
 
     def _anthropic_event(self, kind: str, obj: dict) -> None:
         if kind == "message_stop":
-            self.completed = True
+            self.completed = self._final = True
             return
         usage: Any = None
+        ignored = self._final
         if kind == "message_start":
             msg = obj.get("message")
-            if isinstance(msg, dict):
+            if not isinstance(msg, dict):
+                msg = {}
+            usage = msg.get("usage")
+            ignored = ignored or self._anthropic_started  # a second start would reset the counts
+            if not ignored:
+                self._anthropic_started = True
                 self._set_model(msg.get("model"))
-                usage = msg.get("usage")
         elif kind == "message_delta":
             usage = obj.get("usage")
         if not isinstance(usage, dict):
             return
         # Counts are cumulative: a later event's value replaces the earlier one, never adds to it.
-        for key in _ANTHROPIC_USAGE_KEYS:
-            n = _count(usage.get(key))
-            if n is not None:
-                self._anthropic[key] = n
-        self._set_usage(_usage_anthropic(self._anthropic), self._anthropic)
+        counts = dict(self._anthropic)
+        counts.update((key, n) for key in _ANTHROPIC_USAGE_KEYS if (n := _count(usage.get(key))) is not None)
+        if ignored:
+            self._repeated(_usage_anthropic(counts))
+            return
+        self._anthropic = counts
+        self._set_usage(_usage_anthropic(counts), counts)
 
     # -- shared -------------------------------------------------------------------------------------
     def _set_usage(self, usage: Usage, raw: dict) -> None:
-        self.usage = usage
+        possible = _clamped(usage)
+        if possible != usage:
+            self.flags.add(USAGE_CLAMPED)
+        self.usage = possible
         self.raw_usage = _compact(raw)
+
+    def _repeated(self, usage: Usage) -> None:
+        """A later report of usage, ignored: flagged when it says something else."""
+        if _clamped(usage) != self.usage:
+            self.flags.add(USAGE_REPEATED)
 
     def _set_model(self, value: Any) -> None:
         model = _text(value)
@@ -245,6 +291,14 @@ def _usage_any(u: dict) -> Usage:
     if "cache_read_input_tokens" in u or "cache_creation_input_tokens" in u:
         return _usage_anthropic(u)
     return _usage_responses(u)
+
+
+def _clamped(u: Usage) -> Usage:
+    """The usage with its parts bounded by their wholes: cached by input, reasoning by output."""
+    if u.cached_tokens <= u.input_tokens and u.reasoning_tokens <= u.output_tokens:
+        return u
+    return replace(u, cached_tokens=min(u.cached_tokens, u.input_tokens),
+                   reasoning_tokens=min(u.reasoning_tokens, u.output_tokens))
 
 
 def _error_text(err: Any) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import gzip
+import json
 import random
 import tracemalloc
 import zlib
@@ -17,7 +18,8 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from addon.meter import MeterResult, StreamMeter
+from addon.meter import CHUNK_INFLATE_FLOOR, MAX_INFLATE_RATIO, MeterResult, StreamMeter
+from store.records import Usage
 from tests.test_usage import CASES, CODEX_MODEL, CODEX_USAGE, OVERLOADED_STREAM, events_of
 
 SSE = "text/event-stream"
@@ -220,6 +222,7 @@ def test_unknown_encoding_is_recorded_and_not_parsed():
     m = run([stream], "responses", SSE, "compress")
     r = m.result()
     assert r.usage is None and r.bytes == len(stream) and r.parse_error and "compress" in r.parse_error
+    assert r.flags == ("usage_unread",)
 
 
 @pytest.mark.parametrize("encoding", ["gzip", "deflate", "br", "zstd"])
@@ -228,7 +231,7 @@ def test_corrupt_encoded_body_stops_parsing_but_not_the_bytes(encoding: str):
     chunks = chunked(garbage, [100])
     m = run(chunks, "responses", SSE, encoding)
     r = m.result()
-    assert r.parse_error is not None and r.usage is None
+    assert r.parse_error is not None and r.usage is None and r.flags == ("usage_unread",)
     assert r.bytes == len(garbage) and r.ended
 
 
@@ -267,16 +270,34 @@ def test_json_body_over_the_cap_stops_buffering():
     m = run(chunked(huge, [4096]), "responses", JSON, max_parse_bytes=50_000)
     r = m.result()
     assert m.truncated_parse and r.usage is None and r.parse_error and "50000" in r.parse_error
+    assert r.flags == ("usage_unread",)
     assert r.bytes == len(huge) and r.ended
     m = run(chunked(huge, [4096]), "responses", JSON, max_parse_bytes=len(huge))
     assert not m.truncated_parse and m.result().usage == CODEX_USAGE  # at the cap it still fits
 
 
+# The most one decoding step yields before a limit is checked: zlib is asked for 64 KiB at a time,
+# brotli too (it rounds up to ~96 KiB); a 128-byte slice of zstd input can hold 32 RLE blocks of 128 KiB.
+STEP = {"gzip": 2**16, "deflate": 2**16, "br": 2**17, "zstd": 4 * 2**20}
+
+
 @functools.cache
-def _bomb(encoding: str, size: int = 64 * 2**20) -> bytes:
-    zeros = bytes(size)
-    return {"gzip": lambda: gzip.compress(zeros, 9), "br": lambda: brotli.compress(zeros, quality=1),
-            "zstd": lambda: zstandard.compress(zeros)}[encoding]()
+def _bomb(encoding: str, content_type: str, mib: int = 256) -> bytes:
+    """A real answer's start, then ``mib`` MiB of zeros, then its usage: compressed a MiB at a time."""
+    stream = CASES["responses"][0]
+    head, tail = ((stream[:stream.index(b"\n\n") + 2], stream) if content_type == SSE
+                  else (b'{"model": "gpt-5-codex", "padding": "', b'", "usage": {"input_tokens": 1}}'))
+    if encoding in ("gzip", "deflate"):
+        z = zlib.compressobj(1, zlib.DEFLATED, 31 if encoding == "gzip" else 15)  # ~230x: fast to make
+        compress, finish = z.compress, z.flush
+    elif encoding == "br":
+        b = brotli.Compressor(quality=1)
+        compress, finish = b.process, b.finish
+    else:
+        zs = zstandard.ZstdCompressor(level=1).compressobj()
+        compress, finish = zs.compress, zs.flush
+    zeros = bytes(2**20)
+    return b"".join([compress(head), *(compress(zeros) for _ in range(mib)), compress(tail), finish()])
 
 
 def _peak(fn: Callable[[], object]) -> int:
@@ -289,16 +310,57 @@ def _peak(fn: Callable[[], object]) -> int:
 
 
 @pytest.mark.parametrize("content_type", [JSON, SSE])
-@pytest.mark.parametrize("encoding", ["gzip", "br", "zstd"])
-def test_decompression_bomb_does_not_expand_in_memory(encoding: str, content_type: str):
-    bomb = _bomb(encoding)  # 64 MiB of zeros
-    chunks = chunked(bomb, [16384])
-    m = StreamMeter("responses", content_type, encoding, max_parse_bytes=2**20)
-    peak = _peak(lambda: [m(c) for c in [*chunks, b""]])
+@pytest.mark.parametrize("encoding", STEP)
+def test_compression_bomb_stops_parsing_but_not_the_bytes(encoding: str, content_type: str):
+    bomb = _bomb(encoding, content_type)
+    chunks = chunked(bomb, [65536])
+    m = StreamMeter("responses", content_type, encoding, max_parse_bytes=2**20)  # JSON: buffers less
+    returned: list[bytes] = []
+    peak = _peak(lambda: returned.extend(m(c) for c in [*chunks, b""]))
+    assert all(out is c for out, c in zip(returned, [*chunks, b""], strict=True))
+    r = m.result()
+    # Far less than the bomb is inflated (a JSON body stops at max_parse_bytes); memory stays bounded.
+    assert m.inflated <= m.max_decoded_bytes + STEP[encoding] < 256 * 2**20
     assert peak < 12 * 2**20, peak  # the SSE parser may hold up to its 4 MiB event cap
-    assert m.bytes == len(bomb) and m.result().usage is None
-    if content_type == JSON:
-        assert m.truncated_parse
+    assert r.bytes == len(bomb) and r.ended and r.usage is None
+    assert r.parse_error is not None and r.flags == ("usage_unread",)
+    if content_type == SSE:
+        assert r.model == CODEX_MODEL  # what came before the bomb was read
+
+
+@pytest.mark.parametrize("encoding", STEP)
+def test_a_whole_bomb_in_one_chunk_costs_at_most_its_chunk_budget_or_the_cap(encoding: str):
+    bomb = _bomb(encoding, SSE)
+    m = StreamMeter("responses", SSE, encoding, max_decoded_bytes=8 * 2**20)
+    assert m(bomb) is bomb
+    budget = max(CHUNK_INFLATE_FLOOR, MAX_INFLATE_RATIO * len(bomb))
+    assert m.inflated <= min(budget, m.max_decoded_bytes) + STEP[encoding]
+    assert m.result().parse_error is not None and "compression bomb" in m.result().parse_error
+
+
+def _noisy_answer(content_type: str, mib: int = 3) -> bytes:
+    """``mib`` MiB of barely compressible text (SSE events or a JSON member), then a real answer's usage."""
+    rng = random.Random(mib)
+    hexes = [rng.randbytes(3000).hex().encode() for _ in range(mib * 2**20 // 6000)]
+    if content_type == SSE:
+        return b"".join(b"event: response.output_text.delta\ndata: %s\n\n" % h for h in hexes) + CASES["responses"][0]
+    return b'{"padding": "%s", %s' % (b"".join(hexes), CASES["responses"][1][1:])
+
+
+@pytest.mark.parametrize("content_type", [JSON, SSE])
+@pytest.mark.parametrize("encoding", STEP)
+def test_decoded_bytes_are_capped_per_call_across_chunks(encoding: str, content_type: str):
+    body = _noisy_answer(content_type)
+    raw = brotli.compress(body, quality=4) if encoding == "br" else encode(encoding, body)
+    cap = 2**20
+    m = run(chunked(raw, [4096]), "responses", content_type, encoding, max_decoded_bytes=cap)
+    r = m.result()
+    assert m.inflated <= cap + STEP[encoding]
+    assert r.parse_error == f"over {cap} bytes decoded: a compression bomb? not parsed further"
+    assert (r.usage, r.flags, r.bytes) == (None, ("usage_unread",), len(raw))
+    # Under the default cap the same answer is read whole: ordinary compression trips nothing.
+    r = run(chunked(raw, [4096]), "responses", content_type, encoding).result()
+    assert (r.usage, r.parse_error, r.flags) == (CODEX_USAGE, None, ())
 
 
 def test_zstd_frame_asking_for_a_window_over_8_mib_is_refused():
@@ -308,6 +370,47 @@ def test_zstd_frame_asking_for_a_window_over_8_mib_is_refused():
     peak = _peak(lambda: (m(body), m(b"")))
     assert peak < 12 * 2**20 and m.bytes == len(body)
     assert m.result().parse_error is not None and "memory" in m.result().parse_error
+
+
+# -- flags: why a row's usage is what it is ---------------------------------------------------------
+@pytest.mark.parametrize("fmt", CASES)
+def test_real_answers_have_no_flags(fmt: str):
+    stream, body, _, _ = CASES[fmt]
+    assert run([stream], fmt).result().flags == ()
+    assert run([encode("gzip", body)], fmt, JSON, "gzip").result().flags == ()
+
+
+def test_an_ended_body_without_usage_says_so_and_a_cut_one_does_not():
+    error = b'{"error": {"message": "Incorrect API key provided", "code": "invalid_api_key"}}'
+    assert run([error], "responses", JSON).result().flags == ("no_usage",)
+    assert run([OVERLOADED_STREAM], "responses").result().flags == ("no_usage",)
+    m = StreamMeter("responses", SSE, None)
+    m(OVERLOADED_STREAM)  # no end marker: the call was cut off, its status says so
+    assert m.result().flags == ()
+
+
+def test_usage_lost_in_an_oversized_event_is_unread_not_absent():
+    stream = CASES["responses"][0]
+    head, completed = stream.rsplit(b"event: response.completed", 1)
+    padded = completed.replace(b'"output": [', b'"output": ["' + b"x" * (4 * 2**20) + b'", ', 1)
+    r = run([head, b"event: response.completed" + padded], "responses").result()
+    assert (r.usage, r.parse_error, r.flags) == (None, None, ("usage_unread",))
+    # An oversized event that held no usage costs nothing: the usage still came.
+    big = b"event: response.output_text.delta\ndata: " + b"x" * (4 * 2**20) + b"\n\n"
+    r = run([big, stream], "responses").result()
+    assert (r.usage, r.flags) == (CODEX_USAGE, ())
+
+
+def test_usage_flags_of_the_extractor_come_through_sorted():
+    usage = {"input_tokens": 10, "input_tokens_details": {"cached_tokens": 50}, "output_tokens": 5}
+    completed = CASES["responses"][0].rsplit(b"event: response.completed", 1)[1]
+    odd = completed.replace(b'"input_tokens": 5120', b'"input_tokens": 1', 1)
+    stream = (b"event: response.completed\ndata: " + json.dumps(
+        {"type": "response.completed", "response": {"usage": usage}}).encode() + b"\n\n"
+        + b"event: response.completed" + odd)
+    r = run([stream], "responses").result()
+    assert r.usage == Usage(input_tokens=10, cached_tokens=10, output_tokens=5)
+    assert r.flags == ("usage_clamped", "usage_repeated")
 
 
 # -- properties --------------------------------------------------------------------------------------
@@ -346,7 +449,12 @@ def test_any_bytes_any_split_any_headers_pass_through(body, cuts, encoding, cont
         returned.append(out)
     assert b"".join(returned) == body
     assert meter.bytes == len(body)
-    assert isinstance(meter.result(), MeterResult) and meter.kept == body[:keep]
+    r = meter.result()
+    assert isinstance(r, MeterResult) and meter.kept == body[:keep]
+    assert list(r.flags) == sorted(set(r.flags))
+    assert set(r.flags) <= {"usage_unread", "no_usage", "usage_clamped", "usage_repeated"}
+    assert r.parse_error is None or "usage_unread" in r.flags
+    assert "no_usage" not in r.flags or (r.usage is None and r.ended and "usage_unread" not in r.flags)
 
 
 @settings(max_examples=150, deadline=None)

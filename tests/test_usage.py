@@ -235,6 +235,91 @@ def test_malformed_and_foreign_data_lines_are_skipped():
     assert (x.usage, x.model, x.completed, x.error) == (usage, model, True, None)
 
 
+# -- one usage per answer (issue 11, item 8) -----------------------------------------------------------
+def _completed(inp: int, out: int, kind: str = "response.completed") -> bytes:
+    return _responses_event(kind, 20, response=dict(_codex_done, usage={"input_tokens": inp, "output_tokens": out}))
+
+
+def _chat_usage_chunk(prompt: int, completion: int, choices: list | None = None) -> bytes:
+    return sse(dict(_chunk, choices=choices or [], usage={"prompt_tokens": prompt, "completion_tokens": completion}))
+
+
+def test_responses_first_terminal_event_wins_and_a_different_later_one_is_flagged():
+    x = extract("responses", _completed(10, 5) + _completed(1000, 1000))
+    assert x.usage == Usage(input_tokens=10, output_tokens=5) and x.flags == {"usage_repeated"}
+    assert json.loads(x.raw_usage) == {"input_tokens": 10, "output_tokens": 5}  # the audit matches the row
+    x = extract("responses", _completed(10, 5) + _completed(10, 5, "response.incomplete"))
+    assert x.usage == Usage(input_tokens=10, output_tokens=5) and x.flags == set()  # the same again: no news
+
+
+def test_responses_events_after_the_end_change_nothing():
+    later = (_responses_event("response.created", 30, response=dict(_codex_resp, model="other"))
+             + FAILED_STREAM.split(b"\n\n", 1)[1])
+    x = extract("responses", CODEX_STREAM + later)
+    assert (x.usage, x.model, x.completed, x.error, x.flags) == (CODEX_USAGE, CODEX_MODEL, True, None, set())
+
+
+def test_chat_first_final_usage_chunk_wins():
+    x = extract("chat", _chat_usage_chunk(10, 5) + _chat_usage_chunk(1000, 1000) + sse("[DONE]"))
+    assert x.usage == Usage(input_tokens=10, output_tokens=5) and x.flags == {"usage_repeated"}
+
+
+def test_chat_running_totals_before_the_final_chunk_are_provisional():
+    # Servers with continuous usage stats report a running total on every chunk: the last one counts.
+    going = [{"index": 0, "delta": {"content": "w"}, "finish_reason": None}]
+    done = [{"index": 0, "delta": {}, "finish_reason": "stop"}]
+    x = extract("chat", _chat_usage_chunk(10, 1, going) + _chat_usage_chunk(10, 2, going)
+                + _chat_usage_chunk(10, 3, done) + _chat_usage_chunk(10, 3) + sse("[DONE]"))
+    assert (x.usage, x.completed, x.flags) == (Usage(input_tokens=10, output_tokens=3), True, set())
+
+
+def _anthropic(kind: str, **fields: object) -> bytes:
+    return sse({"type": kind, **fields}, kind)
+
+
+def test_anthropic_second_message_start_does_not_reset_the_counts():
+    restart = _anthropic("message_start", message={"model": "other", "usage": _start_usage})
+    stream = ANTHROPIC_STREAM.replace(b"event: message_stop", restart + b"event: message_stop")
+    x = extract("messages", stream)
+    assert (x.usage, x.model, x.flags) == (ANTHROPIC_USAGE, ANTHROPIC_MODEL, {"usage_repeated"})
+
+
+def test_anthropic_usage_after_message_stop_is_ignored():
+    x = extract("messages", ANTHROPIC_STREAM + _anthropic("message_delta", usage={"output_tokens": 9000}))
+    assert (x.usage, x.flags) == (ANTHROPIC_USAGE, {"usage_repeated"})
+    x = extract("messages", ANTHROPIC_STREAM + _anthropic("message_delta", usage={"output_tokens": 503}))
+    assert (x.usage, x.flags) == (ANTHROPIC_USAGE, set())
+
+
+_IMPOSSIBLE = {
+    "responses": {"input_tokens": 10, "input_tokens_details": {"cached_tokens": 50}, "output_tokens": 5,
+                  "output_tokens_details": {"reasoning_tokens": 8}},
+    "chat": {"prompt_tokens": 10, "prompt_tokens_details": {"cached_tokens": 50}, "completion_tokens": 5,
+             "completion_tokens_details": {"reasoning_tokens": 8}},
+}
+
+
+@pytest.mark.parametrize("fmt", _IMPOSSIBLE)
+def test_impossible_parts_are_clamped_to_their_whole_and_flagged(fmt: str):
+    clamped = Usage(input_tokens=10, cached_tokens=10, output_tokens=5, reasoning_tokens=5)
+    usage = _IMPOSSIBLE[fmt]
+    event = (_responses_event("response.completed", 1, response=dict(_codex_done, usage=usage))
+             if fmt == "responses" else sse(dict(_chunk, choices=[], usage=usage)))
+    for x in (extract(fmt, event), UsageExtractor(fmt)):
+        if x.usage is None:
+            x.on_json(json.dumps({"usage": usage}).encode())
+        assert (x.usage, x.flags) == (clamped, {"usage_clamped"})
+        assert json.loads(x.raw_usage) == usage  # the audit keeps what the upstream said
+
+
+@pytest.mark.parametrize("fmt", CASES)
+def test_real_answers_carry_no_flags(fmt: str):
+    stream, body, _, _ = CASES[fmt]
+    x = UsageExtractor(fmt)
+    x.on_json(body)
+    assert extract(fmt, stream).flags == set() and x.flags == set()
+
+
 # -- JSON bodies -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("fmt", CASES)
 def test_json_body_usage(fmt: str):
@@ -352,5 +437,8 @@ def test_any_json_shape_never_raises_and_counts_stay_natural(fmt, items):
         counts = [x.usage.input_tokens, x.usage.cached_tokens, x.usage.cache_write_tokens, x.usage.output_tokens,
                   x.usage.reasoning_tokens]
         assert all(type(n) is int and n >= 0 for n in counts)
+        assert x.usage.cached_tokens + x.usage.cache_write_tokens <= x.usage.input_tokens
+        assert x.usage.reasoning_tokens <= x.usage.output_tokens
+    assert x.flags <= {"usage_clamped", "usage_repeated"}
     assert x.error is None or isinstance(x.error, str)
     assert x.model is None or isinstance(x.model, str)
