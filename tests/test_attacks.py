@@ -220,6 +220,22 @@ class PeakRss:
         return (self.peak - self.before) / MiB
 
 
+def exit_without_serving(relay: RelayProcess) -> int:
+    """Start a relay that must refuse to run: its exit code. It may exit before it listens, or listen
+    briefly (mitmproxy's start-up check runs then) and answer only 503 ``relay_not_ready`` meanwhile."""
+    try:
+        rc = relay.launch()
+        if rc is None:
+            with contextlib.suppress(OSError):  # already on its way out
+                reply = post(relay.port, b"/v1/responses", call_body("probe"), bearer())
+                assert reply.status == 503, f"the relay serves: HTTP {reply.status} {reply.body[:100]!r}"
+                openai_error(reply.status, reply.body, 503, "relay_not_ready")
+            rc = relay.proc.wait(30)
+    finally:
+        relay.stop()
+    return rc
+
+
 def invocations(db_url: str, model: str) -> list:
     return rows(db_url, "SELECT * FROM codex_invocations WHERE model = :m", m=model)
 
@@ -320,13 +336,10 @@ def test_4_option_given_twice_stops_the_relay(tmp_path):
     keys = tmp_path / "k"
     keys.write_text(f"dup={CLIENT_KEY}\n")
     twice = ["--set", f"codex_client_keys=@{keys}", "--set", f"codex_client_keys=@{keys}"]
-    relay = RelayProcess(db_url=f"sqlite:///{tmp_path / 'codex.db'}", options=QUIET, extra_args=twice)
-    try:
-        rc = relay.launch()
-        assert rc is not None, "the relay started serving (without its addon, as a bare reverse proxy)"
-    finally:
-        relay.stop()
-    assert rc != 0
+    with Recorder() as target:  # a bare reverse proxy would pass the call to it
+        relay = RelayProcess(db_url=f"sqlite:///{tmp_path / 'codex.db'}", options=QUIET, extra_args=twice,
+                             reverse_target=f"http://127.0.0.1:{target.port}")
+        assert exit_without_serving(relay) != 0
     out = relay.output().splitlines()
     assert sum("codex_client_keys" in line for line in out) == 1, out
     assert CLIENT_KEY not in relay.output()
@@ -422,15 +435,11 @@ def test_7_regular_mode_connect_needs_a_client_key(tmp_path):
 
 
 def test_8_open_relay_refuses_to_start_and_run_sh_listens_on_loopback(tmp_path):
-    options = {"codex_upstream": f"http://127.0.0.1:{closed_port()}/v1", **QUIET}
-    exposed = RelayProcess(db_url=f"sqlite:///{tmp_path / 'a.db'}", options=options,
-                           extra_args=["--listen-host", "0.0.0.0"])
-    try:
-        rc = exposed.launch()
-        assert rc is not None, "the relay listens on 0.0.0.0 with nodes and no client keys"
-    finally:
-        exposed.stop()
-    assert rc != 0
+    with Recorder() as node:
+        options = {"codex_upstream": f"http://127.0.0.1:{node.port}/v1", **QUIET}
+        exposed = RelayProcess(db_url=f"sqlite:///{tmp_path / 'a.db'}", options=options,
+                               extra_args=["--listen-host", "0.0.0.0"])
+        assert exit_without_serving(exposed) != 0
     assert any("codex_allow_open" in line for line in exposed.lines), exposed.output()
 
     allowed = RelayProcess(db_url=f"sqlite:///{tmp_path / 'b.db'}", options={**options, "codex_allow_open": "true"},
