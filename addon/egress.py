@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from mitmproxy import http
+from mitmproxy.net.http import url
 
 from addon.target import target_problem
 from store.records import NodeConfig
@@ -97,8 +98,10 @@ def attach(flow: http.HTTPFlow, node: NodeConfig, client_target: str) -> Origin:
 
 
 def clear_as_is(flow: http.HTTPFlow) -> None:
-    """Let a request go where it is addressed, unchanged (monitor mode: the relay routes nothing)."""
-    flow.metadata[EGRESS_KEY] = (flow.request.scheme, flow.request.host, flow.request.port)
+    """Let a request go where it is addressed (monitor mode: the relay routes nothing), with that Host."""
+    request = flow.request
+    request.host_header = url.hostport(request.scheme, request.host, request.port)
+    flow.metadata[EGRESS_KEY] = (request.scheme, request.host, request.port)
 
 
 def egress_problem(flow: http.HTTPFlow) -> str | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 
-from mitmproxy import http
+from mitmproxy import ctx, http
 from mitmproxy.proxy.mode_specs import ReverseMode
 
 from addon.egress import CREDENTIAL_HEADERS, egress_problem
@@ -25,6 +25,13 @@ class Gate:
     def __init__(self, refusals: RefusalSink) -> None:
         self.refusals = refusals
         self.ready = False
+
+    def configure(self, updated: set[str]) -> None:
+        # The admin page must see the Host the client addressed (DNS rebinding), which reverse mode
+        # otherwise replaces with the reverse target's; every request the relay sends on gets the Host
+        # of where it goes (addon.egress).
+        if not ctx.options.keep_host_header:
+            ctx.options.update(keep_host_header=True)
 
     @fail_closed
     def requestheaders(self, flow: http.HTTPFlow) -> None:

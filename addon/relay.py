@@ -58,6 +58,7 @@ MAX_HELD_ERROR_BYTES = 1 << 20
 class CallState:
     """What the relay knows about one client call while it is in flight."""
 
+    flow: http.HTTPFlow
     invoke_id: str
     occurred_at: dt.datetime
     api_format: str | None
@@ -307,10 +308,14 @@ class Relay:
             self.pinger.stop()
         if self.poller is not None:
             self.poller.stop()
+        # Calls still in flight are recorded before the writer's last flush: mitmproxy ends their
+        # connections only after this hook, when nothing is written any more.
+        for state in list(self._calls.values()):
+            self._finish(state.flow, state, Outcome("aborted", False, "the relay shut down during the call"))
+        self._calls.clear()
         if self.writer is not None:
             self.writer.close()
             self.writer = None
-        self._calls.clear()
 
     def _submit(self, item: InvocationRecord | NodeStateUpdate) -> None:
         if self.writer is not None:
@@ -351,7 +356,7 @@ class Relay:
         if api_format is not None:
             info = parse_request(flow.request.raw_content)
             state = CallState(
-                invoke_id=uuid.uuid4().hex, occurred_at=utcnow(), api_format=api_format, model=info.model,
+                flow=flow, invoke_id=uuid.uuid4().hex, occurred_at=utcnow(), api_format=api_format, model=info.model,
                 stream=info.stream, session_key=_session_key(flow, info.session_key),
                 request_bytes=len(flow.request.raw_content or b""), client_target=target,
             )
@@ -441,11 +446,12 @@ class Relay:
         self._stop_waiting(flow, state)
         resp = flow.response
         length = resp.headers.get("content-length", "")
-        if (state.node is not None and is_node_failure_status(resp.status_code)
-                and length.isdigit() and int(length) <= MAX_HELD_ERROR_BYTES
-                and state.attempts <= ctx.options.codex_retries
-                and self.pool.choose(exclude=state.tried) is not None):
-            state.retry = True  # not streamed: the small error body waits for the response hook
+        if (state.node is not None and resp.status_code >= 400 and length.isdigit()
+                and int(length) <= MAX_HELD_ERROR_BYTES):
+            # A small error answer is held whole, not streamed: to retry the call elsewhere, and to
+            # scrub keys the node echoes back before the client sees them.
+            state.retry = (is_node_failure_status(resp.status_code) and state.attempts <= ctx.options.codex_retries
+                           and self.pool.choose(exclude=state.tried) is not None)
             return
         state.meter = StreamMeter(
             state.api_format, resp.headers.get("content-type"), resp.headers.get("content-encoding"),
@@ -461,6 +467,10 @@ class Relay:
         if state.retry:
             await self._retry(flow, state)
         resp = flow.response
+        if state.meter is None and resp.status_code >= 400:
+            text = resp.get_text(strict=False)
+            if text and (clean := self.secrets.scrub(text)) != text:
+                resp.text = clean
         if state.meter is None and state.node is None and len(self.pool):
             outcome = Outcome("failed", False, "no upstream node available")  # our own 503
         else:
@@ -554,8 +564,10 @@ class Relay:
             attempts=state.attempts, raw_response=result.raw_usage if result else None,
             client_key=flow.metadata.get(CLIENT_KEY_NAME), node_failure=outcome.node_failure,
         )
-        if result is not None and result.usage is not None:
-            record.usage = result.usage
+        if result is not None:
+            record.flags = list(result.flags)
+            if result.usage is not None:
+                record.usage = result.usage
         cost = self.prices.cost(record.model, record.usage) if self.prices else None
         if cost is not None:
             record.cost, record.cost_input, record.cost_cached, record.cost_output = (

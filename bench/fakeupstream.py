@@ -10,10 +10,11 @@ the ways real relays fail.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 DEFAULT_USAGE = (120, 40, 30, 10)
@@ -30,6 +31,7 @@ class SeenRequest:
 @dataclass
 class Behaviour:
     status: int = 200  # non-200: an error JSON body with this status
+    error_body: bytes | None = None  # non-200: this body instead (sent with a content-length)
     error_event: bool = False  # 200 stream that fails after its first event
     first_byte_delay: float = 0.0  # seconds before the response headers
     event_delay: float = 0.0  # seconds between streamed events (benchmarks: a known TTFB)
@@ -146,6 +148,7 @@ class FakeUpstream:
         self._thread: threading.Thread | None = None
         self._server: asyncio.Server | None = None
         self._lock = threading.Lock()
+        self._handlers: set[asyncio.Task] = set()
 
     @property
     def base_url(self) -> str:
@@ -156,12 +159,13 @@ class FakeUpstream:
 
         def run() -> None:
             self._loop = asyncio.new_event_loop()
-            self._server = self._loop.run_until_complete(
-                asyncio.start_server(self._handle, "127.0.0.1", 0, backlog=512))
+            self._server = self._loop.run_until_complete(self._listen(0))
             self.port = self._server.sockets[0].getsockname()[1]
             ready.set()
             self._loop.run_forever()
             self._server.close()
+            # A handler still waiting (first_byte_delay) would hold wait_closed() for its whole delay.
+            self._loop.run_until_complete(_cancel(list(self._handlers)))
             self._loop.run_until_complete(self._server.wait_closed())
             self._loop.close()
 
@@ -170,6 +174,20 @@ class FakeUpstream:
         if not ready.wait(10):
             raise RuntimeError("fake upstream did not start")
         return self
+
+    async def _listen(self, port: int) -> asyncio.Server:
+        return await asyncio.start_server(self._handle, "127.0.0.1", port, backlog=512)
+
+    @contextlib.contextmanager
+    def refusing(self) -> Iterator[None]:
+        """Connections to this node are refused (its port is closed) until the block ends."""
+        assert self._loop is not None and self._server is not None
+        server = self._server
+        asyncio.run_coroutine_threadsafe(_close(server), self._loop).result(10)
+        try:
+            yield
+        finally:
+            self._server = asyncio.run_coroutine_threadsafe(self._listen(self.port), self._loop).result(10)
 
     def stop(self) -> None:
         if self._loop and self._thread:
@@ -187,6 +205,10 @@ class FakeUpstream:
             return [r for r in self.seen if r.path.split("?")[0].endswith(suffix)]
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        task.add_done_callback(self._handlers.discard)
         try:
             while True:
                 line = await reader.readline()
@@ -223,6 +245,12 @@ class FakeUpstream:
         fmt = next((v for k, v in FORMATS.items() if route.endswith(k)), None)
         if fmt is None:
             return await self._send_json(w, 404, {"error": {"message": f"no route {route}"}})
+        if b.status != 200 and b.error_body is not None:
+            w.write(f"HTTP/1.1 {b.status} X\r\ncontent-type: application/json\r\n"
+                    f"content-length: {len(b.error_body)}\r\n\r\n".encode())
+            w.write(b.error_body)
+            await w.drain()
+            return True
         if b.status != 200:
             return await self._send_json(w, b.status, {"error": {"message": f"fake {b.status}",
                                                                  "type": "server_error"}})
@@ -269,6 +297,17 @@ class FakeUpstream:
                 .encode() + data)
         await w.drain()
         return True
+
+
+async def _cancel(tasks: list[asyncio.Task]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _close(server: asyncio.Server) -> None:
+    """Stop listening; connections already open stay (wait_closed would wait for them)."""
+    server.close()
 
 
 def main() -> None:

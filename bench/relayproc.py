@@ -11,19 +11,23 @@ import threading
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-_LISTEN_RE = re.compile(r"listening at (?:\[?[\d.:a-f]+\]?):(\d+)")
+# "listening at 127.0.0.1:8000", "[::1]:8000", or "*:8000" (every address)
+_LISTEN_RE = re.compile(r"listening at (\*|\[?[\d.:a-f]+\]?):(\d+)")
 
 
 class RelayProcess:
     """One relay process on 127.0.0.1 with a free port; ``stop()`` sends SIGTERM (the flush path).
 
     ``root``: where ``addon/codex.py`` is, also the working directory (an installed copy, or this repository).
+    ``mode`` replaces the reverse mode (e.g. ``regular``); ``argv`` replaces the whole command (e.g.
+    ``./run.sh …``), still read for mitmproxy's "listening at" line.
     """
 
     def __init__(self, *, db_url: str | None, options: dict[str, str] | None = None,
                  reverse_target: str = "http://127.0.0.1:9", addon: bool = True,
                  tool: str = "mitmdump", env: dict[str, str] | None = None,
-                 extra_args: list[str] | None = None, root: Path = ROOT) -> None:
+                 extra_args: list[str] | None = None, root: Path = ROOT, mode: str | None = None,
+                 argv: list[str] | None = None) -> None:
         self.root = root
         self.db_url = db_url
         self.options = dict(options or {})
@@ -32,7 +36,10 @@ class RelayProcess:
         self.tool = tool
         self.env = env
         self.extra_args = list(extra_args or [])
+        self.mode = mode or f"reverse:{reverse_target}"
+        self.argv = argv
         self.port = 0
+        self.listen_host = ""  # as mitmproxy prints it: "*" means every address
         self.proc: subprocess.Popen[str] | None = None
         self.lines: list[str] = []
         self._listening = threading.Event()
@@ -43,7 +50,9 @@ class RelayProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def command(self) -> list[str]:
-        cmd = [str(Path(sys.executable).with_name(self.tool)), "--mode", f"reverse:{self.reverse_target}",
+        if self.argv is not None:
+            return list(self.argv)
+        cmd = [str(Path(sys.executable).with_name(self.tool)), "--mode", self.mode,
                "--listen-host", "127.0.0.1", "-p", "0", "--set", "connection_strategy=lazy"]
         if self.addon:
             cmd[1:1] = ["-s", str(self.root / "addon" / "codex.py")]
@@ -54,17 +63,26 @@ class RelayProcess:
         return cmd + self.extra_args
 
     def start(self, timeout: float = 60) -> RelayProcess:
+        if self.launch(timeout) is not None:
+            raise RuntimeError(f"relay did not start listening:\n{self.output()}")
+        return self
+
+    def launch(self, timeout: float = 60) -> int | None:
+        """Start the process: None once it listens, or its exit code if it exits first."""
         env = dict(os.environ, PYTHONUNBUFFERED="1", **(self.env or {}))
         self.proc = subprocess.Popen(self.command(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True, cwd=self.root, env=env, start_new_session=True)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         # The process says when it listens, or exits: either ends the wait.
-        if not self._listening.wait(timeout) or not self.port:
-            out = self.output()
+        if not self._listening.wait(timeout):
             self.kill()
-            raise RuntimeError(f"relay did not start listening:\n{out}")
-        return self
+            raise RuntimeError(f"relay did not start listening within {timeout:g} s:\n{self.output()}")
+        if self.port:
+            return None
+        rc = self.proc.wait(30)  # its output has ended: it is exiting
+        self._reader.join(10)
+        return rc
 
     def _read(self) -> None:
         assert self.proc and self.proc.stdout
@@ -72,7 +90,7 @@ class RelayProcess:
             self.lines.append(line)
             m = _LISTEN_RE.search(line)
             if m and not self.port:
-                self.port = int(m.group(1))
+                self.listen_host, self.port = m.group(1), int(m.group(2))
                 self._listening.set()
         self._listening.set()  # exited
 
