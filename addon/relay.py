@@ -4,8 +4,9 @@ A thin shell over ``routing``, ``health``, ``meter``, ``outcome`` and the ``stor
 cheap and never touch the database (the writer thread does).
 
 Failover within mitmproxy's flow model (README, "Failover"):
-- a node that refuses or does not accept the connection is found by a connect probe in
-  ``server_connect`` and the request moves to another node before anything is sent (streamed as usual);
+- a node that refuses or does not accept the connection is found by a connect probe in the ``request``
+  hook (only when the client has no open connection to it yet) and the call moves to another node
+  before anything is sent; when no node accepts one, the client gets a JSON 502;
 - an HTTP failure status (5xx, 429, 401, 403) is kept from the client: the ``response`` hook retries
   on other nodes with mitmproxy's own client and hands the first good answer over whole;
 - once response bytes have gone to the client nothing is retried (an error event inside a 200 stream
@@ -26,9 +27,10 @@ from mitmproxy.addons.clientplayback import ReplayHandler
 from mitmproxy.proxy import server_hooks
 
 from addon.breaker import BreakerPolicy
-from addon.egress import attach, clear_as_is
+from addon.egress import attach, clear_as_is, origin_of
 from addon.errors import CLIENT_KEY_NAME, error_response, fail_closed
 from addon.health import Health, Pinger
+from addon.inject import answer_waiting, can_answer, close_server
 from addon.meter import StreamMeter
 from addon.outcome import Outcome, classify_error, classify_response, is_node_failure_status
 from addon.refusal import RefusalSink, answered
@@ -73,7 +75,7 @@ class CallState:
     meter: StreamMeter | None = None
     retry: bool = False  # an HTTP failure waits in the response hook for another node
     timer: asyncio.TimerHandle | None = None
-    timeout_error: str | None = None
+    relay_error: str | None = None  # why the relay itself ended or refused the call (a timeout, no node)
 
 
 def _seconds(name: str, value: str, *, allow_zero: bool = True) -> float:
@@ -101,8 +103,12 @@ class Relay:
         self._db_url: str | None = None
         self._connect_timeout = 10.0
         self._first_byte_timeout = 300.0
-        # client connection id -> flows routed on it that have not connected yet (server_connect probe)
-        self._connecting: dict[str, list[http.HTTPFlow]] = {}
+        # (client connection id, node address) of open upstream connections: no probe needed for those
+        self._connected: set[tuple[str, tuple[str, int]]] = set()
+        # calls whose answer is streaming: the idle watch looks at them
+        self._streaming: dict[str, CallState] = {}
+        self._idle_timeout = 300.0
+        self._idle_watch: asyncio.TimerHandle | None = None
         # flow id -> its call in flight. Not in flow.metadata: -w pickles that, and a call holds timers.
         self._calls: dict[str, CallState] = {}
 
@@ -144,6 +150,9 @@ class Relay:
                           "Path of the health ping, joined to each node's base_url like client paths.")
         loader.add_option("codex_connect_timeout", str, "10",
                           "Seconds to wait for a node to accept a connection before trying another.")
+        loader.add_option("codex_idle_timeout", str, "300",
+                          "Seconds a streaming answer may go without a byte from its node before the relay "
+                          "ends it (recorded truncated, a failure of the node). 0: no limit.")
         loader.add_option("codex_first_byte_timeout", str, "300",
                           "Seconds to wait for a node's response headers before the call is failed.")
         loader.add_option("codex_sticky_ttl", str, "3600",
@@ -172,6 +181,7 @@ class Relay:
                 raise exceptions.OptionsError(f"{name} must be >= 0")
         ping_interval = _seconds("codex_ping_interval", opts.codex_ping_interval)
         self._connect_timeout = _seconds("codex_connect_timeout", opts.codex_connect_timeout, allow_zero=False)
+        self._idle_timeout = _seconds("codex_idle_timeout", opts.codex_idle_timeout)
         self._first_byte_timeout = _seconds("codex_first_byte_timeout", opts.codex_first_byte_timeout,
                                             allow_zero=False)
         sticky_ttl = _seconds("codex_sticky_ttl", opts.codex_sticky_ttl)
@@ -313,6 +323,10 @@ class Relay:
         for state in list(self._calls.values()):
             self._finish(state.flow, state, Outcome("aborted", False, "the relay shut down during the call"))
         self._calls.clear()
+        self._streaming.clear()
+        if self._idle_watch is not None:
+            self._idle_watch.cancel()
+            self._idle_watch = None
         if self.writer is not None:
             self.writer.close()
             self.writer = None
@@ -337,7 +351,7 @@ class Relay:
             "(codex_max_request_body)", "request_too_large"), "request body too large")
 
     @fail_closed
-    def request(self, flow: http.HTTPFlow) -> None:
+    async def request(self, flow: http.HTTPFlow) -> None:
         if answered(flow) or RETRY_KEY in flow.metadata:
             return
         # A chunked body has no length up front: mitmproxy has read it by now.
@@ -370,57 +384,63 @@ class Relay:
                 target, 503, "codex-relay: no upstream node is available: every node is failed, disabled "
                 "or has weight 0", "no_node_available")
             return
-        attach(flow, node.config, target)
         if state is not None:
             state.node = node
             state.tried.append(node.id)
-            self._connecting.setdefault(flow.client_conn.id, []).append(flow)
+            node = await self._reachable(flow, state)
+            if node is None:
+                flow.response = error_response(
+                    target, 502, f"codex-relay: no node accepted a connection ({state.relay_error})",
+                    "upstream_unreachable")
+                return
+        attach(flow, node.config, target)
+        if state is not None:
             state.timer = asyncio.get_running_loop().call_later(
                 self._first_byte_timeout, self._first_byte_timed_out, flow)
 
-    async def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
-        """Probe a new upstream connection; a node that does not accept it is swapped before sending."""
-        pending = self._connecting.get(data.client.id)
-        if not pending:
-            return
-        address = data.server.address
-        flow = next((f for f in pending if (f.request.host, f.request.port) == address), None)
-        state = self._calls.get(flow.id) if flow else None
-        if flow is None or state is None or state.node is None:
-            return
-        pending.remove(flow)
-        scheme = flow.request.scheme
-        while True:
-            err = await _probe(flow.request.host, flow.request.port, self._connect_timeout)
-            if err is None:
-                return
-            self._attempt_failed(state.node, err)
-            node = self._next_node(state, lambda n: n.config.base_url.startswith(scheme + ":"))
-            if node is None:
-                return  # mitmproxy's own connect fails and the error hook records it
-            log.warning("node %s: %s; trying node %s", state.node.id, err, node.id)
-            state.node = node
-            attach(flow, node.config, state.client_target)
-            data.server.address = (flow.request.host, flow.request.port)
-            if data.server.tls:
-                data.server.sni = flow.request.host
+    async def _reachable(self, flow: http.HTTPFlow, state: CallState) -> Node | None:
+        """The call's node, or the next one that accepts a TCP connection, before anything is sent.
 
-    def _next_node(self, state: CallState, accept=lambda n: True) -> Node | None:
+        A node this client already has a connection to is taken as reachable: probing costs a
+        connection, so it is done only where mitmproxy is about to open one.
+        """
+        node = state.node
+        while node is not None:
+            origin = origin_of(node.config.base_url)
+            if (flow.client_conn.id, (origin.host, origin.port)) in self._connected:
+                return node
+            err = await _probe(origin.host, origin.port, self._connect_timeout)
+            if err is None:
+                return node
+            state.relay_error = err
+            nxt = self._next_node(state)
+            if nxt is None:
+                return None  # the last node's failure is the call's own (state.node names it)
+            log.warning("node %s: %s; trying node %s", node.id, err, nxt.id)
+            self._attempt_failed(node, err)
+            node = state.node = nxt
+        return None
+
+    def server_connected(self, data: server_hooks.ServerConnectionHookData) -> None:
+        if data.server.address is not None:
+            self._connected.add((data.client.id, tuple(data.server.address)))
+
+    def server_disconnected(self, data: server_hooks.ServerConnectionHookData) -> None:
+        if data.server.address is not None:
+            self._connected.discard((data.client.id, tuple(data.server.address)))
+
+    def _next_node(self, state: CallState) -> Node | None:
         """Another node for a retry, if the retry budget allows; records the attempt."""
         if state.attempts > ctx.options.codex_retries:
             return None
-        for _ in range(len(self.pool)):
-            node = self.pool.choose(exclude=state.tried, holder=state)
-            if node is None:
-                return None
-            state.tried.append(node.id)
-            if accept(node):
-                state.attempts += 1
-                if state.session_key:
-                    self.pool.sticky.put(state.session_key, node.id)
-                return node
-            self.health.release(node, state)
-        return None
+        node = self.pool.choose(exclude=state.tried, holder=state)
+        if node is None:
+            return None
+        state.tried.append(node.id)
+        state.attempts += 1
+        if state.session_key:
+            self.pool.sticky.put(state.session_key, node.id)
+        return node
 
     def _attempt_failed(self, node: Node, error: str) -> None:
         """A failed attempt that the client did not see: it still counts against the node."""
@@ -432,12 +452,33 @@ class Relay:
         state = self._calls.get(flow.id)
         if state is None or flow.response is not None or flow.error is not None:
             return
-        state.timeout_error = f"no response headers within {self._first_byte_timeout:g} s"
-        # mitmproxy cannot kill a flow in transit: close its server connection instead.
-        proxyserver = ctx.master.addons.get("proxyserver")
-        for handler in list(getattr(proxyserver, "connections", {}).values()):
-            if flow.server_conn in handler.transports:
-                handler.close_connection(flow.server_conn)
+        state.relay_error = f"no response headers within {self._first_byte_timeout:g} s"
+        if can_answer(flow):
+            # The client gets a JSON 504 (retried on another node like any failure status) ...
+            answer = error_response(state.client_target, 504, f"codex-relay: the node sent {state.relay_error}",
+                                    "upstream_timeout")
+            asyncio.get_running_loop().create_task(answer_waiting(flow, answer))
+        else:  # ... or, over HTTP/2 to the node, mitmproxy's own 502 when its connection is closed.
+            close_server(flow)
+
+    def _watch_idle(self) -> None:
+        """End streams whose node has sent nothing for codex_idle_timeout (they count against it)."""
+        self._idle_watch = None
+        now = time.time()
+        for state in list(self._streaming.values()):
+            resp = state.flow.response
+            last = (state.meter.last_chunk_at if state.meter else None) or (resp.timestamp_start if resp else now)
+            if now - last >= self._idle_timeout:
+                state.relay_error = f"no bytes from the node for {self._idle_timeout:g} s"
+                del self._streaming[state.flow.id]
+                close_server(state.flow)
+        self._arm_idle_watch()
+
+    def _arm_idle_watch(self) -> None:
+        if self._idle_watch is None and self._streaming and self._idle_timeout:
+            # Checked a few times per timeout: a stream ends at most a quarter late.
+            self._idle_watch = asyncio.get_running_loop().call_later(min(self._idle_timeout / 4, 5.0),
+                                                                      self._watch_idle)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         state = self._calls.get(flow.id)
@@ -458,6 +499,8 @@ class Relay:
             keep_body_bytes=ctx.options.codex_keep_body,
         )
         resp.stream = state.meter
+        self._streaming[flow.id] = state
+        self._arm_idle_watch()
 
     async def response(self, flow: http.HTTPFlow) -> None:
         state = self._calls.pop(flow.id, None)
@@ -472,7 +515,8 @@ class Relay:
             if text and (clean := self.secrets.scrub(text)) != text:
                 resp.text = clean
         if state.meter is None and state.node is None and len(self.pool):
-            outcome = Outcome("failed", False, "no upstream node available")  # our own 503
+            # Our own 503 or 502: the failed attempts, if any, were counted against their nodes.
+            outcome = Outcome("failed", False, state.relay_error or "no upstream node available")
         else:
             if state.meter is None:  # a whole body: the retry's answer
                 state.meter = StreamMeter(state.api_format, resp.headers.get("content-type"),
@@ -518,25 +562,22 @@ class Relay:
         if state.meter is not None and state.meter.kept and flow.response is not None:
             flow.response.raw_content = state.meter.kept  # mitmweb shows what came before the cut
         outcome = classify_error(flow.error.msg, got_response=flow.response is not None)
-        if state.timeout_error:
-            outcome = Outcome(outcome.status, True, state.timeout_error)
+        if state.relay_error:  # the relay ended it: a timeout of the node
+            outcome = Outcome(outcome.status, True, state.relay_error)
         self._finish(flow, state, outcome)
 
     def _stop_waiting(self, flow: http.HTTPFlow, state: CallState) -> None:
         if state.timer is not None:
             state.timer.cancel()
             state.timer = None
-        pending = self._connecting.get(flow.client_conn.id)
-        if pending is not None:
-            if flow in pending:
-                pending.remove(flow)
-            if not pending:
-                del self._connecting[flow.client_conn.id]
+        self._streaming.pop(flow.id, None)
 
     # -- records -----------------------------------------------------------------------------------
     def _finish(self, flow: http.HTTPFlow, state: CallState, outcome: Outcome) -> None:
         if outcome.error:  # upstream text: it may echo a key back
             outcome = Outcome(outcome.status, outcome.node_failure, self.secrets.scrub(outcome.error[:2000]))
+        if state.relay_error and outcome.status != "success":
+            outcome = Outcome(outcome.status, outcome.node_failure, state.relay_error)
         resp = flow.response
         meter = state.meter
         result = meter.result() if meter else None

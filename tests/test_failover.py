@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 from collections import Counter
@@ -72,9 +73,11 @@ def test_slow_first_byte_does_not_hold_the_client(db_url, tmp_path):
         opts = {"codex_nodes": str(nodes), "codex_first_byte_timeout": "1", **FAST}
         with RelayProcess(db_url=db_url, options=opts) as relay:
             started = time.monotonic()
-            status, _ = call(relay, "responses", stream=True, usage=(1, 0, 1, 0))
+            status, body = call(relay, "responses", stream=True, usage=(1, 0, 1, 0))
             waited = time.monotonic() - started
     assert status >= 500 and waited < 15
+    # The relay's own answer, in the OpenAI shape an SDK reads (not mitmproxy's HTML 502).
+    assert status == 504 and json.loads(body)["error"]["code"] == "upstream_timeout"
     (r,) = rows(db_url, "SELECT node_id, status, error_message FROM codex_invocations")
     assert r.node_id == "slow" and r.status == "failed" and "within 1 s" in r.error_message
     assert nodes_row(db_url)["slow"].fail_count == 1
