@@ -100,6 +100,7 @@ def attach(flow: http.HTTPFlow, node: NodeConfig, client_target: str) -> Origin:
 def clear_as_is(flow: http.HTTPFlow) -> None:
     """Let a request go where it is addressed (monitor mode: the relay routes nothing), with that Host."""
     request = flow.request
+    request.headers.pop("proxy-authorization", None)  # it was for the relay (a client key), not for them
     request.host_header = url.hostport(request.scheme, request.host, request.port)
     flow.metadata[EGRESS_KEY] = (request.scheme, request.host, request.port)
 

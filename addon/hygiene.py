@@ -5,16 +5,18 @@ request after that hook. Everything that keeps or shows flows — ``-w`` files (
 mitmweb, mitmdump's ``--flow-detail 2+`` output — reads them in the ``response`` / ``error`` hooks or
 later, and those addons run after this script's addons. So once a request has gone out
 (``responseheaders``, which only fires after that, or ``response`` / ``error``) this addon replaces
-the ``Authorization`` and ``x-api-key`` values with a masked form such as ``Bearer sk-…abcd``. Every
-flow is masked, not only routed ones: in monitor mode the client's own header is the upstream key.
+the ``Authorization``, ``x-api-key`` and ``Proxy-Authorization`` values with a masked form such as
+``Bearer sk-…abcd`` (a ``CONNECT``'s once client auth has read it). Every flow is masked, not only
+routed ones: in monitor mode the client's own header is the upstream key.
 
 - A failed call that the relay retries is copied and replayed with the next node's key already set.
   mitmweb lists a replay from its ``requestheaders`` hook on, so the key is hidden there and put back
   in ``request`` (unless something set a new one meanwhile), just before mitmproxy sends it.
 - Flows still waiting for their answer at shutdown are masked in ``done``, before ``-w`` writes them.
 
-What remains: while a request waits for its response headers, the key is in that flow's memory (a
-mitmweb "save" of that very flow in that window would include it). A masked flow replayed from mitmweb
+What remains: while a request waits for its response headers, the key is on that flow, and mitmweb
+shows it (mitmproxy sends a request as its flow holds it after the last ``request`` hook, and mitmweb
+lists that same object). A masked flow replayed from mitmweb
 in monitor mode sends the masked value, not the key (in routed mode the relay sets the node's key).
 """
 
@@ -22,9 +24,8 @@ from __future__ import annotations
 
 from mitmproxy import http
 
+from addon.egress import CREDENTIAL_HEADERS
 from store.masking import mask_secret
-
-CREDENTIAL_HEADERS = ("authorization", "x-api-key")
 
 
 def mask_credential(value: str) -> str:
@@ -55,6 +56,10 @@ class KeyHygiene:
         self._unmasked: dict[str, http.HTTPFlow] = {}
         # Replays whose credentials are hidden between requestheaders and request.
         self._hidden: dict[str, list[tuple[str, list[str], list[str]]]] = {}
+
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        # Client auth has read the CONNECT's Proxy-Authorization (a client key); nothing else needs it.
+        self._mask(flow)
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.is_replay != "request" or flow.response or flow.error:

@@ -105,3 +105,11 @@ def test_answered_by_an_addon_is_not_tracked_but_masked():
     assert not hygiene._unmasked
     hygiene.responseheaders(f)  # mitmproxy emulates it for an addon's response
     assert f.request.headers["authorization"] == "Bearer …long"
+
+
+def test_proxy_authorization_of_a_connect_is_masked_once_read():
+    hygiene = KeyHygiene()
+    f = flow({"proxy-authorization": f"Bearer {NODE_KEY}"})
+    f.request.method = "CONNECT"
+    hygiene.http_connect(f)
+    assert f.request.headers["proxy-authorization"] == "Bearer sk-…abcd"
