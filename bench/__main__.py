@@ -61,10 +61,14 @@ def log(msg: str) -> None:
     print(msg, flush=True)
 
 
+# Other checkouts of the relay (--compare) measured beside this one, e.g. the commit before a change.
+COMPARE: list[Path] = []
+
+
 def run_http(sizes: Sizes, mysql_server: str | None) -> dict:
     return bench_http(seconds=sizes.http_seconds, clients=list(sizes.http_clients), rounds=sizes.http_rounds,
                       mysql_server=mysql_server, ttfb_delay=TTFB_DELAY_S, ttfb_event_delay=TTFB_EVENT_DELAY_S,
-                      ttfb_rounds=sizes.ttfb_rounds, ttfb_per_round=sizes.ttfb_per_round, log=log)
+                      ttfb_rounds=sizes.ttfb_rounds, ttfb_per_round=sizes.ttfb_per_round, compare=COMPARE, log=log)
 
 
 def _backends(stack: ExitStack, mysql_server: str | None) -> dict[str, str]:
@@ -184,7 +188,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "used. Empty: SQLite only")
     parser.add_argument("--out", type=Path, help="JSON results file (default bench/results/<UTC timestamp>.json)")
     parser.add_argument("--show", type=Path, metavar="JSON", help="print the tables of an earlier results file")
+    parser.add_argument("--compare", type=Path, action="append", default=[], metavar="CHECKOUT",
+                        help="http: also measure the relay of another checkout (its addon/codex.py, on SQLite) in "
+                             "the same interleaved rounds, e.g. a `git worktree` of the previous commit; repeatable")
     args = parser.parse_args(argv)
+    for checkout in args.compare:
+        if not (checkout / "addon" / "codex.py").is_file():
+            parser.error(f"--compare {checkout}: no addon/codex.py there")
+    COMPARE[:] = [c.resolve() for c in args.compare]
     if args.show:
         earlier = json.loads(args.show.read_text())
         print(f"{args.show}: started {earlier['started']}, {earlier['machine']['cpus']} CPUs")

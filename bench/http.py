@@ -15,7 +15,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,7 +72,8 @@ def start_upstream(stack: ExitStack, *args: str) -> int:
     return int(line.split()[-1])
 
 
-def start_targets(stack: ExitStack, upstream_port: int, tmp: Path, mysql_db: str | None, phase: str) -> list[Target]:
+def start_targets(stack: ExitStack, upstream_port: int, tmp: Path, mysql_db: str | None, phase: str,
+                  compare: Sequence[Path] = ()) -> list[Target]:
     """Every thing under test, started and registered for stopping, in the order of the tables."""
     nodes = tmp / "nodes.toml"
     nodes.write_text(f'[[nodes]]\nid = "bench"\nbase_url = "http://127.0.0.1:{upstream_port}/v1"\n'
@@ -93,6 +94,10 @@ def start_targets(stack: ExitStack, upstream_port: int, tmp: Path, mysql_db: str
     for name, url, opts in dbs:
         relay = RelayProcess(db_url=url, reverse_target=reverse, options=relay_opts | opts, extra_args=quiet)
         out.append(Target(name, stack.enter_context(relay).port, relay, url, phase))
+    for root in compare:
+        url = sqlite_url(tmp, f"{phase}-{root.name}.db")
+        relay = RelayProcess(db_url=url, reverse_target=reverse, options=relay_opts, extra_args=quiet, root=root)
+        out.append(Target(f"relay-sqlite@{root.name}", stack.enter_context(relay).port, relay, url, phase))
     return out
 
 
@@ -161,7 +166,7 @@ def _recorded(targets: list[Target]) -> dict[str, dict]:
 
 def bench_http(*, seconds: float, clients: list[int], rounds: int, mysql_server: str | None,
                ttfb_delay: float, ttfb_event_delay: float, ttfb_rounds: int, ttfb_per_round: int,
-               log: Callable[[str], None] = print) -> dict:
+               compare: Sequence[Path] = (), log: Callable[[str], None] = print) -> dict:
     """Throughput and latency at each concurrency, then TTFB of a stream whose first event comes after
     ``ttfb_delay`` s (and each next one ``ttfb_event_delay`` s later); relays on SQLite and, with a
     ``mysql_server`` URL, on a scratch MariaDB database."""
@@ -173,13 +178,13 @@ def bench_http(*, seconds: float, clients: list[int], rounds: int, mysql_server:
         tmp = Path(outer.enter_context(tempfile.TemporaryDirectory(prefix="codex-bench-")))
         mysql_db = outer.enter_context(scratch_mysql(mysql_server)) if mysql_server else None
         with ExitStack() as stack:
-            targets = start_targets(stack, start_upstream(stack), tmp, mysql_db, "bench-throughput")
+            targets = start_targets(stack, start_upstream(stack), tmp, mysql_db, "bench-throughput", compare)
             log(f"throughput: {', '.join(t.name for t in targets)}; {rounds} rounds of {seconds:g} s")
             out["throughput"] = throughput(targets, clients=clients, rounds=rounds, seconds=seconds, log=log)
             out["recorded"] = _recorded(targets)
         with ExitStack() as stack:
             port = start_upstream(stack, "--first-byte-delay", str(ttfb_delay), "--event-delay", str(ttfb_event_delay))
-            targets = start_targets(stack, port, tmp, mysql_db, "bench-ttfb")
+            targets = start_targets(stack, port, tmp, mysql_db, "bench-ttfb", compare)
             log(f"TTFB: first event after {ttfb_delay * 1000:g} ms, then one every {ttfb_event_delay * 1000:g} ms")
             out["ttfb"] = ttfb(targets, rounds=ttfb_rounds, per_round=ttfb_per_round, log=log)
             for name, rec in _recorded(targets).items():
