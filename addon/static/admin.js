@@ -85,6 +85,10 @@ function renderNodes(nodes) {
       const disable = n.status !== "disabled";
       actions.append(el("button", {type: "button", "data-action": disable ? "disable" : "enable",
         onclick: () => toggleNode(n.node_id, disable)}, disable ? "Disable" : "Enable"));
+      if (n.status === "failed") {  // enabling resets its circuit breaker: back in rotation at once
+        actions.append(el("button", {type: "button", "data-action": "reset",
+          onclick: () => toggleNode(n.node_id, false)}, "Reset"));
+      }
     }
     const ping = n.last_ping_err ? "error: " + n.last_ping_err : n.last_ping_ms === null ? "–" : int(n.last_ping_ms) + " ms";
     return el("tr", {"data-node": n.node_id ?? ""},
