@@ -163,6 +163,8 @@ def test_nodes_endpoint_numbers_and_masked_keys(env):
             alpha["failures"], alpha["input_tokens"], alpha["lifetime_attempts"]) == \
         ("alpha", "active", 2, True, 3, 1, 600, 3)
     assert alpha["health_rate"] == pytest.approx(2 / 3) and alpha["api_key_hint"] == "sk-…cdef"
+    # The same meanings as the CLI: the failure was the node's, so its fail_count has it too.
+    assert (alpha["aborted"], alpha["refused"], alpha["lifetime_failed_attempts"]) == (0, 0, 1)
     assert (beta["requests"], beta["health_rate"], beta["api_key_hint"]) == (0, None, "sk-…3210")
 
     (one,) = data(ask(env.admin, "GET", "/admin/api/nodes?node=alpha&since=2026-11-21&until=2026-11-21"))["nodes"]
@@ -193,6 +195,7 @@ def test_days_recent_writer_and_reconcile_endpoints(env):
     assert ask(env.admin, "GET", "/admin/api/recent?limit=0").status_code == 400
     (model,) = data(ask(env.admin, "GET", "/admin/api/models"))["models"]
     assert (model["model"], model["requests"]) == ("gpt-5-codex", 3)
+    assert (model["cost"], model["unpriced"]) == (None, 3)  # no price: unknown, not 0
     writer = data(ask(env.admin, "GET", "/admin/api/writer"))["writer"]
     assert writer["db_ok"] is True and writer["spooled"] == 0
     assert data(ask(env.admin, "GET", "/admin/api/reconcile")) == {"configured": False, "results": [], "polls": []}
