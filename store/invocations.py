@@ -63,6 +63,7 @@ def apply_batch(conn: sa.Connection, items: Sequence[Item]) -> BatchResult:
     known = _stored_ids(conn, {r.invoke_id for r in records})
     changes: dict[str, _NodeChange] = {}
     rows: list[dict] = []
+    written: list[InvocationRecord] = []
     for item in items:
         if isinstance(item, InvocationRecord):
             if item.invoke_id in known:
@@ -70,6 +71,7 @@ def apply_batch(conn: sa.Connection, items: Sequence[Item]) -> BatchResult:
                 continue
             known.add(item.invoke_id)
             rows.append(invocation_row(item))
+            written.append(item)
             if item.node_id:
                 _count_invocation(changes.setdefault(item.node_id, _NodeChange()), item)
         else:
@@ -78,7 +80,7 @@ def apply_batch(conn: sa.Connection, items: Sequence[Item]) -> BatchResult:
         conn.execute(sa.insert(codex_invocations), rows)
         result.inserted = len(rows)
         # Sorted keys: two relays upserting the same days lock their rows in the same order.
-        daily = sorted(_daily(rows).values(), key=lambda d: (d["day"], d["source"], d["node_id"], d["model"]))
+        daily = sorted(_daily(written, rows).values(), key=lambda d: (d["day"], d["source"], d["node_id"], d["model"]))
         upsert(conn, codex_daily_stats, daily, increment=DAILY_COUNTERS)
     # A fixed order of row locks: two relays updating the same nodes cannot deadlock each other.
     for node_id in sorted(changes):
@@ -111,10 +113,15 @@ def invocation_row(r: InvocationRecord) -> dict:
     }
 
 
-def _daily(rows: Sequence[dict]) -> dict[tuple, dict]:
-    """The batch's invocation rows added up per codex_daily_stats key."""
+def _daily(records: Sequence[InvocationRecord], rows: Sequence[dict]) -> dict[tuple, dict]:
+    """The batch's invocation rows (``rows[i]`` stores ``records[i]``) added up per codex_daily_stats key.
+
+    A call that did not succeed is a failure (the node's fault, as the node's ``fail_count`` counts
+    it), aborted (the client went away), or neither (a client error, the relay's own 503): its row
+    does not store which, the record does.
+    """
     out: dict[tuple, dict] = {}
-    for r in rows:
+    for record, r in zip(records, rows, strict=True):
         key = (r["occurred_at"].date(), r["source"], r["node_id"] or "", r["model"] or "")
         d = out.get(key)
         if d is None:
@@ -123,13 +130,20 @@ def _daily(rows: Sequence[dict]) -> dict[tuple, dict]:
         success = r["status"] == "success"
         timed = success and r["stream"] and r["stream_ms"] is not None and r["output_tokens"] > 0
         d["requests"] += 1
-        d["successes"] += success
+        if success:
+            d["successes"] += 1
+        elif record.node_failure:
+            d["failures"] += 1
+        elif r["status"] == "aborted":
+            d["aborted"] += 1
         d["input_tokens"] += r["input_tokens"]
         d["cached_tokens"] += r["cache_input_tokens"]
         d["output_tokens"] += r["output_tokens"]
         d["reasoning_tokens"] += r["reasoning_tokens"]
         d["total_tokens"] += r["total_tokens"]
-        d["cost"] += r["cost"] or 0.0
+        if r["cost"] is not None:  # None: the model has no price, which is not a cost of 0
+            d["cost"] += r["cost"]
+            d["priced"] += 1
         d["bytes"] += r["response_bytes"]
         if r["ttfb_ms"] is not None:
             d["ttfb_sum"] += r["ttfb_ms"]

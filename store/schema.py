@@ -126,6 +126,10 @@ codex_daily_stats = sa.Table(
     _counter("ttfb_n"),
     _counter("stream_ms"),  # over successful streamed calls with output: generation speed
     _counter("stream_tokens"),
+    # revision 6: how the calls that did not succeed ended, and which calls had a price
+    _counter("failures"),  # the node's fault (InvocationRecord.node_failure): counted in nodes.fail_count too
+    _counter("aborted"),  # the client went away: nobody's failure
+    _counter("priced"),  # calls with a cost; ``cost`` sums only these
 )
 
 # What the writer adds to a codex_daily_stats row and the stats views sum, in table order.

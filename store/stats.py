@@ -6,8 +6,15 @@ a query costs the same over a day or a year; the recent calls read ``codex_invoc
 predicates on ``occurred_at`` that its indexes serve.
 
 Definitions, the same in every view:
-- ``failures`` = calls whose status is not ``success`` (failed, truncated, aborted);
+- ``requests`` = calls, one per invocation row (a call retried on other nodes is one request, of the
+  node that served it); ``requests`` = ``successes`` + ``failures`` + ``aborted`` + ``refused``:
+  ``failures`` = calls that failed through the node's fault (HTTP 5xx/401/403/429, an error event,
+  a cut stream, a connect error or timeout: what the node's ``fail_count`` counts of them);
+  ``aborted`` = calls the client gave up on; ``refused`` = the other errors, nobody's failure but
+  the request's (a 4xx for the client's request, the relay's own 503 when no node is available);
   ``health_rate`` = successes / requests;
+- ``cost`` = the estimated cost of the calls whose model has a price, None when none has (not 0:
+  unknown); ``unpriced`` = calls without a price, not in ``cost``;
 - ``avg_ttfb_ms`` = mean time to first byte over the calls that have one;
 - ``stream_ms_per_token`` = stream time / output tokens over successful streamed calls with output:
   how fast a node generates, independent of answer length;
@@ -77,16 +84,23 @@ class Metrics:
 
     requests: int = 0
     successes: int = 0
-    failures: int = 0
+    failures: int = 0  # the node's fault
+    aborted: int = 0  # by the client
     input_tokens: int = 0  # cached included (OpenAI convention, see store.records)
     cached_tokens: int = 0
     output_tokens: int = 0  # reasoning included
     reasoning_tokens: int = 0
     total_tokens: int = 0
-    cost: float = 0.0
+    cost: float | None = None  # None: no call had a price
+    unpriced: int = 0  # calls without a price, not in cost
     bytes: int = 0
     avg_ttfb_ms: float | None = None
     stream_ms_per_token: float | None = None
+
+    @property
+    def refused(self) -> int:
+        """Calls that ended in an error that is neither the node's fault nor an abort."""
+        return self.requests - self.successes - self.failures - self.aborted
 
     @property
     def health_rate(self) -> float | None:
@@ -95,7 +109,7 @@ class Metrics:
     def as_dict(self) -> dict[str, Any]:
         """Plain JSON types; dates as ISO strings."""
         d = {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
-        d["health_rate"] = self.health_rate
+        d["refused"], d["health_rate"] = self.refused, self.health_rate
         return d
 
 
@@ -121,6 +135,12 @@ class NodeStats(Metrics):
 
     ``node_id`` None groups calls that no node served (monitor mode, no node available); a node id
     without a ``nodes`` row has ``status`` None.
+
+    The lifetime counters count attempts, not calls: a call retried on another node was also an
+    attempt of each node it failed on. ``lifetime_attempts`` = the node's calls + its failed
+    attempts retried elsewhere; ``lifetime_failed_attempts`` = its ``failures`` + those retried
+    attempts. Without retries they equal its calls and its failures. The other lifetime sums are
+    over its calls only.
     """
 
     node_id: str | None
@@ -133,15 +153,15 @@ class NodeStats(Metrics):
     last_ping_ms: int | None = None
     last_ping_err: str | None = None
     fail_streak: int = 0
-    lifetime_requests: int = 0
-    lifetime_failures: int = 0
+    lifetime_attempts: int = 0  # nodes.requests
+    lifetime_failed_attempts: int = 0  # nodes.fail_count
     lifetime_bytes: int = 0
     lifetime_input_tokens: int = 0
     lifetime_cached_tokens: int = 0
     lifetime_output_tokens: int = 0
     lifetime_reasoning_tokens: int = 0
     lifetime_stream_ms: int = 0
-    lifetime_ttfb_ms: int = 0  # sums: divide by lifetime_requests for the mean
+    lifetime_ttfb_ms: int = 0  # a sum over its calls with a first byte
 
 
 @dataclass(slots=True)
@@ -184,13 +204,13 @@ def _metric_columns() -> list[sa.ColumnElement]:
 def _metrics(row: sa.Row) -> dict[str, Any]:
     """Metrics fields from a row of ``_metric_columns`` (MySQL sums come back as Decimal or NULL)."""
     m = row._mapping
-    requests, successes = int(m["requests"] or 0), int(m["successes"] or 0)
+    requests, priced = int(m["requests"] or 0), int(m["priced"] or 0)
     ttfb_n, stream_tokens = int(m["ttfb_n"] or 0), int(m["stream_tokens"] or 0)
     return {
-        "requests": requests, "successes": successes, "failures": requests - successes,
-        **{k: int(m[k] or 0) for k in ("input_tokens", "cached_tokens", "output_tokens", "reasoning_tokens",
-                                       "total_tokens", "bytes")},
-        "cost": float(m["cost"] or 0),
+        **{k: int(m[k] or 0) for k in ("requests", "successes", "failures", "aborted", "input_tokens",
+                                       "cached_tokens", "output_tokens", "reasoning_tokens", "total_tokens",
+                                       "bytes")},
+        "cost": float(m["cost"] or 0) if priced else None, "unpriced": requests - priced,
         "avg_ttfb_ms": float(m["ttfb_sum"]) / ttfb_n if ttfb_n else None,
         "stream_ms_per_token": float(m["stream_ms"]) / stream_tokens if stream_tokens else None,
     }
@@ -247,7 +267,7 @@ def _fill_node(s: NodeStats, row: sa.Row) -> None:
     s.api_key_hint = mask_secret(row.api_key) if row.api_key else None
     s.last_error, s.last_ping_ms, s.last_ping_err = row.last_error, row.last_ping_ms, row.last_ping_err
     s.fail_streak = row.fail_streak
-    s.lifetime_requests, s.lifetime_failures, s.lifetime_bytes = row.requests, row.fail_count, row.total_bytes
+    s.lifetime_attempts, s.lifetime_failed_attempts, s.lifetime_bytes = row.requests, row.fail_count, row.total_bytes
     s.lifetime_input_tokens, s.lifetime_cached_tokens = row.total_input, row.total_cached
     s.lifetime_output_tokens, s.lifetime_reasoning_tokens = row.total_output, row.total_reasoning
     s.lifetime_stream_ms, s.lifetime_ttfb_ms = row.stream_dur_ms, row.first_byte_ms

@@ -40,6 +40,13 @@ def _rate(v: float | None) -> str:
     return "-" if v is None else f"{v:.1%}"
 
 
+def _cost(s: Any) -> str:
+    """``-`` when no call had a price (unknown, not free); the calls left out are named."""
+    if s.cost is None:
+        return "-"
+    return f"{s.cost:.4f}" + (f" ({s.unpriced:,} unpriced)" if s.unpriced else "")
+
+
 def _text(v: str | None, width: int = 40) -> str:
     if not v:
         return "-"
@@ -49,15 +56,20 @@ def _text(v: str | None, width: int = 40) -> str:
 
 # One table per view: (heading, cell of a row, right-aligned). JSON and CSV carry every field.
 Column = tuple[str, Callable[[Any], str], bool]
-_METRIC_COLUMNS: list[Column] = [
+_CALL_COLUMNS: list[Column] = [
     ("requests", lambda s: _int(s.requests), True),
     ("failures", lambda s: _int(s.failures), True),
+    ("aborted", lambda s: _int(s.aborted), True),
+    ("refused", lambda s: _int(s.refused), True),
     ("health", lambda s: _rate(s.health_rate), True),
     ("input", lambda s: _int(s.input_tokens), True),
     ("cached", lambda s: _int(s.cached_tokens), True),
     ("output", lambda s: _int(s.output_tokens), True),
     ("reasoning", lambda s: _int(s.reasoning_tokens), True),
-    ("cost $", lambda s: f"{s.cost:.4f}", True),
+]
+_METRIC_COLUMNS: list[Column] = [
+    *_CALL_COLUMNS,
+    ("cost $", _cost, True),
     ("ttfb ms", lambda s: _ms(s.avg_ttfb_ms), True),
 ]
 VIEWS: dict[str, tuple[Callable[..., list], list[Column]]] = {
@@ -66,7 +78,7 @@ VIEWS: dict[str, tuple[Callable[..., list], list[Column]]] = {
         ("name", lambda s: _text(s.name, 24), False),
         ("status", lambda s: s.status or "-", False),
         ("weight", lambda s: _int(s.weight), True),
-        *_METRIC_COLUMNS[:7],
+        *_CALL_COLUMNS,
         ("bytes", lambda s: _int(s.bytes), True),
         ("ttfb ms", lambda s: _ms(s.avg_ttfb_ms), True),
         ("ms/token", lambda s: _ms(s.stream_ms_per_token), True),
@@ -76,7 +88,7 @@ VIEWS: dict[str, tuple[Callable[..., list], list[Column]]] = {
     "models": (per_model, [("model", lambda s: s.model or "(unknown)", False), *_METRIC_COLUMNS]),
     "sources": (per_source, [("source", lambda s: s.source, False), *_METRIC_COLUMNS]),
     "days": (per_day, [("day", lambda s: s.day, False), ("source", lambda s: s.source, False),
-                       *_METRIC_COLUMNS[:7], ("total", lambda s: _int(s.total_tokens), True)]),
+                       *_CALL_COLUMNS, ("total", lambda s: _int(s.total_tokens), True)]),
     "recent": (recent_invocations, [
         ("time (UTC)", lambda s: f"{s.occurred_at:%Y-%m-%d %H:%M:%S}", False),
         ("source", lambda s: s.source, False),

@@ -52,7 +52,7 @@ def env(db_url, tmp_path):
             apply_batch(conn, [
                 InvocationRecord(invoke_id=f"c{i}", occurred_at=dt.datetime(2026, 11, 20 + i, 12), source="relay",
                                  endpoint="/v1/responses", status="success" if i else "failed", node_id="alpha",
-                                 model="gpt-5-codex", stream=True, http_status=200,
+                                 model="gpt-5-codex", stream=True, http_status=200 if i else 500, node_failure=not i,
                                  usage=Usage(input_tokens=100 * (i + 1), output_tokens=10), ttfb_ms=100,
                                  stream_ms=50, response_bytes=1000)
                 for i in range(3)])
@@ -160,9 +160,11 @@ def test_only_admin_paths_in_reverse_mode_are_answered(env):
 def test_nodes_endpoint_numbers_and_masked_keys(env):
     alpha, beta = data(ask(env.admin, "GET", "/admin/api/nodes"))["nodes"]
     assert (alpha["node_id"], alpha["status"], alpha["weight"], alpha["routed"], alpha["requests"],
-            alpha["failures"], alpha["input_tokens"], alpha["lifetime_requests"]) == \
+            alpha["failures"], alpha["input_tokens"], alpha["lifetime_attempts"]) == \
         ("alpha", "active", 2, True, 3, 1, 600, 3)
     assert alpha["health_rate"] == pytest.approx(2 / 3) and alpha["api_key_hint"] == "sk-…cdef"
+    # The same meanings as the CLI: the failure was the node's, so its fail_count has it too.
+    assert (alpha["aborted"], alpha["refused"], alpha["lifetime_failed_attempts"]) == (0, 0, 1)
     assert (beta["requests"], beta["health_rate"], beta["api_key_hint"]) == (0, None, "sk-…3210")
 
     (one,) = data(ask(env.admin, "GET", "/admin/api/nodes?node=alpha&since=2026-11-21&until=2026-11-21"))["nodes"]
@@ -193,6 +195,7 @@ def test_days_recent_writer_and_reconcile_endpoints(env):
     assert ask(env.admin, "GET", "/admin/api/recent?limit=0").status_code == 400
     (model,) = data(ask(env.admin, "GET", "/admin/api/models"))["models"]
     assert (model["model"], model["requests"]) == ("gpt-5-codex", 3)
+    assert (model["cost"], model["unpriced"]) == (None, 3)  # no price: unknown, not 0
     writer = data(ask(env.admin, "GET", "/admin/api/writer"))["writer"]
     assert writer["db_ok"] is True and writer["spooled"] == 0
     assert data(ask(env.admin, "GET", "/admin/api/reconcile")) == {"configured": False, "results": [], "polls": []}

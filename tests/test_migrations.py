@@ -11,7 +11,9 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
 from store.engine import alembic_config, current_revision, downgrade_to, head_revision, make_engine, upgrade_to_head
-from store.schema import metadata
+from store.invocations import apply_batch
+from store.records import InvocationRecord
+from store.schema import DAILY_COUNTERS, metadata
 
 
 @pytest.fixture
@@ -54,7 +56,7 @@ def summary(engine: sa.Engine) -> tuple:
 def test_head_matches_the_schema_module(engine):
     upgrade_to_head(engine)
     with engine.connect() as conn:
-        assert current_revision(conn) == head_revision() == "0005"
+        assert current_revision(conn) == head_revision() == "0006"
         diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), metadata)
     assert diff == []
 
@@ -112,6 +114,39 @@ def check_legacy_upgrade(engine: sa.Engine, n: int) -> None:
     assert summary(engine) == before
     with engine.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM codex_invocations WHERE source = 'xy'")).scalar() == n
+
+
+def rollup(engine: sa.Engine) -> list[tuple]:
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text(f"SELECT node_id, model, {', '.join(DAILY_COUNTERS)} FROM codex_daily_stats "
+                                    "ORDER BY node_id, model")).all()
+    return [tuple(round(float(v), 9) if isinstance(v, float) else v for v in r) for r in rows]
+
+
+def test_rollup_filled_by_the_migrations_equals_the_writers(engine):
+    """Revisions 0004 and 0006 fill codex_daily_stats from the rows already there: the numbers the writer
+    keeps, failures (the node's fault, as the relay decided it), aborts and priced calls included."""
+    upgrade_to_head(engine)
+    # (node, status, http status, the node's fault, cost, error): every way a call has ended.
+    calls = [("a", "success", 200, False, 0.5, None), ("a", "success", 200, False, 0.0, None),
+             ("a", "success", 200, False, None, None), ("a", "failed", 500, True, None, "HTTP 500"),
+             ("a", "failed", 429, True, None, "HTTP 429"), ("a", "failed", 400, False, None, "HTTP 400"),
+             ("a", "failed", None, True, None, "connect failed"), ("a", "failed", 200, True, None, "overloaded"),
+             ("a", "truncated", 200, True, 0.25, "stream ended"), ("a", "aborted", 200, False, None, "Client gone"),
+             (None, "failed", 503, False, None, "no upstream node available"),  # the relay's own 503
+             (None, "failed", 502, True, None, "HTTP 502")]  # monitor mode: the upstream's fault
+    with engine.begin() as conn:
+        apply_batch(conn, [InvocationRecord(
+            invoke_id=f"c{i}", occurred_at=dt.datetime(2026, 11, 24, 12, i), source="relay", endpoint="/v1/responses",
+            status=status, node_id=node, model="m", http_status=http, node_failure=fault, cost=cost,
+            error_message=error) for i, (node, status, http, fault, cost, error) in enumerate(calls)])
+    written = rollup(engine)
+    counts = [dict(zip(DAILY_COUNTERS, r[2:], strict=True)) for r in written]
+    assert [(c["requests"], c["successes"], c["failures"], c["aborted"], c["priced"]) for c in counts] == \
+        [(2, 0, 1, 0, 0), (10, 3, 5, 1, 3)]  # no node first ('')
+    downgrade_to(engine, "0003")  # no rollup: 0004 and 0006 rebuild it from the rows
+    upgrade_to_head(engine)
+    assert rollup(engine) == written
 
 
 def test_revision_1_database_upgrades_with_rows_tagged_xy(engine):

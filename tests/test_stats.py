@@ -9,6 +9,7 @@ import json
 
 import pytest
 
+from addon.outcome import is_node_failure_status
 from store.engine import make_engine, upgrade_to_head
 from store.invocations import apply_batch
 from store.nodes import set_disabled, upsert_nodes
@@ -30,7 +31,7 @@ def call(n: int, at: dt.datetime, node: str | None, model: str | None, status: s
         error_message=None if status == "success" else f"{status} {n}",
         usage=Usage(input_tokens=i, cached_tokens=c, output_tokens=o, reasoning_tokens=r), cost=cost,
         ttfb_ms=ttfb, stream_ms=stream_ms, duration_ms=(ttfb or 0) + (stream_ms or 0), response_bytes=nbytes,
-        node_failure=status == "failed" and node is not None)
+        node_failure=status == "failed" and node is not None and is_node_failure_status(http))
 
 
 # Numbered as in the expectations below; times chosen on the day boundaries.
@@ -43,8 +44,9 @@ CALLS = [
          ttfb=100, stream_ms=0, nbytes=100, http=500),
     call(4, dt.datetime(2026, 11, 22, 0, 0), "beta", MINI, "success", (10, 5, 20, 0), source="xy",
          stream=False, ttfb=1000, stream_ms=5, nbytes=500),
+    # The relay's own 503 (no node available): refused, nobody's failure.
     call(5, dt.datetime(2026, 11, 22, 12, 0), None, None, "failed", (0, 0, 0, 0), http=503),
-    # Aborted by the client: a failure of the call, not of the node, and no speed sample.
+    # Aborted by the client: not a failure of the node, and no speed sample.
     call(6, dt.datetime(2026, 11, 22, 13, 0), "alpha", CODEX, "aborted", (50, 0, 10, 0),
          ttfb=300, stream_ms=100, nbytes=400),
     # A node id the nodes table does not know (its row was removed).
@@ -78,7 +80,7 @@ def test_per_node_window_stats_node_state_and_lifetime_counters(engine):
     alpha, beta, gamma, ghost, none = query(engine, per_node)
     assert [s.node_id for s in (alpha, beta, gamma, ghost, none)] == ["alpha", "beta", "gamma", "ghost", None]
 
-    assert (alpha.requests, alpha.successes, alpha.failures) == (3, 2, 1)
+    assert (alpha.requests, alpha.successes, alpha.failures, alpha.aborted, alpha.refused) == (3, 2, 0, 1, 0)
     assert alpha.health_rate == pytest.approx(2 / 3)
     assert (alpha.input_tokens, alpha.cached_tokens, alpha.output_tokens, alpha.reasoning_tokens,
             alpha.total_tokens, alpha.bytes) == (350, 40, 90, 10, 440, 3400)
@@ -88,20 +90,20 @@ def test_per_node_window_stats_node_state_and_lifetime_counters(engine):
     assert (alpha.name, alpha.base_url, alpha.weight, alpha.status, alpha.api_key_hint) == \
         ("Alpha", "https://a.example/v1", 3, "active", "sk-…1234")
     assert (alpha.last_ping_ms, alpha.last_ping_err, alpha.last_error) == (42, None, None)
-    assert (alpha.lifetime_requests, alpha.lifetime_failures, alpha.lifetime_bytes, alpha.lifetime_input_tokens,
+    assert (alpha.lifetime_attempts, alpha.lifetime_failed_attempts, alpha.lifetime_bytes, alpha.lifetime_input_tokens,
             alpha.lifetime_cached_tokens, alpha.lifetime_output_tokens, alpha.lifetime_reasoning_tokens,
             alpha.lifetime_stream_ms, alpha.lifetime_ttfb_ms) == (3, 0, 3400, 350, 40, 90, 10, 1100, 900)
 
     assert (beta.requests, beta.failures, beta.health_rate, beta.avg_ttfb_ms) == (2, 1, 0.5, 550.0)
     assert beta.stream_ms_per_token is None  # its only success was not streamed
-    assert (beta.status, beta.last_error, beta.lifetime_failures, beta.fail_streak) == \
+    assert (beta.status, beta.last_error, beta.lifetime_failed_attempts, beta.fail_streak) == \
         ("failed", "3 failures in a row", 1, 0)
 
     assert (gamma.status, gamma.weight, gamma.requests, gamma.health_rate, gamma.avg_ttfb_ms) == \
         ("disabled", 2, 0, None, None)
     assert gamma.api_key_hint == "…"  # too short to show any of it
     assert (ghost.status, ghost.requests, ghost.stream_ms_per_token) == (None, 1, 10.0)
-    assert (none.status, none.requests, none.failures, none.avg_ttfb_ms) == (None, 1, 1, None)
+    assert (none.status, none.requests, none.failures, none.refused, none.avg_ttfb_ms) == (None, 1, 0, 1, None)
 
 
 def test_per_node_filters(engine):
@@ -110,7 +112,7 @@ def test_per_node_filters(engine):
     assert (alpha.requests, alpha.input_tokens, alpha.avg_ttfb_ms, alpha.stream_ms_per_token) == (1, 200, 400.0, 14.0)
     assert (beta.requests, beta.failures, beta.health_rate) == (1, 1, 0.0)
     assert gamma.requests == 0
-    assert alpha.lifetime_requests == 3  # lifetime counters ignore the window
+    assert alpha.lifetime_attempts == 3  # lifetime counters ignore the window
 
     (beta,) = query(engine, per_node, Filters(node="beta"))
     assert (beta.node_id, beta.requests, beta.input_tokens) == ("beta", 2, 10)
@@ -120,11 +122,12 @@ def test_per_model(engine):
     codex, mini, unknown = query(engine, per_model)
     assert (codex.model, codex.requests, codex.failures, codex.input_tokens, codex.cached_tokens,
             codex.output_tokens, codex.reasoning_tokens, codex.total_tokens, codex.bytes) == \
-        (CODEX, 4, 1, 351, 40, 91, 10, 442, 3410)
+        (CODEX, 4, 0, 351, 40, 91, 10, 442, 3410)
+    assert codex.aborted == 1
     assert codex.avg_ttfb_ms == 237.5
     assert codex.stream_ms_per_token == pytest.approx(1010 / 81)
     assert (mini.model, mini.requests, mini.failures, mini.input_tokens, mini.cached_tokens) == (MINI, 2, 1, 10, 5)
-    assert (unknown.model, unknown.requests, unknown.failures) == (None, 1, 1)
+    assert (unknown.model, unknown.requests, unknown.failures, unknown.refused) == (None, 1, 0, 1)
 
     (only,) = query(engine, per_model, Filters(node="alpha", since=D22))
     assert (only.model, only.requests, only.successes, only.health_rate) == (CODEX, 1, 0, 0.0)
@@ -147,12 +150,77 @@ def test_per_day(engine):
     assert got == [
         ("2026-11-20", "relay", 2, 0, 101, 40, 31, 10, 132),
         ("2026-11-21", "relay", 2, 1, 200, 0, 50, 0, 250),
-        ("2026-11-22", "relay", 2, 2, 50, 0, 10, 0, 60),
+        ("2026-11-22", "relay", 2, 0, 50, 0, 10, 0, 60),  # one refused, one aborted
         ("2026-11-22", "xy", 1, 0, 10, 5, 20, 0, 30),
     ]
     mini = [(s.day, s.source, s.requests, s.failures) for s in query(engine, per_day, Filters(model=MINI))]
     assert mini == [("2026-11-21", "relay", 1, 1), ("2026-11-22", "xy", 1, 0)]
     assert [s.day for s in query(engine, per_day, Filters(since=D21, until=D21))] == ["2026-11-21"]
+
+
+def test_failures_are_the_nodes_fault_aborts_and_refusals_apart(engine, capsys):
+    """A client abort and a client error are no failure: a node's failures are its calls that its
+    fail_count counts, and every call is a success, a failure, aborted or refused."""
+    with engine.begin() as conn:
+        apply_batch(conn, [call(8, dt.datetime(2026, 11, 22, 14, 0), "alpha", CODEX, "failed", (5, 0, 0, 0),
+                                http=400)])
+    alpha, beta, *_ = query(engine, per_node)
+    assert (alpha.requests, alpha.successes, alpha.failures, alpha.aborted, alpha.refused) == (4, 2, 0, 1, 1)
+    assert (alpha.failures, beta.failures) == (alpha.lifetime_failed_attempts, beta.lifetime_failed_attempts) == (0, 1)
+    for fn in (per_node, per_model, per_source, per_day):
+        for s in query(engine, fn):
+            assert s.requests == s.successes + s.failures + s.aborted + s.refused, s
+    code, out, _ = run(engine, capsys, "sources", "--json")
+    assert [(d["source"], d["failures"], d["aborted"], d["refused"]) for d in json.loads(out)] == \
+        [("relay", 1, 1, 2), ("xy", 0, 0, 0)]
+    code, out, _ = run(engine, capsys, "nodes", "--node", "alpha")
+    header, row = out.splitlines()
+    assert header.split()[4:9] == ["requests", "failures", "aborted", "refused", "health"]
+    assert row.split()[4:9] == ["4", "0", "1", "1", "50.0%"]
+
+
+def test_node_lifetime_counters_count_attempts_while_calls_count_once(engine, capsys):
+    """A call retried on another node is one request, of the node that served it; the node it failed on
+    counts an attempt and a failed attempt: attempts = calls + failed attempts retried elsewhere."""
+    retried = call(8, dt.datetime(2026, 11, 22, 14, 0), "alpha", CODEX, "success", (7, 0, 3, 0), cost=0.01)
+    retried.attempts = 2
+    with engine.begin() as conn:
+        apply_batch(conn, [NodeStateUpdate("beta", failed_attempt=True, last_error="HTTP 502"), retried])
+    alpha, beta, gamma, *_ = query(engine, per_node)
+    retried_on = {"alpha": 0, "beta": 1, "gamma": 0}
+    for node in (alpha, beta, gamma):
+        assert node.lifetime_attempts == node.requests + retried_on[node.node_id], node.node_id
+        assert node.lifetime_failed_attempts == node.failures + retried_on[node.node_id], node.node_id
+    assert (beta.requests, beta.failures, beta.lifetime_attempts, beta.lifetime_failed_attempts) == (2, 1, 3, 2)
+    assert query(engine, recent_invocations, Filters(), 1)[0].attempts == 2
+    code, out, _ = run(engine, capsys, "nodes", "--json", "--node", "beta")
+    (got,) = json.loads(out)
+    assert (got["requests"], got["lifetime_attempts"], got["lifetime_failed_attempts"]) == (2, 3, 2)
+    assert "lifetime_requests" not in got
+
+
+def test_cost_is_unknown_without_a_price_and_zero_only_when_priced(engine, capsys):
+    """Unpriced calls are left out of cost and counted; no priced call at all is no cost (-, null)."""
+    with engine.begin() as conn:
+        apply_batch(conn, [call(8, dt.datetime(2026, 11, 22, 14, 0), "alpha", "free-model", "success",
+                                (5, 0, 1, 0), cost=0.0)])
+    models = {m.model: m for m in query(engine, per_model)}
+    assert (models[MINI].cost, models[MINI].unpriced) == (None, 2)
+    assert (models["free-model"].cost, models["free-model"].unpriced) == (0.0, 0)
+    assert models[CODEX].cost == pytest.approx(0.03) and models[CODEX].unpriced == 2  # calls 6 and 7
+    (gamma,) = query(engine, per_node, Filters(node="gamma"))
+    assert (gamma.cost, gamma.unpriced) == (None, 0)  # no calls
+
+    code, out, _ = run(engine, capsys, "models")
+    rows = {line.split()[0]: line.split()[10:-1] for line in out.splitlines()[1:]}
+    assert out.splitlines()[0].split()[10:12] == ["cost", "$"]
+    assert rows == {CODEX: ["0.0300", "(2", "unpriced)"], MINI: ["-"], "free-model": ["0.0000"],
+                    "(unknown)": ["-"]}
+    code, out, _ = run(engine, capsys, "models", "--json")
+    got = {m["model"]: (m["cost"], m["unpriced"]) for m in json.loads(out)}
+    assert got[MINI] == (None, 2) and got["free-model"] == (0.0, 0) and got[None] == (None, 1)
+    code, out, _ = run(engine, capsys, "models", "--csv")
+    assert {r["model"]: r["cost"] for r in csv.DictReader(io.StringIO(out))}[MINI] == ""
 
 
 def test_recent_invocations(engine):
@@ -204,9 +272,12 @@ def test_cli_table(engine, capsys):
     code, out, _ = run(engine, capsys, "sources")
     assert code == 0
     assert out == (
-        "source  requests  failures  health  input  cached  output  reasoning  cost $  ttfb ms\n"
-        "relay          6         3   50.0%    351      40      91         10  0.0300    210.0\n"
-        "xy             1         0  100.0%     10       5      20          0  0.0000  1,000.0\n")
+        "source  requests  failures  aborted  refused  health  input  cached  output  reasoning"
+        "               cost $  ttfb ms\n"
+        "relay          6         1        1        1   50.0%    351      40      91         10"
+        "  0.0300 (4 unpriced)    210.0\n"
+        "xy             1         0        0        0  100.0%     10       5      20          0"
+        "                    -  1,000.0\n")
 
     code, out, _ = run(engine, capsys, "--since", "2026-11-21", "--until", "2026-11-21")  # default view: nodes
     lines = out.splitlines()

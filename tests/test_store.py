@@ -202,13 +202,18 @@ def test_daily_rollup_equals_the_rows_it_adds_up(engine):
         daily = conn.execute(sa.text("SELECT node_id, model, sum(requests), sum(input_tokens), "
                                      "sum(output_tokens), sum(ttfb_n) FROM codex_daily_stats "
                                      "GROUP BY node_id, model")).all()
-        days = conn.execute(sa.text("SELECT day, requests, successes, ttfb_sum, stream_ms, stream_tokens, cost "
+        days = conn.execute(sa.text("SELECT day, requests, successes, ttfb_sum, stream_ms, stream_tokens, cost, "
+                                    "failures, aborted, priced "
                                     "FROM codex_daily_stats WHERE node_id = 'a' AND model = 'm1'")).one()
+        aborted = conn.execute(sa.text("SELECT requests, failures, aborted, priced, cost FROM codex_daily_stats "
+                                       "WHERE node_id = '' AND model = 'm2'")).one()
     assert sorted(tuple(int(v) for v in r[2:]) + tuple(r[:2]) for r in raw) == sorted(
         tuple(int(v) for v in r[2:]) + tuple(r[:2]) for r in daily)
     assert str(days.day) == "2026-11-24"
     assert (days.requests, days.successes, days.ttfb_sum, days.stream_ms, days.stream_tokens) == (2, 1, 12, 30, 3)
     assert days.cost == pytest.approx(0.5)
+    assert (days.failures, days.aborted, days.priced) == (1, 0, 1)  # the failure was the node's; one call priced
+    assert tuple(aborted) == (1, 0, 1, 0, 0)
 
 
 def test_stored_size_is_bounded_and_trimmed_rows_are_flagged(engine):

@@ -11,7 +11,8 @@ let timer = null;
 const int = (v) => (v === null || v === undefined ? "–" : Math.round(v).toLocaleString("en-US"));
 const dec = (v) => (v === null || v === undefined ? "–" : v.toLocaleString("en-US", {minimumFractionDigits: 1, maximumFractionDigits: 1}));
 const pct = (v) => (v === null || v === undefined ? "–" : (v * 100).toFixed(1) + "%");
-const money = (v) => (v === null || v === undefined ? "–" : v.toFixed(4));
+// No priced call is an unknown cost ("–"), not a free one; calls without a price are left out and counted.
+const money = (s) => (s.cost === null ? "–" : s.cost.toFixed(4) + (s.unpriced ? ` (${int(s.unpriced)} unpriced)` : ""));
 const utcDay = (date) => date.toISOString().slice(0, 10);
 
 function el(tag, attrs = {}, ...children) {
@@ -97,8 +98,7 @@ function renderNodes(nodes) {
       cell("status", el("span", {class: "badge " + (n.status || "none")}, n.status ?? "–"), n.status ?? ""),
       cell("routed", n.routed ? "yes" : "no", n.routed ? 1 : 0),
       num("weight", n.weight),
-      num("requests", n.requests),
-      num("failures", n.failures),
+      ...outcomeCells(n),
       num("health", n.health_rate, pct),
       num("avg_ttfb_ms", n.avg_ttfb_ms, dec),
       num("stream_ms_per_token", n.stream_ms_per_token, dec),
@@ -107,7 +107,8 @@ function renderNodes(nodes) {
       num("output_tokens", n.output_tokens),
       num("reasoning_tokens", n.reasoning_tokens),
       num("bytes", n.bytes),
-      num("lifetime_requests", n.lifetime_requests),
+      num("lifetime_attempts", n.lifetime_attempts),
+      num("lifetime_failed_attempts", n.lifetime_failed_attempts),
       cell("key", n.api_key_hint ?? "–"),
       cell("ping", ping),
       cell("last_error", n.last_error ?? "", undefined, "error-text"),
@@ -116,10 +117,15 @@ function renderNodes(nodes) {
   $("#node-list").replaceChildren(...nodes.filter((n) => n.node_id).map((n) => el("option", {value: n.node_id})));
 }
 
+// requests = successes + failures (the node's fault) + aborted (by the client) + refused (store/stats.py).
+function outcomeCells(s) {
+  return [num("requests", s.requests), num("failures", s.failures), num("aborted", s.aborted), num("refused", s.refused)];
+}
+
 function metricRow(key, label, s) {
-  return el("tr", {"data-key": key ?? ""}, cell("key", label), num("requests", s.requests), num("failures", s.failures),
+  return el("tr", {"data-key": key ?? ""}, cell("key", label), ...outcomeCells(s),
     num("health", s.health_rate, pct), num("input_tokens", s.input_tokens), num("output_tokens", s.output_tokens),
-    num("cost", s.cost, money), num("avg_ttfb_ms", s.avg_ttfb_ms, dec));
+    cell("cost", money(s), s.cost ?? "", "num"), num("avg_ttfb_ms", s.avg_ttfb_ms, dec));
 }
 
 function renderWriter(w) {
@@ -221,7 +227,7 @@ function renderDays(days, query) {
     return el("span", {class: "key", "data-source": s}, swatch, s);
   }));
   fill($("#days"), days.map((d) => el("tr", {"data-day": d.day, "data-source": d.source},
-    cell("day", d.day), cell("source", d.source), num("requests", d.requests), num("failures", d.failures),
+    cell("day", d.day), cell("source", d.source), ...outcomeCells(d),
     num("input_tokens", d.input_tokens), num("cached_tokens", d.cached_tokens), num("output_tokens", d.output_tokens),
     num("reasoning_tokens", d.reasoning_tokens), num("total_tokens", d.total_tokens))));
   $("#source-list").replaceChildren(...sources.map((s) => el("option", {value: s})));
