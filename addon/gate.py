@@ -26,12 +26,11 @@ class Gate:
         self.refusals = refusals
         self.ready = False
 
-    def configure(self, updated: set[str]) -> None:
+    def load(self, loader) -> None:
         # The admin page must see the Host the client addressed (DNS rebinding), which reverse mode
         # otherwise replaces with the reverse target's; every request the relay sends on gets the Host
-        # of where it goes (addon.egress).
-        if not ctx.options.keep_host_header:
-            ctx.options.update(keep_host_header=True)
+        # of where it goes (addon.egress). Set here, before this script's addons are configured.
+        ctx.options.update(keep_host_header=True)
 
     @fail_closed
     def requestheaders(self, flow: http.HTTPFlow) -> None:
