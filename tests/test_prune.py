@@ -5,20 +5,22 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
+from collections.abc import Iterable, Iterator
 
 import pytest
 import sqlalchemy as sa
 
-from bench.data import NODES, records
+from bench.data import NODES
 from store.engine import make_engine, upgrade_to_head
 from store.invocations import apply_batch
 from store.nodes import upsert_nodes
 from store.prune import cutoff_for, prune_older_than
 from store.prune_cli import main
-from store.records import InvocationRecord, utcnow
+from store.records import InvocationRecord, Usage, utcnow
 from store.schema import codex_daily_stats, codex_invocations, nodes
 
 _inv = codex_invocations.c
+MODELS = ("gpt-5-codex", "gpt-5", "claude-sonnet-4-5", None)
 
 
 @pytest.fixture
@@ -31,12 +33,28 @@ def engine(db_url):
     engine.dispose()
 
 
-def write(engine: sa.Engine, items: list[InvocationRecord] | itertools.islice, chunk: int = 20_000) -> None:
+def write(engine: sa.Engine, items: Iterable[InvocationRecord], chunk: int = 20_000) -> None:
     """Through the writer's own apply_batch, so the daily rollup and node counters are filled too."""
     it = iter(items)
     while batch := list(itertools.islice(it, chunk)):
         with engine.begin() as conn:
             apply_batch(conn, batch)
+
+
+def spread(n: int, end: dt.datetime, days: int) -> Iterator[InvocationRecord]:
+    """``n`` calls evenly over the ``days`` before ``end``, varied enough that every rollup counter
+    and key (day, source, node or none, model or none) gets values; cheap to make, unlike bench.data's."""
+    start, step = end - dt.timedelta(days=days), dt.timedelta(days=days) / n
+    for i in range(n):
+        ok = i % 25 != 0
+        usage = Usage(input_tokens=1000 + i % 997, cached_tokens=i % 500, output_tokens=100 + i % 89,
+                      reasoning_tokens=i % 40) if ok else Usage()
+        yield InvocationRecord(
+            invoke_id=f"r{i}", occurred_at=start + step * i, source="relay" if i % 10 else "xy",
+            endpoint="/v1/responses", status="success" if ok else "failed",
+            node_id=NODES[i % 4].id if i % 50 else None, model=MODELS[i % 4], stream=True, usage=usage,
+            cost=(i % 1000) * 1e-5 if ok else None, ttfb_ms=100 + i % 300 if i % 7 else None,
+            stream_ms=2000 + i % 1000 if ok else None, response_bytes=500 + i % 3000, node_failure=not ok)
 
 
 def snapshot(engine: sa.Engine) -> tuple[list, list]:
@@ -65,11 +83,14 @@ def test_cutoff_is_a_utc_midnight_whole_days_back():
 
 def test_200k_rows_pruned_in_bounded_batches_rollup_unchanged(engine):
     now = utcnow()
-    write(engine, records(200_000, start=now - dt.timedelta(days=60), span=dt.timedelta(days=60)))
+    write(engine, spread(200_000, now, days=60))
     cutoff = cutoff_for(30, now)
     old, young = ids(engine, _inv.occurred_at < cutoff), ids(engine, _inv.occurred_at >= cutoff)
     assert len(old) > 90_000 and len(young) > 90_000
     before = snapshot(engine)
+    daily_before, _ = before
+    assert sum(r.requests for r in daily_before) == 200_000
+    assert min(r.day for r in daily_before) < (cutoff - dt.timedelta(days=29)).date()
 
     # What each transaction deleted, seen on the wire: DELETE row counts summed until each commit.
     per_transaction: list[int] = []
