@@ -30,7 +30,8 @@ def _progress_printer() -> Progress:
         if deleted < total and time.monotonic() - last < _PROGRESS_EVERY_S:
             return
         last = time.monotonic()
-        print(f"prune: {deleted:,} / ~{total:,} rows deleted ({deleted / total:.0%})", file=sys.stderr, flush=True)
+        print(f"prune: {deleted:,} / ~{total:,} rows deleted ({deleted / max(total, 1):.0%})",
+              file=sys.stderr, flush=True)
 
     return show
 
