@@ -3,7 +3,7 @@
 #   ./run.sh [mitmdump args…]   set up .venv, upgrade the DB, start the relay on 127.0.0.1:8000 (SQLite by default)
 #   ./run.sh test [pytest args…] set up .venv and run the whole test suite (+ ruff)
 #   ./run.sh web [mitmweb args…] same as the default, in mitmweb
-#   ./run.sh stats|poll-stats|reconcile|bench …   see README
+#   ./run.sh stats|poll-stats|reconcile|prune|bench …   see README
 set -euo pipefail
 cd "$(dirname "$0")"
 ROOT=$PWD
@@ -87,6 +87,7 @@ case "$cmd" in
     stats) shift; setup_venv; exec "$VENV/bin/python" -m store.stats_cli "$@" ;;
     poll-stats) shift; setup_venv; exec "$VENV/bin/python" -m store.poll_cli "$@" ;;
     reconcile) shift; setup_venv; exec "$VENV/bin/python" -m store.reconcile_cli "$@" ;;
+    prune) shift; setup_venv; exec "$VENV/bin/python" -m store.prune_cli "$@" ;;
     bench) shift; setup_venv; exec "$VENV/bin/python" -m bench "$@" ;;
     setup) setup_venv ;;
     *) setup_venv; relay mitmdump "$@" ;;
