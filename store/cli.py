@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import NoReturn
 
 import sqlalchemy as sa
 
@@ -36,3 +37,10 @@ def open_db(url: str, prog: str) -> sa.Engine | None:
         print(f"{prog}: cannot open database {shown}: {type(e).__name__}: {error_line(e)}", file=sys.stderr)
         return None
     return engine
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line, like every other error of the CLIs (it would print the usage first)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see --help)\n")

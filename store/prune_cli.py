@@ -13,10 +13,10 @@ from collections.abc import Sequence
 
 import sqlalchemy as sa
 
-from store.cli import add_db_option
+from store.cli import OneLineParser, add_db_option
 from store.engine import error_line
 from store.prune import BATCH, Progress, count_older_than, prune_older_than
-from store.stats_cli import StatsError, _Parser, open_readonly
+from store.stats_cli import StatsError, open_readonly
 
 _PROGRESS_EVERY_S = 1.0
 
@@ -37,7 +37,7 @@ def _progress_printer() -> Progress:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _Parser(
+    parser = OneLineParser(
         prog="prune", description="Delete the recorded calls (codex_invocations rows) older than N whole UTC "
         "days, a batch per transaction. The daily stats and node counters keep their totals. Exit 1 on a "
         "database error, 2 on bad arguments.")

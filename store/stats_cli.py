@@ -15,11 +15,11 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import sqlalchemy as sa
 
-from store.cli import add_db_option
+from store.cli import OneLineParser, add_db_option
 from store.engine import DEFAULT_DB, current_revision, error_line, head_revision, make_engine
 from store.stats import Filters, per_day, per_model, per_node, per_source, recent_invocations
 
@@ -172,14 +172,8 @@ def open_readonly(url: str) -> sa.Engine:
     return engine
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        # One line, like every other error of this command (argparse would print the usage first).
-        self.exit(2, f"{self.prog}: {message} (see --help)\n")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _Parser(
+    parser = OneLineParser(
         prog="stats", description="Stats of the calls the relay recorded: per node, model, source, day, "
         "or the latest calls. Days are UTC; --since and --until are inclusive.")
     parser.add_argument("view", nargs="?", default="nodes", choices=list(VIEWS), help="what to show (default nodes)")
