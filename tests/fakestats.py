@@ -159,9 +159,9 @@ class FakeStats:
 
     def _route(self, method: str, path: str, ctype: str, raw: bytes) -> tuple[int, str, str]:
         if method != "POST" or path.split("?")[0] != PATH:
-            return 404, "text/html; charset=utf-8", (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">'
-                                                     f"\n<title>Error</title>\n</head>\n<body>\n<pre>Cannot {method} "
-                                                     f"{path}</pre>\n</body>\n</html>\n")
+            page = (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>Error</title>\n'
+                    f"</head>\n<body>\n<pre>Cannot {method} {path}</pre>\n</body>\n</html>\n")
+            return 404, "text/html; charset=utf-8", page
         body = {}
         if "json" in ctype:
             try:
