@@ -40,8 +40,9 @@ class PollError(RuntimeError):
 class PollResult:
     source: str
     captured_at: dt.datetime
-    error: str | None = None  # None: the capture was stored (or was stored before)
+    error: str | None = None  # None: the capture was stored (or was stored before), or skipped
     ingest: IngestResult | None = None
+    skipped: str | None = None  # why no capture was taken (not a failure)
 
     @property
     def ok(self) -> bool:
@@ -50,6 +51,8 @@ class PollResult:
     def describe(self) -> str:
         if self.error is not None:
             return f"{self.source}: FAILED: {self.error}"
+        if self.skipped is not None:
+            return f"{self.source}: skipped: {self.skipped}"
         assert self.ingest is not None
         if not self.ingest.stored:
             return f"{self.source}: {self.ingest.note}"
@@ -104,9 +107,14 @@ class Poller:
         """Fetch, parse and store one capture of ``source``; never raises."""
         result = PollResult(source=source.name, captured_at=self._clock())
         try:
-            text = self._fetch(source)
+            # Checked before asking (no needless request) and again at the answer.
+            text = None if source.near_midnight(result.captured_at) else self._fetch(source)
             result.captured_at = self._clock()  # the provider's tally is as of its answer
-            result.ingest = ingest(self.engine, source.capture(text, result.captured_at))
+            if text is None or source.near_midnight(result.captured_at):
+                result.skipped = (f"within {source.midnight_margin:g} s of the provider's midnight, whose day "
+                                  "the answer may not match")
+            else:
+                result.ingest = ingest(self.engine, source.capture(text, result.captured_at))
         except (PollError, SourceFormatError) as e:
             result.error = str(e)
         except sa.exc.SQLAlchemyError as e:
@@ -114,10 +122,10 @@ class Poller:
         except Exception as e:  # a bug must not stop the other sources or the thread
             log.exception("stats source %s: unexpected error", source.name)
             result.error = f"{e.__class__.__name__}: {e}"
-        if result.error is not None:
-            log.warning("stats source %s: %s (next try in %g s)", source.name, result.error, source.interval)
-        else:
+        if result.error is None:
             log.debug("%s", result.describe())
+        else:
+            log.warning("stats source %s: %s (next try in %g s)", source.name, result.error, source.interval)
         self.last_results[source.name] = result
         if self._on_result is not None:
             self._on_result(result)

@@ -1,7 +1,13 @@
-"""Cost estimates for relay-captured calls from a per-model price table (``store/prices.toml``).
+"""Cost estimates for relay-captured calls: prices from ``genai-prices``, a local TOML table on top.
 
-The relay loads the table once, at configure time (``load_prices``), and calls ``PriceTable.cost``
-for every record it writes, on the proxy's event loop: one or two dict hits and a few multiplications.
+``genai-prices`` (Pydantic's maintained price data) prices hundreds of models, tiers and cache prices
+included; it runs offline from the data bundled with the installed package and is never asked to
+fetch updates here (upgrade the package for newer prices). The local table (``store/prices.toml``, or
+the file of the relay's ``codex_prices`` option) overrides it for custom or private models.
+
+The relay loads the prices once, at configure time (``load_prices``), and calls ``PriceTable.cost``
+for every record it writes, on the proxy's event loop: a model's price is resolved once and cached,
+then a call costs a few multiplications.
 """
 
 from __future__ import annotations
@@ -9,31 +15,40 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from decimal import Decimal
+from functools import lru_cache
 from pathlib import Path
+
+import genai_prices
+from genai_prices.types import ModelPrice, TieredPrices, calc_unit_price
 
 from store.config import ConfigError, load_toml
 from store.records import Usage
 
 DEFAULT_PRICES = Path(__file__).with_name("prices.toml")
 _SNAPSHOT_SUFFIX = re.compile(r"-\d{4}-\d{2}-\d{2}$")
+_KEYS = {"input", "cached_input", "cache_write", "output"}
+_PER = 1_000_000  # prices are per 1M tokens
 
 
 @dataclass(frozen=True, slots=True)
 class Price:
-    """USD per 1M tokens."""
+    """USD per 1M tokens of a local-table model (no tiers)."""
 
     input: float
     cached_input: float
+    cache_write: float
     output: float
 
 
 @dataclass(frozen=True, slots=True)
 class CostSplit:
-    """USD of one call, by the kind of token that cost it."""
+    """USD of one call, by the kind of token that cost it; ``total`` = input + cached + output."""
 
-    input: float  # uncached input (cache writes included)
+    input: float  # input not served from the prompt cache, cache writes included
     cached: float  # input served from the prompt cache
     output: float  # output, reasoning included
+    cache_write: float = 0.0  # the share of ``input`` spent writing the prompt cache
 
     @property
     def total(self) -> float:
@@ -41,37 +56,71 @@ class CostSplit:
 
 
 class PriceTable:
+    """The local table over ``genai-prices``; ``cost`` is what the relay calls."""
+
     def __init__(self, prices: Mapping[str, Price]) -> None:
         self._prices = {k.lower(): v for k, v in prices.items()}
 
     def __len__(self) -> int:
+        """Models of the local table."""
         return len(self._prices)
 
-    def price(self, model: str | None) -> Price | None:
-        """The price of ``model``: exact name, else the name without a snapshot date suffix."""
+    def local_price(self, model: str | None) -> Price | None:
+        """``model``'s price in the local table: exact name, else the name without a snapshot date."""
         if not model:
             return None
         key = model.lower()
         return self._prices.get(key) or self._prices.get(_SNAPSHOT_SUFFIX.sub("", key))
 
     def cost(self, model: str | None, usage: Usage) -> CostSplit | None:
-        """The estimated cost of one call (OpenAI token convention), or None for an unknown model."""
-        p = self.price(model)
-        if p is None:
-            return None
+        """The estimated cost of one call (OpenAI token convention: input includes cached tokens and
+        cache writes), or None for a model neither the local table nor genai-prices knows."""
+        price = self.local_price(model)
+        if price is None:
+            maintained = _maintained_price(model.lower()) if model else None
+            if maintained is None:
+                return None
+            price = _at_tier(maintained, usage.input_tokens)
         cached = min(usage.cached_tokens, usage.input_tokens)
-        return CostSplit(input=(usage.input_tokens - cached) * p.input / 1e6,
-                         cached=cached * p.cached_input / 1e6,
-                         output=usage.output_tokens * p.output / 1e6)
+        written = min(usage.cache_write_tokens, usage.input_tokens - cached)
+        cache_write = written * price.cache_write / _PER
+        return CostSplit(input=(usage.input_tokens - cached - written) * price.input / _PER + cache_write,
+                         cached=cached * price.cached_input / _PER, output=usage.output_tokens * price.output / _PER,
+                         cache_write=cache_write)
+
+
+def _at_tier(price: ModelPrice, input_tokens: int) -> Price:
+    """genai-prices' rates for a call with ``input_tokens`` of input: every token of a call costs the
+    tier its total input reaches; an unpriced cache read or write costs the input price, as there."""
+    def rate(value: Decimal | TieredPrices | None) -> float | None:
+        return None if value is None else float(calc_unit_price(value, _PER, input_tokens, _PER))
+
+    uncached = rate(price.input_mtok) or 0.0
+    cached, written = rate(price.cache_read_mtok), rate(price.cache_write_mtok)
+    return Price(input=uncached, cached_input=uncached if cached is None else cached,
+                 cache_write=uncached if written is None else written, output=rate(price.output_mtok) or 0.0)
+
+
+@lru_cache(maxsize=1024)  # bounded: model names come from clients
+def _maintained_price(model: str) -> ModelPrice | None:
+    """genai-prices' current price of ``model`` (or of its name without a snapshot date), from its
+    bundled data; None when it does not know the model."""
+    for ref in dict.fromkeys((model, _SNAPSHOT_SUFFIX.sub("", model))):
+        try:
+            return genai_prices.calc_price(genai_prices.Usage(), model_ref=ref).model_price
+        except LookupError:
+            continue
+    return None
 
 
 def load_prices(path: str | Path | None = None) -> PriceTable:
-    """A price table from TOML (``[models."name"]`` input, cached_input, output); None: the shipped one.
+    """genai-prices under a local TOML table (``[models."name"]`` input, cached_input, cache_write,
+    output, USD per 1M tokens); None: the shipped table.
 
     Raises ConfigError naming the file and the model.
     """
     path = path or DEFAULT_PRICES
-    models = load_toml(path).get("models")
+    models = load_toml(path).get("models", {})
     if not isinstance(models, dict):
         raise ConfigError(f"{path}: expected [models.\"<name>\"] tables")
     prices = {}
@@ -79,7 +128,7 @@ def load_prices(path: str | Path | None = None) -> PriceTable:
         where = f"{path}: models.{name!r}"
         if not isinstance(entry, dict):
             raise ConfigError(f"{where}: must be a table")
-        unknown = set(entry) - {"input", "cached_input", "output"}
+        unknown = set(entry) - _KEYS
         if unknown:
             raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
         if "input" not in entry or "output" not in entry:
@@ -88,5 +137,6 @@ def load_prices(path: str | Path | None = None) -> PriceTable:
             if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
                 raise ConfigError(f"{where}: {key} must be a number >= 0 (USD per 1M tokens), got {value!r}")
         prices[name] = Price(input=float(entry["input"]), cached_input=float(entry.get("cached_input", entry["input"])),
-                             output=float(entry["output"]))
+                             cache_write=float(entry.get("cache_write", entry["input"])), output=float(entry["output"]))
     return PriceTable(prices)
+

@@ -1,14 +1,16 @@
 """Compare what a provider says it served with what the relay measured, per day and model.
 
-For a source and a day (the provider's calendar day, see ``utc_offset``): the provider side is its
+For a source and a day (the provider's calendar day, see ``timezone``): the provider side is its
 latest snapshot of that day; the relay side is ``codex_invocations`` of the source's nodes with
 ``occurred_at`` from the start of that day up to the snapshot's capture time (the provider had not
-counted later calls yet). Compared per model and for all models:
+counted later calls yet). Models are matched by the name the provider files them under (CRS
+normalises names: no ``:latest``, ``-vN:M`` or Bedrock prefixes). Compared per model and for all
+models:
 
 - ``requests``: the provider's request count vs the relay's successful calls;
 - ``input_tokens`` (cached included, the relay's OpenAI convention: the provider's input + cache
   reads + cache writes), ``cached_tokens``, ``output_tokens``, ``total_tokens``;
-- ``cost``: the provider's cost vs the relay's estimated cost (``store/prices.toml``).
+- ``cost``: the provider's (real) cost vs the relay's estimated cost (``store/prices.py``).
 
 The command line (``./run.sh reconcile``) is ``store.reconcile_cli``; the admin page shows ``as_json``.
 """
@@ -24,7 +26,7 @@ import sqlalchemy as sa
 
 from store.schema import codex_invocations
 from store.snapshots import latest_capture
-from store.sources import SourceConfig
+from store.sources import FORMATS, SourceConfig
 
 METRICS = ("requests", "input_tokens", "cached_tokens", "output_tokens", "total_tokens", "cost")
 ALL_MODELS = None  # the key of the all-models row
@@ -117,7 +119,11 @@ def reconcile(conn: sa.Connection, source: SourceConfig, day: dt.date, tolerance
                               cached_tokens=m.cache_read_tokens, output_tokens=m.output_tokens,
                               total_tokens=m.all_tokens, cost=m.cost_total)
                 for model, m in snapshot.rows.items()}
-    relay = relay_totals(conn, source.nodes, start, end)
+    normalize = FORMATS[source.format].normalize_model
+    relay: dict[str | None, Totals] = {}
+    for model, t in relay_totals(conn, source.nodes, start, end).items():
+        key = model if model in (ALL_MODELS, NO_MODEL) else normalize(model)
+        relay[key] = relay.get(key, Totals()) + t
     return Reconciliation(source.name, stats_date, tolerance, (start, end), snapshot.captured_at,
                           compare(provider, relay, tolerance))
 

@@ -154,6 +154,7 @@ stats_source_snapshots = sa.Table(
     sa.Column("cost_cache_read", sa.Double),
     sa.Column("cost_total", sa.Double),
     sa.Column("raw_response", LONGTEXT),
+    sa.Column("cost_rated", sa.Double),  # charged after the provider's rate multiplier; NULL: not reported
     sa.Column("captured_at", TIMESTAMP, nullable=False),
     sa.Column("captured_at_epoch", sa.BigInteger, nullable=False),
     sa.Column("created_at", TIMESTAMP, server_default=sa.func.current_timestamp()),
@@ -176,6 +177,7 @@ stats_source_deltas = sa.Table(
     sa.Column("total_tokens", COUNTER, nullable=False),
     sa.Column("total_cost", sa.Double, nullable=False),
     sa.Column("created_at", TIMESTAMP, server_default=sa.func.current_timestamp()),
+    sa.Column("cost_rated", sa.Double),  # NULL: the provider reports no rated cost
     sa.UniqueConstraint("source", "period", "stats_date", "captured_at_epoch", name="uq_stats_source_deltas_capture"),
     sa.Index("idx_stats_source_deltas_epoch", "source", "period", "captured_at_epoch"),
 )

@@ -8,12 +8,14 @@ A capture is one poll of one source: one snapshot row per model plus one aggrega
   unique index, on MySQL/MariaDB and on SQLite alike. So each capture is stored under a per-source
   lock (MySQL ``GET_LOCK``; on SQLite the transaction takes the database write lock before it reads)
   and skipped when its aggregate row is already there.
-- **Deltas** compare the aggregate with the previous capture of the same source/period/stats_date:
-  requests, tokens (``all_tokens``) and cost (``cost_total``). The first capture of a date starts
-  from zero. No row when nothing changed. A counter going backwards (a provider reset or correction)
-  is logged and writes no delta; the next delta starts from the lower value. A capture older than
-  one already stored (two pollers, one late) writes its snapshot but no delta, so the deltas of a
-  date still add up to its latest totals.
+- **Deltas** of the aggregate's requests, tokens (``all_tokens``), cost (``cost_total``) and rated
+  cost (``cost_rated``) are each taken against the date's maximum so far (over the earlier captures
+  of the same source/period/stats_date) and floored at 0, as codex-vibe-monitor polled CRS: a
+  counter that dips (a provider correction, a lagging replica) and recovers is never counted twice,
+  and the deltas of a date add up to its highest totals. The first capture of a date starts from
+  zero. No row when nothing grew; a dip is logged. A capture older than one already stored (two
+  pollers, one late) writes its snapshot but no delta. The rated cost of a delta is NULL while the
+  provider reports none.
 - Providers report no failures: ``success_count`` = ``total_count``, ``failure_count`` = 0.
 """
 
@@ -27,7 +29,7 @@ import sqlalchemy as sa
 
 from store.locks import named_lock
 from store.schema import stats_source_deltas, stats_source_snapshots
-from store.sources import COUNTERS, Capture, ModelStats
+from store.sources import COUNTERS, STORED, Capture, ModelStats
 
 log = logging.getLogger("codex.snapshots")
 
@@ -42,6 +44,7 @@ class Delta:
     failure_count: int
     total_tokens: int
     total_cost: float
+    cost_rated: float | None = None
 
 
 @dataclass(slots=True)
@@ -77,8 +80,9 @@ def _ingest(conn: sa.Connection, capture: Capture) -> IngestResult:
                         s.c.stats_date == capture.stats_date, s.c.model.is_(None))
     if conn.execute(sa.select(s.c.id).where(same_date, s.c.captured_at_epoch == epoch).limit(1)).first():
         return IngestResult(stored=False, note="capture already stored")
-    previous = conn.execute(sa.select(*_counter_columns()).where(same_date, s.c.captured_at_epoch < epoch)
-                            .order_by(s.c.captured_at_epoch.desc()).limit(1)).first()
+    highs = conn.execute(sa.select(sa.func.max(s.c.requests), sa.func.max(s.c.all_tokens),
+                                  sa.func.max(s.c.cost_total), sa.func.max(s.c.cost_rated))
+                        .where(same_date, s.c.captured_at_epoch < epoch)).one()
     newer = conn.execute(sa.select(s.c.id).where(same_date, s.c.captured_at_epoch > epoch).limit(1)).first()
 
     total = capture.total
@@ -86,29 +90,38 @@ def _ingest(conn: sa.Connection, capture: Capture) -> IngestResult:
 
     if newer is not None:
         return IngestResult(stored=True, note="older than a capture already stored")
-    before = _stats(None, previous) if previous is not None else ModelStats(model=None)
-    count = total.requests - before.requests
-    tokens = total.all_tokens - before.all_tokens
-    cost = total.cost_total - before.cost_total
-    backwards = [name for name, diff in (("requests", count), ("tokens", tokens)) if diff < 0]
-    if cost < -_COST_EPSILON:
-        backwards.append("cost")
-    if backwards:
-        note = (f"counter went backwards ({', '.join(backwards)}): requests {before.requests} -> {total.requests}, "
-                f"tokens {before.all_tokens} -> {total.all_tokens}, cost {before.cost_total:.6f} -> "
-                f"{total.cost_total:.6f}; no delta written")
-        log.warning("stats source %s %s %s: %s", capture.source, capture.period, capture.stats_date, note)
+    now = {"requests": total.requests, "tokens": total.all_tokens, "cost": total.cost_total,
+           "rated cost": total.cost_rated}
+    growth = {name: _growth(value, high) for (name, value), high in zip(now.items(), highs, strict=True)}
+    dips = [f"{name} {high} -> {now[name]}" for (name, g), high in zip(growth.items(), highs, strict=True)
+            if g is not None and g < 0]
+    growth = {name: None if g is None else max(g, 0) for name, g in growth.items()}
+    if dips:
+        log.warning("stats source %s %s %s: below the day's maximum (%s); counted from the maximum",
+                    capture.source, capture.period, capture.stats_date, ", ".join(dips))
+    if not any(growth.values()):
+        note = f"below the day's maximum: {', '.join(dips)}" if dips else "unchanged"
         return IngestResult(stored=True, note=note)
-    cost = round(cost, 9) if cost > _COST_EPSILON else 0.0
-    if count == 0 and tokens == 0 and cost == 0:
-        return IngestResult(stored=True, note="unchanged")
-    delta = Delta(total_count=count, success_count=count, failure_count=0, total_tokens=tokens, total_cost=cost)
+    count = int(growth["requests"])
+    delta = Delta(total_count=count, success_count=count, failure_count=0, total_tokens=int(growth["tokens"]),
+                  total_cost=float(growth["cost"]), cost_rated=growth["rated cost"])
     conn.execute(sa.insert(stats_source_deltas).values(
         source=capture.source, period=capture.period, stats_date=capture.stats_date,
         captured_at=capture.captured_at, captured_at_epoch=epoch, total_count=delta.total_count,
         success_count=delta.success_count, failure_count=delta.failure_count,
-        total_tokens=delta.total_tokens, total_cost=delta.total_cost))
+        total_tokens=delta.total_tokens, total_cost=delta.total_cost, cost_rated=delta.cost_rated))
     return IngestResult(stored=True, delta=delta)
+
+
+def _growth(now: int | float | None, high: int | float | None) -> int | float | None:
+    """``now`` - the maximum so far (negative: a dip); None when the provider reports no such figure.
+    Float noise in provider cost sums is not a change."""
+    if now is None:
+        return None
+    diff = now - (high or 0)
+    if isinstance(diff, float):
+        return 0.0 if abs(diff) <= _COST_EPSILON else round(diff, 9)
+    return diff
 
 
 def latest_capture(conn: sa.Connection, source: str, period: str, stats_date: str) -> StoredCapture | None:
@@ -126,11 +139,11 @@ def latest_capture(conn: sa.Connection, source: str, period: str, stats_date: st
 
 
 def _counter_columns() -> list[sa.ColumnElement]:
-    return [stats_source_snapshots.c[name] for name in COUNTERS]
+    return [stats_source_snapshots.c[name] for name in STORED]
 
 
 def _stats(model: str | None, row: sa.Row) -> ModelStats:
-    m = ModelStats(model=model)
+    m = ModelStats(model=model, cost_rated=row.cost_rated)
     for name in COUNTERS:
         value = getattr(row, name)
         if value is not None:  # a NULL counter (older rows) reads as zero
@@ -141,4 +154,4 @@ def _stats(model: str | None, row: sa.Row) -> ModelStats:
 def _snapshot_row(capture: Capture, m: ModelStats) -> dict:
     return {"source": capture.source, "period": capture.period, "stats_date": capture.stats_date,
             "model": m.model, "raw_response": m.raw, "captured_at": capture.captured_at,
-            "captured_at_epoch": capture.captured_at_epoch, **{name: getattr(m, name) for name in COUNTERS}}
+            "captured_at_epoch": capture.captured_at_epoch, **{name: getattr(m, name) for name in STORED}}

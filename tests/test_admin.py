@@ -213,7 +213,8 @@ def test_reconcile_panel_compares_the_polled_sources(env, tmp_path):
     with FakeStats() as provider:
         provider.queue(200, crs_response(crs_item("gpt-5-codex", 1, 500, 20)))
         sources = tmp_path / "sources.toml"
-        sources.write_text(f'[[sources]]\nname = "crs"\nurl = "{provider.url}"\ninterval = 3600\nnodes = ["alpha"]\n')
+        sources.write_text(f'[[sources]]\nname = "crs"\nurl = "{provider.url}"\ninterval = 3600\nnodes = ["alpha"]\n'
+                          'api_id = "3f2b8c1e-9a4d-4e7b-8c2f-1d5e6a7b8c9d"\nmidnight_margin = 0\ntimezone = "+00:00"\n')
         env.tctx.configure(env.relay, codex_stats_sources=str(sources))
         wait_for(lambda: "crs" in env.relay.poller.last_results, what="the first poll")
     got = data(ask(env.admin, "GET", f"/admin/api/reconcile?date={today}"))

@@ -218,6 +218,7 @@ def test_relay_prices_calls_and_polls_provider_stats(db_url, tmp_path):
         stats.queue(200, crs_response(crs_item("gpt-5-codex", 3, 300, 30, cost=0.5)))
         nodes = write_nodes(tmp_path / "nodes.toml", [("p", up.base_url, "k", 1)])
         nodes.write_text(nodes.read_text() + f'[[sources]]\nname = "relay"\nurl = "{stats.url}"\nformat = "crs"\n'
+                                              'api_id = "3f2b8c1e-9a4d-4e7b-8c2f-1d5e6a7b8c9d"\nmidnight_margin = 0\n'
                                               'interval = 3600\nnodes = ["p"]\n')
         with RelayProcess(db_url=db_url, options={"codex_nodes": str(nodes)}) as relay:
             status, _ = call(relay, "responses", stream=True, usage=(1000, 400, 200, 50))

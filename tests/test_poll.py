@@ -3,20 +3,25 @@ the background thread, and the one-shot command."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import itertools
 import json
 import logging
 import threading
+import urllib.error
+import urllib.request
 
 import pytest
 
 from store.poll import Poller, fetch
 from store.poll_cli import main
-from store.sources import SourceConfig
-from tests.fakestats import FakeStats, crs_item, crs_response, delta_rows, fresh_engine, snapshot_rows
+from store.snapshots import Delta
+from store.sources import SourceConfig, source_from_mapping
+from tests.fakestats import FakeStats, Key, crs_item, crs_response, delta_rows, fresh_engine, snapshot_rows
 
-DAY = dt.datetime(2026, 11, 23)
+DAY = dt.datetime(2026, 11, 23)  # 08:00 on 2026-11-23 at CRS's +08:00
+KEY_ID = "3f2b8c1e-9a4d-4e7b-8c2f-1d5e6a7b8c9d"
 
 
 def epoch(t: dt.datetime) -> int:
@@ -45,86 +50,145 @@ def stats():
         yield server
 
 
-def crs_source(stats: FakeStats, **kw) -> SourceConfig:
-    return SourceConfig(name="crs", url=stats.url, method="POST", body={"apiId": "k-1", "period": "daily"},
-                        headers={"Authorization": "Bearer sekrit"}, timeout=5, **kw)
+def crs_source(stats: FakeStats, key: Key | None = None, **kw) -> SourceConfig:
+    """A source as a user writes it (name, url and the key's id), then ``kw`` set directly."""
+    source = source_from_mapping({"name": "crs", "url": stats.url, "api_id": key.id if key else KEY_ID}, "test")
+    return dataclasses.replace(source, timeout=5, **kw)
 
 
-def test_a_day_of_captures(engine, stats, caplog):
-    """Captures through a day, a repeated capture, a malformed answer, a 500, a counter reset, a new day."""
-    clock = Clock(DAY)
-    poller = Poller(engine, [crs_source(stats)], clock=clock)
-    t = [DAY.replace(hour=h) for h in range(8, 15)] + [DAY + dt.timedelta(days=1, seconds=10)]
-    codex, mini = "gpt-5-codex", "gpt-5-mini"
+def at(day: int, hour: int, minute: int = 0, second: int = 0) -> dt.datetime:
+    """A UTC time on 2026-11-``day``."""
+    return dt.datetime(2026, 11, day, hour, minute, second)
 
-    def poll(at: dt.datetime, status: int, body) -> str | None:
-        clock.now = at
-        stats.queue(status, body)
-        (result,) = poller.poll_once()
-        return result.error
 
-    # 08:00 first capture of the day: its delta starts from zero.
-    assert poll(t[0], 200, crs_response(crs_item(codex, 2, 100, 10, cache_read=50, cost=0.25))) is None
-    # 09:00 more traffic, a second model.
-    assert poll(t[1], 200, crs_response(crs_item(codex, 5, 300, 30, cache_read=150, cost=0.75),
-                                        crs_item(mini, 1, 20, 4, cost=0.125))) is None
-    # 10:00 nothing changed: snapshots, no delta.
-    assert poll(t[2], 200, crs_response(crs_item(codex, 5, 300, 30, cache_read=150, cost=0.75),
-                                        crs_item(mini, 1, 20, 4, cost=0.125))) is None
-    # 10:00 again: the same capture polled twice (same epoch) writes nothing.
-    assert poll(t[2], 200, crs_response(crs_item(codex, 5, 300, 30, cache_read=150, cost=0.75),
-                                        crs_item(mini, 1, 20, 4, cost=0.125))) is None
-    assert not poller.last_results["crs"].ingest.stored
-    # 11:00 malformed, 12:00 HTTP 500: logged, nothing written.
-    with caplog.at_level(logging.WARNING, logger="codex.poll"):
-        assert "data[0] (gpt-5-codex).requests" in poll(t[3], 200, {"success": True, "data": [
-            {"model": codex, "requests": "many"}]})
-        assert poll(t[4], 500, {"error": "internal"}) == 'HTTP 500 Internal Server Error: {"error": "internal"}'
-    assert [r.getMessage().split(":")[0] for r in caplog.records if r.name == "codex.poll"] == \
-        ["stats source crs", "stats source crs"]
-    # 13:00 the provider's counters went back (a reset): snapshots, a warning, no negative delta.
-    with caplog.at_level(logging.WARNING, logger="codex.snapshots"):
-        assert poll(t[5], 200, crs_response(crs_item(codex, 1, 10, 1, cost=0.125))) is None
-    assert any("counter went backwards (requests, tokens, cost)" in r.getMessage() for r in caplog.records)
-    # 14:00 growth after the reset counts from the reset value.
-    assert poll(t[6], 200, crs_response(crs_item(codex, 3, 30, 3, cost=0.25))) is None
-    # Next day 00:00:10: a new stats date starts from zero.
-    assert poll(t[7], 200, crs_response(crs_item(codex, 1, 7, 2, cost=0.0625))) is None
+def test_a_day_of_captures(engine, caplog):
+    """Calls counted by a CRS-faithful fake, polled through a day and past CRS's midnight (+08:00)."""
+    clock = Clock(at(23, 1))  # 09:00 there; CRS and the poller agree on the time
+    codex, sonnet = "gpt-5-codex", "claude-sonnet-4-5-20250929"
+    with FakeStats(clock=clock) as crs:
+        key = crs.add_key()
+        poller = Poller(engine, [crs_source(crs, key)], clock=clock)
+
+        def poll(when: dt.datetime):
+            clock.now = when
+            (result,) = poller.poll_once()
+            return result
+
+        # Nothing used yet today: an empty capture, no delta.
+        assert poll(at(23, 1)).ingest.note == "unchanged"
+        crs.record(key, codex, input_tokens=100, output_tokens=10, cache_read=50, real_cost=0.25, rated_cost=0.5)
+        crs.record(key, codex, input_tokens=200, output_tokens=20, cache_read=100, real_cost=0.5, rated_cost=1.0)
+        assert poll(at(23, 2)).ingest.delta == Delta(2, 2, 0, 480, 0.75, 1.5)
+        # Bedrock's name of the model: CRS files it under the normalised one.
+        crs.record(key, "us.anthropic.claude-sonnet-4-5-20250929-v1:0", input_tokens=20, output_tokens=4,
+                   cache_create=10, real_cost=0.125, rated_cost=0.25)
+        assert poll(at(23, 3)).ingest.delta == Delta(1, 1, 0, 34, 0.125, 0.25)
+        # The same capture polled twice (same epoch) writes nothing.
+        assert poll(at(23, 3)).ingest.note == "capture already stored"
+        # A malformed answer and an HTTP 500: logged, nothing written.
+        with caplog.at_level(logging.WARNING, logger="codex.poll"):
+            crs.queue(200, {"success": True, "period": "daily", "data": [{"model": codex, "requests": "many"}]})
+            assert "data[0] (gpt-5-codex).requests" in poll(at(23, 4)).error
+            crs.queue(500, {"error": "Internal server error", "message": "Failed to retrieve model statistics"})
+            assert poll(at(23, 5)).error == ('HTTP 500 Internal Server Error: {"error": "Internal server error", '
+                                             '"message": "Failed to retrieve model statistics"}')
+        assert [r.getMessage().split(":")[0] for r in caplog.records if r.name == "codex.poll"] == \
+            ["stats source crs", "stats source crs"]
+        asked = len(crs.seen)
+        # 23:59:30 there, and 00:00:30 after a call of the new day: within 120 s of CRS's midnight,
+        # no capture and no request.
+        assert poll(at(23, 15, 59, 30)).skipped.startswith("within 120 s of the provider's midnight")
+        clock.now = at(23, 16, 0, 30)
+        crs.record(key, codex, input_tokens=7, output_tokens=2, real_cost=0.0625, rated_cost=0.125)
+        assert poll(at(23, 16, 0, 30)).describe() == ("crs: skipped: within 120 s of the provider's midnight, "
+                                                       "whose day the answer may not match")
+        assert len(crs.seen) == asked
+        # 00:02:30 there: the new day starts from zero.
+        assert poll(at(23, 16, 2, 30)).ingest.delta == Delta(1, 1, 0, 9, 0.0625, 0.125)
 
     d1, d2 = "2026-11-23", "2026-11-24"
     assert snapshot_rows(engine) == [
-        ("crs", "daily", d1, epoch(t[0]), None, 2, 100, 10, 50, 160, 0.25),
-        ("crs", "daily", d1, epoch(t[0]), codex, 2, 100, 10, 50, 160, 0.25),
-        ("crs", "daily", d1, epoch(t[1]), None, 6, 320, 34, 150, 504, 0.875),
-        ("crs", "daily", d1, epoch(t[1]), codex, 5, 300, 30, 150, 480, 0.75),
-        ("crs", "daily", d1, epoch(t[1]), mini, 1, 20, 4, 0, 24, 0.125),
-        ("crs", "daily", d1, epoch(t[2]), None, 6, 320, 34, 150, 504, 0.875),
-        ("crs", "daily", d1, epoch(t[2]), codex, 5, 300, 30, 150, 480, 0.75),
-        ("crs", "daily", d1, epoch(t[2]), mini, 1, 20, 4, 0, 24, 0.125),
-        ("crs", "daily", d1, epoch(t[5]), None, 1, 10, 1, 0, 11, 0.125),
-        ("crs", "daily", d1, epoch(t[5]), codex, 1, 10, 1, 0, 11, 0.125),
-        ("crs", "daily", d1, epoch(t[6]), None, 3, 30, 3, 0, 33, 0.25),
-        ("crs", "daily", d1, epoch(t[6]), codex, 3, 30, 3, 0, 33, 0.25),
-        ("crs", "daily", d2, epoch(t[7]), None, 1, 7, 2, 0, 9, 0.0625),
-        ("crs", "daily", d2, epoch(t[7]), codex, 1, 7, 2, 0, 9, 0.0625),
+        ("crs", "daily", d1, epoch(at(23, 1)), None, 0, 0, 0, 0, 0, 0.0, None),
+        ("crs", "daily", d1, epoch(at(23, 2)), None, 2, 300, 30, 150, 480, 0.75, 1.5),
+        ("crs", "daily", d1, epoch(at(23, 2)), codex, 2, 300, 30, 150, 480, 0.75, 1.5),
+        ("crs", "daily", d1, epoch(at(23, 3)), None, 3, 320, 34, 150, 514, 0.875, 1.75),
+        ("crs", "daily", d1, epoch(at(23, 3)), sonnet, 1, 20, 4, 0, 34, 0.125, 0.25),
+        ("crs", "daily", d1, epoch(at(23, 3)), codex, 2, 300, 30, 150, 480, 0.75, 1.5),
+        ("crs", "daily", d2, epoch(at(23, 16, 2, 30)), None, 1, 7, 2, 0, 9, 0.0625, 0.125),
+        ("crs", "daily", d2, epoch(at(23, 16, 2, 30)), codex, 1, 7, 2, 0, 9, 0.0625, 0.125),
     ]
-    assert delta_rows(engine) == [
-        ("crs", "daily", d1, epoch(t[0]), 2, 2, 0, 160, 0.25),
-        ("crs", "daily", d1, epoch(t[1]), 4, 4, 0, 344, 0.625),
-        ("crs", "daily", d1, epoch(t[6]), 2, 2, 0, 22, 0.125),
-        ("crs", "daily", d2, epoch(t[7]), 1, 1, 0, 9, 0.0625),
+    assert [d[2:] for d in delta_rows(engine)] == [
+        (d1, epoch(at(23, 2)), 2, 2, 0, 480, 0.75, 1.5),
+        (d1, epoch(at(23, 3)), 1, 1, 0, 34, 0.125, 0.25),
+        (d2, epoch(at(23, 16, 2, 30)), 1, 1, 0, 9, 0.0625, 0.125),
     ]
-    # Every poll sent the configured request.
-    assert len(stats.seen) == 9
-    req = stats.seen[0]
-    assert (req.method, req.headers["authorization"], req.headers["content-type"], json.loads(req.body)) == \
-        ("POST", "Bearer sekrit", "application/json", {"apiId": "k-1", "period": "daily"})
+    # Every poll asked CRS as it must be asked: POST, the key's id, the daily period.
+    assert {(r.method, r.headers["content-type"], r.body) for r in crs.seen} == {
+        ("POST", "application/json", json.dumps({"apiId": key.id, "period": "daily"}).encode())}
+
+
+def test_a_poller_clock_ahead_of_crs_does_not_count_the_old_day_again(engine):
+    crs_clock = Clock(at(23, 15, 59, 55))  # 23:59:55 at CRS
+    with FakeStats(clock=crs_clock) as crs:
+        key = crs.add_key()
+        crs.record(key, "gpt-5-codex", input_tokens=100, output_tokens=10, real_cost=0.25)
+        ahead = lambda: crs_clock.now + dt.timedelta(seconds=10)  # noqa: E731 - 00:00:05 the next day for us
+        sources = [source_from_mapping({"name": name, "url": crs.url, "api_id": key.id, "midnight_margin": margin},
+                                       "test") for name, margin in (("no-margin", 0), ("crs", 120))]
+        results = Poller(engine, sources, clock=ahead).poll_once()
+    # Without a margin the old day's totals are stored as the new day's (and counted again).
+    assert [(d[0], d[2], d[4]) for d in delta_rows(engine)] == [("no-margin", "2026-11-24", 1)]
+    assert results[1].skipped and {r[0] for r in snapshot_rows(engine)} == {"no-margin"}
+
+
+def test_crs_errors_reach_the_poll_result(engine):
+    with FakeStats() as crs:
+        crs.add_key("off", active=False)
+        (unknown,) = Poller(engine, [crs_source(crs)]).poll_once()
+        off = next(iter(crs.keys.values()))
+        (disabled,) = Poller(engine, [crs_source(crs, off)]).poll_once()
+    assert unknown.error == ('HTTP 404 Not Found: {"error": "API key not found", '
+                             '"message": "The specified API key does not exist"}')
+    assert disabled.error.startswith('HTTP 403 Forbidden: {"error": "API key is disabled"')
+    assert snapshot_rows(engine) == []
+
+
+def test_the_fake_answers_as_crs_does():
+    """The fake itself: what CRS's route does with other methods, bodies, periods and keys."""
+    with FakeStats() as crs:
+        key = crs.add_key()
+        crs.record(key, "llama3:latest", input_tokens=10, output_tokens=5)
+
+        def ask(method: str, body: dict | None) -> tuple[int, str]:
+            request = urllib.request.Request(crs.url, data=None if body is None else json.dumps(body).encode(),
+                                             method=method, headers={"content-type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=5) as resp:
+                    return resp.status, resp.read().decode()
+            except urllib.error.HTTPError as e:
+                return e.code, e.read().decode()
+
+        status, text = ask("GET", None)
+        assert status == 404 and "Cannot GET /apiStats/api/user-model-stats" in text
+        assert ask("POST", {"apiId": "k-1", "period": "daily"}) == (400, json.dumps(
+            {"error": "Invalid API ID format", "message": "API ID must be a valid UUID"}))
+        assert ask("POST", {"period": "daily"})[0] == 400
+        assert ask("POST", {"apiKey": "cr_wrong_key_123"})[0] == 401
+        status, text = ask("POST", {"apiKey": key.secret})  # no period: CRS answers the month
+        answer = json.loads(text)
+        assert (status, answer["success"], answer["period"]) == (200, True, "monthly")
+        (item,) = answer["data"]
+        assert set(item) == {"model", "requests", "inputTokens", "outputTokens", "cacheCreateTokens",
+                             "cacheReadTokens", "allTokens", "costs", "formatted", "pricing", "isLegacy"}
+        assert set(item["costs"]) == {"input", "output", "cacheCreate", "cacheWrite", "cacheRead", "ephemeral5m",
+                                      "ephemeral1h", "total"}
+        assert (item["model"], item["allTokens"], item["isLegacy"]) == ("llama3", 15, True)
 
 
 def test_one_failing_source_does_not_stop_the_others(engine, stats):
-    down = SourceConfig(name="down", url="http://127.0.0.1:9/nothing", timeout=2)
+    down = SourceConfig(name="down", url="http://127.0.0.1:9/nothing", timeout=2, method="POST")
     stats.queue(200, crs_response(crs_item("gpt-5-codex", 1, 1, 1)))
-    results = Poller(engine, [down, crs_source(stats)], clock=Clock(DAY)).poll_once()
+    results = Poller(engine, [down, crs_source(stats)], clock=Clock(at(23, 6))).poll_once()
     assert [r.source for r in results] == ["down", "crs"]
     assert results[0].error.startswith("request failed:") and results[1].ok
     assert len(snapshot_rows(engine)) == 2
@@ -191,7 +255,7 @@ def test_stop_interrupts_the_wait(engine, stats):
 # -- one-shot command ------------------------------------------------------------------------------
 def write_sources(tmp_path, url: str, extra: str = "") -> str:
     p = tmp_path / "sources.toml"
-    p.write_text(f'[[sources]]\nname = "crs"\nurl = "{url}"\nbody = {{ apiId = "k" }}\n{extra}')
+    p.write_text(f'[[sources]]\nname = "crs"\nurl = "{url}"\napi_id = "{KEY_ID}"\n{extra}')
     return str(p)
 
 

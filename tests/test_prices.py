@@ -1,72 +1,96 @@
-"""Price table: hand-computed costs, lookup rules, the shipped table, and bad files."""
+"""Prices: genai-prices for public models (published prices, tiers, cache reads and writes), the local
+table on top for private ones, lookup rules, and bad files."""
 
 from __future__ import annotations
 
+import genai_prices
 import pytest
 
 from store.config import ConfigError
 from store.prices import CostSplit, Price, PriceTable, load_prices
 from store.records import Usage
 
-TABLE = PriceTable({"gpt-5-codex": Price(input=1.25, cached_input=0.125, output=10.0),
-                    "codex-mini-latest": Price(input=1.5, cached_input=0.375, output=6.0)})
+LOCAL = PriceTable({"my-model": Price(input=2.0, cached_input=0.5, cache_write=2.5, output=8.0)})
+SHIPPED = load_prices()
 
 
-def test_split_by_input_cached_output():
-    # 1,000,000 input of which 200,000 cached, 50,000 output (20,000 of them reasoning):
-    # 800,000 x 1.25 / 1M = 1.00; 200,000 x 0.125 / 1M = 0.025; 50,000 x 10 / 1M = 0.50
-    cost = TABLE.cost("gpt-5-codex", Usage(input_tokens=1_000_000, cached_tokens=200_000,
-                                           output_tokens=50_000, reasoning_tokens=20_000))
-    assert cost == CostSplit(input=1.0, cached=0.025, output=0.5)
-    assert cost.total == pytest.approx(1.525, abs=1e-12)
+@pytest.mark.parametrize("model, published", [
+    # USD per 1M tokens as OpenAI and Anthropic publish them (input, cached input, cache write, output)
+    ("gpt-5-codex", (1.25, 0.125, 1.25, 10.0)),
+    ("gpt-5.1-codex", (1.25, 0.125, 1.25, 10.0)),
+    ("claude-sonnet-4-5", (3.0, 0.30, 3.75, 15.0)),
+])
+def test_known_models_cost_their_published_prices(model, published):
+    input_price, cached_price, write_price, output_price = published
+    # 100,000 input of which 40,000 cached and 10,000 written to the cache; 5,000 output.
+    cost = SHIPPED.cost(model, Usage(input_tokens=100_000, cached_tokens=40_000, cache_write_tokens=10_000,
+                                     output_tokens=5_000))
+    assert cost.cached == pytest.approx(40_000 * cached_price / 1e6)
+    assert cost.cache_write == pytest.approx(10_000 * write_price / 1e6)
+    assert cost.input == pytest.approx((50_000 * input_price + 10_000 * write_price) / 1e6)
+    assert cost.output == pytest.approx(5_000 * output_price / 1e6)
 
 
-def test_small_call():
-    # 1,234 input (1,000 cached), 56 output on codex-mini-latest:
-    # 234 x 1.5 = 351e-6; 1,000 x 0.375 = 375e-6; 56 x 6 = 336e-6 -> 0.001062
-    cost = TABLE.cost("codex-mini-latest", Usage(input_tokens=1234, cached_tokens=1000, output_tokens=56))
-    assert (cost.input, cost.cached, cost.output) == pytest.approx((351e-6, 375e-6, 336e-6), abs=1e-15)
-    assert cost.total == pytest.approx(0.001062, abs=1e-15)
+@pytest.mark.parametrize("model, usage", [
+    ("gpt-5-codex", Usage(input_tokens=1234, cached_tokens=1000, output_tokens=56)),
+    ("claude-sonnet-4-5", Usage(input_tokens=250_000, cached_tokens=100_000, cache_write_tokens=20_000,
+                                output_tokens=3_000)),  # past the 200k tier: every token at the tier price
+    ("claude-sonnet-4-5-20250929", Usage(input_tokens=3000, cached_tokens=1000, cache_write_tokens=500,
+                                         output_tokens=20)),
+    ("gpt-5.5", Usage(input_tokens=300_000, cached_tokens=10_000, output_tokens=100)),
+])
+def test_total_is_what_genai_prices_charges(model, usage):
+    expected = genai_prices.calc_price(genai_prices.Usage(
+        input_tokens=usage.input_tokens, cache_read_tokens=usage.cached_tokens,
+        cache_write_tokens=usage.cache_write_tokens, output_tokens=usage.output_tokens), model_ref=model)
+    assert SHIPPED.cost(model, usage).total == pytest.approx(float(expected.total_price), rel=1e-12)
+
+
+def test_local_table_overrides_and_prices_private_models():
+    table = PriceTable({"gpt-5-codex": Price(input=1.0, cached_input=0.1, cache_write=1.0, output=2.0)})
+    assert table.cost("gpt-5-codex", Usage(output_tokens=1_000_000)).total == 2.0  # not genai-prices' 10
+    # 1,000,000 input: 200,000 cached, 100,000 written; 50,000 output (reasoning included)
+    cost = LOCAL.cost("my-model", Usage(input_tokens=1_000_000, cached_tokens=200_000, cache_write_tokens=100_000,
+                                        output_tokens=50_000, reasoning_tokens=20_000))
+    assert cost == CostSplit(input=1.4 + 0.25, cached=0.1, output=0.4, cache_write=0.25)
+    assert cost.total == pytest.approx(2.15, abs=1e-12)
 
 
 def test_lookup_is_case_insensitive_and_drops_snapshot_dates():
     usage = Usage(input_tokens=1_000_000)
-    assert TABLE.cost("GPT-5-Codex", usage).total == 1.25
-    assert TABLE.cost("gpt-5-codex-2025-09-15", usage).total == 1.25
+    assert LOCAL.cost("My-Model", usage).total == 2.0
+    assert LOCAL.cost("my-model-2025-09-15", usage).total == 2.0
+    assert SHIPPED.cost("gpt-5-codex-2025-09-15", usage).total == 1.25
 
 
-@pytest.mark.parametrize("model", [None, "", "gpt-5-codex-max", "claude-sonnet-4"])
+@pytest.mark.parametrize("model", [None, "", "unpriced-model", "my-private-model-2"])
 def test_unknown_model_has_no_cost(model):
-    assert TABLE.cost(model, Usage(input_tokens=10)) is None
+    assert SHIPPED.cost(model, Usage(input_tokens=10)) is None
 
 
 def test_zero_usage_costs_zero_and_cached_beyond_input_is_clamped():
-    assert TABLE.cost("gpt-5-codex", Usage()).total == 0
+    assert SHIPPED.cost("gpt-5-codex", Usage()).total == 0
     # A malformed usage (cached > input) must not make a negative input part.
-    cost = TABLE.cost("gpt-5-codex", Usage(input_tokens=100, cached_tokens=300))
-    assert cost.input == 0 and cost.cached == pytest.approx(100 * 0.125 / 1e6)
+    cost = LOCAL.cost("my-model", Usage(input_tokens=100, cached_tokens=300, cache_write_tokens=50))
+    assert (cost.input, cost.cache_write) == (0, 0) and cost.cached == pytest.approx(100 * 0.5 / 1e6)
 
 
-def test_shipped_table_has_the_codex_family():
-    table = load_prices()  # no path: the shipped store/prices.toml
+def test_shipped_table_prices_the_codex_family():
     for model in ("gpt-5-codex", "gpt-5.1-codex", "gpt-5.1-codex-mini", "gpt-5.1-codex-max", "gpt-5.2-codex",
-                  "gpt-5.3-codex", "gpt-5", "gpt-5-mini"):
-        assert table.price(model) is not None, model
-    # 1M output of gpt-5-codex = $10.
-    assert table.cost("gpt-5-codex", Usage(output_tokens=1_000_000)).total == 10.0
+                  "gpt-5.3-codex", "gpt-5", "gpt-5-mini", "codex-mini-latest"):
+        assert SHIPPED.cost(model, Usage(input_tokens=1)) is not None, model
 
 
-def test_an_empty_table_prices_nothing():
-    assert PriceTable({}).cost("gpt-5-codex", Usage(input_tokens=1)) is None
-
-
-def test_edited_file_and_cached_default(tmp_path):
+def test_edited_file_and_defaults(tmp_path):
     p = tmp_path / "prices.toml"
     p.write_text('[models."my-model"]\ninput = 2\noutput = 8\n')
     table = load_prices(p)
-    # No cached_input: cached tokens cost the input price.
-    assert table.cost("my-model", Usage(input_tokens=500_000, cached_tokens=250_000, output_tokens=1)) == \
-        CostSplit(input=0.5, cached=0.5, output=8e-6)
+    # No cached_input or cache_write: those tokens cost the input price.
+    assert table.cost("my-model", Usage(input_tokens=500_000, cached_tokens=250_000, cache_write_tokens=50_000,
+                                        output_tokens=1)) == CostSplit(input=0.5, cached=0.5, output=8e-6,
+                                                                       cache_write=0.1)
+    (tmp_path / "empty.toml").write_text("# nothing of our own\n")
+    assert load_prices(tmp_path / "empty.toml").cost("gpt-5-codex", Usage(output_tokens=1_000_000)).total == 10.0
 
 
 @pytest.mark.parametrize("text, message", [

@@ -9,13 +9,14 @@ import uuid
 import pytest
 
 from store.invocations import apply_batch
+from store.poll import Poller
 from store.prices import load_prices
 from store.reconcile import ALL_MODELS, NO_MODEL, ReconRow, Totals, compare, reconcile
 from store.reconcile_cli import main
 from store.records import InvocationRecord, Usage
 from store.snapshots import ingest
-from store.sources import SourceConfig
-from tests.fakestats import crs_item, crs_response, fresh_engine
+from store.sources import SourceConfig, source_from_mapping
+from tests.fakestats import FakeStats, crs_item, crs_response, fresh_engine
 
 # The provider keeps UTC+8 days: its 2026-11-23 is 2026-11-22 16:00 to 2026-11-23 16:00 UTC.
 SOURCE = SourceConfig(name="crs", url="http://127.0.0.1:9/stats", nodes=("alpha", "beta"),
@@ -72,8 +73,8 @@ def snapshot(engine, items: list[dict], at: dt.datetime = CAPTURED) -> None:
 
 def sources_file(tmp_path, nodes: str = '["alpha", "beta"]') -> str:
     p = tmp_path / "sources.toml"
-    p.write_text(f'[[sources]]\nname = "crs"\nurl = "http://127.0.0.1:9/stats"\nutc_offset = "+08:00"\n'
-                 f"nodes = {nodes}\n")
+    p.write_text(f'[[sources]]\nname = "crs"\nurl = "http://127.0.0.1:9/stats"\n'
+                 f'api_id = "3f2b8c1e-9a4d-4e7b-8c2f-1d5e6a7b8c9d"\nnodes = {nodes}\n')
     return str(p)
 
 
@@ -168,6 +169,40 @@ def test_command_errors(engine, tmp_path, capsys):
     assert "no source named x" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--db", url, "--sources", sources_file(tmp_path), "--date", "today", "--tolerance", "-1"])
+
+
+def test_models_match_by_the_names_crs_files_them_under(db_url):
+    """Calls through the relay, counted the same by a CRS-faithful fake under its normalised names,
+    polled and reconciled: every model lines up."""
+    bedrock, local = "us.anthropic.claude-sonnet-4-5-20250929-v1:0", "llama3.1:latest"
+    clock = type("Clock", (), {"now": dt.datetime(2026, 11, 23, 4, 0)})()  # 12:00 at CRS
+    calls = [("alpha", CODEX, 12_000, 8_000, 0, 900), ("beta", bedrock, 3_000, 1_000, 500, 200),
+             ("alpha", local, 400, 0, 0, 50), ("beta", local, 600, 0, 0, 70)]
+    with fresh_engine(db_url) as engine, FakeStats(clock=lambda: clock.now) as crs:
+        key = crs.add_key()
+        source = source_from_mapping({"name": "crs", "url": crs.url, "api_id": key.id, "nodes": ["alpha", "beta"]},
+                                     "test")
+        records = []
+        for i, (node, model, inp, cached, written, out) in enumerate(calls):
+            usage = Usage(input_tokens=inp, cached_tokens=cached, cache_write_tokens=written, output_tokens=out)
+            cost = PRICES.cost(model, usage)
+            records.append(InvocationRecord(
+                invoke_id=f"c{i}", occurred_at=clock.now - dt.timedelta(minutes=10 - i), source="relay",
+                endpoint="/v1/responses", status="success", node_id=node, model=model, usage=usage,
+                cost=cost.total if cost else None))
+            # CRS's inputTokens exclude cache reads and writes.
+            crs.record(key, model, input_tokens=inp - cached - written, output_tokens=out, cache_read=cached,
+                       cache_create=written, real_cost=cost.total if cost else 0.0)
+        with engine.begin() as conn:
+            apply_batch(conn, records)
+        (polled,) = Poller(engine, [source], clock=lambda: clock.now).poll_once()
+        assert polled.ok, polled.error
+        with engine.connect() as conn:
+            rec = reconcile(conn, source, DAY, tolerance=0.0)
+    assert rec.ok, [r for r in rec.exceeded]
+    by = {(r.model, r.metric): r for r in rec.rows}
+    assert sorted({m for m, _ in by if m}) == ["claude-sonnet-4-5-20250929", CODEX, "llama3.1"]
+    assert (by["llama3.1", "requests"].relay, by["claude-sonnet-4-5-20250929", "input_tokens"].provider) == (2, 3_000)
 
 
 def test_compare_is_pure():

@@ -30,9 +30,9 @@ def capture(at: dt.datetime, *models: ModelStats, source: str = "crs", period: s
                    raw_response='{"raw": true}')
 
 
-def m(model: str, requests: int, tokens: int, cost: float = 0.0) -> ModelStats:
+def m(model: str, requests: int, tokens: int, cost: float = 0.0, rated: float | None = None) -> ModelStats:
     return ModelStats(model=model, requests=requests, input_tokens=tokens, all_tokens=tokens, cost_total=cost,
-                      raw=f'{{"model": "{model}"}}')
+                      cost_rated=rated, raw=f'{{"model": "{model}"}}')
 
 
 def aggregate_count(engine) -> int:
@@ -55,7 +55,7 @@ def test_empty_capture_aggregate_does_not_duplicate(engine):
     for _ in range(3):
         ingest(engine, capture(T0))
     assert aggregate_count(engine) == 1
-    assert snapshot_rows(engine) == [("crs", "daily", "2026-11-23", 1795420800, None, 0, 0, 0, 0, 0, 0.0)]
+    assert snapshot_rows(engine) == [("crs", "daily", "2026-11-23", 1795420800, None, 0, 0, 0, 0, 0, 0.0, None)]
     assert delta_rows(engine) == []  # zero from zero: nothing changed
 
 
@@ -81,7 +81,8 @@ def test_concurrent_ingest_of_one_capture(engine, models):
     assert errors == []
     assert sorted(r.stored for r in results) == [False] * 7 + [True]
     assert aggregate_count(engine) == 1 and len(snapshot_rows(engine)) == 1 + len(models)
-    assert delta_rows(engine) == ([("crs", "daily", "2026-11-23", 1795420800, 4, 4, 0, 40, 0.5)] if models else [])
+    assert delta_rows(engine) == ([("crs", "daily", "2026-11-23", 1795420800, 4, 4, 0, 40, 0.5, None)] if models
+                                  else [])
 
 
 def test_delta_rules(engine, caplog):
@@ -91,14 +92,28 @@ def test_delta_rules(engine, caplog):
     assert ingest(engine, capture(t[1], m("a", 1, 15, 0.1))).delta == Delta(0, 0, 0, 5, 0.0)
     # Cost float noise alone is no change.
     assert ingest(engine, capture(t[2], m("a", 1, 15, 0.1 + 1e-12))).note == "unchanged"
-    # Tokens alone went backwards: logged, no delta.
+    assert [d[4:] for d in delta_rows(engine)] == [(1, 1, 0, 10, 0.1, None), (0, 0, 0, 5, 0.0, None)]
+
+
+def test_a_dip_is_never_counted_twice(engine, caplog):
+    """Deltas are taken against the day's maximum so far, floored at 0 (as codex-vibe-monitor does)."""
+    t = [T0 + dt.timedelta(minutes=10 * i) for i in range(5)]
+    ingest(engine, capture(t[0], m("a", 10, 1000, 1.0, rated=1.5)))
+    # The provider's tally dips (a lagging replica, a correction): logged, nothing counted.
     with caplog.at_level(logging.WARNING, logger="codex.snapshots"):
-        r = ingest(engine, capture(t[3], m("a", 2, 12, 0.2)))
-    assert r.delta is None and r.note.startswith("counter went backwards (tokens): requests 1 -> 2, tokens 15 -> 12")
+        dip = ingest(engine, capture(t[1], m("a", 8, 800, 0.8, rated=1.2)))
+    assert dip.delta is None and dip.note.startswith("below the day's maximum: requests 10 -> 8, tokens 1000 -> 800")
     assert [rec.levelname for rec in caplog.records if rec.name == "codex.snapshots"] == ["WARNING"]
-    # The next delta starts from the lower value.
-    assert ingest(engine, capture(t[4], m("a", 3, 20, 0.3))).delta == Delta(1, 1, 0, 8, 0.1)
-    assert [d[4:] for d in delta_rows(engine)] == [(1, 1, 0, 10, 0.1), (0, 0, 0, 5, 0.0), (1, 1, 0, 8, 0.1)]
+    # It recovers to where it was: still nothing new.
+    assert ingest(engine, capture(t[2], m("a", 10, 1000, 1.0, rated=1.5))).delta is None
+    # Growth past the maximum counts from the maximum, each counter on its own.
+    grew = ingest(engine, capture(t[3], m("a", 12, 990, 1.25, rated=1.875))).delta
+    assert grew == Delta(2, 2, 0, 0, 0.25, 0.375)
+    assert ingest(engine, capture(t[4], m("a", 12, 1100, 1.25, rated=1.875))).delta == Delta(0, 0, 0, 100, 0.0, 0.0)
+    # The day's deltas add up to its highest totals, not more.
+    rows = delta_rows(engine)
+    assert (sum(d[4] for d in rows), sum(d[7] for d in rows)) == (12, 1100)
+    assert (sum(d[8] for d in rows), sum(d[9] for d in rows)) == (pytest.approx(1.25), pytest.approx(1.875))
 
 
 def test_late_capture_is_stored_without_delta(engine):
@@ -132,8 +147,16 @@ def test_latest_capture(engine):
     assert got.captured_at == later and got.captured_at_epoch == 1795424400
     assert sorted(got.rows, key=str) == [None, "a", "b"]
     total = got.rows[None]
-    assert (total.requests, total.all_tokens, total.cost_total) == (3, 25, 1.0)
+    assert (total.requests, total.all_tokens, total.cost_total, total.cost_rated) == (3, 25, 1.0, None)
     assert (got.rows["b"].requests, got.rows["b"].input_tokens) == (1, 5)
+
+
+def test_rated_cost_is_stored_and_read_back(engine):
+    ingest(engine, capture(T0, m("a", 1, 10, 0.5, rated=0.75), m("b", 1, 10, 0.25, rated=0.0)))
+    with engine.connect() as conn:
+        got = latest_capture(conn, "crs", "daily", "2026-11-23")
+    assert {k: v.cost_rated for k, v in got.rows.items()} == {None: 0.75, "a": 0.75, "b": 0.0}
+    assert delta_rows(engine)[0][8:] == (0.75, 0.75)
 
 
 def test_raw_responses_are_kept(engine):

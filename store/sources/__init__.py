@@ -4,9 +4,12 @@ A stats source is an endpoint of an upstream provider that reports its own tally
 the current period (e.g. today, per model). The poller fetches it, a format module turns the JSON
 into ``ModelStats`` rows, and ``store.snapshots`` stores them as one capture.
 
-A format is one small module in this package with two functions, registered in ``FORMATS``:
-``check_fields(fields) -> str | None`` (what is wrong with its config mapping, or None) and
-``parse(payload, fields) -> Parsed`` (raises ``SourceFormatError`` on a malformed response).
+A format is one small module in this package, registered in ``FORMATS``, with
+``CONFIG_KEYS`` (the config keys of its own), ``configure(item, where) -> dict`` (checks them, raises
+ConfigError, and returns the request fields it sets: ``method``, ``body``, ``period``),
+``check_fields(fields) -> str | None`` (what is wrong with its field mapping, or None),
+``parse(payload, fields) -> Parsed`` (raises ``SourceFormatError`` on a malformed response) and
+``normalize_model(name) -> str`` (a relay model name as the provider files it, for reconciliation).
 
 Token convention of snapshots (the provider's, as claude-relay-service reports it):
 ``input_tokens`` excludes cache reads and cache writes; ``all_tokens`` = input + output +
@@ -20,7 +23,7 @@ import datetime as dt
 import json
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -49,11 +52,20 @@ class ModelStats:
     cost_cache_write: float = 0.0
     cost_cache_read: float = 0.0
     cost_total: float = 0.0
+    cost_rated: float | None = None  # charged after the provider's rate multiplier; None: not reported
     raw: str | None = None  # this model's part of the response, as JSON
+
+    def add(self, other: ModelStats) -> None:
+        """Add ``other``'s counters to these (a rated cost stays unknown unless both report one)."""
+        for name in COUNTERS:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.cost_rated = (None if self.cost_rated is None or other.cost_rated is None
+                           else self.cost_rated + other.cost_rated)
 
 
 COUNTERS = ("requests", "input_tokens", "output_tokens", "cache_create_tokens", "cache_read_tokens",
             "all_tokens", "cost_input", "cost_output", "cost_cache_write", "cost_cache_read", "cost_total")
+STORED = (*COUNTERS, "cost_rated")  # the snapshot columns of a ModelStats
 
 
 @dataclass(slots=True)
@@ -82,10 +94,9 @@ class Capture:
     @property
     def total(self) -> ModelStats:
         """The aggregate row (model None): the sum over the models."""
-        agg = ModelStats(model=None, raw=self.raw_response)
+        agg = ModelStats(model=None, cost_rated=0.0 if self.models else None, raw=self.raw_response)
         for m in self.models:
-            for name in COUNTERS:
-                setattr(agg, name, getattr(agg, name) + getattr(m, name))
+            agg.add(m)
         return agg
 
 
@@ -94,6 +105,7 @@ PERIODS = {"daily": "%Y-%m-%d", "monthly": "%Y-%m"}
 _PERIOD_RES = {"daily": re.compile(r"^\d{4}-\d{2}-\d{2}$"), "monthly": re.compile(r"^\d{4}-\d{2}$")}
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,31}$")
 _OFFSET_RE = re.compile(r"^([+-])(\d{2}):(\d{2})$")
+_DAY = dt.timedelta(days=1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,11 +118,21 @@ class SourceConfig:
     interval: float = 60.0
     timeout: float = 10.0
     method: str = "GET"
-    body: Any = None  # sent as JSON
+    body: Any = field(default=None, repr=False)  # sent as JSON; may hold a key
     headers: Mapping[str, str] = field(default_factory=dict, repr=False)  # holds the auth secret
     nodes: tuple[str, ...] = ()  # the relay's node ids whose traffic this provider counts
-    # The provider's day boundaries: its stats_date is the calendar date at UTC + utc_offset.
+    # The provider's day boundaries (config key ``timezone``): its stats_date is the calendar date at
+    # UTC + utc_offset.
     utc_offset: dt.timedelta = dt.timedelta(0)
+    # No capture this close to the provider's midnight: with clocks a little apart, a capture taken
+    # just after our midnight may still hold the provider's old day (counted again as the new one's).
+    midnight_margin: float = 120.0
+
+    def near_midnight(self, at: dt.datetime) -> bool:
+        """Whether the (naive UTC) time ``at`` is within ``midnight_margin`` of the provider's midnight."""
+        local = at + self.utc_offset
+        since = (local - local.replace(hour=0, minute=0, second=0, microsecond=0)).total_seconds()
+        return min(since, _DAY.total_seconds() - since) < self.midnight_margin
 
     def stats_date(self, captured_at: dt.datetime) -> str:
         """The provider's period key for a (naive UTC) capture time."""
@@ -119,7 +141,7 @@ class SourceConfig:
     def day_window(self, day: dt.date) -> tuple[dt.datetime, dt.datetime]:
         """The naive UTC interval [start, end) of the provider's calendar day ``day``."""
         start = dt.datetime.combine(day, dt.time()) - self.utc_offset
-        return start, start + dt.timedelta(days=1)
+        return start, start + _DAY
 
     def capture(self, text: str, captured_at: dt.datetime) -> Capture:
         """A capture from a response body; raises SourceFormatError when it is malformed."""
@@ -145,8 +167,7 @@ def merge_models(models: Iterable[ModelStats]) -> list[ModelStats]:
         if seen is None:
             by_name[m.model] = dataclasses.replace(m)
             continue
-        for name in COUNTERS:
-            setattr(seen, name, getattr(seen, name) + getattr(m, name))
+        seen.add(m)
         seen.raw = f"[{seen.raw},{m.raw}]" if seen.raw and m.raw else seen.raw or m.raw
     return [by_name[k] for k in sorted(by_name)]
 
@@ -162,18 +183,20 @@ def number(value: Any, what: str, *, integer: bool) -> int | float:
     return float(value)
 
 
-def fill_totals(m: ModelStats) -> ModelStats:
-    """Derive ``all_tokens`` and ``cost_total`` when the provider did not report them."""
-    if not m.all_tokens:
+def fill_totals(m: ModelStats, reported: Collection[str]) -> ModelStats:
+    """Derive ``all_tokens`` and ``cost_total`` when the provider did not report them (a reported 0
+    stays 0: a provider may not charge for what it served)."""
+    if "all_tokens" not in reported:
         m.all_tokens = m.input_tokens + m.output_tokens + m.cache_create_tokens + m.cache_read_tokens
-    if not m.cost_total:
+    if "cost_total" not in reported:
         m.cost_total = m.cost_input + m.cost_output + m.cost_cache_write + m.cost_cache_read
     return m
 
 
 # -- config ----------------------------------------------------------------------------------------
 _KEYS = {"name", "url", "format", "fields", "period", "interval", "timeout", "method", "body",
-         "auth_header", "auth_value", "auth_env", "nodes", "utc_offset"}
+         "auth_header", "auth_value", "auth_env", "nodes", "timezone", "midnight_margin"}
+_DEFAULT_TIMEZONE = {"crs": "+08:00"}  # CRS's TIMEZONE_OFFSET default; others: UTC
 
 
 def load_sources_file(path: str | Path) -> list[SourceConfig]:
@@ -188,9 +211,6 @@ def source_from_mapping(item: Any, where: str) -> SourceConfig:
     """One source from a TOML table; raises ConfigError naming ``where``."""
     if not isinstance(item, dict):
         raise ConfigError(f"{where}: must be a table")
-    unknown = set(item) - _KEYS
-    if unknown:
-        raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
     name = item.get("name")
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise ConfigError(f"{where}: name must be 1-32 letters, digits, '.', '_' or '-', got {name!r}")
@@ -206,6 +226,12 @@ def source_from_mapping(item: Any, where: str) -> SourceConfig:
     fmt = item.get("format", "crs")
     if fmt not in FORMATS:
         raise ConfigError(f"{where}: format must be one of {sorted(FORMATS)}, got {fmt!r}")
+    unknown = set(item) - _KEYS - FORMATS[fmt].CONFIG_KEYS
+    if "utc_offset" in unknown:
+        raise ConfigError(f"{where}: utc_offset is now called timezone")
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
+    request = FORMATS[fmt].configure(item, where)
     fields = item.get("fields", {})
     if not isinstance(fields, dict):
         raise ConfigError(f"{where}: fields must be a table")
@@ -213,14 +239,14 @@ def source_from_mapping(item: Any, where: str) -> SourceConfig:
     if problem:
         raise ConfigError(f"{where}: fields: {problem}")
 
-    period = item.get("period", "daily")
+    period = request.get("period", item.get("period", "daily"))
     if period not in PERIODS:
         raise ConfigError(f"{where}: period must be one of {sorted(PERIODS)}, got {period!r}")
     interval = _positive(item.get("interval", 60), f"{where}: interval", minimum=1)
     timeout = _positive(item.get("timeout", 10), f"{where}: timeout", minimum=0.1)
 
-    body = item.get("body")
-    method = item.get("method", "GET" if body is None else "POST")
+    body = request.get("body", item.get("body"))
+    method = request.get("method") or item.get("method", "GET" if body is None else "POST")
     if method not in ("GET", "POST"):
         raise ConfigError(f"{where}: method must be GET or POST, got {method!r}")
     if body is not None and method == "GET":
@@ -247,15 +273,18 @@ def source_from_mapping(item: Any, where: str) -> SourceConfig:
     if not isinstance(nodes, list) or not all(isinstance(n, str) and n for n in nodes):
         raise ConfigError(f"{where}: nodes must be a list of node ids, e.g. nodes = [\"alpha\"]")
 
-    utc_offset = item.get("utc_offset", "+00:00")
-    m = _OFFSET_RE.match(utc_offset) if isinstance(utc_offset, str) else None
+    timezone = item.get("timezone", _DEFAULT_TIMEZONE.get(fmt, "+00:00"))
+    m = _OFFSET_RE.match(timezone) if isinstance(timezone, str) else None
     if m is None or int(m.group(2)) > 14 or int(m.group(3)) > 59:
-        raise ConfigError(f"{where}: utc_offset must look like \"+08:00\" or \"-05:00\", got {utc_offset!r}")
+        raise ConfigError(f"{where}: timezone must look like \"+08:00\" or \"-05:00\", got {timezone!r}")
     offset = dt.timedelta(hours=int(m.group(2)), minutes=int(m.group(3))) * (-1 if m.group(1) == "-" else 1)
+    margin = item.get("midnight_margin", 120)
+    if isinstance(margin, bool) or not isinstance(margin, int | float) or not 0 <= margin <= 3600:
+        raise ConfigError(f"{where}: midnight_margin must be a number of seconds from 0 to 3600, got {margin!r}")
 
     return SourceConfig(name=name, url=url, format=fmt, fields=fields, period=period, interval=interval,
                         timeout=timeout, method=method, body=body, headers=headers, nodes=tuple(nodes),
-                        utc_offset=offset)
+                        utc_offset=offset, midnight_margin=float(margin))
 
 
 def _positive(value: Any, what: str, *, minimum: float) -> float:

@@ -13,7 +13,7 @@ is the object itself)::
     cache_read_tokens = "usage.cached"     #   cost_input, cost_output, cost_cache_write,
     cost_total = "cost"                    #   cost_cache_read, cost_total
     date = "day"               # optional, from the root: the stats date ("2026-11-23"); without it
-                               #   the capture time and utc_offset decide
+                               #   the capture time and timezone decide
     input_includes_cache = true  # the provider's input count includes cached tokens (OpenAI style):
                                  #   cache reads and writes are subtracted, as snapshots store it
 
@@ -32,6 +32,17 @@ from store.sources import ModelStats, Parsed, SourceFormatError, fill_totals, nu
 _COUNTS = ("requests", "input_tokens", "output_tokens", "cache_create_tokens", "cache_read_tokens", "all_tokens")
 _COSTS = ("cost_input", "cost_output", "cost_cache_write", "cost_cache_read", "cost_total")
 _PATHS = {"items", "model", "date", *_COUNTS, *_COSTS}
+CONFIG_KEYS: frozenset[str] = frozenset()
+
+
+def configure(item: Mapping[str, Any], where: str) -> dict:
+    """Nothing of its own: method, body and period are the source's keys."""
+    return {}
+
+
+def normalize_model(model: str) -> str:
+    """Model names are compared as the provider reports them."""
+    return model
 
 
 def check_fields(fields: Mapping[str, Any]) -> str | None:
@@ -88,7 +99,7 @@ def parse(payload: Any, fields: Mapping[str, Any]) -> Parsed:
             if uncached < 0:
                 raise SourceFormatError(f"{where}: input tokens {m.input_tokens} are fewer than its cached tokens")
             m.input_tokens = uncached
-        models.append(fill_totals(m))
+        models.append(fill_totals(m, fields))
     stats_date = None
     if "date" in fields:
         stats_date = get_path(payload, fields["date"], "response")
