@@ -178,7 +178,7 @@ class StreamMeter:
         self._kept = bytearray()
         self._body = bytearray()
         media_type = (content_type or "").split(";", 1)[0].strip().lower()
-        self._sse = SSEParser() if media_type == "text/event-stream" else None
+        self._sse = self._sse_parser() if media_type == "text/event-stream" else None
         self._parsing = True
         self._decoder: _Decoder | None = None
         encoding = (content_encoding or "").strip().lower()
@@ -186,6 +186,10 @@ class StreamMeter:
             self._decoder = _DECODERS[encoding]()
         elif encoding not in ("", "identity"):
             self._give_up(f"unsupported content-encoding {encoding!r}: body not parsed")
+
+    def _sse_parser(self) -> SSEParser:
+        # Deltas (most of a long stream) are framed in bytes and passed without being decoded.
+        return SSEParser(want=self.extractor.wants)
 
     @property
     def kept(self) -> bytes:
@@ -220,6 +224,7 @@ class StreamMeter:
             except Exception as e:
                 self._failed(e)
         x = self.extractor
+        events = self.events + (self._sse.passed if self._sse is not None else 0)
         flags = set(x.flags)
         # An event over the SSE parser's cap was dropped: it may have been the usage.
         if self.parse_error is not None or (x.usage is None and self._sse is not None and self._sse.dropped):
@@ -229,7 +234,7 @@ class StreamMeter:
         return MeterResult(
             usage=x.usage, model=x.model, error=x.error, completed=x.completed, bytes=self.bytes,
             first_chunk_at=self.first_chunk_at, last_chunk_at=self.last_chunk_at, ended=self.ended,
-            events=self.events, raw_usage=x.raw_usage, parse_error=self.parse_error, flags=tuple(sorted(flags)),
+            events=events, raw_usage=x.raw_usage, parse_error=self.parse_error, flags=tuple(sorted(flags)),
         )
 
     def _parse(self, chunk: bytes) -> None:
@@ -264,13 +269,12 @@ class StreamMeter:
         if self._sse is not None:
             self._dispatch(self._sse.close())
             return
-        body = bytes(self._body)
-        self._body = bytearray()
+        body, self._body = self._body, bytearray()
         if _LOOKS_LIKE_SSE.match(body):
-            self._sse = parser = SSEParser()  # parsing is over: kept for result()'s dropped count
-            self._dispatch(parser.feed(body) + parser.close())
-        else:
-            self.extractor.on_json(body)
+            self._sse = parser = self._sse_parser()  # parsing is over: kept for result()'s counts
+            self._dispatch(parser.feed(bytes(body)) + parser.close())
+        elif (unread := self.extractor.on_json(body)) is not None and self.parse_error is None:
+            self.parse_error = unread
 
     def _dispatch(self, events: list[SSEEvent]) -> None:
         for ev in events:

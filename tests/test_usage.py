@@ -208,10 +208,11 @@ def test_anthropic_message_delta_overwrites_cumulative_counts():
     for out in (10, 250, 503):  # cumulative: the last one counts, they are not added
         x.on_event(SSEEvent("message_delta", json.dumps({"type": "message_delta", "usage": {"output_tokens": out}})))
     assert x.usage == ANTHROPIC_USAGE
-    # Newer APIs repeat the input side in message_delta: present values replace, nulls leave them.
+    # Newer APIs repeat the input side in message_delta: present figures replace, but a null or a 0
+    # over a figure message_start gave leaves it (the API repeats fields it has no news for as 0).
     x.on_event(SSEEvent("message_delta", json.dumps({"type": "message_delta", "usage": {
         "input_tokens": 20, "cache_read_input_tokens": None, "cache_creation_input_tokens": 0, "output_tokens": 600}})))
-    assert x.usage == Usage(input_tokens=30020, cached_tokens=30000, cache_write_tokens=0, output_tokens=600)
+    assert x.usage == Usage(input_tokens=32020, cached_tokens=30000, cache_write_tokens=2000, output_tokens=600)
 
 
 def test_chat_done_marker_completes_only_chat_streams():
