@@ -58,8 +58,7 @@ _MODEL_KEY = re.compile(rb'"model"\s*:\s*')
 # Keys (besides usage) whose presence marks an Anthropic usage object when no format is known.
 _ANTHROPIC_MARKS = ("cache_read_input_tokens", "cache_creation_input_tokens", "iterations")
 
-# Non-streamed bodies over this size are scanned, not parsed (json.loads takes ~2.5 ms per MB).
-JSON_SCAN_OVER = 2**20
+# Reading a big body's members by searching its bytes (on_json_ends).
 _OBJECT_START = re.compile(rb"\s*\{")
 _COLON = re.compile(rb"\s*:")
 _CONTENT_KEYS = (b'"output"', b'"choices"', b'"content"')
@@ -173,54 +172,47 @@ class UsageExtractor:
         elif kind.startswith("message_") and self._accepts("messages"):
             self._anthropic_event(kind, obj)
 
-    def on_json(self, body: bytes | bytearray) -> str | None:
-        """A whole (non-streamed) body: a Responses object, a chat completion, an Anthropic message, an error.
-
-        A body over ``JSON_SCAN_OVER`` bytes is not parsed whole (that would hold the event loop for
-        milliseconds per MB): see ``_on_big_json``. Returns why its usage could not be read, if so.
-        """
-        if len(body) > JSON_SCAN_OVER:
-            return self._on_big_json(body)
+    def on_json(self, body: bytes | bytearray) -> None:
+        """A whole (non-streamed) body: a Responses object, a chat completion, an Anthropic message, an error."""
         obj = _loads(body)
         if obj is _INVALID:
-            return None
+            return
         self.completed = True
         if not isinstance(obj, dict):
-            return None
+            return
         self._error_in(obj)
         self._set_model(obj.get("model"))
         usage = obj.get("usage")
         if isinstance(usage, dict):
             self._set_usage(_usage_any(usage), usage)
-        return None
 
-    def _on_big_json(self, body: bytes | bytearray) -> str | None:
-        """Only the members that are recorded, found by searching the bytes (C speed, no copy).
+    def on_json_ends(self, head: bytes | bytearray, tail: bytes | bytearray) -> str | None:
+        """A body too big to parse whole, by its first and last bytes; returns why usage is unread, if so.
 
         In every API's answer ``model`` and ``error`` come before the content (``output``,
-        ``choices``, ``content``) and ``usage`` after it, so they are looked for in the head and
-        from the end. Each value is decoded alone. Only an object's shape is checked, not its
-        whole syntax: a body ``{`` ... ``}`` counts as complete.
+        ``choices``, ``content``) and ``usage`` after it (and after Responses' ``tools``), so they
+        are found by searching the head and, from its end, the tail; each value is decoded alone.
+        Only the body's shape is checked, not its whole syntax: ``{`` ... ``}`` counts as complete.
         """
-        if not _OBJECT_START.match(body) or bytes(body[-_SCAN_WINDOW:]).rstrip()[-1:] != b"}":
+        if not _OBJECT_START.match(head) or bytes(tail[-_SCAN_WINDOW:]).rstrip()[-1:] != b"}":
             return None
         self.completed = True
-        head = min((i for key in _CONTENT_KEYS if (i := body.find(key)) >= 0), default=len(body))
-        self._set_model(_member(body, b'"model"', len(body)))
-        err = _member(body, b'"error"', head)
+        content = min((i for key in _CONTENT_KEYS if (i := head.find(key)) >= 0), default=len(head))
+        self._set_model(_member(head, b'"model"', len(head)))
+        err = _member(head, b'"error"', content)
         if err and err is not _INVALID:
             self._set_error(err)
-        end = len(body)
+        end = len(tail)
         for _ in range(_SCAN_TRIES):  # the last "usage" may be a text value or a key inside metadata
-            key = body.rfind(b'"usage"', head, end)
+            key = tail.rfind(b'"usage"', 0, end)
             if key < 0:
-                return None  # no usage at all: the meter says no_usage
-            usage = _value_at(body, key + len(b'"usage"'))
+                break
+            usage = _value_at(tail, key + len(b'"usage"'))
             if isinstance(usage, dict):
                 self._set_usage(_usage_any(usage), usage)
                 return None
             end = key
-        return f"body over {JSON_SCAN_OVER} bytes: its usage was not found by scanning"
+        return f"no usage found in its last {len(tail)} bytes"
 
     # -- per format ---------------------------------------------------------------------------------
     def _responses_event(self, kind: str, obj: dict) -> None:
