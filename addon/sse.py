@@ -65,26 +65,35 @@ class SSEParser:
         if self._skipping:
             end = buf.find(b"\n\n", start)
             if end < 0:
-                self._pending = bytearray(buf[-1:] if buf[-1:] == b"\n" else b"")
+                self._keep_newline(pending, buf[-1:] == b"\n")
                 return out
             self._skipping = False
             pos = start = end + 2
         while (end := buf.find(b"\n\n", start)) >= 0:
             self._event(buf[pos:end], out)
             pos = start = end + 2
-        rest = pending if pos == 0 and buf is pending else bytearray(buf[pos:])
-        if len(rest) > self.max_event_bytes:
+        if buf is pending:
+            del pending[:pos]
+        elif pos < len(buf):
+            pending += buf[pos:]  # it was empty
+        if len(pending) > self.max_event_bytes:
             self._overflow()
-            rest = bytearray(rest[-1:] if rest[-1:] == b"\n" else b"")
-        self._pending = rest
+            self._keep_newline(pending, pending[-1:] == b"\n")
         return out
+
+    @staticmethod
+    def _keep_newline(pending: bytearray, newline: bool) -> None:
+        """While skipping, only a last "\n" is kept: it may be the first half of the blank line."""
+        pending.clear()
+        if newline:
+            pending += b"\n"
 
     def close(self) -> list[SSEEvent]:
         """End of stream: dispatch a last event that was not followed by a blank line."""
         out: list[SSEEvent] = []
         if self._pending and not self._skipping:
             self._event(bytes(self._pending), out)
-        self._pending = bytearray()
+        self._pending.clear()
         self._skipping = self._after_cr = False
         return out
 

@@ -133,14 +133,16 @@ class UsageExtractor:
             return False
         if name != b"message" or data[:1] != b"{" or b"\\u" in data or b'"type"' in data or b'"error"' in data:
             return True
-        usages = data.count(b'"usage"')
-        if usages and usages != len(_NULL_USAGE.findall(data)):
+        usages = data.count(b'"usage"')  # compact JSON first, any spacing next
+        if usages and usages != data.count(b'"usage":null') and usages != len(_NULL_USAGE.findall(data)):
             return True
         models = data.count(b'"model"')
         if not models:
             return False
         if models > 1 or self._model_json is None:
             return True
+        if b'"model":' + self._model_json in data:
+            return False
         key = _MODEL_KEY.search(data)
         return key is None or not data.startswith(self._model_json, key.end())
 
