@@ -51,6 +51,11 @@ NO_USAGE = "no_usage"  # the body ended and said nothing about usage
 # A body sent as something other than text/event-stream that still is one (some relays mislabel it).
 _LOOKS_LIKE_SSE = re.compile(rb"\s*(?:data|event)?:")
 
+# A JSON body over this size is not kept whole nor parsed whole (json.loads costs the event loop
+# ~2.5 ms per MB): only its first and last bytes are kept, where every API puts what is recorded.
+JSON_SCAN_OVER = 2**20
+JSON_HEAD_BYTES = JSON_TAIL_BYTES = 2**18
+
 
 @dataclass(frozen=True, slots=True)
 class MeterResult:
@@ -151,7 +156,8 @@ class StreamMeter:
     """Counts, times and parses one response body while mitmproxy streams it to the client.
 
     ``text/event-stream`` bodies go through an ``SSEParser`` (memory bounded per event); any other
-    body is buffered, decoded, up to ``max_parse_bytes`` and parsed as JSON at its end. The end
+    body is buffered, decoded, and parsed as JSON at its end: whole up to ``JSON_SCAN_OVER`` bytes,
+    beyond that by its head and tail (``UsageExtractor.on_json_ends``), up to ``max_parse_bytes``. The end
     (``b""``) is only acted on in ``result()``: mitmproxy also passes an empty chunk for an empty
     HTTP/2 DATA frame in mid-stream. Why usage could not be read (an unknown encoding, a body over
     the cap, a compression bomb, a decoder error) is in ``parse_error``. ``inflated`` counts the
@@ -176,9 +182,11 @@ class StreamMeter:
         self.parse_error: str | None = None
         self.truncated_parse = False
         self._kept = bytearray()
-        self._body = bytearray()
+        self._body = bytearray()  # a JSON body; past JSON_SCAN_OVER only its head
+        self._tail: bytearray | None = None  # past JSON_SCAN_OVER: the body's last bytes
+        self._body_size = 0
         media_type = (content_type or "").split(";", 1)[0].strip().lower()
-        self._sse = SSEParser() if media_type == "text/event-stream" else None
+        self._sse = self._sse_parser() if media_type == "text/event-stream" else None
         self._parsing = True
         self._decoder: _Decoder | None = None
         encoding = (content_encoding or "").strip().lower()
@@ -186,6 +194,10 @@ class StreamMeter:
             self._decoder = _DECODERS[encoding]()
         elif encoding not in ("", "identity"):
             self._give_up(f"unsupported content-encoding {encoding!r}: body not parsed")
+
+    def _sse_parser(self) -> SSEParser:
+        # Deltas (most of a long stream) are framed in bytes and passed without being decoded.
+        return SSEParser(want=self.extractor.wants)
 
     @property
     def kept(self) -> bytes:
@@ -220,6 +232,7 @@ class StreamMeter:
             except Exception as e:
                 self._failed(e)
         x = self.extractor
+        events = self.events + (self._sse.passed if self._sse is not None else 0)
         flags = set(x.flags)
         # An event over the SSE parser's cap was dropped: it may have been the usage.
         if self.parse_error is not None or (x.usage is None and self._sse is not None and self._sse.dropped):
@@ -229,7 +242,7 @@ class StreamMeter:
         return MeterResult(
             usage=x.usage, model=x.model, error=x.error, completed=x.completed, bytes=self.bytes,
             first_chunk_at=self.first_chunk_at, last_chunk_at=self.last_chunk_at, ended=self.ended,
-            events=self.events, raw_usage=x.raw_usage, parse_error=self.parse_error, flags=tuple(sorted(flags)),
+            events=events, raw_usage=x.raw_usage, parse_error=self.parse_error, flags=tuple(sorted(flags)),
         )
 
     def _parse(self, chunk: bytes) -> None:
@@ -253,22 +266,39 @@ class StreamMeter:
         """Parse content-decoded bytes."""
         if self._sse is not None:
             self._dispatch(self._sse.feed(data))
-        elif len(self._body) + len(data) > self.max_parse_bytes:
+        elif self._body_size + len(data) > self.max_parse_bytes:
             self.truncated_parse = True
             self._give_up(f"body over {self.max_parse_bytes} bytes: not parsed")
         else:
+            self._body_size += len(data)
+            if self._tail is not None:
+                self._tail += data
+                if len(self._tail) > 2 * JSON_TAIL_BYTES:  # trimmed now and then, not per chunk
+                    del self._tail[:-JSON_TAIL_BYTES]
+                return
             self._body += data
+            if self._body_size <= JSON_SCAN_OVER:
+                return
+            if _LOOKS_LIKE_SSE.match(self._body):  # a mislabeled event stream: parsed as it comes from now on
+                self._sse, body, self._body = self._sse_parser(), bytes(self._body), bytearray()
+                self._dispatch(self._sse.feed(body))
+            else:
+                self._tail = self._body[-JSON_TAIL_BYTES:]
+                del self._body[JSON_HEAD_BYTES:]
 
     def _finish(self) -> None:
         self._parsing = False
         if self._sse is not None:
             self._dispatch(self._sse.close())
             return
-        body = bytes(self._body)
-        self._body = bytearray()
-        if _LOOKS_LIKE_SSE.match(body):
-            self._sse = parser = SSEParser()  # parsing is over: kept for result()'s dropped count
-            self._dispatch(parser.feed(body) + parser.close())
+        body, tail, self._body, self._tail = self._body, self._tail, bytearray(), None
+        if tail is not None:
+            unread = self.extractor.on_json_ends(body, tail[-JSON_TAIL_BYTES:])
+            if unread is not None and self.parse_error is None:
+                self.parse_error = f"a {self._body_size}-byte body: {unread}"
+        elif _LOOKS_LIKE_SSE.match(body):
+            self._sse = parser = self._sse_parser()  # parsing is over: kept for result()'s counts
+            self._dispatch(parser.feed(bytes(body)) + parser.close())
         else:
             self.extractor.on_json(body)
 
@@ -280,6 +310,7 @@ class StreamMeter:
     def _give_up(self, reason: str) -> None:
         self._parsing = False
         self._body = bytearray()
+        self._tail = None
         self._decoder = None  # its state (a zstd window: up to 8 MiB) is not needed any more
         if self.parse_error is None:
             self.parse_error = reason

@@ -13,8 +13,19 @@ Which usage counts when a body says it more than once (one rule per API):
   running totals on every chunk), the first final usage chunk (no choices, or a finish_reason)
   wins; a later chunk carrying usage is ignored and flagged ``usage_repeated``.
 - Anthropic Messages: one message per stream. ``message_delta`` counts are cumulative, so each
-  replaces the one before; after the first ``message_start`` another ``message_start``, and any
-  usage after ``message_stop``, is ignored and flagged ``usage_repeated``.
+  replaces the one before, except a 0 (or null) repeated over a figure already known; after the
+  first ``message_start`` another ``message_start``, and any usage after ``message_stop``, is
+  ignored and flagged ``usage_repeated``.
+
+What counts: cache writes (OpenAI's ``*_tokens_details.cache_write_tokens``, Anthropic's
+``cache_creation_input_tokens``) are part of the input like cache reads; Anthropic's
+``output_tokens_details.thinking_tokens`` are its reasoning tokens. When Anthropic's usage lists
+``iterations`` (server-side compaction, the advisor tool: each a billed inference, possibly by
+another model), the row counts every iteration: each figure is the iterations' sum (never below the
+top level's, which covers only the ``message`` iterations). ``raw_usage`` is the upstream's own usage
+object (for Anthropic streams: ``message_start``'s with ``message_delta``'s figures merged in by the
+rule above), so the top-level figures and each iteration's model stay recoverable
+(``iteration_usages``).
 
 An ignored event whose usage equals the kept one is no news and is not flagged. Impossible values
 are clamped and flagged ``usage_clamped``: cached at most the input, reasoning at most the output.
@@ -24,7 +35,8 @@ Anthropic's cache reads and writes are bounded by construction: they are added t
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+import re
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from addon.sse import SSEEvent
@@ -37,12 +49,25 @@ _MAX_COUNT = 2**40
 _MAX_ERROR_CHARS = 2000
 
 _RESPONSES_TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed"})
-_ANTHROPIC_USAGE_KEYS = ("input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens", "output_tokens")
 # Named events that carry neither usage, model nor error (with every "*.delta"): not decoding their
 # JSON keeps the cost of a long stream (thousands of deltas) low.
 _NOISE_EVENTS = frozenset({"content_block_start", "content_block_delta", "content_block_stop", "ping"})
+_NOISE_NAMES = frozenset(name.encode() for name in _NOISE_EVENTS)
+_NULL_USAGE = re.compile(rb'"usage"\s*:\s*null')
+_MODEL_KEY = re.compile(rb'"model"\s*:\s*')
+# Keys (besides usage) whose presence marks an Anthropic usage object when no format is known.
+_ANTHROPIC_MARKS = ("cache_read_input_tokens", "cache_creation_input_tokens", "iterations")
+
+# Reading a big body's members by searching its bytes (on_json_ends).
+_OBJECT_START = re.compile(rb"\s*\{")
+_COLON = re.compile(rb"\s*:")
+_CONTENT_KEYS = (b'"output"', b'"choices"', b'"content"')
+_SCAN_WINDOW = 2**16  # the most decoded to read one member's value
+_SCAN_TRIES = 4  # occurrences of a key tried before giving up
 
 _INVALID = object()
+_USAGE_FIELDS = tuple(f.name for f in fields(Usage))
+_DECODER = json.JSONDecoder()
 
 # Flags (sorted into ``MeterResult.flags``, then a row's ``flags`` column).
 USAGE_CLAMPED = "usage_clamped"
@@ -89,11 +114,37 @@ class UsageExtractor:
         self.raw_usage: str | None = None
         self.flags: set[str] = set()
         self._final = False  # the usage that counts has been read: later usage is ignored
-        self._anthropic: dict[str, int] = {}  # message_start usage overwritten by message_delta's
+        self._anthropic: dict[str, Any] = {}  # message_start's usage merged with message_delta's
         self._anthropic_started = False
+        self._model_json: bytes | None = None  # the model as JSON: how a chunk repeating it spells it
 
     def _accepts(self, fmt: str) -> bool:
         return self.api_format is None or self.api_format == fmt
+
+    def wants(self, name: bytes, data: bytes) -> bool:
+        """Whether ``on_event`` must see this event (raw bytes, for ``SSEParser(want=...)``).
+
+        False only when decoding it certainly changes nothing: the events ``on_event`` ignores by
+        name, and unnamed events that are a chat chunk holding only a delta (no usage but null, no
+        error, no type, at most the model already known). Keys spelled with escapes (``\\u``) could
+        hide from these byte checks, so such a chunk is decoded.
+        """
+        if name in _NOISE_NAMES or name.endswith(b".delta"):
+            return False
+        if name != b"message" or data[:1] != b"{" or b"\\u" in data or b'"type"' in data or b'"error"' in data:
+            return True
+        usages = data.count(b'"usage"')  # compact JSON first, any spacing next
+        if usages and usages != data.count(b'"usage":null') and usages != len(_NULL_USAGE.findall(data)):
+            return True
+        models = data.count(b'"model"')
+        if not models:
+            return False
+        if models > 1 or self._model_json is None:
+            return True
+        if b'"model":' + self._model_json in data:
+            return False
+        key = _MODEL_KEY.search(data)
+        return key is None or not data.startswith(self._model_json, key.end())
 
     def on_event(self, ev: SSEEvent) -> None:
         name = ev.event
@@ -123,7 +174,7 @@ class UsageExtractor:
         elif kind.startswith("message_") and self._accepts("messages"):
             self._anthropic_event(kind, obj)
 
-    def on_json(self, body: bytes) -> None:
+    def on_json(self, body: bytes | bytearray) -> None:
         """A whole (non-streamed) body: a Responses object, a chat completion, an Anthropic message, an error."""
         obj = _loads(body)
         if obj is _INVALID:
@@ -136,6 +187,34 @@ class UsageExtractor:
         usage = obj.get("usage")
         if isinstance(usage, dict):
             self._set_usage(_usage_any(usage), usage)
+
+    def on_json_ends(self, head: bytes | bytearray, tail: bytes | bytearray) -> str | None:
+        """A body too big to parse whole, by its first and last bytes; returns why usage is unread, if so.
+
+        In every API's answer ``model`` and ``error`` come before the content (``output``,
+        ``choices``, ``content``) and ``usage`` after it (and after Responses' ``tools``), so they
+        are found by searching the head and, from its end, the tail; each value is decoded alone.
+        Only the body's shape is checked, not its whole syntax: ``{`` ... ``}`` counts as complete.
+        """
+        if not _OBJECT_START.match(head) or bytes(tail[-_SCAN_WINDOW:]).rstrip()[-1:] != b"}":
+            return None
+        self.completed = True
+        content = min((i for key in _CONTENT_KEYS if (i := head.find(key)) >= 0), default=len(head))
+        self._set_model(_member(head, b'"model"', len(head)))
+        err = _member(head, b'"error"', content)
+        if err and err is not _INVALID:
+            self._set_error(err)
+        end = len(tail)
+        for _ in range(_SCAN_TRIES):  # the last "usage" may be a text value or a key inside metadata
+            key = tail.rfind(b'"usage"', 0, end)
+            if key < 0:
+                break
+            usage = _value_at(tail, key + len(b'"usage"'))
+            if isinstance(usage, dict):
+                self._set_usage(_usage_any(usage), usage)
+                return None
+            end = key
+        return f"no usage found in its last {len(tail)} bytes"
 
     # -- per format ---------------------------------------------------------------------------------
     def _responses_event(self, kind: str, obj: dict) -> None:
@@ -195,14 +274,12 @@ class UsageExtractor:
             usage = obj.get("usage")
         if not isinstance(usage, dict):
             return
-        # Counts are cumulative: a later event's value replaces the earlier one, never adds to it.
-        counts = dict(self._anthropic)
-        counts.update((key, n) for key in _ANTHROPIC_USAGE_KEYS if (n := _count(usage.get(key))) is not None)
+        merged = _merged(self._anthropic, usage)
         if ignored:
-            self._repeated(_usage_anthropic(counts))
+            self._repeated(_usage_anthropic_billed(merged))
             return
-        self._anthropic = counts
-        self._set_usage(_usage_anthropic(counts), counts)
+        self._anthropic = merged
+        self._set_usage(_usage_anthropic_billed(merged), merged)
 
     # -- shared -------------------------------------------------------------------------------------
     def _set_usage(self, usage: Usage, raw: dict) -> None:
@@ -219,8 +296,9 @@ class UsageExtractor:
 
     def _set_model(self, value: Any) -> None:
         model = _text(value)
-        if model:
+        if model and model != self.model:
             self.model = model
+            self._model_json = json.dumps(model, ensure_ascii=False).encode()
 
     def _error_in(self, obj: dict) -> None:
         """An error reported by the object itself: an ``error`` member, or ``type: "error"``."""
@@ -240,6 +318,32 @@ def _loads(text: str | bytes) -> Any:
         return json.loads(text)
     except (ValueError, RecursionError):  # not JSON, bad UTF-8, absurdly deep nesting
         return _INVALID
+
+
+def _value_at(body: bytes | bytearray, pos: int) -> Any:
+    """The JSON value after the key ending at ``pos`` (_INVALID: not a member, or not decodable alone)."""
+    colon = _COLON.match(body, pos)
+    if colon is None:
+        return _INVALID
+    window = bytes(body[colon.end():colon.end() + _SCAN_WINDOW]).decode("utf-8", "replace")
+    try:
+        return _DECODER.raw_decode(window, len(window) - len(window.lstrip()))[0]
+    except (ValueError, RecursionError):
+        return _INVALID
+
+
+def _member(body: bytes | bytearray, key: bytes, end: int) -> Any:
+    """The value of the first member named ``key`` (quoted) before ``end``; None when there is none."""
+    start = 0
+    for _ in range(_SCAN_TRIES):
+        at = body.find(key, start, end)
+        if at < 0:
+            return None
+        value = _value_at(body, at + len(key))
+        if value is not _INVALID:
+            return value
+        start = at + 1
+    return None
 
 
 def _text(value: Any) -> str | None:
@@ -266,12 +370,14 @@ def _get(obj: dict, key: str, sub: str | None = None) -> int:
 
 def _usage_responses(u: dict) -> Usage:
     return Usage(input_tokens=_get(u, "input_tokens"), cached_tokens=_get(u, "input_tokens_details", "cached_tokens"),
+                 cache_write_tokens=_get(u, "input_tokens_details", "cache_write_tokens"),
                  output_tokens=_get(u, "output_tokens"),
                  reasoning_tokens=_get(u, "output_tokens_details", "reasoning_tokens"))
 
 
 def _usage_chat(u: dict) -> Usage:
     return Usage(input_tokens=_get(u, "prompt_tokens"), cached_tokens=_get(u, "prompt_tokens_details", "cached_tokens"),
+                 cache_write_tokens=_get(u, "prompt_tokens_details", "cache_write_tokens"),
                  output_tokens=_get(u, "completion_tokens"),
                  reasoning_tokens=_get(u, "completion_tokens_details", "reasoning_tokens"))
 
@@ -280,24 +386,72 @@ def _usage_anthropic(u: dict) -> Usage:
     """Anthropic's input_tokens excludes the cache; OpenAI's (stored) includes reads and writes."""
     read, write = _get(u, "cache_read_input_tokens"), _get(u, "cache_creation_input_tokens")
     return Usage(input_tokens=_get(u, "input_tokens") + read + write, cached_tokens=read, cache_write_tokens=write,
-                 output_tokens=_get(u, "output_tokens"))
+                 output_tokens=_get(u, "output_tokens"),
+                 reasoning_tokens=_get(u, "output_tokens_details", "thinking_tokens"))
+
+
+def _iterations(u: dict) -> list[tuple[str | None, Usage]]:
+    its = u.get("iterations")
+    if not isinstance(its, list):
+        return []
+    return [(_text(it.get("model")), _usage_anthropic(it)) for it in its if isinstance(it, dict)]
+
+
+def _usage_anthropic_billed(u: dict) -> Usage:
+    """Every billed iteration counted: the top level covers only the ``message`` iterations."""
+    top = _usage_anthropic(u)
+    its = [usage for _, usage in _iterations(u)]
+    if not its:
+        return top
+    return Usage(**{f: max(getattr(top, f), sum(getattr(it, f) for it in its)) for f in _USAGE_FIELDS})
+
+
+def iteration_usages(raw_usage: str | None) -> list[tuple[str | None, Usage]]:
+    """Each billed iteration in a stored Anthropic ``raw_usage``: its model (None: the call's) and usage.
+
+    Empty when the usage lists no iterations: the call's usage is then its only inference.
+    """
+    u = _loads(raw_usage) if raw_usage else None
+    return _iterations(u) if isinstance(u, dict) else []
 
 
 def _usage_any(u: dict) -> Usage:
     """A whole body's usage, recognised by its keys (the Responses and Anthropic shapes differ only
-    when the cache fields are present, and then the Anthropic ones name themselves)."""
+    when Anthropic's cache, iteration or thinking fields are present, and those name themselves)."""
     if "prompt_tokens" in u or "completion_tokens" in u:
         return _usage_chat(u)
-    if "cache_read_input_tokens" in u or "cache_creation_input_tokens" in u:
-        return _usage_anthropic(u)
+    details = u.get("output_tokens_details")
+    if any(key in u for key in _ANTHROPIC_MARKS) or (isinstance(details, dict) and "thinking_tokens" in details):
+        return _usage_anthropic_billed(u)
     return _usage_responses(u)
 
 
+def _merged(old: dict, new: dict, nested: bool = True) -> dict:
+    """Anthropic's cumulative usage: ``new``'s figures replace ``old``'s, but a 0 or a value that is
+    not a count (null, negative) never replaces a figure already known; detail objects (one level
+    down) merge the same way, anything else (lists, text) is replaced."""
+    out = dict(old)
+    for key, value in new.items():
+        if key not in out:
+            out[key] = value
+            continue
+        prev = out[key]
+        if isinstance(value, dict):
+            out[key] = _merged(prev, value, False) if nested and isinstance(prev, dict) else value
+        elif isinstance(value, (int, float)) or value is None:  # bool is an int: not a count either
+            if _count(value) or _count(prev) is None:
+                out[key] = value
+        else:
+            out[key] = value
+    return out
+
+
 def _clamped(u: Usage) -> Usage:
-    """The usage with its parts bounded by their wholes: cached by input, reasoning by output."""
-    if u.cached_tokens <= u.input_tokens and u.reasoning_tokens <= u.output_tokens:
+    """The usage with its parts bounded by their wholes: cache reads, then writes, by input; reasoning by output."""
+    if u.cached_tokens + u.cache_write_tokens <= u.input_tokens and u.reasoning_tokens <= u.output_tokens:
         return u
-    return replace(u, cached_tokens=min(u.cached_tokens, u.input_tokens),
+    cached = min(u.cached_tokens, u.input_tokens)
+    return replace(u, cached_tokens=cached, cache_write_tokens=min(u.cache_write_tokens, u.input_tokens - cached),
                    reasoning_tokens=min(u.reasoning_tokens, u.output_tokens))
 
 

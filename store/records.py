@@ -18,6 +18,10 @@ def utcnow() -> dt.datetime:
 
 @dataclass(slots=True)
 class Usage:
+    """A call's billed tokens: cache reads and writes (OpenAI's and Anthropic's) are inside the input,
+    reasoning (Anthropic's thinking) inside the output; with Anthropic ``usage.iterations`` every
+    iteration is counted (``addon.usage.iteration_usages`` gives each one from the raw usage)."""
+
     input_tokens: int = 0
     cached_tokens: int = 0
     cache_write_tokens: int = 0

@@ -24,6 +24,7 @@ from tests.test_usage import CASES, CODEX_MODEL, CODEX_USAGE, OVERLOADED_STREAM,
 
 SSE = "text/event-stream"
 JSON = "application/json"
+CODEX_USAGE_JSON = json.loads(CASES["responses"][1])["usage"]
 
 ENCODERS: dict[str, Callable[[bytes], bytes]] = {
     "gzip": gzip.compress,
@@ -464,3 +465,72 @@ def test_any_chunking_of_any_encoding_reads_the_same_usage(fmt, encoding, sizes)
     stream, _, model, usage = CASES[fmt]
     m = run(chunked(encode(encoding, stream), sizes), fmt, SSE, header(encoding))
     assert usage_of(m) == (usage, model, True, None)
+
+
+# -- the fast path and big bodies ----------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", CASES)
+def test_every_event_is_counted_decoded_or_not(fmt: str):
+    stream = CASES[fmt][0]
+    assert run([stream], fmt).result().events == len(events_of(stream))
+
+
+def _big_responses_body(mib: int = 10, usage: object = CODEX_USAGE_JSON) -> bytes:
+    """A Responses object in the API's member order, its output text ``mib`` MiB long."""
+    return json.dumps({"id": "resp_1", "object": "response", "status": "completed", "error": None,
+                       "instructions": "You are Codex.", "model": CODEX_MODEL,
+                       "output": [{"type": "message", "content": [{"type": "output_text", "text": "y" * mib * 2**20}]}],
+                       "tools": [{"type": "function", "name": "shell"}], "usage": usage, "user": None,
+                       "metadata": {"usage": "a key of the caller's"}}).encode()
+
+
+def test_a_10_mb_json_body_is_read_by_its_ends_in_bounded_memory():
+    body = _big_responses_body()
+    chunks = chunked(body, [65536])
+    m = StreamMeter("responses", JSON, None)
+    tracemalloc.start()
+    try:
+        for c in chunks:
+            assert m(c) is c
+        m(b"")
+        r = m.result()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert (r.usage, r.model, r.completed, r.error, r.flags) == (CODEX_USAGE, CODEX_MODEL, True, None, ())
+    assert json.loads(r.raw_usage) == CODEX_USAGE_JSON
+    assert peak < 3 * 2**20  # not the 10 MiB body, nor a copy of it
+
+
+def test_a_big_body_without_usage_near_its_end_is_unread_not_absent():
+    r = run(chunked(_big_responses_body(2, usage=None), [65536]), "responses", JSON).result()
+    assert (r.usage, r.model, r.completed, r.flags) == (None, CODEX_MODEL, True, ("usage_unread",))
+    assert r.parse_error.startswith(f"a {len(_big_responses_body(2, usage=None))}-byte body: no usage found")
+
+
+def test_a_big_event_stream_sent_as_json_is_parsed_as_it_comes():
+    stream = CASES["responses"][0]
+    delta = stream.split(b"event: response.output_text.delta", 2)[1]
+    big = stream.replace(b"event: response.completed", (b"event: response.output_text.delta" + delta) * 20_000
+                         + b"event: response.completed")
+    assert len(big) > 2**21
+    m = run(chunked(big, [65536]), "responses", JSON)
+    assert usage_of(m) == (CODEX_USAGE, CODEX_MODEL, True, None) and m.result().events == 20_000 + 12
+
+
+_NO_USAGE = {
+    "responses": [(SSE, OVERLOADED_STREAM),
+                  (JSON, b'{"error": {"message": "Incorrect API key provided", "code": "invalid_api_key"}}')],
+    # A chat stream asked for without include_usage: no usage chunk.
+    "chat": [(SSE, CASES["chat"][0].replace(b"data: " + CASES["chat"][0].split(b"data: ")[-2], b"")),
+             (JSON, json.dumps(dict(json.loads(CASES["chat"][1]), usage=None)).encode())],
+    "messages": [(SSE, b'event: error\ndata: {"type": "error", "error": {"type": "overloaded_error", '
+                       b'"message": "Overloaded"}}\n\n'),
+                 (JSON, b'{"type": "error", "error": {"type": "invalid_request_error", "message": "bad"}}')],
+}
+
+
+@pytest.mark.parametrize("fmt", _NO_USAGE)
+def test_a_call_without_usage_says_so_for_every_api_streamed_or_not(fmt: str):
+    for content_type, body in _NO_USAGE[fmt]:
+        r = run([body], fmt, content_type).result()
+        assert (r.usage, r.completed or r.error is not None, r.flags) == (None, True, ("no_usage",)), body

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import random
+import re
 import tracemalloc
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from addon.sse import SSEEvent, SSEParser
 
@@ -142,3 +145,49 @@ def test_endless_event_of_short_lines_does_not_grow_memory_past_the_cap():
     assert peak < 8 * cap
     assert p.dropped == 1
     assert p.feed(b"\ndata: alive\n\n") == [SSEEvent("message", "alive")]
+
+
+def test_want_refuses_events_without_decoding_them():
+    seen: list[tuple[bytes, bytes]] = []
+
+    def want(name: bytes, data: bytes) -> bool:
+        seen.append((name, data))
+        return not name.endswith(b".delta")
+
+    p = SSEParser(want=want)
+    out = p.feed(b"event: a.delta\ndata: 1\n\n: c\ndata: x\ndata: y\n\nevent: b\ndata: \xff\n\n")
+    assert out == [SSEEvent("message", "x\ny"), SSEEvent("b", "\ufffd")]
+    assert seen == [(b"a.delta", b"1"), (b"message", b"x\ny"), (b"b", b"\xff")] and p.passed == 1
+
+
+def _reference(stream: bytes) -> list[SSEEvent]:
+    """The WHATWG rules written line by line, as plainly as possible (no cap, no chunks)."""
+    out, name, data = [], "", []
+    lines = re.split(rb"\r\n|\r|\n", stream.removeprefix(b"\xef\xbb\xbf"))
+    for line in lines[:-1] + ([lines[-1], b""] if lines[-1] else [b""]):
+        if not line:
+            if data:
+                out.append(SSEEvent(name or "message", b"\n".join(data).decode("utf-8", "replace")))
+            name, data = "", []
+            continue
+        field, _, value = line.partition(b":")
+        value = value[1:] if value[:1] == b" " else value
+        if field == b"data":
+            data.append(value)
+        elif field == b"event":
+            name = value.decode("utf-8", "replace")
+    return out
+
+
+_lines = st.sampled_from([b"data: x", b"data:y", b"data", b"data: \xe6\x97\xa5", b"event: e", b"event:", b": c",
+                          b"id: 1", b"retry: 5", b"", b"\xef\xbb\xbfdata: bom", b"dat", b"data:  z"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(lines=st.lists(st.tuples(_lines, st.sampled_from([b"\n", b"\r\n", b"\r"])), max_size=25),
+       bom=st.booleans(), cuts=st.lists(st.integers(0, 400), max_size=8))
+def test_any_stream_any_chunking_follows_the_line_rules(lines, bom, cuts):
+    stream = (b"\xef\xbb\xbf" if bom else b"") + b"".join(line + eol for line, eol in lines)
+    points = sorted({c for c in cuts if c < len(stream)})
+    chunks = [stream[a:b] for a, b in zip([0, *points], [*points, len(stream)], strict=True)]
+    assert parse(chunks) == _reference(stream)

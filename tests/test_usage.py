@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from addon.sse import SSEEvent, SSEParser
-from addon.usage import RequestInfo, UsageExtractor, detect_format, parse_request
+from addon.usage import RequestInfo, UsageExtractor, detect_format, iteration_usages, parse_request
 from store.records import Usage
 
 
@@ -208,10 +208,11 @@ def test_anthropic_message_delta_overwrites_cumulative_counts():
     for out in (10, 250, 503):  # cumulative: the last one counts, they are not added
         x.on_event(SSEEvent("message_delta", json.dumps({"type": "message_delta", "usage": {"output_tokens": out}})))
     assert x.usage == ANTHROPIC_USAGE
-    # Newer APIs repeat the input side in message_delta: present values replace, nulls leave them.
+    # Newer APIs repeat the input side in message_delta: present figures replace, but a null or a 0
+    # over a figure message_start gave leaves it (the API repeats fields it has no news for as 0).
     x.on_event(SSEEvent("message_delta", json.dumps({"type": "message_delta", "usage": {
         "input_tokens": 20, "cache_read_input_tokens": None, "cache_creation_input_tokens": 0, "output_tokens": 600}})))
-    assert x.usage == Usage(input_tokens=30020, cached_tokens=30000, cache_write_tokens=0, output_tokens=600)
+    assert x.usage == Usage(input_tokens=32020, cached_tokens=30000, cache_write_tokens=2000, output_tokens=600)
 
 
 def test_chat_done_marker_completes_only_chat_streams():
@@ -442,3 +443,171 @@ def test_any_json_shape_never_raises_and_counts_stay_natural(fmt, items):
     assert x.flags <= {"usage_clamped", "usage_repeated"}
     assert x.error is None or isinstance(x.error, str)
     assert x.model is None or isinstance(x.model, str)
+
+
+# -- the fast path: what the meter does not decode changes nothing -----------------------------------
+def _filtered(api_format: str | None, body: bytes) -> UsageExtractor:
+    """The meter's way: events ``wants`` refuses are never decoded."""
+    x = UsageExtractor(api_format)
+    p = SSEParser(want=x.wants)
+    for ev in p.feed(body) + p.close():
+        x.on_event(ev)
+    return x
+
+
+def _state(x: UsageExtractor) -> tuple:
+    return x.usage, x.model, x.error, x.completed, x.raw_usage, x.flags
+
+
+@pytest.mark.parametrize("fmt", [None, *CASES])
+@pytest.mark.parametrize("case", CASES)
+def test_deltas_are_not_decoded_and_the_result_is_the_same(fmt: str | None, case: str):
+    stream = CASES[case][0]
+    x = UsageExtractor(fmt)
+    p = SSEParser(want=x.wants)
+    decoded = p.feed(stream) + p.close()
+    assert _state(_filtered(fmt, stream)) == _state(extract(fmt, stream))
+    assert not any(ev.event.endswith("delta") and ev.event != "message_delta" for ev in decoded)
+    assert p.passed + len(decoded) == len(events_of(stream))
+
+
+def test_chat_chunks_holding_only_a_delta_are_passed_once_the_model_is_known():
+    x = UsageExtractor("chat")
+    first = json.dumps(dict(_chunk, choices=[{"index": 0, "delta": {"content": "Hi"}, "finish_reason": None}]))
+    compact = json.dumps(json.loads(first), separators=(",", ":"))
+    assert x.wants(b"message", first.encode())  # the model is not known yet
+    x.on_event(SSEEvent("message", first))
+    assert not x.wants(b"message", first.encode()) and not x.wants(b"message", compact.encode())
+    for other in (first.replace(CHAT_MODEL, "gpt-5"),  # a new model
+                  first.replace('"usage": null', '"usage": {"prompt_tokens": 1}'),
+                  first[:-1] + ', "error": {"message": "x"}}', first[:-1] + ', "type": "error"}',
+                  first.replace('"model"', '"\\u006dodel"'),  # a key spelled with escapes
+                  "[DONE]"):
+        assert x.wants(b"message", other.encode()), other
+
+
+_chunk_fields = st.fixed_dictionaries({}, optional={
+    "model": st.sampled_from([CHAT_MODEL, "gpt-5", "", None, 7, "é/\"x\\"]),
+    "usage": st.none() | st.sampled_from([{"prompt_tokens": 3, "completion_tokens": 2}, {}, "usage"]),
+    "error": st.sampled_from([None, "", {"message": "boom"}, "model"]),
+    "type": st.sampled_from(["error", "response.completed", "message_stop", "x"]),
+    "choices": st.sampled_from([[], [{"delta": {"content": "\"model\": \"gpt-5\""}, "finish_reason": None}],
+                                [{"delta": {}, "finish_reason": "stop"}], [{"delta": {"model": "nested"}}]]),
+    "meta": st.sampled_from([{"model": CHAT_MODEL}, {"usage": None}, "\"usage\":{"]),
+})
+
+
+@settings(max_examples=300, deadline=None)
+@given(fmt=st.sampled_from([None, "chat", "responses"]),
+       chunks=st.lists(st.tuples(_chunk_fields, st.sampled_from([(",", ":"), (", ", ": ")]), st.booleans()),
+                       max_size=8))
+def test_any_chat_chunks_read_the_same_through_the_fast_path(fmt, chunks):
+    body = b"".join(sse(json.dumps(fields, separators=seps, ensure_ascii=ascii_only)) for fields, seps, ascii_only
+                    in chunks) + sse("[DONE]")
+    assert _state(_filtered(fmt, body)) == _state(extract(fmt, body))
+
+
+# -- usage fields real APIs send ---------------------------------------------------------------------
+def test_openai_cache_writes_are_read():
+    responses = {"input_tokens": 3000, "input_tokens_details": {"cached_tokens": 1000, "cache_write_tokens": 1500},
+                 "output_tokens": 20, "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 3020}
+    chat = {"prompt_tokens": 3000, "completion_tokens": 20, "total_tokens": 3020,
+            "prompt_tokens_details": {"cached_tokens": 1000, "cache_write_tokens": 1500}}
+    expected = Usage(input_tokens=3000, cached_tokens=1000, cache_write_tokens=1500, output_tokens=20)
+    streamed = extract("responses", _responses_event("response.completed", 1,
+                                                     response=dict(_codex_done, usage=responses)))
+    assert streamed.usage == expected
+    assert extract("chat", sse(dict(_chunk, choices=[], usage=chat))).usage == expected
+    for usage in (responses, chat):
+        x = UsageExtractor(None)
+        x.on_json(json.dumps({"usage": usage}).encode())
+        assert x.usage == expected and x.flags == set()
+
+
+def test_cache_writes_beyond_the_input_are_clamped():
+    x = UsageExtractor("responses")
+    x.on_json(json.dumps({"usage": {"input_tokens": 100, "output_tokens": 1, "input_tokens_details": {
+        "cached_tokens": 60, "cache_write_tokens": 70}}}).encode())
+    assert x.usage == Usage(input_tokens=100, cached_tokens=60, cache_write_tokens=40, output_tokens=1)
+    assert x.flags == {"usage_clamped"}
+
+
+_THINKING_USAGE = {"input_tokens": 50, "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0,
+                   "output_tokens": 900, "output_tokens_details": {"thinking_tokens": 700}}
+
+
+def test_anthropic_thinking_tokens_are_reasoning_tokens():
+    expected = Usage(input_tokens=50, output_tokens=900, reasoning_tokens=700)
+    x = UsageExtractor("messages")
+    x.on_json(json.dumps(dict(json.loads(ANTHROPIC_JSON), usage=_THINKING_USAGE)).encode())
+    assert x.usage == expected
+    stream = ANTHROPIC_STREAM.replace(json.dumps({"output_tokens": 503}).encode(), json.dumps(
+        {"output_tokens": 900, "output_tokens_details": {"thinking_tokens": 700}}).encode())
+    assert extract("messages", stream).usage == Usage(32012, 30000, 2000, 900, 700)
+    # Without cache fields the shape is still recognised as Anthropic's when no format is known.
+    x = UsageExtractor(None)
+    x.on_json(json.dumps({"usage": {"input_tokens": 50, "output_tokens": 900,
+                                    "output_tokens_details": {"thinking_tokens": 700}}}).encode())
+    assert x.usage == expected
+
+
+# Anthropic's documented compaction answer: the top level covers only the "message" iteration.
+_COMPACTION_USAGE = {"input_tokens": 23000, "output_tokens": 1000, "cache_read_input_tokens": 0,
+                     "cache_creation_input_tokens": 0, "iterations": [
+                         {"type": "compaction", "input_tokens": 180000, "output_tokens": 3500},
+                         {"type": "message", "input_tokens": 23000, "output_tokens": 1000}]}
+# The advisor tool: the advisor's own inference is an iteration by another model.
+_ADVISOR_ITERATIONS = [
+    {"type": "message", "input_tokens": 800, "cache_read_input_tokens": 55096, "output_tokens": 120},
+    {"type": "advisor_message", "model": "claude-opus-4-1", "input_tokens": 9000, "output_tokens": 400},
+    {"type": "message", "input_tokens": 1200, "cache_read_input_tokens": 55096, "output_tokens": 300}]
+
+
+def test_anthropic_iterations_count_every_billed_inference():
+    x = UsageExtractor("messages")
+    x.on_json(json.dumps(dict(json.loads(ANTHROPIC_JSON), usage=_COMPACTION_USAGE)).encode())
+    assert x.usage == Usage(input_tokens=203000, output_tokens=4500)
+    raw = json.loads(x.raw_usage)
+    assert raw == _COMPACTION_USAGE  # the top-level-only figures stay recoverable
+    assert iteration_usages(x.raw_usage) == [(None, Usage(input_tokens=180000, output_tokens=3500)),
+                                             (None, Usage(input_tokens=23000, output_tokens=1000))]
+
+
+def test_anthropic_streamed_iterations_and_zeros_repeated_in_message_delta():
+    start = sse({"type": "message_start", "message": {"id": "msg_2", "type": "message", "role": "assistant",
+                                                      "model": ANTHROPIC_MODEL, "content": [], "usage": {
+                                                          "input_tokens": 800, "cache_read_input_tokens": 55096,
+                                                          "cache_creation_input_tokens": 0, "output_tokens": 1}}},
+                "message_start")
+    delta_usage = {"input_tokens": 0, "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0,
+                   "output_tokens": 420, "iterations": _ADVISOR_ITERATIONS}
+    delta = sse({"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": delta_usage}, "message_delta")
+    x = _filtered("messages", start + delta + sse({"type": "message_stop"}, "message_stop"))
+    assert x.usage == Usage(input_tokens=2000 + 2 * 55096 + 9000, cached_tokens=2 * 55096, output_tokens=820)
+    raw = json.loads(x.raw_usage)
+    # message_start's figures survive the 0s message_delta repeats; everything else is the upstream's.
+    assert raw == dict(delta_usage, input_tokens=800, cache_read_input_tokens=55096)
+    assert [m for m, _ in iteration_usages(x.raw_usage)] == [None, "claude-opus-4-1", None]
+    assert iteration_usages(None) == [] and iteration_usages(CASES["chat"][1].decode()) == []
+
+
+# -- big JSON bodies: read by their ends ---------------------------------------------------------------
+@pytest.mark.parametrize("fmt", CASES)
+def test_a_body_read_by_its_ends_gives_what_the_whole_gives(fmt: str):
+    body = CASES[fmt][1]
+    head, tail = body[:len(body) // 2], body[len(body) // 2:]
+    whole, ends = UsageExtractor(fmt), UsageExtractor(fmt)
+    whole.on_json(body)
+    assert ends.on_json_ends(head, tail) is None
+    assert _state(ends) == _state(whole)
+
+
+def test_ends_of_an_error_body_and_of_a_body_without_usage():
+    x = UsageExtractor("responses")
+    # The Responses object's own member order: error before the output, usage after it.
+    body = json.dumps({"id": "resp_1", "status": "failed", "error": {"code": "server_error", "message": "boom"},
+                       "model": CODEX_MODEL, "output": _codex_done["output"], "usage": None}).encode()
+    assert x.on_json_ends(body[:200], body[200:]) == f"no usage found in its last {len(body) - 200} bytes"
+    assert (x.error, x.model, x.completed, x.usage) == ("server_error: boom", CODEX_MODEL, True, None)
+    x = UsageExtractor("chat")
+    assert x.on_json_ends(b"<html>", b"</html>") is None and not x.completed
