@@ -116,9 +116,12 @@ class Relay:
         for name in ("codex_keep_body", "codex_retries", "codex_max_request_body"):
             if name in updated and getattr(opts, name) < 0:
                 raise exceptions.OptionsError(f"{name} must be >= 0")
-        self._idle_timeout = seconds("codex_idle_timeout", opts.codex_idle_timeout)
-        self._first_byte_timeout = seconds("codex_first_byte_timeout", opts.codex_first_byte_timeout,
-                                           allow_zero=False)
+        # Only options in ``updated``: see Runtime.configure.
+        if "codex_idle_timeout" in updated:
+            self._idle_timeout = seconds("codex_idle_timeout", opts.codex_idle_timeout)
+        if "codex_first_byte_timeout" in updated:
+            self._first_byte_timeout = seconds("codex_first_byte_timeout", opts.codex_first_byte_timeout,
+                                               allow_zero=False)
 
     def _record_calls_in_flight(self) -> None:
         """At shutdown (from the runtime's done, before the writer's last flush)."""

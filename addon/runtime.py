@@ -50,7 +50,10 @@ class Runtime:
         self.health = Health(self.submit)
         self.prices: PriceTable | None = None
         self.engine: sa.Engine | None = None
-        self.connect_timeout = 10.0  # also the relay's connect probe
+        # Parsed duration options (configure sets them all at start); connect_timeout is also the relay's probe.
+        self.connect_timeout = 10.0
+        self._ping_interval = 30.0
+        self._sticky_ttl = 3600.0
         self._db_url: str | None = None
         self._writer: Writer | None = None
         self._pinger: Pinger | None = None
@@ -98,22 +101,28 @@ class Runtime:
                           "stats_source_snapshots/deltas. Default: the [[sources]] of the codex_nodes file.")
 
     def configure(self, updated: set[str]) -> None:
+        # Only the options in ``updated`` are checked: an addon that sets another option (the gate)
+        # configures every addon again, and raising there again makes mitmproxy's rollback recurse.
         opts = ctx.options
-        if "codex_fail_threshold" in updated and opts.codex_fail_threshold < 0:
-            raise exceptions.OptionsError("codex_fail_threshold must be >= 0")
-        ping_interval = seconds("codex_ping_interval", opts.codex_ping_interval)
-        self.connect_timeout = seconds("codex_connect_timeout", opts.codex_connect_timeout, allow_zero=False)
-        sticky_ttl = seconds("codex_sticky_ttl", opts.codex_sticky_ttl)
-        cooldown = seconds("codex_cooldown", opts.codex_cooldown)
-        cooldown_max = seconds("codex_cooldown_max", opts.codex_cooldown_max)
-        if cooldown_max < cooldown:
-            raise exceptions.OptionsError(f"codex_cooldown_max must be >= codex_cooldown ({cooldown:g}), "
-                                          f"got {opts.codex_cooldown_max!r}")
-        self.health.policy = BreakerPolicy(opts.codex_fail_threshold, cooldown, cooldown_max)
+        if updated & {"codex_fail_threshold", "codex_cooldown", "codex_cooldown_max"}:
+            if opts.codex_fail_threshold < 0:
+                raise exceptions.OptionsError("codex_fail_threshold must be >= 0")
+            cooldown = seconds("codex_cooldown", opts.codex_cooldown)
+            cooldown_max = seconds("codex_cooldown_max", opts.codex_cooldown_max)
+            if cooldown_max < cooldown:
+                raise exceptions.OptionsError(f"codex_cooldown_max must be >= codex_cooldown ({cooldown:g}), "
+                                              f"got {opts.codex_cooldown_max!r}")
+            self.health.policy = BreakerPolicy(opts.codex_fail_threshold, cooldown, cooldown_max)
+        if "codex_connect_timeout" in updated:
+            self.connect_timeout = seconds("codex_connect_timeout", opts.codex_connect_timeout, allow_zero=False)
+        if "codex_ping_interval" in updated:
+            self._ping_interval = seconds("codex_ping_interval", opts.codex_ping_interval)
+        if "codex_sticky_ttl" in updated:
+            self._sticky_ttl = seconds("codex_sticky_ttl", opts.codex_sticky_ttl)
         if "codex_db" in updated and opts.codex_db != self._db_url:
             self._open_db(opts.codex_db, opts.codex_spool)
         if updated & _NODE_OPTIONS:
-            self._configure_nodes(self._configured_nodes(), sticky_ttl)
+            self._configure_nodes(self._configured_nodes())
         if "codex_prices" in updated:
             try:
                 self.prices = load_prices(opts.codex_prices or None)
@@ -128,7 +137,7 @@ class Runtime:
         if updated & {"codex_ping_interval", "codex_ping_path", "codex_connect_timeout"}:
             if self._pinger is not None:
                 self._pinger.stop()
-            self._pinger = Pinger(lambda: self.pool, self.health, interval=ping_interval,
+            self._pinger = Pinger(lambda: self.pool, self.health, interval=self._ping_interval,
                                   path=opts.codex_ping_path, timeout=self.connect_timeout)
             self._pinger.start()
 
@@ -167,7 +176,7 @@ class Runtime:
                                base_url=opts.codex_upstream, api_key=opts.codex_upstream_key, weight=1)]
         return []
 
-    def _configure_nodes(self, configs: list[NodeConfig], sticky_ttl: float) -> None:
+    def _configure_nodes(self, configs: list[NodeConfig]) -> None:
         assert self.engine is not None
         with self.engine.begin() as conn:
             if configs:
@@ -182,7 +191,8 @@ class Runtime:
         configs = configs + [config_of(r) for r in stored if r.origin == "admin" and r.id not in named]
         nodes = [Node(config=c, breaker=self.health.restored(failed.get(c.id, False)), disabled=c.id in disabled)
                  for c in configs]
-        self.pool = NodePool(nodes, sticky=StickyMap(ttl=sticky_ttl) if sticky_ttl else StickyMap(max_entries=0))
+        sticky = StickyMap(ttl=self._sticky_ttl) if self._sticky_ttl else StickyMap(max_entries=0)
+        self.pool = NodePool(nodes, sticky=sticky)
         self.secrets.set_node_keys(n.config.api_key for n in nodes)
         if nodes:
             log.info("routing over %d node(s): %s", len(nodes), ", ".join(
