@@ -3,6 +3,8 @@
 ``/admin`` (HTML) and ``/admin/api/…`` (JSON) are answered in the ``request`` hook by setting
 ``flow.response``: such flows never go upstream and are never metered (the relay skips flows that
 already have a response). Database work runs in a thread, so the proxy keeps relaying meanwhile.
+The database, the nodes and the writer's and poller's state are the ``Runtime``'s (``addon.runtime``),
+reached through its public interface only.
 
 Access: with ``codex_admin_token`` set, every request but the login form and the static files needs
 ``Authorization: Bearer <token>`` or the cookie ``POST /admin/login`` sets (else 401). Without a token
@@ -38,7 +40,7 @@ from mitmproxy.proxy.mode_specs import ReverseMode
 from addon.egress import origin_of
 from addon.errors import fail_closed
 from addon.refusal import answered
-from addon.relay import Relay
+from addon.runtime import Runtime
 from addon.secrets import secrets_equal
 from addon.target import is_admin_path
 from store import stats
@@ -135,10 +137,10 @@ def _filters(query: Any) -> stats.Filters:
 
 
 class Admin:
-    """Answers ``/admin`` on the relay's port; construct it with the Relay whose nodes it manages."""
+    """Answers ``/admin`` on the relay's port; construct it with the Runtime whose nodes it manages."""
 
-    def __init__(self, relay: Relay) -> None:
-        self.relay = relay
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
         self._token = ""
         self._hosts: frozenset[str] = frozenset()
 
@@ -303,9 +305,10 @@ class Admin:
 
     # -- work done in a thread ---------------------------------------------------------------------
     def _engine(self) -> sa.Engine:
-        if self.relay.engine is None:
+        engine = self.runtime.engine
+        if engine is None:
             raise HttpError(503, "the stats database is not open")
-        return self.relay.engine
+        return engine
 
     def _query(self, fn: Callable[..., list], *args: Any) -> list[dict]:
         with self._engine().connect() as conn:
@@ -314,7 +317,7 @@ class Admin:
     def _nodes(self, f: stats.Filters) -> list[dict]:
         rows = self._query(stats.per_node, f)
         for row in rows:
-            row["routed"] = row["node_id"] is not None and self.relay.pool.get(row["node_id"]) is not None
+            row["routed"] = row["node_id"] is not None and self.runtime.pool.get(row["node_id"]) is not None
         return rows
 
     def _save_node(self, body: Any) -> dict:
@@ -331,23 +334,23 @@ class Admin:
                     raise HttpError(400, "base_url moves the node to another scheme, host or port: give its "
                                          "api_key again (a stored key never follows a node elsewhere)")
                 config.api_key = stored.api_key or ""
-        self.relay.update_node(config)
+        self.runtime.update_node(config)
         return self._nodes(stats.Filters(node=config.id))[0]
 
     def _set_disabled(self, node_id: str, disable: bool) -> dict:
         self._engine()
-        if not self.relay.set_node_disabled(node_id, disable):
+        if not self.runtime.set_node_disabled(node_id, disable):
             raise HttpError(404, f"no node {node_id!r}")
         return self._nodes(stats.Filters(node=node_id))[0]
 
     def _writer(self) -> dict:
-        writer = self.relay.writer
-        return {"writer": dataclasses.asdict(writer.stats()) if writer is not None else None}
+        writer = self.runtime.writer_stats()
+        return {"writer": dataclasses.asdict(writer) if writer is not None else None}
 
     def _reconcile(self, date: str | None) -> dict:
         """Each daily stats source the relay polls against the relay's own calls, and its last poll."""
-        poller = self.relay.poller
-        if poller is None:
+        sources = self.runtime.poll_sources()
+        if sources is None:
             return {"configured": False, "results": [], "polls": []}
         try:
             day = dt.date.fromisoformat(date) if date else dt.datetime.now(dt.UTC).date()
@@ -355,12 +358,12 @@ class Admin:
             raise HttpError(400, f"date must be YYYY-MM-DD, got {date!r}") from None
         results = []
         with self._engine().connect() as conn:
-            for source in poller.sources:
+            for source in sources:
                 try:
                     results.append(as_json(reconcile(conn, source, day)))
                 except ReconcileError as e:  # not a daily source, or no nodes named
                     results.append({"source": source.name, "stats_date": day.isoformat(), "error": str(e)})
-        polls = [r.describe() for r in list(poller.last_results.values())]
+        polls = [r.describe() for r in self.runtime.last_polls()]
         return {"configured": True, "results": results, "polls": polls}
 
 

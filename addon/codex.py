@@ -18,16 +18,18 @@ from addon.gate import EgressCheck, Gate  # noqa: E402
 from addon.hygiene import KeyHygiene  # noqa: E402
 from addon.refusal import RefusalSink  # noqa: E402
 from addon.relay import Relay  # noqa: E402
+from addon.runtime import Runtime  # noqa: E402
 from addon.secrets import KnownSecrets  # noqa: E402
 from addon.sseview import SSEView  # noqa: E402
 from addon.startup import StartupCheck  # noqa: E402
 
 # Order matters: the gate first (nothing before the script is configured, canonical targets only),
-# client auth before anything reads the body, the egress check after every other request hook, and
-# the start-up check last (its load and configure run after every other addon's).
+# the runtime before the addons that use it (configure runs in chain order), client auth before
+# anything reads the body, the egress check after every other request hook, and the start-up check
+# last (its load and configure run after every other addon's).
 refusals = RefusalSink()
 secrets = KnownSecrets()
 gate = Gate(refusals)
-relay = Relay(refusals, secrets)
-addons = [refusals, gate, ClientAuth(refusals, secrets), Admin(relay), relay, KeyHygiene(), SSEView(),
-          EgressCheck(), StartupCheck(gate)]
+runtime = Runtime(secrets)
+addons = [refusals, gate, runtime, ClientAuth(refusals, secrets), Admin(runtime), Relay(runtime, refusals, secrets),
+          KeyHygiene(), SSEView(), EgressCheck(), StartupCheck(gate, runtime)]

@@ -1,7 +1,8 @@
 """The relay addon: pick a node, rewrite the request, meter the streamed answer, queue the record.
 
-A thin shell over ``routing``, ``health``, ``meter``, ``outcome`` and the ``store`` writer: hooks are
-cheap and never touch the database (the writer thread does).
+The flow hooks, failover and record building, and nothing else: the nodes, their health, the prices
+and the writer belong to the ``Runtime`` it is given (``addon.runtime``). Hooks are cheap and never
+touch the database (the runtime's writer thread does).
 
 Failover within mitmproxy's flow model (README, "Failover"):
 - a node that refuses or does not accept the connection is found by a connect probe in the ``request``
@@ -26,27 +27,19 @@ from mitmproxy import ctx, exceptions, http
 from mitmproxy.addons.clientplayback import ReplayHandler
 from mitmproxy.proxy import server_hooks
 
-from addon.breaker import BreakerPolicy
 from addon.egress import attach, clear_as_is, origin_of
 from addon.errors import CLIENT_KEY_NAME, error_response, fail_closed
-from addon.health import Health, Pinger
 from addon.inject import answer_waiting, can_answer, close_server
 from addon.meter import StreamMeter
+from addon.options import seconds
 from addon.outcome import Outcome, classify_error, classify_response, is_node_failure_status
 from addon.refusal import RefusalSink, answered
-from addon.routing import Node, NodePool, StickyMap
+from addon.routing import Node
+from addon.runtime import Runtime
 from addon.secrets import KnownSecrets
-from addon.startup import fatal, listen_hosts, open_relay_problem
 from addon.target import target_problem
 from addon.usage import detect_format, parse_request
-from store.config import ConfigError, load_nodes_file, validate_base_url
-from store.engine import DEFAULT_DB, error_line, make_engine, upgrade_to_head
-from store.nodes import config_of, load_nodes, set_disabled, upsert_nodes
-from store.poll import Poller, start_poller
-from store.prices import PriceTable, load_prices
-from store.records import InvocationRecord, NodeConfig, NodeStateUpdate, utcnow
-from store.spool import Spool, SpoolInUse, default_spool_path
-from store.writer import Writer
+from store.records import InvocationRecord, NodeStateUpdate, utcnow
 
 log = logging.getLogger("codex.relay")
 
@@ -78,30 +71,14 @@ class CallState:
     relay_error: str | None = None  # why the relay itself ended or refused the call (a timeout, no node)
 
 
-def _seconds(name: str, value: str, *, allow_zero: bool = True) -> float:
-    """mitmproxy options have no float type: durations come in as strings."""
-    try:
-        v = float(value)
-    except ValueError:
-        raise exceptions.OptionsError(f"{name} must be a number of seconds, got {value!r}") from None
-    if v < 0 or (v == 0 and not allow_zero):
-        raise exceptions.OptionsError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
-    return v
-
-
 class Relay:
-    def __init__(self, refusals: RefusalSink | None = None, secrets: KnownSecrets | None = None) -> None:
+    """The flow hooks: routes each call over the runtime's nodes and records it through the runtime."""
+
+    def __init__(self, runtime: Runtime, refusals: RefusalSink | None = None,
+                 secrets: KnownSecrets | None = None) -> None:
+        self.runtime = runtime
         self.refusals = refusals or RefusalSink()
         self.secrets = secrets or KnownSecrets()
-        self.pool = NodePool()
-        self.writer: Writer | None = None
-        self.engine = None
-        self.health = Health(self._submit)
-        self.pinger: Pinger | None = None
-        self.poller: Poller | None = None
-        self.prices: PriceTable | None = None
-        self._db_url: str | None = None
-        self._connect_timeout = 10.0
         self._first_byte_timeout = 300.0
         # (client connection id, node address) of open upstream connections: no probe needed for those
         self._connected: set[tuple[str, tuple[str, int]]] = set()
@@ -111,24 +88,10 @@ class Relay:
         self._idle_watch: asyncio.TimerHandle | None = None
         # flow id -> its call in flight. Not in flow.metadata: -w pickles that, and a call holds timers.
         self._calls: dict[str, CallState] = {}
+        runtime.on_shutdown(self._record_calls_in_flight)
 
     # -- options -----------------------------------------------------------------------------------
     def load(self, loader) -> None:
-        loader.add_option("codex_db", str, DEFAULT_DB,
-                          "SQLAlchemy URL of the stats database (sqlite:///file.db or "
-                          "mysql+pymysql://user:pass@host/db). Upgraded to the latest schema at start.")
-        loader.add_option("codex_spool", str, "",
-                          "Local SQLite journal for records while the stats database is unreachable; "
-                          "written at the next start after a crash. Default: next to a SQLite "
-                          "database, data/spool-<hash of the URL>.db for MySQL.")
-        loader.add_option("codex_nodes", str, "",
-                          "Path to a TOML file of upstream nodes ([[nodes]] id, name, base_url, api_key, "
-                          "weight). Upserted at every start; stats are never touched.")
-        loader.add_option("codex_upstream", str, "",
-                          "Base URL of a single upstream node (id 'default'), used when codex_nodes is "
-                          "not set, e.g. https://relay.example/v1.")
-        loader.add_option("codex_upstream_key", str, "", "API key of the codex_upstream node.")
-        loader.add_option("codex_upstream_name", str, "default", "Display name of the codex_upstream node.")
         loader.add_option("codex_source", str, "relay",
                           "Tag written to codex_invocations.source for calls this relay records.")
         loader.add_option("codex_keep_body", int, 256 * 1024,
@@ -137,189 +100,31 @@ class Relay:
         loader.add_option("codex_retries", int, 2,
                           "Retry a call that failed before its first byte reached the client on up to "
                           "this many other nodes.")
-        loader.add_option("codex_fail_threshold", int, 3,
-                          "Failures in a row that mark a node failed: out of rotation for codex_cooldown, "
-                          "then one trial call whose success brings it back. 0 never marks nodes failed.")
-        loader.add_option("codex_cooldown", str, "30",
-                          "Seconds a failed node waits for its trial call; doubled each time its trial "
-                          "fails, up to codex_cooldown_max. A health ping that answers ends the wait once.")
-        loader.add_option("codex_cooldown_max", str, "600", "Longest cooldown of a failed node, in seconds.")
-        loader.add_option("codex_ping_interval", str, "30",
-                          "Seconds between health pings of every node. 0 disables pings.")
-        loader.add_option("codex_ping_path", str, "/models",
-                          "Path of the health ping, joined to each node's base_url like client paths.")
-        loader.add_option("codex_connect_timeout", str, "10",
-                          "Seconds to wait for a node to accept a connection before trying another.")
         loader.add_option("codex_idle_timeout", str, "300",
                           "Seconds a streaming answer may go without a byte from its node before the relay "
                           "ends it (recorded truncated, a failure of the node). 0: no limit.")
         loader.add_option("codex_first_byte_timeout", str, "300",
                           "Seconds to wait for a node's response headers before the call is failed.")
-        loader.add_option("codex_sticky_ttl", str, "3600",
-                          "Seconds a Codex session (session_id / conversation_id header or "
-                          "prompt_cache_key) stays on its node. 0 disables stickiness.")
-        loader.add_option("codex_prices", str, "",
-                          "TOML price table (USD per 1M input, cached input, output tokens per model) used to "
-                          "estimate codex_invocations.cost. Default: the shipped store/prices.toml.")
         loader.add_option("codex_max_request_body", int, 32 * 2**20,
                           "Largest request body (bytes) the relay forwards; a larger one gets HTTP 413 and "
                           "reaches no node.")
-        loader.add_option("codex_allow_open", bool, False,
-                          "Allow a relay that routes to nodes to listen beyond loopback without "
-                          "codex_client_keys (anyone who reaches it spends the node keys). Off: such a relay "
-                          "refuses to start.")
-        loader.add_option("codex_stats_sources", str, "",
-                          "TOML file whose [[sources]] are provider stats endpoints to poll into "
-                          "stats_source_snapshots/deltas. Default: the [[sources]] of the codex_nodes file.")
 
     def configure(self, updated: set[str]) -> None:
         opts = ctx.options
         if "codex_source" in updated and not (0 < len(opts.codex_source) <= 32):
             raise exceptions.OptionsError("codex_source must be 1 to 32 characters")
-        for name in ("codex_keep_body", "codex_retries", "codex_fail_threshold", "codex_max_request_body"):
+        for name in ("codex_keep_body", "codex_retries", "codex_max_request_body"):
             if name in updated and getattr(opts, name) < 0:
                 raise exceptions.OptionsError(f"{name} must be >= 0")
-        ping_interval = _seconds("codex_ping_interval", opts.codex_ping_interval)
-        self._connect_timeout = _seconds("codex_connect_timeout", opts.codex_connect_timeout, allow_zero=False)
-        self._idle_timeout = _seconds("codex_idle_timeout", opts.codex_idle_timeout)
-        self._first_byte_timeout = _seconds("codex_first_byte_timeout", opts.codex_first_byte_timeout,
-                                            allow_zero=False)
-        sticky_ttl = _seconds("codex_sticky_ttl", opts.codex_sticky_ttl)
-        cooldown = _seconds("codex_cooldown", opts.codex_cooldown)
-        cooldown_max = _seconds("codex_cooldown_max", opts.codex_cooldown_max)
-        if cooldown_max < cooldown:
-            raise exceptions.OptionsError(f"codex_cooldown_max must be >= codex_cooldown ({cooldown:g}), "
-                                          f"got {opts.codex_cooldown_max!r}")
-        self.health.policy = BreakerPolicy(opts.codex_fail_threshold, cooldown, cooldown_max)
-        if "codex_db" in updated and opts.codex_db != self._db_url:
-            self._open_db(opts.codex_db, opts.codex_spool)
-        if updated & {"codex_db", "codex_nodes", "codex_upstream", "codex_upstream_key",
-                      "codex_upstream_name", "codex_sticky_ttl"}:
-            self._configure_nodes(self._configured_nodes(), sticky_ttl)
-        if "codex_prices" in updated:
-            try:
-                self.prices = load_prices(opts.codex_prices or None)
-            except ConfigError as e:
-                raise exceptions.OptionsError(f"codex_prices: {e}") from None
-        if updated & {"codex_db", "codex_stats_sources", "codex_nodes"}:
-            try:
-                # Its own thread: a slow provider endpoint never touches the event loop or the writer.
-                self.poller = start_poller(self.engine, opts.codex_stats_sources or opts.codex_nodes, self.poller)
-            except ConfigError as e:
-                raise exceptions.OptionsError(f"codex_stats_sources: {e}") from None
-        if updated & {"codex_ping_interval", "codex_ping_path", "codex_connect_timeout"}:
-            if self.pinger is not None:
-                self.pinger.stop()
-            self.pinger = Pinger(lambda: self.pool, self.health, interval=ping_interval,
-                                 path=opts.codex_ping_path, timeout=self._connect_timeout)
-            self.pinger.start()
+        # Only options in ``updated``: see Runtime.configure.
+        if "codex_idle_timeout" in updated:
+            self._idle_timeout = seconds("codex_idle_timeout", opts.codex_idle_timeout)
+        if "codex_first_byte_timeout" in updated:
+            self._first_byte_timeout = seconds("codex_first_byte_timeout", opts.codex_first_byte_timeout,
+                                               allow_zero=False)
 
-    def _open_db(self, url: str, spool_path: str) -> None:
-        try:
-            engine = make_engine(url)
-            upgrade_to_head(engine)
-        except Exception as e:
-            raise exceptions.OptionsError(f"codex_db: cannot open {_safe_url(url)}: {error_line(e)}") from None
-        if self.writer is not None:
-            self.writer.close()
-        try:
-            spool = Spool(spool_path or default_spool_path(url))
-        except (SpoolInUse, OSError) as e:
-            raise exceptions.OptionsError(f"codex_spool: {e}") from None
-        self.engine = engine
-        self._db_url = url
-        # Half a second of batching: at relay rates it cuts the writer's CPU per record (and its GIL time
-        # taken from the proxy) several-fold; stats lag by at most that much.
-        self.writer = Writer(engine, spool, linger=0.5)
-        self.writer.start()
-        log.info("stats database: %s", _safe_url(url))
-
-    def _configured_nodes(self) -> list[NodeConfig]:
-        opts = ctx.options
-        if opts.codex_nodes:
-            try:
-                return load_nodes_file(opts.codex_nodes)
-            except ConfigError as e:
-                raise exceptions.OptionsError(f"codex_nodes: {e}") from None
-        if opts.codex_upstream:
-            problem = validate_base_url(opts.codex_upstream)
-            if problem:
-                raise exceptions.OptionsError(f"codex_upstream: {problem}")
-            return [NodeConfig(id="default", name=opts.codex_upstream_name or "default",
-                               base_url=opts.codex_upstream, api_key=opts.codex_upstream_key, weight=1)]
-        return []
-
-    def _configure_nodes(self, configs: list[NodeConfig], sticky_ttl: float) -> None:
-        assert self.engine is not None
-        with self.engine.begin() as conn:
-            if configs:
-                upsert_nodes(conn, configs)
-            stored = load_nodes(conn)
-        failed = {r.id: bool(r.failed) for r in stored}
-        disabled = {r.id for r in stored if r.disabled}
-        # The configured nodes route, and those added on the admin page; others in the DB (dropped from
-        # the file) keep their stats but get no traffic. A node failed before a restart starts with its
-        # first cooldown, then gets its trial call; a disabled one stays out.
-        named = {c.id for c in configs}
-        configs = configs + [config_of(r) for r in stored if r.origin == "admin" and r.id not in named]
-        nodes = [Node(config=c, breaker=self.health.restored(failed.get(c.id, False)), disabled=c.id in disabled)
-                 for c in configs]
-        self.pool = NodePool(nodes, sticky=StickyMap(ttl=sticky_ttl) if sticky_ttl else StickyMap(max_entries=0))
-        self.secrets.set_node_keys(n.config.api_key for n in nodes)
-        if nodes:
-            log.info("routing over %d node(s): %s", len(nodes), ", ".join(
-                f"{n.id} (weight {n.config.weight}{', failed' if n.failed else ''}"
-                f"{', disabled' if n.disabled else ''})" for n in nodes))
-        else:
-            log.info("no upstream node configured: monitor mode (traffic passes through unchanged)")
-
-    def update_node(self, config: NodeConfig) -> None:
-        """Add or edit a node at run time (admin page): the same non-destructive upsert as at start.
-
-        Blocking DB work: call it off the event loop.
-        """
-        assert self.engine is not None
-        with self.engine.begin() as conn:
-            upsert_nodes(conn, [config], origin="admin")
-            disabled = any(r.id == config.id and r.disabled for r in load_nodes(conn))
-        current = self.pool.get(config.id)
-        if current is None:
-            self.pool.put(Node(config=config, disabled=disabled))
-        else:  # in place: calls in flight hold this object and report its health to it
-            current.config, current.disabled = config, disabled
-        self.secrets.set_node_keys(n.config.api_key for n in self.pool)
-
-    def set_node_disabled(self, node_id: str, disabled: bool) -> bool:
-        """Take a node out of routing, or put it back (admin page); its stats stay. False: no such node.
-
-        Blocking DB work: call it off the event loop.
-        """
-        assert self.engine is not None
-        with self.engine.begin() as conn:
-            if not set_disabled(conn, node_id, disabled):
-                return False
-        current = self.pool.get(node_id)
-        if current is not None:
-            current.disabled = disabled
-            if not disabled:  # enable is also the way to clear a failed node at once
-                self.health.reset(current)
-        return True
-
-    def running(self) -> None:
-        opts = ctx.options
-        problem = open_relay_problem(routes=len(self.pool) > 0, client_keys=bool(opts.codex_client_keys.strip()),
-                                     hosts=listen_hosts(opts.mode, opts.listen_host),
-                                     allow_open=opts.codex_allow_open)
-        if problem:
-            fatal(problem)
-
-    def done(self) -> None:
-        if self.pinger is not None:
-            self.pinger.stop()
-        if self.poller is not None:
-            self.poller.stop()
-        # Calls still in flight are recorded before the writer's last flush: mitmproxy ends their
-        # connections only after this hook, when nothing is written any more.
+    def _record_calls_in_flight(self) -> None:
+        """At shutdown (from the runtime's done, before the writer's last flush)."""
         for state in list(self._calls.values()):
             self._finish(state.flow, state, Outcome("aborted", False, "the relay shut down during the call"))
         self._calls.clear()
@@ -327,13 +132,6 @@ class Relay:
         if self._idle_watch is not None:
             self._idle_watch.cancel()
             self._idle_watch = None
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
-
-    def _submit(self, item: InvocationRecord | NodeStateUpdate) -> None:
-        if self.writer is not None:
-            self.writer.submit(item)
 
     # -- hooks -------------------------------------------------------------------------------------
     @fail_closed
@@ -359,7 +157,8 @@ class Relay:
             self._too_large(flow)
             return
         target = flow.request.path
-        routed = len(self.pool) > 0
+        pool = self.runtime.pool
+        routed = len(pool) > 0
         problem = target_problem(target) if routed else None
         if problem:  # as a forward proxy: the Gate checks only the relay's own port
             self.refusals.refuse(flow, error_response(target, 400, f"codex-relay: {problem}",
@@ -378,7 +177,7 @@ class Relay:
         if not routed:
             clear_as_is(flow)  # monitor mode: the request goes where it was sent, unchanged
             return
-        node = self.pool.choose(session_key=state.session_key if state else None, holder=state)
+        node = pool.choose(session_key=state.session_key if state else None, holder=state)
         if node is None:
             flow.response = error_response(
                 target, 503, "codex-relay: no upstream node is available: every node is failed, disabled "
@@ -409,7 +208,7 @@ class Relay:
             origin = origin_of(node.config.base_url)
             if (flow.client_conn.id, (origin.host, origin.port)) in self._connected:
                 return node
-            err = await _probe(origin.host, origin.port, self._connect_timeout)
+            err = await _probe(origin.host, origin.port, self.runtime.connect_timeout)
             if err is None:
                 return node
             state.relay_error = err
@@ -433,20 +232,21 @@ class Relay:
         """Another node for a retry, if the retry budget allows; records the attempt."""
         if state.attempts > ctx.options.codex_retries:
             return None
-        node = self.pool.choose(exclude=state.tried, holder=state)
+        pool = self.runtime.pool
+        node = pool.choose(exclude=state.tried, holder=state)
         if node is None:
             return None
         state.tried.append(node.id)
         state.attempts += 1
         if state.session_key:
-            self.pool.sticky.put(state.session_key, node.id)
+            pool.sticky.put(state.session_key, node.id)
         return node
 
     def _attempt_failed(self, node: Node, error: str) -> None:
         """A failed attempt that the client did not see: it still counts against the node."""
         error = self.secrets.scrub(error[:1000])
-        self.health.failure(node, error)
-        self._submit(NodeStateUpdate(node.id, last_error=error, failed_attempt=True))
+        self.runtime.health.failure(node, error)
+        self.runtime.submit(NodeStateUpdate(node.id, last_error=error, failed_attempt=True))
 
     def _first_byte_timed_out(self, flow: http.HTTPFlow) -> None:
         state = self._calls.get(flow.id)
@@ -492,7 +292,7 @@ class Relay:
             # A small error answer is held whole, not streamed: to retry the call elsewhere, and to
             # scrub keys the node echoes back before the client sees them.
             state.retry = (is_node_failure_status(resp.status_code) and state.attempts <= ctx.options.codex_retries
-                           and self.pool.choose(exclude=state.tried) is not None)
+                           and self.runtime.pool.choose(exclude=state.tried) is not None)
             return
         state.meter = StreamMeter(
             state.api_format, resp.headers.get("content-type"), resp.headers.get("content-encoding"),
@@ -514,7 +314,7 @@ class Relay:
             text = resp.get_text(strict=False)
             if text and (clean := self.secrets.scrub(text)) != text:
                 resp.text = clean
-        if state.meter is None and state.node is None and len(self.pool):
+        if state.meter is None and state.node is None and len(self.runtime.pool):
             # Our own 503 or 502: the failed attempts, if any, were counted against their nodes.
             outcome = Outcome("failed", False, state.relay_error or "no upstream node available")
         else:
@@ -589,11 +389,11 @@ class Relay:
         node = state.node
         if node is not None:
             if outcome.node_failure:
-                self.health.failure(node, outcome.error or outcome.status)
+                self.runtime.health.failure(node, outcome.error or outcome.status)
             elif outcome.status == "success":
-                self.health.success(node)
+                self.runtime.health.success(node)
             else:  # a client abort or a client error says nothing about the node
-                self.health.release(node, state)
+                self.runtime.health.release(node, state)
         record = InvocationRecord(
             invoke_id=state.invoke_id, occurred_at=state.occurred_at, source=ctx.options.codex_source,
             endpoint=flow.request.path.split("?", 1)[0][:255], status=outcome.status,
@@ -609,11 +409,12 @@ class Relay:
             record.flags = list(result.flags)
             if result.usage is not None:
                 record.usage = result.usage
-        cost = self.prices.cost(record.model, record.usage) if self.prices else None
+        prices = self.runtime.prices
+        cost = prices.cost(record.model, record.usage) if prices else None
         if cost is not None:
             record.cost, record.cost_input, record.cost_cached, record.cost_output = (
                 cost.total, cost.input, cost.cached, cost.output)
-        self._submit(record)
+        self.runtime.submit(record)
         _annotate(flow, record)
 
 
@@ -664,13 +465,3 @@ def _ms(seconds: float) -> int:
 
 def _is_sse(resp: http.Response) -> bool:
     return resp.headers.get("content-type", "").startswith("text/event-stream")
-
-
-def _safe_url(url: str) -> str:
-    """The URL without its password, for logs."""
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return "<unparsable URL>"

@@ -6,7 +6,9 @@ a ``--set`` of one of this script's options that cannot be applied (given twice,
 option's type) makes mitmproxy drop the whole script silently — the process then serves as a bare
 proxy with no client auth, routing or masking — and ``--set`` names nobody declared are kept unused.
 ``StartupCheck``, the script's last addon, finds both, says so, and makes the process exit; until
-it has seen every addon configured, the ``Gate`` answers every request with a 503.
+it has seen every addon configured, the ``Gate`` answers every request with a 503. It also refuses to
+start an open relay: one that routes to nodes (the ``Runtime``'s pool) and listens beyond loopback
+without client keys, unless ``codex_allow_open`` says so.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from mitmproxy import ctx, exceptions, optmanager
 from mitmproxy.proxy.mode_specs import ProxyMode
 
 from addon.gate import Gate
+from addon.runtime import Runtime
 
 log = logging.getLogger("codex.startup")
 
@@ -115,11 +118,16 @@ def fatal(message: str) -> None:
 class StartupCheck:
     """The script's last addon: opens the gate once every addon before it has been configured."""
 
-    def __init__(self, gate: Gate) -> None:
+    def __init__(self, gate: Gate, runtime: Runtime) -> None:
         self.gate = gate
+        self.runtime = runtime
         self.problems: list[str] = []
 
     def load(self, loader) -> None:
+        loader.add_option("codex_allow_open", bool, False,
+                          "Allow a relay that routes to nodes to listen beyond loopback without "
+                          "codex_client_keys (anyone who reaches it spends the node keys). Off: such a relay "
+                          "refuses to start.")
         install_one_line_option_errors()
         # Every addon of the script has declared its options by now; mitmproxy applies the deferred
         # values right after this hook, and one it cannot apply would drop the script.
@@ -133,9 +141,14 @@ class StartupCheck:
             self.gate.ready = True
 
     def running(self) -> None:
-        problem = unknown_options_message(ctx.options.deferred)
-        if problem:
-            self.problems.append(problem)
+        opts = ctx.options
+        for problem in (unknown_options_message(opts.deferred),
+                        open_relay_problem(routes=len(self.runtime.pool) > 0,
+                                           client_keys=bool(opts.codex_client_keys.strip()),
+                                           hosts=listen_hosts(opts.mode, opts.listen_host),
+                                           allow_open=opts.codex_allow_open)):
+            if problem:
+                self.problems.append(problem)
         if self.problems:
             self.gate.ready = False
             fatal("; ".join(self.problems))

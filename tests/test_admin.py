@@ -1,6 +1,6 @@
 """The admin addon: access rules, endpoints, node management and the relay honouring them.
 
-In process (a real Relay and Admin under mitmproxy's test context) on SQLite and MariaDB, plus one
+In process (a real Runtime and Admin under mitmproxy's test context) on SQLite and MariaDB, plus one
 end-to-end run through mitmdump: admin requests never reach a node and are never metered.
 """
 
@@ -20,7 +20,7 @@ from mitmproxy.proxy.mode_specs import ProxyMode
 from mitmproxy.test import taddons, tflow
 
 from addon.admin import Admin, is_loopback, session_cookie
-from addon.relay import Relay
+from addon.runtime import Runtime
 from bench.fakeupstream import FakeUpstream
 from bench.relayproc import RelayProcess
 from store import stats
@@ -40,15 +40,15 @@ REVERSE = "reverse:http://127.0.0.1:9"
 
 @pytest.fixture
 def env(db_url, tmp_path):
-    """A configured Relay (nodes alpha and beta, never called) with its Admin, and calls of alpha stored."""
+    """A configured Runtime (nodes alpha and beta, never called) with its Admin, and calls of alpha stored."""
     nodes_file = write_nodes(tmp_path / "nodes.toml", [("alpha", "http://127.0.0.1:9/v1", ALPHA_KEY, 2),
                                                        ("beta", "http://127.0.0.1:9/beta/v1", BETA_KEY, 1)])
-    relay = Relay()
-    admin = Admin(relay)
-    with taddons.context(relay, admin) as tctx:
-        tctx.configure(relay, codex_db=db_url, codex_spool=str(tmp_path / "spool.db"), codex_nodes=str(nodes_file),
+    runtime = Runtime()
+    admin = Admin(runtime)
+    with taddons.context(runtime, admin) as tctx:
+        tctx.configure(runtime, codex_db=db_url, codex_spool=str(tmp_path / "spool.db"), codex_nodes=str(nodes_file),
                        codex_ping_interval="0")
-        with relay.engine.begin() as conn:
+        with runtime.engine.begin() as conn:
             apply_batch(conn, [
                 InvocationRecord(invoke_id=f"c{i}", occurred_at=dt.datetime(2026, 11, 20 + i, 12), source="relay",
                                  endpoint="/v1/responses", status="success" if i else "failed", node_id="alpha",
@@ -57,9 +57,9 @@ def env(db_url, tmp_path):
                                  stream_ms=50, response_bytes=1000)
                 for i in range(3)])
         try:
-            yield SimpleNamespace(relay=relay, admin=admin, tctx=tctx)
+            yield SimpleNamespace(runtime=runtime, admin=admin, tctx=tctx)
         finally:
-            relay.done()
+            runtime.done()
 
 
 def ask(admin: Admin, method: str, path: str, body: object = None, *, headers: dict | None = None,
@@ -81,8 +81,8 @@ def data(resp: http.Response) -> dict:
     return json.loads(resp.get_text())
 
 
-def node_row(relay: Relay, node_id: str) -> sa.Row:
-    with relay.engine.connect() as conn:
+def node_row(runtime: Runtime, node_id: str) -> sa.Row:
+    with runtime.engine.connect() as conn:
         return conn.execute(sa.select(nodes).where(nodes.c.id == node_id)).one()
 
 
@@ -140,9 +140,9 @@ def test_changes_need_json_and_a_loopback_origin(env):
     assert bad.status_code == 400 and "not JSON" in data(bad)["error"]
     evil = ask(env.admin, "POST", "/admin/api/nodes", body, headers={"origin": "http://evil.example"})
     assert evil.status_code == 403
-    assert node_row(env.relay, "alpha").weight == 2
+    assert node_row(env.runtime, "alpha").weight == 2
     ok = ask(env.admin, "POST", "/admin/api/nodes", body, headers={"origin": "http://127.0.0.1:8000"})
-    assert ok.status_code == 200 and node_row(env.relay, "alpha").weight == 4
+    assert ok.status_code == 200 and node_row(env.runtime, "alpha").weight == 4
 
 
 def test_only_admin_paths_in_reverse_mode_are_answered(env):
@@ -205,7 +205,7 @@ def test_days_recent_writer_and_reconcile_endpoints(env):
 
 def test_reconcile_panel_compares_the_polled_sources(env, tmp_path):
     today = dt.datetime.now(dt.UTC).date()
-    with env.relay.engine.begin() as conn:  # today's one call through alpha, as the provider counts it
+    with env.runtime.engine.begin() as conn:  # today's one call through alpha, as the provider counts it
         apply_batch(conn, [InvocationRecord(
             invoke_id="today", occurred_at=dt.datetime.combine(today, dt.time()), source="relay",
             endpoint="/v1/responses", status="success", node_id="alpha", model="gpt-5-codex",
@@ -214,9 +214,10 @@ def test_reconcile_panel_compares_the_polled_sources(env, tmp_path):
         provider.queue(200, crs_response(crs_item("gpt-5-codex", 1, 500, 20)))
         sources = tmp_path / "sources.toml"
         sources.write_text(f'[[sources]]\nname = "crs"\nurl = "{provider.url}"\ninterval = 3600\nnodes = ["alpha"]\n'
-                          'api_id = "3f2b8c1e-9a4d-4e7b-8c2f-1d5e6a7b8c9d"\nmidnight_margin = 0\ntimezone = "+00:00"\n')
-        env.tctx.configure(env.relay, codex_stats_sources=str(sources))
-        wait_for(lambda: "crs" in env.relay.poller.last_results, what="the first poll")
+                           'api_id = "3f2b8c1e-9a4d-4e7b-8c2f-1d5e6a7b8c9d"\nmidnight_margin = 0\n'
+                           'timezone = "+00:00"\n')
+        env.tctx.configure(env.runtime, codex_stats_sources=str(sources))
+        wait_for(lambda: env.runtime.last_polls(), what="the first poll")
     got = data(ask(env.admin, "GET", f"/admin/api/reconcile?date={today}"))
     assert got["configured"] is True and got["polls"][0].startswith("crs: captured at ")
     (result,) = got["results"]
@@ -253,20 +254,20 @@ def test_slow_queries_leave_the_event_loop_free(env, monkeypatch):
 
 # -- node management -------------------------------------------------------------------------------
 def test_edit_weight_keeps_key_and_stats(env):
-    before = node_row(env.relay, "alpha")
+    before = node_row(env.runtime, "alpha")
     resp = ask(env.admin, "POST", "/admin/api/nodes",
                {"id": "alpha", "name": "Alpha!", "base_url": "http://127.0.0.1:9/v1", "weight": 7})
     assert resp.status_code == 200 and data(resp)["node"]["weight"] == 7
-    after = node_row(env.relay, "alpha")
+    after = node_row(env.runtime, "alpha")
     assert (after.weight, after.name, after.api_key) == (7, "Alpha!", ALPHA_KEY)  # no key sent: key kept
     for col in ("requests", "fail_count", "total_input", "total_output", "total_bytes", "first_byte_ms", "created_at"):
         assert getattr(after, col) == getattr(before, col), col
-    live = env.relay.pool.get("alpha").config
+    live = env.runtime.pool.get("alpha").config
     assert (live.weight, live.api_key) == (7, ALPHA_KEY)
 
     ask(env.admin, "POST", "/admin/api/nodes", {"id": "alpha", "base_url": "http://127.0.0.1:9/v2", "weight": 7,
                                                 "api_key": "sk-rotated-000011112222"})
-    assert (node_row(env.relay, "alpha").api_key, env.relay.pool.get("alpha").config.base_url) == \
+    assert (node_row(env.runtime, "alpha").api_key, env.runtime.pool.get("alpha").config.base_url) == \
         ("sk-rotated-000011112222", "http://127.0.0.1:9/v2")
 
 
@@ -274,10 +275,10 @@ def test_stored_key_never_follows_a_node_to_another_origin(env):
     moved = {"id": "alpha", "base_url": "http://127.0.0.1:19/v1", "weight": 2}  # another port, no key
     resp = ask(env.admin, "POST", "/admin/api/nodes", moved)
     assert resp.status_code == 400 and "api_key" in data(resp)["error"]
-    assert node_row(env.relay, "alpha").base_url == "http://127.0.0.1:9/v1"
-    assert env.relay.pool.get("alpha").config.base_url == "http://127.0.0.1:9/v1"
+    assert node_row(env.runtime, "alpha").base_url == "http://127.0.0.1:9/v1"
+    assert env.runtime.pool.get("alpha").config.base_url == "http://127.0.0.1:9/v1"
     resp = ask(env.admin, "POST", "/admin/api/nodes", {**moved, "api_key": "sk-for-the-new-host-0001"})
-    assert resp.status_code == 200 and node_row(env.relay, "alpha").api_key == "sk-for-the-new-host-0001"
+    assert resp.status_code == 200 and node_row(env.runtime, "alpha").api_key == "sk-for-the-new-host-0001"
 
 
 def test_unknown_host_names_are_refused(env):
@@ -295,7 +296,7 @@ def test_add_node_routes_it(env):
                {"id": "gamma", "name": "Gamma", "base_url": "https://g.example/v1", "api_key": "sk-g-1234567890",
                 "weight": 3})
     assert resp.status_code == 200 and data(resp)["node"]["routed"] is True
-    assert node_row(env.relay, "gamma").weight == 3 and env.relay.pool.get("gamma").eligible
+    assert node_row(env.runtime, "gamma").weight == 3 and env.runtime.pool.get("gamma").eligible
 
 
 @pytest.mark.parametrize(("body", "message"), [
@@ -308,7 +309,7 @@ def test_add_node_routes_it(env):
 def test_bad_node_is_refused(env, body, message):
     resp = ask(env.admin, "POST", "/admin/api/nodes", body)
     assert resp.status_code == 400 and message in data(resp)["error"]
-    assert node_row(env.relay, "alpha").weight == 2
+    assert node_row(env.runtime, "alpha").weight == 2
 
 
 def test_database_error_is_a_503_without_the_statement(env, monkeypatch):
@@ -316,7 +317,7 @@ def test_database_error_is_a_503_without_the_statement(env, monkeypatch):
         raise sa.exc.OperationalError("UPDATE nodes SET api_key=%s", {"api_key": config.api_key},
                                       Exception("(2006, 'MySQL server has gone away')"))
 
-    monkeypatch.setattr(env.relay, "update_node", down)
+    monkeypatch.setattr(env.runtime, "update_node", down)
     resp = ask(env.admin, "POST", "/admin/api/nodes", {"id": "alpha", "base_url": "http://127.0.0.1:9/v1",
                                                        "api_key": "sk-fresh-key-99990000"})
     assert resp.status_code == 503 and "gone away" in data(resp)["error"]
@@ -326,17 +327,17 @@ def test_database_error_is_a_503_without_the_statement(env, monkeypatch):
 def test_disable_and_enable(env):
     resp = ask(env.admin, "POST", "/admin/api/nodes/alpha/disable", {})
     assert resp.status_code == 200 and data(resp)["node"]["status"] == "disabled"
-    assert node_row(env.relay, "alpha").disabled
-    assert {env.relay.pool.choose().id for _ in range(50)} == {"beta"}
-    assert env.relay.pool.choose(session_key="s1").id == "beta"
+    assert node_row(env.runtime, "alpha").disabled
+    assert {env.runtime.pool.choose().id for _ in range(50)} == {"beta"}
+    assert env.runtime.pool.choose(session_key="s1").id == "beta"
 
     # A weight or key edit leaves a disabled node disabled.
     ask(env.admin, "POST", "/admin/api/nodes", {"id": "alpha", "base_url": "http://127.0.0.1:9/v1", "weight": 9})
-    assert not env.relay.pool.get("alpha").eligible and node_row(env.relay, "alpha").disabled
+    assert not env.runtime.pool.get("alpha").eligible and node_row(env.runtime, "alpha").disabled
 
     assert data(ask(env.admin, "POST", "/admin/api/nodes/alpha/enable", {}))["node"]["status"] == "active"
-    assert not node_row(env.relay, "alpha").disabled and env.relay.pool.get("alpha").eligible
-    assert node_row(env.relay, "alpha").requests == 3
+    assert not node_row(env.runtime, "alpha").disabled and env.runtime.pool.get("alpha").eligible
+    assert node_row(env.runtime, "alpha").requests == 3
     assert ask(env.admin, "POST", "/admin/api/nodes/nope/disable", {}).status_code == 404
 
 

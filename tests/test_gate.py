@@ -14,6 +14,7 @@ from addon.egress import EGRESS_KEY, attach
 from addon.errors import fail_closed
 from addon.gate import EgressCheck, Gate
 from addon.refusal import REFUSED_KEY, RefusalSink, answered
+from addon.runtime import Runtime
 from addon.startup import StartupCheck, listen_hosts, open_relay_problem, take_unusable_options
 from store.records import NodeConfig
 
@@ -148,7 +149,7 @@ def test_options_given_twice_or_mistyped_are_taken_out_and_named():
 
 def test_startup_check_keeps_the_gate_closed_when_options_were_refused():
     gate = Gate(RefusalSink())
-    check = StartupCheck(gate)
+    check = StartupCheck(gate, Runtime())
     with taddons.context(check) as tctx:
         tctx.configure(check)
         assert gate.ready

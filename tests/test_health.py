@@ -1,4 +1,4 @@
-"""Circuit breakers and health pings: the rules on a fake clock (no timers, no sleeps), and the relay
+"""Circuit breakers and health pings: the rules on a fake clock (no timers, no sleeps), and the runtime
 keeping them across a restart and clearing them on the admin page's enable."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from mitmproxy.test import taddons
 
 from addon.breaker import BreakerPolicy
 from addon.health import Health, Pinger, ping
-from addon.relay import Relay
 from addon.routing import Node, NodePool
+from addon.runtime import Runtime
 from bench.fakeupstream import FakeUpstream
 from store.records import NodeConfig, NodeStateUpdate
 from tests.conftest import wait_for
@@ -158,7 +158,7 @@ def test_a_ping_answer_ends_one_cooldown_but_never_restores_the_node():
     assert by_id["dead"].last_ping_err
 
 
-# -- the relay: restarts, admin enable, options ------------------------------------------------------
+# -- the runtime: restarts, admin enable, options ----------------------------------------------------
 def db_node(db_url: str, node_id: str) -> sa.Row:
     return next(r for r in rows(db_url, "SELECT * FROM nodes") if r.id == node_id)
 
@@ -168,28 +168,28 @@ def test_relay_keeps_the_breaker_across_a_restart_and_enable_resets_it(db_url, t
                                                       ("b", "http://127.0.0.1:9/b/v1", "kb", 1)])
     opts = {"codex_db": db_url, "codex_spool": str(tmp_path / "spool.db"), "codex_nodes": str(nodes_file),
             "codex_ping_interval": "0", "codex_cooldown": "45"}
-    relay = Relay()
-    with taddons.context(relay) as tctx:
-        tctx.configure(relay, **opts)
+    runtime = Runtime()
+    with taddons.context(runtime) as tctx:
+        tctx.configure(runtime, **opts)
         for _ in range(3):
-            relay.health.failure(relay.pool.get("a"), "HTTP 500")
-        relay.done()  # flushes the writer
+            runtime.health.failure(runtime.pool.get("a"), "HTTP 500")
+        runtime.done()  # flushes the writer
     assert db_node(db_url, "a").failed
 
-    relay = Relay()
-    with taddons.context(relay) as tctx:
+    runtime = Runtime()
+    with taddons.context(runtime) as tctx:
         started = time.monotonic()
-        tctx.configure(relay, **opts)
-        a = relay.pool.get("a")
+        tctx.configure(runtime, **opts)
+        a = runtime.pool.get("a")
         try:
             # Failed at the stop: open with the first cooldown, so with pings off its trial still comes.
             assert a.failed and a.breaker.openings == 1
             assert started + 45 <= a.breaker.until <= time.monotonic() + 45
             with pytest.raises(exceptions.OptionsError, match="codex_cooldown_max"):
-                tctx.configure(relay, codex_cooldown_max="44")
-            assert relay.set_node_disabled("a", False)
+                tctx.configure(runtime, codex_cooldown_max="44")
+            assert runtime.set_node_disabled("a", False)
             assert a.eligible and a.breaker.streak == 0 and a.breaker.trial is None
             wait_for(lambda: not db_node(db_url, "a").failed, what="failed cleared in the database")
             assert db_node(db_url, "a").fail_streak == 0
         finally:
-            relay.done()
+            runtime.done()
