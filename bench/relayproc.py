@@ -63,17 +63,31 @@ class RelayProcess:
         return cmd + self.extra_args
 
     def start(self, timeout: float = 60) -> RelayProcess:
-        if self.launch(timeout) is not None:
-            raise RuntimeError(f"relay did not start listening:\n{self.output()}")
-        return self
+        return self.spawn().ready(timeout)
 
     def launch(self, timeout: float = 60) -> int | None:
         """Start the process: None once it listens, or its exit code if it exits first."""
+        return self.spawn().listening(timeout)
+
+    def spawn(self) -> RelayProcess:
+        """Start the process without waiting for it: mitmdump's start-up (mostly imports) takes a second or
+        two, so relays that boot side by side, or while another serves, save that time."""
         env = dict(os.environ, PYTHONUNBUFFERED="1", **(self.env or {}))
         self.proc = subprocess.Popen(self.command(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True, cwd=self.root, env=env, start_new_session=True)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
+        return self
+
+    def ready(self, timeout: float = 60) -> RelayProcess:
+        """Wait for a spawned relay to listen; an exit instead is an error."""
+        if self.listening(timeout) is not None:
+            raise RuntimeError(f"relay did not start listening:\n{self.output()}")
+        return self
+
+    def listening(self, timeout: float = 60) -> int | None:
+        """Wait for a spawned relay: None once it listens, or its exit code if it exits first."""
+        assert self.proc is not None, "spawn() first"
         # The process says when it listens, or exits: either ends the wait.
         if not self._listening.wait(timeout):
             self.kill()
@@ -81,7 +95,8 @@ class RelayProcess:
         if self.port:
             return None
         rc = self.proc.wait(30)  # its output has ended: it is exiting
-        self._reader.join(10)
+        if self._reader:
+            self._reader.join(10)
         return rc
 
     def _read(self) -> None:
@@ -119,7 +134,7 @@ class RelayProcess:
             self.proc.wait(30)
 
     def __enter__(self) -> RelayProcess:
-        return self.start()
+        return self.ready() if self.proc is not None else self.start()
 
     def __exit__(self, *exc: object) -> None:
         try:
