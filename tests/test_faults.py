@@ -14,7 +14,8 @@ import pytest
 import sqlalchemy as sa
 
 from bench.fakeupstream import Behaviour, FakeUpstream
-from bench.relayproc import RelayProcess
+from bench.relayproc import ROOT, RelayProcess
+from bench.warm import Zygote
 from tests.conftest import wait_for
 from tests.tcpproxy import TcpProxy
 from tests.test_e2e import rows, write_nodes
@@ -145,14 +146,17 @@ def test_sigterm_flushes_every_record(db_url, upstreams):
 def test_fifty_restarts_keep_node_counters_equal_to_rows(db_url, upstreams, tmp_path):
     """The seed's bug at scale: every start upserts the nodes; no start may reset or skip a count.
 
-    Each relay boots while the one before it serves and stops (start-up is mostly mitmdump's imports), so
-    every start's upsert also races the previous relay's last writes; each has its own spool file.
+    Each relay is forked from a warm interpreter (bench.warm: its own process running mitmdump's main, without
+    re-importing mitmproxy) and boots while the one before it serves and stops, so every start's upsert also
+    races the previous relay's last writes; each has its own spool file.
     """
     with contextlib.ExitStack() as stack:  # whatever fails, no relay outlives the test
+        zygote = stack.enter_context(Zygote(ROOT))
+
         def relay(i: int) -> RelayProcess:
             options = {"codex_nodes": str(upstreams), "codex_ping_interval": "0",
                        "codex_spool": str(tmp_path / f"spool-{i}.db")}
-            booted = RelayProcess(db_url=db_url, options=options).spawn()
+            booted = RelayProcess(db_url=db_url, options=options, zygote=zygote).spawn()
             stack.callback(booted.kill)
             return booted
 
