@@ -81,7 +81,8 @@ case "$cmd" in
     test)
         shift; setup_venv; ensure_chromium
         "$VENV/bin/ruff" check .
-        exec "$VENV/bin/python" -m pytest "$@"
+        # Two workers (-n 0 runs in one process); loadgroup keeps a module's shared relays on one worker.
+        exec "$VENV/bin/python" -m pytest -n 2 --dist loadgroup "$@"
         ;;
     web) shift; setup_venv; relay mitmweb "$@" ;;
     stats) shift; setup_venv; exec "$VENV/bin/python" -m store.stats_cli "$@" ;;

@@ -81,23 +81,26 @@ def start_targets(stack: ExitStack, upstream_port: int, tmp: Path, mysql_db: str
     reverse = f"http://127.0.0.1:{upstream_port}"
     # Printing every flow costs mitmdump more than anything else here: off for all targets alike.
     quiet = ["--set", "flow_detail=0"]
-    out = [Target("direct", upstream_port)]
-    for name, extra in (("mitmdump", []), ("mitmdump-stream", ["--set", "stream_large_bodies=1"])):
-        bare = RelayProcess(db_url=None, addon=False, reverse_target=reverse, extra_args=quiet + extra)
-        out.append(Target(name, stack.enter_context(bare).port))
+    bare = [(name, RelayProcess(db_url=None, addon=False, reverse_target=reverse, extra_args=quiet + extra))
+            for name, extra in (("mitmdump", []), ("mitmdump-stream", ["--set", "stream_large_bodies=1"]))]
     # As deployed: node file, client keys; pings off so only client traffic is measured.
     relay_opts = {"codex_nodes": str(nodes), "codex_ping_interval": "0", "codex_source": phase,
                   "codex_client_keys": f"{CLIENT_KEY}={CLIENT_KEY}"}
-    dbs = [("relay-sqlite", sqlite_url(tmp, f"{phase}.db"), {})]
+    dbs = [("relay-sqlite", sqlite_url(tmp, f"{phase}.db"), {}, ROOT)]
     if mysql_db:
-        dbs.append(("relay-mariadb", mysql_db, {"codex_spool": str(tmp / f"{phase}-mariadb.spool")}))
-    for name, url, opts in dbs:
-        relay = RelayProcess(db_url=url, reverse_target=reverse, options=relay_opts | opts, extra_args=quiet)
-        out.append(Target(name, stack.enter_context(relay).port, relay, url, phase))
-    for root in compare:
-        url = sqlite_url(tmp, f"{phase}-{root.name}.db")
-        relay = RelayProcess(db_url=url, reverse_target=reverse, options=relay_opts, extra_args=quiet, root=root)
-        out.append(Target(f"relay-sqlite@{root.name}", stack.enter_context(relay).port, relay, url, phase))
+        dbs.append(("relay-mariadb", mysql_db, {"codex_spool": str(tmp / f"{phase}-mariadb.spool")}, ROOT))
+    # --compare: the relay of another checkout too, on SQLite, beside this one.
+    dbs += [(f"relay-sqlite@{root.name}", sqlite_url(tmp, f"{phase}-{root.name}.db"), {}, root) for root in compare]
+    relays = [(name, url, RelayProcess(db_url=url, reverse_target=reverse, options=relay_opts | opts,
+                                       extra_args=quiet, root=root)) for name, url, opts, root in dbs]
+    # They boot side by side (start-up is mostly imports); none outlives the stack if another fails.
+    for _, proc in bare:
+        stack.callback(proc.spawn().kill)
+    for _, _, proc in relays:
+        stack.callback(proc.spawn().kill)
+    out = [Target("direct", upstream_port)]
+    out += [Target(name, stack.enter_context(proc).port) for name, proc in bare]
+    out += [Target(name, stack.enter_context(proc).port, proc, url, phase) for name, url, proc in relays]
     return out
 
 

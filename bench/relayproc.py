@@ -10,6 +10,8 @@ import sys
 import threading
 from pathlib import Path
 
+from bench.warm import WarmProcess, Zygote
+
 ROOT = Path(__file__).resolve().parent.parent
 # "listening at 127.0.0.1:8000", "[::1]:8000", or "*:8000" (every address)
 _LISTEN_RE = re.compile(r"listening at (\*|\[?[\d.:a-f]+\]?):(\d+)")
@@ -20,14 +22,15 @@ class RelayProcess:
 
     ``root``: where ``addon/codex.py`` is, also the working directory (an installed copy, or this repository).
     ``mode`` replaces the reverse mode (e.g. ``regular``); ``argv`` replaces the whole command (e.g.
-    ``./run.sh …``), still read for mitmproxy's "listening at" line.
+    ``./run.sh …``), still read for mitmproxy's "listening at" line. ``zygote``: fork the relay from that
+    warm interpreter instead of starting ``mitmdump`` afresh (see bench.warm).
     """
 
     def __init__(self, *, db_url: str | None, options: dict[str, str] | None = None,
                  reverse_target: str = "http://127.0.0.1:9", addon: bool = True,
                  tool: str = "mitmdump", env: dict[str, str] | None = None,
                  extra_args: list[str] | None = None, root: Path = ROOT, mode: str | None = None,
-                 argv: list[str] | None = None) -> None:
+                 argv: list[str] | None = None, zygote: Zygote | None = None) -> None:
         self.root = root
         self.db_url = db_url
         self.options = dict(options or {})
@@ -38,9 +41,10 @@ class RelayProcess:
         self.extra_args = list(extra_args or [])
         self.mode = mode or f"reverse:{reverse_target}"
         self.argv = argv
+        self.zygote = zygote
         self.port = 0
         self.listen_host = ""  # as mitmproxy prints it: "*" means every address
-        self.proc: subprocess.Popen[str] | None = None
+        self.proc: subprocess.Popen[str] | WarmProcess | None = None
         self.lines: list[str] = []
         self._listening = threading.Event()
         self._reader: threading.Thread | None = None
@@ -63,17 +67,34 @@ class RelayProcess:
         return cmd + self.extra_args
 
     def start(self, timeout: float = 60) -> RelayProcess:
-        if self.launch(timeout) is not None:
-            raise RuntimeError(f"relay did not start listening:\n{self.output()}")
-        return self
+        return self.spawn().ready(timeout)
 
     def launch(self, timeout: float = 60) -> int | None:
         """Start the process: None once it listens, or its exit code if it exits first."""
+        return self.spawn().listening(timeout)
+
+    def spawn(self) -> RelayProcess:
+        """Start the process without waiting for it: mitmdump's start-up (mostly imports) takes a second or
+        two, so relays that boot side by side, or while another serves, save that time."""
         env = dict(os.environ, PYTHONUNBUFFERED="1", **(self.env or {}))
-        self.proc = subprocess.Popen(self.command(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True, cwd=self.root, env=env, start_new_session=True)
+        if self.zygote is not None:
+            self.proc = self.zygote.popen(self.command(), self.root, env)
+        else:
+            self.proc = subprocess.Popen(self.command(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                         text=True, cwd=self.root, env=env, start_new_session=True)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
+        return self
+
+    def ready(self, timeout: float = 60) -> RelayProcess:
+        """Wait for a spawned relay to listen; an exit instead is an error."""
+        if self.listening(timeout) is not None:
+            raise RuntimeError(f"relay did not start listening:\n{self.output()}")
+        return self
+
+    def listening(self, timeout: float = 60) -> int | None:
+        """Wait for a spawned relay: None once it listens, or its exit code if it exits first."""
+        assert self.proc is not None, "spawn() first"
         # The process says when it listens, or exits: either ends the wait.
         if not self._listening.wait(timeout):
             self.kill()
@@ -81,7 +102,8 @@ class RelayProcess:
         if self.port:
             return None
         rc = self.proc.wait(30)  # its output has ended: it is exiting
-        self._reader.join(10)
+        if self._reader:
+            self._reader.join(10)
         return rc
 
     def _read(self) -> None:
@@ -119,7 +141,7 @@ class RelayProcess:
             self.proc.wait(30)
 
     def __enter__(self) -> RelayProcess:
-        return self.start()
+        return self.ready() if self.proc is not None else self.start()
 
     def __exit__(self, *exc: object) -> None:
         try:

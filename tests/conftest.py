@@ -1,4 +1,5 @@
-"""Shared fixtures: a fresh database per test on SQLite and on the real MariaDB.
+"""Shared fixtures: a fresh database per test on SQLite and on the real MariaDB (``db_url``), or on SQLite
+alone (``sqlite_url``) where the database plays no part.
 
 MariaDB is expected on 127.0.0.1:3306 (root, no password). Locally a missing server skips the
 MySQL variants with the reason; under CI=true it fails them.
@@ -81,6 +82,12 @@ def db_url(request: pytest.FixtureRequest, tmp_path) -> Iterator[str]:
         yield f"sqlite:///{tmp_path / 'codex.db'}"
         return
     yield from _mariadb()
+
+
+@pytest.fixture
+def sqlite_url(tmp_path) -> str:
+    """A URL of an empty SQLite file, for tests where the database plays no part: they run once, not per database."""
+    return f"sqlite:///{tmp_path / 'codex.db'}"
 
 
 def wait_for[T](condition: Callable[[], T], timeout: float = 60.0, what: str = "condition") -> T:

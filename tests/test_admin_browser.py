@@ -76,7 +76,7 @@ def history(today: dt.date) -> list[InvocationRecord]:
     return out
 
 
-def test_admin_page_shows_stats_and_edits_a_node(db_url, tmp_path, browser):
+def test_admin_page_shows_stats_and_edits_a_node(sqlite_url, tmp_path, browser):
     from playwright.sync_api import expect
 
     today = dt.datetime.now(dt.UTC).date()
@@ -84,8 +84,8 @@ def test_admin_page_shows_stats_and_edits_a_node(db_url, tmp_path, browser):
         nodes_file = write_nodes(tmp_path / "nodes.toml",
                                  [("a", a.base_url, "key-a-0123456789", 1), ("b", b.base_url, "key-b-9876543210", 0)])
         options = {"codex_nodes": str(nodes_file), "codex_ping_interval": "0", "codex_retries": "0"}
-        with RelayProcess(db_url=db_url, options=options) as relay:
-            engine = make_engine(db_url)
+        with RelayProcess(db_url=sqlite_url, options=options) as relay:
+            engine = make_engine(sqlite_url)
             try:
                 with engine.begin() as conn:
                     apply_batch(conn, history(today))

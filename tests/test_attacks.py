@@ -32,7 +32,8 @@ from tests.conftest import IN_CI, wait_for
 from tests.test_e2e import rows, write_nodes
 from tests.test_failover import HEAVY, closed_port
 
-pytestmark = pytest.mark.e2e
+# one xdist worker takes the module, so its relays start once
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("attacks")]
 
 # Distinctive keys: finding "ATTACKCANARY" anywhere is a leak.
 NODE_KEY = "sk-node-ATTACKCANARY-a1b2c3d4e5f6a7b8c9d0"

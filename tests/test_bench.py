@@ -7,10 +7,13 @@ bookkeeping checks the benchmarks make (every call recorded, every record stored
 from __future__ import annotations
 
 import json
+import uuid
+from types import SimpleNamespace
 
 import pytest
 import sqlalchemy as sa
 
+import bench.scratch
 from bench.__main__ import main
 from bench.http import BASELINES
 from bench.queries import QUERIES
@@ -71,24 +74,26 @@ def _run(tmp_path, mysql_url: str) -> dict:
     return json.loads(out.read_text())
 
 
-def test_quick_run_sqlite(tmp_path) -> None:
-    r = _run(tmp_path, "")
-    assert r["quick"] and r["machine"]["cpus"] >= 1
-    _check_http(r["http"], ["relay-sqlite"])
-    _check_writer(r["writer"], ["sqlite"])
-    _check_queries(r["queries"], ["sqlite"])
-
-
 @pytest.mark.mysql
-def test_quick_run_mariadb_uses_scratch_databases(tmp_path) -> None:
+def test_quick_run_on_sqlite_and_mariadb_uses_scratch_databases(tmp_path, monkeypatch) -> None:
+    """One run covers both backends (SQLite always runs beside MariaDB): a second, SQLite-only run would
+    start the same processes again to check a subset of the same tables."""
     require_mysql()
-    before = _bench_databases()
+    made: list[str] = []  # this run's scratch databases (another run on the same server makes its own)
+
+    def uuid4() -> uuid.UUID:
+        u = uuid.uuid4()
+        made.append(f"codex_bench_{u.hex[:12]}")
+        return u
+
+    monkeypatch.setattr(bench.scratch, "uuid", SimpleNamespace(uuid4=uuid4))
     r = _run(tmp_path, MYSQL_SERVER_URL)
+    assert r["quick"] and r["machine"]["cpus"] >= 1
     assert "mariadb_skipped" not in r
     _check_http(r["http"], ["relay-sqlite", "relay-mariadb"])
     _check_writer(r["writer"], ["sqlite", "mariadb"])
     _check_queries(r["queries"], ["sqlite", "mariadb"])
-    assert _bench_databases() <= before  # every scratch database was dropped
+    assert made and _bench_databases().isdisjoint(made)  # every scratch database was dropped
 
 
 def test_queue_slope() -> None:

@@ -1,4 +1,7 @@
-"""End to end: real mitmdump + the addon + fake upstreams on 127.0.0.1, on SQLite and MariaDB."""
+"""End to end: real mitmdump + the addon + fake upstreams on 127.0.0.1.
+
+Metering and stats across a restart run on SQLite and MariaDB; the rest, where the database plays no part,
+on SQLite only."""
 
 from __future__ import annotations
 
@@ -126,11 +129,11 @@ def test_all_formats_metered_routed_and_stats_survive_restart(db_url, two_nodes)
         assert after[node_id].total_input >= before[node_id].total_input
 
 
-def test_stream_reaches_client_before_upstream_finishes(db_url, tmp_path):
+def test_stream_reaches_client_before_upstream_finishes(sqlite_url, tmp_path):
     hold = threading.Event()
     with FakeUpstream("slow", behaviour=Behaviour(hold=hold)) as up:
         nodes = write_nodes(tmp_path / "nodes.toml", [("slow", up.base_url, "k", 1)])
-        with RelayProcess(db_url=db_url, options={"codex_nodes": str(nodes)}) as relay:
+        with RelayProcess(db_url=sqlite_url, options={"codex_nodes": str(nodes)}) as relay:
             conn = http.client.HTTPConnection("127.0.0.1", relay.port, timeout=15)
             body = {"model": "m", "stream": True, "metadata": {"fake_usage": [11, 1, 2, 0]}}
             conn.request("POST", "/v1/responses", json.dumps(body), {"content-type": "application/json"})
@@ -146,14 +149,14 @@ def test_stream_reaches_client_before_upstream_finishes(db_url, tmp_path):
             rest = resp.read()
             conn.close()
             assert b"response.completed" in rest
-    got = rows(db_url, "SELECT input_tokens, output_tokens, status, stream_ms FROM codex_invocations")
+    got = rows(sqlite_url, "SELECT input_tokens, output_tokens, status, stream_ms FROM codex_invocations")
     assert [(r.input_tokens, r.output_tokens, r.status) for r in got] == [(11, 2, "success")]
 
 
-def test_gzip_stream_metered_and_passed_through(db_url, tmp_path):
+def test_gzip_stream_metered_and_passed_through(sqlite_url, tmp_path):
     with FakeUpstream("gz") as up:
         nodes = write_nodes(tmp_path / "nodes.toml", [("gz", up.base_url, "k", 1)])
-        with RelayProcess(db_url=db_url, options={"codex_nodes": str(nodes)}) as relay:
+        with RelayProcess(db_url=sqlite_url, options={"codex_nodes": str(nodes)}) as relay:
             conn = http.client.HTTPConnection("127.0.0.1", relay.port, timeout=15)
             body = {"model": "m", "stream": True, "metadata": {"fake_usage": [50, 10, 20, 5]}}
             conn.request("POST", "/v1/responses", json.dumps(body),
@@ -163,15 +166,15 @@ def test_gzip_stream_metered_and_passed_through(db_url, tmp_path):
             conn.close()
             assert resp.getheader("content-encoding") == "gzip"
             assert b"response.completed" in gzip.decompress(raw)
-    got = rows(db_url, "SELECT input_tokens, cache_input_tokens, output_tokens, reasoning_tokens "
+    got = rows(sqlite_url, "SELECT input_tokens, cache_input_tokens, output_tokens, reasoning_tokens "
                        "FROM codex_invocations")
     assert [tuple(r) for r in got] == [(50, 10, 20, 5)]
 
 
-def test_upstream_errors_and_in_200_error_event_recorded_as_failed(db_url, tmp_path):
+def test_upstream_errors_and_in_200_error_event_recorded_as_failed(sqlite_url, tmp_path):
     with FakeUpstream("bad") as up:
         nodes = write_nodes(tmp_path / "nodes.toml", [("bad", up.base_url, "k", 1)])
-        with RelayProcess(db_url=db_url, options={"codex_nodes": str(nodes), "codex_retries": "0",
+        with RelayProcess(db_url=sqlite_url, options={"codex_nodes": str(nodes), "codex_retries": "0",
                                                   "codex_fail_threshold": "100"}) as relay:
             up.behaviour.error_event = True
             status, body = call(relay, "responses", stream=True, usage=(1, 0, 1, 0))
@@ -180,35 +183,35 @@ def test_upstream_errors_and_in_200_error_event_recorded_as_failed(db_url, tmp_p
             up.behaviour.status = 500
             status, _ = call(relay, "chat", stream=False, usage=(1, 0, 1, 0))
             assert status == 500
-    got = rows(db_url, "SELECT status, http_status, error_message FROM codex_invocations ORDER BY id")
+    got = rows(sqlite_url, "SELECT status, http_status, error_message FROM codex_invocations ORDER BY id")
     assert [(r.status, r.http_status) for r in got] == [("failed", 200), ("failed", 500)]
     assert "overloaded" in got[0].error_message
-    node = rows(db_url, "SELECT requests, fail_count, fail_streak FROM nodes")[0]
+    node = rows(sqlite_url, "SELECT requests, fail_count, fail_streak FROM nodes")[0]
     assert (node.requests, node.fail_count, node.fail_streak) == (2, 2, 2)
 
 
-def test_no_node_available_gives_openai_style_503(db_url, tmp_path):
+def test_no_node_available_gives_openai_style_503(sqlite_url, tmp_path):
     nodes = write_nodes(tmp_path / "nodes.toml", [("off", "http://127.0.0.1:9/v1", "k", 0)])
-    with RelayProcess(db_url=db_url, options={"codex_nodes": str(nodes)}) as relay:
+    with RelayProcess(db_url=sqlite_url, options={"codex_nodes": str(nodes)}) as relay:
         status, body = call(relay, "responses", stream=True, usage=(1, 0, 1, 0))
     assert status == 503
     assert json.loads(body)["error"]["code"] == "no_node_available"
-    got = rows(db_url, "SELECT status, http_status, node_id FROM codex_invocations")
+    got = rows(sqlite_url, "SELECT status, http_status, node_id FROM codex_invocations")
     assert [tuple(r) for r in got] == [("failed", 503, None)]
 
 
-def test_monitor_mode_passes_through_and_meters(db_url):
+def test_monitor_mode_passes_through_and_meters(sqlite_url):
     with FakeUpstream("direct") as up, \
-            RelayProcess(db_url=db_url, reverse_target=f"http://127.0.0.1:{up.port}") as relay:
+            RelayProcess(db_url=sqlite_url, reverse_target=f"http://127.0.0.1:{up.port}") as relay:
         status, _ = call(relay, "messages", stream=True, usage=(40, 30, 9, 0))
         assert status == 200
         # Unchanged: the client's own credentials reach the upstream.
         assert up.seen[0].headers["authorization"] == "Bearer client-key"
-    got = rows(db_url, "SELECT node_id, input_tokens, cache_input_tokens, output_tokens FROM codex_invocations")
+    got = rows(sqlite_url, "SELECT node_id, input_tokens, cache_input_tokens, output_tokens FROM codex_invocations")
     assert [tuple(r) for r in got] == [(None, 40, 30, 9)]
 
 
-def test_relay_prices_calls_and_polls_provider_stats(db_url, tmp_path):
+def test_relay_prices_calls_and_polls_provider_stats(sqlite_url, tmp_path):
     """Cost is estimated from the price table; the nodes file's [[sources]] are polled inside the relay."""
     from store.prices import load_prices
     from store.records import Usage
@@ -220,21 +223,21 @@ def test_relay_prices_calls_and_polls_provider_stats(db_url, tmp_path):
         nodes.write_text(nodes.read_text() + f'[[sources]]\nname = "relay"\nurl = "{stats.url}"\nformat = "crs"\n'
                                               'api_id = "3f2b8c1e-9a4d-4e7b-8c2f-1d5e6a7b8c9d"\nmidnight_margin = 0\n'
                                               'interval = 3600\nnodes = ["p"]\n')
-        with RelayProcess(db_url=db_url, options={"codex_nodes": str(nodes)}) as relay:
+        with RelayProcess(db_url=sqlite_url, options={"codex_nodes": str(nodes)}) as relay:
             status, _ = call(relay, "responses", stream=True, usage=(1000, 400, 200, 50))
             assert status == 200
             status, _ = call(relay, "chat", stream=False, usage=(10, 0, 5, 0), model="unpriced-model")
             assert status == 200
             deadline = time.monotonic() + 30
-            while not rows(db_url, "SELECT id FROM stats_source_snapshots"):
+            while not rows(sqlite_url, "SELECT id FROM stats_source_snapshots"):
                 assert time.monotonic() < deadline, relay.output()
                 time.sleep(0.05)
-    got = rows(db_url, "SELECT model, cost, cost_input, cost_cached, cost_output, cost_estimated "
+    got = rows(sqlite_url, "SELECT model, cost, cost_input, cost_cached, cost_output, cost_estimated "
                        "FROM codex_invocations ORDER BY id")
     split = load_prices().cost("gpt-5-codex", Usage(1000, 400, 0, 200, 50))
     assert got[0].model == "gpt-5-codex" and bool(got[0].cost_estimated)
     assert (got[0].cost, got[0].cost_input, got[0].cost_cached, got[0].cost_output) == pytest.approx(
         (split.total, split.input, split.cached, split.output))
     assert (got[1].cost, bool(got[1].cost_estimated)) == (None, False)
-    snaps = rows(db_url, "SELECT source, model, requests FROM stats_source_snapshots ORDER BY model")
+    snaps = rows(sqlite_url, "SELECT source, model, requests FROM stats_source_snapshots ORDER BY model")
     assert {(s.source, s.model, s.requests) for s in snaps} == {("relay", None, 3), ("relay", "gpt-5-codex", 3)}

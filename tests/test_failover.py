@@ -1,4 +1,7 @@
-"""Failover end to end: fake upstreams that fail in each way, real mitmdump, SQLite and MariaDB."""
+"""Failover end to end: fake upstreams that fail in each way, real mitmdump.
+
+The database plays no part in routing, so these run on SQLite only (the store's node state is tested on
+both databases in test_store.py)."""
 
 from __future__ import annotations
 
@@ -34,66 +37,66 @@ def nodes_row(db_url: str) -> dict:
 
 
 @pytest.mark.parametrize("failure", ["refused", "500", "429"])
-def test_retry_lands_on_healthy_node_and_failing_node_is_counted(db_url, tmp_path, failure):
+def test_retry_lands_on_healthy_node_and_failing_node_is_counted(sqlite_url, tmp_path, failure):
     with FakeUpstream("good") as good, FakeUpstream("bad") as bad:
         bad_url = f"http://127.0.0.1:{closed_port()}/v1" if failure == "refused" else bad.base_url
         bad.behaviour.status = int(failure) if failure != "refused" else 200
         # The failing node has nearly all the weight, so the first attempt goes there.
         nodes = write_nodes(tmp_path / "n.toml", [("bad", bad_url, "kb", HEAVY), ("good", good.base_url, "kg", 1)])
-        with RelayProcess(db_url=db_url, options={"codex_nodes": str(nodes), **FAST}) as relay:
+        with RelayProcess(db_url=sqlite_url, options={"codex_nodes": str(nodes), **FAST}) as relay:
             for k in range(6):
                 status, body = call(relay, "responses", stream=True, usage=(10 + k, 0, 5, 0))
                 assert status == 200, body
                 assert b"response.completed" in body
-    got = rows(db_url, "SELECT node_id, attempts, status, input_tokens FROM codex_invocations ORDER BY id")
+    got = rows(sqlite_url, "SELECT node_id, attempts, status, input_tokens FROM codex_invocations ORDER BY id")
     assert [(r.node_id, r.status, r.input_tokens) for r in got] == [("good", "success", 10 + k) for k in range(6)]
     # Three failures in a row mark the node failed; after that it is no longer tried.
     assert [r.attempts for r in got] == [2, 2, 2, 1, 1, 1]
-    n = nodes_row(db_url)
+    n = nodes_row(sqlite_url)
     assert bool(n["bad"].failed) and n["bad"].fail_count == 3 and n["bad"].fail_streak == 3
     assert n["bad"].last_error
     assert (n["good"].requests, n["good"].fail_count, n["good"].fail_streak, bool(n["good"].failed)) == (6, 0, 0, False)
 
 
-def test_in_200_error_event_is_a_node_failure_not_retried(db_url, tmp_path):
+def test_in_200_error_event_is_a_node_failure_not_retried(sqlite_url, tmp_path):
     with FakeUpstream("e", behaviour=Behaviour(error_event=True)) as up, FakeUpstream("ok") as ok:
         nodes = write_nodes(tmp_path / "n.toml", [("e", up.base_url, "k", HEAVY), ("ok", ok.base_url, "k2", 1)])
-        with RelayProcess(db_url=db_url, options={"codex_nodes": str(nodes), **FAST}) as relay:
+        with RelayProcess(db_url=sqlite_url, options={"codex_nodes": str(nodes), **FAST}) as relay:
             status, body = call(relay, "responses", stream=True, usage=(1, 0, 1, 0))
     assert status == 200 and b"overloaded" in body
-    (r,) = rows(db_url, "SELECT node_id, status, attempts, error_message FROM codex_invocations")
+    (r,) = rows(sqlite_url, "SELECT node_id, status, attempts, error_message FROM codex_invocations")
     assert (r.node_id, r.status, r.attempts) == ("e", "failed", 1) and "overloaded" in r.error_message
-    n = nodes_row(db_url)["e"]
+    n = nodes_row(sqlite_url)["e"]
     assert (n.requests, n.fail_count, n.fail_streak) == (1, 1, 1)
 
 
-def test_slow_first_byte_does_not_hold_the_client(db_url, tmp_path):
+def test_slow_first_byte_does_not_hold_the_client(sqlite_url, tmp_path):
     with FakeUpstream("slow", behaviour=Behaviour(first_byte_delay=20)) as up:
         nodes = write_nodes(tmp_path / "n.toml", [("slow", up.base_url, "k", 1)])
         opts = {"codex_nodes": str(nodes), "codex_first_byte_timeout": "1", **FAST}
-        with RelayProcess(db_url=db_url, options=opts) as relay:
+        with RelayProcess(db_url=sqlite_url, options=opts) as relay:
             started = time.monotonic()
             status, body = call(relay, "responses", stream=True, usage=(1, 0, 1, 0))
             waited = time.monotonic() - started
     assert status >= 500 and waited < 15
     # The relay's own answer, in the OpenAI shape an SDK reads (not mitmproxy's HTML 502).
     assert status == 504 and json.loads(body)["error"]["code"] == "upstream_timeout"
-    (r,) = rows(db_url, "SELECT node_id, status, error_message FROM codex_invocations")
+    (r,) = rows(sqlite_url, "SELECT node_id, status, error_message FROM codex_invocations")
     assert r.node_id == "slow" and r.status == "failed" and "within 1 s" in r.error_message
-    assert nodes_row(db_url)["slow"].fail_count == 1
+    assert nodes_row(sqlite_url)["slow"].fail_count == 1
 
 
-def test_ping_recovery_and_failed_state_survives_restart(db_url, tmp_path):
+def test_ping_recovery_and_failed_state_survives_restart(sqlite_url, tmp_path):
     with FakeUpstream("flaky", behaviour=Behaviour(status=500)) as flaky, FakeUpstream("ok") as ok:
         nodes = write_nodes(tmp_path / "n.toml", [("flaky", flaky.base_url, "k", HEAVY), ("ok", ok.base_url, "k", 1)])
-        with RelayProcess(db_url=db_url, options={"codex_nodes": str(nodes), **FAST}) as relay:
+        with RelayProcess(db_url=sqlite_url, options={"codex_nodes": str(nodes), **FAST}) as relay:
             for _ in range(3):
                 assert call(relay, "chat", stream=False, usage=(1, 0, 1, 0))[0] == 200
-        assert bool(nodes_row(db_url)["flaky"].failed)
+        assert bool(nodes_row(sqlite_url)["flaky"].failed)
 
         # Restarted without pings: still failed, so no traffic reaches it.
         before = len(flaky.seen)
-        with RelayProcess(db_url=db_url, options={"codex_nodes": str(nodes), **FAST}) as relay:
+        with RelayProcess(db_url=sqlite_url, options={"codex_nodes": str(nodes), **FAST}) as relay:
             for _ in range(5):
                 assert call(relay, "chat", stream=False, usage=(1, 0, 1, 0))[0] == 200
         assert len(flaky.seen) == before
@@ -102,58 +105,58 @@ def test_ping_recovery_and_failed_state_survives_restart(db_url, tmp_path):
         # trial; only that call's success brings it back into rotation (a ping alone never does).
         flaky.behaviour.status = 200
         opts = {"codex_nodes": str(nodes), "codex_ping_interval": "0.2"}
-        with RelayProcess(db_url=db_url, options=opts) as relay:
+        with RelayProcess(db_url=sqlite_url, options=opts) as relay:
             wait_for(lambda: flaky.requests_to("/models"), what="a health ping")
-            wait_for(lambda: nodes_row(db_url)["flaky"].last_ping_ms is not None, what="the ping stored")
-            assert nodes_row(db_url)["flaky"].failed
+            wait_for(lambda: nodes_row(sqlite_url)["flaky"].last_ping_ms is not None, what="the ping stored")
+            assert nodes_row(sqlite_url)["flaky"].failed
             assert call(relay, "chat", stream=False, usage=(1, 0, 1, 0))[0] == 200
-            wait_for(lambda: not nodes_row(db_url)["flaky"].failed, what="the node restored in the DB")
+            wait_for(lambda: not nodes_row(sqlite_url)["flaky"].failed, what="the node restored in the DB")
         assert flaky.requests_to("/chat/completions")[-1:] and len(flaky.requests_to("/chat/completions")) > 3
-    n = nodes_row(db_url)["flaky"]
+    n = nodes_row(sqlite_url)["flaky"]
     assert n.last_ping_ms is not None and n.last_ping_err is None and n.fail_streak == 0
 
 
-def test_sticky_sessions_hold_and_spread_by_weight(db_url, tmp_path):
+def test_sticky_sessions_hold_and_spread_by_weight(sqlite_url, tmp_path):
     with FakeUpstream("a") as a, FakeUpstream("b") as b:
         nodes = write_nodes(tmp_path / "n.toml", [("a", a.base_url, "ka", 1), ("b", b.base_url, "kb", 3)])
-        with RelayProcess(db_url=db_url, options={"codex_nodes": str(nodes), **FAST}) as relay:
+        with RelayProcess(db_url=sqlite_url, options={"codex_nodes": str(nodes), **FAST}) as relay:
             for _ in range(20):
                 assert call(relay, "responses", stream=True, usage=(1, 0, 1, 0),
                             headers={"session_id": "conv-1"})[0] == 200
             for s in range(120):
                 assert call(relay, "responses", stream=False, usage=(1, 0, 1, 0),
                             headers={"session_id": f"s-{s}"})[0] == 200
-    got = rows(db_url, "SELECT node_id FROM codex_invocations ORDER BY id")
+    got = rows(sqlite_url, "SELECT node_id FROM codex_invocations ORDER BY id")
     first20 = {r.node_id for r in got[:20]}
     assert len(first20) == 1
     spread = Counter(r.node_id for r in got[20:])
     assert 0.55 < spread["b"] / 120 < 0.92, spread
 
 
-def test_all_nodes_down_still_tries_a_node(db_url, tmp_path):
+def test_all_nodes_down_still_tries_a_node(sqlite_url, tmp_path):
     nodes = write_nodes(tmp_path / "n.toml", [("x", f"http://127.0.0.1:{closed_port()}/v1", "k", 1),
                                               ("y", f"http://127.0.0.1:{closed_port()}/v1", "k", 1)])
-    with RelayProcess(db_url=db_url, options={"codex_nodes": str(nodes), **FAST}) as relay:
+    with RelayProcess(db_url=sqlite_url, options={"codex_nodes": str(nodes), **FAST}) as relay:
         statuses = [call(relay, "responses", stream=True, usage=(1, 0, 1, 0)) for _ in range(4)]
     assert all(s >= 500 for s, _ in statuses)
     # After both nodes are marked failed, a call is still the trial of the node due first, not the
     # relay's own 503 (that one is left for nodes disabled or of weight 0: test_e2e).
-    got = rows(db_url, "SELECT status, node_id, error_message FROM codex_invocations ORDER BY id")
+    got = rows(sqlite_url, "SELECT status, node_id, error_message FROM codex_invocations ORDER BY id")
     assert len(got) == 4 and {r.status for r in got} == {"failed"}
     assert got[-1].node_id in ("x", "y") and "no upstream node" not in got[-1].error_message
-    assert all(bool(n.failed) for n in nodes_row(db_url).values())
+    assert all(bool(n.failed) for n in nodes_row(sqlite_url).values())
 
 
-def test_single_failed_node_gets_trials_not_503(db_url, tmp_path):
+def test_single_failed_node_gets_trials_not_503(sqlite_url, tmp_path):
     with FakeUpstream("only", behaviour=Behaviour(status=500)) as up:
         nodes = write_nodes(tmp_path / "n.toml", [("only", up.base_url, "k", 1)])
-        with RelayProcess(db_url=db_url, options={"codex_nodes": str(nodes), **FAST}) as relay:
+        with RelayProcess(db_url=sqlite_url, options={"codex_nodes": str(nodes), **FAST}) as relay:
             # Three failures open its breaker (30 s cooldown); with no other node the next call is its
             # trial at once, and the first trial that succeeds closes it.
             assert [call(relay, "chat", stream=False, usage=(1, 0, 1, 0))[0] for _ in range(4)] == [500] * 4
             up.behaviour.status = 200
             assert [call(relay, "chat", stream=False, usage=(1, 0, 1, 0))[0] for _ in range(2)] == [200] * 2
-    got = rows(db_url, "SELECT node_id, status FROM codex_invocations ORDER BY id")
+    got = rows(sqlite_url, "SELECT node_id, status FROM codex_invocations ORDER BY id")
     assert [(r.node_id, r.status) for r in got] == [("only", "failed")] * 4 + [("only", "success")] * 2
-    n = nodes_row(db_url)["only"]
+    n = nodes_row(sqlite_url)["only"]
     assert not n.failed and n.fail_streak == 0 and n.fail_count == 4

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import socket
@@ -13,7 +14,8 @@ import pytest
 import sqlalchemy as sa
 
 from bench.fakeupstream import Behaviour, FakeUpstream
-from bench.relayproc import RelayProcess
+from bench.relayproc import ROOT, RelayProcess
+from bench.warm import Zygote
 from tests.conftest import wait_for
 from tests.tcpproxy import TcpProxy
 from tests.test_e2e import rows, write_nodes
@@ -141,14 +143,34 @@ def test_sigterm_flushes_every_record(db_url, upstreams):
     assert totals(db_url)[:3] == (200, 200, 200)
 
 
-def test_fifty_restarts_keep_node_counters_equal_to_rows(db_url, upstreams):
-    """The seed's bug at scale: every start upserts the nodes; no start may reset or skip a count."""
-    for i in range(50):
-        with RelayProcess(db_url=db_url, options={"codex_nodes": str(upstreams), "codex_ping_interval": "0"}) as r:
-            assert drive(r.port, 3, clients=1, usage=(i + 1, 0, 1, 0)) == [200] * 3
+def test_fifty_restarts_keep_node_counters_equal_to_rows(db_url, upstreams, tmp_path):
+    """The seed's bug at scale: every start upserts the nodes; no start may reset or skip a count.
+
+    Each relay is forked from a warm interpreter (bench.warm: its own process running mitmdump's main, without
+    re-importing mitmproxy) and boots while the one before it serves and stops, so every start's upsert also
+    races the previous relay's last writes; each has its own spool file.
+    """
+    with contextlib.ExitStack() as stack:  # whatever fails, no relay outlives the test
+        zygote = stack.enter_context(Zygote(ROOT))
+
+        def relay(i: int) -> RelayProcess:
+            options = {"codex_nodes": str(upstreams), "codex_ping_interval": "0",
+                       "codex_spool": str(tmp_path / f"spool-{i}.db")}
+            booted = RelayProcess(db_url=db_url, options=options, zygote=zygote).spawn()
+            stack.callback(booted.kill)
+            return booted
+
+        booting = relay(0)
+        for i in range(50):
+            with booting as r:
+                if i < 49:
+                    booting = relay(i + 1)
+                assert drive(r.port, 3, clients=1, usage=(i + 1, 0, 1, 0)) == [200] * 3
+            assert r.proc.returncode == 0, r.output()
     n, distinct, requests, inv_input, node_input = totals(db_url)
     assert (n, distinct, requests) == (150, 150, 150)
     assert inv_input == node_input == 3 * sum(range(1, 51))
+    assert not any(tmp_path.glob("spool-*.db")), "a relay left records in its spool"
 
 
 def test_two_relays_on_one_mariadb_count_exactly(mariadb, upstreams, tmp_path):

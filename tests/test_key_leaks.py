@@ -91,13 +91,13 @@ def test_node_keys_reach_nodes_but_not_logs_or_saved_flows(tmp_path):
     assert {"Bearer sk-…a7b8", "sk-…a7b8", "Bearer sk-…4f3e", "sk-…4f3e"} <= masked
 
 
-def test_client_keys_gate_the_relay_and_name_the_caller(db_url, tmp_path):
+def test_client_keys_gate_the_relay_and_name_the_caller(sqlite_url, tmp_path):
     keys = tmp_path / "client-keys"
     keys.write_text(f"# who may use the relay\nalice = {ALICE}\n\nbob={BOB}\n")
     with FakeUpstream("n") as up:
         nodes = write_nodes(tmp_path / "nodes.toml", [("n", up.base_url, KEY_A, 1)])
         opts = {"codex_nodes": str(nodes), "codex_client_keys": f"@{keys}", "codex_ping_interval": "0"}
-        with RelayProcess(db_url=db_url, options=opts) as relay:
+        with RelayProcess(db_url=sqlite_url, options=opts) as relay:
             rejected = [
                 post(relay, "responses", stream=True, headers={}),
                 post(relay, "responses", stream=True, headers={"authorization": f"Bearer {ALICE}x"}),
@@ -123,9 +123,9 @@ def test_client_keys_gate_the_relay_and_name_the_caller(db_url, tmp_path):
     assert sent_keys(up) == {f"Bearer {KEY_A}", KEY_A}
     assert ALICE not in relay.output() and BOB not in relay.output()
     # Rejected calls are no invocations and count against no node.
-    got = rows(db_url, "SELECT client_key, status, api_format FROM codex_invocations ORDER BY id")
+    got = rows(sqlite_url, "SELECT client_key, status, api_format FROM codex_invocations ORDER BY id")
     assert [tuple(r) for r in got] == [("alice", "success", "responses"), ("bob", "success", "messages")]
-    node = rows(db_url, "SELECT requests, fail_count FROM nodes")[0]
+    node = rows(sqlite_url, "SELECT requests, fail_count FROM nodes")[0]
     assert (node.requests, node.fail_count) == (2, 0)
 
 

@@ -22,7 +22,8 @@ import sqlalchemy as sa
 from bench.relayproc import ROOT, RelayProcess
 from store.engine import current_revision, head_revision, make_engine
 
-pytestmark = pytest.mark.e2e  # builds the project and starts a real mitmdump
+# builds the project and starts a real mitmdump; one xdist worker takes the module, so it builds once
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("packaging")]
 
 # Not sources: a copy without them builds what a fresh checkout builds.
 _NOT_SOURCES = shutil.ignore_patterns(".git", ".venv", "data", "build", "*.egg-info", "__pycache__", ".*_cache",

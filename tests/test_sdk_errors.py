@@ -17,7 +17,8 @@ from bench.fakeupstream import Behaviour, FakeUpstream
 from bench.relayproc import RelayProcess
 from tests.test_e2e import write_nodes
 
-pytestmark = pytest.mark.e2e
+# one xdist worker takes the module, so its relays start once
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("sdk_errors")]
 
 KEY = "ck-sdk-client-0123456789abcdef"
 

@@ -1,0 +1,172 @@
+"""Warm starts: relays forked from one interpreter that has already imported mitmproxy and the libraries.
+
+Two thirds of the CPU a relay's start and stop costs are mitmproxy's imports. A test that restarts the
+relay many times forks each relay from a warm process (``Zygote``) instead: every relay is still its own
+process (own session, pid, output, exit code, SIGTERM/SIGKILL) running mitmdump's own ``main`` from
+argument parsing through script loading, serving and shutdown; only the already imported modules are shared.
+
+``python -m bench.warm FD``: the zygote itself, serving fork requests on the SOCK_SEQPACKET socket FD.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import queue
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import IO
+
+# What every relay imports before it listens: mitmproxy's dump tool and the store's libraries.
+WARM_MODULES = ("mitmproxy.tools.main", "mitmproxy.tools.dump", "mitmproxy.tools.cmdline", "sqlalchemy",
+                "sqlalchemy.dialects.sqlite", "sqlalchemy.dialects.mysql", "pymysql", "alembic.command",
+                "alembic.config", "alembic.runtime.migration", "alembic.script")
+
+
+class WarmProcess:
+    """The subset of ``subprocess.Popen`` that ``RelayProcess`` uses, for a process forked by the zygote."""
+
+    def __init__(self, pid: int, stdout: IO[str], exited: threading.Event, code: list[int]) -> None:
+        self.pid = pid
+        self.stdout = stdout
+        self.returncode: int | None = None
+        self._exited = exited
+        self._code = code
+
+    def poll(self) -> int | None:
+        if self._exited.is_set():
+            self.returncode = self._code[0]
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if not self._exited.wait(timeout):
+            raise subprocess.TimeoutExpired(str(self.pid), timeout or 0)
+        return self.poll()  # type: ignore[return-value]
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+
+class Zygote:
+    """A warm interpreter that forks relays on request; ``close()`` ends it (relays it forked are left to
+    their ``RelayProcess``)."""
+
+    def __init__(self, root: Path) -> None:
+        self._sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.proc = subprocess.Popen([sys.executable, "-m", "bench.warm", str(theirs.fileno())], cwd=root,
+                                     pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
+        theirs.close()
+        self._lock = threading.Lock()  # one fork request at a time: replies come in order
+        self._pids: queue.Queue[int] = queue.Queue()
+        self._exits: dict[int, tuple[threading.Event, list[int]]] = {}
+        self._reader = threading.Thread(target=self._read, name="zygote", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        while msg := self._sock.recv(4096):
+            m = json.loads(msg)
+            if "pid" in m:  # registered before anyone can wait for it, and before its exit can arrive
+                self._exits[m["pid"]] = (threading.Event(), [])
+                self._pids.put(m["pid"])
+            else:
+                event, code = self._exits[m["exit"]]
+                code.append(m["code"])
+                event.set()
+
+    def popen(self, argv: list[str], cwd: Path, env: dict[str, str]) -> WarmProcess:
+        """Fork a ``mitmdump`` (``argv[0]``) with ``argv[1:]``; its output comes back on a pipe."""
+        if Path(argv[0]).name != "mitmdump":
+            raise ValueError(f"the zygote runs mitmdump only, not {argv[0]}")
+        r, w = os.pipe()
+        try:
+            with self._lock:
+                req = json.dumps({"args": argv[1:], "cwd": str(cwd), "env": env}).encode()
+                socket.send_fds(self._sock, [req], [w])
+                pid = self._pids.get(timeout=30)
+        finally:
+            os.close(w)
+        event, code = self._exits[pid]
+        return WarmProcess(pid, open(r, encoding="utf-8", errors="replace"), event, code)  # noqa: SIM115
+
+    def close(self) -> None:
+        self._sock.shutdown(socket.SHUT_RDWR)  # both ends see the end: the zygote exits, the reader stops
+        self._reader.join(30)
+        self._sock.close()
+        self.proc.wait(30)
+
+    def __enter__(self) -> Zygote:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _serve(sock: socket.socket) -> dict | None:
+    """Fork on each request; report each child's exit. Returns in a child only, with its request."""
+    children: dict[int, int] = {}  # pidfd -> pid
+    while True:
+        ready, _, _ = select.select([sock, *children], [], [])
+        for fd in ready:
+            if fd is not sock:
+                pid = children.pop(fd)
+                os.close(fd)
+                _, status = os.waitpid(pid, 0)
+                sock.send(json.dumps({"exit": pid, "code": os.waitstatus_to_exitcode(status)}).encode())
+                continue
+            msg, fds, _, _ = socket.recv_fds(sock, 1 << 20, 1)
+            if not msg:
+                return None
+            req = json.loads(msg)
+            pid = os.fork()
+            if pid == 0:
+                sock.close()
+                for pidfd in children:
+                    os.close(pidfd)
+                req["out"] = fds[0]
+                return req
+            os.close(fds[0])
+            children[os.pidfd_open(pid)] = pid
+            sock.send(json.dumps({"pid": pid}).encode())
+
+
+def _run_mitmdump(req: dict) -> int:
+    """In the child: become a fresh relay process, then run mitmdump's main as its console script does."""
+    os.setsid()  # its own process group, as RelayProcess starts relays: killpg reaches it alone
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.dup2(req["out"], 1)
+    os.dup2(req["out"], 2)
+    os.close(req["out"])
+    os.close(devnull)
+    for stream in (sys.stdout, sys.stderr):  # as PYTHONUNBUFFERED would: the "listening at" line at once
+        stream.reconfigure(write_through=True, line_buffering=True)
+    os.chdir(req["cwd"])
+    os.environ.clear()
+    os.environ.update(req["env"])
+    sys.argv = ["mitmdump", *req["args"]]
+    from mitmproxy.tools.main import mitmdump
+
+    return mitmdump(req["args"]) or 0
+
+
+def main() -> None:
+    import importlib
+
+    for name in WARM_MODULES:
+        importlib.import_module(name)
+    with contextlib.closing(socket.socket(fileno=int(sys.argv[1]))) as sock:
+        req = _serve(sock)
+    if req is not None:
+        sys.exit(_run_mitmdump(req))  # a normal interpreter exit: atexit handlers and threads as usual
+
+
+if __name__ == "__main__":
+    main()
