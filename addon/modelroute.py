@@ -21,8 +21,9 @@ def serves(config: NodeConfig, api_format: str | None, model: str | None) -> boo
     """Whether the node takes this call: its format is among the node's ``formats`` and its model
     matches one of the node's ``models`` globs or is a key of its ``model_map``. Empty lists, and a
     call whose format or model is unknown (not an API call, no model in the body), put no limit."""
-    if api_format is not None and config.formats and not any(
-            api_format in NODE_FORMATS.get(f, ()) for f in config.formats):
+    if api_format is None:
+        return True
+    if config.formats and not any(api_format in NODE_FORMATS.get(f, ()) for f in config.formats):
         return False
     if model is None or not config.models or model in config.model_map:
         return True
