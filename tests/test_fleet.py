@@ -186,3 +186,29 @@ def test_a_breaker_opened_on_one_relay_opens_on_the_other(two_relays, db_url):
     # Stats stay the writer's: no reload wrote them.
     assert [tuple(r) for r in rows(db_url, "SELECT id, requests, fail_count FROM nodes ORDER BY id")] == \
         [("a", 0, 0), ("b", 0, 0)]
+
+
+@pytest.mark.e2e
+def test_openai_and_anthropic_nodes_side_by_side(db_url, tmp_path):
+    """A real relay: Codex's mapped call streams from the OpenAI node with the node's model name, a Claude
+    call from the Anthropic node, and a model neither serves gets the SDK's 404 without reaching either."""
+    from bench.fakeupstream import FakeUpstream
+    from bench.relayproc import RelayProcess
+    from tests.test_e2e import call
+
+    with FakeUpstream("oa") as oa, FakeUpstream("an") as an:
+        path = nodes_file(tmp_path, ("oa", oa.base_url, 'formats = ["openai"]\nmodels = ["gpt-5*"]\n'
+                                                        'model_map = {"gpt-5-codex" = "gpt-5.1-codex"}'),
+                          ("an", an.base_url, 'formats = ["anthropic"]\nmodels = ["claude-*"]'))
+        with RelayProcess(db_url=db_url, options={"codex_nodes": path, "codex_ping_interval": "0"}) as relay:
+            assert call(relay, "responses", stream=True, usage=(10, 0, 5, 0))[0] == 200
+            assert call(relay, "messages", stream=True, usage=(20, 0, 6, 0), model="claude-sonnet-4-5")[0] == 200
+            status, body = call(relay, "messages", stream=False, usage=(1, 0, 1, 0), model="gpt-5")
+            assert status == 404 and json.loads(body)["error"]["type"] == "not_found_error"
+        assert [json.loads(r.body)["model"] for r in oa.requests_to("/responses")] == ["gpt-5.1-codex"]
+        assert [json.loads(r.body)["model"] for r in an.requests_to("/messages")] == ["claude-sonnet-4-5"]
+    got = rows(db_url, "SELECT node_id, requested_model, model, http_status, output_tokens FROM codex_invocations "
+                       "ORDER BY http_status, node_id")
+    assert [tuple(r) for r in got] == [("an", "claude-sonnet-4-5", "claude-sonnet-4-5", 200, 6),
+                                       ("oa", "gpt-5-codex", "gpt-5.1-codex", 200, 5),
+                                       (None, "gpt-5", "gpt-5", 404, 0)]
