@@ -3,6 +3,7 @@
 ``Runtime`` owns the stats database (opened and upgraded at start), the writer thread and its spool,
 the node pool with each node's breaker (``health``), the health pinger, the stats-source poller, the
 price table and the node keys in the shared ``KnownSecrets``; it declares and validates their options.
+Its ``NodeSync`` thread (``addon.nodesync``) follows node changes other relays make on the same database.
 The addons that use it get it in their constructor and use only its public interface: ``Relay``
 routes over ``pool``, reports to ``health`` and ``submit``s records; ``Admin`` reads ``engine``,
 ``writer_stats()``, ``poll_sources()``/``last_polls()`` and edits nodes through ``update_node`` and
