@@ -45,13 +45,13 @@ setup_venv() {
     echo "$want" > "$stamp"
 }
 
-ensure_chromium() {
-    # The admin page's browser test drives Debian's chromium; install it when we may (root, apt-get).
-    [ -x /usr/bin/chromium ] && return 0
+ensure_debian() {  # ensure_debian PROGRAM PACKAGE TEST: install Debian's PACKAGE for TEST when we may
+    # Tests drive real Debian programs (chromium for the admin page, haproxy in front of two relays).
+    [ -x "$1" ] && return 0
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-        echo "run.sh: installing chromium for the browser test" >&2
-        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >&2 \
-            || echo "run.sh: chromium could not be installed: the browser test skips (fails under CI=true)" >&2
+        echo "run.sh: installing $2 for $3" >&2
+        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2"; } >&2 \
+            || echo "run.sh: $2 could not be installed: $3 skips (fails under CI=true)" >&2
     fi
 }
 
@@ -79,7 +79,9 @@ relay() {  # relay mitmdump|mitmweb ARGS…
 cmd=${1:-}
 case "$cmd" in
     test)
-        shift; setup_venv; ensure_chromium
+        shift; setup_venv
+        ensure_debian /usr/bin/chromium chromium "the browser test"
+        ensure_debian /usr/sbin/haproxy haproxy "the HAProxy test"
         "$VENV/bin/ruff" check .
         # Two workers (-n 0 runs in one process); loadgroup keeps a module's shared relays on one worker.
         exec "$VENV/bin/python" -m pytest -n 2 --dist loadgroup "$@"

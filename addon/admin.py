@@ -46,7 +46,7 @@ from addon.target import is_admin_path
 from store import stats
 from store.config import ConfigError, node_from_mapping
 from store.engine import error_line
-from store.nodes import load_nodes
+from store.nodes import config_of, load_nodes
 from store.reconcile import ReconcileError, as_json, reconcile
 
 log = logging.getLogger("codex.admin")
@@ -57,6 +57,8 @@ STATIC = Path(__file__).resolve().parent / "static"
 STATIC_TYPES = {"admin.html": "text/html; charset=utf-8", "admin.js": "text/javascript; charset=utf-8",
                 "admin.css": "text/css; charset=utf-8"}
 MAX_RECENT = 500
+# What a node serves: an edit that leaves one out keeps the stored value.
+_SERVED_KEYS = frozenset({"formats", "models", "model_map"})
 _NODE_ACTION = re.compile(r"^/admin/api/nodes/([^/]+)/(enable|disable)$")
 _SECURITY_HEADERS = {
     "cache-control": "no-store",
@@ -321,15 +323,21 @@ class Admin:
         return rows
 
     def _save_node(self, body: Any) -> dict:
-        """Add a node or change its config; an empty or missing api_key keeps the stored one."""
+        """Add a node or change its config; an empty or missing api_key keeps the stored one, and so
+        does a missing formats, models or model_map."""
         try:
             config = node_from_mapping(body, "node")
         except ConfigError as e:
             raise HttpError(400, str(e)) from None
-        if not config.api_key:
+        kept = _SERVED_KEYS - body.keys()
+        if not config.api_key or kept:
             with self._engine().connect() as conn:
                 stored = next((r for r in load_nodes(conn) if r.id == config.id), None)
             if stored is not None:
+                before = config_of(stored)
+                for key in kept:
+                    setattr(config, key, getattr(before, key))
+            if stored is not None and not config.api_key:
                 if stored.api_key and origin_of(stored.base_url) != origin_of(config.base_url):
                     raise HttpError(400, "base_url moves the node to another scheme, host or port: give its "
                                          "api_key again (a stored key never follows a node elsewhere)")

@@ -31,6 +31,7 @@ from addon.egress import attach, clear_as_is, origin_of
 from addon.errors import CLIENT_KEY_NAME, error_response, fail_closed
 from addon.inject import answer_waiting, can_answer, close_server
 from addon.meter import StreamMeter
+from addon.modelroute import rewrite_model, upstream_model
 from addon.options import seconds
 from addon.outcome import Outcome, classify_error, classify_response, is_node_failure_status
 from addon.refusal import RefusalSink, answered
@@ -69,6 +70,8 @@ class CallState:
     retry: bool = False  # an HTTP failure waits in the response hook for another node
     timer: asyncio.TimerHandle | None = None
     relay_error: str | None = None  # why the relay itself ended or refused the call (a timeout, no node)
+    requested_model: str | None = None  # the client's model; ``model`` becomes the one sent, then reported
+    original_body: bytes | None = None  # the client's body, kept once a node's model_map rewrote it
 
 
 class Relay:
@@ -171,13 +174,18 @@ class Relay:
             state = CallState(
                 flow=flow, invoke_id=uuid.uuid4().hex, occurred_at=utcnow(), api_format=api_format, model=info.model,
                 stream=info.stream, session_key=_session_key(flow, info.session_key),
-                request_bytes=len(flow.request.raw_content or b""), client_target=target,
+                request_bytes=len(flow.request.raw_content or b""), client_target=target, requested_model=info.model,
             )
             self._calls[flow.id] = state
         if not routed:
             clear_as_is(flow)  # monitor mode: the request goes where it was sent, unchanged
             return
-        node = pool.choose(session_key=state.session_key if state else None, holder=state)
+        if state is not None and not pool.serves_any(api_format, state.model):
+            state.relay_error = f"no configured node serves model {state.model!r} ({api_format})"
+            flow.response = error_response(target, 404, f"codex-relay: {state.relay_error}", "model_not_found")
+            return
+        node = pool.choose(session_key=state.session_key if state else None, holder=state,
+                           api_format=api_format, model=state.model if state else None)
         if node is None:
             flow.response = error_response(
                 target, 503, "codex-relay: no upstream node is available: every node is failed, disabled "
@@ -194,6 +202,7 @@ class Relay:
                 return
         attach(flow, node.config, target)
         if state is not None:
+            _map_model(flow.request, state, node)
             state.timer = asyncio.get_running_loop().call_later(
                 self._first_byte_timeout, self._first_byte_timed_out, flow)
 
@@ -233,7 +242,8 @@ class Relay:
         if state.attempts > ctx.options.codex_retries:
             return None
         pool = self.runtime.pool
-        node = pool.choose(exclude=state.tried, holder=state)
+        node = pool.choose(exclude=state.tried, holder=state, api_format=state.api_format,
+                           model=state.requested_model)
         if node is None:
             return None
         state.tried.append(node.id)
@@ -292,7 +302,8 @@ class Relay:
             # A small error answer is held whole, not streamed: to retry the call elsewhere, and to
             # scrub keys the node echoes back before the client sees them.
             state.retry = (is_node_failure_status(resp.status_code) and state.attempts <= ctx.options.codex_retries
-                           and self.runtime.pool.choose(exclude=state.tried) is not None)
+                           and self.runtime.pool.choose(exclude=state.tried, api_format=state.api_format,
+                                                        model=state.requested_model) is not None)
             return
         state.meter = StreamMeter(
             state.api_format, resp.headers.get("content-type"), resp.headers.get("content-encoding"),
@@ -342,6 +353,7 @@ class Relay:
         while (node := self._next_node(state)) is not None:
             attempt = _copy_for_retry(flow)
             attach(attempt, node.config, state.client_target)
+            _map_model(attempt.request, state, node)
             await ReplayHandler(attempt, ctx.options).replay()
             resp = attempt.response
             if resp is None:
@@ -404,6 +416,7 @@ class Relay:
             response_bytes=meter.bytes if meter else len(resp.raw_content or b"") if resp else 0,
             attempts=state.attempts, raw_response=result.raw_usage if result else None,
             client_key=flow.metadata.get(CLIENT_KEY_NAME), node_failure=outcome.node_failure,
+            requested_model=state.requested_model,
         )
         if result is not None:
             record.flags = list(result.flags)
@@ -438,6 +451,19 @@ async def _probe(host: str, port: int, timeout: float) -> str | None:
         return f"connect to {host}:{port} failed: {e.strerror or e}"
     writer.close()
     return None
+
+
+def _map_model(request: http.Request, state: CallState, node: Node) -> None:
+    """The body with the model this node wants (its ``model_map``), or the client's own body again."""
+    model = upstream_model(node.config, state.requested_model)
+    if model is None or (model == state.requested_model and state.original_body is None):
+        return  # nothing mapped for this call: the body goes as the client sent it
+    if state.original_body is None:
+        state.original_body = request.content
+    body = state.original_body if model == state.requested_model else rewrite_model(state.original_body, model)
+    if body is not None:
+        request.content = body  # re-encoded as the client encoded it; content-length follows
+        state.model = model
 
 
 def _session_key(flow: http.HTTPFlow, body_key: str | None) -> str | None:

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from addon.breaker import Breaker
+from addon.modelroute import serves
 from store.records import NodeConfig
 
 
@@ -98,9 +99,19 @@ class NodePool:
         with self._lock:
             self._nodes[node.id] = node
 
+    def remove(self, node_id: str) -> None:
+        with self._lock:
+            self._nodes.pop(node_id, None)
+
+    def serves_any(self, api_format: str | None, model: str | None) -> bool:
+        """Whether any configured node, in rotation or not, can serve this format and model."""
+        return any(serves(n.config, api_format, model) for n in self)
+
     def choose(self, *, exclude: Iterable[str] = (), session_key: str | None = None,
-               holder: object | None = None) -> Node | None:
-        """A node for a call, never a disabled one or one of weight 0. In this order:
+               holder: object | None = None, api_format: str | None = None,
+               model: str | None = None) -> Node | None:
+        """A node for a call, never a disabled one, one of weight 0 or one that does not serve the
+        call's ``api_format`` and ``model`` (addon.modelroute). In this order:
 
         the session's node while its breaker is closed; an open node whose cooldown is over, as its
         one trial; a closed node by weight; and when every node is open, the one whose cooldown ends
@@ -111,11 +122,13 @@ class NodePool:
         if session_key:
             sticky_id = self.sticky.get(session_key)
             node = self._nodes.get(sticky_id) if sticky_id else None
-            if node is not None and node.eligible and node.id not in excluded:
+            if (node is not None and node.eligible and node.id not in excluded
+                    and serves(node.config, api_format, model)):
                 return node
         now = self._clock()
         with self._lock:
-            usable = [n for n in self._nodes.values() if n.routable and n.id not in excluded]
+            usable = [n for n in self._nodes.values()
+                      if n.routable and n.id not in excluded and serves(n.config, api_format, model)]
         opened = sorted((n for n in usable if n.failed), key=lambda n: n.breaker.until)
         chosen = None
         if holder is not None:

@@ -3,6 +3,7 @@
 ``Runtime`` owns the stats database (opened and upgraded at start), the writer thread and its spool,
 the node pool with each node's breaker (``health``), the health pinger, the stats-source poller, the
 price table and the node keys in the shared ``KnownSecrets``; it declares and validates their options.
+Its ``NodeSync`` thread (``addon.nodesync``) follows node changes other relays make on the same database.
 The addons that use it get it in their constructor and use only its public interface: ``Relay``
 routes over ``pool``, reports to ``health`` and ``submit``s records; ``Admin`` reads ``engine``,
 ``writer_stats()``, ``poll_sources()``/``last_polls()`` and edits nodes through ``update_node`` and
@@ -22,12 +23,13 @@ from mitmproxy import ctx, exceptions
 
 from addon.breaker import BreakerPolicy
 from addon.health import Health, Pinger
+from addon.nodesync import NodeSync
 from addon.options import seconds
 from addon.routing import Node, NodePool, StickyMap
 from addon.secrets import KnownSecrets
 from store.config import ConfigError, load_nodes_file, validate_base_url
 from store.engine import DEFAULT_DB, error_line, make_engine, upgrade_to_head
-from store.nodes import config_of, load_nodes, set_disabled, upsert_nodes
+from store.nodes import config_of, load_nodes, read_version, set_disabled, upsert_nodes
 from store.poll import Poller, PollResult, start_poller
 from store.prices import PriceTable, load_prices
 from store.records import InvocationRecord, NodeConfig, NodeStateUpdate
@@ -38,7 +40,7 @@ from store.writer import Writer, WriterStats
 log = logging.getLogger("codex.runtime")
 
 _NODE_OPTIONS = frozenset({"codex_db", "codex_nodes", "codex_upstream", "codex_upstream_key", "codex_upstream_name",
-                           "codex_sticky_ttl"})
+                           "codex_sticky_ttl", "codex_node_sync"})
 
 
 class Runtime:
@@ -58,6 +60,8 @@ class Runtime:
         self._writer: Writer | None = None
         self._pinger: Pinger | None = None
         self._poller: Poller | None = None
+        self._node_sync: NodeSync | None = None
+        self._node_sync_interval = 1.0
         self._on_shutdown: list[Callable[[], None]] = []
 
     # -- options -----------------------------------------------------------------------------------
@@ -93,6 +97,9 @@ class Runtime:
         loader.add_option("codex_sticky_ttl", str, "3600",
                           "Seconds a Codex session (session_id / conversation_id header or "
                           "prompt_cache_key) stays on its node. 0 disables stickiness.")
+        loader.add_option("codex_node_sync", str, "1",
+                          "Seconds between checks for node changes made by other relays on the same "
+                          "database (admin edits, enable/disable, failed/recovered). 0 disables the check.")
         loader.add_option("codex_prices", str, "",
                           "TOML price table (USD per 1M input, cached input, output tokens per model) used to "
                           "estimate codex_invocations.cost. Default: the shipped store/prices.toml.")
@@ -119,6 +126,8 @@ class Runtime:
             self._ping_interval = seconds("codex_ping_interval", opts.codex_ping_interval)
         if "codex_sticky_ttl" in updated:
             self._sticky_ttl = seconds("codex_sticky_ttl", opts.codex_sticky_ttl)
+        if "codex_node_sync" in updated:
+            self._node_sync_interval = seconds("codex_node_sync", opts.codex_node_sync)
         if "codex_db" in updated and opts.codex_db != self._db_url:
             self._open_db(opts.codex_db, opts.codex_spool)
         if updated & _NODE_OPTIONS:
@@ -182,6 +191,7 @@ class Runtime:
             if configs:
                 upsert_nodes(conn, configs)
             stored = load_nodes(conn)
+            version = read_version(conn)
         failed = {r.id: bool(r.failed) for r in stored}
         disabled = {r.id for r in stored if r.disabled}
         # The configured nodes route, and those added on the admin page; others in the DB (dropped from
@@ -194,12 +204,21 @@ class Runtime:
         sticky = StickyMap(ttl=self._sticky_ttl) if self._sticky_ttl else StickyMap(max_entries=0)
         self.pool = NodePool(nodes, sticky=sticky)
         self.secrets.set_node_keys(n.config.api_key for n in nodes)
+        self._start_node_sync(named, version, stored)
         if nodes:
             log.info("routing over %d node(s): %s", len(nodes), ", ".join(
                 f"{n.id} (weight {n.config.weight}{', failed' if n.failed else ''}"
                 f"{', disabled' if n.disabled else ''})" for n in nodes))
         else:
             log.info("no upstream node configured: monitor mode (traffic passes through unchanged)")
+
+    def _start_node_sync(self, file_ids: set[str], version: int, stored: list[sa.Row]) -> None:
+        assert self.engine is not None
+        if self._node_sync is not None:
+            self._node_sync.stop()
+        self._node_sync = NodeSync(self.engine, lambda: self.pool, self.health, file_ids, self.secrets.set_node_keys,
+                                   version=version, rows=stored, interval=self._node_sync_interval)
+        self._node_sync.start()
 
     # -- for the other addons ----------------------------------------------------------------------
     def submit(self, item: InvocationRecord | NodeStateUpdate) -> None:
@@ -256,6 +275,8 @@ class Runtime:
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def done(self) -> None:
+        if self._node_sync is not None:
+            self._node_sync.stop()
         if self._pinger is not None:
             self._pinger.stop()
         if self._poller is not None:

@@ -16,6 +16,12 @@ from urllib.parse import urlsplit
 from store.records import NodeConfig
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# What a node's ``formats`` may name: an API family, or one API format (addon.usage.detect_format's).
+NODE_FORMATS: dict[str, frozenset[str]] = {
+    "openai": frozenset({"responses", "chat"}), "anthropic": frozenset({"messages"}),
+    "responses": frozenset({"responses"}), "chat": frozenset({"chat"}), "messages": frozenset({"messages"}),
+}
+_NODE_KEYS = {"id", "name", "base_url", "api_key", "weight", "formats", "models", "model_map"}
 
 
 class ConfigError(ValueError):
@@ -56,7 +62,7 @@ def node_from_mapping(item: Any, where: str) -> NodeConfig:
     """One node from a TOML table or a JSON object; raises ConfigError naming ``where``."""
     if not isinstance(item, dict):
         raise ConfigError(f"{where}: must be a table")
-    unknown = set(item) - {"id", "name", "base_url", "api_key", "weight"}
+    unknown = set(item) - _NODE_KEYS
     if unknown:
         raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
     node_id = item.get("id")
@@ -78,7 +84,28 @@ def node_from_mapping(item: Any, where: str) -> NodeConfig:
     # The column sizes of `nodes`: MySQL would refuse a longer value with the key in its error text.
     if len(api_key) > 512 or len(name) > 128 or len(base_url) > 512:
         raise ConfigError(f"{where} ({node_id}): api_key and base_url are limited to 512 characters, name to 128")
-    return NodeConfig(id=node_id, name=name, base_url=base_url, api_key=api_key, weight=weight)
+    formats, models, model_map = _served(item, f"{where} ({node_id})")
+    return NodeConfig(id=node_id, name=name, base_url=base_url, api_key=api_key, weight=weight,
+                      formats=formats, models=models, model_map=model_map)
+
+
+def _served(item: dict, where: str) -> tuple[tuple[str, ...], tuple[str, ...], dict[str, str]]:
+    """A node's ``formats``, ``models`` (globs) and ``model_map``, validated; missing ones serve everything."""
+    formats, models, model_map = item.get("formats", []), item.get("models", []), item.get("model_map", {})
+    for key, value in (("formats", formats), ("models", models)):
+        if not isinstance(value, list) or not all(isinstance(v, str) and 0 < len(v) <= 128 for v in value):
+            raise ConfigError(f"{where}: {key} must be a list of strings, got {value!r}")
+    bad = sorted(set(formats) - NODE_FORMATS.keys())
+    if bad:
+        raise ConfigError(f"{where}: formats {bad} unknown; use {sorted(NODE_FORMATS)}")
+    if not isinstance(model_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and 0 < len(k) <= 128 and 0 < len(v) <= 128
+            for k, v in model_map.items()):
+        raise ConfigError(f"{where}: model_map must map model names to model names, got {model_map!r}")
+    # Stored as JSON text in columns of this size.
+    if len(models) > 64 or len(model_map) > 64:
+        raise ConfigError(f"{where}: at most 64 models and 64 model_map entries")
+    return tuple(dict.fromkeys(formats)), tuple(dict.fromkeys(models)), dict(model_map)
 
 
 def load_entries[T](path: str | Path, key: str, parse: Callable[[Any, str], T], name: Callable[[T], str],

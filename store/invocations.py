@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import sqlalchemy as sa
 
+from store.nodes import bump_version
 from store.records import InvocationRecord, NodeStateUpdate
 from store.schema import DAILY_COUNTERS, codex_daily_stats, codex_invocations, nodes
 from store.upsert import upsert
@@ -86,6 +87,8 @@ def apply_batch(conn: sa.Connection, items: Sequence[Item]) -> BatchResult:
     for node_id in sorted(changes):
         conn.execute(_node_statement(node_id, changes[node_id]))
         result.node_updates += 1
+    if any("failed" in c.values for c in changes.values()):
+        bump_version(conn)  # a breaker opened or closed: the other relays follow
     return result
 
 
@@ -99,6 +102,7 @@ def invocation_row(r: InvocationRecord) -> dict:
     return {
         # Clipped to the column sizes: MySQL in strict mode refuses a longer value outright.
         "invoke_id": r.invoke_id, "occurred_at": r.occurred_at, "source": r.source, "model": _clip(r.model, 128),
+        "requested_model": _clip(r.requested_model, 128),
         "input_tokens": u.input_tokens, "output_tokens": u.output_tokens, "cache_input_tokens": u.cached_tokens,
         "reasoning_tokens": u.reasoning_tokens, "total_tokens": u.total_tokens,
         "cache_write_tokens": u.cache_write_tokens, "cost": r.cost, "cost_estimated": r.cost is not None,

@@ -42,6 +42,10 @@ class NodeConfig:
     api_key: str = field(default="", repr=False)  # never in a repr: flows, logs and tracebacks print those
     name: str = ""
     weight: int = 1
+    # What the node serves (addon.modelroute): API families or formats, model globs; empty: everything.
+    formats: tuple[str, ...] = ()
+    models: tuple[str, ...] = ()
+    model_map: dict[str, str] = field(default_factory=dict)  # client's model -> the name this node wants
 
 
 @dataclass(slots=True)
@@ -56,6 +60,7 @@ class InvocationRecord:
     node_id: str | None = None
     api_format: str | None = None  # "responses" | "chat" | "messages" | None
     model: str | None = None
+    requested_model: str | None = None  # what the client asked for (``model`` is what the node reported)
     stream: bool = False
     http_status: int | None = None
     error_message: str | None = None

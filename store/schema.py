@@ -56,6 +56,18 @@ nodes = sa.Table(
     # 'file': from codex_nodes / codex_upstream (routes while the file names it); 'admin': added on the
     # admin page (routes after a restart too, until a file takes it over)
     sa.Column("origin", sa.String(16), nullable=False, server_default="file"),
+    # revision 8: what the node serves (JSON text; NULL: everything) and the model names it wants instead
+    sa.Column("formats", sa.String(128)),
+    sa.Column("models", sa.Text),
+    sa.Column("model_map", sa.Text),
+)
+
+# Revision 8: one counter row, bumped in the transaction of every change to a node's config, `disabled`
+# or `failed`; relays on one database read it every second and reload their nodes when it moves.
+node_state = sa.Table(
+    "node_state", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("version", sa.BigInteger, nullable=False, server_default="0"),
 )
 
 codex_invocations = sa.Table(
@@ -96,6 +108,8 @@ codex_invocations = sa.Table(
     sa.Column("cost_output", sa.Double),
     # revision 5: comma-separated sorted notes about the row (raw_trimmed, error_trimmed, no_usage, …)
     sa.Column("flags", sa.String(255)),
+    # revision 8: the model the client asked for (``model`` is the one the node reported serving)
+    sa.Column("requested_model", sa.String(128)),
     sa.UniqueConstraint("invoke_id", "occurred_at", name="uq_codex_invocations_invoke_id_occurred_at"),
     sa.Index("idx_codex_invocations_source_occurred_at", "source", "occurred_at"),
     sa.Index("idx_codex_invocations_occurred_at", "occurred_at"),

@@ -33,7 +33,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from store.masking import mask_secret
-from store.nodes import load_nodes
+from store.nodes import config_of, load_nodes
 from store.schema import DAILY_COUNTERS, codex_daily_stats, codex_invocations
 
 _inv = codex_invocations.c
@@ -149,6 +149,9 @@ class NodeStats(Metrics):
     weight: int | None = None
     status: str | None = None  # active | failed | disabled
     api_key_hint: str | None = None  # never the key: store.masking.mask_secret of it
+    formats: list[str] | None = None  # what the node serves (store.config); empty: everything
+    models: list[str] | None = None
+    model_map: dict[str, str] | None = None
     last_error: str | None = None
     last_ping_ms: int | None = None
     last_ping_err: str | None = None
@@ -267,6 +270,8 @@ def _fill_node(s: NodeStats, row: sa.Row) -> None:
     s.api_key_hint = mask_secret(row.api_key) if row.api_key else None
     s.last_error, s.last_ping_ms, s.last_ping_err = row.last_error, row.last_ping_ms, row.last_ping_err
     s.fail_streak = row.fail_streak
+    config = config_of(row)
+    s.formats, s.models, s.model_map = list(config.formats), list(config.models), config.model_map
     s.lifetime_attempts, s.lifetime_failed_attempts, s.lifetime_bytes = row.requests, row.fail_count, row.total_bytes
     s.lifetime_input_tokens, s.lifetime_cached_tokens = row.total_input, row.total_cached
     s.lifetime_output_tokens, s.lifetime_reasoning_tokens = row.total_output, row.total_reasoning

@@ -272,6 +272,9 @@ function editNode(n) {
   form.elements.api_key.value = "";
   form.elements.api_key.placeholder = "unchanged (" + (n.api_key_hint ?? "none") + ")";
   form.elements.weight.value = n.weight;
+  form.elements.formats.value = (n.formats ?? []).join(", ");
+  form.elements.models.value = (n.models ?? []).join(", ");
+  form.elements.model_map.value = Object.entries(n.model_map ?? {}).map(([k, v]) => k + "=" + v).join(", ");
   $("#node-form-title").textContent = "Edit node " + n.node_id;
   form.elements.weight.focus();
 }
@@ -284,11 +287,15 @@ function newNode() {
   $("#node-form-title").textContent = "Add a node";
 }
 
+// "a, b" -> ["a", "b"]: the node form's list fields
+const list = (text) => text.split(",").map((s) => s.trim()).filter(Boolean);
+
 async function saveNode(event) {
   event.preventDefault();
   const f = event.target.elements;
   const body = {id: f.id.value.trim(), name: f.name.value.trim() || f.id.value.trim(), base_url: f.base_url.value.trim(),
-    weight: Number(f.weight.value)};
+    weight: Number(f.weight.value), formats: list(f.formats.value), models: list(f.models.value),
+    model_map: Object.fromEntries(list(f.model_map.value).map((pair) => pair.split("=").map((s) => s.trim())))};
   if (f.api_key.value) body.api_key = f.api_key.value;
   try {
     const {node} = await api("nodes", body);

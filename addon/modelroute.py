@@ -1,0 +1,62 @@
+"""Which nodes serve a call (API format and model), and the request body rewritten for a node's model map.
+
+Plain Python (no mitmproxy): the pool filters its choice with ``serves``, the relay rewrites a mapped
+call's body with ``rewrite_model`` before it is sent.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from fnmatch import fnmatchcase
+
+from store.config import NODE_FORMATS
+from store.records import NodeConfig
+
+_WS = re.compile(r"[ \t\n\r]*")
+_DECODER = json.JSONDecoder()
+
+
+def serves(config: NodeConfig, api_format: str | None, model: str | None) -> bool:
+    """Whether the node takes this call: its format is among the node's ``formats`` and its model
+    matches one of the node's ``models`` globs or is a key of its ``model_map``. Empty lists, and a
+    call whose format or model is unknown (not an API call, no model in the body), put no limit."""
+    if api_format is None:
+        return True
+    if config.formats and not any(api_format in NODE_FORMATS.get(f, ()) for f in config.formats):
+        return False
+    if model is None or not config.models or model in config.model_map:
+        return True
+    return any(fnmatchcase(model, glob) for glob in config.models)
+
+
+def upstream_model(config: NodeConfig, model: str | None) -> str | None:
+    """The model name to send to this node for the client's ``model``."""
+    return config.model_map.get(model, model) if model is not None else None
+
+
+def rewrite_model(body: bytes, model: str) -> bytes | None:
+    """``body`` (a JSON object) with its top-level ``model`` set to ``model``, every other byte as it was;
+    None when the body is not such an object (then nothing is rewritten)."""
+    try:
+        text = body.decode()
+        pos = _WS.match(text).end()
+        if text[pos:pos + 1] != "{":
+            return None
+        pos = _WS.match(text, pos + 1).end()
+        while text[pos:pos + 1] == '"':
+            key, pos = _DECODER.raw_decode(text, pos)
+            pos = _WS.match(text, pos).end()
+            if text[pos:pos + 1] != ":":
+                return None
+            start = _WS.match(text, pos + 1).end()
+            _, end = _DECODER.raw_decode(text, start)
+            if key == "model":
+                return (text[:start] + json.dumps(model, ensure_ascii=False) + text[end:]).encode()
+            pos = _WS.match(text, end).end()
+            if text[pos:pos + 1] != ",":
+                return None
+            pos = _WS.match(text, pos + 1).end()
+    except (UnicodeDecodeError, ValueError):
+        pass
+    return None

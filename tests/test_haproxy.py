@@ -1,0 +1,99 @@
+"""Several relays behind Debian's HAProxy with the README's configuration ("Several relays"): one Codex
+session stays on one relay and one node, and moves to the other relay when its relay stops.
+
+Without /usr/sbin/haproxy this skips locally and fails under CI=true; ``./run.sh test`` installs it when
+it can (as root, with apt-get).
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from bench.fakeupstream import FakeUpstream
+from bench.relayproc import RelayProcess
+from tests.conftest import IN_CI, wait_for
+from tests.test_e2e import call, rows, write_nodes
+
+pytestmark = pytest.mark.e2e
+
+HAPROXY = Path("/usr/sbin/haproxy")
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def haproxy_config(port: int, relay_ports: list[int]) -> str:
+    """The README's configuration, with this test's ports."""
+    text = README.read_text().split("# /etc/haproxy/haproxy.cfg\n", 1)[1].split("```", 1)[0]
+    text = text.replace("bind 127.0.0.1:8000", f"bind 127.0.0.1:{port}")
+    for default, actual in zip((8001, 8002), relay_ports, strict=True):
+        text = re.sub(rf"127\.0\.0\.1:{default}\b", f"127.0.0.1:{actual}", text)
+    return text
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def accepts(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def haproxy_bin() -> Path:
+    if not HAPROXY.exists():
+        reason = f"{HAPROXY} not installed (./run.sh test installs Debian's haproxy when run as root)"
+        if IN_CI:
+            pytest.fail(f"CI=true requires the HAProxy test: {reason}", pytrace=False)
+        pytest.skip(reason)
+    return HAPROXY
+
+
+def test_a_session_stays_on_one_relay_and_one_node_and_moves_when_its_relay_stops(haproxy_bin, mariadb, tmp_path):
+    with FakeUpstream("n1") as n1, FakeUpstream("n2") as n2:
+        nodes = write_nodes(tmp_path / "nodes.toml", [("n1", n1.base_url, "k1", 1), ("n2", n2.base_url, "k2", 1)])
+        relays = {name: RelayProcess(db_url=mariadb, options={
+            "codex_nodes": str(nodes), "codex_ping_interval": "0", "codex_source": name,
+            "codex_spool": str(tmp_path / f"spool-{name}.db")}) for name in ("relay1", "relay2")}
+        port = free_port()
+        config = tmp_path / "haproxy.cfg"
+        proc = None
+        try:
+            for relay in relays.values():
+                relay.start()
+            config.write_text(haproxy_config(port, [r.port for r in relays.values()]))
+            proc = subprocess.Popen([str(haproxy_bin), "-db", "-f", str(config)], stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True)
+            wait_for(lambda: accepts(port) or proc.poll() is not None, 10, "haproxy listening")
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            front = SimpleNamespace(port=port)
+            session = {"session-id": "019a-codex-session"}
+            for _ in range(20):
+                assert call(front, "responses", stream=True, usage=(10, 0, 2, 0), headers=session)[0] == 200
+            wait_for(lambda: len(rows(mariadb, "SELECT id FROM codex_invocations")) == 20, 10, "20 rows written")
+            served = rows(mariadb, "SELECT DISTINCT source, node_id FROM codex_invocations")
+            assert len(served) == 1, served
+            first = served[0].source
+            relays[first].stop()
+            for _ in range(5):  # HAProxy retries a refused connection on the other relay
+                assert call(front, "responses", stream=True, usage=(10, 0, 2, 0), headers=session)[0] == 200
+        finally:
+            if proc is not None:
+                proc.terminate()
+                proc.wait(10)
+            for relay in relays.values():
+                relay.stop()
+    got = rows(mariadb, "SELECT source, node_id, COUNT(*) AS n, COUNT(DISTINCT invoke_id) AS ids "
+                        "FROM codex_invocations GROUP BY source, node_id ORDER BY source = :first DESC",
+               first=first)
+    assert [(r.source == first, r.n, r.ids) for r in got] == [(True, 20, 20), (False, 5, 5)]
