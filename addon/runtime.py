@@ -22,6 +22,7 @@ from mitmproxy import ctx, exceptions
 
 from addon.breaker import BreakerPolicy
 from addon.health import Health, Pinger
+from addon.metrics import Metrics
 from addon.options import seconds
 from addon.routing import Node, NodePool, StickyMap
 from addon.secrets import KnownSecrets
@@ -59,6 +60,7 @@ class Runtime:
         self._pinger: Pinger | None = None
         self._poller: Poller | None = None
         self._on_shutdown: list[Callable[[], None]] = []
+        self.metrics = Metrics(lambda: self.pool, self.writer_stats)
 
     # -- options -----------------------------------------------------------------------------------
     def load(self, loader) -> None:
@@ -203,7 +205,8 @@ class Runtime:
 
     # -- for the other addons ----------------------------------------------------------------------
     def submit(self, item: InvocationRecord | NodeStateUpdate) -> None:
-        """Queue a record for the writer thread (dropped when no database is open)."""
+        """Queue a record for the writer thread (dropped when no database is open); counted in ``metrics``."""
+        self.metrics.observe(item)
         if self._writer is not None:
             self._writer.submit(item)
 
