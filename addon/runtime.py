@@ -32,6 +32,7 @@ from store.nodes import config_of, load_nodes, set_disabled, upsert_nodes
 from store.poll import Poller, PollResult, start_poller
 from store.prices import PriceTable, load_prices
 from store.records import InvocationRecord, NodeConfig, NodeStateUpdate
+from store.retention import DAY, Pruner
 from store.sources import SourceConfig
 from store.spool import Spool, SpoolInUse, default_spool_path
 from store.writer import Writer, WriterStats
@@ -59,6 +60,8 @@ class Runtime:
         self._writer: Writer | None = None
         self._pinger: Pinger | None = None
         self._poller: Poller | None = None
+        self._pruner: Pruner | None = None
+        self.prune_interval = DAY  # tests shorten it
         self._on_shutdown: list[Callable[[], None]] = []
         self.metrics = Metrics(lambda: self.pool, self.writer_stats)
 
@@ -101,6 +104,9 @@ class Runtime:
         loader.add_option("codex_stats_sources", str, "",
                           "TOML file whose [[sources]] are provider stats endpoints to poll into "
                           "stats_source_snapshots/deltas. Default: the [[sources]] of the codex_nodes file.")
+        loader.add_option("codex_prune_days", int, 0,
+                          "Delete recorded calls (codex_invocations rows) older than this many whole UTC days, "
+                          "at start and then daily, in short batches; the rollups keep their stats. 0: never.")
 
     def configure(self, updated: set[str]) -> None:
         # Only the options in ``updated`` are checked: an addon that sets another option (the gate)
@@ -136,6 +142,10 @@ class Runtime:
                 self._poller = start_poller(self.engine, opts.codex_stats_sources or opts.codex_nodes, self._poller)
             except ConfigError as e:
                 raise exceptions.OptionsError(f"codex_stats_sources: {e}") from None
+        if updated & {"codex_db", "codex_prune_days"}:
+            if opts.codex_prune_days < 0:
+                raise exceptions.OptionsError("codex_prune_days must be >= 0")
+            self._start_pruner(opts.codex_prune_days)
         if updated & {"codex_ping_interval", "codex_ping_path", "codex_connect_timeout"}:
             if self._pinger is not None:
                 self._pinger.stop()
@@ -162,6 +172,14 @@ class Runtime:
         self._writer = Writer(engine, spool, linger=0.5)
         self._writer.start()
         log.info("stats database: %s", _safe_url(url))
+
+    def _start_pruner(self, days: int) -> None:
+        if self._pruner is not None:
+            self._pruner.stop()
+            self._pruner = None
+        if days and self.engine is not None:
+            self._pruner = Pruner(self.engine, days, self.prune_interval)
+            self._pruner.start()
 
     def _configured_nodes(self) -> list[NodeConfig]:
         opts = ctx.options
@@ -263,6 +281,8 @@ class Runtime:
             self._pinger.stop()
         if self._poller is not None:
             self._poller.stop()
+        if self._pruner is not None:
+            self._pruner.stop()
         # Calls still in flight are recorded (the relay's callback) before the writer's last flush:
         # mitmproxy ends their connections only after this hook, when nothing is written any more.
         for callback in self._on_shutdown:
