@@ -282,6 +282,7 @@ class Admin:
             "/api/models": lambda: {"models": self._query(stats.per_model, f)},
             "/api/sources": lambda: {"sources": self._query(stats.per_source, f)},
             "/api/days": lambda: {"days": self._query(stats.per_day, f)},
+            "/api/hours": lambda: {"hours": self._query(stats.per_hour, f)},
             "/api/recent": lambda: {"invocations": self._query(stats.recent_invocations, f, limit)},
             "/api/writer": self._writer,
             "/api/session": lambda: {"login": bool(self._token)},  # whether the page shows "Log out"

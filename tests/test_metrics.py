@@ -4,6 +4,7 @@ checked against the rows the writer stored from the same records (in process, SQ
 from __future__ import annotations
 
 import datetime as dt
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -100,6 +101,16 @@ def test_metrics_agree_with_the_stored_rows(env):
     assert total(m, "codex_writer_queue") == 0 and total(m, "codex_writer_journal") == 0
     assert total(m, "codex_writer_lost_records_total") == 0 and total(m, "codex_writer_db_ok") == 1
     assert total(m, "codex_writer_written_records_total") == 6
+
+
+def test_hours_api_serves_the_percentiles(env):
+    env.runtime.submit(record(1, "alpha"))
+    wait_for(lambda: env.runtime.writer_stats().written == 1, timeout=20, what="the record written")
+    resp = ask(env.admin, "GET", "/admin/api/hours?since=2026-11-20&until=2026-11-20")
+    assert resp.status_code == 200
+    [hour] = json.loads(resp.get_text())["hours"]
+    assert (hour["hour"], hour["requests"], hour["ttfb_p50_ms"], hour["duration_p99_ms"]) == \
+        ("2026-11-20 12:00", 1, 50, 1000)
 
 
 def test_metrics_follow_the_admin_access_rules(env):
