@@ -96,7 +96,7 @@ class Alerts:
         self.dedup, self.interval, self.timeout, self.retries = dedup, interval, timeout, retries
         self.retry_pause = retry_pause  # doubled after each failed attempt
         self._clock = clock
-        self._queue: queue.Queue[tuple[Webhook, Alert] | None] = queue.Queue(max_queued)
+        self._queue: queue.Queue[tuple[Webhook, Alert]] = queue.Queue(max_queued)
         self._sent_at: dict[tuple[str, str], float] = {}
         self._failed: set[str] = set()
         self._all_down = False
@@ -111,10 +111,10 @@ class Alerts:
             t.start()
 
     def stop(self) -> None:
+        """End both threads; alerts still queued are dropped (at most one post in progress is awaited)."""
         self._stop.set()
-        self._queue.put(None)  # may wait for one slot: the sender is draining
         for t in self._threads:
-            t.join(self.timeout * (self.retries + 1) + 5)
+            t.join(self.timeout + 5)
 
     # -- the watcher -------------------------------------------------------------------------------
     def check(self) -> None:
@@ -170,7 +170,11 @@ class Alerts:
 
     # -- the sender --------------------------------------------------------------------------------
     def _send_loop(self) -> None:
-        while (item := self._queue.get()) is not None:
+        while not self._stop.is_set():
+            try:
+                item = self._queue.get(timeout=0.2)
+            except queue.Empty:
+                continue
             self._send(*item)
 
     def _send(self, hook: Webhook, alert: Alert) -> bool:

@@ -157,3 +157,12 @@ def test_runtime_alerts_from_the_nodes_file(tmp_path, receiver):
                 tctx.configure(runtime, codex_alert_dedup="soon")
         finally:
             runtime.done()
+
+
+def test_a_full_queue_drops_and_logs_instead_of_blocking(caplog):
+    alerts = Alerts([Webhook("http://127.0.0.1:9/hook")], NodePool, lambda: None, max_queued=1)  # never started
+    for node_id in ("alpha", "beta", "gamma"):
+        alerts.notify("node_failed", node_id, f"node {node_id} failed")
+    assert [r.getMessage() for r in caplog.records if "queue full" in r.getMessage()] == [
+        "alert queue full: node_failed for beta not sent to http://127.0.0.1:9",
+        "alert queue full: node_failed for gamma not sent to http://127.0.0.1:9"]
