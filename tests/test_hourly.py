@@ -10,7 +10,7 @@ import random
 import pytest
 import sqlalchemy as sa
 
-from store.engine import make_engine, upgrade_to_head
+from store.engine import downgrade_to, make_engine, upgrade_to_head
 from store.histogram import DURATION_BUCKETS_MS, TTFB_BUCKETS_MS, bucket_index, percentile
 from store.invocations import apply_batch
 from store.records import InvocationRecord, Usage
@@ -96,3 +96,32 @@ def test_stats_hours_and_nodes_cli(engine, db_url, capsys):
     assert stats_main(["nodes", "--db", db_url]) == 0
     header = capsys.readouterr().out.splitlines()[0]
     assert "p50 ms" in header and "p95 ms" in header
+
+
+def hourly_table(engine: sa.Engine) -> list[tuple]:
+    t = codex_hourly_stats
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(t).order_by(*t.primary_key.columns)).all()
+    return [tuple(round(float(v), 9) if isinstance(v, float) else v for v in r) for r in rows]
+
+
+def test_migration_fills_the_hourly_rollup_as_the_writer_does(engine):
+    """Revision 0010 rebuilds codex_hourly_stats from the rows (the 600 calls, bucket edges included),
+    and the writer's later increments land on the rows it filled."""
+    edges = [InvocationRecord(invoke_id=f"e{i}", occurred_at=T0 + dt.timedelta(minutes=1), source="relay",
+                              endpoint="/v1/responses", status="success", node_id="alpha", model="gpt-5-codex",
+                              ttfb_ms=ms, duration_ms=ms, cost=0.5) for i, ms in enumerate((0, 50, 51, 60000, 60001))]
+    with engine.begin() as conn:
+        apply_batch(conn, edges)
+    written = hourly_table(engine)
+    downgrade_to(engine, "0007")
+    upgrade_to_head(engine)
+    assert hourly_table(engine) == written
+    later = InvocationRecord(invoke_id="later", occurred_at=T0 + dt.timedelta(minutes=2), source="relay",
+                             endpoint="/v1/responses", status="success", node_id="alpha", model="gpt-5-codex",
+                             ttfb_ms=70)
+    with engine.begin() as conn:
+        apply_batch(conn, [later])
+    assert len(hourly_table(engine)) == len(written)  # the same row, one more call
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.sum(codex_hourly_stats.c.requests))).scalar() == 606
