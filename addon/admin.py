@@ -1,8 +1,9 @@
 """The admin page: stats, node health and node management, served by the relay on its own port.
 
-``/admin`` (HTML) and ``/admin/api/…`` (JSON) are answered in the ``request`` hook by setting
-``flow.response``: such flows never go upstream and are never metered (the relay skips flows that
-already have a response). Database work runs in a thread, so the proxy keeps relaying meanwhile.
+``/admin`` (HTML), ``/admin/api/…`` (JSON) and ``/metrics`` (Prometheus) are answered in the
+``request`` hook by setting ``flow.response``: such flows never go upstream and are never metered
+(the relay skips flows that already have a response). Database work runs in a thread, so the proxy
+keeps relaying meanwhile.
 The database, the nodes and the writer's and poller's state are the ``Runtime``'s (``addon.runtime``),
 reached through its public interface only.
 
@@ -39,10 +40,11 @@ from mitmproxy.proxy.mode_specs import ReverseMode
 
 from addon.egress import origin_of
 from addon.errors import fail_closed
+from addon.metrics import CONTENT_TYPE as METRICS_TYPE
 from addon.refusal import answered
 from addon.runtime import Runtime
 from addon.secrets import secrets_equal
-from addon.target import is_admin_path
+from addon.target import METRICS_PATH, is_admin_path
 from store import stats
 from store.config import ConfigError, node_from_mapping
 from store.engine import error_line
@@ -218,7 +220,7 @@ class Admin:
             return None
         if path.startswith(PREFIX + "/static/") or path == PREFIX + "/login" or self._authorised(flow):
             return None
-        if path.startswith(PREFIX + "/api/"):
+        if path.startswith(PREFIX + "/api/") or path == METRICS_PATH:
             return json_response(401, {"error": "admin token required"}, **{"www-authenticate": "Bearer"})
         return _login_page(401)
 
@@ -235,6 +237,10 @@ class Admin:
         if path.startswith(PREFIX + "/static/"):
             self._method(method, "GET")
             return await self._static(path.removeprefix(PREFIX + "/static/"))
+        if path == METRICS_PATH:
+            self._method(method, "GET")
+            # In a thread: the writer's journal age is read from its SQLite file.
+            return _response(200, await asyncio.to_thread(self.runtime.metrics.scrape), METRICS_TYPE)
         if path == PREFIX + "/login":
             self._method(method, "POST")
             return self._login(flow)
@@ -278,6 +284,7 @@ class Admin:
             "/api/models": lambda: {"models": self._query(stats.per_model, f)},
             "/api/sources": lambda: {"sources": self._query(stats.per_source, f)},
             "/api/days": lambda: {"days": self._query(stats.per_day, f)},
+            "/api/hours": lambda: {"hours": self._query(stats.per_hour, f)},
             "/api/recent": lambda: {"invocations": self._query(stats.recent_invocations, f, limit)},
             "/api/writer": self._writer,
             "/api/session": lambda: {"login": bool(self._token)},  # whether the page shows "Log out"

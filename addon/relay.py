@@ -92,6 +92,7 @@ class Relay:
         # flow id -> its call in flight. Not in flow.metadata: -w pickles that, and a call holds timers.
         self._calls: dict[str, CallState] = {}
         runtime.on_shutdown(self._record_calls_in_flight)
+        runtime.metrics.count_in_flight(lambda: len(self._calls))
 
     # -- options -----------------------------------------------------------------------------------
     def load(self, loader) -> None:

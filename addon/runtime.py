@@ -21,8 +21,10 @@ from collections.abc import Callable
 import sqlalchemy as sa
 from mitmproxy import ctx, exceptions
 
+from addon.alerts import Alerts, webhooks_from_file
 from addon.breaker import BreakerPolicy
 from addon.health import Health, Pinger
+from addon.metrics import Metrics
 from addon.nodesync import NodeSync
 from addon.options import seconds
 from addon.routing import Node, NodePool, StickyMap
@@ -33,6 +35,7 @@ from store.nodes import config_of, load_nodes, read_version, set_disabled, upser
 from store.poll import Poller, PollResult, start_poller
 from store.prices import PriceTable, load_prices
 from store.records import InvocationRecord, NodeConfig, NodeStateUpdate
+from store.retention import DAY, Pruner
 from store.sources import SourceConfig
 from store.spool import Spool, SpoolInUse, default_spool_path
 from store.writer import Writer, WriterStats
@@ -62,7 +65,12 @@ class Runtime:
         self._poller: Poller | None = None
         self._node_sync: NodeSync | None = None
         self._node_sync_interval = 1.0
+        self._pruner: Pruner | None = None
+        self._alerts: Alerts | None = None
+        self.alert_interval = 1.0  # seconds between alert checks; tests shorten it
+        self.prune_interval = DAY  # tests shorten it
         self._on_shutdown: list[Callable[[], None]] = []
+        self.metrics = Metrics(lambda: self.pool, self.writer_stats)
 
     # -- options -----------------------------------------------------------------------------------
     def load(self, loader) -> None:
@@ -106,6 +114,12 @@ class Runtime:
         loader.add_option("codex_stats_sources", str, "",
                           "TOML file whose [[sources]] are provider stats endpoints to poll into "
                           "stats_source_snapshots/deltas. Default: the [[sources]] of the codex_nodes file.")
+        loader.add_option("codex_alert_dedup", str, "300",
+                          "Seconds within which one alert event ([[webhooks]] of the codex_nodes file) is sent "
+                          "only once per node (or once for the relay).")
+        loader.add_option("codex_prune_days", int, 0,
+                          "Delete recorded calls (codex_invocations rows) older than this many whole UTC days, "
+                          "at start and then daily, in short batches; the rollups keep their stats. 0: never.")
 
     def configure(self, updated: set[str]) -> None:
         # Only the options in ``updated`` are checked: an addon that sets another option (the gate)
@@ -143,6 +157,12 @@ class Runtime:
                 self._poller = start_poller(self.engine, opts.codex_stats_sources or opts.codex_nodes, self._poller)
             except ConfigError as e:
                 raise exceptions.OptionsError(f"codex_stats_sources: {e}") from None
+        if updated & {"codex_nodes", "codex_alert_dedup"}:
+            self._start_alerts(opts.codex_nodes, seconds("codex_alert_dedup", opts.codex_alert_dedup))
+        if updated & {"codex_db", "codex_prune_days"}:
+            if opts.codex_prune_days < 0:
+                raise exceptions.OptionsError("codex_prune_days must be >= 0")
+            self._start_pruner(opts.codex_prune_days)
         if updated & {"codex_ping_interval", "codex_ping_path", "codex_connect_timeout"}:
             if self._pinger is not None:
                 self._pinger.stop()
@@ -169,6 +189,28 @@ class Runtime:
         self._writer = Writer(engine, spool, linger=0.5)
         self._writer.start()
         log.info("stats database: %s", _safe_url(url))
+
+    def _start_alerts(self, nodes_file: str, dedup: float) -> None:
+        try:
+            hooks = webhooks_from_file(nodes_file) if nodes_file else []
+        except ConfigError as e:
+            raise exceptions.OptionsError(f"codex_nodes: {e}") from None
+        if self._alerts is not None:
+            self._alerts.stop()
+            self._alerts = None
+        if hooks:
+            self._alerts = Alerts(hooks, lambda: self.pool, self.writer_stats, dedup=dedup,
+                                  interval=self.alert_interval)
+            self._alerts.start()
+            log.info("alerts to %d webhook(s)", len(hooks))
+
+    def _start_pruner(self, days: int) -> None:
+        if self._pruner is not None:
+            self._pruner.stop()
+            self._pruner = None
+        if days and self.engine is not None:
+            self._pruner = Pruner(self.engine, days, self.prune_interval)
+            self._pruner.start()
 
     def _configured_nodes(self) -> list[NodeConfig]:
         opts = ctx.options
@@ -222,7 +264,8 @@ class Runtime:
 
     # -- for the other addons ----------------------------------------------------------------------
     def submit(self, item: InvocationRecord | NodeStateUpdate) -> None:
-        """Queue a record for the writer thread (dropped when no database is open)."""
+        """Queue a record for the writer thread (dropped when no database is open); counted in ``metrics``."""
+        self.metrics.observe(item)
         if self._writer is not None:
             self._writer.submit(item)
 
@@ -281,6 +324,10 @@ class Runtime:
             self._pinger.stop()
         if self._poller is not None:
             self._poller.stop()
+        if self._pruner is not None:
+            self._pruner.stop()
+        if self._alerts is not None:
+            self._alerts.stop()
         # Calls still in flight are recorded (the relay's callback) before the writer's last flush:
         # mitmproxy ends their connections only after this hook, when nothing is written any more.
         for callback in self._on_shutdown:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 
 ADMIN_PREFIX = "/admin"
+METRICS_PATH = "/metrics"  # Prometheus scrapes it; the admin page's access rules apply
 
 # Percent escapes that would turn into a separator or a dot segment at the node.
 _HIDDEN_SEPARATOR = re.compile(r"%(?:2[fFeE]|5[cC])")
@@ -41,8 +42,8 @@ def route(target: str) -> str:
 
 
 def is_admin_path(target: str) -> bool:
-    """A canonical target of the admin page (``/admin``, ``/admin/…``); anything else is not."""
+    """A canonical target of the admin page (``/admin``, ``/admin/…``, ``/metrics``); anything else is not."""
     if target_problem(target) is not None:
         return False
     path = route(target)
-    return path == ADMIN_PREFIX or path.startswith(ADMIN_PREFIX + "/")
+    return path in (METRICS_PATH, ADMIN_PREFIX) or path.startswith(ADMIN_PREFIX + "/")

@@ -8,14 +8,23 @@ sharing one database never lose a count.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import datetime as dt
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import sqlalchemy as sa
 
+from store.hourly import add_latencies, hour_of
 from store.nodes import bump_version
 from store.records import InvocationRecord, NodeStateUpdate
-from store.schema import DAILY_COUNTERS, codex_daily_stats, codex_invocations, nodes
+from store.schema import (
+    DAILY_COUNTERS,
+    HOURLY_COUNTERS,
+    codex_daily_stats,
+    codex_hourly_stats,
+    codex_invocations,
+    nodes,
+)
 from store.upsert import upsert
 
 Item = InvocationRecord | NodeStateUpdate
@@ -83,6 +92,9 @@ def apply_batch(conn: sa.Connection, items: Sequence[Item]) -> BatchResult:
         # Sorted keys: two relays upserting the same days lock their rows in the same order.
         daily = sorted(_daily(written, rows).values(), key=lambda d: (d["day"], d["source"], d["node_id"], d["model"]))
         upsert(conn, codex_daily_stats, daily, increment=DAILY_COUNTERS)
+        hourly = sorted(_daily(written, rows, "hour", hour_of, add_latencies).values(),
+                        key=lambda d: (d["hour"], d["source"], d["node_id"], d["model"]))
+        upsert(conn, codex_hourly_stats, hourly, increment=HOURLY_COUNTERS)
     # A fixed order of row locks: two relays updating the same nodes cannot deadlock each other.
     for node_id in sorted(changes):
         conn.execute(_node_statement(node_id, changes[node_id]))
@@ -117,8 +129,11 @@ def invocation_row(r: InvocationRecord) -> dict:
     }
 
 
-def _daily(records: Sequence[InvocationRecord], rows: Sequence[dict]) -> dict[tuple, dict]:
-    """The batch's invocation rows (``rows[i]`` stores ``records[i]``) added up per codex_daily_stats key.
+def _daily(records: Sequence[InvocationRecord], rows: Sequence[dict], period: str = "day",
+           period_of: Callable[[dt.datetime], object] = dt.datetime.date,
+           extra: Callable[[dict, dict], None] | None = None) -> dict[tuple, dict]:
+    """The batch's invocation rows (``rows[i]`` stores ``records[i]``) added up per codex_daily_stats key
+    (or per ``period`` column given by ``period_of``, plus what ``extra`` adds for each row: the hourly rollup).
 
     A call that did not succeed is a failure (the node's fault, as the node's ``fail_count`` counts
     it), aborted (the client went away), or neither (a client error, the relay's own 503): its row
@@ -126,10 +141,10 @@ def _daily(records: Sequence[InvocationRecord], rows: Sequence[dict]) -> dict[tu
     """
     out: dict[tuple, dict] = {}
     for record, r in zip(records, rows, strict=True):
-        key = (r["occurred_at"].date(), r["source"], r["node_id"] or "", r["model"] or "")
+        key = (period_of(r["occurred_at"]), r["source"], r["node_id"] or "", r["model"] or "")
         d = out.get(key)
         if d is None:
-            d = out[key] = dict(zip(("day", "source", "node_id", "model"), key, strict=True),
+            d = out[key] = dict(zip((period, "source", "node_id", "model"), key, strict=True),
                                 **dict.fromkeys(DAILY_COUNTERS, 0))
         success = r["status"] == "success"
         timed = success and r["stream"] and r["stream_ms"] is not None and r["output_tokens"] > 0
@@ -155,6 +170,8 @@ def _daily(records: Sequence[InvocationRecord], rows: Sequence[dict]) -> dict[tu
         if timed:
             d["stream_ms"] += r["stream_ms"]
             d["stream_tokens"] += r["output_tokens"]
+        if extra is not None:
+            extra(d, r)
     return out
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from sqlalchemy.dialects import mysql
 
+from store.histogram import DURATION_BUCKETS_MS, TTFB_BUCKETS_MS
+
 # SQLite only auto-increments an INTEGER PRIMARY KEY; MySQL wants the 64-bit type.
 BIGID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 # MySQL's DATETIME drops microseconds unless asked; an invocation's time is part of its unique key.
@@ -148,6 +150,22 @@ codex_daily_stats = sa.Table(
 
 # What the writer adds to a codex_daily_stats row and the stats views sum, in table order.
 DAILY_COUNTERS = tuple(c.name for c in codex_daily_stats.columns if not c.primary_key)
+
+# revision 10: per UTC hour (the hour's start), the daily rollup's sums plus the distributions of TTFB
+# and call duration as counts per fixed bucket (store.histogram: ``ttfb_le_<ms>``, then ``_le_inf``),
+# from which percentiles are read. Kept by the writer in the same transaction, by atomic increments.
+TTFB_COLUMNS = (*(f"ttfb_le_{b}" for b in TTFB_BUCKETS_MS), "ttfb_le_inf")
+DURATION_COLUMNS = (*(f"dur_le_{b}" for b in DURATION_BUCKETS_MS), "dur_le_inf")
+codex_hourly_stats = sa.Table(
+    "codex_hourly_stats", metadata,
+    sa.Column("hour", sa.DateTime, primary_key=True),
+    *[sa.Column(c.name, c.type, primary_key=c.primary_key, nullable=c.nullable,
+                server_default=None if c.primary_key else "0") for c in codex_daily_stats.columns if c.name != "day"],
+    _counter("duration_sum"),  # over the calls with a duration; duration_n of them
+    _counter("duration_n"),
+    *[_counter(name) for name in TTFB_COLUMNS + DURATION_COLUMNS],
+)
+HOURLY_COUNTERS = tuple(c.name for c in codex_hourly_stats.columns if not c.primary_key)
 
 stats_source_snapshots = sa.Table(
     "stats_source_snapshots", metadata,

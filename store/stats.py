@@ -32,12 +32,21 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from store.histogram import DURATION_BUCKETS_MS, TTFB_BUCKETS_MS, percentile
 from store.masking import mask_secret
 from store.nodes import config_of, load_nodes
-from store.schema import DAILY_COUNTERS, codex_daily_stats, codex_invocations
+from store.schema import (
+    DAILY_COUNTERS,
+    DURATION_COLUMNS,
+    TTFB_COLUMNS,
+    codex_daily_stats,
+    codex_hourly_stats,
+    codex_invocations,
+)
 
 _inv = codex_invocations.c
 _day = codex_daily_stats.c
+_hour = codex_hourly_stats.c
 
 
 @dataclass(slots=True)
@@ -69,6 +78,18 @@ class Filters:
         if self.until is not None:
             conds.append(_day.day <= self.until)
         for column, value in ((_day.source, self.source), (_day.node_id, self.node), (_day.model, self.model)):
+            if value is not None:
+                conds.append(column == value)
+        return conds
+
+    def hourly_where(self) -> list[sa.ColumnElement[bool]]:
+        """The same filter on ``codex_hourly_stats``."""
+        conds: list[sa.ColumnElement[bool]] = []
+        if self.since is not None:
+            conds.append(_hour.hour >= dt.datetime.combine(self.since, dt.time()))
+        if self.until is not None:
+            conds.append(_hour.hour < dt.datetime.combine(self.until + dt.timedelta(days=1), dt.time()))
+        for column, value in ((_hour.source, self.source), (_hour.node_id, self.node), (_hour.model, self.model)):
             if value is not None:
                 conds.append(column == value)
         return conds
@@ -130,6 +151,20 @@ class DayStats(Metrics):
 
 
 @dataclass(slots=True, kw_only=True)
+class HourStats(Metrics):
+    """One UTC hour (its start, ``YYYY-MM-DD HH:00``) with its latency percentiles, each the upper bound
+    of the fixed bucket (``store.histogram``) that holds it; None without calls that have one."""
+
+    hour: str
+    ttfb_p50_ms: int | None = None
+    ttfb_p95_ms: int | None = None
+    ttfb_p99_ms: int | None = None
+    duration_p50_ms: int | None = None
+    duration_p95_ms: int | None = None
+    duration_p99_ms: int | None = None
+
+
+@dataclass(slots=True, kw_only=True)
 class NodeStats(Metrics):
     """A node's calls in the filter window, plus its row in ``nodes`` (config, health, lifetime counters).
 
@@ -165,6 +200,9 @@ class NodeStats(Metrics):
     lifetime_reasoning_tokens: int = 0
     lifetime_stream_ms: int = 0
     lifetime_ttfb_ms: int = 0  # a sum over its calls with a first byte
+    # From the hourly rollup (hours since revision 10), as in HourStats.
+    ttfb_p50_ms: int | None = None
+    ttfb_p95_ms: int | None = None
 
 
 @dataclass(slots=True)
@@ -248,10 +286,44 @@ def _status(row: sa.Row) -> str:
     return "disabled" if row.disabled else "failed" if row.failed else "active"
 
 
+def _bucket_sums(names: tuple[str, ...]) -> list[sa.ColumnElement]:
+    return [sa.func.sum(_hour[name]).label(name) for name in names]
+
+
+def _percentiles(row: sa.Row, prefix: str, names: tuple[str, ...], bounds: tuple[int, ...],
+                 qs: tuple[float, ...]) -> dict[str, int | None]:
+    counts = [int(row._mapping[name] or 0) for name in names]
+    return {f"{prefix}_p{round(q * 100)}_ms": percentile(bounds, counts, q) for q in qs}
+
+
+def per_hour(conn: sa.Connection, f: Filters) -> list[HourStats]:
+    """Per UTC hour (all sources, nodes and models the filter lets through), oldest first; hours
+    without calls are absent, and so are the hours before the hourly rollup existed."""
+    keys = (_hour.hour,)
+    query = (sa.select(*keys, *[sa.func.sum(_hour[n]).label(n) for n in DAILY_COUNTERS],
+                       *_bucket_sums(TTFB_COLUMNS + DURATION_COLUMNS))
+             .where(*f.hourly_where()).group_by(*keys).order_by(*keys))
+    qs = (0.5, 0.95, 0.99)
+    return [HourStats(hour=f"{r.hour:%Y-%m-%d %H:00}", **_metrics(r),
+                      **_percentiles(r, "ttfb", TTFB_COLUMNS, TTFB_BUCKETS_MS, qs),
+                      **_percentiles(r, "duration", DURATION_COLUMNS, DURATION_BUCKETS_MS, qs))
+            for r in conn.execute(query)]
+
+
+def _node_ttfb_percentiles(conn: sa.Connection, f: Filters) -> dict[str | None, dict[str, int | None]]:
+    query = (sa.select(_hour.node_id, *_bucket_sums(TTFB_COLUMNS)).where(*f.hourly_where())
+             .group_by(_hour.node_id))
+    return {r.node_id or None: _percentiles(r, "ttfb", TTFB_COLUMNS, TTFB_BUCKETS_MS, (0.5, 0.95))
+            for r in conn.execute(query)}
+
+
 def per_node(conn: sa.Connection, f: Filters) -> list[NodeStats]:
     """Every node in ``nodes`` (even without calls in the window) and every node id the calls name,
     by id; the calls no node served last."""
     calls = {r.node_id or None: _metrics(r) for r in _grouped(conn, f, _day.node_id)}
+    for node_id, ps in _node_ttfb_percentiles(conn, f).items():
+        if node_id in calls:
+            calls[node_id].update(ps)
     rows = {r.id: r for r in load_nodes(conn) if f.node is None or r.id == f.node}
     out = []
     for node_id in sorted(rows.keys() | {k for k in calls if k is not None}):

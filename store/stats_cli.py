@@ -1,4 +1,4 @@
-"""``python -m store.stats_cli [nodes|models|sources|days|recent]`` (``./run.sh stats``, ``codex-stats``).
+"""``python -m store.stats_cli [nodes|models|sources|days|hours|recent]`` (``./run.sh stats``, ``codex-stats``).
 
 Prints the aggregates of ``store.stats`` as an aligned table, ``--json`` or ``--csv``. It only reads:
 a missing database, a bad URL or one whose schema is not at head is an error, never created or upgraded.
@@ -21,7 +21,7 @@ import sqlalchemy as sa
 
 from store.cli import OneLineParser, add_db_option
 from store.engine import DEFAULT_DB, current_revision, error_line, head_revision, make_engine
-from store.stats import Filters, per_day, per_model, per_node, per_source, recent_invocations
+from store.stats import Filters, per_day, per_hour, per_model, per_node, per_source, recent_invocations
 
 
 class StatsError(Exception):
@@ -81,6 +81,8 @@ VIEWS: dict[str, tuple[Callable[..., list], list[Column]]] = {
         *_CALL_COLUMNS,
         ("bytes", lambda s: _int(s.bytes), True),
         ("ttfb ms", lambda s: _ms(s.avg_ttfb_ms), True),
+        ("p50 ms", lambda s: _int(s.ttfb_p50_ms), True),
+        ("p95 ms", lambda s: _int(s.ttfb_p95_ms), True),
         ("ms/token", lambda s: _ms(s.stream_ms_per_token), True),
         ("ping ms", lambda s: _int(s.last_ping_ms), True),
         ("last error", lambda s: _text(s.last_error), False),
@@ -89,6 +91,15 @@ VIEWS: dict[str, tuple[Callable[..., list], list[Column]]] = {
     "sources": (per_source, [("source", lambda s: s.source, False), *_METRIC_COLUMNS]),
     "days": (per_day, [("day", lambda s: s.day, False), ("source", lambda s: s.source, False),
                        *_CALL_COLUMNS, ("total", lambda s: _int(s.total_tokens), True)]),
+    "hours": (per_hour, [
+        ("hour (UTC)", lambda s: s.hour, False), *_CALL_COLUMNS,
+        ("ttfb p50", lambda s: _int(s.ttfb_p50_ms), True),
+        ("p95", lambda s: _int(s.ttfb_p95_ms), True),
+        ("p99", lambda s: _int(s.ttfb_p99_ms), True),
+        ("total p50", lambda s: _int(s.duration_p50_ms), True),
+        ("p95", lambda s: _int(s.duration_p95_ms), True),
+        ("p99", lambda s: _int(s.duration_p99_ms), True),
+    ]),
     "recent": (recent_invocations, [
         ("time (UTC)", lambda s: f"{s.occurred_at:%Y-%m-%d %H:%M:%S}", False),
         ("source", lambda s: s.source, False),
@@ -175,7 +186,8 @@ def open_readonly(url: str) -> sa.Engine:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = OneLineParser(
         prog="stats", description="Stats of the calls the relay recorded: per node, model, source, day, "
-        "or the latest calls. Days are UTC; --since and --until are inclusive.")
+        "hour (with TTFB and duration percentiles), or the latest calls. Days are UTC; --since and --until "
+        "are inclusive.")
     parser.add_argument("view", nargs="?", default="nodes", choices=list(VIEWS), help="what to show (default nodes)")
     parser.add_argument("--since", type=parse_day, metavar="DAY", help="first day: YYYY-MM-DD, today or yesterday")
     parser.add_argument("--until", type=parse_day, metavar="DAY", help="last day, included")

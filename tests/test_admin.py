@@ -370,12 +370,15 @@ def test_admin_is_never_forwarded_nor_metered_and_disabled_survives_restart(db_u
                                  [("a", a.base_url, "key-a", 1), ("b", b.base_url, "key-b", 1)])
         options = {"codex_nodes": str(nodes_file), "codex_ping_interval": "0"}
         with RelayProcess(db_url=db_url, options=options) as relay:
-            for path in ("/admin", "/admin/static/admin.js", "/admin/api/nodes", "/admin/api/recent", "/admin/nope"):
+            for path in ("/admin", "/admin/static/admin.js", "/admin/api/nodes", "/admin/api/recent", "/admin/nope",
+                         "/metrics"):
                 status, _ = get(relay.port, path)
                 assert status in (200, 404), path
             assert post(relay.port, "/admin/api/nodes/a/disable", {}) == 200
             for _ in range(6):
                 assert call(relay, "responses", stream=True, usage=(1, 0, 1, 0))[0] == 200
+            # The relay's calls reach the Prometheus counters (issue 15.1).
+            assert b'codex_node_requests_total{node="b"} 6.0' in get(relay.port, "/metrics")[1]
         assert a.seen == [] and len(b.seen) == 6  # no admin request went upstream; disabled a got no call
 
         with RelayProcess(db_url=db_url, options=options) as relay:

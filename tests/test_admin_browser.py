@@ -24,6 +24,7 @@ from store.engine import make_engine
 from store.invocations import apply_batch
 from store.records import InvocationRecord, Usage
 from store.schema import codex_invocations, nodes
+from store.stats import Filters, per_hour
 from tests.conftest import IN_CI, wait_for
 from tests.test_e2e import call, write_nodes
 
@@ -139,6 +140,14 @@ def test_admin_page_shows_stats_and_edits_a_node(sqlite_url, tmp_path, browser):
                 tallest = max(expected, key=expected.get)
                 assert heights[tallest] == max(heights.values())  # bars scale with their numbers
                 assert page.locator("#days tbody tr").count() == len(expected)
+
+                # Per hour, latest first: the live calls' hour with its TTFB percentiles (issue 15.3).
+                with engine.connect() as conn:
+                    [latest] = per_hour(conn, Filters(since=today))[-1:]
+                hour_row = page.locator("#hours tbody tr").first
+                expect(hour_row).to_have_attribute("data-key", latest.hour)
+                expect(col(hour_row, "requests")).to_have_text(str(latest.requests))
+                expect(col(hour_row, "ttfb_p95_ms")).to_have_text(f"{latest.ttfb_p95_ms:,}")
 
                 # The page refreshes itself: a new call shows up without a reload.
                 page.select_option("#refresh", "5")

@@ -150,6 +150,14 @@ function renderRecent(calls) {
     cell("error", c.error_message ?? "", undefined, "error-text"))));
 }
 
+// The hourly rollup's percentiles (store/histogram.py buckets), the latest 48 hours first.
+function renderHours(hours) {
+  fill($("#hours"), hours.slice(-48).reverse().map((h) => el("tr", {"data-key": h.hour}, cell("hour", h.hour),
+    ...outcomeCells(h), num("ttfb_p50_ms", h.ttfb_p50_ms), num("ttfb_p95_ms", h.ttfb_p95_ms),
+    num("ttfb_p99_ms", h.ttfb_p99_ms), num("duration_p50_ms", h.duration_p50_ms),
+    num("duration_p95_ms", h.duration_p95_ms), num("duration_p99_ms", h.duration_p99_ms))));
+}
+
 // -- the per-day chart: stacked bars per source, one SVG per metric ----------------------------
 function dayRange(days, since, until) {
   const known = days.map((d) => d.day).sort();
@@ -249,6 +257,7 @@ async function refresh() {
     fill($("#sources"), sources.sources.map((s) => metricRow(s.source, s.source, s)));
     renderRecent(recent.invocations);
     renderWriter(writer.writer);
+    renderHours((await api("hours?" + query)).hours);
     $("#updated").textContent = "updated " + new Date().toLocaleTimeString();
     document.body.dataset.loaded = String(Date.now());
   } catch (e) {

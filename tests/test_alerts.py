@@ -1,0 +1,168 @@
+"""Alerts: state changes reach a local webhook receiver (in process) once per dedup window, in JSON or
+Slack form, retried when the receiver fails, and without keys; the nodes file's [[webhooks]] are checked."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from mitmproxy import exceptions
+from mitmproxy.test import taddons
+
+from addon.alerts import Alerts, Webhook, webhooks_from_file
+from addon.breaker import BreakerPolicy
+from addon.routing import Node, NodePool
+from addon.runtime import Runtime
+from store.config import ConfigError
+from store.records import NodeConfig
+from store.writer import WriterStats
+from tests.conftest import wait_for
+
+KEY = "sk-alpha-0123456789abcdef"
+
+
+class Receiver:
+    """A webhook endpoint on 127.0.0.1 that records the bodies it gets; the first ``fail`` answers are 500."""
+
+    def __init__(self, fail: int = 0) -> None:
+        self.bodies: list[dict] = []
+        self.fail = fail
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                body = self.rfile.read(int(self.headers["content-length"]))
+                if receiver.fail:
+                    receiver.fail -= 1
+                    self.send_response(500)
+                else:
+                    receiver.bodies.append(json.loads(body))
+                    self.send_response(200)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def events(self) -> list[tuple[str, str]]:
+        return [(b["event"], b["subject"]) for b in list(self.bodies)]
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    r = Receiver()
+    r.thread.start()
+    yield r
+    r.server.shutdown()
+    r.server.server_close()
+
+
+def writer_stats(db_ok: bool = True, lost: int = 0, spooled: int = 0) -> WriterStats:
+    return WriterStats(queued=0, spooled=spooled, spool_oldest_s=None, written=0, duplicates=0, rejected=0,
+                       lost=lost, batches=0, db_ok=db_ok, last_error=None)
+
+
+def fail(node: Node) -> None:
+    node.breaker.failure(0.0, BreakerPolicy(threshold=1))
+
+
+def test_state_changes_are_sent_once_per_window(receiver):
+    now = [0.0]
+    pool = NodePool([Node(NodeConfig("alpha", "http://127.0.0.1:9/v1", KEY)),
+                     Node(NodeConfig("beta", "http://127.0.0.1:9/v1", KEY))])
+    stats = [writer_stats()]
+    alerts = Alerts([Webhook(receiver.url)], lambda: pool, lambda: stats[0], dedup=300, interval=3600,
+                    clock=lambda: now[0])
+    alerts.start()
+    try:
+        alerts.check()  # all fine: nothing
+        fail(pool.get("alpha"))
+        alerts.check()
+        wait_for(lambda: receiver.events() == [("node_failed", "alpha")], timeout=10, what="node_failed")
+        pool.get("alpha").breaker.close()
+        alerts.check()
+        fail(pool.get("alpha"))  # flapping within 5 minutes: not sent again
+        fail(pool.get("beta"))
+        alerts.check()
+        stats[0] = writer_stats(db_ok=False, spooled=3)
+        alerts.check()
+        stats[0] = writer_stats(db_ok=True, lost=2)
+        alerts.check()
+        expected = [("node_failed", "alpha"), ("node_recovered", "alpha"), ("node_failed", "beta"),
+                    ("all_nodes_down", "relay"), ("writer_journaling", "relay"), ("writer_recovered", "relay"),
+                    ("records_lost", "relay")]
+        wait_for(lambda: receiver.events() == expected, timeout=10, what="every event once")
+        now[0] = 301.0  # after the window the same event is sent again
+        pool.get("alpha").breaker.close()
+        alerts.check()
+        fail(pool.get("alpha"))
+        alerts.check()
+        again = [("node_recovered", "alpha"), ("node_failed", "alpha"), ("all_nodes_down", "relay")]
+        wait_for(lambda: receiver.events() == expected + again, timeout=10, what="the events again")
+    finally:
+        alerts.stop()
+    assert all(KEY not in json.dumps(b) for b in receiver.bodies)
+    assert "2 record(s) lost" in receiver.bodies[6]["message"]
+
+
+def test_slack_format_only_chosen_events_and_retries(receiver):
+    receiver.fail = 1  # the first post fails: retried
+    pool = NodePool([Node(NodeConfig("alpha", "http://127.0.0.1:9/v1", KEY))])
+    hooks = [Webhook(receiver.url, "slack", frozenset({"all_nodes_down"}))]
+    alerts = Alerts(hooks, lambda: pool, lambda: None, interval=3600, retry_pause=0.01)
+    alerts.start()
+    try:
+        fail(pool.get("alpha"))
+        alerts.check()
+        wait_for(lambda: receiver.bodies, timeout=10, what="the retried post")
+    finally:
+        alerts.stop()
+    assert receiver.bodies == [{"text": "codex-relay all_nodes_down: all 1 routable nodes are failed"}]
+
+
+def test_webhooks_from_the_nodes_file(tmp_path):
+    path = tmp_path / "nodes.toml"
+    path.write_text('[[webhooks]]\nurl = "https://hooks.slack.example/T0/B0/secret"\nformat = "slack"\n'
+                    'events = ["node_failed", "records_lost"]\n\n[[webhooks]]\nurl = "http://127.0.0.1:9/a"\n')
+    slack, plain = webhooks_from_file(str(path))
+    assert (slack.format, slack.events) == ("slack", frozenset({"node_failed", "records_lost"}))
+    assert plain.format == "json" and "all_nodes_down" in plain.events
+    for bad, message in (('url = "ftp://x/y"', "url must be"), ('url = "http://h/"\nformat = "xml"', "format"),
+                         ('url = "http://h/"\nevents = ["nope"]', "events"), ('url = "http://h/"\nto = 1', "unknown")):
+        path.write_text(f"[[webhooks]]\n{bad}\n")
+        with pytest.raises(ConfigError, match=message):
+            webhooks_from_file(str(path))
+
+
+def test_runtime_alerts_from_the_nodes_file(tmp_path, receiver):
+    path = tmp_path / "nodes.toml"
+    path.write_text(f'[[nodes]]\nid = "alpha"\nbase_url = "http://127.0.0.1:9/v1"\napi_key = "{KEY}"\n\n'
+                    f'[[webhooks]]\nurl = "{receiver.url}"\nevents = ["node_failed"]\n')
+    runtime = Runtime()
+    runtime.alert_interval = 0.05
+    with taddons.context(runtime) as tctx:
+        tctx.configure(runtime, codex_db=f"sqlite:///{tmp_path / 'codex.db'}", codex_ping_interval="0",
+                       codex_nodes=str(path), codex_fail_threshold=1)
+        try:
+            runtime.health.failure(runtime.pool.get("alpha"), "HTTP 502")
+            wait_for(lambda: receiver.events() == [("node_failed", "alpha")], timeout=10, what="the alert")
+            with pytest.raises(exceptions.OptionsError, match="codex_alert_dedup"):
+                tctx.configure(runtime, codex_alert_dedup="soon")
+        finally:
+            runtime.done()
+
+
+def test_a_full_queue_drops_and_logs_instead_of_blocking(caplog):
+    alerts = Alerts([Webhook("http://127.0.0.1:9/hook")], NodePool, lambda: None, max_queued=1)  # never started
+    for node_id in ("alpha", "beta", "gamma"):
+        alerts.notify("node_failed", node_id, f"node {node_id} failed")
+    assert [r.getMessage() for r in caplog.records if "queue full" in r.getMessage()] == [
+        "alert queue full: node_failed for beta not sent to http://127.0.0.1:9",
+        "alert queue full: node_failed for gamma not sent to http://127.0.0.1:9"]

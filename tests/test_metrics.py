@@ -1,0 +1,124 @@
+"""/metrics: the Prometheus text served by the admin addon, read with prometheus_client's own parser and
+checked against the rows the writer stored from the same records (in process, SQLite and MariaDB)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from types import SimpleNamespace
+
+import pytest
+import sqlalchemy as sa
+from mitmproxy.test import taddons
+from prometheus_client.parser import text_string_to_metric_families
+
+from addon.admin import Admin
+from addon.relay import Relay
+from addon.runtime import Runtime
+from store.records import InvocationRecord, NodeStateUpdate, Usage
+from store.schema import codex_invocations, nodes
+from tests.conftest import wait_for
+from tests.test_admin import ALPHA_KEY, BETA_KEY, TOKEN, ask
+from tests.test_e2e import write_nodes
+
+
+@pytest.fixture
+def env(db_url, tmp_path):
+    nodes_file = write_nodes(tmp_path / "nodes.toml", [("alpha", "http://127.0.0.1:9/v1", ALPHA_KEY, 2),
+                                                       ("beta", "http://127.0.0.1:9/beta/v1", BETA_KEY, 1)])
+    runtime = Runtime()
+    admin = Admin(runtime)
+    relay = Relay(runtime)  # counts the calls in flight
+    with taddons.context(runtime, admin, relay) as tctx:
+        tctx.configure(runtime, codex_db=db_url, codex_spool=str(tmp_path / "spool.db"), codex_nodes=str(nodes_file),
+                       codex_ping_interval="0")
+        try:
+            yield SimpleNamespace(runtime=runtime, admin=admin, tctx=tctx)
+        finally:
+            runtime.done()
+
+
+def record(i: int, node: str | None, status: str = "success", client: str | None = None) -> InvocationRecord:
+    return InvocationRecord(
+        invoke_id=f"m{i}", occurred_at=dt.datetime(2026, 11, 20, 12, i), source="relay", endpoint="/v1/responses",
+        status=status, node_id=node, model="gpt-5-codex", stream=True, node_failure=status in ("failed", "truncated"),
+        usage=Usage(input_tokens=100 * i, cached_tokens=10 * i, output_tokens=7 * i, reasoning_tokens=i),
+        ttfb_ms=40 * i, duration_ms=900 * i, client_key=client)
+
+
+def scrape(admin: Admin, **kw) -> dict[tuple[str, tuple], float]:
+    resp = ask(admin, "GET", "/metrics", **kw)
+    assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/plain"), resp.text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(resp.get_text()) for s in family.samples}
+
+
+def total(samples: dict, name: str, **labels: str) -> float:
+    return sum(v for (n, ls), v in samples.items() if n == name and labels.items() <= dict(ls).items())
+
+
+def test_metrics_agree_with_the_stored_rows(env):
+    rt = env.runtime
+    items = [record(1, "alpha", client="ci"), record(2, "alpha", "failed", client="ci"),
+             NodeStateUpdate("beta", last_error="HTTP 502", failed_attempt=True),
+             record(3, "beta", "truncated", client="dev"), record(4, "beta", client="ci"), record(5, None),
+             record(6, "alpha", "aborted")]
+    for item in items:
+        rt.submit(item)
+    for _ in range(3):  # beta's breaker opens
+        rt.health.failure(rt.pool.get("beta"), "HTTP 502")
+    wait_for(lambda: rt.writer_stats().written == 6, timeout=20, what="records written")
+    m = scrape(env.admin)
+
+    with rt.engine.connect() as conn:
+        node_rows = {r.id: r for r in conn.execute(sa.select(nodes))}
+        inv = codex_invocations.c
+        per_client = dict(conn.execute(sa.select(inv.client_key, sa.func.count())
+                                       .where(inv.client_key.is_not(None)).group_by(inv.client_key)).all())
+        client_input = dict(conn.execute(sa.select(inv.client_key, sa.func.sum(inv.input_tokens))
+                                         .where(inv.client_key.is_not(None)).group_by(inv.client_key)).all())
+        ttfb = conn.execute(sa.select(inv.node_id, sa.func.count(inv.ttfb_ms), sa.func.sum(inv.ttfb_ms))
+                            .where(inv.node_id.is_not(None)).group_by(inv.node_id)).all()
+    for node_id, row in node_rows.items():
+        assert total(m, "codex_node_requests_total", node=node_id) == row.requests
+        assert total(m, "codex_node_failures_total", node=node_id) == row.fail_count
+        for kind, column in (("input", "total_input"), ("cached", "total_cached"), ("output", "total_output"),
+                             ("reasoning", "total_reasoning")):
+            assert total(m, "codex_node_tokens_total", node=node_id, kind=kind) == getattr(row, column), kind
+    assert total(m, "codex_node_failures_total", node="beta", kind="retried") == 1
+    for node_id, n, ms in ttfb:
+        assert total(m, "codex_node_ttfb_seconds_count", node=node_id) == n
+        assert total(m, "codex_node_ttfb_seconds_sum", node=node_id) == pytest.approx(float(ms) / 1000)
+    # 40 ms falls in the first bucket (50 ms), 80 ms not.
+    assert total(m, "codex_node_ttfb_seconds_bucket", node="alpha", le="0.05") == 1
+    for client, n in per_client.items():
+        assert total(m, "codex_client_requests_total", client=client) == n
+        assert total(m, "codex_client_tokens_total", client=client, kind="input") == client_input[client]
+    assert total(m, "codex_node_requests_total", node="direct") == 1  # the call that went to no node
+    assert total(m, "codex_node_breaker_open", node="beta") == 1
+    assert total(m, "codex_node_breaker_open", node="alpha") == 0
+    assert total(m, "codex_calls_in_flight") == 0
+    assert total(m, "codex_writer_queue") == 0 and total(m, "codex_writer_journal") == 0
+    assert total(m, "codex_writer_lost_records_total") == 0 and total(m, "codex_writer_db_ok") == 1
+    assert total(m, "codex_writer_written_records_total") == 6
+
+
+def test_hours_api_serves_the_percentiles(env):
+    env.runtime.submit(record(1, "alpha"))
+    wait_for(lambda: env.runtime.writer_stats().written == 1, timeout=20, what="the record written")
+    resp = ask(env.admin, "GET", "/admin/api/hours?since=2026-11-20&until=2026-11-20")
+    assert resp.status_code == 200
+    [hour] = json.loads(resp.get_text())["hours"]
+    assert (hour["hour"], hour["requests"], hour["ttfb_p50_ms"], hour["duration_p99_ms"]) == \
+        ("2026-11-20 12:00", 1, 50, 1000)
+
+
+def test_metrics_follow_the_admin_access_rules(env):
+    remote = ("192.0.2.7", 5555)
+    assert ask(env.admin, "GET", "/metrics", peer=remote).status_code == 403
+    env.tctx.configure(env.admin, codex_admin_token=TOKEN)
+    denied = ask(env.admin, "GET", "/metrics", peer=remote)
+    assert denied.status_code == 401 and denied.headers["www-authenticate"] == "Bearer"
+    assert "codex_node_requests" not in denied.get_text()
+    scrape(env.admin, peer=remote, headers={"authorization": f"Bearer {TOKEN}"})
+    assert ask(env.admin, "POST", "/metrics", headers={"authorization": f"Bearer {TOKEN}"}).status_code == 405
