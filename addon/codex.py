@@ -16,6 +16,7 @@ from addon.admin import Admin  # noqa: E402
 from addon.auth import ClientAuth  # noqa: E402
 from addon.gate import EgressCheck, Gate  # noqa: E402
 from addon.hygiene import KeyHygiene  # noqa: E402
+from addon.limits import Limits  # noqa: E402
 from addon.refusal import RefusalSink  # noqa: E402
 from addon.relay import Relay  # noqa: E402
 from addon.runtime import Runtime  # noqa: E402
@@ -31,5 +32,7 @@ refusals = RefusalSink()
 secrets = KnownSecrets()
 gate = Gate(refusals)
 runtime = Runtime(secrets)
-addons = [refusals, gate, runtime, ClientAuth(refusals, secrets), Admin(runtime), Relay(runtime, refusals, secrets),
+limits = Limits(runtime)  # client keys' limits: set by ClientAuth, enforced by Relay
+addons = [refusals, gate, runtime, ClientAuth(refusals, secrets, limits), Admin(runtime),
+          Relay(runtime, refusals, secrets, limits),
           KeyHygiene(), SSEView(), EgressCheck(), StartupCheck(gate, runtime)]

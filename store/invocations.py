@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import sqlalchemy as sa
 
+from store.key_usage import add_usage
 from store.records import InvocationRecord, NodeStateUpdate
 from store.schema import DAILY_COUNTERS, codex_daily_stats, codex_invocations, nodes
 from store.upsert import upsert
@@ -82,6 +83,7 @@ def apply_batch(conn: sa.Connection, items: Sequence[Item]) -> BatchResult:
         # Sorted keys: two relays upserting the same days lock their rows in the same order.
         daily = sorted(_daily(written, rows).values(), key=lambda d: (d["day"], d["source"], d["node_id"], d["model"]))
         upsert(conn, codex_daily_stats, daily, increment=DAILY_COUNTERS)
+        add_usage(conn, rows)  # per client key and day: teams' budgets and stats
     # A fixed order of row locks: two relays updating the same nodes cannot deadlock each other.
     for node_id in sorted(changes):
         conn.execute(_node_statement(node_id, changes[node_id]))
