@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -93,14 +94,46 @@ def _ensure_row(conn: sa.Connection, key: str, day: dt.date) -> None:
     upsert(conn, client_key_usage, [{"day": day, "client_key": key, "admitted": 0}], increment=("admitted",))
 
 
-def usage(conn: sa.Connection, day: dt.date) -> list[sa.Row]:
-    """Per key: the day's row and the month's cost up to ``day`` (``month_cost``), by key name."""
+@dataclass(frozen=True, slots=True)
+class KeyStats:
+    """One client key on one UTC day (``stats keys``): calls, refusals by reason, tokens, cost."""
+
+    client_key: str
+    day: dt.date
+    requests: int
+    admitted: int  # calls admitted under a daily_requests limit
+    input_tokens: int
+    cached_tokens: int
+    output_tokens: int
+    total_tokens: int
+    cost: float
+    month_cost: float  # from the first of the month up to ``day``
+    refused_model: int
+    refused_nodes: int
+    refused_rate: int
+    refused_concurrency: int
+    refused_budget: int
+
+    @property
+    def refused(self) -> int:
+        return sum(getattr(self, f"refused_{r}") for r in REFUSAL_REASONS)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["day"], d["refused"] = self.day.isoformat(), self.refused
+        return d
+
+
+def per_key(conn: sa.Connection, day: dt.date) -> list[KeyStats]:
+    """Every key with a row this month up to ``day``: its numbers of ``day`` (zeros without a row)."""
     t = client_key_usage.c
     month = (sa.select(t.client_key, sa.func.sum(t.cost).label("month_cost"))
              .where(t.day >= month_start(day), t.day <= day).group_by(t.client_key).subquery())
     today = sa.select(client_key_usage).where(t.day == day).subquery()
-    cols = [today.c[c.name] for c in client_key_usage.columns if c.name not in ("day", "client_key")]
-    return list(conn.execute(
-        sa.select(month.c.client_key, month.c.month_cost, *cols)
+    names = [f.name for f in fields(KeyStats) if f.name not in ("client_key", "day", "month_cost")]
+    rows = conn.execute(
+        sa.select(month.c.client_key, month.c.month_cost, *[sa.func.coalesce(today.c[n], 0).label(n) for n in names])
         .select_from(month.outerjoin(today, today.c.client_key == month.c.client_key))
-        .order_by(month.c.client_key)))
+        .order_by(month.c.client_key))
+    return [KeyStats(day=day, **{k: (float(v) if k in ("cost", "month_cost") else v) for k, v in r._mapping.items()})
+            for r in rows]

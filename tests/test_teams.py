@@ -22,9 +22,10 @@ from addon.runtime import Runtime
 from addon.secrets import digest
 from store.engine import make_engine, upgrade_to_head
 from store.invocations import apply_batch
-from store.key_usage import Budgets, admit
+from store.key_usage import Budgets, admit, count_refusal
 from store.records import InvocationRecord, NodeConfig, Usage
 from store.schema import client_key_usage, codex_invocations
+from store.stats_cli import main as stats_main
 
 KEYS_TOML = """
 # the team's keys
@@ -215,3 +216,21 @@ def test_key_usage_agrees_with_invocations_summed_by_client_key(engine):
                             .order_by(u.day, u.client_key)).all()
     assert len(kept) == 4
     assert [(str(r[0]), *r[1:]) for r in kept] == [(str(r[0]), *r[1:]) for r in from_rows]
+
+
+def test_stats_keys_shows_each_keys_day_with_refusals_by_reason(engine, capsys):
+    day = dt.date(2026, 11, 25)
+    with engine.begin() as conn:
+        apply_batch(conn, [record("k1", "alice", dt.datetime(2026, 11, 2, 8), 50, 1.5),
+                           record("k2", "alice", dt.datetime(2026, 11, 25, 8), 40, 0.25)])
+        admit(conn, "bob", day, Budgets(daily_requests=0))
+        count_refusal(conn, "bob", day, "budget")
+    url = engine.url.render_as_string(hide_password=False)
+    assert stats_main(["keys", "--db", url, "--until", "2026-11-25", "--json"]) == 0
+    got = {r["client_key"]: r for r in json.loads(capsys.readouterr().out)}
+    assert (got["alice"]["requests"], got["alice"]["total_tokens"], got["alice"]["cost"],
+            got["alice"]["month_cost"]) == (1, 40, 0.25, 1.75)
+    assert (got["bob"]["requests"], got["bob"]["refused_budget"], got["bob"]["refused"]) == (0, 1, 1)
+    assert stats_main(["keys", "--db", url, "--until", "2026-11-25"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:4] == ["key", "day", "requests", "refused"] and table[2].startswith("bob")
