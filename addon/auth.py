@@ -34,7 +34,7 @@ from addon.keys import KeySpec, parse_keys_toml, toml_file
 from addon.limits import Limits
 from addon.refusal import RefusalSink, answered
 from addon.secrets import KnownSecrets, digest
-from addon.target import is_admin_path
+from addon.target import is_admin_path, is_user_stats_path
 
 log = logging.getLogger("codex.auth")
 
@@ -129,6 +129,15 @@ class ClientAuth:
         if specs:
             log.info("client auth: %d key(s): %s", len(specs), ", ".join(s.name for s in specs))
 
+    @property
+    def enabled(self) -> bool:
+        """Whether client keys are configured."""
+        return bool(self._keys)
+
+    def name_of(self, key: str) -> str | None:
+        """The name of a client key given as such (the usage endpoint's ``apiKey``), or None."""
+        return self._name_of(key.strip())
+
     def _name_of(self, candidate: str) -> str | None:
         found = None
         if candidate:
@@ -172,6 +181,9 @@ class ClientAuth:
         # The admin page answers /admin only on the relay's own port (reverse mode); in regular mode
         # such a path belongs to whatever site the client asked for and the relay would route it.
         if isinstance(flow.client_conn.proxy_mode, ReverseMode) and is_admin_path(flow.request.path):
+            return
+        # The usage endpoint (addon.userstats) takes the key in its body, as claude-relay-service does.
+        if isinstance(flow.client_conn.proxy_mode, ReverseMode) and is_user_stats_path(flow.request.path):
             return
         name = self.identify(flow.request.headers) or self._tunnels.get(flow.client_conn.id)
         if name is not None:

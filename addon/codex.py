@@ -23,6 +23,7 @@ from addon.runtime import Runtime  # noqa: E402
 from addon.secrets import KnownSecrets  # noqa: E402
 from addon.sseview import SSEView  # noqa: E402
 from addon.startup import StartupCheck  # noqa: E402
+from addon.userstats import UserStats  # noqa: E402
 
 # Order matters: the gate first (nothing before the script is configured, canonical targets only),
 # the runtime before the addons that use it (configure runs in chain order), client auth before
@@ -33,6 +34,7 @@ secrets = KnownSecrets()
 gate = Gate(refusals)
 runtime = Runtime(secrets)
 limits = Limits(runtime)  # client keys' limits: set by ClientAuth, enforced by Relay
-addons = [refusals, gate, runtime, ClientAuth(refusals, secrets, limits), Admin(runtime),
+auth = ClientAuth(refusals, secrets, limits)
+addons = [refusals, gate, runtime, auth, Admin(runtime), UserStats(runtime, auth),
           Relay(runtime, refusals, secrets, limits),
           KeyHygiene(), SSEView(), EgressCheck(), StartupCheck(gate, runtime)]

@@ -17,7 +17,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from store.schema import client_key_usage
+from store.schema import client_key_usage, codex_invocations
 from store.upsert import upsert
 
 REFUSAL_REASONS = ("model", "nodes", "rate", "concurrency", "budget")
@@ -137,3 +137,20 @@ def per_key(conn: sa.Connection, day: dt.date) -> list[KeyStats]:
         .order_by(month.c.client_key))
     return [KeyStats(day=day, **{k: (float(v) if k in ("cost", "month_cost") else v) for k, v in r._mapping.items()})
             for r in rows]
+
+
+def models_of_key(conn: sa.Connection, key: str, since: dt.date, until: dt.date) -> list[sa.Row]:
+    """``key``'s successful calls from ``since`` to ``until`` (UTC days, inclusive) per model, from
+    codex_invocations (as claude-relay-service counts only calls that returned usage): model, requests,
+    input (with cache reads and writes), cached, cache writes, output, and the cost split."""
+    c = codex_invocations.c
+    sums = {"input_tokens": c.input_tokens, "cached_tokens": c.cache_input_tokens,
+            "cache_write_tokens": c.cache_write_tokens, "output_tokens": c.output_tokens}
+    return list(conn.execute(
+        sa.select(sa.func.coalesce(c.model, "unknown").label("model"), sa.func.count().label("requests"),
+                  *[sa.func.sum(col).label(name) for name, col in sums.items()],
+                  *[sa.func.coalesce(sa.func.sum(c[n]), 0.0).label(n) for n in ("cost", "cost_input", "cost_cached",
+                                                                                "cost_output")])
+        .where(c.client_key == key, c.status == "success", c.occurred_at >= dt.datetime.combine(since, dt.time()),
+               c.occurred_at < dt.datetime.combine(until + dt.timedelta(days=1), dt.time()))
+        .group_by(sa.func.coalesce(c.model, "unknown")).order_by(sa.func.coalesce(c.model, "unknown"))))

@@ -11,6 +11,7 @@ import threading
 import pytest
 import sqlalchemy as sa
 from mitmproxy import exceptions
+from mitmproxy.proxy.mode_specs import ProxyMode
 from mitmproxy.test import taddons, tflow
 
 from addon.auth import ClientAuth
@@ -20,11 +21,13 @@ from addon.limits import Limits
 from addon.routing import Node, NodePool
 from addon.runtime import Runtime
 from addon.secrets import digest
+from addon.userstats import UserStats
 from store.engine import make_engine, upgrade_to_head
 from store.invocations import apply_batch
 from store.key_usage import Budgets, admit, count_refusal
-from store.records import InvocationRecord, NodeConfig, Usage
+from store.records import InvocationRecord, NodeConfig, Usage, utcnow
 from store.schema import client_key_usage, codex_invocations
+from store.sources import crs
 from store.stats_cli import main as stats_main
 
 KEYS_TOML = """
@@ -45,6 +48,7 @@ name = "bob"
 key_sha256 = "{bob_sha}"
 """
 BOB_KEY = "ck-bob-9876543210"
+ALICE_KEY = "ck-alice-0123456789"
 
 
 def runtime_with(*node_ids: str, engine: sa.Engine | None = None) -> Runtime:
@@ -234,3 +238,37 @@ def test_stats_keys_shows_each_keys_day_with_refusals_by_reason(engine, capsys):
     assert stats_main(["keys", "--db", url, "--until", "2026-11-25"]) == 0
     table = capsys.readouterr().out.splitlines()
     assert table[0].split()[:4] == ["key", "day", "requests", "refused"] and table[2].startswith("bob")
+
+
+def test_usage_endpoint_answers_a_key_holder_its_own_usage_in_crs_shape(engine, tmp_path):
+    now = utcnow()
+    with engine.begin() as conn:
+        apply_batch(conn, [record("u1", "alice", now, 100, 0.5), record("u2", "alice", now, 60, 0.25),
+                           record("u3", "bob", now, 999, 9.0)])
+    runtime = runtime_with("alpha", engine=engine)
+    auth = ClientAuth()
+    stats = UserStats(runtime, auth)
+    with taddons.context(auth, stats) as tctx:
+        tctx.configure(auth, codex_client_keys=f"alice={ALICE_KEY},bob={BOB_KEY}")
+
+        def ask(body: dict) -> tuple[int, dict]:
+            f = tflow.tflow()
+            f.client_conn.proxy_mode = ProxyMode.parse("reverse:http://127.0.0.1:9")
+            f.request.method, f.request.path = "POST", "/apiStats/api/user-model-stats"
+            f.request.content = json.dumps(body).encode()
+            auth.requestheaders(f)
+            assert f.response is None  # client auth lets it through: the key is in the body
+            asyncio.run(stats.request(f))
+            return f.response.status_code, json.loads(f.response.content)
+
+        status, answer = ask({"apiKey": ALICE_KEY, "period": "daily"})
+        assert status == 200 and answer["success"] is True and answer["period"] == "daily"
+        (item,) = answer["data"]
+        assert (item["model"], item["requests"], item["inputTokens"], item["cacheReadTokens"], item["outputTokens"],
+                item["allTokens"], item["costs"]["total"], item["isLegacy"]) == (
+                    "gpt-5", 2, 134, 6, 20, 160, 0.75, False)
+        parsed = crs.parse(answer, {})  # codex-relay's own crs source reads it
+        assert parsed.models[0].requests == 2
+        assert ask({"apiKey": "ck-nobody-123456"}) == (401, {"error": "Invalid API key",
+                                                             "message": "API key not found"})
+        assert ask({})[0] == 400

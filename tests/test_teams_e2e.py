@@ -10,6 +10,12 @@ import sqlalchemy as sa
 
 from bench.fakeupstream import FakeUpstream
 from bench.relayproc import RelayProcess
+from store.engine import make_engine
+from store.poll import Poller
+from store.reconcile import reconcile
+from store.records import utcnow
+from store.sources import SourceConfig, crs
+from tests.conftest import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -27,6 +33,11 @@ def call(relay: RelayProcess) -> tuple[int, dict]:
         conn.close()
 
 
+def rows_of_alice(eng: sa.Engine) -> int:
+    with eng.connect() as conn:
+        return conn.execute(sa.text("SELECT count(*) FROM codex_invocations WHERE client_key = 'alice'")).scalar()
+
+
 def test_two_relays_on_one_database_admit_exactly_the_daily_requests(mariadb, tmp_path):
     node = FakeUpstream("alpha").start()
     try:
@@ -39,6 +50,18 @@ def test_two_relays_on_one_database_admit_exactly_the_daily_requests(mariadb, tm
         with (RelayProcess(db_url=mariadb, options=options | {"codex_spool": str(tmp_path / "spool-1.db")}) as one,
               RelayProcess(db_url=mariadb, options=options | {"codex_spool": str(tmp_path / "spool-2.db")}) as two):
             answers = [call((one, two)[i % 2]) for i in range(8)]
+            eng = make_engine(mariadb)
+            try:
+                wait_for(lambda: rows_of_alice(eng) == 5, what="5 rows written")
+                # A crs stats source of the other relay's usage endpoint: it reconciles with no difference.
+                source = SourceConfig(name="two", url=f"{two.url}/apiStats/api/user-model-stats", nodes=("alpha",),
+                                      midnight_margin=0, **crs.configure({"api_key": KEY}, "two"))
+                assert Poller(eng, [source]).poll(source).ok
+                with eng.connect() as conn:
+                    rec = reconcile(conn, source, utcnow().date(), tolerance=0)
+                assert rec.ok and {r.metric: r.provider for r in rec.rows if r.model is None}["requests"] == 5
+            finally:
+                eng.dispose()
         statuses = sorted(status for status, _ in answers)
         assert statuses == [200] * 5 + [429] * 3
         assert {body["error"]["code"] for status, body in answers if status == 429} == {"budget_exceeded"}
