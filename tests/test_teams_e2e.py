@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import http.client
 import json
 
@@ -53,6 +54,11 @@ def test_two_relays_on_one_database_admit_exactly_the_daily_requests(mariadb, tm
             eng = make_engine(mariadb)
             try:
                 wait_for(lambda: rows_of_alice(eng) == 5, what="5 rows written")
+                # A capture is stored to the second and counts the relay's calls before it: ask in a later second.
+                with eng.connect() as conn:
+                    last = conn.execute(sa.text("SELECT max(occurred_at) FROM codex_invocations")).scalar()
+                wait_for(lambda: utcnow() >= last.replace(microsecond=0) + dt.timedelta(seconds=1),
+                         what="the second after the last call")
                 # A crs stats source of the other relay's usage endpoint: it reconciles with no difference.
                 source = SourceConfig(name="two", url=f"{two.url}/apiStats/api/user-model-stats", nodes=("alpha",),
                                       midnight_margin=0, **crs.configure({"api_key": KEY}, "two"))
