@@ -35,6 +35,6 @@ gate = Gate(refusals)
 runtime = Runtime(secrets)
 limits = Limits(runtime)  # client keys' limits: set by ClientAuth, enforced by Relay
 auth = ClientAuth(refusals, secrets, limits)
-addons = [refusals, gate, runtime, auth, Admin(runtime), UserStats(runtime, auth),
+addons = [refusals, gate, runtime, auth, Admin(runtime, limits), UserStats(runtime, auth),
           Relay(runtime, refusals, secrets, limits),
           KeyHygiene(), SSEView(), EgressCheck(), StartupCheck(gate, runtime)]

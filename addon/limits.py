@@ -26,7 +26,7 @@ from mitmproxy import http
 from addon.errors import CLIENT_KEY_NAME, error_response
 from addon.keys import KeySpec
 from addon.runtime import Runtime
-from store.key_usage import Budgets, admit, count_refusal
+from store.key_usage import REFUSAL_REASONS, USAGE_COUNTERS, Budgets, KeyStats, admit, count_refusal
 from store.records import utcnow
 
 log = logging.getLogger("codex.limits")
@@ -128,6 +128,28 @@ class Limits:
 
     def in_flight(self, name: str) -> int:
         return self._in_flight.get(name, 0)
+
+    def report(self, rows: Iterable[KeyStats], day: dt.date) -> list[dict]:
+        """``rows`` (``store.key_usage.per_key`` of ``day``) and every configured key without one, each with
+        ``limits``: per configured limit its value, its use and when it resets (None: a rolling window or
+        calls in flight; rpm and concurrency are this process's)."""
+        by_name = {r.client_key: r.as_dict() for r in rows}
+        for name in self.keys.keys() - by_name.keys():
+            by_name[name] = {"client_key": name, "day": day.isoformat(), "admitted": 0, "month_cost": 0.0,
+                             "refused": 0, **dict.fromkeys(USAGE_COUNTERS, 0),
+                             **{f"refused_{r}": 0 for r in REFUSAL_REASONS}}
+        now = self._clock()
+        for name, row in by_name.items():
+            spec = self.keys.get(name)
+            recent = [t for t in self._recent.get(name, ()) if t > now - RPM_WINDOW_S]
+            uses = {"daily_requests": (row["admitted"], _reset(day, False)),
+                    "daily_tokens": (row["total_tokens"], _reset(day, False)),
+                    "monthly_cost": (row["month_cost"], _reset(day, True)),
+                    "rpm": (len(recent), None), "concurrency": (self.in_flight(name), None)}
+            row["limits"] = {limit: {"limit": getattr(spec, limit), "used": used,
+                                     "resets_at": reset.isoformat() + "Z" if reset else None}
+                             for limit, (used, reset) in uses.items() if spec and getattr(spec, limit) is not None}
+        return [by_name[n] for n in sorted(by_name)]
 
     async def _refuse(self, flow: http.HTTPFlow, spec: KeySpec, reason: str,
                       response: http.Response) -> http.Response:

@@ -14,6 +14,7 @@ from mitmproxy import exceptions
 from mitmproxy.proxy.mode_specs import ProxyMode
 from mitmproxy.test import taddons, tflow
 
+from addon.admin import Admin
 from addon.auth import ClientAuth
 from addon.errors import CLIENT_KEY_NAME
 from addon.keys import KeySpec
@@ -29,6 +30,7 @@ from store.records import InvocationRecord, NodeConfig, Usage, utcnow
 from store.schema import client_key_usage, codex_invocations
 from store.sources import crs
 from store.stats_cli import main as stats_main
+from tests.test_admin import ask
 
 KEYS_TOML = """
 # the team's keys
@@ -272,3 +274,27 @@ def test_usage_endpoint_answers_a_key_holder_its_own_usage_in_crs_shape(engine, 
         assert ask({"apiKey": "ck-nobody-123456"}) == (401, {"error": "Invalid API key",
                                                              "message": "API key not found"})
         assert ask({})[0] == 400
+
+
+def test_admin_keys_panel_shows_usage_refusals_and_each_limits_use(engine):
+    day = dt.date(2026, 11, 25)
+    runtime = runtime_with("alpha", engine=engine)
+    limits = Limits(runtime, now=lambda: dt.datetime(2026, 11, 25, 12))
+    limits.set_keys([KeySpec("alice", b"x" * 32, daily_requests=5, monthly_cost=50.0, concurrency=4),
+                     KeySpec("idle", b"y" * 32, rpm=10)])
+    admin = Admin(runtime, limits)
+    asyncio.run(limits.admit(flow_of("alice"), "gpt-5"))  # in flight, admitted once
+    with engine.begin() as conn:
+        apply_batch(conn, [record("p1", "alice", dt.datetime(2026, 11, 25, 9), 50, 1.25)])
+        count_refusal(conn, "alice", day, "model")
+    with taddons.context(runtime, admin):
+        resp = ask(admin, "GET", "/admin/api/keys?until=2026-11-25")
+    alice, idle = json.loads(resp.content)["keys"]
+    assert (alice["client_key"], alice["requests"], alice["refused_model"], alice["total_tokens"]) == (
+        "alice", 1, 1, 50)
+    assert alice["limits"] == {
+        "daily_requests": {"limit": 5, "used": 1, "resets_at": "2026-11-26T00:00:00Z"},
+        "monthly_cost": {"limit": 50.0, "used": 1.25, "resets_at": "2026-12-01T00:00:00Z"},
+        "concurrency": {"limit": 4, "used": 1, "resets_at": None}}
+    assert (idle["client_key"], idle["requests"], idle["limits"]) == (
+        "idle", 0, {"rpm": {"limit": 10, "used": 0, "resets_at": None}})
