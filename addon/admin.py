@@ -40,6 +40,7 @@ from mitmproxy.proxy.mode_specs import ReverseMode
 
 from addon.egress import origin_of
 from addon.errors import fail_closed
+from addon.limits import Limits
 from addon.metrics import CONTENT_TYPE as METRICS_TYPE
 from addon.refusal import answered
 from addon.runtime import Runtime
@@ -48,6 +49,7 @@ from addon.target import METRICS_PATH, is_admin_path
 from store import stats
 from store.config import ConfigError, node_from_mapping
 from store.engine import error_line
+from store.key_usage import per_key
 from store.nodes import config_of, load_nodes
 from store.reconcile import ReconcileError, as_json, reconcile
 
@@ -143,8 +145,9 @@ def _filters(query: Any) -> stats.Filters:
 class Admin:
     """Answers ``/admin`` on the relay's port; construct it with the Runtime whose nodes it manages."""
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, limits: Limits | None = None) -> None:
         self.runtime = runtime
+        self.limits = limits  # client keys' limits, for the keys panel
         self._token = ""
         self._hosts: frozenset[str] = frozenset()
 
@@ -289,6 +292,7 @@ class Admin:
             "/api/writer": self._writer,
             "/api/session": lambda: {"login": bool(self._token)},  # whether the page shows "Log out"
             "/api/reconcile": lambda: self._reconcile(date),
+            "/api/keys": lambda: {"keys": self._keys(f)},
         }
         reader = readers.get(path.removeprefix(PREFIX))
         if reader is None:
@@ -357,6 +361,15 @@ class Admin:
         if not self.runtime.set_node_disabled(node_id, disable):
             raise HttpError(404, f"no node {node_id!r}")
         return self._nodes(stats.Filters(node=node_id))[0]
+
+    def _keys(self, f: stats.Filters) -> list[dict]:
+        """Per client key, one UTC day (``until``, default today): usage, refusals, and each limit's use."""
+        day = f.until or dt.datetime.now(dt.UTC).date()
+        with self._engine().connect() as conn:
+            rows = per_key(conn, day)
+        if self.limits is None:
+            return [r.as_dict() for r in rows]
+        return self.limits.report(rows, day)
 
     def _writer(self) -> dict:
         writer = self.runtime.writer_stats()

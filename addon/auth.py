@@ -30,9 +30,11 @@ from mitmproxy import ctx, exceptions, http
 from mitmproxy.proxy.mode_specs import ReverseMode
 
 from addon.errors import CLIENT_KEY_NAME, error_response, fail_closed
+from addon.keys import KeySpec, parse_keys_toml, toml_file
+from addon.limits import Limits
 from addon.refusal import RefusalSink, answered
 from addon.secrets import KnownSecrets, digest
-from addon.target import is_admin_path
+from addon.target import is_admin_path, is_user_stats_path
 
 log = logging.getLogger("codex.auth")
 
@@ -89,9 +91,11 @@ def parse_client_keys(spec: str) -> list[tuple[str, str]]:
 
 
 class ClientAuth:
-    def __init__(self, refusals: RefusalSink | None = None, secrets: KnownSecrets | None = None) -> None:
+    def __init__(self, refusals: RefusalSink | None = None, secrets: KnownSecrets | None = None,
+                 limits: Limits | None = None) -> None:
         self.refusals = refusals or RefusalSink()
         self.secrets = secrets or KnownSecrets()
+        self.limits = limits  # gets each key's limits (addon.keys) when the option changes
         self._keys: list[tuple[str, bytes]] = []  # (name, SHA-256 of the key): the keys are not kept
         self._tunnels: dict[str, str] = {}  # client connection id -> key name of its authorised CONNECT
 
@@ -100,24 +104,39 @@ class ClientAuth:
             "codex_client_keys", str, "",
             "Keys clients must send (Authorization: Bearer <key> or x-api-key) to use the relay: "
             "comma-separated name=key or bare keys, or @path of a file with one name=key per line "
-            "(# comments). Other requests get HTTP 401 and reach no node. The key's name is recorded "
+            "(# comments), or @path of a TOML file of [[keys]] with limits (README, \"Teams\"). "
+            "Other requests get HTTP 401 and reach no node. The key's name is recorded "
             "as client_key. Empty: no client auth.")
 
     def configure(self, updated: set[str]) -> None:
         if "codex_client_keys" not in updated:
             return
         spec = ctx.options.codex_client_keys
-        if not spec.strip():
-            self._keys = []
-            self.secrets.client_digests = frozenset()
-            return
+        specs: list[KeySpec] = []
+        text = None
         try:
-            pairs = parse_client_keys(spec)
+            if spec.strip():
+                text = toml_file(spec)
+                specs = (parse_keys_toml(text, MAX_NAME_CHARS) if text is not None else
+                         [KeySpec(name, digest(key)) for name, key in parse_client_keys(spec)])
+            if self.limits is not None:
+                self.limits.set_keys(specs)
         except ValueError as e:
-            raise exceptions.OptionsError(f"codex_client_keys: {e}") from None
-        self._keys = [(name, digest(key)) for name, key in pairs]
+            where = f"{spec.strip()[1:].strip()}: " if text is not None else ""
+            raise exceptions.OptionsError(f"codex_client_keys: {where}{e}") from None
+        self._keys = [(s.name, s.key_digest) for s in specs]
         self.secrets.client_digests = frozenset(d for _, d in self._keys)
-        log.info("client auth: %d key(s): %s", len(pairs), ", ".join(name for name, _ in pairs))
+        if specs:
+            log.info("client auth: %d key(s): %s", len(specs), ", ".join(s.name for s in specs))
+
+    @property
+    def enabled(self) -> bool:
+        """Whether client keys are configured."""
+        return bool(self._keys)
+
+    def name_of(self, key: str) -> str | None:
+        """The name of a client key given as such (the usage endpoint's ``apiKey``), or None."""
+        return self._name_of(key.strip())
 
     def _name_of(self, candidate: str) -> str | None:
         found = None
@@ -162,6 +181,9 @@ class ClientAuth:
         # The admin page answers /admin only on the relay's own port (reverse mode); in regular mode
         # such a path belongs to whatever site the client asked for and the relay would route it.
         if isinstance(flow.client_conn.proxy_mode, ReverseMode) and is_admin_path(flow.request.path):
+            return
+        # The usage endpoint (addon.userstats) takes the key in its body, as claude-relay-service does.
+        if isinstance(flow.client_conn.proxy_mode, ReverseMode) and is_user_stats_path(flow.request.path):
             return
         name = self.identify(flow.request.headers) or self._tunnels.get(flow.client_conn.id)
         if name is not None:

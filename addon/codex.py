@@ -16,12 +16,14 @@ from addon.admin import Admin  # noqa: E402
 from addon.auth import ClientAuth  # noqa: E402
 from addon.gate import EgressCheck, Gate  # noqa: E402
 from addon.hygiene import KeyHygiene  # noqa: E402
+from addon.limits import Limits  # noqa: E402
 from addon.refusal import RefusalSink  # noqa: E402
 from addon.relay import Relay  # noqa: E402
 from addon.runtime import Runtime  # noqa: E402
 from addon.secrets import KnownSecrets  # noqa: E402
 from addon.sseview import SSEView  # noqa: E402
 from addon.startup import StartupCheck  # noqa: E402
+from addon.userstats import UserStats  # noqa: E402
 
 # Order matters: the gate first (nothing before the script is configured, canonical targets only),
 # the runtime before the addons that use it (configure runs in chain order), client auth before
@@ -31,5 +33,8 @@ refusals = RefusalSink()
 secrets = KnownSecrets()
 gate = Gate(refusals)
 runtime = Runtime(secrets)
-addons = [refusals, gate, runtime, ClientAuth(refusals, secrets), Admin(runtime), Relay(runtime, refusals, secrets),
+limits = Limits(runtime)  # client keys' limits: set by ClientAuth, enforced by Relay
+auth = ClientAuth(refusals, secrets, limits)
+addons = [refusals, gate, runtime, auth, Admin(runtime, limits), UserStats(runtime, auth),
+          Relay(runtime, refusals, secrets, limits),
           KeyHygiene(), SSEView(), EgressCheck(), StartupCheck(gate, runtime)]

@@ -30,11 +30,12 @@ from mitmproxy.proxy import server_hooks
 from addon.egress import attach, clear_as_is, origin_of
 from addon.errors import CLIENT_KEY_NAME, error_response, fail_closed
 from addon.inject import answer_waiting, can_answer, close_server
+from addon.limits import Limits
 from addon.meter import StreamMeter
 from addon.modelroute import rewrite_model, upstream_model
 from addon.options import seconds
 from addon.outcome import Outcome, classify_error, classify_response, is_node_failure_status
-from addon.refusal import RefusalSink, answered
+from addon.refusal import REFUSED_KEY, RefusalSink, answered
 from addon.routing import Node
 from addon.runtime import Runtime
 from addon.secrets import KnownSecrets
@@ -78,8 +79,9 @@ class Relay:
     """The flow hooks: routes each call over the runtime's nodes and records it through the runtime."""
 
     def __init__(self, runtime: Runtime, refusals: RefusalSink | None = None,
-                 secrets: KnownSecrets | None = None) -> None:
+                 secrets: KnownSecrets | None = None, limits: Limits | None = None) -> None:
         self.runtime = runtime
+        self.limits = limits  # client keys' limits (teams); None: none
         self.refusals = refusals or RefusalSink()
         self.secrets = secrets or KnownSecrets()
         self._first_byte_timeout = 300.0
@@ -178,6 +180,11 @@ class Relay:
                 request_bytes=len(flow.request.raw_content or b""), client_target=target, requested_model=info.model,
             )
             self._calls[flow.id] = state
+            if self.limits is not None and (refusal := await self.limits.admit(flow, state.model)) is not None:
+                del self._calls[flow.id]  # refused: no invocation, no node
+                flow.metadata[REFUSED_KEY] = refusal.status_code
+                flow.response = refusal
+                return
         if not routed:
             clear_as_is(flow)  # monitor mode: the request goes where it was sent, unchanged
             return
@@ -185,7 +192,7 @@ class Relay:
             state.relay_error = f"no configured node serves model {state.model!r} ({api_format})"
             flow.response = error_response(target, 404, f"codex-relay: {state.relay_error}", "model_not_found")
             return
-        node = pool.choose(session_key=state.session_key if state else None, holder=state,
+        node = pool.choose(session_key=state.session_key if state else None, holder=state, exclude=self._barred(flow),
                            api_format=api_format, model=state.model if state else None)
         if node is None:
             flow.response = error_response(
@@ -243,8 +250,8 @@ class Relay:
         if state.attempts > ctx.options.codex_retries:
             return None
         pool = self.runtime.pool
-        node = pool.choose(exclude=state.tried, holder=state, api_format=state.api_format,
-                           model=state.requested_model)
+        node = pool.choose(exclude=[*state.tried, *self._barred(state.flow)], holder=state,
+                           api_format=state.api_format, model=state.requested_model)
         if node is None:
             return None
         state.tried.append(node.id)
@@ -252,6 +259,10 @@ class Relay:
         if state.session_key:
             pool.sticky.put(state.session_key, node.id)
         return node
+
+    def _barred(self, flow: http.HTTPFlow) -> set[str]:
+        """Nodes the flow's client key may not use."""
+        return self.limits.barred(flow) if self.limits is not None else set()
 
     def _attempt_failed(self, node: Node, error: str) -> None:
         """A failed attempt that the client did not see: it still counts against the node."""
@@ -303,7 +314,8 @@ class Relay:
             # A small error answer is held whole, not streamed: to retry the call elsewhere, and to
             # scrub keys the node echoes back before the client sees them.
             state.retry = (is_node_failure_status(resp.status_code) and state.attempts <= ctx.options.codex_retries
-                           and self.runtime.pool.choose(exclude=state.tried, api_format=state.api_format,
+                           and self.runtime.pool.choose(exclude=[*state.tried, *self._barred(flow)],
+                                                        api_format=state.api_format,
                                                         model=state.requested_model) is not None)
             return
         state.meter = StreamMeter(
@@ -387,6 +399,8 @@ class Relay:
 
     # -- records -----------------------------------------------------------------------------------
     def _finish(self, flow: http.HTTPFlow, state: CallState, outcome: Outcome) -> None:
+        if self.limits is not None:
+            self.limits.release(flow)
         if outcome.error:  # upstream text: it may echo a key back
             outcome = Outcome(outcome.status, outcome.node_failure, self.secrets.scrub(outcome.error[:2000]))
         if state.relay_error and outcome.status != "success":

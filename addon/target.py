@@ -47,3 +47,12 @@ def is_admin_path(target: str) -> bool:
         return False
     path = route(target)
     return path in (METRICS_PATH, ADMIN_PREFIX) or path.startswith(ADMIN_PREFIX + "/")
+
+
+# claude-relay-service's usage endpoint, answered by addon.userstats (the key comes in the body).
+USER_STATS_PATH = "/apiStats/api/user-model-stats"
+
+
+def is_user_stats_path(target: str) -> bool:
+    """A canonical target of the usage endpoint; client auth lets it through (the key is in the body)."""
+    return target_problem(target) is None and route(target) == USER_STATS_PATH

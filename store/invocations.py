@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import sqlalchemy as sa
 
 from store.hourly import add_latencies, hour_of
+from store.key_usage import add_usage
 from store.nodes import bump_version
 from store.records import InvocationRecord, NodeStateUpdate
 from store.schema import (
@@ -95,6 +96,7 @@ def apply_batch(conn: sa.Connection, items: Sequence[Item]) -> BatchResult:
         hourly = sorted(_daily(written, rows, "hour", hour_of, add_latencies).values(),
                         key=lambda d: (d["hour"], d["source"], d["node_id"], d["model"]))
         upsert(conn, codex_hourly_stats, hourly, increment=HOURLY_COUNTERS)
+        add_usage(conn, rows)  # per client key and day: teams' budgets and stats
     # A fixed order of row locks: two relays updating the same nodes cannot deadlock each other.
     for node_id in sorted(changes):
         conn.execute(_node_statement(node_id, changes[node_id]))

@@ -213,3 +213,25 @@ stats_source_deltas = sa.Table(
     sa.UniqueConstraint("source", "period", "stats_date", "captured_at_epoch", name="uq_stats_source_deltas_capture"),
     sa.Index("idx_stats_source_deltas_epoch", "source", "period", "captured_at_epoch"),
 )
+
+# Per UTC day and client key (codex_invocations.client_key), revision 9. ``admitted`` is counted at
+# admission by a conditional increment (the exact ``daily_requests`` limit across relays); the usage
+# columns are added by the writer in the transaction of the invocation rows (they sum codex_invocations
+# by client_key exactly); ``refused_*`` count the calls the key's limits refused, by reason.
+client_key_usage = sa.Table(
+    "client_key_usage", metadata,
+    sa.Column("day", sa.Date, primary_key=True),
+    sa.Column("client_key", sa.String(64), primary_key=True),
+    _counter("admitted"),
+    _counter("requests"),
+    _counter("input_tokens"),
+    _counter("cached_tokens"),
+    _counter("output_tokens"),
+    _counter("total_tokens"),
+    sa.Column("cost", sa.Double, nullable=False, server_default="0"),
+    _counter("refused_model"),
+    _counter("refused_nodes"),
+    _counter("refused_rate"),
+    _counter("refused_concurrency"),
+    _counter("refused_budget"),
+)

@@ -1,4 +1,4 @@
-"""``python -m store.stats_cli [nodes|models|sources|days|hours|recent]`` (``./run.sh stats``, ``codex-stats``).
+"""``python -m store.stats_cli [nodes|models|sources|days|hours|recent|keys]`` (``./run.sh stats``, ``codex-stats``).
 
 Prints the aggregates of ``store.stats`` as an aligned table, ``--json`` or ``--csv``. It only reads:
 a missing database, a bad URL or one whose schema is not at head is an error, never created or upgraded.
@@ -21,6 +21,7 @@ import sqlalchemy as sa
 
 from store.cli import OneLineParser, add_db_option
 from store.engine import DEFAULT_DB, current_revision, error_line, head_revision, make_engine
+from store.key_usage import per_key
 from store.stats import Filters, per_day, per_hour, per_model, per_node, per_source, recent_invocations
 
 
@@ -113,6 +114,24 @@ VIEWS: dict[str, tuple[Callable[..., list], list[Column]]] = {
         ("ttfb ms", lambda s: _int(s.ttfb_ms), True),
         ("total ms", lambda s: _int(s.duration_ms), True),
         ("error", lambda s: _text(s.error_message), False),
+    ]),
+    # Teams: one UTC day (--until, default today) per client key; refusals never reached a node.
+    "keys": (lambda conn, f: per_key(conn, f.until or dt.datetime.now(dt.UTC).date()), [
+        ("key", lambda s: s.client_key, False),
+        ("day", lambda s: s.day.isoformat(), False),
+        ("requests", lambda s: _int(s.requests), True),
+        ("refused", lambda s: _int(s.refused), True),
+        ("model", lambda s: _int(s.refused_model), True),
+        ("nodes", lambda s: _int(s.refused_nodes), True),
+        ("rate", lambda s: _int(s.refused_rate), True),
+        ("concurrency", lambda s: _int(s.refused_concurrency), True),
+        ("budget", lambda s: _int(s.refused_budget), True),
+        ("input", lambda s: _int(s.input_tokens), True),
+        ("cached", lambda s: _int(s.cached_tokens), True),
+        ("output", lambda s: _int(s.output_tokens), True),
+        ("total", lambda s: _int(s.total_tokens), True),
+        ("cost $", lambda s: f"{s.cost:.4f}", True),
+        ("month $", lambda s: f"{s.month_cost:.4f}", True),
     ]),
 }
 

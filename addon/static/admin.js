@@ -241,15 +241,28 @@ function renderDays(days, query) {
   $("#source-list").replaceChildren(...sources.map((s) => el("option", {value: s})));
 }
 
+// Teams: each key's day, refusals by reason in the cell's title, each limit as "name used/limit".
+function renderKeys(keys) {
+  const reasons = ["model", "nodes", "rate", "concurrency", "budget"];
+  fill($("#keys"), keys.map((k) => el("tr", {"data-key": k.client_key},
+    cell("key", k.client_key), num("requests", k.requests),
+    el("td", {"data-col": "refused", "data-value": k.refused, class: "num",
+              title: reasons.map((r) => `${r}: ${k["refused_" + r]}`).join(", ")}, int(k.refused)),
+    num("total_tokens", k.total_tokens), cell("cost", k.cost.toFixed(4), k.cost, "num"),
+    cell("month_cost", k.month_cost.toFixed(4), k.month_cost, "num"),
+    cell("limits", Object.entries(k.limits || {}).map(([name, l]) =>
+      `${name} ${l.used}/${l.limit}` + (l.resets_at ? ` (resets ${l.resets_at})` : "")).join(", ") || "–"))));
+}
+
 // -- refresh ------------------------------------------------------------------------------------
 async function refresh() {
   const query = filterQuery();
   const recentQuery = new URLSearchParams(query);
   recentQuery.set("limit", $("#recent-limit").value);
   try {
-    const [nodes, days, models, sources, recent, writer] = await Promise.all([
+    const [nodes, days, models, sources, recent, writer, keys] = await Promise.all([
       api("nodes?" + query), api("days?" + query), api("models?" + query), api("sources?" + query),
-      api("recent?" + recentQuery), api("writer")]);
+      api("recent?" + recentQuery), api("writer"), api("keys?" + query)]);
     renderNodes(nodes.nodes);
     renderDays(days.days, query);
     fill($("#models"), models.models.map((m) => metricRow(m.model, m.model ?? "(unknown)", m)));
@@ -258,6 +271,7 @@ async function refresh() {
     renderRecent(recent.invocations);
     renderWriter(writer.writer);
     renderHours((await api("hours?" + query)).hours);
+    renderKeys(keys.keys);
     $("#updated").textContent = "updated " + new Date().toLocaleTimeString();
     document.body.dataset.loaded = String(Date.now());
   } catch (e) {

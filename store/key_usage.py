@@ -1,0 +1,156 @@
+"""Usage per client key and UTC day (``client_key_usage``): admission, refusals, the writer's sums.
+
+Every change is an atomic increment. ``admit`` makes ``daily_requests`` exact across relays sharing
+one database: ``UPDATE … SET admitted = admitted + 1 WHERE admitted < limit`` and its row count decide,
+never a read then a write. Token and cost budgets are read (a call is admitted while the key is under
+them, so the overshoot is bounded by the calls in flight). The writer adds each invocation's tokens
+and cost in the transaction that stores its row (``add_usage``), so these rows sum
+``codex_invocations`` by ``client_key`` exactly.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+import sqlalchemy as sa
+
+from store.schema import client_key_usage, codex_invocations
+from store.upsert import upsert
+
+REFUSAL_REASONS = ("model", "nodes", "rate", "concurrency", "budget")
+USAGE_COUNTERS = ("requests", "input_tokens", "cached_tokens", "output_tokens", "total_tokens", "cost")
+
+
+@dataclass(frozen=True, slots=True)
+class Budgets:
+    """A key's database-backed limits (None: no limit)."""
+
+    daily_requests: int | None = None
+    daily_tokens: int | None = None
+    monthly_cost: float | None = None
+
+
+def month_start(day: dt.date) -> dt.date:
+    return day.replace(day=1)
+
+
+def admit(conn: sa.Connection, key: str, day: dt.date, budgets: Budgets) -> str | None:
+    """Admit one call of ``key`` on ``day``: None, or the name of the budget it is over.
+
+    The caller owns the transaction. Only an admitted call with a ``daily_requests`` limit counts in
+    ``admitted``.
+    """
+    t = client_key_usage.c
+    if budgets.daily_tokens is not None:
+        used = conn.execute(sa.select(t.total_tokens).where(t.day == day, t.client_key == key)).scalar() or 0
+        if used >= budgets.daily_tokens:
+            return "daily_tokens"
+    if budgets.monthly_cost is not None:
+        spent = conn.execute(sa.select(sa.func.coalesce(sa.func.sum(t.cost), 0.0)).where(
+            t.client_key == key, t.day >= month_start(day), t.day <= day)).scalar()
+        if spent >= budgets.monthly_cost:
+            return "monthly_cost"
+    if budgets.daily_requests is not None:
+        _ensure_row(conn, key, day)
+        taken = conn.execute(sa.update(client_key_usage)
+                             .where(t.day == day, t.client_key == key, t.admitted < budgets.daily_requests)
+                             .values(admitted=t.admitted + 1)).rowcount
+        if taken != 1:
+            return "daily_requests"
+    return None
+
+
+def count_refusal(conn: sa.Connection, key: str, day: dt.date, reason: str) -> None:
+    """One more call of ``key`` refused for ``reason`` (one of REFUSAL_REASONS)."""
+    upsert(conn, client_key_usage, [{"day": day, "client_key": key, f"refused_{reason}": 1}],
+           increment=(f"refused_{reason}",))
+
+
+def add_usage(conn: sa.Connection, rows: Sequence[dict]) -> None:
+    """Add stored ``codex_invocations`` rows (as ``invocation_row`` made them) to their keys' days."""
+    sums: dict[tuple[dt.date, str], dict] = {}
+    for r in rows:
+        if not r["client_key"]:
+            continue
+        k = (r["occurred_at"].date(), r["client_key"])
+        d = sums.get(k)
+        if d is None:
+            d = sums[k] = {"day": k[0], "client_key": k[1], **dict.fromkeys(USAGE_COUNTERS, 0)}
+        d["requests"] += 1
+        d["input_tokens"] += r["input_tokens"]
+        d["cached_tokens"] += r["cache_input_tokens"]
+        d["output_tokens"] += r["output_tokens"]
+        d["total_tokens"] += r["total_tokens"]
+        d["cost"] += r["cost"] or 0.0
+    # Sorted: relays upserting the same rows lock them in one order (no deadlock).
+    upsert(conn, client_key_usage, [sums[k] for k in sorted(sums)], increment=USAGE_COUNTERS)
+
+
+def _ensure_row(conn: sa.Connection, key: str, day: dt.date) -> None:
+    # Adding 0 is the portable "insert if missing" of store.upsert.
+    upsert(conn, client_key_usage, [{"day": day, "client_key": key, "admitted": 0}], increment=("admitted",))
+
+
+@dataclass(frozen=True, slots=True)
+class KeyStats:
+    """One client key on one UTC day (``stats keys``): calls, refusals by reason, tokens, cost."""
+
+    client_key: str
+    day: dt.date
+    requests: int
+    admitted: int  # calls admitted under a daily_requests limit
+    input_tokens: int
+    cached_tokens: int
+    output_tokens: int
+    total_tokens: int
+    cost: float
+    month_cost: float  # from the first of the month up to ``day``
+    refused_model: int
+    refused_nodes: int
+    refused_rate: int
+    refused_concurrency: int
+    refused_budget: int
+
+    @property
+    def refused(self) -> int:
+        return sum(getattr(self, f"refused_{r}") for r in REFUSAL_REASONS)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["day"], d["refused"] = self.day.isoformat(), self.refused
+        return d
+
+
+def per_key(conn: sa.Connection, day: dt.date) -> list[KeyStats]:
+    """Every key with a row this month up to ``day``: its numbers of ``day`` (zeros without a row)."""
+    t = client_key_usage.c
+    month = (sa.select(t.client_key, sa.func.sum(t.cost).label("month_cost"))
+             .where(t.day >= month_start(day), t.day <= day).group_by(t.client_key).subquery())
+    today = sa.select(client_key_usage).where(t.day == day).subquery()
+    names = [f.name for f in fields(KeyStats) if f.name not in ("client_key", "day", "month_cost")]
+    rows = conn.execute(
+        sa.select(month.c.client_key, month.c.month_cost, *[sa.func.coalesce(today.c[n], 0).label(n) for n in names])
+        .select_from(month.outerjoin(today, today.c.client_key == month.c.client_key))
+        .order_by(month.c.client_key))
+    return [KeyStats(day=day, **{k: (float(v) if k in ("cost", "month_cost") else v) for k, v in r._mapping.items()})
+            for r in rows]
+
+
+def models_of_key(conn: sa.Connection, key: str, since: dt.date, until: dt.date) -> list[sa.Row]:
+    """``key``'s successful calls from ``since`` to ``until`` (UTC days, inclusive) per model, from
+    codex_invocations (as claude-relay-service counts only calls that returned usage): model, requests,
+    input (with cache reads and writes), cached, cache writes, output, and the cost split."""
+    c = codex_invocations.c
+    sums = {"input_tokens": c.input_tokens, "cached_tokens": c.cache_input_tokens,
+            "cache_write_tokens": c.cache_write_tokens, "output_tokens": c.output_tokens}
+    return list(conn.execute(
+        sa.select(sa.func.coalesce(c.model, "unknown").label("model"), sa.func.count().label("requests"),
+                  *[sa.func.sum(col).label(name) for name, col in sums.items()],
+                  *[sa.func.coalesce(sa.func.sum(c[n]), 0.0).label(n) for n in ("cost", "cost_input", "cost_cached",
+                                                                                "cost_output")])
+        .where(c.client_key == key, c.status == "success", c.occurred_at >= dt.datetime.combine(since, dt.time()),
+               c.occurred_at < dt.datetime.combine(until + dt.timedelta(days=1), dt.time()))
+        .group_by(sa.func.coalesce(c.model, "unknown")).order_by(sa.func.coalesce(c.model, "unknown"))))

@@ -1,0 +1,300 @@
+"""Teams (issue 13): client keys with nodes, models, rate limits and budgets, counted per key and day."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hashlib
+import json
+import threading
+
+import pytest
+import sqlalchemy as sa
+from mitmproxy import exceptions
+from mitmproxy.proxy.mode_specs import ProxyMode
+from mitmproxy.test import taddons, tflow
+
+from addon.admin import Admin
+from addon.auth import ClientAuth
+from addon.errors import CLIENT_KEY_NAME
+from addon.keys import KeySpec
+from addon.limits import Limits
+from addon.routing import Node, NodePool
+from addon.runtime import Runtime
+from addon.secrets import digest
+from addon.userstats import UserStats
+from store.engine import make_engine, upgrade_to_head
+from store.invocations import apply_batch
+from store.key_usage import Budgets, admit, count_refusal
+from store.records import InvocationRecord, NodeConfig, Usage, utcnow
+from store.schema import client_key_usage, codex_invocations
+from store.sources import crs
+from store.stats_cli import main as stats_main
+from tests.test_admin import ask
+
+KEYS_TOML = """
+# the team's keys
+[[keys]]
+name = "alice"
+key = "ck-alice-0123456789"
+nodes = ["alpha"]
+models = ["gpt-5*"]
+daily_requests = 500
+daily_tokens = 2_000_000
+monthly_cost = 50.0
+rpm = 60
+concurrency = 4
+
+[[keys]]
+name = "bob"
+key_sha256 = "{bob_sha}"
+"""
+BOB_KEY = "ck-bob-9876543210"
+ALICE_KEY = "ck-alice-0123456789"
+
+
+def runtime_with(*node_ids: str, engine: sa.Engine | None = None) -> Runtime:
+    runtime = Runtime()
+    runtime.pool = NodePool([Node(NodeConfig(id=i, base_url=f"http://127.0.0.1:9/{i}")) for i in node_ids])
+    runtime.engine = engine
+    return runtime
+
+
+def write_keys(tmp_path, text: str) -> str:
+    path = tmp_path / "keys.toml"
+    path.write_text(text)
+    return f"@{path}"
+
+
+def test_toml_keys_file_gives_names_limits_and_keys_by_hash(tmp_path):
+    limits = Limits(runtime_with("alpha", "beta"))
+    auth = ClientAuth(limits=limits)
+    spec = write_keys(tmp_path, KEYS_TOML.format(bob_sha=hashlib.sha256(BOB_KEY.encode()).hexdigest()))
+    with taddons.context(auth) as tctx:
+        tctx.configure(auth, codex_client_keys=spec)
+        f = tflow.tflow()
+        f.request.headers["authorization"] = f"Bearer {BOB_KEY}"
+        assert auth.identify(f.request.headers) == "bob"
+        f.request.headers["authorization"] = "Bearer ck-alice-0123456789"
+        assert auth.identify(f.request.headers) == "alice"
+    alice = limits.keys["alice"]
+    assert (alice.nodes, alice.models, alice.daily_requests, alice.daily_tokens, alice.monthly_cost, alice.rpm,
+            alice.concurrency) == (("alpha",), ("gpt-5*",), 500, 2_000_000, 50.0, 60, 4)
+    assert limits.keys["bob"] == KeySpec("bob", digest(BOB_KEY))
+
+
+@pytest.mark.parametrize(("entry", "message"), [
+    ('name = "a"\nkey = "k-1234567890"\ncolour = "red"', r"entry 1 \('a'\): unknown field\(s\) colour"),
+    ('name = "a"\nkey = "k-1234567890"\nrpm = -1', r"entry 1 \('a'\): rpm must be an integer >= 0"),
+    ('name = "a"\nkey = "k-1234567890"\nnodes = ["gamma"]', r"key 'a': unknown node id\(s\) gamma"),
+    ('name = "a"\nkey = "k-1234567890"\n[[keys]]\nname = "a"\nkey = "k-other-123"', r"entry 2 \('a'\).*used twice"),
+    ('name = "a"\nkey = "k-1234567890"\n[[keys]]\nname = "b"\nkey = "k-1234567890"', r"entry 2 \('b'\).*key is listed"),
+    ('name = "a"\nkey_sha256 = "abc"', r"key_sha256 must be 64 hex digits"),
+])
+def test_a_bad_entry_stops_the_relay_naming_it(tmp_path, entry, message):
+    auth = ClientAuth(limits=Limits(runtime_with("alpha")))
+    with taddons.context(auth) as tctx, pytest.raises(exceptions.OptionsError, match=message):
+        tctx.configure(auth, codex_client_keys=write_keys(tmp_path, "[[keys]]\n" + entry))
+
+
+@pytest.fixture
+def engine(db_url):
+    eng = make_engine(db_url)
+    upgrade_to_head(eng)
+    yield eng
+    eng.dispose()
+
+
+def refusal(response) -> tuple[int, str | None, str | None]:
+    return response.status_code, json.loads(response.content)["error"]["code"], response.headers.get("retry-after")
+
+
+def flow_of(key: str):
+    f = tflow.tflow()
+    f.request.path = "/v1/responses"
+    f.metadata[CLIENT_KEY_NAME] = key
+    return f
+
+
+def refused_counts(engine: sa.Engine, key: str) -> dict[str, int]:
+    with engine.connect() as conn:
+        row = conn.execute(sa.select(client_key_usage).where(client_key_usage.c.client_key == key)).one()
+    return {k: v for k, v in row._mapping.items() if k.startswith("refused_") and v}
+
+
+def test_limits_refuse_in_order_and_count_refusals_per_key(engine):
+    t = [1000.0]
+    limits = Limits(runtime_with("alpha", "beta", engine=engine), clock=lambda: t[0])
+    limits.set_keys([KeySpec("alice", b"x" * 32, nodes=("alpha",), models=("gpt-5*",), rpm=4, concurrency=2),
+                     KeySpec("bob", b"y" * 32, nodes=("beta",))])
+
+    async def run() -> None:
+        assert refusal(await limits.admit(flow_of("alice"), "claude-opus")) == (403, "model_not_allowed", None)
+        a, b = flow_of("alice"), flow_of("alice")
+        assert await limits.admit(a, "gpt-5") is None and await limits.admit(b, "gpt-5-codex") is None
+        assert limits.barred(a) == {"beta"}
+        assert refusal(await limits.admit(flow_of("alice"), "gpt-5")) == (429, "concurrency_limited", None)
+        limits.release(a)
+        t[0] += 10
+        assert await limits.admit(flow_of("alice"), "gpt-5") is None  # the third call of the minute
+        assert refusal(await limits.admit(flow_of("alice"), "gpt-5"))[:2] == (429, "concurrency_limited")
+        limits.release(b)
+        assert await limits.admit(flow_of("alice"), "gpt-5") is None  # the fourth: rpm reached
+        assert refusal(await limits.admit(flow_of("alice"), "gpt-5")) == (429, "rate_limited", "50")
+        limits.runtime.pool.get("beta").disabled = True
+        assert refusal(await limits.admit(flow_of("bob"), "gpt-5"))[:2] == (503, "no_node_available")
+
+    asyncio.run(run())
+    assert refused_counts(engine, "alice") == {"refused_model": 1, "refused_concurrency": 2, "refused_rate": 1}
+    assert refused_counts(engine, "bob") == {"refused_nodes": 1}
+
+
+def test_daily_requests_budget_refuses_with_reset_time_and_frees_the_slot(engine):
+    now = dt.datetime(2026, 11, 25, 23, 0, 0)
+    limits = Limits(runtime_with("alpha", engine=engine), now=lambda: now)
+    limits.set_keys([KeySpec("alice", b"x" * 32, daily_requests=2, concurrency=5)])
+
+    async def run() -> list:
+        return [await limits.admit(flow_of("alice"), "gpt-5") for _ in range(3)]
+
+    first, second, third = asyncio.run(run())
+    assert first is None and second is None
+    assert refusal(third) == (429, "budget_exceeded", "3600")
+    assert "daily_requests limit (2)" in third.text and "2026-11-26T00:00:00Z" in third.text
+    assert limits.in_flight("alice") == 2  # the refused call holds no slot
+    assert refused_counts(engine, "alice") == {"refused_budget": 1}
+
+
+def test_daily_requests_admission_is_exact_under_concurrency(engine):
+    day = dt.date(2026, 11, 25)
+    admitted = []
+
+    def worker() -> None:
+        for _ in range(5):
+            with engine.begin() as conn:
+                admitted.append(admit(conn, "alice", day, Budgets(daily_requests=7)) is None)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert admitted.count(True) == 7 and len(admitted) == 20
+    with engine.begin() as conn:
+        assert admit(conn, "alice", day + dt.timedelta(days=1), Budgets(daily_requests=7)) is None  # a new day
+
+
+def test_token_and_cost_budgets_read_the_writers_usage(engine):
+    day = dt.date(2026, 11, 25)
+    with engine.begin() as conn:
+        apply_batch(conn, [record("a1", "alice", dt.datetime(2026, 11, 3, 12), 900, 0.75),
+                           record("a2", "alice", dt.datetime(2026, 11, 25, 12), 100, 0.30)])
+        assert admit(conn, "alice", day, Budgets(daily_tokens=101, monthly_cost=1.1)) is None
+        assert admit(conn, "alice", day, Budgets(daily_tokens=100)) == "daily_tokens"
+        assert admit(conn, "alice", day, Budgets(monthly_cost=1.05)) == "monthly_cost"
+        assert admit(conn, "alice", dt.date(2026, 12, 1), Budgets(monthly_cost=1.05)) is None
+
+
+def record(invoke_id: str, key: str | None, at: dt.datetime, tokens: int, cost: float | None) -> InvocationRecord:
+    return InvocationRecord(invoke_id=invoke_id, occurred_at=at, source="relay", endpoint="/v1/responses",
+                            status="success", node_id="alpha", model="gpt-5", client_key=key,
+                            usage=Usage(input_tokens=tokens - 10, cached_tokens=3, output_tokens=10), cost=cost)
+
+
+def test_key_usage_agrees_with_invocations_summed_by_client_key(engine):
+    t0 = dt.datetime(2026, 11, 25, 23, 59, 59)
+    batch = [record(f"r{i}", ("alice", "bob", None)[i % 3], t0 + dt.timedelta(seconds=i % 2), 20 + i,
+                    None if i % 4 == 0 else 0.01 * i) for i in range(12)]
+    with engine.begin() as conn:
+        apply_batch(conn, batch[:8])
+    with engine.begin() as conn:
+        apply_batch(conn, batch[5:])  # a replay of 5..7: counted once
+    c, u = codex_invocations.c, client_key_usage.c
+    with engine.connect() as conn:
+        from_rows = conn.execute(
+            sa.select(sa.func.date(c.occurred_at), c.client_key, sa.func.count(), sa.func.sum(c.input_tokens),
+                      sa.func.sum(c.cache_input_tokens), sa.func.sum(c.output_tokens), sa.func.sum(c.total_tokens),
+                      sa.func.round(sa.func.coalesce(sa.func.sum(c.cost), 0), 9))
+            .where(c.client_key.is_not(None)).group_by(sa.func.date(c.occurred_at), c.client_key)
+            .order_by(sa.func.date(c.occurred_at), c.client_key)).all()
+        kept = conn.execute(sa.select(u.day, u.client_key, u.requests, u.input_tokens, u.cached_tokens,
+                                      u.output_tokens, u.total_tokens, sa.func.round(u.cost, 9))
+                            .order_by(u.day, u.client_key)).all()
+    assert len(kept) == 4
+    assert [(str(r[0]), *r[1:]) for r in kept] == [(str(r[0]), *r[1:]) for r in from_rows]
+
+
+def test_stats_keys_shows_each_keys_day_with_refusals_by_reason(engine, capsys):
+    day = dt.date(2026, 11, 25)
+    with engine.begin() as conn:
+        apply_batch(conn, [record("k1", "alice", dt.datetime(2026, 11, 2, 8), 50, 1.5),
+                           record("k2", "alice", dt.datetime(2026, 11, 25, 8), 40, 0.25)])
+        admit(conn, "bob", day, Budgets(daily_requests=0))
+        count_refusal(conn, "bob", day, "budget")
+    url = engine.url.render_as_string(hide_password=False)
+    assert stats_main(["keys", "--db", url, "--until", "2026-11-25", "--json"]) == 0
+    got = {r["client_key"]: r for r in json.loads(capsys.readouterr().out)}
+    assert (got["alice"]["requests"], got["alice"]["total_tokens"], got["alice"]["cost"],
+            got["alice"]["month_cost"]) == (1, 40, 0.25, 1.75)
+    assert (got["bob"]["requests"], got["bob"]["refused_budget"], got["bob"]["refused"]) == (0, 1, 1)
+    assert stats_main(["keys", "--db", url, "--until", "2026-11-25"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:4] == ["key", "day", "requests", "refused"] and table[2].startswith("bob")
+
+
+def test_usage_endpoint_answers_a_key_holder_its_own_usage_in_crs_shape(engine, tmp_path):
+    now = utcnow()
+    with engine.begin() as conn:
+        apply_batch(conn, [record("u1", "alice", now, 100, 0.5), record("u2", "alice", now, 60, 0.25),
+                           record("u3", "bob", now, 999, 9.0)])
+    runtime = runtime_with("alpha", engine=engine)
+    auth = ClientAuth()
+    stats = UserStats(runtime, auth)
+    with taddons.context(auth, stats) as tctx:
+        tctx.configure(auth, codex_client_keys=f"alice={ALICE_KEY},bob={BOB_KEY}")
+
+        def ask(body: dict) -> tuple[int, dict]:
+            f = tflow.tflow()
+            f.client_conn.proxy_mode = ProxyMode.parse("reverse:http://127.0.0.1:9")
+            f.request.method, f.request.path = "POST", "/apiStats/api/user-model-stats"
+            f.request.content = json.dumps(body).encode()
+            auth.requestheaders(f)
+            assert f.response is None  # client auth lets it through: the key is in the body
+            asyncio.run(stats.request(f))
+            return f.response.status_code, json.loads(f.response.content)
+
+        status, answer = ask({"apiKey": ALICE_KEY, "period": "daily"})
+        assert status == 200 and answer["success"] is True and answer["period"] == "daily"
+        (item,) = answer["data"]
+        assert (item["model"], item["requests"], item["inputTokens"], item["cacheReadTokens"], item["outputTokens"],
+                item["allTokens"], item["costs"]["total"], item["isLegacy"]) == (
+                    "gpt-5", 2, 134, 6, 20, 160, 0.75, False)
+        parsed = crs.parse(answer, {})  # codex-relay's own crs source reads it
+        assert parsed.models[0].requests == 2
+        assert ask({"apiKey": "ck-nobody-123456"}) == (401, {"error": "Invalid API key",
+                                                             "message": "API key not found"})
+        assert ask({})[0] == 400
+
+
+def test_admin_keys_panel_shows_usage_refusals_and_each_limits_use(engine):
+    day = dt.date(2026, 11, 25)
+    runtime = runtime_with("alpha", engine=engine)
+    limits = Limits(runtime, now=lambda: dt.datetime(2026, 11, 25, 12))
+    limits.set_keys([KeySpec("alice", b"x" * 32, daily_requests=5, monthly_cost=50.0, concurrency=4),
+                     KeySpec("idle", b"y" * 32, rpm=10)])
+    admin = Admin(runtime, limits)
+    asyncio.run(limits.admit(flow_of("alice"), "gpt-5"))  # in flight, admitted once
+    with engine.begin() as conn:
+        apply_batch(conn, [record("p1", "alice", dt.datetime(2026, 11, 25, 9), 50, 1.25)])
+        count_refusal(conn, "alice", day, "model")
+    with taddons.context(runtime, admin):
+        resp = ask(admin, "GET", "/admin/api/keys?until=2026-11-25")
+    alice, idle = json.loads(resp.content)["keys"]
+    assert (alice["client_key"], alice["requests"], alice["refused_model"], alice["total_tokens"]) == (
+        "alice", 1, 1, 50)
+    assert alice["limits"] == {
+        "daily_requests": {"limit": 5, "used": 1, "resets_at": "2026-11-26T00:00:00Z"},
+        "monthly_cost": {"limit": 50.0, "used": 1.25, "resets_at": "2026-12-01T00:00:00Z"},
+        "concurrency": {"limit": 4, "used": 1, "resets_at": None}}
+    assert (idle["client_key"], idle["requests"], idle["limits"]) == (
+        "idle", 0, {"rpm": {"limit": 10, "used": 0, "resets_at": None}})

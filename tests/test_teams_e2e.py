@@ -1,0 +1,85 @@
+"""Teams end to end: two real relays on one MariaDB share a key's exact daily_requests budget."""
+
+from __future__ import annotations
+
+import datetime as dt
+import http.client
+import json
+
+import pytest
+import sqlalchemy as sa
+
+from bench.fakeupstream import FakeUpstream
+from bench.relayproc import RelayProcess
+from store.engine import make_engine
+from store.poll import Poller
+from store.reconcile import reconcile
+from store.records import utcnow
+from store.sources import SourceConfig, crs
+from tests.conftest import wait_for
+
+pytestmark = pytest.mark.e2e
+
+KEY = "ck-alice-0123456789"
+
+
+def call(relay: RelayProcess) -> tuple[int, dict]:
+    conn = http.client.HTTPConnection("127.0.0.1", relay.port, timeout=30)
+    try:
+        conn.request("POST", "/v1/responses", json.dumps({"model": "gpt-5", "input": "hi"}),
+                     {"content-type": "application/json", "authorization": f"Bearer {KEY}"})
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+    finally:
+        conn.close()
+
+
+def rows_of_alice(eng: sa.Engine) -> int:
+    with eng.connect() as conn:
+        return conn.execute(sa.text("SELECT count(*) FROM codex_invocations WHERE client_key = 'alice'")).scalar()
+
+
+def test_two_relays_on_one_database_admit_exactly_the_daily_requests(mariadb, tmp_path):
+    node = FakeUpstream("alpha").start()
+    try:
+        nodes = tmp_path / "nodes.toml"
+        nodes.write_text(f'[[nodes]]\nid = "alpha"\nbase_url = "{node.base_url}"\napi_key = "node-key-1"\n')
+        keys = tmp_path / "keys.toml"
+        keys.write_text(f'[[keys]]\nname = "alice"\nkey = "{KEY}"\nnodes = ["alpha"]\ndaily_requests = 5\n')
+        options = {"codex_nodes": str(nodes), "codex_client_keys": f"@{keys}", "codex_ping_interval": "0"}
+        # Each relay its own spool: a spool belongs to one process.
+        with (RelayProcess(db_url=mariadb, options=options | {"codex_spool": str(tmp_path / "spool-1.db")}) as one,
+              RelayProcess(db_url=mariadb, options=options | {"codex_spool": str(tmp_path / "spool-2.db")}) as two):
+            answers = [call((one, two)[i % 2]) for i in range(8)]
+            eng = make_engine(mariadb)
+            try:
+                wait_for(lambda: rows_of_alice(eng) == 5, what="5 rows written")
+                # A capture is stored to the second and counts the relay's calls before it: ask in a later second.
+                with eng.connect() as conn:
+                    last = conn.execute(sa.text("SELECT max(occurred_at) FROM codex_invocations")).scalar()
+                wait_for(lambda: utcnow() >= last.replace(microsecond=0) + dt.timedelta(seconds=1),
+                         what="the second after the last call")
+                # A crs stats source of the other relay's usage endpoint: it reconciles with no difference.
+                source = SourceConfig(name="two", url=f"{two.url}/apiStats/api/user-model-stats", nodes=("alpha",),
+                                      midnight_margin=0, **crs.configure({"api_key": KEY}, "two"))
+                assert Poller(eng, [source]).poll(source).ok
+                with eng.connect() as conn:
+                    rec = reconcile(conn, source, utcnow().date(), tolerance=0)
+                assert rec.ok and {r.metric: r.provider for r in rec.rows if r.model is None}["requests"] == 5
+            finally:
+                eng.dispose()
+        statuses = sorted(status for status, _ in answers)
+        assert statuses == [200] * 5 + [429] * 3
+        assert {body["error"]["code"] for status, body in answers if status == 429} == {"budget_exceeded"}
+        assert len(node.seen) == 5  # refused calls reach no node
+        eng = sa.create_engine(mariadb)
+        try:
+            with eng.connect() as conn:
+                assert conn.execute(sa.text("SELECT client_key, count(*) FROM codex_invocations "
+                                            "GROUP BY client_key")).all() == [("alice", 5)]
+                assert conn.execute(sa.text("SELECT admitted, requests, refused_budget FROM client_key_usage "
+                                            "WHERE client_key = 'alice'")).one() == (5, 5, 3)
+        finally:
+            eng.dispose()
+    finally:
+        node.stop()
