@@ -30,15 +30,14 @@ from mitmproxy import ctx, exceptions, http
 from mitmproxy.proxy.mode_specs import ReverseMode
 
 from addon.errors import CLIENT_KEY_NAME, error_response, fail_closed
-from addon.keys import KeySpec, parse_keys_toml, toml_file
 from addon.limits import Limits
 from addon.refusal import RefusalSink, answered
 from addon.secrets import KnownSecrets, digest
 from addon.target import is_admin_path, is_user_stats_path
+from store.keys import MAX_NAME_CHARS, KeySpec, parse_keys_toml, toml_file
 
 log = logging.getLogger("codex.auth")
 
-MAX_NAME_CHARS = 64  # codex_invocations.client_key is VARCHAR(64)
 
 
 def parse_client_keys(spec: str) -> list[tuple[str, str]]:
@@ -95,7 +94,7 @@ class ClientAuth:
                  limits: Limits | None = None) -> None:
         self.refusals = refusals or RefusalSink()
         self.secrets = secrets or KnownSecrets()
-        self.limits = limits  # gets each key's limits (addon.keys) when the option changes
+        self.limits = limits  # gets each key's limits (store.keys) when the option changes
         self._keys: list[tuple[str, bytes]] = []  # (name, SHA-256 of the key): the keys are not kept
         self._tunnels: dict[str, str] = {}  # client connection id -> key name of its authorised CONNECT
 

@@ -1,4 +1,4 @@
-"""Enforcing what a client key may do (``addon.keys.KeySpec``) before its call reaches a node.
+"""Enforcing what a client key may do (``store.keys.KeySpec``) before its call reaches a node.
 
 The relay asks ``admit`` once per API call, after client auth named the key and the body told the
 model; a refusal is an error answer in the client's API shape and the call reaches no node, counts
@@ -24,9 +24,9 @@ import sqlalchemy as sa
 from mitmproxy import http
 
 from addon.errors import CLIENT_KEY_NAME, error_response
-from addon.keys import KeySpec
 from addon.runtime import Runtime
-from store.key_usage import REFUSAL_REASONS, USAGE_COUNTERS, Budgets, KeyStats, admit, count_refusal
+from store.key_usage import Budgets, KeyStats, admit, budget_reset, count_refusal, key_report
+from store.keys import KeySpec
 from store.records import utcnow
 
 log = logging.getLogger("codex.limits")
@@ -113,7 +113,7 @@ class Limits:
         if over is None:
             return None
         limit = getattr(spec, over)
-        reset = _reset(day, monthly=over == "monthly_cost")
+        reset = budget_reset(day, monthly=over == "monthly_cost")
         wait = max(1, math.ceil((reset - self._now()).total_seconds()))
         return error_response(
             path, 429, f"codex-relay: key {spec.name!r} reached its {over} limit ({limit:g}"
@@ -130,26 +130,15 @@ class Limits:
         return self._in_flight.get(name, 0)
 
     def report(self, rows: Iterable[KeyStats], day: dt.date) -> list[dict]:
-        """``rows`` (``store.key_usage.per_key`` of ``day``) and every configured key without one, each with
-        ``limits``: per configured limit its value, its use and when it resets (None: a rolling window or
-        calls in flight; rpm and concurrency are this process's)."""
-        by_name = {r.client_key: r.as_dict() for r in rows}
-        for name in self.keys.keys() - by_name.keys():
-            by_name[name] = {"client_key": name, "day": day.isoformat(), "admitted": 0, "month_cost": 0.0,
-                             "refused": 0, **dict.fromkeys(USAGE_COUNTERS, 0),
-                             **{f"refused_{r}": 0 for r in REFUSAL_REASONS}}
+        """``store.key_usage.key_report`` with this process's rpm window and calls in flight."""
         now = self._clock()
-        for name, row in by_name.items():
-            spec = self.keys.get(name)
-            recent = [t for t in self._recent.get(name, ()) if t > now - RPM_WINDOW_S]
-            uses = {"daily_requests": (row["admitted"], _reset(day, False)),
-                    "daily_tokens": (row["total_tokens"], _reset(day, False)),
-                    "monthly_cost": (row["month_cost"], _reset(day, True)),
-                    "rpm": (len(recent), None), "concurrency": (self.in_flight(name), None)}
-            row["limits"] = {limit: {"limit": getattr(spec, limit), "used": used,
-                                     "resets_at": reset.isoformat() + "Z" if reset else None}
-                             for limit, (used, reset) in uses.items() if spec and getattr(spec, limit) is not None}
-        return [by_name[n] for n in sorted(by_name)]
+
+        def live(name: str, limit: str) -> int:
+            if limit == "rpm":
+                return len([t for t in self._recent.get(name, ()) if t > now - RPM_WINDOW_S])
+            return self.in_flight(name)
+
+        return key_report(rows, self.keys, day, live)
 
     async def _refuse(self, flow: http.HTTPFlow, spec: KeySpec, reason: str,
                       response: http.Response) -> http.Response:
@@ -172,9 +161,3 @@ def _admit(engine: sa.Engine, spec: KeySpec, day: dt.date) -> str | None:
 def _count(engine: sa.Engine, name: str, day: dt.date, reason: str) -> None:
     with engine.begin() as conn:
         count_refusal(conn, name, day, reason)
-
-
-def _reset(day: dt.date, monthly: bool) -> dt.datetime:
-    """When a daily (or monthly) budget of ``day`` starts again: the next UTC midnight (or month)."""
-    nxt = (day.replace(day=28) + dt.timedelta(days=4)).replace(day=1) if monthly else day + dt.timedelta(days=1)
-    return dt.datetime.combine(nxt, dt.time())

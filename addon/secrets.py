@@ -9,21 +9,15 @@ tokens of the text are hashed and compared.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import re
 from collections.abc import Iterable
 
-from store.masking import mask_secret
+from store.masking import digest, mask_secret
 
 # Runs of characters API keys are made of; anything shorter than 8 is no key worth hiding.
 _TOKEN = re.compile(r"[A-Za-z0-9_\-.~+/=]{8,}")
 _MIN_KEY_CHARS = 8
-
-
-def digest(secret: str) -> bytes:
-    """A fixed-length digest: comparing digests reveals neither a secret nor its length."""
-    return hashlib.sha256(secret.encode("utf-8", "surrogateescape")).digest()
 
 
 def secrets_equal(given: str, expected: str) -> bool:

@@ -11,12 +11,13 @@ and cost in the transaction that stores its row (``add_usage``), so these rows s
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
 import sqlalchemy as sa
 
+from store.keys import KeySpec
 from store.schema import client_key_usage, codex_invocations
 from store.upsert import upsert
 
@@ -154,3 +155,31 @@ def models_of_key(conn: sa.Connection, key: str, since: dt.date, until: dt.date)
         .where(c.client_key == key, c.status == "success", c.occurred_at >= dt.datetime.combine(since, dt.time()),
                c.occurred_at < dt.datetime.combine(until + dt.timedelta(days=1), dt.time()))
         .group_by(sa.func.coalesce(c.model, "unknown")).order_by(sa.func.coalesce(c.model, "unknown"))))
+
+
+def budget_reset(day: dt.date, monthly: bool) -> dt.datetime:
+    """When a daily (or monthly) budget of ``day`` starts again: the next UTC midnight (or month)."""
+    nxt = (day.replace(day=28) + dt.timedelta(days=4)).replace(day=1) if monthly else day + dt.timedelta(days=1)
+    return dt.datetime.combine(nxt, dt.time())
+
+
+def key_report(rows: Iterable[KeyStats], specs: Mapping[str, KeySpec], day: dt.date,
+               live: Callable[[str, str], int | None] = lambda name, limit: None) -> list[dict]:
+    """``rows`` (``per_key`` of ``day``) and every configured key without one, each with ``limits``: per
+    configured limit its value, its use and when it resets. ``live(name, "rpm" | "concurrency")`` is what a
+    relay process knows of its rolling window and calls in flight (None where nobody does, e.g. the CLI)."""
+    by_name = {r.client_key: r.as_dict() for r in rows}
+    for name in specs.keys() - by_name.keys():
+        by_name[name] = {"client_key": name, "day": day.isoformat(), "admitted": 0, "month_cost": 0.0,
+                         "refused": 0, **dict.fromkeys(USAGE_COUNTERS, 0),
+                         **{f"refused_{r}": 0 for r in REFUSAL_REASONS}}
+    for name, row in by_name.items():
+        spec = specs.get(name)
+        uses = {"daily_requests": (row["admitted"], budget_reset(day, False)),
+                "daily_tokens": (row["total_tokens"], budget_reset(day, False)),
+                "monthly_cost": (row["month_cost"], budget_reset(day, True)),
+                "rpm": (live(name, "rpm"), None), "concurrency": (live(name, "concurrency"), None)}
+        row["limits"] = {limit: {"limit": getattr(spec, limit), "used": used,
+                                 "resets_at": reset.isoformat() + "Z" if reset else None}
+                         for limit, (used, reset) in uses.items() if spec and getattr(spec, limit) is not None}
+    return [by_name[n] for n in sorted(by_name)]

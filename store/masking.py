@@ -1,12 +1,20 @@
-"""The one rule for showing a secret (an API key, a token): never whole, just enough to tell keys apart.
+"""The one rule for showing a secret (an API key, a token): never whole, just enough to tell keys apart;
+and the one digest secrets are compared and stored by.
 
 Flows (``addon.hygiene``), the stats CLI and the admin page all mask through ``mask_secret``.
 """
 
 from __future__ import annotations
 
+import hashlib
+
 ELLIPSIS = "…"
 MIN_REVEAL_CHARS = 16  # shorter secrets show nothing: 4 characters would be too much of them
+
+
+def digest(secret: str) -> bytes:
+    """A fixed-length digest: comparing digests reveals neither a secret nor its length."""
+    return hashlib.sha256(secret.encode("utf-8", "surrogateescape")).digest()
 
 
 def mask_secret(secret: str) -> str:

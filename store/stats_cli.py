@@ -21,7 +21,8 @@ import sqlalchemy as sa
 
 from store.cli import OneLineParser, add_db_option
 from store.engine import DEFAULT_DB, current_revision, error_line, head_revision, make_engine
-from store.key_usage import per_key
+from store.key_usage import key_report, per_key
+from store.keys import parse_keys_toml, toml_file
 from store.stats import Filters, per_day, per_hour, per_model, per_node, per_source, recent_invocations
 
 
@@ -118,7 +119,7 @@ VIEWS: dict[str, tuple[Callable[..., list], list[Column]]] = {
     # Teams: one UTC day (--until, default today) per client key; refusals never reached a node.
     "keys": (lambda conn, f: per_key(conn, f.until or dt.datetime.now(dt.UTC).date()), [
         ("key", lambda s: s.client_key, False),
-        ("day", lambda s: s.day.isoformat(), False),
+        ("day", lambda s: str(s.day), False),
         ("requests", lambda s: _int(s.requests), True),
         ("refused", lambda s: _int(s.refused), True),
         ("model", lambda s: _int(s.refused_model), True),
@@ -132,8 +133,43 @@ VIEWS: dict[str, tuple[Callable[..., list], list[Column]]] = {
         ("total", lambda s: _int(s.total_tokens), True),
         ("cost $", lambda s: f"{s.cost:.4f}", True),
         ("month $", lambda s: f"{s.month_cost:.4f}", True),
+        ("limits (used/limit, resets UTC)", lambda s: _limits(getattr(s, "limits", None)), False),
     ]),
 }
+
+
+class KeyRow:
+    """A ``store.key_usage.key_report`` row for the keys view: its fields as attributes, limits flattened
+    for CSV."""
+
+    def __init__(self, row: dict) -> None:
+        self._row = row
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self._row[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def as_dict(self) -> dict:
+        return self._row
+
+    def flat(self) -> dict:
+        out = {k: v for k, v in self._row.items() if k != "limits"}
+        for limit, v in self._row["limits"].items():
+            out |= {f"{limit}_limit": v["limit"], f"{limit}_used": v["used"], f"{limit}_resets_at": v["resets_at"]}
+        return out
+
+
+def _limits(limits: dict | None) -> str:
+    if not limits:
+        return "-"
+    return "; ".join(f"{name} {'-' if v['used'] is None else _num(v['used'])}/{_num(v['limit'])}"
+                     + (f" ({v['resets_at'][:16]})" if v["resets_at"] else "") for name, v in limits.items())
+
+
+def _num(v: float) -> str:
+    return f"{v:.2f}" if isinstance(v, float) else str(v)
 
 
 def format_table(rows: Sequence[Any], columns: Sequence[Column]) -> str:
@@ -147,10 +183,11 @@ def format_table(rows: Sequence[Any], columns: Sequence[Column]) -> str:
 
 
 def format_csv(rows: Sequence[Any]) -> str:
-    dicts = [r.as_dict() for r in rows]
+    dicts = [r.flat() if isinstance(r, KeyRow) else r.as_dict() for r in rows]
     out = io.StringIO()
     if dicts:
-        writer = csv.DictWriter(out, fieldnames=list(dicts[0]), lineterminator="\n")
+        # Rows may differ in their fields (each key its own limits): every field, in order of appearance.
+        writer = csv.DictWriter(out, fieldnames=list(dict.fromkeys(k for d in dicts for k in d)), lineterminator="\n")
         writer.writeheader()
         writer.writerows(dicts)
     return out.getvalue()
@@ -214,6 +251,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--node", help="only calls served by this node id")
     parser.add_argument("--model", help="only calls of this model")
     parser.add_argument("--limit", type=int, default=50, help="rows of the recent view (default %(default)s)")
+    parser.add_argument("--keys", metavar="FILE", help="keys view: the relay's TOML keys file (codex_client_keys), "
+                        "to show each key's limits with their use and reset time")
     fmt = parser.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="print JSON")
     fmt.add_argument("--csv", action="store_true", help="print CSV with a header row")
@@ -223,6 +262,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--since {args.since} is after --until {args.until}")
     if args.limit < 1:
         parser.error("--limit must be at least 1")
+    specs = None
+    if args.keys:
+        if args.view != "keys":
+            parser.error("--keys goes with the keys view")
+        text = toml_file("@" + args.keys.removeprefix("@"))
+        if text is None:
+            parser.error(f"--keys {args.keys}: not a readable TOML keys file ([[keys]] tables)")
+        try:
+            specs = {s.name: s for s in parse_keys_toml(text)}
+        except ValueError as e:
+            parser.error(f"--keys {args.keys}: {e}")
     query, columns = VIEWS[args.view]
     f = Filters(since=args.since, until=args.until, source=args.source, node=args.node, model=args.model)
     try:
@@ -230,6 +280,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             with engine.connect() as conn:
                 rows = query(conn, f, args.limit) if args.view == "recent" else query(conn, f)
+                if specs is not None:
+                    day = args.until or dt.datetime.now(dt.UTC).date()
+                    rows = [KeyRow(r) for r in key_report(rows, specs, day)]
         finally:
             engine.dispose()
     except StatsError as e:

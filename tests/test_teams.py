@@ -17,7 +17,6 @@ from mitmproxy.test import taddons, tflow
 from addon.admin import Admin
 from addon.auth import ClientAuth
 from addon.errors import CLIENT_KEY_NAME
-from addon.keys import KeySpec
 from addon.limits import Limits
 from addon.routing import Node, NodePool
 from addon.runtime import Runtime
@@ -26,6 +25,7 @@ from addon.userstats import UserStats
 from store.engine import make_engine, upgrade_to_head
 from store.invocations import apply_batch
 from store.key_usage import Budgets, admit, count_refusal
+from store.keys import KeySpec
 from store.records import InvocationRecord, NodeConfig, Usage, utcnow
 from store.schema import client_key_usage, codex_invocations
 from store.sources import crs
@@ -240,6 +240,29 @@ def test_stats_keys_shows_each_keys_day_with_refusals_by_reason(engine, capsys):
     assert stats_main(["keys", "--db", url, "--until", "2026-11-25"]) == 0
     table = capsys.readouterr().out.splitlines()
     assert table[0].split()[:4] == ["key", "day", "requests", "refused"] and table[2].startswith("bob")
+
+
+def test_stats_keys_with_the_keys_file_shows_each_limits_use_and_reset(engine, capsys, tmp_path):
+    with engine.begin() as conn:
+        apply_batch(conn, [record("k1", "alice", dt.datetime(2026, 11, 25, 8), 40, 0.25)])
+        assert admit(conn, "alice", dt.date(2026, 11, 25), Budgets(daily_requests=5)) is None
+    keys = tmp_path / "keys.toml"
+    keys.write_text('[[keys]]\nname = "alice"\nkey = "ck-alice-0123456789"\ndaily_requests = 5\n'
+                    'monthly_cost = 10.0\nrpm = 60\n\n[[keys]]\nname = "carol"\nkey = "ck-carol-0123456789"\n'
+                    'daily_tokens = 1000\n')
+    url = engine.url.render_as_string(hide_password=False)
+    assert stats_main(["keys", "--db", url, "--until", "2026-11-25", "--keys", str(keys), "--json"]) == 0
+    got = {r["client_key"]: r for r in json.loads(capsys.readouterr().out)}
+    assert got["alice"]["limits"] == {
+        "daily_requests": {"limit": 5, "used": 1, "resets_at": "2026-11-26T00:00:00Z"},
+        "monthly_cost": {"limit": 10.0, "used": 0.25, "resets_at": "2026-12-01T00:00:00Z"},
+        "rpm": {"limit": 60, "used": None, "resets_at": None}}  # a relay's rolling window: not in the database
+    assert got["carol"]["limits"] == {"daily_tokens": {"limit": 1000, "used": 0, "resets_at": "2026-11-26T00:00:00Z"}}
+    assert stats_main(["keys", "--db", url, "--until", "2026-11-25", "--keys", str(keys)]) == 0
+    table = capsys.readouterr().out
+    assert "daily_requests 1/5 (2026-11-26T00:00)" in table and "rpm -/60" in table
+    assert stats_main(["keys", "--db", url, "--until", "2026-11-25", "--keys", str(keys), "--csv"]) == 0
+    assert "daily_requests_used" in capsys.readouterr().out.splitlines()[0]
 
 
 def test_usage_endpoint_answers_a_key_holder_its_own_usage_in_crs_shape(engine, tmp_path):

@@ -14,7 +14,9 @@ import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from addon.secrets import digest
+from store.masking import digest
+
+MAX_NAME_CHARS = 64  # codex_invocations.client_key is VARCHAR(64)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +63,7 @@ def toml_file(spec: str) -> str | None:
     return text if first.startswith("[") else None
 
 
-def parse_keys_toml(text: str, max_name_chars: int) -> list[KeySpec]:
+def parse_keys_toml(text: str, max_name_chars: int = MAX_NAME_CHARS) -> list[KeySpec]:
     """The keys of a TOML keys file; ValueError names the bad entry and what is wrong."""
     try:
         doc = tomllib.loads(text)
