@@ -29,7 +29,7 @@ from store.writer import WriterStats
 log = logging.getLogger("codex.alerts")
 
 EVENTS = ("node_failed", "node_recovered", "all_nodes_down", "writer_journaling", "writer_recovered",
-          "records_lost")
+          "records_lost", "key_budget_reached")
 FORMATS = ("json", "slack")
 RELAY = "relay"  # the subject of events about the relay as a whole
 

@@ -115,6 +115,9 @@ class Limits:
         limit = getattr(spec, over)
         reset = budget_reset(day, monthly=over == "monthly_cost")
         wait = max(1, math.ceil((reset - self._now()).total_seconds()))
+        self.runtime.alert("key_budget_reached", spec.name,
+                           f"client key {spec.name} reached its {over} limit ({limit:g}); calls are refused until "
+                           f"{reset.isoformat()}Z")
         return error_response(
             path, 429, f"codex-relay: key {spec.name!r} reached its {over} limit ({limit:g}"
             f"{' USD' if over == 'monthly_cost' else ''}); it resets at {reset.isoformat()}Z (UTC)",

@@ -269,6 +269,11 @@ class Runtime:
         if self._writer is not None:
             self._writer.submit(item)
 
+    def alert(self, event: str, subject: str, message: str) -> None:
+        """Send an alert event to the webhooks that want it (de-duplicated); a no-op without webhooks."""
+        if self._alerts is not None:
+            self._alerts.notify(event, subject, message)
+
     def writer_stats(self) -> WriterStats | None:
         return self._writer.stats() if self._writer is not None else None
 

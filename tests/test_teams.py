@@ -153,6 +153,8 @@ def test_daily_requests_budget_refuses_with_reset_time_and_frees_the_slot(engine
     now = dt.datetime(2026, 11, 25, 23, 0, 0)
     limits = Limits(runtime_with("alpha", engine=engine), now=lambda: now)
     limits.set_keys([KeySpec("alice", b"x" * 32, daily_requests=2, concurrency=5)])
+    alerts: list[tuple[str, str, str]] = []
+    limits.runtime.alert = lambda *event: alerts.append(event)  # the webhooks' "key_budget_reached"
 
     async def run() -> list:
         return [await limits.admit(flow_of("alice"), "gpt-5") for _ in range(3)]
@@ -163,6 +165,7 @@ def test_daily_requests_budget_refuses_with_reset_time_and_frees_the_slot(engine
     assert "daily_requests limit (2)" in third.text and "2026-11-26T00:00:00Z" in third.text
     assert limits.in_flight("alice") == 2  # the refused call holds no slot
     assert refused_counts(engine, "alice") == {"refused_budget": 1}
+    assert [(e, k) for e, k, _ in alerts] == [("key_budget_reached", "alice")] and "daily_requests" in alerts[0][2]
 
 
 def test_daily_requests_admission_is_exact_under_concurrency(engine):
