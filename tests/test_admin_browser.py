@@ -148,6 +148,8 @@ def test_admin_page_shows_stats_and_edits_a_node(sqlite_url, tmp_path, browser):
                 expect(hour_row).to_have_attribute("data-key", latest.hour)
                 expect(col(hour_row, "requests")).to_have_text(str(latest.requests))
                 expect(col(hour_row, "ttfb_p95_ms")).to_have_text(f"{latest.ttfb_p95_ms:,}")
+                # ... and the chart draws the three percentile lines over the same hours.
+                assert page.locator("#chart-hours polyline").count() == 3
 
                 # The page refreshes itself: a new call shows up without a reload.
                 page.select_option("#refresh", "5")

@@ -150,8 +150,13 @@ function renderRecent(calls) {
     cell("error", c.error_message ?? "", undefined, "error-text"))));
 }
 
-// The hourly rollup's percentiles (store/histogram.py buckets), the latest 48 hours first.
+// The hourly rollup's percentiles (store/histogram.py buckets), the latest 48 hours first; the chart
+// draws TTFB p50/p95/p99 over the same hours, oldest left.
 function renderHours(hours) {
+  const shown = hours.slice(-48);
+  drawLines($("#chart-hours"), shown.map((h) => h.hour), [
+    ["p50", shown.map((h) => h.ttfb_p50_ms)], ["p95", shown.map((h) => h.ttfb_p95_ms)],
+    ["p99", shown.map((h) => h.ttfb_p99_ms)]], "ms TTFB");
   fill($("#hours"), hours.slice(-48).reverse().map((h) => el("tr", {"data-key": h.hour}, cell("hour", h.hour),
     ...outcomeCells(h), num("ttfb_p50_ms", h.ttfb_p50_ms), num("ttfb_p95_ms", h.ttfb_p95_ms),
     num("ttfb_p99_ms", h.ttfb_p99_ms), num("duration_p50_ms", h.duration_p50_ms),
@@ -218,6 +223,39 @@ function drawChart(svg, axisDays, sources, value, metric) {
     add("rect", {x, y: H - bottom - totals[i] * scale, width: bar, height: 0, class: "total",
       "data-day": day, "data-total": totals[i]});
     if (i % labelEvery === 0) add("text", {x: x + bar / 2, y: H - 6, "text-anchor": "middle", class: "axis"}, day.slice(5));
+  });
+  svg.replaceChildren(...parts);
+}
+
+// One polyline per series over evenly spaced labels; a missing value (no call timed) breaks nothing.
+function drawLines(svg, labels, series, unit) {
+  const W = 560, H = 200, left = 56, bottom = 24, top = 8;
+  svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
+  svg.setAttribute("aria-label", unit + " per hour");
+  const values = series.flatMap(([, vs]) => vs.filter((v) => v !== null && v !== undefined));
+  const step = niceStep(Math.max(1, ...values) / 4);
+  const max = step * Math.ceil(Math.max(1, ...values) / step);
+  const x = (i) => left + (labels.length > 1 ? i * (W - left - 8) / (labels.length - 1) : (W - left) / 2);
+  const y = (v) => H - bottom - v * (H - top - bottom) / max;
+  const parts = [];
+  const add = (tag, attrs, text) => {
+    const node = document.createElementNS(SVG, tag);
+    for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, String(v));
+    if (text !== undefined) node.textContent = text;
+    parts.push(node);
+  };
+  for (let tick = 0; tick <= max; tick += step) {
+    add("line", {x1: left, x2: W, y1: y(tick), y2: y(tick), class: "grid"});
+    add("text", {x: left - 4, y: y(tick) + 4, "text-anchor": "end", class: "axis"}, int(tick));
+  }
+  series.forEach(([name, vs], k) => {
+    const points = vs.map((v, i) => (v === null || v === undefined ? null : `${x(i)},${y(v)}`)).filter(Boolean);
+    if (points.length) add("polyline", {points: points.join(" "), fill: "none", stroke: COLORS[k % COLORS.length],
+      "stroke-width": 2, "data-series": name});
+  });
+  const labelEvery = Math.max(1, Math.ceil(labels.length / 6));
+  labels.forEach((label, i) => {
+    if (i % labelEvery === 0) add("text", {x: x(i), y: H - 6, "text-anchor": "middle", class: "axis"}, label.slice(11, 16));
   });
   svg.replaceChildren(...parts);
 }
