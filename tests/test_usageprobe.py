@@ -3,6 +3,7 @@ and the usage chunk this adds never reaches the client; the row gets the usage."
 
 from __future__ import annotations
 
+import http.client
 import json
 
 import pytest
@@ -15,7 +16,10 @@ from addon.meter import StreamMeter
 from addon.relay import CallState, _prepare_body, _strips_usage
 from addon.routing import Node
 from addon.usageprobe import MAX_HELD_BYTES, UsageChunkFilter, add_include_usage
+from bench.fakeupstream import Behaviour, FakeUpstream, chat_events
+from bench.relayproc import RelayProcess
 from store.records import NodeConfig, Usage
+from tests.test_e2e import rows, write_nodes
 
 USAGE = {"prompt_tokens": 120, "completion_tokens": 30, "total_tokens": 150,
          "prompt_tokens_details": {"cached_tokens": 100}, "completion_tokens_details": {"reasoning_tokens": 7}}
@@ -145,3 +149,24 @@ def test_only_the_event_in_progress_is_held_and_a_long_one_is_not():
     g = UsageChunkFilter(lambda _: None)
     g(chunk({"choices": [], "usage": USAGE}))
     assert g(b"data: partial") == [b"data: partial"]
+
+
+# -- end to end ---------------------------------------------------------------------------------------
+@pytest.mark.e2e
+def test_a_real_relay_meters_a_chat_stream_whose_client_did_not_ask_for_usage(sqlite_url, tmp_path):
+    usage = (120, 100, 30, 7)
+    with FakeUpstream("chat") as up:
+        nodes = write_nodes(tmp_path / "nodes.toml", [("chat", up.base_url, "k", 1)])
+        with RelayProcess(db_url=sqlite_url, options={"codex_nodes": str(nodes)}) as relay:
+            body = {"model": "gpt-5-mini", "stream": True, "messages": [], "metadata": {"fake_usage": list(usage)}}
+            conn = http.client.HTTPConnection("127.0.0.1", relay.port, timeout=15)
+            conn.request("POST", "/v1/chat/completions", json.dumps(body), {"content-type": "application/json"})
+            got = conn.getresponse().read()
+            conn.close()
+    # The stream the client asked for, byte for byte; the upstream was asked for usage.
+    assert got == b"".join(chat_events("gpt-5-mini", usage, Behaviour().deltas, include_usage=False))
+    sent = json.loads(up.requests_to("/chat/completions")[0].body)
+    assert sent == dict(body, stream_options={"include_usage": True})
+    row = rows(sqlite_url, "SELECT input_tokens, cache_input_tokens, output_tokens, reasoning_tokens, status, flags "
+                       "FROM codex_invocations")
+    assert [tuple(r) for r in row] == [(120, 100, 30, 7, "success", None)]
