@@ -107,3 +107,17 @@ def test_bad_files(tmp_path, text, message):
     p.write_text(text)
     with pytest.raises(ConfigError, match=message):
         load_prices(p)
+
+
+def test_a_call_with_iterations_costs_each_at_its_own_models_price():
+    table = PriceTable({"main": Price(input=1.0, cached_input=0.1, cache_write=1.25, output=5.0),
+                        "advisor": Price(input=15.0, cached_input=1.5, cache_write=18.75, output=75.0)})
+    main, advisor = Usage(input_tokens=56_000, cached_tokens=55_000, output_tokens=100), Usage(9_000, 0, 0, 400)
+    split = table.call_cost("main", Usage(65_000, 55_000, 0, 500), [(None, main), ("advisor", advisor)])
+    one, other = table.cost("main", main), table.cost("advisor", advisor)
+    assert (split.input, split.cached, split.output, split.cache_write) == pytest.approx(
+        (one.input + other.input, one.cached + other.cached, one.output + other.output, 0.0))
+    assert split.total == pytest.approx((1_000 + 55_000 * 0.1 + 500 + 9_000 * 15 + 400 * 75) / 1e6)
+    # Without iterations: the call's own price; an unpriced iteration leaves the call unpriced.
+    assert table.call_cost("main", main) == table.cost("main", main)
+    assert table.call_cost("main", main, [(None, main), ("nobody-prices-this", advisor)]) is None

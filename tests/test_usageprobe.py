@@ -18,6 +18,7 @@ from addon.routing import Node
 from addon.usageprobe import MAX_HELD_BYTES, UsageChunkFilter, add_include_usage
 from bench.fakeupstream import Behaviour, FakeUpstream, chat_events
 from bench.relayproc import RelayProcess
+from store.config import ConfigError, node_from_mapping
 from store.records import NodeConfig, Usage
 from tests.test_e2e import rows, write_nodes
 
@@ -170,3 +171,11 @@ def test_a_real_relay_meters_a_chat_stream_whose_client_did_not_ask_for_usage(sq
     row = rows(sqlite_url, "SELECT input_tokens, cache_input_tokens, output_tokens, reasoning_tokens, status, flags "
                        "FROM codex_invocations")
     assert [tuple(r) for r in row] == [(120, 100, 30, 7, "success", None)]
+
+
+def test_the_nodes_file_turns_the_probe_off_per_node():
+    base = {"id": "n", "base_url": "http://h/v1"}
+    assert node_from_mapping(base, "n").usage_probe is True
+    assert node_from_mapping(dict(base, usage_probe=False), "n").usage_probe is False
+    with pytest.raises(ConfigError, match="usage_probe"):
+        node_from_mapping(dict(base, usage_probe="no"), "n")
