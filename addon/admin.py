@@ -61,8 +61,8 @@ STATIC = Path(__file__).resolve().parent / "static"
 STATIC_TYPES = {"admin.html": "text/html; charset=utf-8", "admin.js": "text/javascript; charset=utf-8",
                 "admin.css": "text/css; charset=utf-8"}
 MAX_RECENT = 500
-# What a node serves: an edit that leaves one out keeps the stored value.
-_SERVED_KEYS = frozenset({"formats", "models", "model_map"})
+# Node config that a save without it keeps as stored: what the node serves, and its usage probe.
+_KEPT_KEYS = frozenset({"formats", "models", "model_map", "usage_probe"})
 _NODE_ACTION = re.compile(r"^/admin/api/nodes/([^/]+)/(enable|disable)$")
 _SECURITY_HEADERS = {
     "cache-control": "no-store",
@@ -335,12 +335,12 @@ class Admin:
 
     def _save_node(self, body: Any) -> dict:
         """Add a node or change its config; an empty or missing api_key keeps the stored one, and so
-        does a missing formats, models or model_map."""
+        does a missing formats, models, model_map or usage_probe."""
         try:
             config = node_from_mapping(body, "node")
         except ConfigError as e:
             raise HttpError(400, str(e)) from None
-        kept = _SERVED_KEYS - body.keys()
+        kept = _KEPT_KEYS - body.keys()
         if not config.api_key or kept:
             with self._engine().connect() as conn:
                 stored = next((r for r in load_nodes(conn) if r.id == config.id), None)

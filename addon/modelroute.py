@@ -6,15 +6,11 @@ call's body with ``rewrite_model`` before it is sent.
 
 from __future__ import annotations
 
-import json
-import re
 from fnmatch import fnmatchcase
 
+from addon.jsonedit import set_key
 from store.config import NODE_FORMATS
 from store.records import NodeConfig
-
-_WS = re.compile(r"[ \t\n\r]*")
-_DECODER = json.JSONDecoder()
 
 
 def serves(config: NodeConfig, api_format: str | None, model: str | None) -> bool:
@@ -38,25 +34,4 @@ def upstream_model(config: NodeConfig, model: str | None) -> str | None:
 def rewrite_model(body: bytes, model: str) -> bytes | None:
     """``body`` (a JSON object) with its top-level ``model`` set to ``model``, every other byte as it was;
     None when the body is not such an object (then nothing is rewritten)."""
-    try:
-        text = body.decode()
-        pos = _WS.match(text).end()
-        if text[pos:pos + 1] != "{":
-            return None
-        pos = _WS.match(text, pos + 1).end()
-        while text[pos:pos + 1] == '"':
-            key, pos = _DECODER.raw_decode(text, pos)
-            pos = _WS.match(text, pos).end()
-            if text[pos:pos + 1] != ":":
-                return None
-            start = _WS.match(text, pos + 1).end()
-            _, end = _DECODER.raw_decode(text, start)
-            if key == "model":
-                return (text[:start] + json.dumps(model, ensure_ascii=False) + text[end:]).encode()
-            pos = _WS.match(text, end).end()
-            if text[pos:pos + 1] != ",":
-                return None
-            pos = _WS.match(text, pos + 1).end()
-    except (UnicodeDecodeError, ValueError):
-        pass
-    return None
+    return set_key(body, "model", model)

@@ -40,7 +40,8 @@ from addon.routing import Node
 from addon.runtime import Runtime
 from addon.secrets import KnownSecrets
 from addon.target import target_problem
-from addon.usage import detect_format, parse_request
+from addon.usage import detect_format, iteration_usages, parse_request
+from addon.usageprobe import UsageChunkFilter, add_include_usage
 from store.records import InvocationRecord, NodeStateUpdate, utcnow
 
 log = logging.getLogger("codex.relay")
@@ -72,7 +73,8 @@ class CallState:
     timer: asyncio.TimerHandle | None = None
     relay_error: str | None = None  # why the relay itself ended or refused the call (a timeout, no node)
     requested_model: str | None = None  # the client's model; ``model`` becomes the one sent, then reported
-    original_body: bytes | None = None  # the client's body, kept once a node's model_map rewrote it
+    original_body: bytes | None = None  # the client's body, kept once the relay rewrote it for a node
+    probed: bool = False  # the body sent asks for usage the client did not ask for (addon.usageprobe)
 
 
 class Relay:
@@ -210,7 +212,7 @@ class Relay:
                 return
         attach(flow, node.config, target)
         if state is not None:
-            _map_model(flow.request, state, node)
+            _prepare_body(flow.request, state, node)
             state.timer = asyncio.get_running_loop().call_later(
                 self._first_byte_timeout, self._first_byte_timed_out, flow)
 
@@ -322,7 +324,7 @@ class Relay:
             state.api_format, resp.headers.get("content-type"), resp.headers.get("content-encoding"),
             keep_body_bytes=ctx.options.codex_keep_body,
         )
-        resp.stream = state.meter
+        resp.stream = UsageChunkFilter(state.meter) if _strips_usage(state, resp) else state.meter
         self._streaming[flow.id] = state
         self._arm_idle_watch()
 
@@ -345,8 +347,10 @@ class Relay:
             if state.meter is None:  # a whole body: the retry's answer
                 state.meter = StreamMeter(state.api_format, resp.headers.get("content-type"),
                                           resp.headers.get("content-encoding"))
-                state.meter(resp.raw_content or b"")
-                state.meter(b"")
+                feed = UsageChunkFilter(state.meter) if _strips_usage(state, resp) else state.meter
+                body = [*_chunks(feed(resp.raw_content or b"")), *_chunks(feed(b""))]
+                if feed is not state.meter:
+                    resp.raw_content = b"".join(body)
             result = state.meter.result()
             state.model = result.model or state.model
             outcome = classify_response(resp.status_code, body_error=result.error,
@@ -366,7 +370,7 @@ class Relay:
         while (node := self._next_node(state)) is not None:
             attempt = _copy_for_retry(flow)
             attach(attempt, node.config, state.client_target)
-            _map_model(attempt.request, state, node)
+            _prepare_body(attempt.request, state, node)
             await ReplayHandler(attempt, ctx.options).replay()
             resp = attempt.response
             if resp is None:
@@ -438,10 +442,11 @@ class Relay:
             if result.usage is not None:
                 record.usage = result.usage
         prices = self.runtime.prices
-        cost = prices.cost(record.model, record.usage) if prices else None
+        cost = (prices.call_cost(record.model, record.usage, iteration_usages(record.raw_response))
+                if prices else None)
         if cost is not None:
-            record.cost, record.cost_input, record.cost_cached, record.cost_output = (
-                cost.total, cost.input, cost.cached, cost.output)
+            record.cost, record.cost_input, record.cost_cached, record.cost_output, record.cost_cache_write = (
+                cost.total, cost.input, cost.cached, cost.output, cost.cache_write)
         self.runtime.submit(record)
         _annotate(flow, record)
 
@@ -468,17 +473,36 @@ async def _probe(host: str, port: int, timeout: float) -> str | None:
     return None
 
 
-def _map_model(request: http.Request, state: CallState, node: Node) -> None:
-    """The body with the model this node wants (its ``model_map``), or the client's own body again."""
+def _prepare_body(request: http.Request, state: CallState, node: Node) -> None:
+    """The body this node gets: the client's, with the model name the node wants (its ``model_map``)
+    and, for a streamed chat call without usage, the usage probe unless the node turns it off."""
     model = upstream_model(node.config, state.requested_model)
-    if model is None or (model == state.requested_model and state.original_body is None):
-        return  # nothing mapped for this call: the body goes as the client sent it
+    mapped = model is not None and model != state.requested_model
+    probe = state.api_format == "chat" and state.stream and node.config.usage_probe
     if state.original_body is None:
+        if not (mapped or probe):
+            return  # nothing to change for this call: the body goes as the client sent it
         state.original_body = request.content
-    body = state.original_body if model == state.requested_model else rewrite_model(state.original_body, model)
-    if body is not None:
+    body = state.original_body
+    if mapped and (rewritten := rewrite_model(body, model)) is not None:
+        body = rewritten
+    probed = add_include_usage(body) if probe else None
+    state.probed = probed is not None
+    if probed is not None:
+        body = probed
+    if body != request.content:
         request.content = body  # re-encoded as the client encoded it; content-length follows
-        state.model = model
+
+
+def _strips_usage(state: CallState, resp: http.Response) -> bool:
+    """Whether the client gets this answer without the usage chunk the relay asked for: only a
+    successful event stream sent as is (compressed bytes are passed on untouched)."""
+    return (state.probed and resp.status_code == 200 and _is_sse(resp)
+            and resp.headers.get("content-encoding", "identity").strip().lower() == "identity")
+
+
+def _chunks(out: bytes | list[bytes]) -> list[bytes]:
+    return [out] if isinstance(out, bytes) else out
 
 
 def _session_key(flow: http.HTTPFlow, body_key: str | None) -> str | None:

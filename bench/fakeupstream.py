@@ -81,11 +81,13 @@ def _chat_usage(u: tuple[int, int, int, int]) -> dict:
             "prompt_tokens_details": {"cached_tokens": c}, "completion_tokens_details": {"reasoning_tokens": r}}
 
 
-def chat_events(model: str, u: tuple[int, int, int, int], deltas: int) -> list[bytes]:
+def chat_events(model: str, u: tuple[int, int, int, int], deltas: int, include_usage: bool = True) -> list[bytes]:
+    """As OpenAI streams: the usage chunk (no choices) only when ``stream_options.include_usage`` asks."""
     base = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "model": model}
     out = [_sse(None, dict(base, choices=[{"index": 0, "delta": {"content": f"w{k} "}}])) for k in range(deltas)]
     out.append(_sse(None, dict(base, choices=[{"index": 0, "delta": {}, "finish_reason": "stop"}])))
-    out.append(_sse(None, dict(base, choices=[], usage=_chat_usage(u))))
+    if include_usage:
+        out.append(_sse(None, dict(base, choices=[], usage=_chat_usage(u))))
     out.append(_sse(None, "[DONE]"))
     return out
 
@@ -262,7 +264,12 @@ class FakeUpstream:
         usage = _usage_from(req)
         if not req.get("stream"):
             return await self._send_json(w, 200, fmt[1](model, usage))
-        events = fmt[0](model, usage, b.deltas)
+        if fmt[0] is chat_events:
+            options = req.get("stream_options")
+            events = chat_events(model, usage, b.deltas,
+                                 isinstance(options, dict) and options.get("include_usage") is True)
+        else:
+            events = fmt[0](model, usage, b.deltas)
         if b.error_event:
             err = {"type": "error", "error": {"type": "server_error", "code": "server_is_overloaded",
                                               "message": "Our servers are currently overloaded."}}

@@ -21,7 +21,7 @@ NODE_FORMATS: dict[str, frozenset[str]] = {
     "openai": frozenset({"responses", "chat"}), "anthropic": frozenset({"messages"}),
     "responses": frozenset({"responses"}), "chat": frozenset({"chat"}), "messages": frozenset({"messages"}),
 }
-_NODE_KEYS = {"id", "name", "base_url", "api_key", "weight", "formats", "models", "model_map"}
+_NODE_KEYS = {"id", "name", "base_url", "api_key", "weight", "formats", "models", "model_map", "usage_probe"}
 
 
 class ConfigError(ValueError):
@@ -84,9 +84,12 @@ def node_from_mapping(item: Any, where: str) -> NodeConfig:
     # The column sizes of `nodes`: MySQL would refuse a longer value with the key in its error text.
     if len(api_key) > 512 or len(name) > 128 or len(base_url) > 512:
         raise ConfigError(f"{where} ({node_id}): api_key and base_url are limited to 512 characters, name to 128")
+    usage_probe = item.get("usage_probe", True)
+    if not isinstance(usage_probe, bool):
+        raise ConfigError(f"{where} ({node_id}): usage_probe must be true or false, got {usage_probe!r}")
     formats, models, model_map = _served(item, f"{where} ({node_id})")
     return NodeConfig(id=node_id, name=name, base_url=base_url, api_key=api_key, weight=weight,
-                      formats=formats, models=models, model_map=model_map)
+                      formats=formats, models=models, model_map=model_map, usage_probe=usage_probe)
 
 
 def _served(item: dict, where: str) -> tuple[tuple[str, ...], tuple[str, ...], dict[str, str]]:

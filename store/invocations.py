@@ -121,6 +121,7 @@ def invocation_row(r: InvocationRecord) -> dict:
         "reasoning_tokens": u.reasoning_tokens, "total_tokens": u.total_tokens,
         "cache_write_tokens": u.cache_write_tokens, "cost": r.cost, "cost_estimated": r.cost is not None,
         "cost_input": r.cost_input, "cost_cached": r.cost_cached, "cost_output": r.cost_output,
+        "cost_cache_write": r.cost_cache_write,
         "status": r.status, "error_message": error, "payload": r.payload,
         "raw_response": raw, "node_id": r.node_id, "endpoint": r.endpoint[:255],
         "api_format": r.api_format, "stream": r.stream, "http_status": r.http_status, "ttfb_ms": r.ttfb_ms,

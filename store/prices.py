@@ -13,7 +13,7 @@ then a call costs a few multiplications.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from functools import lru_cache
@@ -87,6 +87,19 @@ class PriceTable:
         return CostSplit(input=(usage.input_tokens - cached - written) * price.input / _PER + cache_write,
                          cached=cached * price.cached_input / _PER, output=usage.output_tokens * price.output / _PER,
                          cache_write=cache_write)
+
+    def call_cost(self, model: str | None, usage: Usage,
+                  iterations: Sequence[tuple[str | None, Usage]] = ()) -> CostSplit | None:
+        """A call's cost: with Anthropic ``usage.iterations`` (``addon.usage.iteration_usages``: each
+        one's model, None for the call's, and usage) the sum of each iteration at its own model's price,
+        None if any is unpriced; without, ``cost(model, usage)``."""
+        if not iterations:
+            return self.cost(model, usage)
+        splits = [self.cost(m or model, u) for m, u in iterations]
+        if any(s is None for s in splits):
+            return None
+        return CostSplit(input=sum(s.input for s in splits), cached=sum(s.cached for s in splits),
+                         output=sum(s.output for s in splits), cache_write=sum(s.cache_write for s in splits))
 
 
 def _at_tier(price: ModelPrice, input_tokens: int) -> Price:

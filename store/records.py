@@ -46,6 +46,8 @@ class NodeConfig:
     formats: tuple[str, ...] = ()
     models: tuple[str, ...] = ()
     model_map: dict[str, str] = field(default_factory=dict)  # client's model -> the name this node wants
+    # Ask for usage in chat streams that lack it (addon.usageprobe); off for upstreams rejecting stream_options.
+    usage_probe: bool = True
 
 
 @dataclass(slots=True)
@@ -69,6 +71,7 @@ class InvocationRecord:
     cost_input: float | None = None  # the split of ``cost``: uncached input, cached input, output
     cost_cached: float | None = None
     cost_output: float | None = None
+    cost_cache_write: float | None = None  # the share of ``cost_input`` spent writing the prompt cache
     ttfb_ms: int | None = None
     stream_ms: int | None = None
     duration_ms: int | None = None

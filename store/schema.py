@@ -62,6 +62,9 @@ nodes = sa.Table(
     sa.Column("formats", sa.String(128)),
     sa.Column("models", sa.Text),
     sa.Column("model_map", sa.Text),
+    # revision 11: the relay asks this node for usage in chat streams (addon.usageprobe); false for
+    # upstreams that reject stream_options
+    sa.Column("usage_probe", sa.Boolean, nullable=False, server_default=sa.true()),
 )
 
 # Revision 8: one counter row, bumped in the transaction of every change to a node's config, `disabled`
@@ -112,6 +115,8 @@ codex_invocations = sa.Table(
     sa.Column("flags", sa.String(255)),
     # revision 8: the model the client asked for (``model`` is the one the node reported serving)
     sa.Column("requested_model", sa.String(128)),
+    # revision 11: the share of ``cost_input`` spent writing the prompt cache
+    sa.Column("cost_cache_write", sa.Double),
     sa.UniqueConstraint("invoke_id", "occurred_at", name="uq_codex_invocations_invoke_id_occurred_at"),
     sa.Index("idx_codex_invocations_source_occurred_at", "source", "occurred_at"),
     sa.Index("idx_codex_invocations_occurred_at", "occurred_at"),

@@ -271,6 +271,14 @@ def test_edit_weight_keeps_key_and_stats(env):
         ("sk-rotated-000011112222", "http://127.0.0.1:9/v2")
 
 
+def test_an_edit_without_usage_probe_keeps_the_stored_setting(env):
+    node = {"id": "alpha", "base_url": "http://127.0.0.1:9/v1"}
+    assert ask(env.admin, "POST", "/admin/api/nodes", {**node, "usage_probe": False}).status_code == 200
+    assert ask(env.admin, "POST", "/admin/api/nodes", {**node, "weight": 4}).status_code == 200
+    assert node_row(env.runtime, "alpha").usage_probe is False
+    assert env.runtime.pool.get("alpha").config.usage_probe is False
+
+
 def test_stored_key_never_follows_a_node_to_another_origin(env):
     moved = {"id": "alpha", "base_url": "http://127.0.0.1:19/v1", "weight": 2}  # another port, no key
     resp = ask(env.admin, "POST", "/admin/api/nodes", moved)

@@ -3,9 +3,16 @@ table on top for private ones, lookup rules, and bad files."""
 
 from __future__ import annotations
 
+import json
+from types import SimpleNamespace
+
 import genai_prices
 import pytest
+from mitmproxy.test import taddons, tflow, tutils
 
+from addon.meter import StreamMeter
+from addon.outcome import Outcome
+from addon.relay import CallState, Relay
 from store.config import ConfigError
 from store.prices import CostSplit, Price, PriceTable, load_prices
 from store.records import Usage
@@ -107,3 +114,47 @@ def test_bad_files(tmp_path, text, message):
     p.write_text(text)
     with pytest.raises(ConfigError, match=message):
         load_prices(p)
+
+
+def test_a_call_with_iterations_costs_each_at_its_own_models_price():
+    table = PriceTable({"main": Price(input=1.0, cached_input=0.1, cache_write=1.25, output=5.0),
+                        "advisor": Price(input=15.0, cached_input=1.5, cache_write=18.75, output=75.0)})
+    main, advisor = Usage(input_tokens=56_000, cached_tokens=55_000, output_tokens=100), Usage(9_000, 0, 0, 400)
+    split = table.call_cost("main", Usage(65_000, 55_000, 0, 500), [(None, main), ("advisor", advisor)])
+    one, other = table.cost("main", main), table.cost("advisor", advisor)
+    assert (split.input, split.cached, split.output, split.cache_write) == pytest.approx(
+        (one.input + other.input, one.cached + other.cached, one.output + other.output, 0.0))
+    assert split.total == pytest.approx((1_000 + 55_000 * 0.1 + 500 + 9_000 * 15 + 400 * 75) / 1e6)
+    # Without iterations: the call's own price; an unpriced iteration leaves the call unpriced.
+    assert table.call_cost("main", main) == table.cost("main", main)
+    assert table.call_cost("main", main, [(None, main), ("nobody-prices-this", advisor)]) is None
+
+
+def test_the_relays_record_prices_iterations_and_keeps_the_cache_write_share():
+    """The record the relay submits for an Anthropic answer with an advisor iteration and cache writes."""
+    table = PriceTable({"main": Price(input=1.0, cached_input=0.1, cache_write=1.25, output=5.0),
+                        "advisor": Price(input=15.0, cached_input=1.5, cache_write=18.75, output=75.0)})
+    submitted: list = []
+    runtime = SimpleNamespace(prices=table, submit=submitted.append, on_shutdown=lambda _: None,
+                              metrics=SimpleNamespace(count_in_flight=lambda _: None))
+    relay = Relay(runtime)
+    usage = {"input_tokens": 100, "cache_creation_input_tokens": 4000, "cache_read_input_tokens": 0,
+             "output_tokens": 50, "iterations": [
+                 {"type": "message", "input_tokens": 100, "cache_creation_input_tokens": 4000, "output_tokens": 50},
+                 {"type": "advisor_message", "model": "advisor", "input_tokens": 2000, "output_tokens": 300}]}
+    body = json.dumps({"type": "message", "model": "main", "content": [], "usage": usage}).encode()
+    with taddons.context(relay):
+        flow = tflow.tflow(resp=tutils.tresp(content=body))
+        state = CallState(flow=flow, invoke_id="i", occurred_at=None, api_format="messages", model="main",
+                          stream=False, session_key=None, request_bytes=0, client_target="/v1/messages",
+                          meter=StreamMeter("messages", "application/json", None))
+        state.meter(body)
+        state.meter(b"")
+        state.model = state.meter.result().model
+        relay._finish(flow, state, Outcome("success", False, None))
+    [r] = submitted
+    write = 4000 * 1.25 / 1e6
+    assert r.cost_cache_write == pytest.approx(write)
+    assert r.cost_input == pytest.approx(100 / 1e6 + write + 2000 * 15 / 1e6)
+    assert r.cost == pytest.approx(r.cost_input + 50 * 5 / 1e6 + 300 * 75 / 1e6)
+    assert json.loads(r.raw_response)["input_tokens"] == 100  # the top level stays recoverable

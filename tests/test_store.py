@@ -11,7 +11,7 @@ import sqlalchemy as sa
 
 from store.engine import make_engine, upgrade_to_head
 from store.invocations import apply_batch
-from store.nodes import load_nodes, set_disabled, upsert_nodes
+from store.nodes import config_of, load_nodes, set_disabled, upsert_nodes
 from store.records import InvocationRecord, NodeConfig, NodeStateUpdate, Usage
 from store.schema import codex_invocations, nodes
 
@@ -232,3 +232,21 @@ def test_stored_size_is_bounded_and_trimmed_rows_are_flagged(engine):
     row = got[plain.invoke_id]
     assert (row.raw_response, row.error_message, row.flags) == ('{"input_tokens": 1}', "upstream 500", None)
     assert big.flags == ["usage_clamped", "no_usage", "usage_clamped"]  # the record itself is left alone
+
+
+def test_usage_probe_is_node_config_and_the_cost_split_keeps_cache_writes(engine):
+    with engine.begin() as conn:
+        upsert_nodes(conn, [NodeConfig("a", "https://a/v1", usage_probe=False), NodeConfig("b", "https://b/v1")])
+    write(engine, [record(usage=Usage(100, 20, 30, 10), response_bytes=7)])
+    with engine.begin() as conn:
+        assert [config_of(r).usage_probe for r in load_nodes(conn)] == [False, True]
+        upsert_nodes(conn, [NodeConfig("a", "https://a/v1")])  # the file turned it back on: stats stay
+        assert [config_of(r).usage_probe for r in load_nodes(conn)] == [True, True]
+    assert node_row(engine).requests == 1
+    priced = record(cost=0.5, cost_input=0.3, cost_cached=0.05, cost_output=0.15, cost_cache_write=0.2)
+    write(engine, [priced, record()])
+    with engine.connect() as conn:
+        got = conn.execute(sa.select(codex_invocations.c.cost_input, codex_invocations.c.cost_cache_write)
+                           .where(codex_invocations.c.response_bytes == 0)
+                           .order_by(codex_invocations.c.cost_input.is_(None))).all()
+    assert [tuple(r) for r in got] == [(pytest.approx(0.3), pytest.approx(0.2)), (None, None)]

@@ -1,0 +1,65 @@
+"""Byte-preserving edits of a JSON object's top-level keys: the rest of the body stays exactly as sent.
+
+Plain Python (no mitmproxy): the relay rewrites a request body for its node (``addon.modelroute``,
+``addon.usageprobe``) without re-serialising what the client wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+_WS = re.compile(r"[ \t\n\r]*")
+_DECODER = json.JSONDecoder()
+
+
+def top_level(text: str) -> dict[str, tuple[object, int, int]] | None:
+    """Each top-level key of the JSON object ``text``: its value and the value's span (last one wins,
+    as in ``json.loads``); None when ``text`` is not a JSON object."""
+    found: dict[str, tuple[object, int, int]] = {}
+    try:
+        pos = _WS.match(text).end()
+        if text[pos:pos + 1] != "{":
+            return None
+        pos = _WS.match(text, pos + 1).end()
+        if text[pos:pos + 1] == "}":
+            return found
+        while text[pos:pos + 1] == '"':
+            key, pos = _DECODER.raw_decode(text, pos)
+            pos = _WS.match(text, pos).end()
+            if text[pos:pos + 1] != ":":
+                return None
+            start = _WS.match(text, pos + 1).end()
+            value, end = _DECODER.raw_decode(text, start)
+            found[key] = (value, start, end)
+            pos = _WS.match(text, end).end()
+            if text[pos:pos + 1] == "}":
+                return found if not text[pos + 1:].strip(" \t\n\r") else None
+            if text[pos:pos + 1] != ",":
+                return None
+            pos = _WS.match(text, pos + 1).end()
+    except ValueError:
+        pass
+    return None
+
+
+def set_key(body: bytes, key: str, value: object, *, add: bool = False) -> bytes | None:
+    """``body`` (a UTF-8 JSON object) with its top-level ``key`` set to ``value``, every other byte as it
+    was; a missing key is added first in the object when ``add``. None when ``body`` is not such an
+    object, or ``key`` is missing and not ``add``."""
+    try:
+        text = body.decode()
+    except UnicodeDecodeError:
+        return None
+    keys = top_level(text)
+    if keys is None:
+        return None
+    new = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    if key in keys:
+        _, start, end = keys[key]
+        return (text[:start] + new + text[end:]).encode()
+    if not add:
+        return None
+    brace = text.index("{") + 1
+    sep = "," if keys else ""
+    return (text[:brace] + json.dumps(key, ensure_ascii=False) + ":" + new + sep + text[brace:]).encode()
