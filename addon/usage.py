@@ -411,7 +411,9 @@ def iteration_usages(raw_usage: str | None) -> list[tuple[str | None, Usage]]:
 
     Empty when the usage lists no iterations: the call's usage is then its only inference.
     """
-    u = _loads(raw_usage) if raw_usage else None
+    if not raw_usage or '"iterations"' not in raw_usage:  # the common case: no parse on every call
+        return []
+    u = _loads(raw_usage)
     return _iterations(u) if isinstance(u, dict) else []
 
 
