@@ -182,16 +182,14 @@ function niceStep(raw) {
   return [1, 2, 5, 10].map((m) => m * power).find((s) => s >= raw);
 }
 
-function drawChart(svg, axisDays, sources, value, metric) {
-  const W = 560, H = 220, left = 56, bottom = 24, top = 8;
-  svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
-  svg.setAttribute("aria-label", metric + " per day");
-  const totals = axisDays.map((day) => sources.reduce((sum, s) => sum + (value.get(day + "|" + s) || 0), 0));
-  const step = niceStep(Math.max(1, ...totals) / 4);
-  const max = step * Math.ceil(Math.max(1, ...totals) / step);
-  const slot = (W - left) / Math.max(1, axisDays.length);
-  const bar = Math.max(2, slot * 0.7);
-  const scale = (H - top - bottom) / max;
+// The y axis of a chart of `values`: a nice step and the maximum it rounds up to.
+function scaleOf(values) {
+  const step = niceStep(Math.max(1, ...values) / 4);
+  return [step, step * Math.ceil(Math.max(1, ...values) / step)];
+}
+
+// An SVG element maker that collects what it makes: a chart is replaced in one go.
+function collector() {
   const parts = [];
   const add = (tag, attrs, text) => {
     const node = document.createElementNS(SVG, tag);
@@ -200,11 +198,28 @@ function drawChart(svg, axisDays, sources, value, metric) {
     parts.push(node);
     return node;
   };
+  return [parts, add];
+}
+
+// Horizontal grid lines with their labels, every `step` up to `max`; `y` maps a value to its height.
+function gridLines(add, step, max, y, left, width) {
   for (let tick = 0; tick <= max; tick += step) {
-    const y = H - bottom - tick * scale;
-    add("line", {x1: left, x2: W, y1: y, y2: y, class: "grid"});
-    add("text", {x: left - 4, y: y + 4, "text-anchor": "end", class: "axis"}, int(tick));
+    add("line", {x1: left, x2: width, y1: y(tick), y2: y(tick), class: "grid"});
+    add("text", {x: left - 4, y: y(tick) + 4, "text-anchor": "end", class: "axis"}, int(tick));
   }
+}
+
+function drawChart(svg, axisDays, sources, value, metric) {
+  const W = 560, H = 220, left = 56, bottom = 24, top = 8;
+  svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
+  svg.setAttribute("aria-label", metric + " per day");
+  const totals = axisDays.map((day) => sources.reduce((sum, s) => sum + (value.get(day + "|" + s) || 0), 0));
+  const [step, max] = scaleOf(totals);
+  const slot = (W - left) / Math.max(1, axisDays.length);
+  const bar = Math.max(2, slot * 0.7);
+  const scale = (H - top - bottom) / max;
+  const [parts, add] = collector();
+  gridLines(add, step, max, (v) => H - bottom - v * scale, left, W);
   const labelEvery = Math.ceil(axisDays.length / 8);
   axisDays.forEach((day, i) => {
     const x = left + i * slot + (slot - bar) / 2;
@@ -233,21 +248,11 @@ function drawLines(svg, labels, series, unit) {
   svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
   svg.setAttribute("aria-label", unit + " per hour");
   const values = series.flatMap(([, vs]) => vs.filter((v) => v !== null && v !== undefined));
-  const step = niceStep(Math.max(1, ...values) / 4);
-  const max = step * Math.ceil(Math.max(1, ...values) / step);
+  const [step, max] = scaleOf(values);
   const x = (i) => left + (labels.length > 1 ? i * (W - left - 8) / (labels.length - 1) : (W - left) / 2);
   const y = (v) => H - bottom - v * (H - top - bottom) / max;
-  const parts = [];
-  const add = (tag, attrs, text) => {
-    const node = document.createElementNS(SVG, tag);
-    for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, String(v));
-    if (text !== undefined) node.textContent = text;
-    parts.push(node);
-  };
-  for (let tick = 0; tick <= max; tick += step) {
-    add("line", {x1: left, x2: W, y1: y(tick), y2: y(tick), class: "grid"});
-    add("text", {x: left - 4, y: y(tick) + 4, "text-anchor": "end", class: "axis"}, int(tick));
-  }
+  const [parts, add] = collector();
+  gridLines(add, step, max, y, left, W);
   series.forEach(([name, vs], k) => {
     const points = vs.map((v, i) => (v === null || v === undefined ? null : `${x(i)},${y(v)}`)).filter(Boolean);
     if (points.length) add("polyline", {points: points.join(" "), fill: "none", stroke: COLORS[k % COLORS.length],
