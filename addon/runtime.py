@@ -109,8 +109,9 @@ class Runtime:
                           "Seconds between checks for node changes made by other relays on the same "
                           "database (admin edits, enable/disable, failed/recovered). 0 disables the check.")
         loader.add_option("codex_prices", str, "",
-                          "TOML price table (USD per 1M input, cached input, output tokens per model) used to "
-                          "estimate codex_invocations.cost. Default: the shipped store/prices.toml.")
+                          "TOML price table (USD per 1M tokens per model) that overrides genai-prices' bundled "
+                          "prices for the models it names (custom or private ones). Default: the shipped "
+                          "store/prices.toml.")
         loader.add_option("codex_stats_sources", str, "",
                           "TOML file whose [[sources]] are provider stats endpoints to poll into "
                           "stats_source_snapshots/deltas. Default: the [[sources]] of the codex_nodes file.")
