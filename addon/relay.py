@@ -92,6 +92,7 @@ class Relay:
         # calls whose answer is streaming: the idle watch looks at them
         self._streaming: dict[str, CallState] = {}
         self._idle_timeout = 300.0
+        self._keep_body = 0
         self._idle_watch: asyncio.TimerHandle | None = None
         # flow id -> its call in flight. Not in flow.metadata: -w pickles that, and a call holds timers.
         self._calls: dict[str, CallState] = {}
@@ -102,9 +103,10 @@ class Relay:
     def load(self, loader) -> None:
         loader.add_option("codex_source", str, "relay",
                           "Tag written to codex_invocations.source for calls this relay records.")
-        loader.add_option("codex_keep_body", int, 256 * 1024,
+        loader.add_option("codex_keep_body", int, -1,
                           "Keep up to this many bytes of each streamed response body on the flow, for "
-                          "mitmweb and -w. 0 keeps none.")
+                          "mitmweb and -w. 0 keeps none; -1 (default): 256 KiB where something shows or saves "
+                          "flows (mitmweb, save_stream_file / -w), none in a plain mitmdump.")
         loader.add_option("codex_retries", int, 2,
                           "Retry a call that failed before its first byte reached the client on up to "
                           "this many other nodes.")
@@ -121,9 +123,14 @@ class Relay:
         opts = ctx.options
         if "codex_source" in updated and not (0 < len(opts.codex_source) <= 32):
             raise exceptions.OptionsError("codex_source must be 1 to 32 characters")
-        for name in ("codex_keep_body", "codex_retries", "codex_max_request_body"):
+        for name in ("codex_retries", "codex_max_request_body"):
             if name in updated and getattr(opts, name) < 0:
                 raise exceptions.OptionsError(f"{name} must be >= 0")
+        if "codex_keep_body" in updated and opts.codex_keep_body < -1:
+            raise exceptions.OptionsError("codex_keep_body must be >= 0, or -1 for automatic")
+        if updated & {"codex_keep_body", "save_stream_file"}:
+            self._keep_body = keep_body_bytes(opts.codex_keep_body, shown=ctx.master.addons.get("view") is not None,
+                                              saved="save_stream_file" in opts and bool(opts.save_stream_file))
         # Only options in ``updated``: see Runtime.configure.
         if "codex_idle_timeout" in updated:
             self._idle_timeout = seconds("codex_idle_timeout", opts.codex_idle_timeout)
@@ -322,7 +329,7 @@ class Relay:
             return
         state.meter = StreamMeter(
             state.api_format, resp.headers.get("content-type"), resp.headers.get("content-encoding"),
-            keep_body_bytes=ctx.options.codex_keep_body,
+            keep_body_bytes=self._keep_body,
         )
         resp.stream = UsageChunkFilter(state.meter) if _strips_usage(state, resp) else state.meter
         self._streaming[flow.id] = state
@@ -449,6 +456,18 @@ class Relay:
                 cost.total, cost.input, cost.cached, cost.output, cost.cache_write)
         self.runtime.submit(record)
         _annotate(flow, record)
+
+
+AUTO_KEEP_BODY = 256 * 1024
+
+
+def keep_body_bytes(option: int, *, shown: bool, saved: bool) -> int:
+    """Bytes of each streamed body to keep on its flow: the option, or for -1 (automatic) 256 KiB where
+    something shows or saves flows (mitmweb, ``-w``) and none otherwise — kept bodies are most of a
+    stream's memory, and a plain mitmdump shows nobody."""
+    if option >= 0:
+        return option
+    return AUTO_KEEP_BODY if shown or saved else 0
 
 
 def _copy_for_retry(flow: http.HTTPFlow) -> http.HTTPFlow:

@@ -1,0 +1,37 @@
+"""The relay addon's own options, in process (its flow hooks are exercised by the e2e and fleet tests)."""
+
+from __future__ import annotations
+
+import pytest
+from mitmproxy import exceptions
+from mitmproxy.addons.save import Save
+from mitmproxy.addons.view import View
+from mitmproxy.test import taddons
+
+from addon.relay import AUTO_KEEP_BODY, Relay, keep_body_bytes
+from addon.runtime import Runtime
+
+
+def test_kept_body_only_where_something_shows_or_saves_flows():
+    assert keep_body_bytes(-1, shown=False, saved=False) == 0  # plain mitmdump: nobody reads it
+    assert keep_body_bytes(-1, shown=True, saved=False) == AUTO_KEEP_BODY  # mitmweb
+    assert keep_body_bytes(-1, shown=False, saved=True) == AUTO_KEEP_BODY  # -w / save_stream_file
+    assert keep_body_bytes(4096, shown=False, saved=False) == 4096  # an explicit value wins
+    assert keep_body_bytes(0, shown=True, saved=True) == 0
+
+
+def test_relay_configures_the_kept_body_from_its_surroundings(tmp_path):
+    relay = Relay(Runtime())
+    with taddons.context(relay, Save()) as tctx:
+        tctx.configure(relay)
+        assert relay._keep_body == 0
+        tctx.configure(relay, save_stream_file=str(tmp_path / "flows"))
+        assert relay._keep_body == AUTO_KEEP_BODY
+        tctx.configure(relay, save_stream_file=None, codex_keep_body=100)
+        assert relay._keep_body == 100
+        with pytest.raises(exceptions.OptionsError, match="codex_keep_body"):
+            tctx.configure(relay, codex_keep_body=-2)
+    shown = Relay(Runtime())
+    with taddons.context(View(), shown) as tctx:  # mitmweb has a view of the flows (added before scripts)
+        tctx.configure(shown, codex_keep_body=-1)
+        assert shown._keep_body == AUTO_KEEP_BODY
