@@ -157,6 +157,11 @@ function renderHours(hours) {
   drawLines($("#chart-hours"), shown.map((h) => h.hour), [
     ["p50", shown.map((h) => h.ttfb_p50_ms)], ["p95", shown.map((h) => h.ttfb_p95_ms)],
     ["p99", shown.map((h) => h.ttfb_p99_ms)]], "ms TTFB");
+  $("#hours-legend").replaceChildren(...["p50", "p95", "p99"].map((name, k) => {
+    const swatch = el("i");
+    swatch.style.background = COLORS[k % COLORS.length];
+    return el("span", {class: "key"}, swatch, name);
+  }));
   fill($("#hours"), hours.slice(-48).reverse().map((h) => el("tr", {"data-key": h.hour}, cell("hour", h.hour),
     ...outcomeCells(h), num("ttfb_p50_ms", h.ttfb_p50_ms), num("ttfb_p95_ms", h.ttfb_p95_ms),
     num("ttfb_p99_ms", h.ttfb_p99_ms), num("duration_p50_ms", h.duration_p50_ms),
@@ -260,7 +265,8 @@ function drawLines(svg, labels, series, unit) {
   });
   const labelEvery = Math.max(1, Math.ceil(labels.length / 6));
   labels.forEach((label, i) => {
-    if (i % labelEvery === 0) add("text", {x: x(i), y: H - 6, "text-anchor": "middle", class: "axis"}, label.slice(11, 16));
+    // "MM-DD HH" of an ISO hour: the hours may span days.
+    if (i % labelEvery === 0) add("text", {x: x(i), y: H - 6, "text-anchor": "middle", class: "axis"}, label.slice(5, 13));
   });
   svg.replaceChildren(...parts);
 }
