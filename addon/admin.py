@@ -45,7 +45,7 @@ from addon.metrics import CONTENT_TYPE as METRICS_TYPE
 from addon.refusal import answered
 from addon.runtime import Runtime
 from addon.secrets import secrets_equal
-from addon.target import METRICS_PATH, is_admin_path
+from addon.target import METRICS_PATH, is_admin_path, is_loopback_host
 from store import stats
 from store.config import ConfigError, node_from_mapping
 from store.engine import error_line
@@ -92,13 +92,7 @@ def is_loopback(peername: Any) -> bool:
 
 
 def _loopback_origin(origin: str) -> bool:
-    host = urlsplit(origin).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return is_loopback_host(urlsplit(origin).hostname or "")
 
 
 def session_cookie(token: str) -> str:

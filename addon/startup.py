@@ -14,7 +14,6 @@ without client keys, unless ``codex_allow_open`` says so.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import sys
 from collections.abc import Iterable
@@ -24,6 +23,7 @@ from mitmproxy.proxy.mode_specs import ProxyMode
 
 from addon.gate import Gate
 from addon.runtime import Runtime
+from addon.target import is_loopback_host
 
 log = logging.getLogger("codex.startup")
 
@@ -79,15 +79,6 @@ def take_unusable_options(options: optmanager.OptManager) -> list[str]:
                 continue
         del options.deferred[name]
     return problems
-
-
-def is_loopback_host(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def listen_hosts(modes: Iterable[str], default_host: str) -> list[str]:

@@ -9,6 +9,7 @@ path: then what the client, the relay and the node see is the same path.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 
 ADMIN_PREFIX = "/admin"
@@ -34,6 +35,16 @@ def target_problem(target: str) -> str | None:
     if any(segment in (".", "..") for segment in path.split("/")):
         return "the request path must not contain '.' or '..' segments"
     return None
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether a host name or address (IPv6 with or without brackets) is this machine's loopback."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def route(target: str) -> str:
