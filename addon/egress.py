@@ -16,6 +16,7 @@ Every attempt of a call (first choice, connect probe, retries) maps the client's
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -45,6 +46,8 @@ class Origin:
         return (self.scheme, self.host, self.port)
 
 
+# A node's URL is parsed for every call (probe, attach): once per URL is enough.
+@functools.lru_cache(maxsize=1024)
 def origin_of(base_url: str) -> Origin:
     """The scheme, host and port of a node's base URL (default ports filled in)."""
     parts = urlsplit(base_url)
@@ -61,7 +64,12 @@ def node_path(base_url: str, client_target: str) -> str:
     path, sep, query = client_target.partition("?")
     if path == "/v1" or path.startswith("/v1/"):
         path = path[3:]
-    return "/" + (urlsplit(base_url).path.strip("/") + path).lstrip("/") + sep + query
+    return "/" + (_base_path(base_url) + path).lstrip("/") + sep + query
+
+
+@functools.lru_cache(maxsize=1024)
+def _base_path(base_url: str) -> str:
+    return urlsplit(base_url).path.strip("/")
 
 
 def node_url(base_url: str, client_target: str) -> str:
