@@ -16,6 +16,9 @@ ROOT = Path(__file__).resolve().parent.parent
 # "listening at 127.0.0.1:8000", "[::1]:8000", or "*:8000" (every address)
 _LISTEN_RE = re.compile(r"listening at (\*|\[?[\d.:a-f]+\]?):(\d+)")
 
+# The zygote that relays of this repository fork from when none is given (the tests set one per worker).
+default_zygote: Zygote | None = None
+
 
 class RelayProcess:
     """One relay process on 127.0.0.1 with a free port; ``stop()`` sends SIGTERM (the flush path).
@@ -23,7 +26,8 @@ class RelayProcess:
     ``root``: where ``addon/codex.py`` is, also the working directory (an installed copy, or this repository).
     ``mode`` replaces the reverse mode (e.g. ``regular``); ``argv`` replaces the whole command (e.g.
     ``./run.sh …``), still read for mitmproxy's "listening at" line. ``zygote``: fork the relay from that
-    warm interpreter instead of starting ``mitmdump`` afresh (see bench.warm).
+    warm interpreter instead of starting ``mitmdump`` afresh (see bench.warm); without one, a plain mitmdump
+    relay of this repository forks from ``default_zygote`` when that is set.
     """
 
     def __init__(self, *, db_url: str | None, options: dict[str, str] | None = None,
@@ -77,8 +81,11 @@ class RelayProcess:
         """Start the process without waiting for it: mitmdump's start-up (mostly imports) takes a second or
         two, so relays that boot side by side, or while another serves, save that time."""
         env = dict(os.environ, PYTHONUNBUFFERED="1", **(self.env or {}))
-        if self.zygote is not None:
-            self.proc = self.zygote.popen(self.command(), self.root, env)
+        zygote = self.zygote
+        if zygote is None and self.argv is None and self.tool == "mitmdump" and self.root == ROOT:
+            zygote = default_zygote
+        if zygote is not None:
+            self.proc = zygote.popen(self.command(), self.root, env)
         else:
             self.proc = subprocess.Popen(self.command(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                          text=True, cwd=self.root, env=env, start_new_session=True)

@@ -15,6 +15,10 @@ from collections.abc import Callable, Iterator
 import pytest
 import sqlalchemy as sa
 
+from bench import relayproc
+from bench.relayproc import ROOT
+from bench.warm import Zygote
+
 MYSQL_SERVER_URL = os.environ.get("CODEX_TEST_MYSQL", "mysql+pymysql://root@127.0.0.1:3306/test")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -67,6 +71,21 @@ def _mariadb() -> Iterator[str]:
         yield url
     finally:
         _drop(url, admin)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def warm_relays(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Relays started by this session's tests fork from one warm interpreter (bench.warm): a start costs
+    ~0.1 CPU-s instead of ~1; each relay is still its own process running mitmdump's main."""
+    if not any(item.get_closest_marker("e2e") for item in request.session.items):
+        yield
+        return
+    with Zygote(ROOT) as zygote:
+        relayproc.default_zygote = zygote
+        try:
+            yield
+        finally:
+            relayproc.default_zygote = None
 
 
 @pytest.fixture
