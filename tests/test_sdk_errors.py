@@ -8,14 +8,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
-import anthropic
-import openai
 import pytest
 
 from bench.fakeupstream import Behaviour, FakeUpstream
 from bench.relayproc import RelayProcess
 from tests.test_e2e import write_nodes
+
+if TYPE_CHECKING:  # the SDKs are imported by the tests that run them: ~4 s a collection need not pay
+    import anthropic
+    import openai
 
 # one xdist worker takes the module, so its relays start once
 pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("sdk_errors")]
@@ -36,14 +39,20 @@ def relay(tmp_path_factory) -> Iterator[SimpleNamespace]:
 
 
 def oai(relay, key: str = KEY) -> openai.OpenAI:
+    import openai
+
     return openai.OpenAI(base_url=relay.base, api_key=key, max_retries=0, timeout=30)
 
 
 def claude(relay, key: str = KEY) -> anthropic.Anthropic:
+    import anthropic
+
     return anthropic.Anthropic(base_url=relay.relay.url, api_key=key, max_retries=0, timeout=30)
 
 
 def test_openai_sdk_reads_401_413_504(relay):
+    import openai
+
     with pytest.raises(openai.AuthenticationError) as e:
         oai(relay, "wrong").responses.create(model="gpt-5-codex", input="hi")
     assert e.value.code == "invalid_api_key" and "incorrect API key" in e.value.message
@@ -62,6 +71,8 @@ def test_openai_sdk_reads_401_413_504(relay):
 
 
 def test_anthropic_sdk_reads_401_413_504(relay):
+    import anthropic
+
     ask = {"model": "claude-sonnet-4-5", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}
     with pytest.raises(anthropic.AuthenticationError) as e:
         claude(relay, "wrong").messages.create(**ask)
