@@ -73,6 +73,12 @@ def _mariadb() -> Iterator[str]:
         _drop(url, admin)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Slow tests first (a stable sort): the workers take the short ones while the long ones run, rather than
+    one worker finishing alone on a long test at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def warm_relays(request: pytest.FixtureRequest) -> Iterator[None]:
     """Relays started by this session's tests fork from one warm interpreter (bench.warm): a start costs

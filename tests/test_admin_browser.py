@@ -77,6 +77,7 @@ def history(today: dt.date) -> list[InvocationRecord]:
     return out
 
 
+@pytest.mark.slow
 def test_admin_page_shows_stats_and_edits_a_node(sqlite_url, tmp_path, browser):
     from playwright.sync_api import expect
 

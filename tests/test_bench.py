@@ -74,6 +74,7 @@ def _run(tmp_path, mysql_url: str) -> dict:
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow
 @pytest.mark.mysql
 def test_quick_run_on_sqlite_and_mariadb_uses_scratch_databases(tmp_path, monkeypatch) -> None:
     """One run covers both backends (SQLite always runs beside MariaDB): a second, SQLite-only run would

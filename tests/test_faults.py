@@ -143,6 +143,7 @@ def test_sigterm_flushes_every_record(db_url, upstreams):
     assert totals(db_url)[:3] == (200, 200, 200)
 
 
+@pytest.mark.slow
 def test_fifty_restarts_keep_node_counters_equal_to_rows(db_url, upstreams, tmp_path):
     """The seed's bug at scale: every start upserts the nodes; no start may reset or skip a count.
 
@@ -173,6 +174,7 @@ def test_fifty_restarts_keep_node_counters_equal_to_rows(db_url, upstreams, tmp_
     assert not any(tmp_path.glob("spool-*.db")), "a relay left records in its spool"
 
 
+@pytest.mark.slow
 def test_two_relays_on_one_mariadb_count_exactly(mariadb, upstreams, tmp_path):
     url = mariadb
     relays = [RelayProcess(db_url=url, options={"codex_nodes": str(upstreams), "codex_ping_interval": "0",

@@ -59,6 +59,7 @@ def haproxy_bin() -> Path:
     return HAPROXY
 
 
+@pytest.mark.slow
 def test_a_session_stays_on_one_relay_and_one_node_and_moves_when_its_relay_stops(haproxy_bin, mariadb, tmp_path):
     with FakeUpstream("n1") as n1, FakeUpstream("n2") as n2:
         nodes = write_nodes(tmp_path / "nodes.toml", [("n1", n1.base_url, "k1", 1), ("n2", n2.base_url, "k2", 1)])

@@ -153,6 +153,7 @@ def test_revision_1_database_upgrades_with_rows_tagged_xy(engine):
     check_legacy_upgrade(engine, 50)
 
 
+@pytest.mark.slow
 @pytest.mark.fault
 def test_revision_1_database_with_100k_invocations(engine):
     check_legacy_upgrade(engine, 100_000)

@@ -81,6 +81,7 @@ def test_cutoff_is_a_utc_midnight_whole_days_back():
         cutoff_for(0, now)
 
 
+@pytest.mark.slow
 def test_200k_rows_pruned_in_bounded_batches_rollup_unchanged(engine):
     now = utcnow()
     write(engine, spread(200_000, now, days=60))

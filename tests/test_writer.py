@@ -189,6 +189,7 @@ def test_an_oversized_record_journaled_by_an_earlier_run_is_set_aside(mariadb, t
     direct.dispose()
 
 
+@pytest.mark.slow
 def test_a_frozen_database_sends_records_to_the_journal_within_seconds(mariadb, tmp_path):
     direct = mariadb_engine(mariadb)
     with TcpProxy("127.0.0.1", sa.engine.make_url(mariadb).port or 3306) as proxy:
