@@ -83,4 +83,5 @@ def loadgen_result(proc: subprocess.Popen[str]) -> dict:
     out, err = proc.communicate(timeout=900)
     if proc.returncode != 0:
         raise RuntimeError(f"loadgen failed ({proc.returncode}): {err.strip()}")
-    return json.loads(out)
+    # loadgen prints -1 for a percentile of no samples (a JSON call has no events): None here
+    return {k: None if isinstance(v, float) and v < 0 else v for k, v in json.loads(out).items()}
