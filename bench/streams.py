@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import statistics
 import tempfile
+import threading
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -174,16 +175,25 @@ class Target:
 
 def _start(stack: ExitStack, targets: Sequence[Target]) -> None:
     """Side by side: start-up is mostly imports. None outlives the stack."""
+    stack.callback(_stop, targets)
     for t in targets:
         t.spawn()
-        stack.callback(t.stop)
     for t in targets:
         t.ready()
 
 
+def _stop(targets: Sequence[Target]) -> None:
+    """Side by side too: each relay's flush on SIGTERM takes a while."""
+    threads = [threading.Thread(target=t.stop) for t in targets]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+
+
 def _restart(targets: Sequence[Target]) -> None:
+    _stop(targets)
     for t in targets:
-        t.stop()
         t.port = 0
         t.spawn()
     for t in targets:
@@ -245,14 +255,19 @@ def _relay(url: str, reverse: str, opts: dict[str, str], root: Path = ROOT) -> R
     return RelayProcess(db_url=url, reverse_target=reverse, options=opts, extra_args=QUIET, root=root)
 
 
-def _fleet(stack: ExitStack, s: StreamSizes, base: Target, tmp: Path, upstream: int, mysql_server: str | None,
-           log: Callable[[str], None]) -> dict:
-    """Workload 6: one relay alone and two behind HAProxy, on one database; ``base`` beside them."""
-    w = fleet_workload(s)
+@dataclass
+class Fleet:
+    """Workload 6's targets: one relay alone, and it with a second behind HAProxy, on one database."""
+    db: str
+    url: str
+    one: Target
+    two: Target
+
+
+def _fleet(stack: ExitStack, tmp: Path, upstream: int, mysql_server: str | None) -> Fleet | str:
+    """The fleet's targets, not started; or why there is none."""
     if not HAPROXY.exists():
-        reason = f"{HAPROXY} not installed (./run.sh test installs Debian's haproxy when run as root)"
-        log(f"fleet skipped: {reason}")
-        return {"skipped": reason}
+        return f"{HAPROXY} not installed (./run.sh test installs Debian's haproxy when run as root)"
     db = "mariadb" if mysql_server else "sqlite"
     url = stack.enter_context(scratch_mysql(mysql_server)) if mysql_server else sqlite_url(tmp, "fleet.db")
     opts = relay_options(tmp, upstream, "bench-fleet")
@@ -261,28 +276,26 @@ def _fleet(stack: ExitStack, s: StreamSizes, base: Target, tmp: Path, upstream: 
     def relay(i: int) -> RelayProcess:  # MariaDB: each relay its own spool, as deployed
         return _relay(url, reverse, opts | ({"codex_spool": str(tmp / f"fleet-{i}.spool")} if mysql_server else {}))
 
-    first = relay(1)
-    one = Target(f"relay-{db} ×1", lambda: [first], "bench-fleet", url)
-    two = Target(f"relay-{db} ×2 (haproxy)", lambda: [first, relay(2)], "bench-fleet", url)
-    two.spawn()
-    stack.callback(two.stop)
-    two.ready()
-    one.procs, one.port = [first], first.port
+    two = Target(f"relay-{db} ×2 (haproxy)", lambda: [relay(1), relay(2)], "bench-fleet", url)
+    return Fleet(db, url, Target(f"relay-{db} ×1", lambda: two.procs[:1], "bench-fleet", url), two)
+
+
+def _run_fleet(stack: ExitStack, s: StreamSizes, base: Target, fleet: Fleet, tmp: Path,
+               log: Callable[[str], None]) -> dict:
+    """Workload 6 on started relays: one alone, two behind HAProxy; ``base`` beside them."""
+    w, one, two = fleet_workload(s), fleet.one, fleet.two
+    one.procs, one.port = two.procs[:1], two.procs[0].port
     two.port, two.lb_pid = start_haproxy(stack, [p.port for p in two.procs], tmp)
     targets = [base, one, two]
     log(f"fleet: {', '.join(t.name for t in targets)}; {s.rounds} rounds of {s.fleet.conns} streams")
     for t in targets:
         t.measure(WARM_UP)
     run_rounds(targets, w, s.rounds, log)
-    out = {"db": db, "rows": rows([base, one], w, base, judged=False) + rows([two], w, one),
-           "runs": _runs(targets, [w])}
     lb = [(x["lb_cpu_s"], x["events"], x["wall_s"]) for x in two.runs[w.key]]
-    out["haproxy"] = {"cpu_us_per_event": _median([_per(c * 1e6, e) for c, e, _ in lb]),
-                      "cpu_share_of_a_core": _median([_per(c, t) for c, _, t in lb])}
-    first.stop()  # both stopped: every record flushed before the count
-    two.stop()
-    out["recorded"] = {"answered": one.answered + two.answered, "recorded": count_recorded(url, "bench-fleet")}
-    return out
+    return {"db": fleet.db, "rows": rows([base, one], w, base, judged=False) + rows([two], w, one),
+            "runs": _runs(targets, [w]),
+            "haproxy": {"cpu_us_per_event": _median([_per(c * 1e6, e) for c, e, _ in lb]),
+                        "cpu_share_of_a_core": _median([_per(c, t) for c, _, t in lb])}}
 
 
 def _runs(targets: Sequence[Target], ws: Sequence[Workload]) -> dict:
@@ -305,7 +318,9 @@ def bench_streams(s: StreamSizes, *, mysql_server: str | None, compare: Sequence
             source, url = f"bench-streams-{name}", sqlite_url(tmp, f"{name}.db")
             opts = relay_options(tmp, upstream, source)
             targets.append(Target(name, lambda u=url, o=opts, r=root: [_relay(u, reverse, o, r)], source, url))
-        _start(stack, targets)
+        fleet = _fleet(stack, tmp, upstream, mysql_server)
+        # The fleet's relays boot with the others (they idle until their row): one wait for all start-ups.
+        _start(stack, targets + ([fleet.two] if isinstance(fleet, Fleet) else []))
         log(f"streams: {', '.join(t.name for t in targets)}; {s.rounds} rounds, memory {s.memory_rounds}")
 
         def fresh() -> None:
@@ -323,9 +338,16 @@ def bench_streams(s: StreamSizes, *, mysql_server: str | None, compare: Sequence
         ws.insert(len(s.ceiling) + 1, mem)  # the issue's order: memory after the ceiling
         out["rows"] = [row for w in ws for row in rows(targets, w, base)]
         out["runs"] = _runs(targets, ws)
-        out["fleet"] = _fleet(stack, s, base, tmp, upstream, mysql_server, log)
-        for t in targets[1:]:
-            t.stop()
+        if isinstance(fleet, Fleet):
+            out["fleet"] = _run_fleet(stack, s, base, fleet, tmp, log)
+        else:
+            log(f"fleet skipped: {fleet}")
+            out["fleet"] = {"skipped": fleet}
+        relays_done = [t for t in targets if t.source] + ([fleet.two] if isinstance(fleet, Fleet) else [])
+        _stop(relays_done)  # every record flushed before the count
         out["recorded"] = {t.name: {"answered": t.answered, "recorded": count_recorded(t.db_url, t.source)}
-                           for t in targets[1:] if t.db_url and t.source}
+                           for t in targets if t.db_url and t.source}
+        if isinstance(fleet, Fleet):
+            out["fleet"]["recorded"] = {"answered": fleet.one.answered + fleet.two.answered,
+                                        "recorded": count_recorded(fleet.url, "bench-fleet")}
     return out
