@@ -53,7 +53,7 @@ FULL = StreamSizes(
     json=Load(conns=1, calls=5, json_bytes=10_000_000),
     stall=Load(conns=20, calls=1, n=400, ms=5, ramp_ms=100),
     short=Load(conns=8, calls=250, n=5, ms=0),
-    fleet=Load(conns=200, calls=1, n=1000, ms=1, ramp_ms=500))
+    fleet=Load(conns=200, calls=1, n=500, ms=1, ramp_ms=500))
 QUICK = StreamSizes(
     rounds=1, memory_rounds=1,
     codex=Load(conns=4, calls=1, n=20, ms=5),
