@@ -27,7 +27,7 @@ from bench.haproxy import HAPROXY, start_haproxy
 from bench.http import QUIET, bare_mitmdump, count_recorded, relay_options
 from bench.procstat import PeakRss, cpu_seconds, rss_kb
 from bench.relayproc import ROOT, RelayProcess
-from bench.scratch import scratch_mysql, sqlite_url
+from bench.scratch import migrated_engine, scratch_mysql, sqlite_url
 
 BASELINE = "mitmdump-stream"
 
@@ -154,6 +154,9 @@ class Target:
 
     def measure(self, w: Workload) -> dict:
         """One loadgen run of ``w`` with the proxy's CPU time and memory around it."""
+        for p in self.procs:  # one that exited (a bad option, say) would only show as errors
+            if p.proc is None or p.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} is not running:\n{p.output()[-2000:]}")
         pids = self.pids
         cpu0, rss0 = cpu_seconds(pids), rss_kb(pids)
         lb0 = cpu_seconds([self.lb_pid]) if self.lb_pid else 0.0
@@ -270,11 +273,12 @@ def _fleet(stack: ExitStack, tmp: Path, upstream: int, mysql_server: str | None)
         return f"{HAPROXY} not installed (./run.sh test installs Debian's haproxy when run as root)"
     db = "mariadb" if mysql_server else "sqlite"
     url = stack.enter_context(scratch_mysql(mysql_server)) if mysql_server else sqlite_url(tmp, "fleet.db")
+    migrated_engine(url).dispose()  # the schema made once: two relays booting side by side would race at it
     opts = relay_options(tmp, upstream, "bench-fleet")
     reverse = f"http://127.0.0.1:{upstream}"
 
-    def relay(i: int) -> RelayProcess:  # MariaDB: each relay its own spool, as deployed
-        return _relay(url, reverse, opts | ({"codex_spool": str(tmp / f"fleet-{i}.spool")} if mysql_server else {}))
+    def relay(i: int) -> RelayProcess:  # each its own spool, as deployed (a spool is one relay's)
+        return _relay(url, reverse, opts | {"codex_spool": str(tmp / f"fleet-{i}.spool")})
 
     two = Target(f"relay-{db} ×2 (haproxy)", lambda: [relay(1), relay(2)], "bench-fleet", url)
     return Fleet(db, url, Target(f"relay-{db} ×1", lambda: two.procs[:1], "bench-fleet", url), two)
@@ -314,8 +318,8 @@ def bench_streams(s: StreamSizes, *, mysql_server: str | None, compare: Sequence
         relays = [("relay-sqlite", ROOT), *((f"relay-sqlite@{root.name}", root) for root in compare)]
         base = Target(BASELINE, lambda: [bare_mitmdump(reverse, stream=True)])
         targets = [base]
-        for name, root in relays:
-            source, url = f"bench-streams-{name}", sqlite_url(tmp, f"{name}.db")
+        for i, (name, root) in enumerate(relays):
+            source, url = f"bench-streams-{i}", sqlite_url(tmp, f"streams-{i}.db")  # a source has ≤ 32 chars
             opts = relay_options(tmp, upstream, source)
             targets.append(Target(name, lambda u=url, o=opts, r=root: [_relay(u, reverse, o, r)], source, url))
         fleet = _fleet(stack, tmp, upstream, mysql_server)
