@@ -42,14 +42,14 @@ def binary(name: str) -> Path:
     return out
 
 
-def start_fakeup(stack: ExitStack) -> tuple[int, int]:
-    """The fake upstream on a free port, stopped when ``stack`` closes: (port, pid)."""
+def start_fakeup(stack: ExitStack) -> int:
+    """The fake upstream on a free port, stopped when ``stack`` closes; its port."""
     proc = subprocess.Popen([str(binary("fakeup")), "0"], stdout=subprocess.PIPE, text=True)
     stack.callback(lambda: (proc.kill(), proc.wait(10)))
     line = proc.stdout.readline() if proc.stdout else ""
     if not line.startswith("listening on "):
         raise RuntimeError(f"fakeup did not start: {line!r}")
-    return int(line.split()[-1]), proc.pid
+    return int(line.split()[-1])
 
 
 @dataclass(frozen=True)

@@ -313,7 +313,7 @@ def bench_streams(s: StreamSizes, *, mysql_server: str | None, compare: Sequence
     out: dict = {}
     with ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="codex-bench-")))
-        upstream, _ = start_fakeup(stack)
+        upstream = start_fakeup(stack)
         reverse = f"http://127.0.0.1:{upstream}"
         relays = [("relay-sqlite", ROOT), *((f"relay-sqlite@{root.name}", root) for root in compare)]
         base = Target(BASELINE, lambda: [bare_mitmdump(reverse, stream=True)])
