@@ -1,5 +1,6 @@
 """``python -m bench`` (``./run.sh bench``): the relay's overhead against bare mitmdump, the writer alone,
-and the stats queries at a million invocations; aligned tables on stdout, everything in a JSON file.
+the stats queries at a million invocations, and long streams against streaming mitmdump (the C load tools
+of ``bench/tools``, built on first use); aligned tables on stdout, everything in a JSON file.
 
 MariaDB runs use a scratch database ``codex_bench_<hex>`` on the server of ``--mysql-url``, dropped
 afterwards: the database named in the URL is never touched.
@@ -20,13 +21,15 @@ from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from bench import streams
+from bench.ctools import ToolError
 from bench.http import bench_http
 from bench.queries import bench_queries
-from bench.report import table
+from bench.report import fmt, table
 from bench.scratch import DEFAULT_MYSQL_URL, migrated_engine, mysql_unavailable, scratch_mysql, sqlite_url
 from bench.writer import bench_writer
 
-PARTS = ("http", "writer", "queries")
+PARTS = ("http", "writer", "queries", "streams")
 WRITER_TARGET_PER_S = 5_000
 QUERY_TARGET_MS = 200.0
 
@@ -43,14 +46,16 @@ class Sizes:
     writer_seconds: float
     query_rows: int
     query_repeat: int
+    streams: streams.StreamSizes
 
 
 FULL = Sizes(http_seconds=3.0, http_clients=(1, 8, 32), http_rounds=5, ttfb_rounds=4, ttfb_per_round=10,
              writer_burst=50_000, writer_rate=WRITER_TARGET_PER_S, writer_seconds=10.0,
-             query_rows=1_000_000, query_repeat=3)
+             query_rows=1_000_000, query_repeat=3, streams=streams.FULL)
 # Every code path, tiny sizes: the smoke test and a quick look after a change.
 QUICK = Sizes(http_seconds=0.3, http_clients=(1, 4), http_rounds=1, ttfb_rounds=1, ttfb_per_round=2,
-              writer_burst=300, writer_rate=1_000, writer_seconds=0.3, query_rows=2_000, query_repeat=1)
+              writer_burst=300, writer_rate=1_000, writer_seconds=0.3, query_rows=2_000, query_repeat=1,
+              streams=streams.QUICK)
 
 # First event after 50 ms, then one every 10 ms: a buffering proxy shows the whole stream as its TTFB.
 TTFB_DELAY_S = 0.05
@@ -103,8 +108,12 @@ def run_queries(sizes: Sizes, mysql_server: str | None) -> dict:
                 engine.dispose()
 
 
+def run_streams(sizes: Sizes, mysql_server: str | None) -> dict:
+    return streams.bench_streams(sizes.streams, mysql_server=mysql_server, compare=COMPARE, log=log)
+
+
 RUNNERS: dict[str, Callable[[Sizes, str | None], dict]] = {
-    "http": run_http, "writer": run_writer, "queries": run_queries}
+    "http": run_http, "writer": run_writer, "queries": run_queries, "streams": run_streams}
 
 
 # -- tables ----------------------------------------------------------------------------------------
@@ -175,7 +184,40 @@ def query_tables(r: dict) -> str:
     return out
 
 
-TABLES: dict[str, Callable[[dict], str]] = {"http": http_tables, "writer": writer_tables, "queries": query_tables}
+def _vs(row: dict) -> str:
+    if row["added_ms"] is not None:
+        return f"{row['added_ms']:+.1f} ms"
+    return "-" if row["ratio"] is None else f"{row['ratio']:.2f}× {row['vs']}"
+
+
+def streams_tables(r: dict) -> str:
+    fleet = r["fleet"]
+    rows = r["rows"] + fleet.get("rows", [])
+    out = table("Long streams (fakeup + loadgen; median of rounds; vs: median of per-round ratios, or added ms)",
+                ["workload", "target", "figure", "unit", "vs", "goal", "met", "errors"],
+                [(x["title"], x["target"], x["figure"], x["unit"], _vs(x), x["goal"] or "", x["met"], x["errors"])
+                 for x in rows])
+    if "skipped" in fleet:
+        out += f"two relays behind HAProxy: skipped ({fleet['skipped']})\n"
+    else:
+        h = fleet["haproxy"]
+        out += (f"two relays on one {fleet['db']} database; HAProxy in front: {fmt(h['cpu_us_per_event'], 2)} µs "
+                f"CPU per event, {fmt(h['cpu_share_of_a_core'], 2)} of a core\n")
+    runs = {**r["runs"], **fleet.get("runs", {})}
+    detail = [(key, name, x["calls_ok"], x["errors"], x["events"], x["events_per_s"], x["lat_p99"], x["gap_p99"],
+               x["gap_max"], round(x["cpu_s"] * 1000), x["rss_peak_kb"] - x["rss_before_kb"])
+              for key, by_target in runs.items() for name, rs in by_target.items() for x in rs]
+    out += table("Long streams, every run", ["workload", "target", "calls", "errors", "events", "events/s",
+                                            "lat p99 ms", "gap p99 ms", "gap max ms", "CPU ms", "RSS growth KiB"],
+                 detail)
+    recorded = {**r["recorded"], **({"fleet": fleet["recorded"]} if "recorded" in fleet else {})}
+    out += table("Relay bookkeeping: every answered call recorded?", ["relay", "answered", "recorded", "ok"],
+                 [(k, v["answered"], v["recorded"], v["answered"] == v["recorded"]) for k, v in recorded.items()])
+    return out
+
+
+TABLES: dict[str, Callable[[dict], str]] = {"http": http_tables, "writer": writer_tables, "queries": query_tables,
+                                            "streams": streams_tables}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -189,8 +231,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="JSON results file (default bench/results/<UTC timestamp>.json)")
     parser.add_argument("--show", type=Path, metavar="JSON", help="print the tables of an earlier results file")
     parser.add_argument("--compare", type=Path, action="append", default=[], metavar="CHECKOUT",
-                        help="http: also measure the relay of another checkout (its addon/codex.py, on SQLite) in "
-                             "the same interleaved rounds, e.g. a `git worktree` of the previous commit; repeatable")
+                        help="http, streams: also measure the relay of another checkout (its addon/codex.py, on "
+                             "SQLite) in the same interleaved rounds, e.g. a `git worktree` of the previous commit; "
+                             "repeatable")
     args = parser.parse_args(argv)
     for checkout in args.compare:
         if not (checkout / "addon" / "codex.py").is_file():
@@ -218,7 +261,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             mysql_server = None
     for part in (args.only,) if args.only else PARTS:
         t0 = time.perf_counter()
-        results[part] = RUNNERS[part](sizes, mysql_server)
+        try:
+            results[part] = RUNNERS[part](sizes, mysql_server)
+        except ToolError as e:
+            print(f"bench: {e}", file=sys.stderr)
+            return 1
         results.setdefault("part_seconds", {})[part] = round(time.perf_counter() - t0, 1)
         print(TABLES[part](results[part]), flush=True)
     results["wall_seconds"] = round((dt.datetime.now(dt.UTC) - started).total_seconds(), 1)

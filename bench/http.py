@@ -52,13 +52,18 @@ class Target:
         if self.relay is None or self.db_url is None:
             return None
         self.relay.stop()
-        engine = make_engine(self.db_url)
-        try:
-            with engine.connect() as conn:
-                return conn.execute(sa.select(sa.func.count()).select_from(codex_invocations)
-                                    .where(codex_invocations.c.source == self.source)).scalar_one()
-        finally:
-            engine.dispose()
+        return count_recorded(self.db_url, self.source)
+
+
+def count_recorded(db_url: str, source: str) -> int:
+    """Rows the relays tagged ``source`` (their ``codex_source``) wrote to ``db_url``."""
+    engine = make_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            return conn.execute(sa.select(sa.func.count()).select_from(codex_invocations)
+                                .where(codex_invocations.c.source == source)).scalar_one()
+    finally:
+        engine.dispose()
 
 
 def start_upstream(stack: ExitStack, *args: str) -> int:
@@ -72,27 +77,40 @@ def start_upstream(stack: ExitStack, *args: str) -> int:
     return int(line.split()[-1])
 
 
-def start_targets(stack: ExitStack, upstream_port: int, tmp: Path, mysql_db: str | None, phase: str,
-                  compare: Sequence[Path] = ()) -> list[Target]:
-    """Every thing under test, started and registered for stopping, in the order of the tables."""
+# Printing every flow costs mitmdump more than anything else here: off for all targets alike.
+QUIET = ["--set", "flow_detail=0"]
+
+
+def bare_mitmdump(reverse: str, *, stream: bool) -> RelayProcess:
+    """mitmdump without the addon in reverse mode to ``reverse``; ``stream``: stream_large_bodies=1."""
+    return RelayProcess(db_url=None, addon=False, reverse_target=reverse,
+                        extra_args=QUIET + (["--set", "stream_large_bodies=1"] if stream else []))
+
+
+def relay_options(tmp: Path, upstream_port: int, source: str) -> dict[str, str]:
+    """The relay as deployed: one node (the upstream), client keys; pings off so only client traffic is
+    measured; its rows tagged ``source``."""
     nodes = tmp / "nodes.toml"
     nodes.write_text(f'[[nodes]]\nid = "bench"\nbase_url = "http://127.0.0.1:{upstream_port}/v1"\n'
                      'api_key = "k"\nweight = 1\n')
+    return {"codex_nodes": str(nodes), "codex_ping_interval": "0", "codex_source": source,
+            "codex_client_keys": f"{CLIENT_KEY}={CLIENT_KEY}"}
+
+
+def start_targets(stack: ExitStack, upstream_port: int, tmp: Path, mysql_db: str | None, phase: str,
+                  compare: Sequence[Path] = ()) -> list[Target]:
+    """Every thing under test, started and registered for stopping, in the order of the tables."""
     reverse = f"http://127.0.0.1:{upstream_port}"
-    # Printing every flow costs mitmdump more than anything else here: off for all targets alike.
-    quiet = ["--set", "flow_detail=0"]
-    bare = [(name, RelayProcess(db_url=None, addon=False, reverse_target=reverse, extra_args=quiet + extra))
-            for name, extra in (("mitmdump", []), ("mitmdump-stream", ["--set", "stream_large_bodies=1"]))]
-    # As deployed: node file, client keys; pings off so only client traffic is measured.
-    relay_opts = {"codex_nodes": str(nodes), "codex_ping_interval": "0", "codex_source": phase,
-                  "codex_client_keys": f"{CLIENT_KEY}={CLIENT_KEY}"}
+    bare = [(name, bare_mitmdump(reverse, stream=stream)) for name, stream in (("mitmdump", False),
+                                                                                ("mitmdump-stream", True))]
+    relay_opts = relay_options(tmp, upstream_port, phase)
     dbs = [("relay-sqlite", sqlite_url(tmp, f"{phase}.db"), {}, ROOT)]
     if mysql_db:
         dbs.append(("relay-mariadb", mysql_db, {"codex_spool": str(tmp / f"{phase}-mariadb.spool")}, ROOT))
     # --compare: the relay of another checkout too, on SQLite, beside this one.
     dbs += [(f"relay-sqlite@{root.name}", sqlite_url(tmp, f"{phase}-{root.name}.db"), {}, root) for root in compare]
     relays = [(name, url, RelayProcess(db_url=url, reverse_target=reverse, options=relay_opts | opts,
-                                       extra_args=quiet, root=root)) for name, url, opts, root in dbs]
+                                       extra_args=QUIET, root=root)) for name, url, opts, root in dbs]
     # They boot side by side (start-up is mostly imports); none outlives the stack if another fails.
     for _, proc in bare:
         stack.callback(proc.spawn().kill)

@@ -14,11 +14,13 @@ import pytest
 import sqlalchemy as sa
 
 import bench.scratch
+from bench import ctools, streams
 from bench.__main__ import main
+from bench.haproxy import HAPROXY
 from bench.http import BASELINES
 from bench.queries import QUERIES
 from bench.writer import slope
-from tests.conftest import MYSQL_SERVER_URL, require_mysql
+from tests.conftest import IN_CI, MYSQL_SERVER_URL, require_mysql
 
 pytestmark = pytest.mark.e2e  # starts real mitmdump processes
 
@@ -68,6 +70,42 @@ def _check_queries(r: dict, backends: list[str]) -> None:
             assert q["plan"], f"no plan captured for {q['query']}"
 
 
+def _check_streams(r: dict, relays: list[str], fleet_db: str) -> None:
+    sizes = streams.QUICK
+    keys = ["codex", *(f"ceiling-{load.conns}" for load in sizes.ceiling), "memory", "json", "stall", "short"]
+    targets = [streams.BASELINE, *relays]
+    assert [(x["workload"], x["target"]) for x in r["rows"]] == [(k, t) for k in keys for t in targets]
+    for x in r["rows"]:
+        assert x["errors"] == 0 and x["figure"] is not None and len(x["figure_rounds"]) >= 1
+        if x["target"] == streams.BASELINE:
+            assert x["goal"] is None and x["met"] is None
+        else:  # judged against the baseline: a ratio, or added ms for the stall
+            compared = x["added_ms"] if x["workload"] == "stall" else x["ratio"]
+            assert x["goal"] and (x["met"] is None) == (compared is None)
+    loads = {w.key: w.load for w in [*streams.workloads(sizes), streams.memory_workload(sizes)]}
+    for key, by_target in r["runs"].items():
+        assert list(by_target) == targets
+        for run in (x for runs in by_target.values() for x in runs):
+            assert run["calls_ok"] == loads[key].conns * loads[key].calls and run["errors"] == 0
+            assert run["cpu_s"] >= 0 and run["rss_peak_kb"] >= run["rss_before_kb"] > 0
+            assert key != "stall" or run["beside"]["calls_ok"] > 0  # the big JSON calls ran beside the streams
+    fleet = r["fleet"]
+    if HAPROXY.exists() or IN_CI:  # run.sh installs it under CI: there the row must run
+        one, two = f"relay-{fleet_db} ×1", f"relay-{fleet_db} ×2 (haproxy)"
+        assert fleet["db"] == fleet_db
+        assert [(x["target"], x["vs"]) for x in fleet["rows"]] == [
+            (streams.BASELINE, streams.BASELINE), (one, streams.BASELINE), (two, one)]
+        assert fleet["rows"][-1]["goal"] == "≥ 1.6×" and all(x["errors"] == 0 for x in fleet["rows"])
+        assert set(fleet["haproxy"]) == {"cpu_us_per_event", "cpu_share_of_a_core"}
+        recorded = {**r["recorded"], "fleet": fleet["recorded"]}
+    else:
+        assert str(HAPROXY) in fleet["skipped"]
+        recorded = r["recorded"]
+    assert set(recorded) == {*relays, *(("fleet",) if "skipped" not in fleet else ())}
+    for rec in recorded.values():
+        assert rec["answered"] > 0 and rec["recorded"] == rec["answered"]
+
+
 def _run(tmp_path, mysql_url: str) -> dict:
     out = tmp_path / "results.json"
     assert main(["--quick", "--mysql-url", mysql_url, "--out", str(out)]) == 0
@@ -94,7 +132,36 @@ def test_quick_run_on_sqlite_and_mariadb_uses_scratch_databases(tmp_path, monkey
     _check_http(r["http"], ["relay-sqlite", "relay-mariadb"])
     _check_writer(r["writer"], ["sqlite", "mariadb"])
     _check_queries(r["queries"], ["sqlite", "mariadb"])
+    _check_streams(r["streams"], ["relay-sqlite"], "mariadb")
     assert made and _bench_databases().isdisjoint(made)  # every scratch database was dropped
+
+
+def test_show_prints_every_parts_tables(tmp_path, capsys) -> None:
+    """--show reads an earlier results file; here a streams-only one whose fleet row was skipped."""
+    run = {"rows": [], "runs": {}, "recorded": {}, "fleet": {"skipped": "no haproxy"}}
+    out = tmp_path / "r.json"
+    out.write_text(json.dumps({"started": "2026-11-26T00:00:00+00:00", "machine": {"cpus": 2}, "streams": run}))
+    assert main(["--show", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "Long streams" in printed and "skipped (no haproxy)" in printed
+
+
+def test_load_tools_build_once_per_source_version(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(ctools, "TOOLS", tmp_path)
+    monkeypatch.setattr(ctools, "BUILD", tmp_path / ".build")
+    (tmp_path / "t.c").write_text("int main(void) { return 0; }\n")
+    first = ctools.binary("t")
+    assert ctools.binary("t") == first  # cached
+    (tmp_path / "t.c").write_text("int main(void) { return 1; }\n")
+    assert ctools.binary("t") != first  # an edit rebuilds
+
+
+def test_no_compiler_is_one_clear_error_line(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.setattr(ctools, "BUILD", tmp_path / ".build")  # nothing built yet
+    monkeypatch.setattr(ctools.shutil, "which", lambda name: None)
+    assert main(["--quick", "--only", "streams", "--mysql-url", "", "--out", str(tmp_path / "r.json")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("bench: no C compiler") and "\n" not in err
 
 
 def test_queue_slope() -> None:

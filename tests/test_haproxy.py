@@ -7,8 +7,6 @@ it can (as root, with apt-get).
 
 from __future__ import annotations
 
-import re
-import socket
 import subprocess
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,37 +14,12 @@ from types import SimpleNamespace
 import pytest
 
 from bench.fakeupstream import FakeUpstream
+from bench.haproxy import HAPROXY, accepts, free_port, haproxy_config
 from bench.relayproc import RelayProcess
 from tests.conftest import IN_CI, wait_for
 from tests.test_e2e import call, rows, write_nodes
 
 pytestmark = pytest.mark.e2e
-
-HAPROXY = Path("/usr/sbin/haproxy")
-README = Path(__file__).resolve().parent.parent / "README.md"
-
-
-def haproxy_config(port: int, relay_ports: list[int]) -> str:
-    """The README's configuration, with this test's ports."""
-    text = README.read_text().split("# /etc/haproxy/haproxy.cfg\n", 1)[1].split("```", 1)[0]
-    text = text.replace("bind 127.0.0.1:8000", f"bind 127.0.0.1:{port}")
-    for default, actual in zip((8001, 8002), relay_ports, strict=True):
-        text = re.sub(rf"127\.0\.0\.1:{default}\b", f"127.0.0.1:{actual}", text)
-    return text
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def accepts(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        return True
-    except OSError:
-        return False
 
 
 @pytest.fixture

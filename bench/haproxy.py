@@ -1,0 +1,54 @@
+"""Debian's HAProxy in front of relays with README's configuration ("Several relays"), for the fleet test
+and the streams benchmark's two-relay row."""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+HAPROXY = Path("/usr/sbin/haproxy")
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def haproxy_config(port: int, relay_ports: list[int]) -> str:
+    """The README's configuration, with these ports."""
+    text = README.read_text().split("# /etc/haproxy/haproxy.cfg\n", 1)[1].split("```", 1)[0]
+    text = text.replace("bind 127.0.0.1:8000", f"bind 127.0.0.1:{port}")
+    for default, actual in zip((8001, 8002), relay_ports, strict=True):
+        text = re.sub(rf"127\.0\.0\.1:{default}\b", f"127.0.0.1:{actual}", text)
+    return text
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def accepts(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def start_haproxy(stack: ExitStack, relay_ports: list[int], workdir: Path) -> tuple[int, int]:
+    """HAProxy in front of two relays, stopped when ``stack`` closes: (port, pid)."""
+    port = free_port()
+    config = workdir / "haproxy.cfg"
+    config.write_text(haproxy_config(port, relay_ports))
+    log = (workdir / "haproxy.log").open("w")  # a file, not a pipe nobody reads: it cannot block HAProxy
+    stack.callback(log.close)
+    proc = subprocess.Popen([str(HAPROXY), "-db", "-f", str(config)], stdout=log, stderr=subprocess.STDOUT)
+    stack.callback(lambda: (proc.terminate(), proc.wait(10)))
+    deadline = time.monotonic() + 10
+    while not accepts(port):  # it listens, or it exits with its reason in the log
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"haproxy did not start: {(workdir / 'haproxy.log').read_text()[-500:]}")
+        time.sleep(0.05)
+    return port, proc.pid
