@@ -37,13 +37,13 @@ def _format_cost(cost: float) -> str:
 
 
 def crs_item(row: sa.Row, pricing: dict[str, float]) -> dict[str, Any]:
-    """One model as CRS sends it: its inputTokens exclude cache reads and writes; each call's cost was
-    stored, so ``real`` = ``rated`` = ``total`` and ``isLegacy`` is false (cache writes cost as input here)."""
+    """One model as CRS sends it: its inputTokens and input cost exclude cache reads and writes; each call's
+    cost was stored, so ``real`` = ``rated`` = ``total`` and ``isLegacy`` is false."""
     n = {k: int(row._mapping[k]) for k in ("requests", "input_tokens", "cached_tokens", "cache_write_tokens",
                                            "output_tokens")}  # MySQL sums are Decimals
-    cost = float(row.cost)
-    costs = {"input": float(row.cost_input), "output": float(row.cost_output), "cacheCreate": 0.0,
-             "cacheWrite": 0.0, "cacheRead": float(row.cost_cached), "ephemeral5m": 0.0, "ephemeral1h": 0.0,
+    cost, written = float(row.cost), float(row.cost_cache_write)  # cost_input includes the cache writes
+    costs = {"input": float(row.cost_input) - written, "output": float(row.cost_output), "cacheCreate": written,
+             "cacheWrite": written, "cacheRead": float(row.cost_cached), "ephemeral5m": 0.0, "ephemeral1h": 0.0,
              "total": cost, "real": cost, "rated": cost}
     return {"model": row.model, "requests": n["requests"],
             "inputTokens": n["input_tokens"] - n["cached_tokens"] - n["cache_write_tokens"],

@@ -150,8 +150,8 @@ def models_of_key(conn: sa.Connection, key: str, since: dt.date, until: dt.date)
     return list(conn.execute(
         sa.select(sa.func.coalesce(c.model, "unknown").label("model"), sa.func.count().label("requests"),
                   *[sa.func.sum(col).label(name) for name, col in sums.items()],
-                  *[sa.func.coalesce(sa.func.sum(c[n]), 0.0).label(n) for n in ("cost", "cost_input", "cost_cached",
-                                                                                "cost_output")])
+                  *[sa.func.coalesce(sa.func.sum(c[n]), 0.0).label(n)
+                    for n in ("cost", "cost_input", "cost_cached", "cost_output", "cost_cache_write")])
         .where(c.client_key == key, c.status == "success", c.occurred_at >= dt.datetime.combine(since, dt.time()),
                c.occurred_at < dt.datetime.combine(until + dt.timedelta(days=1), dt.time()))
         .group_by(sa.func.coalesce(c.model, "unknown")).order_by(sa.func.coalesce(c.model, "unknown"))))

@@ -7,6 +7,7 @@ import datetime as dt
 import hashlib
 import json
 import threading
+from dataclasses import replace
 
 import pytest
 import sqlalchemy as sa
@@ -270,9 +271,13 @@ def test_stats_keys_with_the_keys_file_shows_each_limits_use_and_reset(engine, c
 
 def test_usage_endpoint_answers_a_key_holder_its_own_usage_in_crs_shape(engine, tmp_path):
     now = utcnow()
+    # A call that wrote the prompt cache: 400 of its 1,000 input tokens, $0.0015 of its $0.0030 input cost.
+    written = replace(record("u4", "alice", now, 0, 0.0045), model="claude-sonnet-4-5",
+                      usage=Usage(input_tokens=1_000, cached_tokens=100, cache_write_tokens=400, output_tokens=50),
+                      cost_input=0.003, cost_cached=0.00003, cost_output=0.00147, cost_cache_write=0.0015)
     with engine.begin() as conn:
         apply_batch(conn, [record("u1", "alice", now, 100, 0.5), record("u2", "alice", now, 60, 0.25),
-                           record("u3", "bob", now, 999, 9.0)])
+                           record("u3", "bob", now, 999, 9.0), written])
     runtime = runtime_with("alpha", engine=engine)
     auth = ClientAuth()
     stats = UserStats(runtime, auth)
@@ -291,12 +296,20 @@ def test_usage_endpoint_answers_a_key_holder_its_own_usage_in_crs_shape(engine, 
 
         status, answer = ask({"apiKey": ALICE_KEY, "period": "daily"})
         assert status == 200 and answer["success"] is True and answer["period"] == "daily"
-        (item,) = answer["data"]
+        claude, item = answer["data"]
+        # CRS counts cache writes apart from input, in tokens and in cost; the parts add up to the total.
+        assert (claude["model"], claude["inputTokens"], claude["cacheCreateTokens"], claude["cacheReadTokens"]) == (
+            "claude-sonnet-4-5", 500, 400, 100)
+        c = claude["costs"]
+        assert c["cacheWrite"] == c["cacheCreate"] == 0.0015 and c["input"] == pytest.approx(0.0015)
+        assert c["total"] == 0.0045 and c["input"] + c["cacheWrite"] + c["cacheRead"] + c["output"] == pytest.approx(
+            c["total"])
         assert (item["model"], item["requests"], item["inputTokens"], item["cacheReadTokens"], item["outputTokens"],
                 item["allTokens"], item["costs"]["total"], item["isLegacy"]) == (
                     "gpt-5", 2, 134, 6, 20, 160, 0.75, False)
         parsed = crs.parse(answer, {})  # codex-relay's own crs source reads it
-        assert parsed.models[0].requests == 2
+        assert [(m.model, m.requests, m.cache_create_tokens) for m in parsed.models] == [
+            ("claude-sonnet-4-5", 1, 400), ("gpt-5", 2, 0)]
         assert ask({"apiKey": "ck-nobody-123456"}) == (401, {"error": "Invalid API key",
                                                              "message": "API key not found"})
         assert ask({})[0] == 400
