@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import socket
 from collections import OrderedDict
 
 import h11
@@ -45,25 +46,36 @@ class RefusalSink:
     """The addon that owns the local refusal endpoint; other addons call ``refuse``."""
 
     def __init__(self) -> None:
+        self._sock: socket.socket | None = None
         self._server: asyncio.Server | None = None
         self.port = 0
         self._answers: OrderedDict[str, http.Response] = OrderedDict()
 
+    def load(self, loader: object) -> None:
+        # The endpoint listens from here on: mitmproxy serves clients before the script's ``running`` hooks
+        # have run, and a refusal without its endpoint would buffer the body. Connections made before
+        # ``running`` wait in the socket's backlog.
+        if self._sock is None:
+            self._sock = socket.create_server(("127.0.0.1", 0))
+            self.port = self._sock.getsockname()[1]
+
     async def running(self) -> None:
-        if self._server is None:
-            self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-            self.port = self._server.sockets[0].getsockname()[1]
+        if self._server is None and self._sock is not None:
+            self._server = await asyncio.start_server(self._serve, sock=self._sock)
 
     def done(self) -> None:
         if self._server is not None:
             self._server.close()
             self._server = None
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
 
     def refuse(self, flow: http.HTTPFlow, response: http.Response, reason: str) -> None:
         """Answer ``flow`` with ``response``; it goes to no node and is never metered."""
         flow.metadata[REFUSED_KEY] = response.status_code
         flow.comment = f"refused by codex-relay: {reason}"
-        if self._server is None or not body_pending(flow.request):
+        if self._sock is None or not body_pending(flow.request):
             flow.response = response
             return
         token = secrets.token_urlsafe(16)

@@ -98,8 +98,9 @@ def test_an_exception_in_a_hook_answers_500_instead_of_passing_through():
 def test_refused_body_is_drained_by_the_local_endpoint_not_buffered():
     async def scenario() -> tuple[bytes, tflow.HTTPFlow]:
         sink = RefusalSink()
-        await sink.running()
+        sink.load(None)
         try:
+            # Before the script's running hooks: mitmproxy already serves clients by then.
             f = flow(headers={"content-length": "1000000", "authorization": "Bearer wrong"})
             from addon.errors import error_response
             sink.refuse(f, error_response("/v1/responses", 401, "no", "invalid_api_key"), "test")
@@ -107,6 +108,7 @@ def test_refused_body_is_drained_by_the_local_endpoint_not_buffered():
             assert (f.request.host, f.request.port) == ("127.0.0.1", sink.port)
             assert "authorization" not in f.request.headers and f.metadata[EGRESS_KEY][2] == sink.port
             reader, writer = await asyncio.open_connection("127.0.0.1", sink.port)
+            await sink.running()
             writer.write(f"POST {f.request.path} HTTP/1.1\r\nhost: x\r\ncontent-length: 1000000\r\n\r\n".encode())
             for _ in range(100):
                 writer.write(b"x" * 10_000)
