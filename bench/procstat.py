@@ -59,12 +59,12 @@ def rss_kb(pids: Iterable[int]) -> int:
 
 class PeakRss:
     """Samples ``rss_kb(pids)`` every ``interval`` s in a thread while in the ``with`` block; ``peak`` is the
-    largest sample (at least the first, taken on entry)."""
+    largest sample, ``before`` the first (taken on entry)."""
 
     def __init__(self, pids: Iterable[int], interval: float = 0.02) -> None:
         self.pids = list(pids)
         self.interval = interval
-        self.peak = 0
+        self.before = self.peak = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -73,7 +73,7 @@ class PeakRss:
             self.peak = max(self.peak, rss_kb(self.pids))
 
     def __enter__(self) -> PeakRss:
-        self.peak = rss_kb(self.pids)
+        self.before = self.peak = rss_kb(self.pids)
         self._thread.start()
         return self
 
@@ -81,3 +81,8 @@ class PeakRss:
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, rss_kb(self.pids))
+
+    @property
+    def growth_mib(self) -> float:
+        """How much resident memory grew, at its peak, while the block ran."""
+        return (self.peak - self.before) / 1024

@@ -18,7 +18,6 @@ import ssl
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import h2.config
 import h2.connection
@@ -27,6 +26,7 @@ import pytest
 from mitmproxy import io
 
 from bench.fakeupstream import Behaviour, FakeUpstream
+from bench.procstat import PeakRss
 from bench.relayproc import ROOT, RelayProcess
 from tests.conftest import IN_CI, wait_for
 from tests.test_e2e import rows, write_nodes
@@ -186,41 +186,6 @@ def anthropic_error(status: int, body: bytes, expected_status: int) -> None:
     assert isinstance(doc["error"]["message"], str), doc
 
 
-def rss(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmRSS for {pid}")
-
-
-class PeakRss:
-    """How much a process's resident memory grew, at its peak, while the block ran."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.before = self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    def __enter__(self) -> PeakRss:
-        self.before = self.peak = rss(self.pid)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self.peak = max(self.peak, rss(self.pid))
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.005):
-            self.peak = max(self.peak, rss(self.pid))
-
-    @property
-    def growth_mib(self) -> float:
-        return (self.peak - self.before) / MiB
-
-
 def exit_without_serving(relay: RelayProcess) -> int:
     """Start a relay that must refuse to run: its exit code. It may exit before it listens, or listen
     briefly (mitmproxy's start-up check runs then) and answer only 503 ``relay_not_ready`` meanwhile."""
@@ -359,7 +324,7 @@ def test_6a_unauthenticated_huge_body_is_refused_before_it_is_read(shared):
     port, mark = shared.relay.port, len(shared.node.seen)
     size = 256 * MiB
     head = request_head("POST", b"/v1/responses", port, {"content-type": "application/json"}, size)
-    with PeakRss(shared.relay.proc.pid) as mem:
+    with PeakRss([shared.relay.proc.pid], interval=0.005) as mem:
         reply = exchange(port, head, filler=size)
     openai_error(reply.status, reply.body, 401, "invalid_api_key")
     assert not since(shared.node, mark)
@@ -393,7 +358,7 @@ def test_6c_large_error_body_is_streamed_through_not_held(failover):
     failover.a.behaviour = Behaviour(status=500, error_body=b"x" * size)
     try:
         conn = http.client.HTTPConnection("127.0.0.1", failover.relay.port, timeout=60)
-        with PeakRss(failover.relay.proc.pid) as mem:
+        with PeakRss([failover.relay.proc.pid], interval=0.005) as mem:
             conn.request("POST", "/v1/responses", json.dumps(call_body("attack6c")),
                          {"content-type": "application/json"})
             resp = conn.getresponse()
