@@ -197,7 +197,7 @@ class StreamMeter:
 
     def _sse_parser(self) -> SSEParser:
         # Deltas (most of a long stream) are framed in bytes and passed without being decoded.
-        return SSEParser(want=self.extractor.wants)
+        return SSEParser(want=self.extractor.wants, noise=self.extractor.noise)
 
     @property
     def kept(self) -> bytes:

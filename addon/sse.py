@@ -31,12 +31,16 @@ class SSEParser:
     in ``dropped``) and the parser skips to the next blank line, so a stream that never ends an event
     cannot grow memory. ``want(name, data)`` (raw bytes; name ``b"message"`` when the event has none)
     decides whether an event is decoded and returned; events it refuses are counted in ``passed``.
+    ``noise(name)``: names ``want`` refuses whatever the data; a chunk that is one whole such event (as
+    most chunks of a long stream are) is counted without being framed.
     """
 
     def __init__(self, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES, *,
-                 want: Callable[[bytes, bytes], bool] | None = None) -> None:
+                 want: Callable[[bytes, bytes], bool] | None = None,
+                 noise: Callable[[bytes], bool] | None = None) -> None:
         self.max_event_bytes = max_event_bytes
         self.want = want
+        self.noise = noise
         self.dropped = 0
         self.passed = 0
         self._pending = bytearray()  # the event in progress: the bytes since the last blank line
@@ -45,6 +49,9 @@ class SSEParser:
         self._first = True  # a byte order mark may open the stream
 
     def feed(self, data: bytes) -> list[SSEEvent]:
+        if self.noise is not None and self._noise_event(data):
+            self.passed += 1
+            return []
         out: list[SSEEvent] = []
         if not data:
             return out
@@ -80,6 +87,16 @@ class SSEParser:
             self._overflow()
             self._keep_newline(pending, pending[-1:] == b"\n")
         return out
+
+    def _noise_event(self, data: bytes) -> bool:
+        """Whether ``data`` is exactly one whole event ``event: <noise name>\ndata: …\n\n`` arriving with
+        nothing pending (two lines, no CR): what ``_event`` would count in ``passed``."""
+        if (data[:7] != b"event: " or data[-2:] != b"\n\n" or self._pending or self._after_cr or self._first
+                or len(data) > self.max_event_bytes):
+            return False
+        nl = data.find(b"\n")
+        return (data[nl + 1:nl + 7] == b"data: " and data.find(b"\n", nl + 1) == len(data) - 2
+                and b"\r" not in data and self.noise(data[7:nl]))
 
     @staticmethod
     def _keep_newline(pending: bytearray, newline: bool) -> None:

@@ -121,6 +121,11 @@ class UsageExtractor:
     def _accepts(self, fmt: str) -> bool:
         return self.api_format is None or self.api_format == fmt
 
+    @staticmethod
+    def noise(name: bytes) -> bool:
+        """Whether an event so named is ignored whatever its data (for ``SSEParser(noise=...)``)."""
+        return name in _NOISE_NAMES or name.endswith(b".delta")
+
     def wants(self, name: bytes, data: bytes) -> bool:
         """Whether ``on_event`` must see this event (raw bytes, for ``SSEParser(want=...)``).
 
@@ -129,7 +134,7 @@ class UsageExtractor:
         error, no type, at most the model already known). Keys spelled with escapes (``\\u``) could
         hide from these byte checks, so such a chunk is decoded.
         """
-        if name in _NOISE_NAMES or name.endswith(b".delta"):
+        if self.noise(name):
             return False
         if name != b"message" or data[:1] != b"{" or b"\\u" in data or b'"type"' in data or b'"error"' in data:
             return True

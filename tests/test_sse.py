@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 import re
 import tracemalloc
@@ -191,3 +192,35 @@ def test_any_stream_any_chunking_follows_the_line_rules(lines, bom, cuts):
     points = sorted({c for c in cuts if c < len(stream)})
     chunks = [stream[a:b] for a, b in zip([0, *points], [*points, len(stream)], strict=True)]
     assert parse(chunks) == _reference(stream)
+
+
+_event_lines = st.sampled_from([b"event: a.delta", b"event: b", b"data: x", b"data: y.delta", b"data:", b": c",
+                                b"id: 1"])
+# Events that start like a noise event, and near misses of the shortcut's shape.
+_noise_like = st.sampled_from([[b"event: a.delta", b"data: x"], [b"event: a.delta", b"data: x", b"event: b"],
+                               [b"event: a.delta", b"data: x", b"data: y"], [b"event: a.delta", b": c", b"data: x"],
+                               [b"event: a.delta", b"data:"], [b"event: a.delta"], [b"event: a.delta", b": c"],
+                               [b"event: a.delta", b"id: 1"], [b"event: a.delta", b"data: x\revent: b"],
+                               [b"event: b", b"data: x"]])
+
+
+@settings(max_examples=300, deadline=None)
+@given(events=st.lists(_noise_like | st.lists(_event_lines, min_size=1, max_size=4), max_size=12),
+       eol=st.sampled_from([b"\n", b"\r\n"]), per_event=st.booleans(), cuts=st.lists(st.integers(0, 300), max_size=6))
+def test_noise_events_counted_unframed_exactly_as_framing_counts_them(events, eol, per_event, cuts):
+    """The shortcut for a chunk that is one whole noise event gives the events and counts of the full path,
+    whether chunks follow event boundaries (as servers send them) or not."""
+    blocks = [eol.join(lines) + eol + eol for lines in events]
+    stream = b"".join(blocks)
+    if per_event:
+        points = list(itertools.accumulate(len(b) for b in blocks))[:-1]
+    else:
+        points = sorted({c for c in cuts if 0 < c < len(stream)})
+    chunks = [stream[a:b] for a, b in zip([0, *points], [*points, len(stream)], strict=True)]
+
+    def run(noise) -> tuple[list[SSEEvent], int, int]:
+        p = SSEParser(want=lambda name, data: not name.endswith(b".delta"), noise=noise)
+        events = [e for c in chunks for e in p.feed(c)] + p.close()
+        return events, p.passed, p.dropped
+
+    assert run(lambda name: name.endswith(b".delta")) == run(None)
