@@ -83,8 +83,9 @@ case "$cmd" in
         ensure_debian /usr/bin/chromium chromium "the browser test"
         ensure_debian /usr/sbin/haproxy haproxy "the HAProxy test"
         "$VENV/bin/ruff" check .
-        # Two workers (-n 0 runs in one process); loadgroup keeps a module's shared relays on one worker.
-        exec "$VENV/bin/python" -m pytest -n 2 --dist loadgroup "$@"
+        # Two workers per core: the end-to-end tests spend much of their time waiting on real processes,
+        # sockets and timeouts (-n 0 runs in one process); loadgroup keeps a module's shared relays on one worker.
+        exec "$VENV/bin/python" -m pytest -n "$(( $(nproc) * 2 ))" --dist loadgroup "$@"
         ;;
     web) shift; setup_venv; relay mitmweb "$@" ;;
     stats) shift; setup_venv; exec "$VENV/bin/python" -m store.stats_cli "$@" ;;
