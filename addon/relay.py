@@ -31,7 +31,7 @@ from addon.egress import attach, clear_as_is, origin_of
 from addon.errors import CLIENT_KEY_NAME, error_response, fail_closed
 from addon.inject import answer_waiting, can_answer, close_server
 from addon.limits import Limits
-from addon.meter import StreamMeter
+from addon.meter import MeterResult, StreamMeter
 from addon.modelroute import rewrite_model, upstream_model
 from addon.options import seconds
 from addon.outcome import Outcome, classify_error, classify_response, is_node_failure_status
@@ -347,6 +347,7 @@ class Relay:
             text = resp.get_text(strict=False)
             if text and (clean := self.secrets.scrub(text)) != text:
                 resp.text = clean
+        result = None
         if state.meter is None and state.node is None and len(self.runtime.pool):
             # Our own 503 or 502: the failed attempts, if any, were counted against their nodes.
             outcome = Outcome("failed", False, state.relay_error or "no upstream node available")
@@ -364,7 +365,7 @@ class Relay:
                                         stream=state.stream or _is_sse(resp), completed=result.completed)
             if state.meter.kept:
                 resp.raw_content = state.meter.kept
-        self._finish(flow, state, outcome)
+        self._finish(flow, state, outcome, result)
 
     async def _retry(self, flow: http.HTTPFlow, state: CallState) -> None:
         """Try other nodes with mitmproxy's replay client; the client gets the first good answer whole.
@@ -409,7 +410,9 @@ class Relay:
         self._streaming.pop(flow.id, None)
 
     # -- records -----------------------------------------------------------------------------------
-    def _finish(self, flow: http.HTTPFlow, state: CallState, outcome: Outcome) -> None:
+    def _finish(self, flow: http.HTTPFlow, state: CallState, outcome: Outcome,
+                result: MeterResult | None = None) -> None:
+        """Record the call; ``result``: its meter's, when the caller has it already."""
         if self.limits is not None:
             self.limits.release(flow)
         if outcome.error:  # upstream text: it may echo a key back
@@ -418,7 +421,8 @@ class Relay:
             outcome = Outcome(outcome.status, outcome.node_failure, state.relay_error)
         resp = flow.response
         meter = state.meter
-        result = meter.result() if meter else None
+        if result is None and meter is not None:
+            result = meter.result()
         ttfb_ms = stream_ms = None
         if resp is not None and resp.timestamp_start and flow.request.timestamp_end:
             ttfb_ms = _ms(resp.timestamp_start - flow.request.timestamp_end)
