@@ -102,7 +102,11 @@ def attach(flow: http.HTTPFlow, node: NodeConfig, client_target: str) -> Origin:
     flow.metadata.pop(EGRESS_KEY, None)
     origin = origin_of(node.base_url)
     path = node_path(node.base_url, client_target)
-    request.scheme, request.host, request.port, request.path = origin.scheme, origin.host, origin.port, path
+    # The host setter also puts the node's address in the Host header (and h2 authority); so does the port
+    # setter, again: set only when it changes (it does not in reverse mode to the node, the usual case).
+    request.scheme, request.host, request.path = origin.scheme, origin.host, path
+    if request.port != origin.port:
+        request.port = origin.port
     if (request.scheme, request.host, request.port) != origin.as_tuple():
         raise EgressRefused("the request's destination is not the node's")
     flow.metadata[EGRESS_KEY] = origin.as_tuple()
