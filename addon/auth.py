@@ -29,6 +29,7 @@ from pathlib import Path
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.proxy.mode_specs import ReverseMode
 
+from addon.egress import credentials_in
 from addon.errors import CLIENT_KEY_NAME, error_response, fail_closed
 from addon.limits import Limits
 from addon.refusal import RefusalSink, answered
@@ -149,9 +150,12 @@ class ClientAuth:
 
     def identify(self, headers: http.Headers) -> str | None:
         """The name of the client key these request headers carry, or None."""
-        candidates = [v.strip() for v in headers.get_all("x-api-key")]
-        for value in headers.get_all("authorization") + headers.get_all("proxy-authorization"):
-            candidates.extend(_credentials(value))
+        present = credentials_in(headers)
+        candidates = [v.strip() for v in headers.get_all("x-api-key")] if "x-api-key" in present else []
+        for name in ("authorization", "proxy-authorization"):
+            if name in present:
+                for value in headers.get_all(name):
+                    candidates.extend(_credentials(value))
         names = [self._name_of(c) for c in candidates]
         return next((n for n in names if n is not None), None)
 

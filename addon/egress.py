@@ -32,6 +32,13 @@ EGRESS_KEY = "codex_egress"
 CREDENTIAL_HEADERS = ("authorization", "x-api-key", "proxy-authorization")
 
 
+def credentials_in(headers: http.Headers) -> list[str]:
+    """The ``CREDENTIAL_HEADERS`` that ``headers`` holds, found in one pass over them (a lookup by
+    name walks every header, and these run for every call)."""
+    names = {name.lower() for name, _ in headers.fields}  # as mitmproxy compares names: ASCII case
+    return [name for name in CREDENTIAL_HEADERS if name.encode() in names]
+
+
 class EgressRefused(ValueError):
     """The request cannot go to the node; the message is for the client (no key, no URL secrets)."""
 
@@ -87,14 +94,19 @@ def attach(flow: http.HTTPFlow, node: NodeConfig, client_target: str) -> Origin:
     """
     request = flow.request
     headers = request.headers
-    wants_x_api_key = "x-api-key" in headers
-    wants_bearer = "authorization" in headers or not wants_x_api_key
-    for name in CREDENTIAL_HEADERS:
-        headers.pop(name, None)
+    present = credentials_in(headers)
+    wants_x_api_key = "x-api-key" in present
+    wants_bearer = "authorization" in present or not wants_x_api_key
+    for name in present:
+        del headers[name]
     flow.metadata.pop(EGRESS_KEY, None)
     origin = origin_of(node.base_url)
     path = node_path(node.base_url, client_target)
-    request.scheme, request.host, request.port, request.path = origin.scheme, origin.host, origin.port, path
+    # The host setter also puts the node's address in the Host header (and h2 authority); so does the port
+    # setter, again: set only when it changes (it does not in reverse mode to the node, the usual case).
+    request.scheme, request.host, request.path = origin.scheme, origin.host, path
+    if request.port != origin.port:
+        request.port = origin.port
     if (request.scheme, request.host, request.port) != origin.as_tuple():
         raise EgressRefused("the request's destination is not the node's")
     flow.metadata[EGRESS_KEY] = origin.as_tuple()

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from mitmproxy import http
 
-from addon.egress import CREDENTIAL_HEADERS
+from addon.egress import credentials_in
 from store.masking import mask_secret
 
 
@@ -39,10 +39,8 @@ def mask_credential(value: str) -> str:
 def mask_headers(headers: http.Headers) -> list[tuple[str, list[str], list[str]]]:
     """Mask every credential header in place; returns (name, original values, masked values) of changed ones."""
     changed = []
-    for name in CREDENTIAL_HEADERS:
+    for name in credentials_in(headers):
         values = headers.get_all(name)
-        if not values:
-            continue
         masked = [mask_credential(v) for v in values]
         if masked != values:
             headers.set_all(name, masked)

@@ -31,7 +31,7 @@ from addon.egress import attach, clear_as_is, origin_of
 from addon.errors import CLIENT_KEY_NAME, error_response, fail_closed
 from addon.inject import answer_waiting, can_answer, close_server
 from addon.limits import Limits
-from addon.meter import StreamMeter
+from addon.meter import MeterResult, StreamMeter
 from addon.modelroute import rewrite_model, upstream_model
 from addon.options import seconds
 from addon.outcome import Outcome, classify_error, classify_response, is_node_failure_status
@@ -50,6 +50,8 @@ RETRY_KEY = "codex_retry"
 # An error answer of a node is held back (not streamed) to retry the call elsewhere only up to this size
 # and only with a content-length; a larger one streams through to the client and is not retried.
 MAX_HELD_ERROR_BYTES = 1 << 20
+DEFAULT_SOURCE = "relay"
+DEFAULT_MAX_REQUEST_BODY = 32 * 2**20
 
 
 @dataclass(slots=True)
@@ -93,6 +95,9 @@ class Relay:
         self._streaming: dict[str, CallState] = {}
         self._idle_timeout = 300.0
         self._keep_body = 0
+        # Options read for every call, kept here by configure: an option read costs a deep copy.
+        self._source = DEFAULT_SOURCE
+        self._max_body = DEFAULT_MAX_REQUEST_BODY
         self._idle_watch: asyncio.TimerHandle | None = None
         # flow id -> its call in flight. Not in flow.metadata: -w pickles that, and a call holds timers.
         self._calls: dict[str, CallState] = {}
@@ -101,7 +106,7 @@ class Relay:
 
     # -- options -----------------------------------------------------------------------------------
     def load(self, loader) -> None:
-        loader.add_option("codex_source", str, "relay",
+        loader.add_option("codex_source", str, DEFAULT_SOURCE,
                           "Tag written to codex_invocations.source for calls this relay records.")
         loader.add_option("codex_keep_body", int, -1,
                           "Keep up to this many bytes of each streamed response body on the flow, for "
@@ -115,7 +120,7 @@ class Relay:
                           "ends it (recorded truncated, a failure of the node). 0: no limit.")
         loader.add_option("codex_first_byte_timeout", str, "300",
                           "Seconds to wait for a node's response headers before the call is failed.")
-        loader.add_option("codex_max_request_body", int, 32 * 2**20,
+        loader.add_option("codex_max_request_body", int, DEFAULT_MAX_REQUEST_BODY,
                           "Largest request body (bytes) the relay forwards; a larger one gets HTTP 413 and "
                           "reaches no node.")
 
@@ -126,6 +131,10 @@ class Relay:
         for name in ("codex_retries", "codex_max_request_body"):
             if name in updated and getattr(opts, name) < 0:
                 raise exceptions.OptionsError(f"{name} must be >= 0")
+        if "codex_source" in updated:
+            self._source = opts.codex_source
+        if "codex_max_request_body" in updated:
+            self._max_body = opts.codex_max_request_body
         if "codex_keep_body" in updated and opts.codex_keep_body < -1:
             raise exceptions.OptionsError("codex_keep_body must be >= 0, or -1 for automatic")
         if updated & {"codex_keep_body", "save_stream_file"}:
@@ -154,11 +163,11 @@ class Relay:
         if answered(flow) or RETRY_KEY in flow.metadata:
             return
         length = flow.request.headers.get("content-length", "")
-        if length.isdigit() and int(length) > ctx.options.codex_max_request_body:
+        if length.isdigit() and int(length) > self._max_body:
             self._too_large(flow)
 
     def _too_large(self, flow: http.HTTPFlow) -> None:
-        limit = ctx.options.codex_max_request_body
+        limit = self._max_body
         self.refusals.refuse(flow, error_response(
             flow.request.path, 413, f"codex-relay: the request body is larger than {limit} bytes "
             "(codex_max_request_body)", "request_too_large"), "request body too large")
@@ -168,7 +177,7 @@ class Relay:
         if answered(flow) or RETRY_KEY in flow.metadata:
             return
         # A chunked body has no length up front: mitmproxy has read it by now.
-        if len(flow.request.raw_content or b"") > ctx.options.codex_max_request_body:
+        if len(flow.request.raw_content or b"") > self._max_body:
             self._too_large(flow)
             return
         target = flow.request.path
@@ -347,6 +356,7 @@ class Relay:
             text = resp.get_text(strict=False)
             if text and (clean := self.secrets.scrub(text)) != text:
                 resp.text = clean
+        result = None
         if state.meter is None and state.node is None and len(self.runtime.pool):
             # Our own 503 or 502: the failed attempts, if any, were counted against their nodes.
             outcome = Outcome("failed", False, state.relay_error or "no upstream node available")
@@ -364,7 +374,7 @@ class Relay:
                                         stream=state.stream or _is_sse(resp), completed=result.completed)
             if state.meter.kept:
                 resp.raw_content = state.meter.kept
-        self._finish(flow, state, outcome)
+        self._finish(flow, state, outcome, result)
 
     async def _retry(self, flow: http.HTTPFlow, state: CallState) -> None:
         """Try other nodes with mitmproxy's replay client; the client gets the first good answer whole.
@@ -409,7 +419,9 @@ class Relay:
         self._streaming.pop(flow.id, None)
 
     # -- records -----------------------------------------------------------------------------------
-    def _finish(self, flow: http.HTTPFlow, state: CallState, outcome: Outcome) -> None:
+    def _finish(self, flow: http.HTTPFlow, state: CallState, outcome: Outcome,
+                result: MeterResult | None = None) -> None:
+        """Record the call; ``result``: its meter's, when the caller has it already."""
         if self.limits is not None:
             self.limits.release(flow)
         if outcome.error:  # upstream text: it may echo a key back
@@ -418,7 +430,8 @@ class Relay:
             outcome = Outcome(outcome.status, outcome.node_failure, state.relay_error)
         resp = flow.response
         meter = state.meter
-        result = meter.result() if meter else None
+        if result is None and meter is not None:
+            result = meter.result()
         ttfb_ms = stream_ms = None
         if resp is not None and resp.timestamp_start and flow.request.timestamp_end:
             ttfb_ms = _ms(resp.timestamp_start - flow.request.timestamp_end)
@@ -433,7 +446,7 @@ class Relay:
             else:  # a client abort or a client error says nothing about the node
                 self.runtime.health.release(node, state)
         record = InvocationRecord(
-            invoke_id=state.invoke_id, occurred_at=state.occurred_at, source=ctx.options.codex_source,
+            invoke_id=state.invoke_id, occurred_at=state.occurred_at, source=self._source,
             endpoint=flow.request.path.split("?", 1)[0][:255], status=outcome.status,
             node_id=node.id if node else None, api_format=state.api_format,
             model=state.model, stream=state.stream, http_status=resp.status_code if resp else None,

@@ -14,6 +14,7 @@ without client keys, unless ``codex_allow_open`` says so.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import sys
 from collections.abc import Iterable
@@ -143,3 +144,8 @@ class StartupCheck:
         if self.problems:
             self.gate.ready = False
             fatal("; ".join(self.problems))
+            return
+        # Start-up is over: what it loaded (modules, the price data, the schema) lives as long as the
+        # process. Frozen, it is no longer walked by every full garbage collection (~90 ms each, every
+        # few thousand calls, during which no connection moves).
+        gc.freeze()

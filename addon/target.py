@@ -54,10 +54,9 @@ def route(target: str) -> str:
 
 def is_admin_path(target: str) -> bool:
     """A canonical target of the admin page (``/admin``, ``/admin/…``, ``/metrics``); anything else is not."""
-    if target_problem(target) is not None:
-        return False
-    path = route(target)
-    return path in (METRICS_PATH, ADMIN_PREFIX) or path.startswith(ADMIN_PREFIX + "/")
+    path = route(target)  # the cheap test first: it runs for every request
+    return ((path in (METRICS_PATH, ADMIN_PREFIX) or path.startswith(ADMIN_PREFIX + "/"))
+            and target_problem(target) is None)
 
 
 # claude-relay-service's usage endpoint, answered by addon.userstats (the key comes in the body).
@@ -66,4 +65,4 @@ USER_STATS_PATH = "/apiStats/api/user-model-stats"
 
 def is_user_stats_path(target: str) -> bool:
     """A canonical target of the usage endpoint; client auth lets it through (the key is in the body)."""
-    return target_problem(target) is None and route(target) == USER_STATS_PATH
+    return route(target) == USER_STATS_PATH and target_problem(target) is None

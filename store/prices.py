@@ -13,6 +13,7 @@ then a call costs a few multiplications.
 from __future__ import annotations
 
 import re
+from bisect import bisect_left
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
@@ -77,10 +78,9 @@ class PriceTable:
         cache writes), or None for a model neither the local table nor genai-prices knows."""
         price = self.local_price(model)
         if price is None:
-            maintained = _maintained_price(model.lower()) if model else None
-            if maintained is None:
+            price = _maintained_rates(model.lower(), usage.input_tokens) if model else None
+            if price is None:
                 return None
-            price = _at_tier(maintained, usage.input_tokens)
         cached = min(usage.cached_tokens, usage.input_tokens)
         written = min(usage.cache_write_tokens, usage.input_tokens - cached)
         cache_write = written * price.cache_write / _PER
@@ -114,16 +114,44 @@ def _at_tier(price: ModelPrice, input_tokens: int) -> Price:
                  cache_write=uncached if written is None else written, output=rate(price.output_mtok) or 0.0)
 
 
+@dataclass(frozen=True, slots=True)
+class _Maintained:
+    price: ModelPrice
+    starts: tuple[int, ...]  # the tier starts of all its prices, sorted: where a call's rates change
+
+
 @lru_cache(maxsize=1024)  # bounded: model names come from clients
-def _maintained_price(model: str) -> ModelPrice | None:
+def _maintained_price(model: str) -> _Maintained | None:
     """genai-prices' current price of ``model`` (or of its name without a snapshot date), from its
     bundled data; None when it does not know the model."""
     for ref in dict.fromkeys((model, _SNAPSHOT_SUFFIX.sub("", model))):
         try:
-            return genai_prices.calc_price(genai_prices.Usage(), model_ref=ref).model_price
+            price = genai_prices.calc_price(genai_prices.Usage(), model_ref=ref).model_price
         except LookupError:
             continue
+        tiered = (price.input_mtok, price.cache_read_mtok, price.cache_write_mtok, price.output_mtok)
+        return _Maintained(price, tuple(sorted({t.start for p in tiered if isinstance(p, TieredPrices)
+                                                for t in p.tiers})))
     return None
+
+
+def _maintained_rates(model: str, input_tokens: int) -> Price | None:
+    """genai-prices' rates of ``model`` for a call with ``input_tokens`` of input; None: unknown model.
+    Worked out once per model and tier (Decimal arithmetic), not for every call."""
+    found = _maintained_price(model)
+    if found is None:
+        return None
+    return _rates_at(model, bisect_left(found.starts, input_tokens))  # the tier starts the input passes
+
+
+@lru_cache(maxsize=1024)
+def _rates_at(model: str, passed: int) -> Price:
+    """``model``'s rates for an input that passes its first ``passed`` tier starts (``input > start``)."""
+    found = _maintained_price(model)
+    assert found is not None
+    starts = found.starts
+    # Any input with the same starts passed has the same rates: the first start itself passes none.
+    return _at_tier(found.price, starts[passed - 1] + 1 if passed else starts[0] if starts else 0)
 
 
 def load_prices(path: str | Path | None = None) -> PriceTable:

@@ -79,7 +79,9 @@ class Writer:
         self.batch_size = batch_size
         self.linger = linger
         self.max_backoff = max_backoff
-        self._queue: queue.Queue = queue.Queue()
+        # A SimpleQueue: put is one C call (the hand-off runs on the proxy's event loop for every record).
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._stopping = threading.Event()  # ends a linger early: close() must not wait it out
         self._thread = threading.Thread(target=self._run, name="codex-writer", daemon=True)
         self._idle = threading.Condition()
         self._pending = 0  # submitted, not yet written or spooled
@@ -118,6 +120,7 @@ class Writer:
         """Write what is queued; what the database cannot take now stays in the spool for next time."""
         if self._thread.is_alive():
             self._queue.put(_STOP)
+            self._stopping.set()
             self._thread.join(timeout)
         if self.spool.count and self.spool.path:
             log.warning("%d record(s) left in spool %s: they are written at the next start",
@@ -174,16 +177,22 @@ class Writer:
             return [], True
         batch = [first]
         deadline = time.monotonic() + self.linger
-        while len(batch) < self.batch_size:
-            try:
-                # Returns at once while items are waiting, even after the deadline.
-                item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                break
-            if item is _STOP:
-                return batch, True
-            batch.append(item)
-        return batch, False
+        while True:
+            # Whatever is waiting is taken at once, even after the deadline.
+            while len(batch) < self.batch_size:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is _STOP:
+                    return batch, True
+                batch.append(item)
+            left = deadline - time.monotonic()
+            if len(batch) >= self.batch_size or left <= 0:
+                return batch, False
+            # The rest of the linger is slept through, not woken by each record: a wake-up per record
+            # made this thread take the GIL from the proxy's event loop once per call.
+            self._stopping.wait(left)
 
     def _done(self, n: int) -> None:
         with self._idle:
