@@ -18,6 +18,7 @@ from __future__ import annotations
 import re
 import time
 import zlib
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -55,6 +56,25 @@ _LOOKS_LIKE_SSE = re.compile(rb"\s*(?:data|event)?:")
 # ~2.5 ms per MB): only its first and last bytes are kept, where every API puts what is recorded.
 JSON_SCAN_OVER = 2**20
 JSON_HEAD_BYTES = JSON_TAIL_BYTES = 2**18
+
+
+class _Tail:
+    """The last ``size`` bytes of a body, held as the chunks that carry them: a chunk is neither copied
+    when it comes nor when it goes (a 10 MB body would otherwise be copied about twice over)."""
+
+    def __init__(self, size: int, first: bytes) -> None:
+        self.size = size
+        self._chunks: deque[bytes] = deque([first])
+        self._len = len(first)
+
+    def add(self, chunk: bytes) -> None:
+        self._chunks.append(chunk)
+        self._len += len(chunk)
+        while self._len - len(self._chunks[0]) >= self.size:
+            self._len -= len(self._chunks.popleft())
+
+    def bytes(self) -> bytes:
+        return b"".join(self._chunks)[-self.size:]
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,7 +203,7 @@ class StreamMeter:
         self.truncated_parse = False
         self._kept = bytearray()
         self._body = bytearray()  # a JSON body; past JSON_SCAN_OVER only its head
-        self._tail: bytearray | None = None  # past JSON_SCAN_OVER: the body's last bytes
+        self._tail: _Tail | None = None  # past JSON_SCAN_OVER: the body's last bytes
         self._body_size = 0
         media_type = (content_type or "").split(";", 1)[0].strip().lower()
         self._sse = self._sse_parser() if media_type == "text/event-stream" else None
@@ -272,9 +292,7 @@ class StreamMeter:
         else:
             self._body_size += len(data)
             if self._tail is not None:
-                self._tail += data
-                if len(self._tail) > 2 * JSON_TAIL_BYTES:  # trimmed now and then, not per chunk
-                    del self._tail[:-JSON_TAIL_BYTES]
+                self._tail.add(data)
                 return
             self._body += data
             if self._body_size <= JSON_SCAN_OVER:
@@ -283,7 +301,7 @@ class StreamMeter:
                 self._sse, body, self._body = self._sse_parser(), bytes(self._body), bytearray()
                 self._dispatch(self._sse.feed(body))
             else:
-                self._tail = self._body[-JSON_TAIL_BYTES:]
+                self._tail = _Tail(JSON_TAIL_BYTES, bytes(self._body[-JSON_TAIL_BYTES:]))
                 del self._body[JSON_HEAD_BYTES:]
 
     def _finish(self) -> None:
@@ -293,7 +311,7 @@ class StreamMeter:
             return
         body, tail, self._body, self._tail = self._body, self._tail, bytearray(), None
         if tail is not None:
-            unread = self.extractor.on_json_ends(body, tail[-JSON_TAIL_BYTES:])
+            unread = self.extractor.on_json_ends(body, tail.bytes())
             if unread is not None and self.parse_error is None:
                 self.parse_error = f"a {self._body_size}-byte body: {unread}"
         elif _LOOKS_LIKE_SSE.match(body):
