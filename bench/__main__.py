@@ -203,6 +203,8 @@ def streams_tables(r: dict) -> str:
         h = fleet["haproxy"]
         out += (f"two relays on one {fleet['db']} database; HAProxy in front: {fmt(h['cpu_us_per_event'], 2)} µs "
                 f"CPU per event, {fmt(h['cpu_share_of_a_core'], 2)} of a core\n")
+        out += "cores the proxies used: " + ", ".join(
+            f"{name} {fmt(c, 2)}" for name, c in fleet.get("proxy_cores", {}).items()) + "\n"
     runs = {**r["runs"], **fleet.get("runs", {})}
     detail = [(key, name, x["calls_ok"], x["errors"], x["events"], x["events_per_s"], x["lat_p99"], x["gap_p99"],
                x["gap_max"], round(x["cpu_s"] * 1000), x["rss_peak_kb"] - x["rss_before_kb"])

@@ -296,8 +296,10 @@ def _run_fleet(stack: ExitStack, s: StreamSizes, base: Target, fleet: Fleet, tmp
         t.measure(WARM_UP)
     run_rounds(targets, w, s.rounds, log)
     lb = [(x["lb_cpu_s"], x["events"], x["wall_s"]) for x in two.runs[w.key]]
+    # Cores the proxies used: on a small machine, what the load balancer and the load tools leave them.
+    cores = {t.name: _median([_per(x["cpu_s"], x["wall_s"]) for x in t.runs[w.key]]) for t in targets}
     return {"db": fleet.db, "rows": rows([base, one], w, base, judged=False) + rows([two], w, one),
-            "runs": _runs(targets, [w]),
+            "runs": _runs(targets, [w]), "proxy_cores": cores,
             "haproxy": {"cpu_us_per_event": _median([_per(c * 1e6, e) for c, e, _ in lb]),
                         "cpu_share_of_a_core": _median([_per(c, t) for c, _, t in lb])}}
 

@@ -97,6 +97,7 @@ def _check_streams(r: dict, relays: list[str], fleet_db: str) -> None:
             (streams.BASELINE, streams.BASELINE), (one, streams.BASELINE), (two, one)]
         assert fleet["rows"][-1]["goal"] == "≥ 1.6×" and all(x["errors"] == 0 for x in fleet["rows"])
         assert set(fleet["haproxy"]) == {"cpu_us_per_event", "cpu_share_of_a_core"}
+        assert set(fleet["proxy_cores"]) == {"mitmdump-stream", one, two} and all(fleet["proxy_cores"].values())
         recorded = {**r["recorded"], "fleet": fleet["recorded"]}
     else:
         assert str(HAPROXY) in fleet["skipped"]
