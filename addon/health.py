@@ -7,7 +7,6 @@ the database (shared by several relays) keeps `failed` and `last_error`, and pin
 from __future__ import annotations
 
 import logging
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -16,6 +15,7 @@ from collections.abc import Callable
 from addon.breaker import Breaker, BreakerPolicy
 from addon.egress import node_url
 from addon.routing import Node, NodePool
+from store.periodic import Periodic
 from store.records import NodeStateUpdate
 
 log = logging.getLogger("codex.health")
@@ -100,8 +100,8 @@ class Pinger:
         self.interval = interval
         self.path = path
         self.timeout = timeout
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._rounds = Periodic("codex-pinger", interval, self.ping_once, _ping_round_failed,
+                                join_timeout=timeout + 5)
 
     def ping_once(self) -> None:
         for node in self.pool_getter():
@@ -110,20 +110,13 @@ class Pinger:
                 self.health.ping_answered(node)
             self.health.submit(NodeStateUpdate(node.id, pinged=True, last_ping_ms=ms, last_ping_err=err))
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self.ping_once()
-            except Exception:  # a ping bug must not end the pinging
-                log.exception("health ping round failed")
-
     def start(self) -> None:
-        if self.interval > 0 and self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="codex-pinger", daemon=True)
-            self._thread.start()
+        if self.interval > 0:
+            self._rounds.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(self.timeout + 5)
-            self._thread = None
+        self._rounds.stop()
+
+
+def _ping_round_failed(e: Exception) -> None:  # a ping bug must not end the pinging
+    log.error("health ping round failed", exc_info=e)

@@ -9,7 +9,6 @@ reporting to them), stats columns are only read, never written.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable, Iterable
 
 import sqlalchemy as sa
@@ -17,6 +16,7 @@ import sqlalchemy as sa
 from addon.health import Health
 from addon.routing import Node, NodePool
 from store.nodes import config_of, load_nodes, read_version
+from store.periodic import Periodic
 
 log = logging.getLogger("codex.nodesync")
 
@@ -39,8 +39,7 @@ class NodeSync:
         # `failed` as last read: only a change of the stored value moves a breaker, so this relay's own
         # breaker (ahead of its writer) is not overruled by the row it has not written yet.
         self._failed = {r.id: bool(r.failed) for r in rows}
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._rounds = Periodic("codex-nodesync", interval, self.check, _check_failed)
 
     def check(self) -> bool:
         """Reload the nodes if the version moved; True when it did. Blocking: call it from a thread."""
@@ -80,20 +79,13 @@ class NodeSync:
         self._failed = {node_id: bool(r.failed) for node_id, r in routed.items()}
         self.set_keys(n.config.api_key for n in pool)
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self.check()
-            except Exception as e:  # the database away for a while: the next round tries again
-                log.warning("node state check failed: %s", e)
-
     def start(self) -> None:
-        if self.interval > 0 and self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="codex-nodesync", daemon=True)
-            self._thread.start()
+        if self.interval > 0:
+            self._rounds.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(30)
-            self._thread = None
+        self._rounds.stop()
+
+
+def _check_failed(e: Exception) -> None:  # the database away for a while: the next round tries again
+    log.warning("node state check failed: %s", e)

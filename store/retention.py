@@ -7,11 +7,11 @@ A failing prune is logged and tried again at the next interval; nothing stops th
 from __future__ import annotations
 
 import logging
-import threading
 
 import sqlalchemy as sa
 
 from store.engine import error_line
+from store.periodic import Periodic
 from store.prune import PruneResult, prune_older_than
 
 log = logging.getLogger("codex.retention")
@@ -27,36 +27,30 @@ class Pruner:
         self.days = days
         self.interval = interval
         self.last: PruneResult | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="codex-pruner", daemon=True)
+        # A batch is short: stop waits for at most one transaction.
+        self._rounds = Periodic("codex-pruner", interval, self.prune_once, self._failed, at_start=True,
+                                join_timeout=None)
 
     def start(self) -> None:
-        self._thread.start()
+        self._rounds.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()  # a batch is short: at most one transaction to wait for
+        self._rounds.stop()
 
     def prune_once(self) -> None:
         try:
             self.last = prune_older_than(self.engine, self.days, progress=self._stopping)
         except _Stopped:
             return
-        except Exception as e:  # an unreachable database: the next round tries again
-            log.warning("prune of invocations older than %d days failed: %s", self.days, error_line(e)[:300])
-            return
         if self.last.deleted:
             log.info("pruned %d invocation row(s) before %s UTC", self.last.deleted, self.last.cutoff)
 
-    def _stopping(self, deleted: int, total: int) -> None:
-        if self._stop.is_set():  # end between batches: what was deleted stays deleted
-            raise _Stopped
+    def _failed(self, e: Exception) -> None:  # an unreachable database: the next round tries again
+        log.warning("prune of invocations older than %d days failed: %s", self.days, error_line(e)[:300])
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.prune_once()
-            self._stop.wait(self.interval)
+    def _stopping(self, deleted: int, total: int) -> None:
+        if self._rounds.stopping.is_set():  # end between batches: what was deleted stays deleted
+            raise _Stopped
 
 
 class _Stopped(Exception):
