@@ -10,7 +10,7 @@ from typing import NoReturn
 
 import sqlalchemy as sa
 
-from store.engine import DEFAULT_DB, error_line, make_engine, upgrade_to_head
+from store.engine import DEFAULT_DB, error_summary, make_engine, upgrade_to_head
 
 
 def add_db_option(parser: argparse.ArgumentParser) -> None:
@@ -34,7 +34,7 @@ def open_db(url: str, prog: str) -> sa.Engine | None:
         engine = make_engine(url)
         upgrade_to_head(engine)
     except Exception as e:  # any failure here is the user's URL or server: say it plainly
-        print(f"{prog}: cannot open database {shown}: {type(e).__name__}: {error_line(e)}", file=sys.stderr)
+        print(f"{prog}: cannot open database {shown}: {error_summary(e)}", file=sys.stderr)
         return None
     return engine
 

@@ -84,6 +84,11 @@ def error_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+def error_summary(error: BaseException) -> str:
+    """``error_line`` after the exception's type, as the command lines and the poller report a database error."""
+    return f"{type(error).__name__}: {error_line(error)}"
+
+
 def upgrade_to_head(engine: sa.Engine) -> None:
     """Bring the database to the latest schema revision (no-op when it is there already)."""
     with _migration_connection(engine) as conn, named_lock(conn, "migrations", _MIGRATION_LOCK_S):

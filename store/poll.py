@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 
-from store.engine import error_line
+from store.engine import error_summary
 from store.records import utcnow
 from store.snapshots import IngestResult, ingest
 from store.sources import SourceConfig, SourceFormatError, load_sources_file
@@ -118,7 +118,7 @@ class Poller:
         except (PollError, SourceFormatError) as e:
             result.error = str(e)
         except sa.exc.SQLAlchemyError as e:
-            result.error = f"database: {type(e).__name__}: {error_line(e)}"
+            result.error = f"database: {error_summary(e)}"
         except Exception as e:  # a bug must not stop the other sources or the thread
             log.exception("stats source %s: unexpected error", source.name)
             result.error = f"{e.__class__.__name__}: {e}"

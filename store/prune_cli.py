@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 
 from store.cli import OneLineParser, add_db_option
-from store.engine import error_line
+from store.engine import error_summary
 from store.prune import BATCH, Progress, count_older_than, prune_older_than
 from store.stats_cli import StatsError, open_readonly
 
@@ -64,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = prune_older_than(engine, args.keep_days, batch=args.batch, progress=_progress_printer())
     except sa.exc.SQLAlchemyError as e:
         # Batches committed before the error stay deleted; running the command again finishes the job.
-        print(f"prune: database: {type(e).__name__}: {error_line(e)}", file=sys.stderr)
+        print(f"prune: database: {error_summary(e)}", file=sys.stderr)
         return 1
     finally:
         engine.dispose()

@@ -18,7 +18,7 @@ import sqlalchemy as sa
 
 from store.cli import add_db_option, add_sources_option, open_db
 from store.config import ConfigError
-from store.engine import error_line
+from store.engine import error_summary
 from store.reconcile import ALL_MODELS, ReconcileError, Reconciliation, as_json, reconcile
 from store.records import utcnow
 from store.sources import SourceConfig, load_sources_file
@@ -113,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"reconcile: {e}", file=sys.stderr)
         return 2
     except sa.exc.SQLAlchemyError as e:
-        print(f"reconcile: database: {type(e).__name__}: {error_line(e)}", file=sys.stderr)
+        print(f"reconcile: database: {error_summary(e)}", file=sys.stderr)
         return 2
     finally:
         engine.dispose()

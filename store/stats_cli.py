@@ -20,7 +20,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from store.cli import OneLineParser, add_db_option
-from store.engine import DEFAULT_DB, current_revision, error_line, head_revision, make_engine
+from store.engine import DEFAULT_DB, current_revision, error_summary, head_revision, make_engine
 from store.key_usage import key_report, per_key
 from store.keys import parse_keys_toml, toml_file
 from store.stats import Filters, per_day, per_hour, per_model, per_node, per_source, recent_invocations
@@ -231,7 +231,7 @@ def open_readonly(url: str) -> sa.Engine:
             revision = current_revision(conn)
     except sa.exc.SQLAlchemyError as e:
         engine.dispose()
-        raise StatsError(f"cannot open database {shown}: {type(e).__name__}: {error_line(e)}") from None
+        raise StatsError(f"cannot open database {shown}: {error_summary(e)}") from None
     if revision != head_revision():
         engine.dispose()
         found = f"schema revision {revision}" if revision else "no codex-relay tables"
@@ -289,7 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"stats: {e}", file=sys.stderr)
         return 2
     except sa.exc.SQLAlchemyError as e:
-        print(f"stats: database: {type(e).__name__}: {error_line(e)}", file=sys.stderr)
+        print(f"stats: database: {error_summary(e)}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps([r.as_dict() for r in rows], indent=2))
