@@ -7,6 +7,7 @@ MySQL variants with the reason; under CI=true it fails them.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import uuid
@@ -18,6 +19,7 @@ import sqlalchemy as sa
 from bench import relayproc
 from bench.relayproc import ROOT
 from bench.warm import Zygote
+from store.engine import make_engine, upgrade_to_head
 
 MYSQL_SERVER_URL = os.environ.get("CODEX_TEST_MYSQL", "mysql+pymysql://root@127.0.0.1:3306/test")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -107,6 +109,17 @@ def db_url(request: pytest.FixtureRequest, tmp_path) -> Iterator[str]:
         yield f"sqlite:///{tmp_path / 'codex.db'}"
         return
     yield from _mariadb()
+
+
+@contextlib.contextmanager
+def fresh_engine(db_url: str) -> Iterator[sa.Engine]:
+    """The store's engine on an empty database upgraded to the latest schema."""
+    engine = make_engine(db_url)
+    upgrade_to_head(engine)
+    try:
+        yield engine
+    finally:
+        engine.dispose()
 
 
 @pytest.fixture

@@ -20,20 +20,18 @@ test of that module against this fake is not circular):
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import json
 import re
 import threading
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import sqlalchemy as sa
 
-from store.engine import make_engine, upgrade_to_head
 from store.schema import stats_source_deltas, stats_source_snapshots
 
 PATH = "/apiStats/api/user-model-stats"
@@ -251,17 +249,6 @@ def crs_item(model: str, requests: int, input_tokens: int, output_tokens: int, c
 
 def crs_response(*items: dict, period: str = "daily") -> dict:
     return {"success": True, "data": list(items), "period": period}
-
-
-@contextlib.contextmanager
-def fresh_engine(db_url: str) -> Iterator[sa.Engine]:
-    """The store's engine on an empty database upgraded to the latest schema."""
-    engine = make_engine(db_url)
-    upgrade_to_head(engine)
-    try:
-        yield engine
-    finally:
-        engine.dispose()
 
 
 def snapshot_rows(engine: sa.Engine) -> list[tuple]:

@@ -14,14 +14,13 @@ from store.invocations import apply_batch
 from store.nodes import config_of, load_nodes, set_disabled, upsert_nodes
 from store.records import InvocationRecord, NodeConfig, NodeStateUpdate, Usage
 from store.schema import codex_invocations, nodes
+from tests.conftest import fresh_engine
 
 
 @pytest.fixture
 def engine(db_url):
-    eng = make_engine(db_url)
-    upgrade_to_head(eng)
-    yield eng
-    eng.dispose()
+    with fresh_engine(db_url) as eng:
+        yield eng
 
 
 def record(node_id: str | None = "a", status: str = "success", *, usage: Usage | None = None,

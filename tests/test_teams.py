@@ -23,7 +23,6 @@ from addon.routing import Node, NodePool
 from addon.runtime import Runtime
 from addon.secrets import digest
 from addon.userstats import UserStats
-from store.engine import make_engine, upgrade_to_head
 from store.invocations import apply_batch
 from store.key_usage import Budgets, admit, count_refusal
 from store.keys import KeySpec
@@ -31,6 +30,7 @@ from store.records import InvocationRecord, NodeConfig, Usage, utcnow
 from store.schema import client_key_usage, codex_invocations
 from store.sources import crs
 from store.stats_cli import main as stats_main
+from tests.conftest import fresh_engine
 from tests.test_admin import ask
 
 KEYS_TOML = """
@@ -100,10 +100,8 @@ def test_a_bad_entry_stops_the_relay_naming_it(tmp_path, entry, message):
 
 @pytest.fixture
 def engine(db_url):
-    eng = make_engine(db_url)
-    upgrade_to_head(eng)
-    yield eng
-    eng.dispose()
+    with fresh_engine(db_url) as eng:
+        yield eng
 
 
 def refusal(response) -> tuple[int, str | None, str | None]:
