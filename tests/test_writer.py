@@ -20,12 +20,26 @@ from tests.tcpproxy import TcpProxy
 from tests.test_store import record
 
 
-@pytest.fixture
-def engine(db_url):
-    eng = make_engine(db_url)
+def engine_with_node(url: str) -> sa.Engine:
+    """An engine on ``url``'s database, upgraded, with node "a" (the one ``record()`` names)."""
+    eng = make_engine(url)
     upgrade_to_head(eng)
     with eng.begin() as conn:
         upsert_nodes(conn, [NodeConfig("a", "https://a.example/v1")])
+    return eng
+
+
+def writer_through(proxy: TcpProxy, url: str, tmp_path) -> Writer:
+    """A started writer reaching ``url``'s server only through ``proxy`` (to cut or freeze it)."""
+    via_proxy = sa.engine.make_url(url).set(port=proxy.port).render_as_string(hide_password=False)
+    writer = Writer(make_engine(via_proxy), Spool(tmp_path / "spool.db"), max_backoff=0.5)
+    writer.start()
+    return writer
+
+
+@pytest.fixture
+def engine(db_url):
+    eng = engine_with_node(db_url)
     yield eng
     eng.dispose()
 
@@ -88,15 +102,10 @@ def test_journal_from_a_crashed_run_is_written_once(engine, db_url, tmp_path):
 
 def test_outage_spools_and_replays_exactly_once(mariadb, tmp_path):
     url = mariadb
-    direct = make_engine(url)
+    direct = engine_with_node(url)
     try:
-        upgrade_to_head(direct)
-        with direct.begin() as conn:
-            upsert_nodes(conn, [NodeConfig("a", "https://a.example/v1")])
         with TcpProxy("127.0.0.1", sa.engine.make_url(url).port or 3306) as proxy:
-            via_proxy = sa.engine.make_url(url).set(port=proxy.port).render_as_string(hide_password=False)
-            writer = Writer(make_engine(via_proxy), Spool(tmp_path / "spool.db"), max_backoff=0.5)
-            writer.start()
+            writer = writer_through(proxy, url, tmp_path)
             for _ in range(50):
                 writer.submit(record())
             assert writer.flush(60)
@@ -124,14 +133,6 @@ def test_outage_spools_and_replays_exactly_once(mariadb, tmp_path):
 OVERSIZED = "x" * 17_000_000
 
 
-def mariadb_engine(url: str) -> sa.Engine:
-    eng = make_engine(url)
-    upgrade_to_head(eng)
-    with eng.begin() as conn:
-        upsert_nodes(conn, [NodeConfig("a", "https://a.example/v1")])
-    return eng
-
-
 def rejected_errors(path) -> list[str]:
     db = sqlite3.connect(path)
     try:
@@ -141,7 +142,7 @@ def rejected_errors(path) -> list[str]:
 
 
 def test_an_oversized_record_never_blocks_its_batch_nor_the_next_start(mariadb, tmp_path):
-    direct = mariadb_engine(mariadb)
+    direct = engine_with_node(mariadb)
     path = tmp_path / "spool.db"
     writer = Writer(make_engine(mariadb), Spool(path))
     big_raw = record(raw_response=OVERSIZED)  # trimmed at the store boundary: stored, flagged
@@ -174,7 +175,7 @@ def test_an_oversized_record_never_blocks_its_batch_nor_the_next_start(mariadb, 
 
 
 def test_an_oversized_record_journaled_by_an_earlier_run_is_set_aside(mariadb, tmp_path):
-    direct = mariadb_engine(mariadb)
+    direct = engine_with_node(mariadb)
     path = tmp_path / "spool.db"
     crashed = Spool(path)
     crashed.append([record(), record(payload=OVERSIZED), record(), NodeStateUpdate("a", failed_attempt=True)])
@@ -191,11 +192,9 @@ def test_an_oversized_record_journaled_by_an_earlier_run_is_set_aside(mariadb, t
 
 @pytest.mark.slow
 def test_a_frozen_database_sends_records_to_the_journal_within_seconds(mariadb, tmp_path):
-    direct = mariadb_engine(mariadb)
+    direct = engine_with_node(mariadb)
     with TcpProxy("127.0.0.1", sa.engine.make_url(mariadb).port or 3306) as proxy:
-        via_proxy = sa.engine.make_url(mariadb).set(port=proxy.port).render_as_string(hide_password=False)
-        writer = Writer(make_engine(via_proxy), Spool(tmp_path / "spool.db"), max_backoff=0.5)
-        writer.start()
+        writer = writer_through(proxy, mariadb, tmp_path)
         for _ in range(10):
             writer.submit(record())
         assert writer.flush(60)  # a pooled connection through the proxy, idle when the server freezes
