@@ -11,6 +11,7 @@ import datetime as dt
 import json
 import threading
 from http.client import HTTPConnection
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -38,11 +39,16 @@ TOKEN = "admin-token-0123456789"
 REVERSE = "reverse:http://127.0.0.1:9"
 
 
+def alpha_and_beta(tmp_path) -> Path:
+    """A nodes file: alpha (weight 2) and beta (weight 1), both on a port nothing listens on."""
+    return write_nodes(tmp_path / "nodes.toml", [("alpha", "http://127.0.0.1:9/v1", ALPHA_KEY, 2),
+                                                 ("beta", "http://127.0.0.1:9/beta/v1", BETA_KEY, 1)])
+
+
 @pytest.fixture
 def env(db_url, tmp_path):
     """A configured Runtime (nodes alpha and beta, never called) with its Admin, and calls of alpha stored."""
-    nodes_file = write_nodes(tmp_path / "nodes.toml", [("alpha", "http://127.0.0.1:9/v1", ALPHA_KEY, 2),
-                                                       ("beta", "http://127.0.0.1:9/beta/v1", BETA_KEY, 1)])
+    nodes_file = alpha_and_beta(tmp_path)
     runtime = Runtime()
     admin = Admin(runtime)
     with taddons.context(runtime, admin) as tctx:

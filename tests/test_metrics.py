@@ -18,14 +18,12 @@ from addon.runtime import Runtime
 from store.records import InvocationRecord, NodeStateUpdate, Usage
 from store.schema import codex_invocations, nodes
 from tests.conftest import wait_for
-from tests.test_admin import ALPHA_KEY, BETA_KEY, TOKEN, ask
-from tests.test_e2e import write_nodes
+from tests.test_admin import TOKEN, alpha_and_beta, ask
 
 
 @pytest.fixture
 def env(db_url, tmp_path):
-    nodes_file = write_nodes(tmp_path / "nodes.toml", [("alpha", "http://127.0.0.1:9/v1", ALPHA_KEY, 2),
-                                                       ("beta", "http://127.0.0.1:9/beta/v1", BETA_KEY, 1)])
+    nodes_file = alpha_and_beta(tmp_path)
     runtime = Runtime()
     admin = Admin(runtime)
     relay = Relay(runtime)  # counts the calls in flight
