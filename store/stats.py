@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,39 +61,34 @@ class Filters:
     model: str | None = None
 
     def where(self) -> list[sa.ColumnElement[bool]]:
-        conds: list[sa.ColumnElement[bool]] = []
-        if self.since is not None:
-            conds.append(_inv.occurred_at >= dt.datetime.combine(self.since, dt.time()))
-        if self.until is not None:
-            conds.append(_inv.occurred_at < dt.datetime.combine(self.until + dt.timedelta(days=1), dt.time()))
-        for column, value in ((_inv.source, self.source), (_inv.node_id, self.node), (_inv.model, self.model)):
-            if value is not None:
-                conds.append(column == value)
-        return conds
+        return self._on(_inv, _inv.occurred_at, _midnight)
 
     def daily_where(self) -> list[sa.ColumnElement[bool]]:
         """The same filter on ``codex_daily_stats`` ('' there stands for no node / unknown model)."""
+        return self._on(_day, _day.day, lambda day: day)
+
+    def hourly_where(self) -> list[sa.ColumnElement[bool]]:
+        """The same filter on ``codex_hourly_stats``."""
+        return self._on(_hour, _hour.hour, _midnight)
+
+    def _on(self, columns: sa.ColumnCollection, time: sa.ColumnElement,
+            at: Callable[[dt.date], dt.date]) -> list[sa.ColumnElement[bool]]:
+        """These filters on a table with source, node_id and model columns whose ``time`` column holds ``at(day)``
+        values: the days are [since, until + 1 day)."""
         conds: list[sa.ColumnElement[bool]] = []
         if self.since is not None:
-            conds.append(_day.day >= self.since)
+            conds.append(time >= at(self.since))
         if self.until is not None:
-            conds.append(_day.day <= self.until)
-        for column, value in ((_day.source, self.source), (_day.node_id, self.node), (_day.model, self.model)):
+            conds.append(time < at(self.until + dt.timedelta(days=1)))
+        for column, value in ((columns.source, self.source), (columns.node_id, self.node),
+                              (columns.model, self.model)):
             if value is not None:
                 conds.append(column == value)
         return conds
 
-    def hourly_where(self) -> list[sa.ColumnElement[bool]]:
-        """The same filter on ``codex_hourly_stats``."""
-        conds: list[sa.ColumnElement[bool]] = []
-        if self.since is not None:
-            conds.append(_hour.hour >= dt.datetime.combine(self.since, dt.time()))
-        if self.until is not None:
-            conds.append(_hour.hour < dt.datetime.combine(self.until + dt.timedelta(days=1), dt.time()))
-        for column, value in ((_hour.source, self.source), (_hour.node_id, self.node), (_hour.model, self.model)):
-            if value is not None:
-                conds.append(column == value)
-        return conds
+
+def _midnight(day: dt.date) -> dt.datetime:
+    return dt.datetime.combine(day, dt.time())
 
 
 def _jsonable(value: Any) -> Any:
