@@ -19,6 +19,7 @@ import sqlalchemy as sa
 
 from store.keys import KeySpec
 from store.schema import client_key_usage, codex_invocations
+from store.stats import Filters
 from store.upsert import upsert
 
 REFUSAL_REASONS = ("model", "nodes", "rate", "concurrency", "budget")
@@ -152,8 +153,7 @@ def models_of_key(conn: sa.Connection, key: str, since: dt.date, until: dt.date)
                   *[sa.func.sum(col).label(name) for name, col in sums.items()],
                   *[sa.func.coalesce(sa.func.sum(c[n]), 0.0).label(n)
                     for n in ("cost", "cost_input", "cost_cached", "cost_output", "cost_cache_write")])
-        .where(c.client_key == key, c.status == "success", c.occurred_at >= dt.datetime.combine(since, dt.time()),
-               c.occurred_at < dt.datetime.combine(until + dt.timedelta(days=1), dt.time()))
+        .where(c.client_key == key, c.status == "success", *Filters(since=since, until=until).where())
         .group_by(sa.func.coalesce(c.model, "unknown")).order_by(sa.func.coalesce(c.model, "unknown"))))
 
 
