@@ -1,9 +1,10 @@
 """What the store's command-line tools (``stats_cli``, ``poll_cli``, ``reconcile_cli``) share: the
-``--db`` and ``--sources`` options and opening the database of a tool that writes."""
+``--db`` and ``--sources`` options, opening the database of a tool that writes, and reading a day."""
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import os
 import sys
 from typing import NoReturn
@@ -37,6 +38,14 @@ def open_db(url: str, prog: str) -> sa.Engine | None:
         print(f"{prog}: cannot open database {shown}: {error_summary(e)}", file=sys.stderr)
         return None
     return engine
+
+
+def day_of(text: str, today: dt.date) -> dt.date:
+    """``YYYY-MM-DD``, ``today`` or ``yesterday`` (``today`` in whichever calendar the tool counts); raises
+    ValueError for anything else."""
+    if text in ("today", "yesterday"):
+        return today - dt.timedelta(days=1) if text == "yesterday" else today
+    return dt.date.fromisoformat(text)
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import sqlalchemy as sa
 
-from store.cli import add_db_option, add_sources_option, open_db
+from store.cli import add_db_option, add_sources_option, day_of, open_db
 from store.config import ConfigError
 from store.engine import error_summary
 from store.reconcile import ALL_MODELS, ReconcileError, Reconciliation, as_json, reconcile
@@ -62,11 +62,8 @@ def format_report(rec: Reconciliation, nodes: Sequence[str]) -> str:
 
 def parse_day(text: str, source: SourceConfig, now: dt.datetime) -> dt.date:
     """``YYYY-MM-DD``, ``today`` or ``yesterday`` (in the provider's calendar)."""
-    if text in ("today", "yesterday"):
-        today = dt.date.fromisoformat(source.stats_date(now))
-        return today - dt.timedelta(days=1) if text == "yesterday" else today
     try:
-        return dt.date.fromisoformat(text)
+        return day_of(text, dt.date.fromisoformat(source.stats_date(now)))
     except ValueError:
         raise ReconcileError(f"--date must be YYYY-MM-DD, today or yesterday, got {text!r}") from None
 

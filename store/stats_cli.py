@@ -19,7 +19,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from store.cli import OneLineParser, add_db_option
+from store.cli import OneLineParser, add_db_option, day_of
 from store.engine import DEFAULT_DB, current_revision, error_summary, head_revision, make_engine
 from store.key_usage import key_report, per_key
 from store.keys import parse_keys_toml, toml_file
@@ -195,13 +195,8 @@ def format_csv(rows: Sequence[Any]) -> str:
 
 def parse_day(text: str, today: dt.date | None = None) -> dt.date:
     """``YYYY-MM-DD``, ``today`` or ``yesterday`` (UTC)."""
-    today = today or dt.datetime.now(dt.UTC).date()
-    if text == "today":
-        return today
-    if text == "yesterday":
-        return today - dt.timedelta(days=1)
     try:
-        return dt.date.fromisoformat(text)
+        return day_of(text, today or dt.datetime.now(dt.UTC).date())
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected YYYY-MM-DD, today or yesterday, got {text!r}") from None
 
