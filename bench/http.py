@@ -24,6 +24,7 @@ import sqlalchemy as sa
 
 from bench.load import LoadResult, run_load
 from bench.relayproc import ROOT, RelayProcess
+from bench.rounds import median, rotated
 from bench.scratch import scratch_mysql, sqlite_url
 from store.engine import make_engine
 from store.schema import codex_invocations
@@ -122,18 +123,8 @@ def start_targets(stack: ExitStack, upstream_port: int, tmp: Path, mysql_db: str
     return out
 
 
-def _rotated(targets: list[Target], r: int) -> list[Target]:
-    k = r % len(targets)
-    return targets[k:] + targets[:k]
-
-
 def _ratio(a: LoadResult, b: LoadResult) -> float | None:
     return a.rps / b.rps if b.rps else None
-
-
-def _median(values: list[float | None]) -> float | None:
-    values = [v for v in values if v is not None]
-    return round(statistics.median(values), 3) if values else None
 
 
 def throughput(targets: list[Target], *, clients: list[int], rounds: int, seconds: float,
@@ -142,7 +133,7 @@ def throughput(targets: list[Target], *, clients: list[int], rounds: int, second
         t.load(clients=4, seconds=min(1.0, seconds))
     for c in clients:
         for r in range(rounds):
-            for t in _rotated(targets, r):
+            for t in rotated(targets, r):
                 res = t.load(clients=c, seconds=seconds)
                 t.runs.setdefault(c, []).append(res)
             log(f"  clients={c:<3} round {r + 1}/{rounds}: " + "  ".join(
@@ -152,11 +143,11 @@ def throughput(targets: list[Target], *, clients: list[int], rounds: int, second
     for c in clients:
         for t in targets:
             pooled = LoadResult.merge(t.runs[c]).summary()
-            row = {"target": t.name, "clients": c, "rps": _median([x.rps for x in t.runs[c]]),
+            row = {"target": t.name, "clients": c, "rps": median([x.rps for x in t.runs[c]]),
                    "rps_rounds": [round(x.rps, 1) for x in t.runs[c]], "errors": pooled["errors"],
                    "latency_median_ms": pooled["latency_median_ms"], "latency_p99_ms": pooled["latency_p99_ms"]}
             for base in BASELINES:  # per-round ratios: both numbers of a pair saw the same machine
-                row[f"vs_{base}"] = _median([_ratio(x, y) for x, y in zip(t.runs[c], by_name[base].runs[c],
+                row[f"vs_{base}"] = median([_ratio(x, y) for x, y in zip(t.runs[c], by_name[base].runs[c],
                                                                             strict=True)])
             rows.append(row)
     return rows
@@ -167,7 +158,7 @@ def ttfb(targets: list[Target], *, rounds: int, per_round: int, log: Callable[[s
         t.load(clients=1, seconds=5, max_requests=2)
     samples: dict[str, list[LoadResult]] = {t.name: [] for t in targets}
     for r in range(rounds):
-        for t in _rotated(targets, r):
+        for t in rotated(targets, r):
             samples[t.name].append(t.load(clients=1, seconds=120, max_requests=per_round))
         log(f"  TTFB round {r + 1}/{rounds}: " + "  ".join(
             f"{t.name} {statistics.median(samples[t.name][-1].ttfbs_ms or [0]):.1f}" for t in targets) + " ms")

@@ -14,7 +14,6 @@ MariaDB database when the server is there, else one SQLite file), against one of
 
 from __future__ import annotations
 
-import statistics
 import tempfile
 import threading
 from collections.abc import Callable, Sequence
@@ -27,6 +26,7 @@ from bench.haproxy import HAPROXY, start_haproxy
 from bench.http import QUIET, bare_mitmdump, count_recorded, relay_options
 from bench.procstat import PeakRss, cpu_seconds, rss_kb
 from bench.relayproc import ROOT, RelayProcess
+from bench.rounds import median, rotated
 from bench.scratch import migrated_engine, scratch_mysql, sqlite_url
 
 BASELINE = "mitmdump-stream"
@@ -203,16 +203,6 @@ def _restart(targets: Sequence[Target]) -> None:
         t.ready()
 
 
-def _rotated(targets: Sequence[Target], r: int) -> list[Target]:
-    k = r % len(targets)
-    return [*targets[k:], *targets[:k]]
-
-
-def _median(values: Sequence[float | None]) -> float | None:
-    kept = [v for v in values if v is not None]
-    return round(statistics.median(kept), 3) if kept else None
-
-
 def run_rounds(targets: Sequence[Target], w: Workload, rounds: int, log: Callable[[str], None],
                between: Callable[[], None] | None = None) -> None:
     """``rounds`` rounds of ``w`` on every target, the order rotating; ``between`` runs before each round
@@ -220,7 +210,7 @@ def run_rounds(targets: Sequence[Target], w: Workload, rounds: int, log: Callabl
     for r in range(rounds):
         if r and between is not None:
             between()
-        for t in _rotated(targets, r):
+        for t in rotated(targets, r):
             t.measure(w)
         log(f"  {w.key} round {r + 1}/{rounds}: " + "  ".join(
             f"{t.name} {_fmt(t.runs[w.key][-1]['figure'])}" for t in targets) + f" {w.unit}")
@@ -238,14 +228,14 @@ def rows(targets: Sequence[Target], w: Workload, base: Target, judged: bool = Tr
         runs, base_runs = t.runs[w.key], base.runs[w.key]
         pairs = list(zip((x["figure"] for x in runs), (y["figure"] for y in base_runs), strict=True))
         row = {"workload": w.key, "title": w.title, "target": t.name, "unit": w.unit,
-               "figure": _median([x["figure"] for x in runs]), "figure_rounds": [x["figure"] for x in runs],
+               "figure": median([x["figure"] for x in runs]), "figure_rounds": [x["figure"] for x in runs],
                "errors": sum(x["errors"] for x in runs), "vs": base.name, "ratio": None, "added_ms": None,
                "goal": None, "met": None}
         if t is not base:
             if w.added:
-                row["added_ms"] = _median([a - b if a is not None and b is not None else None for a, b in pairs])
+                row["added_ms"] = median([a - b if a is not None and b is not None else None for a, b in pairs])
             else:
-                row["ratio"] = _median([_per(a, b) if a is not None and b is not None else None
+                row["ratio"] = median([_per(a, b) if a is not None and b is not None else None
                                         for a, b in pairs])
             if judged:
                 row["goal"] = f"{'≤' if w.at_most else '≥'} {w.goal:g}{' ms added' if w.added else '×'}"
@@ -297,11 +287,11 @@ def _run_fleet(stack: ExitStack, s: StreamSizes, base: Target, fleet: Fleet, tmp
     run_rounds(targets, w, s.rounds, log)
     lb = [(x["lb_cpu_s"], x["events"], x["wall_s"]) for x in two.runs[w.key]]
     # Cores the proxies used: on a small machine, what the load balancer and the load tools leave them.
-    cores = {t.name: _median([_per(x["cpu_s"], x["wall_s"]) for x in t.runs[w.key]]) for t in targets}
+    cores = {t.name: median([_per(x["cpu_s"], x["wall_s"]) for x in t.runs[w.key]]) for t in targets}
     return {"db": fleet.db, "rows": rows([base, one], w, base, judged=False) + rows([two], w, one),
             "runs": _runs(targets, [w]), "proxy_cores": cores,
-            "haproxy": {"cpu_us_per_event": _median([_per(c * 1e6, e) for c, e, _ in lb]),
-                        "cpu_share_of_a_core": _median([_per(c, t) for c, _, t in lb])}}
+            "haproxy": {"cpu_us_per_event": median([_per(c * 1e6, e) for c, e, _ in lb]),
+                        "cpu_share_of_a_core": median([_per(c, t) for c, _, t in lb])}}
 
 
 def _runs(targets: Sequence[Target], ws: Sequence[Workload]) -> dict:
