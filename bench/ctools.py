@@ -44,11 +44,17 @@ def binary(name: str) -> Path:
 
 def start_fakeup(stack: ExitStack) -> int:
     """The fake upstream on a free port, stopped when ``stack`` closes; its port."""
-    proc = subprocess.Popen([str(binary("fakeup")), "0"], stdout=subprocess.PIPE, text=True)
+    return start_listener(stack, [str(binary("fakeup")), "0"])
+
+
+def start_listener(stack: ExitStack, argv: list[str], cwd: Path | None = None) -> int:
+    """A server process that prints "listening on … PORT" first (fakeup, bench.fakeupstream), killed when
+    ``stack`` closes; its port."""
+    proc = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.PIPE, text=True)
     stack.callback(lambda: (proc.kill(), proc.wait(10)))
     line = proc.stdout.readline() if proc.stdout else ""
     if not line.startswith("listening on "):
-        raise RuntimeError(f"fakeup did not start: {line!r}")
+        raise RuntimeError(f"{Path(argv[0]).name} {' '.join(argv[1:])} did not start: {line!r}")
     return int(line.split()[-1])
 
 

@@ -12,7 +12,6 @@ the addon alone and mitmdump-stream/mitmdump the cost of streaming in mitmproxy 
 from __future__ import annotations
 
 import statistics
-import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
+from bench.ctools import start_listener
 from bench.load import LoadResult, run_load
 from bench.relayproc import ROOT, RelayProcess
 from bench.rounds import median, rotated
@@ -69,13 +69,7 @@ def count_recorded(db_url: str, source: str) -> int:
 
 def start_upstream(stack: ExitStack, *args: str) -> int:
     """The fake upstream in its own process, so it does not share a GIL with the load generator."""
-    proc = subprocess.Popen([sys.executable, "-m", "bench.fakeupstream", *args], cwd=ROOT,
-                            stdout=subprocess.PIPE, text=True)
-    stack.callback(lambda: (proc.kill(), proc.wait(10)))
-    line = proc.stdout.readline() if proc.stdout else ""
-    if not line.startswith("listening on "):
-        raise RuntimeError(f"fake upstream did not start: {line!r}")
-    return int(line.split()[-1])
+    return start_listener(stack, [sys.executable, "-m", "bench.fakeupstream", *args], cwd=ROOT)
 
 
 # Printing every flow costs mitmdump more than anything else here: off for all targets alike.
