@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import sqlalchemy as sa
+from mitmproxy.proxy.mode_specs import ProxyMode
+from mitmproxy.test import tflow
 
 from bench import relayproc
 from bench.relayproc import ROOT
@@ -126,6 +128,18 @@ def fresh_engine(db_url: str) -> Iterator[sa.Engine]:
 def sqlite_url(tmp_path) -> str:
     """A URL of an empty SQLite file, for tests where the database plays no part: they run once, not per database."""
     return f"sqlite:///{tmp_path / 'codex.db'}"
+
+
+def request_flow(path: str = "/v1/responses", headers: dict[str, str] | None = None,
+                 mode: str | None = None) -> tflow.HTTPFlow:
+    """A test flow whose request goes to ``path`` with only ``headers``; ``mode``: the proxy mode it came in."""
+    f = tflow.tflow()
+    if mode is not None:
+        f.client_conn.proxy_mode = ProxyMode.parse(mode)
+    f.request.path = path
+    f.request.headers.clear()
+    f.request.headers.update(headers or {})
+    return f
 
 
 def wait_for[T](condition: Callable[[], T], timeout: float = 60.0, what: str = "condition") -> T:

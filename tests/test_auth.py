@@ -14,6 +14,7 @@ from mitmproxy.test import taddons, tflow
 from addon.auth import ClientAuth, parse_client_keys
 from addon.errors import CLIENT_KEY_NAME
 from addon.target import is_admin_path
+from tests.conftest import request_flow
 
 ALICE = "ck-alice-0123456789abcdef"
 BOB = "ck-bob-fedcba9876543210"
@@ -22,15 +23,6 @@ BARE = "ck-bare-00112233445566778899"
 
 def bare_name(key: str) -> str:
     return "key-" + hashlib.sha256(key.encode()).hexdigest()[:8]
-
-
-def flow(path: str = "/v1/responses", headers: dict[str, str] | None = None) -> tflow.HTTPFlow:
-    f = tflow.tflow()
-    f.request.path = path
-    f.request.headers.clear()
-    for k, v in (headers or {}).items():
-        f.request.headers[k] = v
-    return f
 
 
 @pytest.fixture
@@ -87,7 +79,7 @@ def test_configure_errors_are_option_errors(tmp_path):
     ({"authorization": "Bearer wrong", "x-api-key": ALICE}, "alice"),
 ])
 def test_known_key_passes_with_its_name(auth, headers, name):
-    f = flow(headers=headers)
+    f = request_flow(headers=headers)
     auth.requestheaders(f)
     assert f.response is None
     assert f.metadata[CLIENT_KEY_NAME] == name
@@ -100,7 +92,7 @@ def test_known_key_passes_with_its_name(auth, headers, name):
     ({"x-api-key": ""}, "incorrect API key"),
 ])
 def test_unknown_key_gets_openai_shaped_401(auth, headers, says):
-    f = flow(headers=headers)
+    f = request_flow(headers=headers)
     auth.requestheaders(f)
     assert f.response is not None and f.response.status_code == 401
     assert f.response.headers["content-type"] == "application/json"
@@ -112,17 +104,17 @@ def test_unknown_key_gets_openai_shaped_401(auth, headers, says):
 
 
 def test_admin_paths_and_replays_are_not_checked(auth):
-    admin = flow("/admin/api/nodes?x=1")
+    admin = request_flow("/admin/api/nodes?x=1")
     admin.client_conn.proxy_mode = ProxyMode.parse("reverse:http://127.0.0.1:9")  # the relay's own port
     auth.requestheaders(admin)
     assert admin.response is None
     # As a forward proxy, /admin is some site's path, which the admin page does not answer.
-    elsewhere = flow("/admin/api/nodes")
+    elsewhere = request_flow("/admin/api/nodes")
     elsewhere.client_conn.proxy_mode = ProxyMode.parse("regular")
     auth.requestheaders(elsewhere)
     assert elsewhere.response.status_code == 401
     # The relay's retries are replays whose Authorization already is a node's key.
-    replay = flow(headers={"authorization": "Bearer node-key"})
+    replay = request_flow(headers={"authorization": "Bearer node-key"})
     replay.is_replay = "request"
     auth.requestheaders(replay)
     assert replay.response is None
@@ -140,17 +132,17 @@ def test_without_keys_everyone_passes():
     with taddons.context(addon) as tctx:
         tctx.configure(addon, codex_client_keys=f"alice={ALICE}")
         tctx.configure(addon, codex_client_keys="")
-        f = flow()
+        f = request_flow()
         addon.requestheaders(f)
     assert f.response is None and CLIENT_KEY_NAME not in f.metadata
 
 
 def test_answered_or_dead_flows_are_left_alone(auth):
-    answered = flow()
+    answered = request_flow()
     answered.response = tflow.tresp()
     auth.requestheaders(answered)
     assert answered.response.status_code == 200
-    gone = flow()
+    gone = request_flow()
     gone.live = False
     auth.requestheaders(gone)
     assert gone.response is None
@@ -158,7 +150,7 @@ def test_answered_or_dead_flows_are_left_alone(auth):
 
 # -- forward proxy ----------------------------------------------------------------------------------
 def connect(headers: dict[str, str]) -> tflow.HTTPFlow:
-    f = flow("", headers)
+    f = request_flow("", headers)
     f.request.method = "CONNECT"
     f.request.host, f.request.port = "127.0.0.1", 9
     f.client_conn.proxy_mode = ProxyMode.parse("regular")
@@ -176,7 +168,7 @@ def test_connect_needs_a_client_key_in_proxy_authorization(auth):
     auth.http_connect(basic)
     assert basic.response is None
     # Requests inside that tunnel are alice's, also without their own key.
-    inner = flow(headers={})
+    inner = request_flow(headers={})
     inner.client_conn = basic.client_conn
     auth.requestheaders(inner)
     assert inner.response is None and inner.metadata[CLIENT_KEY_NAME] == "alice"
@@ -186,6 +178,6 @@ def test_connect_needs_a_client_key_in_proxy_authorization(auth):
 
 
 def test_proxy_authorization_names_plain_http_requests(auth):
-    f = flow(headers={"proxy-authorization": f"Bearer {BOB}"})
+    f = request_flow(headers={"proxy-authorization": f"Bearer {BOB}"})
     auth.requestheaders(f)
     assert f.response is None and f.metadata[CLIENT_KEY_NAME] == "bob"

@@ -3,24 +3,16 @@
 from __future__ import annotations
 
 import pytest
-from mitmproxy.test import tflow
 
 from addon.egress import EGRESS_KEY, EgressRefused, attach, clear_as_is, egress_problem, node_path, node_url, origin_of
 from store.records import NodeConfig
+from tests.conftest import request_flow
 
 KEY = "sk-node-0123456789abcdef"
 
 
 def node(base_url: str) -> NodeConfig:
     return NodeConfig(id="n", base_url=base_url, api_key=KEY)
-
-
-def flow(headers: dict[str, str] | None = None) -> tflow.HTTPFlow:
-    f = tflow.tflow()
-    f.request.headers.clear()
-    for k, v in (headers or {}).items():
-        f.request.headers[k] = v
-    return f
 
 
 @pytest.mark.parametrize("base, path, want", [
@@ -42,7 +34,7 @@ def test_node_url(base, path, want):
     "/v1/../admin", "/v1/%2e%2e/x", "/v1%2fresponses", "/v1\\responses",
 ])
 def test_non_canonical_targets_are_refused_and_carry_no_key(target):
-    f = flow({"authorization": "Bearer client"})
+    f = request_flow(headers={"authorization": "Bearer client"})
     with pytest.raises(EgressRefused):
         attach(f, node("http://127.0.0.1:9000"), target)
     assert "authorization" not in f.request.headers and EGRESS_KEY not in f.metadata
@@ -56,7 +48,7 @@ def test_non_canonical_targets_are_refused_and_carry_no_key(target):
     ({"proxy-authorization": "Basic Y2xpZW50"}, {"authorization": f"Bearer {KEY}"}),
 ])
 def test_key_replaces_the_clients_credentials(sent, want):
-    f = flow(sent)
+    f = request_flow(headers=sent)
     attach(f, node("https://relay.example/openai/v1"), "/v1/responses?stream=1")
     assert dict(f.request.headers) == want
     assert (f.request.scheme, f.request.host, f.request.port) == ("https", "relay.example", 443)
@@ -65,14 +57,14 @@ def test_key_replaces_the_clients_credentials(sent, want):
 
 
 def test_every_attempt_maps_the_clients_original_target():
-    f = flow()
+    f = request_flow()
     attach(f, node("http://127.0.0.1:1/openai/v1"), "/v1/responses")
     attach(f, node("http://127.0.0.1:2/v1"), "/v1/responses")  # the failover to another node
     assert (f.request.port, f.request.path) == (2, "/v1/responses")
 
 
 def test_a_destination_changed_after_clearing_or_never_cleared_is_a_problem():
-    f = flow()
+    f = request_flow()
     assert egress_problem(f) == "no addon cleared the request for sending"
     attach(f, node("http://127.0.0.1:1/v1"), "/v1/responses")
     f.request.host = "evil.example"

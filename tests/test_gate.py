@@ -7,7 +7,6 @@ import json
 
 import pytest
 from mitmproxy import exceptions, optmanager
-from mitmproxy.proxy.mode_specs import ProxyMode
 from mitmproxy.test import taddons, tflow
 
 from addon.egress import EGRESS_KEY, attach
@@ -17,17 +16,13 @@ from addon.refusal import REFUSED_KEY, RefusalSink, answered
 from addon.runtime import Runtime
 from addon.startup import StartupCheck, listen_hosts, open_relay_problem, take_unusable_options
 from store.records import NodeConfig
+from tests.conftest import request_flow
 
 NODE = NodeConfig(id="n", base_url="http://127.0.0.1:9/v1", api_key="sk-node-0123456789abcdef")
 
 
 def flow(path: str = "/v1/responses", mode: str = "reverse:http://127.0.0.1:9", headers: dict | None = None):
-    f = tflow.tflow()
-    f.client_conn.proxy_mode = ProxyMode.parse(mode)
-    f.request.path = path
-    f.request.headers.clear()
-    f.request.headers.update(headers or {})
-    return f
+    return request_flow(path, headers, mode)  # the relay's own port unless said otherwise
 
 
 def error_of(f) -> dict:

@@ -8,18 +8,11 @@ from addon.egress import attach
 from addon.hygiene import KeyHygiene, mask_credential, mask_headers
 from store.masking import mask_secret
 from store.records import NodeConfig
+from tests.conftest import request_flow
 
 NODE_KEY = "sk-proj-NODEKEY-0123456789abcd"
 OTHER_KEY = "sk-ant-OTHERKEY-9876543210wxyz"
 NODE = NodeConfig(id="n", base_url="http://127.0.0.1:9/v1", api_key=NODE_KEY)
-
-
-def flow(headers: dict[str, str]) -> tflow.HTTPFlow:
-    f = tflow.tflow()
-    f.request.headers.clear()
-    for k, v in headers.items():
-        f.request.headers[k] = v
-    return f
 
 
 def test_mask_keeps_type_prefix_and_last_four():
@@ -33,7 +26,7 @@ def test_mask_keeps_type_prefix_and_last_four():
 
 
 def test_mask_headers_covers_bearer_x_api_key_and_repeats():
-    f = flow({"authorization": f"Bearer {NODE_KEY}", "x-api-key": OTHER_KEY, "user-agent": "codex"})
+    f = request_flow(headers={"authorization": f"Bearer {NODE_KEY}", "x-api-key": OTHER_KEY, "user-agent": "codex"})
     f.request.headers.add("authorization", f"Bearer {OTHER_KEY}")
     mask_headers(f.request.headers)
     h = f.request.headers
@@ -43,7 +36,7 @@ def test_mask_headers_covers_bearer_x_api_key_and_repeats():
 
 def test_key_stays_until_sent_then_is_masked():
     hygiene = KeyHygiene()
-    f = flow({"authorization": "Bearer client"})
+    f = request_flow(headers={"authorization": "Bearer client"})
     hygiene.requestheaders(f)
     attach(f, NODE, "/v1/responses")  # the relay's request hook
     hygiene.request(f)
@@ -57,7 +50,7 @@ def test_key_stays_until_sent_then_is_masked():
 
 def test_error_masks_too():
     hygiene = KeyHygiene()
-    f = flow({"x-api-key": NODE_KEY})
+    f = request_flow(headers={"x-api-key": NODE_KEY})
     hygiene.request(f)
     f.error = tflow.terr()
     hygiene.error(f)
@@ -67,7 +60,7 @@ def test_error_masks_too():
 def test_relay_retry_replay_hidden_from_view_until_request():
     """The relay's retry copy already carries the next node's key when mitmweb first lists it."""
     hygiene = KeyHygiene()
-    attempt = flow({"authorization": f"Bearer {NODE_KEY}"})
+    attempt = request_flow(headers={"authorization": f"Bearer {NODE_KEY}"})
     attempt.is_replay = "request"
     hygiene.requestheaders(attempt)
     assert attempt.request.headers["authorization"] == "Bearer sk-…abcd"  # what mitmweb gets
@@ -81,7 +74,7 @@ def test_relay_retry_replay_hidden_from_view_until_request():
 def test_replay_rerouted_by_the_relay_keeps_the_new_key():
     """A mitmweb replay of a masked flow: the relay's request hook sets a node's key, which must win."""
     hygiene = KeyHygiene()
-    replay = flow({"authorization": f"Bearer {OTHER_KEY}"})
+    replay = request_flow(headers={"authorization": f"Bearer {OTHER_KEY}"})
     replay.is_replay = "request"
     hygiene.requestheaders(replay)
     attach(replay, NODE, "/v1/responses")
@@ -91,7 +84,7 @@ def test_replay_rerouted_by_the_relay_keeps_the_new_key():
 
 def test_flows_in_flight_at_shutdown_are_masked_before_save():
     hygiene = KeyHygiene()
-    waiting = flow({"authorization": f"Bearer {NODE_KEY}"})
+    waiting = request_flow(headers={"authorization": f"Bearer {NODE_KEY}"})
     hygiene.request(waiting)
     hygiene.done()  # runs before mitmproxy's save addon writes the flows still in flight
     assert waiting.request.headers["authorization"] == "Bearer sk-…abcd"
@@ -99,7 +92,7 @@ def test_flows_in_flight_at_shutdown_are_masked_before_save():
 
 def test_answered_by_an_addon_is_not_tracked_but_masked():
     hygiene = KeyHygiene()
-    f = flow({"authorization": "Bearer client-key-that-is-long"})
+    f = request_flow(headers={"authorization": "Bearer client-key-that-is-long"})
     f.response = tflow.tresp(status_code=401)
     hygiene.request(f)
     assert not hygiene._unmasked
@@ -109,7 +102,7 @@ def test_answered_by_an_addon_is_not_tracked_but_masked():
 
 def test_proxy_authorization_of_a_connect_is_masked_once_read():
     hygiene = KeyHygiene()
-    f = flow({"proxy-authorization": f"Bearer {NODE_KEY}"})
+    f = request_flow(headers={"proxy-authorization": f"Bearer {NODE_KEY}"})
     f.request.method = "CONNECT"
     hygiene.http_connect(f)
     assert f.request.headers["proxy-authorization"] == "Bearer sk-…abcd"
