@@ -214,6 +214,8 @@ class StreamMeter:
             self._decoder = _DECODERS[encoding]()
         elif encoding not in ("", "identity"):
             self._give_up(f"unsupported content-encoding {encoding!r}: body not parsed")
+        # Raw chunks are the parser's own bytes only when nothing decodes them first.
+        self._skip = self._sse.skip if self._sse is not None and self._decoder is None else None
 
     def _sse_parser(self) -> SSEParser:
         # Deltas (most of a long stream) are framed in bytes and passed without being decoded.
@@ -229,14 +231,15 @@ class StreamMeter:
                 # An empty chunk before this one was an empty HTTP/2 DATA frame, not the end.
                 self.ended = False
                 self.bytes += len(chunk)
-                now = self._clock()
+                self.last_chunk_at = now = self._clock()
                 if self.first_chunk_at is None:
                     self.first_chunk_at = now
-                self.last_chunk_at = now
-                room = self.keep_body_bytes - len(self._kept)
-                if room > 0:
-                    self._kept += chunk[:room]
-                if self._parsing:
+                if self.keep_body_bytes:
+                    room = self.keep_body_bytes - len(self._kept)
+                    if room > 0:
+                        self._kept += chunk[:room]
+                # A whole delta event of a plain event stream (most chunks): counted, not parsed.
+                if self._parsing and not (self._skip is not None and self._skip(chunk)):
                     self._parse(chunk)
             else:
                 self.ended = True

@@ -6,6 +6,9 @@ search per event, so a chunk's events cost a few slices each, not a Python step 
 complete events are decoded (a UTF-8 character may straddle two chunks), and only those a ``want``
 filter asks for: the others are counted in ``passed`` and never decoded or built. No mitmproxy
 imports: tested on its own.
+
+Per-chunk code tests for a substring with ``find``, not ``in``: ``b"x" in data`` first tries its operand
+as an integer and clears the TypeError, ~200 ns against ~20 ns (CPython 3.13), per chunk of a stream.
 """
 
 from __future__ import annotations
@@ -47,10 +50,10 @@ class SSEParser:
         self._after_cr = False  # the last chunk ended in "\r": a "\n" opening the next one is the same EOL
         self._skipping = False  # the event in progress overflowed: ignore bytes up to a blank line
         self._first = True  # a byte order mark may open the stream
+        self._noise_head: bytes | None = None  # "event: <noise name>\ndata: " last seen
 
     def feed(self, data: bytes) -> list[SSEEvent]:
-        if self.noise is not None and self._noise_event(data):
-            self.passed += 1
+        if self.skip(data):
             return []
         out: list[SSEEvent] = []
         if not data:
@@ -58,7 +61,7 @@ class SSEParser:
         if self._after_cr and data[0] == 0x0A:
             data = data[1:]
         self._after_cr = data[-1:] == b"\r"
-        if b"\r" in data:  # CRLF and CR become LF; a CRLF split across chunks is handled just above
+        if data.find(b"\r") >= 0:  # CRLF and CR become LF; a CRLF split across chunks is handled just above
             data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         pending = self._pending
         if pending:
@@ -88,15 +91,28 @@ class SSEParser:
             self._keep_newline(pending, pending[-1:] == b"\n")
         return out
 
-    def _noise_event(self, data: bytes) -> bool:
-        """Whether ``data`` is exactly one whole event ``event: <noise name>\ndata: …\n\n`` arriving with
-        nothing pending (two lines, no CR): what ``_event`` would count in ``passed``."""
-        if (data[:7] != b"event: " or data[-2:] != b"\n\n" or self._pending or self._after_cr or self._first
+    def skip(self, data: bytes) -> bool:
+        """Count ``data`` and return True when it is exactly one whole event ``event: <noise name>\ndata:
+        …\n\n`` arriving with nothing pending (two lines, no CR), which ``_event`` would count in
+        ``passed``; else False: ``data`` is still to be fed. The meter's per-chunk fast path: most chunks
+        of a long stream. Its deltas share one name: ``event: <name>\ndata: `` is remembered, so the next
+        ones cost one compare."""
+        if (self.noise is None or self._pending or self._after_cr or self._first
                 or len(data) > self.max_event_bytes):
             return False
-        nl = data.find(b"\n")
-        return (data[nl + 1:nl + 7] == b"data: " and data.find(b"\n", nl + 1) == len(data) - 2
-                and b"\r" not in data and self.noise(data[7:nl]))
+        head = self._noise_head
+        if head is not None and data.startswith(head):
+            start = len(head)
+        else:
+            nl = data.find(b"\n")
+            if data[:7] != b"event: " or data[nl + 1:nl + 7] != b"data: " or not self.noise(data[7:nl]):
+                return False
+            start = nl + 7
+            self._noise_head = data[:start]
+        if data.endswith(b"\n\n") and data.find(b"\n", start) == len(data) - 2 and data.find(b"\r") < 0:
+            self.passed += 1
+            return True
+        return False
 
     @staticmethod
     def _keep_newline(pending: bytearray, newline: bool) -> None:
@@ -129,7 +145,7 @@ class SSEParser:
             return
         name = b""
         # The usual shapes, "event: x\ndata: {...}" and "data: {...}", are sliced without a loop.
-        if block[:6] == b"data: " and b"\n" not in block:
+        if block[:6] == b"data: " and block.find(b"\n") < 0:
             data: bytes | None = bytes(block[6:])
         elif block[:7] == b"event: " and (nl := block.find(b"\n")) > 0 and block[nl + 1:nl + 7] == b"data: " \
                 and block.find(b"\n", nl + 1) < 0:

@@ -136,7 +136,8 @@ class UsageExtractor:
         """
         if self.noise(name):
             return False
-        if name != b"message" or data[:1] != b"{" or b"\\u" in data or b'"type"' in data or b'"error"' in data:
+        if (name != b"message" or data[:1] != b"{" or data.find(b"\\u") >= 0 or data.find(b'"type"') >= 0
+                or data.find(b'"error"') >= 0):
             return True
         usages = data.count(b'"usage"')  # compact JSON first, any spacing next
         if usages and usages != data.count(b'"usage":null') and usages != len(_NULL_USAGE.findall(data)):
@@ -146,7 +147,7 @@ class UsageExtractor:
             return False
         if models > 1 or self._model_json is None:
             return True
-        if b'"model":' + self._model_json in data:
+        if data.find(b'"model":' + self._model_json) >= 0:
             return False
         key = _MODEL_KEY.search(data)
         return key is None or not data.startswith(self._model_json, key.end())

@@ -45,7 +45,7 @@ def add_include_usage(body: bytes) -> bytes | None:
 
 def is_usage_chunk(event: bytes) -> bool:
     """Whether one SSE event (its lines, without the blank line) is the chat usage chunk."""
-    if b'"usage"' not in event or not _NO_CHOICES.search(event):
+    if event.find(b'"usage"') < 0 or not _NO_CHOICES.search(event):
         return False
     data = [line[5:].removeprefix(b" ") for line in event.splitlines() if line.startswith(b"data:")]
     try:

@@ -201,7 +201,9 @@ _noise_like = st.sampled_from([[b"event: a.delta", b"data: x"], [b"event: a.delt
                                [b"event: a.delta", b"data: x", b"data: y"], [b"event: a.delta", b": c", b"data: x"],
                                [b"event: a.delta", b"data:"], [b"event: a.delta"], [b"event: a.delta", b": c"],
                                [b"event: a.delta", b"id: 1"], [b"event: a.delta", b"data: x\revent: b"],
-                               [b"event: b", b"data: x"]])
+                               [b"event: b", b"data: x"],
+                               # a second noise name: the parser remembers the last one's head
+                               [b"event: b.delta", b"data: y"], [b"event: b.delta", b"data: y", b"data: z"]])
 
 
 @settings(max_examples=300, deadline=None)
