@@ -32,11 +32,16 @@ EGRESS_KEY = "codex_egress"
 CREDENTIAL_HEADERS = ("authorization", "x-api-key", "proxy-authorization")
 
 
-def credentials_in(headers: http.Headers) -> list[str]:
-    """The ``CREDENTIAL_HEADERS`` that ``headers`` holds, found in one pass over them (a lookup by
-    name walks every header, and these run for every call)."""
+def headers_in(headers: http.Headers, wanted: tuple[str, ...]) -> list[str]:
+    """The names of ``wanted`` (lower case) that ``headers`` holds, in ``wanted``'s order, found in one
+    pass over them: a lookup by name walks every header, and these run for every call."""
     names = {name.lower() for name, _ in headers.fields}  # as mitmproxy compares names: ASCII case
-    return [name for name in CREDENTIAL_HEADERS if name.encode() in names]
+    return [name for name in wanted if name.encode() in names]
+
+
+def credentials_in(headers: http.Headers) -> list[str]:
+    """The ``CREDENTIAL_HEADERS`` that ``headers`` holds."""
+    return headers_in(headers, CREDENTIAL_HEADERS)
 
 
 class EgressRefused(ValueError):
@@ -55,6 +60,7 @@ class Origin:
 
 # A node's URL is parsed for every call (probe, attach): once per URL is enough.
 @functools.lru_cache(maxsize=1024)
+@functools.lru_cache(maxsize=1024)  # per node URL: parsed once, not for every call (an Origin is frozen)
 def origin_of(base_url: str) -> Origin:
     """The scheme, host and port of a node's base URL (default ports filled in)."""
     parts = urlsplit(base_url)

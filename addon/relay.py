@@ -27,7 +27,7 @@ from mitmproxy import ctx, exceptions, http
 from mitmproxy.addons.clientplayback import ReplayHandler
 from mitmproxy.proxy import server_hooks
 
-from addon.egress import attach, clear_as_is, origin_of
+from addon.egress import attach, clear_as_is, headers_in, origin_of
 from addon.errors import CLIENT_KEY_NAME, error_response, fail_closed
 from addon.inject import answer_waiting, can_answer, close_server
 from addon.limits import Limits
@@ -537,10 +537,13 @@ def _chunks(out: bytes | list[bytes]) -> list[bytes]:
     return [out] if isinstance(out, bytes) else out
 
 
+_SESSION_HEADERS = ("session_id", "conversation_id", "session-id")  # in this order of precedence
+
+
 def _session_key(flow: http.HTTPFlow, body_key: str | None) -> str | None:
     """The Codex conversation this call belongs to: headers first, then the body's prompt_cache_key."""
     h = flow.request.headers
-    return h.get("session_id") or h.get("conversation_id") or h.get("session-id") or body_key
+    return next((value for name in headers_in(h, _SESSION_HEADERS) if (value := h.get(name))), None) or body_key
 
 
 def _annotate(flow: http.HTTPFlow, record: InvocationRecord) -> None:

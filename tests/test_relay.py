@@ -8,8 +8,9 @@ from mitmproxy.addons.save import Save
 from mitmproxy.addons.view import View
 from mitmproxy.test import taddons
 
-from addon.relay import AUTO_KEEP_BODY, Relay, keep_body_bytes
+from addon.relay import AUTO_KEEP_BODY, Relay, _session_key, keep_body_bytes
 from addon.runtime import Runtime
+from tests.conftest import request_flow
 
 
 def test_kept_body_only_where_something_shows_or_saves_flows():
@@ -35,3 +36,15 @@ def test_relay_configures_the_kept_body_from_its_surroundings(tmp_path):
     with taddons.context(View(), shown) as tctx:  # mitmweb has a view of the flows (added before scripts)
         tctx.configure(shown, codex_keep_body=-1)
         assert shown._keep_body == AUTO_KEEP_BODY
+
+
+@pytest.mark.parametrize(("headers", "body_key", "expected"), [
+    ({"Session_ID": "s", "conversation_id": "c", "session-id": "h"}, "b", "s"),  # names in any case
+    ({"session-id": "h", "conversation_id": "c"}, "b", "c"),
+    ({"session-id": "h"}, "b", "h"),
+    ({"session_id": "", "session-id": "h"}, "b", "h"),  # an empty header does not name a session
+    ({"x-other": "x"}, "b", "b"),
+    ({}, None, None),
+])
+def test_session_key_headers_in_precedence_then_the_body(headers, body_key, expected):
+    assert _session_key(request_flow(headers=headers), body_key) == expected
