@@ -73,7 +73,7 @@ def test_openai_sdk_reads_401_413_504(relay):
 def test_anthropic_sdk_reads_401_413_504(relay):
     import anthropic
 
-    ask = {"model": "claude-sonnet-4-5", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}
+    ask = {"model": "claude-sonnet-4-6", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}
     with pytest.raises(anthropic.AuthenticationError) as e:
         claude(relay, "wrong").messages.create(**ask)
     assert e.value.body["error"]["type"] == "authentication_error"
