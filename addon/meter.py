@@ -234,7 +234,7 @@ class StreamMeter:
         elif encoding not in ("", "identity"):
             self._give_up(f"unsupported content-encoding {encoding!r}: body not parsed")
         # Raw chunks are the parser's own bytes only when nothing decodes them first.
-        self._skip = self._sse.skip if self._sse is not None and self._decoder is None else None
+        self._skip = self._sse.skip if self._parsing and self._sse is not None and self._decoder is None else None
 
     def _sse_parser(self) -> SSEParser:
         # Deltas (most of a long stream) are framed in bytes and passed without being decoded.
@@ -258,7 +258,8 @@ class StreamMeter:
                     if room > 0:
                         self._kept += chunk[:room]
                 # A whole delta event of a plain event stream (most chunks): counted, not parsed.
-                if self._parsing and not (self._skip is not None and self._skip(chunk)):
+                skip = self._skip
+                if (skip is None or not skip(chunk)) and self._parsing:
                     self._parse(chunk)
             else:
                 self.ended = True
@@ -331,6 +332,7 @@ class StreamMeter:
 
     def _finish(self) -> None:
         self._parsing = False
+        self._skip = None
         if self._sse is not None:
             self._dispatch(self._sse.close())
             return
@@ -354,6 +356,7 @@ class StreamMeter:
 
     def _give_up(self, reason: str) -> None:
         self._parsing = False
+        self._skip = None
         self._body = []
         self._head = b""
         self._tail = None
