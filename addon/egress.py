@@ -60,7 +60,6 @@ class Origin:
 
 # A node's URL is parsed for every call (probe, attach): once per URL is enough.
 @functools.lru_cache(maxsize=1024)
-@functools.lru_cache(maxsize=1024)  # per node URL: parsed once, not for every call (an Origin is frozen)
 def origin_of(base_url: str) -> Origin:
     """The scheme, host and port of a node's base URL (default ports filled in)."""
     parts = urlsplit(base_url)
