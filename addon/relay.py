@@ -543,7 +543,10 @@ _SESSION_HEADERS = ("session_id", "conversation_id", "session-id")  # in this or
 def _session_key(flow: http.HTTPFlow, body_key: str | None) -> str | None:
     """The Codex conversation this call belongs to: headers first, then the body's prompt_cache_key."""
     h = flow.request.headers
-    return next((value for name in headers_in(h, _SESSION_HEADERS) if (value := h.get(name))), None) or body_key
+    for name in headers_in(h, _SESSION_HEADERS):
+        if value := h.get(name):  # an empty header names no session
+            return value
+    return body_key
 
 
 def _annotate(flow: http.HTTPFlow, record: InvocationRecord) -> None:
