@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 
 from addon.routing import NodePool
 from store.config import ConfigError, load_toml
+from store.periodic import Periodic
 from store.writer import WriterStats
 
 log = logging.getLogger("codex.alerts")
@@ -102,19 +103,18 @@ class Alerts:
         self._all_down = False
         self._db_ok = True
         self._lost = 0
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._watch, name="codex-alert-watch", daemon=True),
-                         threading.Thread(target=self._send_loop, name="codex-alert-send", daemon=True)]
+        self._rounds = Periodic("codex-alert-watch", interval, self.check, _check_failed, join_timeout=timeout + 5)
+        self._stop = self._rounds.stopping  # set by stop(): it also ends the sender and its retry waits
+        self._sender = threading.Thread(target=self._send_loop, name="codex-alert-send", daemon=True)
 
     def start(self) -> None:
-        for t in self._threads:
-            t.start()
+        self._rounds.start()
+        self._sender.start()
 
     def stop(self) -> None:
         """End both threads; alerts still queued are dropped (at most one post in progress is awaited)."""
-        self._stop.set()
-        for t in self._threads:
-            t.join(self.timeout + 5)
+        self._rounds.stop()
+        self._sender.join(self.timeout + 5)
 
     # -- the watcher -------------------------------------------------------------------------------
     def check(self) -> None:
@@ -161,13 +161,6 @@ class Alerts:
                 except queue.Full:
                     log.error("alert queue full: %s for %s not sent to %s", event, subject, _where(hook))
 
-    def _watch(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self.check()
-            except Exception:  # a bug here must not end the watching
-                log.exception("alert check failed")
-
     # -- the sender --------------------------------------------------------------------------------
     def _send_loop(self) -> None:
         while not self._stop.is_set():
@@ -194,6 +187,10 @@ class Alerts:
                 break
         log.error("alert %s for %s not delivered to %s", alert.event, alert.subject, _where(hook))
         return False
+
+
+def _check_failed(e: Exception) -> None:  # a bug here must not end the watching
+    log.error("alert check failed", exc_info=e)
 
 
 def _where(hook: Webhook) -> str:
