@@ -21,6 +21,7 @@ import datetime as dt
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from mitmproxy import ctx, exceptions, http
@@ -336,11 +337,7 @@ class Relay:
                                                         api_format=state.api_format,
                                                         model=state.requested_model) is not None)
             return
-        state.meter = StreamMeter(
-            state.api_format, resp.headers.get("content-type"), resp.headers.get("content-encoding"),
-            keep_body_bytes=self._keep_body,
-        )
-        resp.stream = UsageChunkFilter(state.meter) if _strips_usage(state, resp) else state.meter
+        resp.stream = _start_meter(state, resp, self._keep_body)
         self._streaming[flow.id] = state
         self._arm_idle_watch()
 
@@ -362,9 +359,7 @@ class Relay:
             outcome = Outcome("failed", False, state.relay_error or "no upstream node available")
         else:
             if state.meter is None:  # a whole body: the retry's answer
-                state.meter = StreamMeter(state.api_format, resp.headers.get("content-type"),
-                                          resp.headers.get("content-encoding"))
-                feed = UsageChunkFilter(state.meter) if _strips_usage(state, resp) else state.meter
+                feed = _start_meter(state, resp)
                 body = [*_chunks(feed(resp.raw_content or b"")), *_chunks(feed(b""))]
                 if feed is not state.meter:
                     resp.raw_content = b"".join(body)
@@ -524,6 +519,15 @@ def _prepare_body(request: http.Request, state: CallState, node: Node) -> None:
         body = probed
     if body != request.content:
         request.content = body  # re-encoded as the client encoded it; content-length follows
+
+
+def _start_meter(state: CallState, resp: http.Response,
+                 keep_body_bytes: int = 0) -> Callable[[bytes], bytes | list[bytes]]:
+    """Give the call its meter for ``resp``; returns what the body goes through: the meter, or the filter
+    that takes out the usage chunk the relay asked for and passes every chunk to the meter first."""
+    state.meter = StreamMeter(state.api_format, resp.headers.get("content-type"), resp.headers.get("content-encoding"),
+                              keep_body_bytes=keep_body_bytes)
+    return UsageChunkFilter(state.meter) if _strips_usage(state, resp) else state.meter
 
 
 def _strips_usage(state: CallState, resp: http.Response) -> bool:
