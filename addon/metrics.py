@@ -9,7 +9,6 @@ lost records) are read when scraped. A scrape never touches the database.
 from __future__ import annotations
 
 import threading
-from bisect import bisect_left
 from collections.abc import Callable, Iterable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -17,7 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from addon.routing import NodePool
-from store.histogram import DURATION_BUCKETS_MS, TTFB_BUCKETS_MS
+from store.histogram import DURATION_BUCKETS_MS, TTFB_BUCKETS_MS, bucket_index
 from store.records import InvocationRecord, NodeStateUpdate
 from store.writer import WriterStats
 
@@ -35,11 +34,10 @@ _COUNTERS = {
     "codex_client_requests": ("Calls per client key name.", ("client",)),
     "codex_client_tokens": ("Tokens per client key name by kind.", ("client", "kind")),
 }
-# name -> (help, bucket bounds in seconds) of its histograms, labelled by node.
+# name -> (help, bucket bounds in ms) of its histograms, labelled by node; exposed in seconds.
 _HISTOGRAMS = {
-    "codex_node_ttfb_seconds": ("Time to the node's response headers.", tuple(b / 1000 for b in TTFB_BUCKETS_MS)),
-    "codex_node_duration_seconds": ("Whole call duration as the client saw it.",
-                                    tuple(b / 1000 for b in DURATION_BUCKETS_MS)),
+    "codex_node_ttfb_seconds": ("Time to the node's response headers.", TTFB_BUCKETS_MS),
+    "codex_node_duration_seconds": ("Whole call duration as the client saw it.", DURATION_BUCKETS_MS),
 }
 
 
@@ -76,9 +74,9 @@ class Metrics:
                 if n:
                     add("codex_node_tokens", (node, kind), n)
             if item.ttfb_ms is not None:
-                seen("codex_node_ttfb_seconds", node, item.ttfb_ms / 1000)
+                seen("codex_node_ttfb_seconds", node, item.ttfb_ms)
             if item.duration_ms is not None:
-                seen("codex_node_duration_seconds", node, item.duration_ms / 1000)
+                seen("codex_node_duration_seconds", node, item.duration_ms)
             if item.client_key:
                 add("codex_client_requests", (item.client_key,))
                 for kind, n in zip(TOKEN_KINDS, tokens, strict=True):
@@ -104,13 +102,13 @@ class _Counts(Collector):
         key = (name, labels)
         self._counters[key] = self._counters.get(key, 0) + n
 
-    def seen(self, name: str, node: str, value: float) -> None:
+    def seen(self, name: str, node: str, ms: int) -> None:
         bounds = _HISTOGRAMS[name][1]
         h = self._histograms.get((name, node))
         if h is None:
             h = self._histograms[(name, node)] = [0] * (len(bounds) + 2)
-        h[bisect_left(bounds, value)] += 1  # the first bound >= value: Prometheus buckets are "le"
-        h[-1] += value
+        h[bucket_index(bounds, ms)] += 1  # Prometheus buckets are "le", as the hourly rollup's
+        h[-1] += ms / 1000
 
     def collect(self) -> Iterable[CounterMetricFamily | HistogramMetricFamily]:
         with self.lock:
@@ -126,7 +124,7 @@ class _Counts(Collector):
             for (n, node), h in histograms.items():
                 if n == name:
                     cumulative, buckets = 0, []
-                    for bound, count in zip([*(repr(b) for b in bounds), "+Inf"], h[:-1], strict=True):
+                    for bound, count in zip([*(repr(b / 1000) for b in bounds), "+Inf"], h[:-1], strict=True):
                         cumulative += count
                         buckets.append((bound, cumulative))
                     family.add_metric([node], buckets, h[-1])
