@@ -58,7 +58,8 @@ nodes = sa.Table(
     # 'file': from codex_nodes / codex_upstream (routes while the file names it); 'admin': added on the
     # admin page (routes after a restart too, until a file takes it over)
     sa.Column("origin", sa.String(16), nullable=False, server_default="file"),
-    # revision 8: what the node serves (JSON text; NULL: everything) and the model names it wants instead
+    # revision 8: what the node serves (formats comma-separated, models and model_map JSON text; NULL:
+    # everything) and the model names it wants instead
     sa.Column("formats", sa.String(128)),
     sa.Column("models", sa.Text),
     sa.Column("model_map", sa.Text),

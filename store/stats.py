@@ -282,7 +282,7 @@ def _status(row: sa.Row) -> str:
     return "disabled" if row.disabled else "failed" if row.failed else "active"
 
 
-def _bucket_sums(names: tuple[str, ...]) -> list[sa.ColumnElement]:
+def _hour_sums(names: tuple[str, ...]) -> list[sa.ColumnElement]:
     return [sa.func.sum(_hour[name]).label(name) for name in names]
 
 
@@ -296,8 +296,7 @@ def per_hour(conn: sa.Connection, f: Filters) -> list[HourStats]:
     """Per UTC hour (all sources, nodes and models the filter lets through), oldest first; hours
     without calls are absent, and so are the hours before the hourly rollup existed."""
     keys = (_hour.hour,)
-    query = (sa.select(*keys, *[sa.func.sum(_hour[n]).label(n) for n in DAILY_COUNTERS],
-                       *_bucket_sums(TTFB_COLUMNS + DURATION_COLUMNS))
+    query = (sa.select(*keys, *_hour_sums(DAILY_COUNTERS + TTFB_COLUMNS + DURATION_COLUMNS))
              .where(*f.hourly_where()).group_by(*keys).order_by(*keys))
     qs = (0.5, 0.95, 0.99)
     return [HourStats(hour=f"{r.hour:%Y-%m-%d %H:00}", **_metrics(r),
@@ -307,7 +306,7 @@ def per_hour(conn: sa.Connection, f: Filters) -> list[HourStats]:
 
 
 def _node_ttfb_percentiles(conn: sa.Connection, f: Filters) -> dict[str | None, dict[str, int | None]]:
-    query = (sa.select(_hour.node_id, *_bucket_sums(TTFB_COLUMNS)).where(*f.hourly_where())
+    query = (sa.select(_hour.node_id, *_hour_sums(TTFB_COLUMNS)).where(*f.hourly_where())
              .group_by(_hour.node_id))
     return {r.node_id or None: _percentiles(r, "ttfb", TTFB_COLUMNS, TTFB_BUCKETS_MS, (0.5, 0.95))
             for r in conn.execute(query)}
