@@ -10,21 +10,20 @@ import random
 import pytest
 import sqlalchemy as sa
 
-from store.engine import downgrade_to, make_engine, upgrade_to_head
+from store.engine import downgrade_to, upgrade_to_head
 from store.histogram import DURATION_BUCKETS_MS, TTFB_BUCKETS_MS, bucket_index, percentile
 from store.invocations import apply_batch
 from store.records import InvocationRecord, Usage
 from store.schema import DAILY_COUNTERS, codex_daily_stats, codex_hourly_stats, codex_invocations
 from store.stats import Filters, per_hour, per_node
 from store.stats_cli import main as stats_main
+from tests.conftest import fresh_engine
 
 T0 = dt.datetime(2026, 11, 20, 9)
 
 
 @pytest.fixture
 def engine(db_url):
-    engine = make_engine(db_url)
-    upgrade_to_head(engine)
     rnd = random.Random(15)
     records = [InvocationRecord(
         invoke_id=f"h{i}", occurred_at=T0 + dt.timedelta(minutes=rnd.randrange(180)), source="relay",
@@ -33,11 +32,11 @@ def engine(db_url):
         # log-uniform: every bucket gets some, a few land beyond the last bound
         ttfb_ms=None if i % 11 == 0 else round(math.exp(rnd.uniform(2, 11.5))),
         duration_ms=round(math.exp(rnd.uniform(4, 13.5)))) for i in range(600)]
-    with engine.begin() as conn:
-        for start in range(0, len(records), 97):  # several batches: the rows grow by increments
-            apply_batch(conn, records[start:start + 97])
-    yield engine
-    engine.dispose()
+    with fresh_engine(db_url) as engine:
+        with engine.begin() as conn:
+            for start in range(0, len(records), 97):  # several batches: the rows grow by increments
+                apply_batch(conn, records[start:start + 97])
+        yield engine
 
 
 def exact(values: list[int], q: float) -> int:

@@ -11,13 +11,13 @@ import pytest
 import sqlalchemy as sa
 
 from bench.data import NODES
-from store.engine import make_engine, upgrade_to_head
 from store.invocations import apply_batch
 from store.nodes import upsert_nodes
 from store.prune import cutoff_for, prune_older_than
 from store.prune_cli import main
 from store.records import InvocationRecord, Usage, utcnow
 from store.schema import codex_daily_stats, codex_invocations, nodes
+from tests.conftest import fresh_engine
 
 _inv = codex_invocations.c
 MODELS = ("gpt-5-codex", "gpt-5", "claude-sonnet-4-5", None)
@@ -25,12 +25,10 @@ MODELS = ("gpt-5-codex", "gpt-5", "claude-sonnet-4-5", None)
 
 @pytest.fixture
 def engine(db_url):
-    engine = make_engine(db_url)
-    upgrade_to_head(engine)
-    with engine.begin() as conn:
-        upsert_nodes(conn, NODES)
-    yield engine
-    engine.dispose()
+    with fresh_engine(db_url) as engine:
+        with engine.begin() as conn:
+            upsert_nodes(conn, NODES)
+        yield engine
 
 
 def write(engine: sa.Engine, items: Iterable[InvocationRecord], chunk: int = 20_000) -> None:
