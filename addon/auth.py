@@ -151,11 +151,10 @@ class ClientAuth:
     def identify(self, headers: http.Headers) -> str | None:
         """The name of the client key these request headers carry, or None."""
         present = credentials_in(headers)
-        candidates = [v.strip() for v in headers.get_all("x-api-key")] if "x-api-key" in present else []
+        candidates = [v.strip() for v in present.get("x-api-key", ())]
         for name in ("authorization", "proxy-authorization"):
-            if name in present:
-                for value in headers.get_all(name):
-                    candidates.extend(_credentials(value))
+            for value in present.get(name, ()):
+                candidates.extend(_credentials(value))
         names = [self._name_of(c) for c in candidates]
         return next((n for n in names if n is not None), None)
 

@@ -39,8 +39,7 @@ def mask_credential(value: str) -> str:
 def mask_headers(headers: http.Headers) -> list[tuple[str, list[str], list[str]]]:
     """Mask every credential header in place; returns (name, original values, masked values) of changed ones."""
     changed = []
-    for name in credentials_in(headers):
-        values = headers.get_all(name)
+    for name, values in credentials_in(headers).items():
         masked = [mask_credential(v) for v in values]
         if masked != values:
             headers.set_all(name, masked)

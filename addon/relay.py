@@ -28,7 +28,7 @@ from mitmproxy import ctx, exceptions, http
 from mitmproxy.addons.clientplayback import ReplayHandler
 from mitmproxy.proxy import server_hooks
 
-from addon.egress import attach, clear_as_is, headers_in, origin_of
+from addon.egress import attach, clear_as_is, header_values, origin_of
 from addon.errors import CLIENT_KEY_NAME, error_response, fail_closed
 from addon.inject import answer_waiting, can_answer, close_server
 from addon.limits import Limits
@@ -546,9 +546,9 @@ _SESSION_HEADERS = ("session_id", "conversation_id", "session-id")  # in this or
 
 def _session_key(flow: http.HTTPFlow, body_key: str | None) -> str | None:
     """The Codex conversation this call belongs to: headers first, then the body's prompt_cache_key."""
-    h = flow.request.headers
-    for name in headers_in(h, _SESSION_HEADERS):
-        if value := h.get(name):  # an empty header names no session
+    found = header_values(flow.request.headers, _SESSION_HEADERS)
+    for name in _SESSION_HEADERS:
+        if value := ", ".join(found.get(name, ())):  # an empty header names no session
             return value
     return body_key
 

@@ -56,6 +56,25 @@ def test_key_replaces_the_clients_credentials(sent, want):
     assert egress_problem(f) is None
 
 
+@pytest.mark.parametrize("base", ["https://relay.example/openai/v1", "http://127.0.0.1:9000/v1", "http://[::1]:8000/v1"])
+@pytest.mark.parametrize("http2", [False, True])
+def test_the_rewrite_is_what_mitmproxys_own_setters_make(base, http2):
+    """attach rewrites the Host header and the HTTP/2 authority in one pass: as the setters would, one by one."""
+    fields = [(b"Host", b"127.0.0.1:8000"), (b"content-type", b"x"), (b"HOST", b"dup"), (b"Authorization", b"Bearer c")]
+    ours, theirs = request_flow(), request_flow()
+    for f in (ours, theirs):
+        f.request.headers.fields = tuple(fields)
+        if http2:
+            f.request.http_version, f.request.authority = "HTTP/2.0", "127.0.0.1:8000"
+    attach(ours, node(base), "/v1/responses")
+    origin, r = origin_of(base), theirs.request
+    del r.headers["authorization"]
+    r.scheme, r.host, r.port, r.path = origin.scheme, origin.host, origin.port, node_path(base, "/v1/responses")
+    r.headers["authorization"] = f"Bearer {KEY}"
+    assert ours.request.data == r.data
+    assert dict(ours.request.headers)["Host"] == r.headers["Host"] != "127.0.0.1:8000"
+
+
 def test_every_attempt_maps_the_clients_original_target():
     f = request_flow()
     attach(f, node("http://127.0.0.1:1/openai/v1"), "/v1/responses")
