@@ -34,6 +34,7 @@ Anthropic's cache reads and writes are bounded by construction: they are added t
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass, fields, replace
@@ -49,6 +50,8 @@ _MAX_COUNT = 2**40
 _MAX_ERROR_CHARS = 2000
 
 _RESPONSES_TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed"})
+_RESPONSES_TERMINAL_NAMES = frozenset(name.encode() for name in _RESPONSES_TERMINAL)
+_TERMINAL_TYPE = re.compile(rb'"response\.(?:completed|incomplete|failed)"')  # a data ``type`` that ends the answer
 # Named events that carry neither usage, model nor error (with every "*.delta"): not decoding their
 # JSON keeps the cost of a long stream (thousands of deltas) low.
 _NOISE_EVENTS = frozenset({"content_block_start", "content_block_delta", "content_block_stop", "ping"})
@@ -130,11 +133,14 @@ class UsageExtractor:
         """Whether ``on_event`` must see this event (raw bytes, for ``SSEParser(want=...)``).
 
         False only when decoding it certainly changes nothing: the events ``on_event`` ignores by
-        name, and unnamed events that are a chat chunk holding only a delta (no usage but null, no
-        error, no type, at most the model already known). Keys spelled with escapes (``\\u``) could
-        hide from these byte checks, so such a chunk is decoded.
+        name, a Responses stream's events about its output items and parts, and unnamed events that
+        are a chat chunk holding only a delta (no usage but null, no error, no type, at most the model
+        already known). Keys spelled with escapes (``\\u``) could hide from these byte checks, so such
+        an event is decoded.
         """
         if self.noise(name):
+            return False
+        if self.api_format == "responses" and name.startswith(b"response.") and _about_items(name, data):
             return False
         if (name != b"message" or data[:1] != b"{" or data.find(b"\\u") >= 0 or data.find(b'"type"') >= 0
                 or data.find(b'"error"') >= 0):
@@ -304,7 +310,7 @@ class UsageExtractor:
         model = _text(value)
         if model and model != self.model:
             self.model = model
-            self._model_json = json.dumps(model, ensure_ascii=False).encode()
+            self._model_json = _model_json(model)
 
     def _error_in(self, obj: dict) -> None:
         """An error reported by the object itself: an ``error`` member, or ``type: "error"``."""
@@ -317,6 +323,14 @@ class UsageExtractor:
     def _set_error(self, err: Any) -> None:
         if self.error is None:  # the first error is the cause; later ones are its echoes
             self.error = _error_text(err)
+
+
+def _about_items(name: bytes, data: bytes) -> bool:
+    """Whether a Responses event is one of those about output items and parts (``response.output_item.done``,
+    ``response.output_text.done``, …; in Codex streams some hold a whole text or tool call): no terminal
+    type, no ``response`` (the model, the usage) and no ``error``, so decoding it changes nothing."""
+    return (name not in _RESPONSES_TERMINAL_NAMES and data.find(b'"response"') < 0 and data.find(b'"error"') < 0
+            and data.find(b"\\u") < 0 and _TERMINAL_TYPE.search(data) is None)
 
 
 def _loads(text: str | bytes) -> Any:
@@ -479,8 +493,18 @@ def _error_text(err: Any) -> str:
     return text[:_MAX_ERROR_CHARS] or "error"
 
 
+# Made once: json.dumps with options builds an encoder per call, a third of the cost of a usage object.
+_COMPACT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
+@functools.lru_cache(maxsize=256)
+def _model_json(model: str) -> bytes:
+    """How a chunk repeating ``model`` spells it (a call's first model; relays see a few names)."""
+    return _COMPACT.encode(model).encode()
+
+
 def _compact(value: Any) -> str:
     try:
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+        return _COMPACT.encode(value)
     except (ValueError, RecursionError):  # nesting that only just fit the parser's stack
         return "<too deeply nested>"
