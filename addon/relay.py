@@ -19,8 +19,8 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import os
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -194,8 +194,8 @@ class Relay:
         if api_format is not None:
             info = parse_request(flow.request.raw_content)
             state = CallState(
-                flow=flow, invoke_id=uuid.uuid4().hex, occurred_at=utcnow(), api_format=api_format, model=info.model,
-                stream=info.stream, session_key=_session_key(flow, info.session_key),
+                flow=flow, invoke_id=os.urandom(16).hex(), occurred_at=utcnow(), api_format=api_format,
+                model=info.model, stream=info.stream, session_key=_session_key(flow, info.session_key),
                 request_bytes=len(flow.request.raw_content or b""), client_target=target, requested_model=info.model,
             )
             self._calls[flow.id] = state

@@ -15,6 +15,7 @@ from addon.gate import EgressCheck, Gate
 from addon.refusal import REFUSED_KEY, RefusalSink, answered
 from addon.runtime import Runtime
 from addon.startup import StartupCheck, listen_hosts, open_relay_problem, take_unusable_options
+from addon.target import target_problem
 from store.records import NodeConfig
 from tests.conftest import request_flow
 
@@ -174,3 +175,12 @@ def test_listen_hosts_read_mode_specs():
     assert listen_hosts(["reverse:http://h:1", "regular@0.0.0.0:8080"], "127.0.0.1") == ["127.0.0.1", "0.0.0.0"]
 
 
+
+
+@pytest.mark.parametrize(("target", "dotted"), [
+    ("/.", True), ("/..", True), ("/v1/.", True), ("/v1/..", True), ("/./v1", True), ("/v1/../x", True),
+    ("/v1/.x", False), ("/v1/..x", False), ("/v1/x.", False), ("/v1/x?y=/../", False), ("/v1/...", False),
+])
+def test_dot_segments_anywhere_in_the_path_but_not_the_query(target, dotted):
+    problem = target_problem(target)
+    assert (problem == "the request path must not contain '.' or '..' segments") is dotted, problem
