@@ -14,6 +14,7 @@ if _root not in sys.path:
 
 from addon.admin import Admin  # noqa: E402
 from addon.auth import ClientAuth  # noqa: E402
+from addon.chain import AddonChain  # noqa: E402
 from addon.gate import EgressCheck, Gate  # noqa: E402
 from addon.hygiene import KeyHygiene  # noqa: E402
 from addon.limits import Limits  # noqa: E402
@@ -35,6 +36,7 @@ gate = Gate(refusals)
 runtime = Runtime(secrets)
 limits = Limits(runtime)  # client keys' limits: set by ClientAuth, enforced by Relay
 auth = ClientAuth(refusals, secrets, limits)
-addons = [refusals, gate, runtime, auth, Admin(runtime, limits), UserStats(runtime, auth),
-          Relay(runtime, refusals, secrets, limits),
-          KeyHygiene(), SSEView(), EgressCheck(), StartupCheck(gate, runtime)]
+# One addon for mitmproxy to dispatch to (addon.chain): walking eleven cost a tenth of a short call's CPU.
+addons = [AddonChain([refusals, gate, runtime, auth, Admin(runtime, limits), UserStats(runtime, auth),
+                      Relay(runtime, refusals, secrets, limits),
+                      KeyHygiene(), SSEView(), EgressCheck(), StartupCheck(gate, runtime)])]
