@@ -53,6 +53,9 @@ class KeyHygiene:
         self._unmasked: dict[str, http.HTTPFlow] = {}
         # Replays whose credentials are hidden between requestheaders and request.
         self._hidden: dict[str, list[tuple[str, list[str], list[str]]]] = {}
+        # The request headers as responseheaders left them (a tuple: any change makes a new one), so the
+        # response hook masks again only what changed since.
+        self._masked: dict[str, tuple[tuple[bytes, bytes], ...]] = {}
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
         # Client auth has read the CONNECT's Proxy-Authorization (a client key); nothing else needs it.
@@ -79,18 +82,22 @@ class KeyHygiene:
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         # Only fires once the request is out (also emulated for a response set by an addon).
         self._mask(flow)
+        self._masked[flow.id] = flow.request.headers.fields
 
     def response(self, flow: http.HTTPFlow) -> None:
-        self._mask(flow)
+        if self._masked.pop(flow.id, None) is not flow.request.headers.fields:
+            self._mask(flow)
 
     def error(self, flow: http.HTTPFlow) -> None:
         self._hidden.pop(flow.id, None)
+        self._masked.pop(flow.id, None)
         self._mask(flow)
 
     def done(self) -> None:
         for flow in list(self._unmasked.values()):
             self._mask(flow)
         self._hidden.clear()
+        self._masked.clear()
 
     def _mask(self, flow: http.HTTPFlow) -> None:
         self._unmasked.pop(flow.id, None)

@@ -48,6 +48,20 @@ def test_key_stays_until_sent_then_is_masked():
     assert f.request.headers["authorization"] == "Bearer sk-…abcd"
 
 
+def test_a_key_set_after_the_response_headers_is_masked_at_the_response():
+    """The response hook masks again only what changed since responseheaders: here a key put back."""
+    hygiene = KeyHygiene()
+    f = request_flow(headers={"authorization": f"Bearer {NODE_KEY}"})
+    hygiene.request(f)
+    f.response = tflow.tresp()
+    hygiene.responseheaders(f)
+    f.request.headers["x-api-key"] = OTHER_KEY  # an addon between the two hooks
+    hygiene.response(f)
+    assert f.request.headers["x-api-key"] == "sk-…wxyz"
+    assert f.request.headers["authorization"] == "Bearer sk-…abcd"
+    assert not hygiene._masked  # nothing kept per flow once it ended
+
+
 def test_error_masks_too():
     hygiene = KeyHygiene()
     f = request_flow(headers={"x-api-key": NODE_KEY})
