@@ -327,7 +327,8 @@ class Relay:
             return
         self._stop_waiting(flow, state)
         resp = flow.response
-        length = resp.headers.get("content-length", "")
+        found = header_values(resp.headers, _CONTENT_HEADERS)  # one pass over the answer's headers
+        length = _folded(found, "content-length") or ""
         if (state.node is not None and resp.status_code >= 400 and length.isdigit()
                 and int(length) <= MAX_HELD_ERROR_BYTES):
             # A small error answer is held whole, not streamed: to retry the call elsewhere, and to
@@ -337,7 +338,7 @@ class Relay:
                                                         api_format=state.api_format,
                                                         model=state.requested_model) is not None)
             return
-        resp.stream = _start_meter(state, resp, self._keep_body)
+        resp.stream = _start_meter(state, resp, self._keep_body, found)
         self._streaming[flow.id] = state
         self._arm_idle_watch()
 
@@ -521,20 +522,35 @@ def _prepare_body(request: http.Request, state: CallState, node: Node) -> None:
         request.content = body  # re-encoded as the client encoded it; content-length follows
 
 
-def _start_meter(state: CallState, resp: http.Response,
-                 keep_body_bytes: int = 0) -> Callable[[bytes], bytes | list[bytes]]:
-    """Give the call its meter for ``resp``; returns what the body goes through: the meter, or the filter
-    that takes out the usage chunk the relay asked for and passes every chunk to the meter first."""
-    state.meter = StreamMeter(state.api_format, resp.headers.get("content-type"), resp.headers.get("content-encoding"),
+def _start_meter(state: CallState, resp: http.Response, keep_body_bytes: int = 0,
+                 found: dict[str, list[str]] | None = None) -> Callable[[bytes], bytes | list[bytes]]:
+    """Give the call its meter for ``resp`` (``found``: its ``_CONTENT_HEADERS``, if read already); returns what
+    the body goes through: the meter, or the filter that takes out the usage chunk the relay asked for and
+    passes every chunk to the meter first."""
+    found = header_values(resp.headers, _CONTENT_HEADERS) if found is None else found
+    state.meter = StreamMeter(state.api_format, _folded(found, "content-type"), _folded(found, "content-encoding"),
                               keep_body_bytes=keep_body_bytes)
-    return UsageChunkFilter(state.meter) if _strips_usage(state, resp) else state.meter
+    return UsageChunkFilter(state.meter) if _strips_usage(state, resp, found) else state.meter
 
 
-def _strips_usage(state: CallState, resp: http.Response) -> bool:
+def _strips_usage(state: CallState, resp: http.Response, found: dict[str, list[str]] | None = None) -> bool:
     """Whether the client gets this answer without the usage chunk the relay asked for: only a
     successful event stream sent as is (compressed bytes are passed on untouched)."""
-    return (state.probed and resp.status_code == 200 and _is_sse(resp)
-            and resp.headers.get("content-encoding", "identity").strip().lower() == "identity")
+    if not state.probed or resp.status_code != 200:
+        return False
+    found = header_values(resp.headers, _CONTENT_HEADERS) if found is None else found
+    encoding = _folded(found, "content-encoding")
+    return ((_folded(found, "content-type") or "").startswith("text/event-stream")
+            and (encoding if encoding is not None else "identity").strip().lower() == "identity")
+
+
+_CONTENT_HEADERS = ("content-length", "content-type", "content-encoding")
+
+
+def _folded(found: dict[str, list[str]], name: str) -> str | None:
+    """A header's value as mitmproxy's ``headers.get`` gives it: repeated values joined, None when absent."""
+    values = found.get(name)
+    return ", ".join(values) if values else None
 
 
 def _chunks(out: bytes | list[bytes]) -> list[bytes]:
