@@ -50,8 +50,6 @@ _MAX_COUNT = 2**40
 _MAX_ERROR_CHARS = 2000
 
 _RESPONSES_TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed"})
-_RESPONSES_TERMINAL_NAMES = frozenset(name.encode() for name in _RESPONSES_TERMINAL)
-_TERMINAL_TYPE = re.compile(rb'"response\.(?:completed|incomplete|failed)"')  # a data ``type`` that ends the answer
 # Named events that carry neither usage, model nor error (with every "*.delta"): not decoding their
 # JSON keeps the cost of a long stream (thousands of deltas) low.
 _NOISE_EVENTS = frozenset({"content_block_start", "content_block_delta", "content_block_stop", "ping"})
@@ -133,14 +131,11 @@ class UsageExtractor:
         """Whether ``on_event`` must see this event (raw bytes, for ``SSEParser(want=...)``).
 
         False only when decoding it certainly changes nothing: the events ``on_event`` ignores by
-        name, a Responses stream's events about its output items and parts, and unnamed events that
-        are a chat chunk holding only a delta (no usage but null, no error, no type, at most the model
-        already known). Keys spelled with escapes (``\\u``) could hide from these byte checks, so such
-        an event is decoded.
+        name, and unnamed events that are a chat chunk holding only a delta (no usage but null, no
+        error, no type, at most the model already known). Keys spelled with escapes (``\\u``) could
+        hide from these byte checks, so such a chunk is decoded.
         """
         if self.noise(name):
-            return False
-        if self.api_format == "responses" and name.startswith(b"response.") and _about_items(name, data):
             return False
         if (name != b"message" or data[:1] != b"{" or data.find(b"\\u") >= 0 or data.find(b'"type"') >= 0
                 or data.find(b'"error"') >= 0):
@@ -323,14 +318,6 @@ class UsageExtractor:
     def _set_error(self, err: Any) -> None:
         if self.error is None:  # the first error is the cause; later ones are its echoes
             self.error = _error_text(err)
-
-
-def _about_items(name: bytes, data: bytes) -> bool:
-    """Whether a Responses event is one of those about output items and parts (``response.output_item.done``,
-    ``response.output_text.done``, …; in Codex streams some hold a whole text or tool call): no terminal
-    type, no ``response`` (the model, the usage) and no ``error``, so decoding it changes nothing."""
-    return (name not in _RESPONSES_TERMINAL_NAMES and data.find(b'"response"') < 0 and data.find(b'"error"') < 0
-            and data.find(b"\\u") < 0 and _TERMINAL_TYPE.search(data) is None)
 
 
 def _loads(text: str | bytes) -> Any:

@@ -507,47 +507,6 @@ def test_any_chat_chunks_read_the_same_through_the_fast_path(fmt, chunks):
     assert _state(_filtered(fmt, body)) == _state(extract(fmt, body))
 
 
-_item_names = st.sampled_from(["response.output_item.done", "response.content_part.added", "response.output_text.done",
-                                "response.created", "response.completed", "response.failed", "response.x.delta"])
-_item_fields = st.fixed_dictionaries({}, optional={
-    "type": st.sampled_from(["response.output_item.done", "response.completed", "response.incomplete", "error",
-                             "message_start", 3, None]),
-    "response": st.sampled_from([{"model": "gpt-5-codex", "usage": {"input_tokens": 5, "output_tokens": 2}},
-                                 {"model": "other"}, {}, None, "response"]),
-    "error": st.sampled_from([None, {"message": "boom"}, "x"]),
-    "item": st.sampled_from([{"type": "message", "content": [{"type": "output_text", "text": "\"response\": é"}]},
-                             {"type": "function_call", "arguments": "{\"error\": 1}"}, "response.completed"]),
-})
-
-
-@settings(max_examples=300, deadline=None)
-@given(events=st.lists(st.tuples(_item_names, _item_fields, st.booleans(), st.sampled_from(["", "response.failed"])),
-                       max_size=8))
-def test_responses_item_events_read_the_same_through_the_fast_path(events):
-    """Events about output items are not decoded: the same usage, model, error and ending as decoding every one,
-    whatever their data holds (a second "type", an escaped key, an error, a response)."""
-    body = b""
-    for name, fields, ascii_only, second_type in events:
-        data = json.dumps(fields, ensure_ascii=ascii_only)
-        if second_type and data != "{}":  # a duplicate key: JSON decoding keeps the last one
-            data = data[:-1] + f', "type": "{second_type}"}}'
-        body += sse(data, event=name)
-    assert _state(_filtered("responses", body)) == _state(extract("responses", body))
-
-
-def test_codex_item_events_are_not_decoded():
-    x = UsageExtractor("responses")
-    item = {"type": "response.output_item.done", "output_index": 0,
-            "item": {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Hi"}]}}
-    assert not x.wants(b"response.output_item.done", json.dumps(item).encode())
-    assert x.wants(b"response.created", json.dumps({"type": "response.created", "response": {}}).encode())
-    escaped = b'{"type": "response.output_item.done", "\\u0065rror": {"message": "x"}}'  # a key spelled with escapes
-    assert x.wants(b"response.output_item.done", escaped)
-    x.on_event(SSEEvent("response.output_item.done", escaped.decode()))
-    assert x.error == "x"
-    assert UsageExtractor(None).wants(b"response.output_item.done", json.dumps(item).encode())  # any shape: decoded
-
-
 # -- usage fields real APIs send ---------------------------------------------------------------------
 def test_openai_cache_writes_are_read():
     responses = {"input_tokens": 3000, "input_tokens_details": {"cached_tokens": 1000, "cache_write_tokens": 1500},
