@@ -48,6 +48,9 @@ def _in_order(found: tuple[Hook, ...]) -> Hook:
                 return _rest(result, found[i + 1:], args)  # mitmproxy awaits it: the rest runs after
         return None
 
+    if any(inspect.iscoroutinefunction(each) for each in found):
+        # As an async hook of its own would: mitmproxy refuses it where it cannot await (a sync trigger).
+        inspect.markcoroutinefunction(hook)
     return hook
 
 

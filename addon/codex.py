@@ -36,7 +36,8 @@ gate = Gate(refusals)
 runtime = Runtime(secrets)
 limits = Limits(runtime)  # client keys' limits: set by ClientAuth, enforced by Relay
 auth = ClientAuth(refusals, secrets, limits)
-# One addon for mitmproxy to dispatch to (addon.chain): walking eleven cost a tenth of a short call's CPU.
+# One addon for mitmproxy to dispatch to (addon.chain): walking eleven for every event, and calling each
+# hook apart, cost ~25 µs of a short call.
 addons = [AddonChain([refusals, gate, runtime, auth, Admin(runtime, limits), UserStats(runtime, auth),
                       Relay(runtime, refusals, secrets, limits),
                       KeyHygiene(), SSEView(), EgressCheck(), StartupCheck(gate, runtime)])]

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 
 import pytest
-from mitmproxy import hooks
+from mitmproxy import exceptions, hooks
 from mitmproxy.test import taddons
 
 from addon.chain import AddonChain
@@ -69,3 +70,11 @@ def test_mitmproxy_loads_and_dispatches_to_every_chained_addon():
         assert {"chain_test_a", "chain_test_b"} <= set(tctx.options.keys())
         asyncio.run(tctx.master.addons.trigger_event(hooks.all_hooks["request"]("f")))
     assert log == ["a f", "b f"]
+
+
+def test_a_chained_async_hook_is_refused_where_mitmproxy_cannot_await_as_it_would_be_alone():
+    log: list[str] = []
+    chain = AddonChain([Sync(log, "a"), Async(log, "b")])
+    with taddons.context(chain) as tctx, pytest.raises(exceptions.AddonManagerError, match="cannot be called"):
+        tctx.master.addons.invoke_addon_sync(chain, hooks.all_hooks["request"]("f"))
+    assert not inspect.iscoroutinefunction(AddonChain([Sync(log, "a"), Sync(log, "c")]).request)
