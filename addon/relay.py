@@ -367,7 +367,8 @@ class Relay:
             result = state.meter.result()
             state.model = result.model or state.model
             outcome = classify_response(resp.status_code, body_error=result.error,
-                                        stream=state.stream or _is_sse(resp), completed=result.completed)
+                                        stream=state.stream or _is_sse(resp.headers.get("content-type")),
+                                        completed=result.completed)
             if state.meter.kept:
                 resp.raw_content = state.meter.kept
         self._finish(flow, state, outcome, result)
@@ -540,7 +541,7 @@ def _strips_usage(state: CallState, resp: http.Response, found: dict[str, list[s
         return False
     found = header_values(resp.headers, _CONTENT_HEADERS) if found is None else found
     encoding = _folded(found, "content-encoding")
-    return ((_folded(found, "content-type") or "").startswith("text/event-stream")
+    return (_is_sse(_folded(found, "content-type"))
             and (encoding if encoding is not None else "identity").strip().lower() == "identity")
 
 
@@ -564,7 +565,7 @@ def _session_key(flow: http.HTTPFlow, body_key: str | None) -> str | None:
     """The Codex conversation this call belongs to: headers first, then the body's prompt_cache_key."""
     found = header_values(flow.request.headers, _SESSION_HEADERS)
     for name in _SESSION_HEADERS:
-        if value := ", ".join(found.get(name, ())):  # an empty header names no session
+        if value := _folded(found, name):  # an empty header names no session
             return value
     return body_key
 
@@ -586,5 +587,6 @@ def _ms(seconds: float) -> int:
     return max(0, round(seconds * 1000))
 
 
-def _is_sse(resp: http.Response) -> bool:
-    return resp.headers.get("content-type", "").startswith("text/event-stream")
+def _is_sse(content_type: str | None) -> bool:
+    """Whether a Content-Type value is an event stream's."""
+    return (content_type or "").startswith("text/event-stream")
