@@ -37,8 +37,9 @@ from store.prices import PriceTable, load_prices
 from store.records import InvocationRecord, NodeConfig, NodeStateUpdate
 from store.retention import DAY, Pruner
 from store.sources import SourceConfig
-from store.spool import Spool, SpoolInUse, default_spool_path
+from store.spool import default_spool_path
 from store.writer import Writer, WriterStats
+from store.writerproc import WriterProcess, WriterStartError, start_writer
 
 log = logging.getLogger("codex.runtime")
 
@@ -60,7 +61,7 @@ class Runtime:
         self._ping_interval = 30.0
         self._sticky_ttl = 3600.0
         self._db_url: str | None = None
-        self._writer: Writer | None = None
+        self._writer: Writer | WriterProcess | None = None
         self._pinger: Pinger | None = None
         self._poller: Poller | None = None
         self._node_sync: NodeSync | None = None
@@ -180,15 +181,16 @@ class Runtime:
         if self._writer is not None:
             self._writer.close()
         try:
-            spool = Spool(spool_path or default_spool_path(url))
-        except (SpoolInUse, OSError) as e:
-            raise exceptions.OptionsError(f"codex_spool: {e}") from None
+            # Half a second of batching: at relay rates it cuts the writer's CPU per record several-fold;
+            # stats lag by at most that much.
+            self._writer = start_writer(engine, url, spool_path or default_spool_path(url), linger=0.5)
+        except WriterStartError as e:
+            self._writer = None
+            engine.dispose()
+            option = "codex_spool" if e.kind == "spool" else "codex_db"
+            raise exceptions.OptionsError(f"{option}: {e}") from None
         self.engine = engine
         self._db_url = url
-        # Half a second of batching: at relay rates it cuts the writer's CPU per record (and its GIL time
-        # taken from the proxy) several-fold; stats lag by at most that much.
-        self._writer = Writer(engine, spool, linger=0.5)
-        self._writer.start()
         log.info("stats database: %s", _safe_url(url))
 
     def _start_alerts(self, nodes_file: str, dedup: float) -> None:

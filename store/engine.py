@@ -54,15 +54,21 @@ def make_engine(url: str) -> sa.Engine:
                             isolation_level="READ COMMITTED", hide_parameters=True)
 
 
+def in_memory(url: str | sa.URL) -> bool:
+    """Whether ``url`` is a SQLite database in this process's memory, which no other process can open."""
+    url = make_url(url)
+    return url.get_backend_name() == "sqlite" and (
+        (url.database or "") in ("", ":memory:") or url.query.get("mode") == "memory")
+
+
 def _sqlite_engine(url: sa.URL) -> sa.Engine:
-    database = url.database or ""
-    memory = database in ("", ":memory:") or url.query.get("mode") == "memory"
+    memory = in_memory(url)
     if memory:
         # One shared connection, or every connection would see its own empty database.
         engine = sa.create_engine(url, poolclass=StaticPool, connect_args={"check_same_thread": False},
                                   hide_parameters=True)
     else:
-        Path(database).expanduser().resolve().parent.mkdir(parents=True, exist_ok=True)
+        Path(url.database).expanduser().resolve().parent.mkdir(parents=True, exist_ok=True)
         engine = sa.create_engine(url, connect_args={"timeout": 30}, hide_parameters=True)
 
     @sa.event.listens_for(engine, "connect")

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from sqlalchemy.engine import make_url
 
+from store.engine import in_memory
 from store.records import InvocationRecord, NodeStateUpdate, Usage
 
 Item = InvocationRecord | NodeStateUpdate
@@ -33,9 +34,10 @@ class SpoolInUse(RuntimeError):
 def default_spool_path(db_url: str) -> str | None:
     """Beside a SQLite database file; per database URL under data/ otherwise; None for memory."""
     url = make_url(db_url)
+    if in_memory(url):
+        return None
     if url.get_backend_name() == "sqlite":
-        database = url.database or ""
-        return None if database in ("", ":memory:") else database + ".spool"
+        return url.database + ".spool"
     # One journal per database: a leftover journal must never replay into another database.
     digest = hashlib.sha1(url.render_as_string(hide_password=True).encode()).hexdigest()[:12]
     return f"data/spool-{digest}.db"

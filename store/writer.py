@@ -25,7 +25,7 @@ from store.spool import Spool
 
 log = logging.getLogger("codex.writer")
 
-_STOP = object()
+STOP = object()  # put on a writer's queue: write what is before it, then end
 _OUTAGE_LOG_EVERY_S = 10.0
 # MySQL client errors "server has gone away" / "lost connection": the server went away, or it dropped
 # this connection because of the statement (MariaDB answers a statement over max_allowed_packet so).
@@ -119,7 +119,7 @@ class Writer:
     def close(self, timeout: float = 30.0) -> None:
         """Write what is queued; what the database cannot take now stays in the spool for next time."""
         if self._thread.is_alive():
-            self._queue.put(_STOP)
+            self._queue.put(STOP)
             self._stopping.set()
             self._thread.join(timeout)
         if self.spool.count and self.spool.path:
@@ -129,6 +129,16 @@ class Writer:
             self._lose(self.spool.count, "the database is unreachable and the journal is in memory")
         self.spool.close()
         self.engine.dispose()
+
+    @property
+    def pending(self) -> int:
+        """Records submitted and not yet written, journaled, set aside or counted lost (oldest first)."""
+        return self._pending
+
+    def wait_progress(self, timeout: float) -> None:
+        """Block until records were settled or the journal moved, or ``timeout`` passed."""
+        with self._idle:
+            self._idle.wait(timeout)
 
     def stats(self) -> WriterStats:
         return WriterStats(queued=self._queue.qsize(), spooled=self.spool.count,
@@ -169,30 +179,7 @@ class Writer:
         return 1.0
 
     def _take(self, timeout: float) -> tuple[list[Item], bool]:
-        try:
-            first = self._queue.get(timeout=timeout)
-        except queue.Empty:
-            return [], False
-        if first is _STOP:
-            return [], True
-        batch = [first]
-        deadline = time.monotonic() + self.linger
-        while True:
-            # Whatever is waiting is taken at once, even after the deadline.
-            while len(batch) < self.batch_size:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is _STOP:
-                    return batch, True
-                batch.append(item)
-            left = deadline - time.monotonic()
-            if len(batch) >= self.batch_size or left <= 0:
-                return batch, False
-            # The rest of the linger is slept through, not woken by each record: a wake-up per record
-            # made this thread take the GIL from the proxy's event loop once per call.
-            self._stopping.wait(left)
+        return take_batch(self._queue, timeout, self.linger, self.batch_size, self._stopping)
 
     def _done(self, n: int) -> None:
         with self._idle:
@@ -308,6 +295,36 @@ class Writer:
         self._db_ok = False
         self._retry_at = now + self._backoff
         self._backoff = min(self.max_backoff, self._backoff * 2)
+
+
+def take_batch(source: queue.SimpleQueue, timeout: float, linger: float, size: int,
+               stopping: threading.Event) -> tuple[list, bool]:
+    """Up to ``size`` items from ``source``: wait up to ``timeout`` for the first, then ``linger`` seconds
+    for more (``stopping`` ends the linger early). Also whether the stop mark (``STOP``) was taken."""
+    try:
+        first = source.get(timeout=timeout)
+    except queue.Empty:
+        return [], False
+    if first is STOP:
+        return [], True
+    batch = [first]
+    deadline = time.monotonic() + linger
+    while True:
+        # Whatever is waiting is taken at once, even after the deadline.
+        while len(batch) < size:
+            try:
+                item = source.get_nowait()
+            except queue.Empty:
+                break
+            if item is STOP:
+                return batch, True
+            batch.append(item)
+        left = deadline - time.monotonic()
+        if len(batch) >= size or left <= 0:
+            return batch, False
+        # The rest of the linger is slept through, not woken by each record: a wake-up per record
+        # made this thread take the GIL from the proxy's event loop once per call.
+        stopping.wait(left)
 
 
 def _error_text(error: BaseException) -> str:

@@ -1,0 +1,124 @@
+"""The writer process: records reach the database through a child, which may die, be signalled or lose
+its parent without a record lost or written twice."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sqlite3
+
+import pytest
+import sqlalchemy as sa
+
+from store.records import Usage
+from store.spool import Spool
+from store.writer import Writer
+from store.writerproc import WriterProcess, WriterStartError, start_writer
+from tests.conftest import wait_for
+from tests.test_store import record
+from tests.test_writer import counts, engine_with_node
+
+
+@pytest.fixture
+def engine(db_url):
+    eng = engine_with_node(db_url)
+    yield eng
+    eng.dispose()
+
+
+def test_records_reach_the_database_through_the_child_and_close_writes_the_rest(engine, db_url, tmp_path):
+    writer = WriterProcess(db_url, str(tmp_path / "spool.db"), batch_size=200, linger=0.05)
+    writer.start()
+    for _ in range(700):
+        writer.submit(record(usage=Usage(3, 1, 0, 2, 0)))
+    assert writer.flush(60)
+    for _ in range(300):  # queued when close is called: written before the child ends
+        writer.submit(record(usage=Usage(3, 1, 0, 2, 0)))
+    writer.close()
+    assert counts(engine) == (1000, 1000, 1000)
+    stats = writer.stats()
+    assert (stats.written, stats.queued, stats.lost, stats.db_ok) == (1000, 0, 0, True)
+    assert writer._child is None  # the child ended with close
+
+
+def test_a_killed_child_is_replaced_and_its_unwritten_records_are_written_once(engine, sqlite_url, tmp_path, caplog):
+    writer = WriterProcess(sqlite_url, str(tmp_path / "spool.db"), linger=0.0)
+    writer.start()
+    for _ in range(50):
+        writer.submit(record())
+    assert writer.flush(60)
+    first = writer._child.proc
+    # The database locked by another connection: the child's next write waits (busy timeout) unsettled.
+    blocker = sqlite3.connect(sa.engine.make_url(sqlite_url).database, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")
+    for _ in range(50):
+        writer.submit(record())
+    wait_for(lambda: writer._sent == 100, what="the next 50 records shipped to the child")
+    assert writer.stats().queued == 50
+    with caplog.at_level(logging.ERROR, logger="codex.writer"):
+        first.send_signal(signal.SIGKILL)
+        wait_for(lambda: writer._child is not None and writer._child.proc is not first, what="a new child")
+    blocker.execute("ROLLBACK")
+    blocker.close()
+    assert writer.flush(60)
+    writer.close()
+    assert counts(engine) == (100, 100, 100)
+    assert "exited with code -9; a new one takes the 50 record(s) not yet written" in caplog.text
+    assert (writer.stats().written, writer.stats().lost) == (100, 0)
+
+
+def test_the_child_outlives_sigterm_and_sigint_and_ends_with_its_parents_pipe(engine, db_url, tmp_path):
+    """A Ctrl-C or a service stop reaches the whole process group: the child must still take the records
+    the relay hands over while it shuts down, and end only when the relay is gone."""
+    writer = WriterProcess(db_url, str(tmp_path / "spool.db"), linger=0.0)
+    writer.start()
+    child = writer._child.proc
+    child.send_signal(signal.SIGTERM)
+    child.send_signal(signal.SIGINT)
+    for _ in range(10):
+        writer.submit(record())
+    assert writer.flush(60)
+    assert child.poll() is None
+    child.stdin.close()  # what the relay's death looks like from the child
+    assert child.wait(30) == 0
+    assert counts(engine) == (10, 10, 10)
+
+
+def test_a_journal_in_use_is_a_start_error(engine, db_url, tmp_path):
+    held = Spool(tmp_path / "spool.db")
+    try:
+        with pytest.raises(WriterStartError, match="in use") as error:
+            WriterProcess(db_url, str(tmp_path / "spool.db")).start()
+        assert error.value.kind == "spool"
+    finally:
+        held.close()
+
+
+def test_the_childs_log_reaches_this_process_and_an_earlier_journal_is_written(engine, db_url, tmp_path, caplog):
+    path = tmp_path / "spool.db"
+    earlier = Spool(path)
+    left = [record() for _ in range(5)]
+    earlier.append(left)
+    earlier.close()
+    with caplog.at_level(logging.INFO, logger="codex.writer"):
+        writer = WriterProcess(db_url, str(path))
+        writer.start()
+        assert writer.flush(60)
+        writer.close()
+    assert counts(engine) == (5, 5, 5)
+    assert f"spool {path} holds 5 record(s) from an earlier run" in caplog.text
+    assert [r.name for r in caplog.records if "spool drained" in r.message] == ["codex.writer"]
+
+
+def test_a_database_in_memory_is_written_in_this_process(tmp_path):
+    url = "sqlite://"
+    eng = engine_with_node(url)
+    writer = start_writer(eng, url, None, linger=0.0)
+    try:
+        assert isinstance(writer, Writer)  # no other process can open this process's memory
+        writer.submit(record())
+        assert writer.flush(30)
+        with eng.connect() as conn:
+            assert conn.execute(sa.text("SELECT count(*) FROM codex_invocations")).scalar() == 1
+    finally:
+        writer.close()
