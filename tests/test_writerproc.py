@@ -41,7 +41,8 @@ def test_records_reach_the_database_through_the_child_and_close_writes_the_rest(
     assert writer._child is None  # the child ended with close
 
 
-def test_a_killed_child_is_replaced_and_its_unwritten_records_are_written_once(engine, sqlite_url, tmp_path, caplog):
+def test_a_killed_child_is_replaced_and_its_unwritten_records_are_written_once(sqlite_url, tmp_path, caplog):
+    engine = engine_with_node(sqlite_url)
     writer = WriterProcess(sqlite_url, str(tmp_path / "spool.db"), linger=0.0)
     writer.start()
     for _ in range(50):
