@@ -152,7 +152,8 @@ class _StateCollector(Collector):
         stats = self._writer()
         if stats is None:
             return
-        yield GaugeMetricFamily("codex_writer_queue", "Records waiting for the writer thread.", value=stats.queued)
+        yield GaugeMetricFamily("codex_writer_queue", "Records not yet written or journaled by the writer.",
+                                value=stats.queued)
         yield GaugeMetricFamily("codex_writer_journal", "Records in the journal (spool) while the database "
                                 "is unreachable.", value=stats.spooled)
         yield GaugeMetricFamily("codex_writer_db_ok", "1 while the writer reaches the database.",

@@ -2,7 +2,7 @@
 
 The flow hooks, failover and record building, and nothing else: the nodes, their health, the prices
 and the writer belong to the ``Runtime`` it is given (``addon.runtime``). Hooks are cheap and never
-touch the database (the runtime's writer thread does).
+touch the database (the runtime's writer process does).
 
 Failover within mitmproxy's flow model (README, "Failover"):
 - a node that refuses or does not accept the connection is found by a connect probe in the ``request``

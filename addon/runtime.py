@@ -1,6 +1,6 @@
 """The runtime addon: what the relay runs on, opened from options and shared by the other addons.
 
-``Runtime`` owns the stats database (opened and upgraded at start), the writer thread and its spool,
+``Runtime`` owns the stats database (opened and upgraded at start), the writer (a child process) and its spool,
 the node pool with each node's breaker (``health``), the health pinger, the stats-source poller, the
 price table and the node keys in the shared ``KnownSecrets``; it declares and validates their options.
 Its ``NodeSync`` thread (``addon.nodesync``) follows node changes other relays make on the same database.
@@ -267,7 +267,7 @@ class Runtime:
 
     # -- for the other addons ----------------------------------------------------------------------
     def submit(self, item: InvocationRecord | NodeStateUpdate) -> None:
-        """Queue a record for the writer thread (dropped when no database is open); counted in ``metrics``."""
+        """Queue a record for the writer (dropped when no database is open); counted in ``metrics``."""
         self.metrics.observe(item)
         if self._writer is not None:
             self._writer.submit(item)

@@ -7,22 +7,20 @@ import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import StaticPool
 
-import migrations
 from store.locks import named_lock
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 log = logging.getLogger("codex.store")
 
 DEFAULT_DB = "sqlite:///data/codex.db"
-MIGRATIONS = Path(migrations.__file__).resolve().parent  # an installed package, not a path beside store/
 SUPPORTED = ("sqlite", "mysql")
 _MIGRATION_LOCK_S = 60
 # A frozen server (connection accepted, nothing answers) is noticed after two read timeouts: the
@@ -104,7 +102,7 @@ def upgrade_to_head(engine: sa.Engine) -> None:
         # Rewriting a large table can take minutes: say so before, and how long it took after.
         log.info("upgrading the database schema from revision %s to %s", current or "(empty)", head)
         started = time.monotonic()
-        command.upgrade(alembic_config(conn), "head")
+        _alembic_command().upgrade(alembic_config(conn), "head")
         conn.commit()
         log.info("database schema at revision %s (%.1f s)", head, time.monotonic() - started)
 
@@ -112,7 +110,7 @@ def upgrade_to_head(engine: sa.Engine) -> None:
 def downgrade_to(engine: sa.Engine, revision: str) -> None:
     """Step the schema back to ``revision`` (tests and operators undoing an upgrade)."""
     with _migration_connection(engine) as conn, named_lock(conn, "migrations", _MIGRATION_LOCK_S):
-        command.downgrade(alembic_config(conn), revision)
+        _alembic_command().downgrade(alembic_config(conn), revision)
         conn.commit()
 
 
@@ -131,17 +129,34 @@ def _migration_connection(engine: sa.Engine) -> Iterator[sa.Connection]:
         patient.dispose()
 
 
+# Alembic is imported where a migration needs it: the writer process only writes rows, and alembic (with
+# its dialect modules and mako) was a quarter of that process's start.
+def _alembic_command():  # noqa: ANN202 - a module
+    from alembic import command
+
+    return command
+
+
 def current_revision(conn: sa.Connection) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
     return MigrationContext.configure(conn).get_current_revision()
 
 
 def head_revision() -> str | None:
+    from alembic.script import ScriptDirectory
+
     return ScriptDirectory.from_config(alembic_config()).get_current_head()
 
 
 def alembic_config(conn: sa.Connection | None = None) -> Config:
+    from alembic.config import Config
+
+    import migrations
+
     cfg = Config()
-    cfg.set_main_option("script_location", str(MIGRATIONS))
+    # An installed package, not a path beside store/.
+    cfg.set_main_option("script_location", str(Path(migrations.__file__).resolve().parent))
     if conn is not None:  # env.py migrates on this connection and leaves logging alone
         cfg.attributes["connection"] = conn
     return cfg

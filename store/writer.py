@@ -1,4 +1,5 @@
-"""The writer thread: hooks hand records to a queue and return; this thread writes them in batches.
+"""The writer: records handed to a queue are written in batches by its thread (in the writer process,
+``store.writerproc``, or in the relay's own process for a database in its memory).
 
 When the database is unreachable, batches go to the spool (store.spool) and are replayed, oldest
 first, once a retry succeeds (backoff up to ``max_backoff`` seconds). A record the database refuses

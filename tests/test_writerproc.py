@@ -18,6 +18,8 @@ from tests.conftest import wait_for
 from tests.test_store import record
 from tests.test_writer import counts, engine_with_node
 
+pytestmark = pytest.mark.fault
+
 
 @pytest.fixture
 def engine(db_url):
