@@ -86,6 +86,7 @@ class Writer:
         self._thread = threading.Thread(target=self._run, name="codex-writer", daemon=True)
         self._idle = threading.Condition()
         self._pending = 0  # submitted, not yet written or spooled
+        self._ended = False
         self._written = self._duplicates = self._rejected = self._lost = self._batches = 0
         self._db_ok = True
         self._last_error: str | None = None
@@ -117,12 +118,16 @@ class Writer:
                 self._idle.wait(left if left is None else min(left, 0.5))
         return True
 
-    def close(self, timeout: float = 30.0) -> None:
-        """Write what is queued; what the database cannot take now stays in the spool for next time."""
+    def finish(self, timeout: float = 30.0) -> None:
+        """Write what is queued and end the thread; the spool stays open (``stats`` still reads it)."""
         if self._thread.is_alive():
             self._queue.put(STOP)
             self._stopping.set()
             self._thread.join(timeout)
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Write what is queued; what the database cannot take now stays in the spool for next time."""
+        self.finish(timeout)
         if self.spool.count and self.spool.path:
             log.warning("%d record(s) left in spool %s: they are written at the next start",
                         self.spool.count, self.spool.path)
@@ -136,10 +141,16 @@ class Writer:
         """Records submitted and not yet written, journaled, set aside or counted lost (oldest first)."""
         return self._pending
 
+    @property
+    def ended(self) -> bool:
+        """Whether the thread has finished: nothing more will be written."""
+        return self._ended
+
     def wait_progress(self, timeout: float) -> None:
-        """Block until records were settled or the journal moved, or ``timeout`` passed."""
+        """Block until records were settled or the journal moved, or ``timeout`` passed; not once ended."""
         with self._idle:
-            self._idle.wait(timeout)
+            if not self._ended:
+                self._idle.wait(timeout)
 
     def stats(self) -> WriterStats:
         return WriterStats(queued=self._queue.qsize(), spooled=self.spool.count,
@@ -172,6 +183,7 @@ class Writer:
             self._retry_at = 0.0
             self._replay()
         with self._idle:
+            self._ended = True
             self._idle.notify_all()
 
     def _wait_time(self) -> float:

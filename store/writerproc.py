@@ -2,11 +2,12 @@
 
 Writing a record costs the writer ~25 µs of Python on SQLite and ~70 µs through pymysql (which escapes
 every value in Python); in a thread of the proxy's process all of it held the GIL that the proxy's event
-loop needs. The child (``python -m store.writerproc``) runs the same ``Writer`` with the spool, so outages,
-refused records and the journal behave as in a thread. This side keeps every batch it shipped until the
-child reports it settled (written, journaled, set aside or counted lost); a child that dies is replaced
-and handed what was not settled. Invocations stay exactly once then (``invoke_id``); a node state update
-whose transaction committed just before its child died is applied again.
+loop needs. The child (forked at the relay's start; ``python -m store.writerproc`` where forking is not
+safe) runs the same ``Writer`` with the spool, so outages, refused records and the journal behave as in
+a thread. This side keeps every batch it shipped until the child reports it settled (written, journaled,
+set aside or counted lost); a child that dies is replaced and handed what was not settled. Invocations
+stay exactly once then (``invoke_id``); a node state update whose transaction committed just before its
+child died is applied again.
 
 Frames are pickles behind a 4-byte length, over the child's stdin and stdout (the child is this module,
 so unpickling is no risk): ``config`` then ``("batch", items)``… and ``("stop",)`` (or EOF) down;
@@ -18,15 +19,20 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import logging
 import os
 import pickle
 import queue
+import select
 import signal
 import struct
 import subprocess
 import sys
 import threading
+import traceback
+import warnings
+import weakref
 from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
@@ -73,9 +79,38 @@ def receive(inp: BinaryIO) -> object | None:
     return pickle.loads(data) if len(data) == size else None
 
 
+class _Forked:
+    """What ``WriterProcess`` uses of ``subprocess.Popen``, for a child forked without exec."""
+
+    def __init__(self, pid: int, stdin: BinaryIO, stdout: BinaryIO) -> None:
+        self.pid, self.stdin, self.stdout = pid, stdin, stdout
+        self.returncode: int | None = None
+        self._exited = os.pidfd_open(pid)  # readable once the child has exited
+        weakref.finalize(self, os.close, self._exited)  # not at the reaping: another wait may be selecting on it
+        self._reap = threading.Lock()  # the listener and close() may both wait
+
+    def poll(self) -> int | None:
+        return self.wait(0) if select.select([self._exited], [], [], 0)[0] else self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None and not select.select([self._exited], [], [], timeout)[0]:
+            raise subprocess.TimeoutExpired(f"writer process {self.pid}", timeout or 0)
+        with self._reap:
+            if self.returncode is None:
+                self.returncode = os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
 @dataclasses.dataclass
 class _Child:
-    proc: subprocess.Popen
+    proc: subprocess.Popen | _Forked
     listener: threading.Thread | None = None
 
 
@@ -83,6 +118,7 @@ def start_writer(engine: sa.Engine, url: str, spool_path: str | None, *, linger:
     """A started writer for ``url`` (``engine`` is on it) journaling to ``spool_path``: in a child process,
     unless the database lives in this process's memory. Raises ``WriterStartError``."""
     if not in_memory(url):
+        engine.dispose()  # its pooled connections: a SQLite file open here keeps the child from forking
         process = WriterProcess(url, spool_path, linger=linger)
         process.start()
         return process
@@ -187,11 +223,14 @@ class WriterProcess:
                     _tell(self._child, frame)
 
     # -- children ------------------------------------------------------------------------------------
+    def _sqlite_files(self) -> list[str]:
+        """The files of the SQLite databases the child opens: its journal's, and the database's if SQLite."""
+        url = sa.engine.make_url(self.url)
+        bases = [self.spool_path] + ([url.database] if url.get_backend_name() == "sqlite" else [])
+        return [base + suffix for base in bases if base for suffix in ("", "-wal", "-shm")]
+
     def _spawn(self) -> None:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, (_ROOT, env.get("PYTHONPATH"))))
-        proc = subprocess.Popen([sys.executable, "-m", "store.writerproc"], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, env=env)
+        proc = _fork() if _may_fork(self._sqlite_files()) else _exec()
         child = _Child(proc)
         try:
             send(proc.stdin, {"url": self.url, "spool": self.spool_path, "batch_size": self.batch_size,
@@ -280,7 +319,68 @@ def _tell(child: _Child, message: object) -> None:
         send(child.proc.stdin, message)
 
 
-def _end(proc: subprocess.Popen) -> None:
+def _may_fork(sqlite_files: Sequence[str]) -> bool:
+    """Whether a child may be forked from here without exec. Only when no other thread runs, so none can
+    hold a lock (an SQLite mutex, a logging handler's) that the child would then wait on forever (at a
+    relay's start the only other thread is asyncio's executor worker, idle on its queue); and only when
+    this process has none of the SQLite files the child opens: SQLite keeps per-process state for each
+    open file, and a child that inherits it cannot lock the file ("locking protocol")."""
+    return _alone() and not _holds(sqlite_files)
+
+
+def _alone() -> bool:
+    return all(t is threading.current_thread() or t.name.startswith("asyncio_") for t in threading.enumerate())
+
+
+def _holds(files: Sequence[str]) -> bool:
+    """Whether this process has any of ``files`` open."""
+    wanted = {os.path.realpath(f) for f in files}
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # closed meanwhile: the listing's own descriptor, say
+            if os.readlink(f"/proc/self/fd/{fd}") in wanted:
+                return True
+    return False
+
+
+def _fork() -> _Forked:
+    """The writer process as a fork of this one: it has every module already (a new interpreter spends
+    ~0.4 CPU-s importing SQLAlchemy and the store, at every relay start)."""
+    down_r, down_w = os.pipe()
+    up_r, up_w = os.pipe()
+    with warnings.catch_warnings():  # Python warns of fork in a threaded process: _may_fork checked it
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:  # the child: it must never return into the proxy's stack
+        code = 1
+        try:
+            # Nothing inherited is ever collected here: a finalizer would close a descriptor number this
+            # process has reused. The proxy's descriptors (sockets, files, its loop's signal pipe) are
+            # closed: the child must not keep the proxy's port bound after the proxy is gone.
+            gc.freeze()
+            signal.set_wakeup_fd(-1)
+            os.dup2(down_r, 0)
+            os.dup2(up_w, 1)
+            os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+            main()
+            code = 0
+        except BaseException:
+            traceback.print_exc()  # as an interpreter would before it exits, to the relay's stderr
+        finally:
+            os._exit(code)
+    os.close(down_r)
+    os.close(up_w)
+    return _Forked(pid, os.fdopen(down_w, "wb"), os.fdopen(up_r, "rb"))
+
+
+def _exec() -> subprocess.Popen:
+    """The writer process as a new interpreter (``python -m store.writerproc``)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, (_ROOT, env.get("PYTHONPATH"))))
+    return subprocess.Popen([sys.executable, "-m", "store.writerproc"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, env=env)
+
+
+def _end(proc: subprocess.Popen | _Forked) -> None:
     for stream in (proc.stdin, proc.stdout):
         with contextlib.suppress(OSError):
             stream.close()
@@ -317,14 +417,14 @@ def main() -> None:
     # parent says stop or is gone (EOF), so the records the parent hands over at its shutdown are written.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    inp, out = sys.stdin.buffer, os.fdopen(os.dup(1), "wb")
+    inp, out = open(0, "rb", closefd=False), os.fdopen(os.dup(1), "wb")  # noqa: SIM115 - the process's own
     os.dup2(2, 1)  # a stray print goes to stderr, never into the frames
     lock = threading.Lock()
     config = receive(inp)
     if config is None:
         return
     root = logging.getLogger()
-    root.addHandler(_Upstream(out, lock))
+    root.handlers[:] = [_Upstream(out, lock)]  # a forked child has the proxy's handlers: its log is the parent's
     root.setLevel(config["log_level"])
 
     def tell(message: object) -> None:
@@ -344,12 +444,11 @@ def main() -> None:
     writer.start()
     tell(("ready",))
     submitted = [0]
-    done = threading.Event()
 
     def report() -> None:
         last = None
         while True:
-            ended = done.is_set()
+            ended = writer.ended  # read first: a report made after the end is the final one
             now = (submitted[0] - writer.pending, writer.stats())  # that order: never more than settled
             if now != last:
                 tell(("progress", *now))
@@ -365,9 +464,9 @@ def main() -> None:
         for item in items:
             writer.submit(item)
         submitted[0] += len(items)
+    writer.finish()
+    reporter.join(5)  # its last report is the final state, read before the journal closes
     writer.close()
-    done.set()
-    reporter.join()
 
 
 if __name__ == "__main__":

@@ -4,17 +4,23 @@ its parent without a record lost or written twice."""
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 import signal
+import socket
 import sqlite3
+import subprocess
+import threading
 
 import pytest
 import sqlalchemy as sa
 
+from store import writerproc
+from store.engine import make_engine
 from store.records import NodeStateUpdate, Usage
 from store.spool import Spool
 from store.writer import Writer
-from store.writerproc import WriterProcess, WriterStartError, start_writer
+from store.writerproc import WriterProcess, WriterStartError, _Forked, start_writer
 from tests.conftest import wait_for
 from tests.test_store import record
 from tests.test_writer import counts, engine_with_node
@@ -76,16 +82,19 @@ def test_the_child_outlives_sigterm_and_sigint_and_ends_with_its_parents_pipe(en
     the relay hands over while it shuts down, and end only when the relay is gone."""
     writer = WriterProcess(db_url, str(tmp_path / "spool.db"), linger=0.0)
     writer.start()
-    child = writer._child.proc
-    child.send_signal(signal.SIGTERM)
-    child.send_signal(signal.SIGINT)
-    for _ in range(10):
-        writer.submit(record())
-    assert writer.flush(60)
-    assert child.poll() is None
-    child.stdin.close()  # what the relay's death looks like from the child
-    assert child.wait(30) == 0
-    assert counts(engine) == (10, 10, 10)
+    try:
+        child = writer._child.proc
+        child.send_signal(signal.SIGTERM)
+        child.send_signal(signal.SIGINT)
+        for _ in range(10):
+            writer.submit(record())
+        assert writer.flush(60)
+        assert child.poll() is None
+        child.stdin.close()  # what the relay's death looks like from the child
+        assert child.wait(30) == 0
+        assert counts(engine) == (10, 10, 10)
+    finally:
+        writer.close()  # this side saw its child end: it has started another
 
 
 def test_a_journal_in_use_is_a_start_error(engine, db_url, tmp_path):
@@ -140,3 +149,58 @@ def test_records_cross_to_the_child_with_every_field():
                                        last_ping_ms=5, last_ping_err="y")):
         copy = pickle.loads(pickle.dumps(item, pickle.HIGHEST_PROTOCOL))
         assert copy == item and type(copy) is type(item)
+
+
+def test_the_child_is_forked_without_the_proxys_descriptors(sqlite_url, tmp_path, monkeypatch):
+    """Forked (no new interpreter to import everything again), and holding none of this process's files:
+    a listening socket kept by the child would keep the relay's port taken after the relay is gone."""
+    engine_with_node(sqlite_url).dispose()  # nothing here holds the database open
+    # Threads other tests of this worker left may be running: the choice itself is tested below.
+    monkeypatch.setattr(writerproc, "_may_fork", lambda files: True)
+    listening = socket.create_server(("127.0.0.1", 0))
+    writer = WriterProcess(sqlite_url, str(tmp_path / "spool.db"), linger=0.0)
+    try:
+        writer.start()
+        child = writer._child.proc
+        assert isinstance(child, _Forked)
+        held = {os.readlink(f"/proc/{child.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{child.pid}/fd")}
+        assert f"socket:[{os.fstat(listening.fileno()).st_ino}]" not in held
+        writer.submit(record())
+        assert writer.flush(30)
+    finally:
+        writer.close()
+        listening.close()
+    assert counts(make_engine(sqlite_url)) == (1, 1, 1)
+
+
+def test_a_database_file_open_here_gets_a_new_interpreter(sqlite_url, tmp_path):
+    """SQLite keeps per-process state for each open file: a child forked while this process has the database
+    open could not lock it, so it starts as a new interpreter instead."""
+    engine = engine_with_node(sqlite_url)
+    with engine.connect():
+        writer = WriterProcess(sqlite_url, str(tmp_path / "spool.db"), linger=0.0)
+        writer.start()
+    try:
+        assert isinstance(writer._child.proc, subprocess.Popen)
+        writer.submit(record())
+        assert writer.flush(30)
+    finally:
+        writer.close()
+    assert counts(engine) == (1, 1, 1)
+
+
+def test_forking_is_refused_beside_another_thread_or_an_open_database_file(sqlite_url):
+    engine = engine_with_node(sqlite_url)
+    files = [sa.engine.make_url(sqlite_url).database]
+    with engine.connect():
+        assert writerproc._holds(files)
+    engine.dispose()
+    assert not writerproc._holds(files)
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait)
+    other.start()
+    try:
+        assert not writerproc._alone()
+    finally:
+        stop.set()
+        other.join()
