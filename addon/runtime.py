@@ -82,6 +82,10 @@ class Runtime:
                           "Local SQLite journal for records while the stats database is unreachable; "
                           "written at the next start after a crash. Default: next to a SQLite "
                           "database, data/spool-<hash of the URL>.db for MySQL.")
+        loader.add_option("codex_writer_process", bool, True,
+                          "Write the stats database from a child process. Off: from a thread of the relay's "
+                          "own process (no second process), whose event loop then waits for the writer's "
+                          "Python work, ~25-70 us a call. Read when the database is opened.")
         loader.add_option("codex_nodes", str, "",
                           "Path to a TOML file of upstream nodes ([[nodes]] id, name, base_url, api_key, "
                           "weight). Upserted at every start; stats are never touched.")
@@ -183,7 +187,8 @@ class Runtime:
         try:
             # Half a second of batching: at relay rates it cuts the writer's CPU per record several-fold;
             # stats lag by at most that much.
-            self._writer = start_writer(engine, url, spool_path or default_spool_path(url), linger=0.5)
+            self._writer = start_writer(engine, url, spool_path or default_spool_path(url), linger=0.5,
+                                        process=ctx.options.codex_writer_process)
         except WriterStartError as e:
             self._writer = None
             engine.dispose()

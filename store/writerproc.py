@@ -114,10 +114,11 @@ class _Child:
     listener: threading.Thread | None = None
 
 
-def start_writer(engine: sa.Engine, url: str, spool_path: str | None, *, linger: float) -> Writer | WriterProcess:
-    """A started writer for ``url`` (``engine`` is on it) journaling to ``spool_path``: in a child process,
-    unless the database lives in this process's memory. Raises ``WriterStartError``."""
-    if not in_memory(url):
+def start_writer(engine: sa.Engine, url: str, spool_path: str | None, *, linger: float,
+                 process: bool = True) -> Writer | WriterProcess:
+    """A started writer for ``url`` (``engine`` is on it) journaling to ``spool_path``: in a child process if
+    ``process``, unless the database lives in this process's memory. Raises ``WriterStartError``."""
+    if process and not in_memory(url):
         engine.dispose()  # its pooled connections: a SQLite file open here keeps the child from forking
         process = WriterProcess(url, spool_path, linger=linger)
         process.start()
@@ -324,8 +325,9 @@ def _may_fork(sqlite_files: Sequence[str]) -> bool:
     hold a lock (an SQLite mutex, a logging handler's) that the child would then wait on forever (at a
     relay's start the only other thread is asyncio's executor worker, idle on its queue); and only when
     this process has none of the SQLite files the child opens: SQLite keeps per-process state for each
-    open file, and a child that inherits it cannot lock the file ("locking protocol")."""
-    return _alone() and not _holds(sqlite_files)
+    open file, and a child that inherits it cannot lock the file ("locking protocol"). Linux only (pidfd,
+    /proc); elsewhere the child is a new interpreter."""
+    return hasattr(os, "pidfd_open") and _alone() and not _holds(sqlite_files)
 
 
 def _alone() -> bool:
@@ -333,9 +335,13 @@ def _alone() -> bool:
 
 
 def _holds(files: Sequence[str]) -> bool:
-    """Whether this process has any of ``files`` open."""
+    """Whether this process has any of ``files`` open (when it cannot tell: yes)."""
     wanted = {os.path.realpath(f) for f in files}
-    for fd in os.listdir("/proc/self/fd"):
+    try:
+        fds = os.listdir("/proc/self/fd")
+    except OSError:
+        return True
+    for fd in fds:
         with contextlib.suppress(OSError):  # closed meanwhile: the listing's own descriptor, say
             if os.readlink(f"/proc/self/fd/{fd}") in wanted:
                 return True

@@ -52,8 +52,10 @@ def env(db_url, tmp_path):
     runtime = Runtime()
     admin = Admin(runtime)
     with taddons.context(runtime, admin) as tctx:
+        # The writer in a thread: these tests are about the admin page; the writer process has its own
+        # (test_writerproc) and runs in every real relay of the suite.
         tctx.configure(runtime, codex_db=db_url, codex_spool=str(tmp_path / "spool.db"), codex_nodes=str(nodes_file),
-                       codex_ping_interval="0")
+                       codex_ping_interval="0", codex_writer_process=False)
         with runtime.engine.begin() as conn:
             apply_batch(conn, [
                 InvocationRecord(invoke_id=f"c{i}", occurred_at=dt.datetime(2026, 11, 20 + i, 12), source="relay",

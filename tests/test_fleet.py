@@ -109,7 +109,8 @@ def test_relay_routes_by_model_rewrites_mapped_calls_and_refuses_unserved_models
                           ("oa", oa.base_url, 'formats = ["openai"]\nmodel_map = {"gpt-5-codex" = "gpt-5.1"}'),
                           ("an", an.base_url, 'formats = ["anthropic"]\nmodels = ["claude-*"]'))
         with taddons.context(runtime, relay) as tctx:
-            tctx.configure(runtime, codex_db=db_url, codex_nodes=path, codex_ping_interval="0", codex_node_sync="0")
+            tctx.configure(runtime, codex_db=db_url, codex_nodes=path, codex_ping_interval="0", codex_node_sync="0",
+                           codex_writer_process=False)  # routing is tested here; the writer in test_writerproc
 
             def send(target: str, body: bytes) -> http.HTTPFlow:
                 f = tflow.tflow()
@@ -153,7 +154,8 @@ def two_relays(db_url, tmp_path):
         runtime = Runtime()
         with taddons.context(runtime) as tctx:
             tctx.configure(runtime, codex_db=db_url, codex_nodes=path, codex_ping_interval="0",
-                           codex_node_sync="0.2", codex_spool=str(tmp_path / f"spool-{name}.db"))
+                           codex_node_sync="0.2", codex_spool=str(tmp_path / f"spool-{name}.db"),
+                           codex_writer_process=False)  # node sync is tested here; the writer in test_writerproc
         runtimes.append(runtime)
     yield runtimes
     for runtime in runtimes:

@@ -12,6 +12,8 @@ from mitmproxy.test import taddons
 from addon.runtime import Runtime
 from addon.secrets import KnownSecrets
 from store.records import InvocationRecord
+from store.writer import Writer
+from store.writerproc import WriterProcess
 from tests.test_e2e import rows
 
 UPSTREAM_KEY = "sk-upstream-0123456789abcdef"
@@ -54,13 +56,16 @@ def test_one_upstream_routes_and_its_key_is_known(tmp_path):
             runtime.done()
 
 
-def test_done_runs_shutdown_callbacks_before_the_last_flush(db_url, tmp_path):
+@pytest.mark.parametrize("process", [True, False], ids=["writer process", "writer thread"])
+def test_done_runs_shutdown_callbacks_before_the_last_flush(db_url, tmp_path, process):
     runtime = Runtime()
     record = InvocationRecord(invoke_id="in-flight", occurred_at=dt.datetime(2026, 11, 25, 12), source="relay",
                               endpoint="/v1/responses", status="aborted")
     runtime.on_shutdown(lambda: runtime.submit(record))
     with taddons.context(runtime) as tctx:
-        tctx.configure(runtime, codex_db=db_url, codex_spool=str(tmp_path / "spool.db"), codex_ping_interval="0")
+        tctx.configure(runtime, codex_db=db_url, codex_spool=str(tmp_path / "spool.db"), codex_ping_interval="0",
+                       codex_writer_process=process)
+        assert isinstance(runtime._writer, WriterProcess if process else Writer)
         runtime.done()
     assert [r.status for r in rows(db_url, "SELECT status FROM codex_invocations WHERE invoke_id = 'in-flight'")] \
         == ["aborted"]
