@@ -149,7 +149,8 @@ def test_runtime_alerts_from_the_nodes_file(tmp_path, receiver):
     runtime.alert_interval = 0.05
     with taddons.context(runtime) as tctx:
         tctx.configure(runtime, codex_db=f"sqlite:///{tmp_path / 'codex.db'}", codex_ping_interval="0",
-                       codex_nodes=str(path), codex_fail_threshold=1)
+                       codex_nodes=str(path), codex_fail_threshold=1,
+                       codex_writer_process=False)  # alerts are tested here; the writer in test_writerproc
         try:
             runtime.health.failure(runtime.pool.get("alpha"), "HTTP 502")
             wait_for(lambda: receiver.events() == [("node_failed", "alpha")], timeout=10, what="the alert")

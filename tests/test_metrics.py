@@ -29,7 +29,7 @@ def env(db_url, tmp_path):
     relay = Relay(runtime)  # counts the calls in flight
     with taddons.context(runtime, admin, relay) as tctx:
         tctx.configure(runtime, codex_db=db_url, codex_spool=str(tmp_path / "spool.db"), codex_nodes=str(nodes_file),
-                       codex_ping_interval="0")
+                       codex_ping_interval="0", codex_writer_process=False)  # the writer's own tests: test_writerproc
         try:
             yield SimpleNamespace(runtime=runtime, admin=admin, tctx=tctx)
         finally:

@@ -37,7 +37,8 @@ def test_runtime_prunes_daily_and_keeps_the_rollups(db_url, tmp_path):
     runtime = Runtime()
     runtime.prune_interval = 0.05
     with taddons.context(runtime) as tctx:
-        tctx.configure(runtime, codex_db=db_url, codex_spool=str(tmp_path / "spool.db"), codex_ping_interval="0")
+        tctx.configure(runtime, codex_db=db_url, codex_spool=str(tmp_path / "spool.db"), codex_ping_interval="0",
+                       codex_writer_process=False)  # the pruner is tested here; the writer in test_writerproc
         try:
             with runtime.engine.begin() as conn:
                 apply_batch(conn, [old_call("old", 10), old_call("new", 0)])
