@@ -1,5 +1,6 @@
 """The writer: records handed to a queue are written in batches by its thread (in the writer process,
-``store.writerproc``, or in the relay's own process for a database in its memory).
+``store.writerproc``; in the relay's own process for a database in its memory or with
+``codex_writer_process`` off).
 
 When the database is unreachable, batches go to the spool (store.spool) and are replayed, oldest
 first, once a retry succeeds (backoff up to ``max_backoff`` seconds). A record the database refuses

@@ -151,7 +151,7 @@ class WriterProcess:
         self._base = 0  # records settled before the current child started
         self._child: _Child | None = None
         self._child_stats = _NO_STATS
-        self._ended = dict.fromkeys(_COUNTERS, 0)  # what children that ended had counted
+        self._counted = dict.fromkeys(_COUNTERS, 0)  # what ended children counted, and what this side lost
         self._trouble: str | None = None  # why no child runs now
         self._closing = False
 
@@ -202,7 +202,7 @@ class WriterProcess:
     def stats(self) -> WriterStats:
         with self._state:
             s = self._child_stats
-            counts = {name: self._ended[name] + getattr(s, name) for name in _COUNTERS}
+            counts = {name: self._counted[name] + getattr(s, name) for name in _COUNTERS}
             return WriterStats(queued=self._submitted - self._settled, spooled=s.spooled,
                                spool_oldest_s=s.spool_oldest_s, **counts,
                                db_ok=s.db_ok and self._trouble is None,
@@ -277,7 +277,7 @@ class WriterProcess:
         with self._send_lock, self._state:
             self._child = None
             for name in _COUNTERS:
-                self._ended[name] += getattr(self._child_stats, name)
+                self._counted[name] += getattr(self._child_stats, name)
             self._child_stats = dataclasses.replace(_NO_STATS, spooled=self._child_stats.spooled)
             if self._closing:
                 self._state.notify_all()
@@ -309,7 +309,7 @@ class WriterProcess:
             self._state.notify_all()
 
     def _lose(self, n: int, reason: str) -> None:
-        self._ended["lost"] += n
+        self._counted["lost"] += n
         self._trouble = reason
         log.error("%d record(s) lost, neither written nor journaled: %s", n, reason)
 
