@@ -534,12 +534,11 @@ def _start_meter(state: CallState, resp: http.Response, keep_body_bytes: int = 0
     return UsageChunkFilter(state.meter) if _strips_usage(state, resp, found) else state.meter
 
 
-def _strips_usage(state: CallState, resp: http.Response, found: dict[str, list[str]] | None = None) -> bool:
-    """Whether the client gets this answer without the usage chunk the relay asked for: only a
-    successful event stream sent as is (compressed bytes are passed on untouched)."""
+def _strips_usage(state: CallState, resp: http.Response, found: dict[str, list[str]]) -> bool:
+    """Whether the client gets this answer (``found``: its ``_CONTENT_HEADERS``) without the usage chunk the
+    relay asked for: only a successful event stream sent as is (compressed bytes are passed on untouched)."""
     if not state.probed or resp.status_code != 200:
         return False
-    found = header_values(resp.headers, _CONTENT_HEADERS) if found is None else found
     encoding = _folded(found, "content-encoding")
     return (_is_sse(_folded(found, "content-type"))
             and (encoding if encoding is not None else "identity").strip().lower() == "identity")
