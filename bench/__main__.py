@@ -205,6 +205,10 @@ def streams_tables(r: dict) -> str:
                 f"CPU per event, {fmt(h['cpu_share_of_a_core'], 2)} of a core\n")
         out += "cores the proxies used: " + ", ".join(
             f"{name} {fmt(c, 2)}" for name, c in fleet.get("proxy_cores", {}).items()) + "\n"
+        if "machine_cores" in fleet:  # results files before 2026-12-06 lack it
+            out += (f"cores busy on the machine ({fleet['machine_core_count']} in all; the rest of each is the load "
+                    "tools, HAProxy and the kernel): " + ", ".join(
+                        f"{name} {fmt(c, 2)}" for name, c in fleet["machine_cores"].items()) + "\n")
     runs = {**r["runs"], **fleet.get("runs", {})}
     detail = [(key, name, x["calls_ok"], x["errors"], x["events"], x["events_per_s"], x["lat_p99"], x["gap_p99"],
                x["gap_max"], round(x["cpu_s"] * 1000), x["rss_peak_kb"] - x["rss_before_kb"])

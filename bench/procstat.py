@@ -41,6 +41,14 @@ def cpu_seconds(pids: Iterable[int]) -> float:
     return ticks / _TICK
 
 
+def machine_cpu_seconds() -> float:
+    """CPU time the whole machine has spent busy, all cores together (user, nice, system, irq, softirq from
+    /proc/stat; idle, I/O wait and time the hypervisor took are not counted)."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()  # "cpu  user nice system idle iowait irq softirq steal ..."
+    return sum(int(fields[i]) for i in (1, 2, 3, 6, 7)) / _TICK
+
+
 def rss_kb(pids: Iterable[int]) -> int:
     """VmRSS of these processes and their descendants, in KiB."""
     total = 0

@@ -14,6 +14,8 @@ MariaDB database when the server is there, else one SQLite file), against one of
 
 from __future__ import annotations
 
+import os
+import sys
 import tempfile
 import threading
 from collections.abc import Callable, Sequence
@@ -22,9 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.ctools import Load, loadgen, loadgen_result, loadgen_start, start_fakeup
-from bench.haproxy import HAPROXY, start_haproxy
+from bench.haproxy import HAPROXY, free_port, start_haproxy
 from bench.http import QUIET, bare_mitmdump, count_recorded, relay_options
-from bench.procstat import PeakRss, cpu_seconds, rss_kb
+from bench.procstat import PeakRss, cpu_seconds, machine_cpu_seconds, rss_kb
 from bench.relayproc import ROOT, RelayProcess
 from bench.rounds import median, rotated
 from bench.scratch import migrated_engine, scratch_mysql, sqlite_url
@@ -160,12 +162,14 @@ class Target:
         pids = self.pids
         cpu0, rss0 = cpu_seconds(pids), rss_kb(pids)
         lb0 = cpu_seconds([self.lb_pid]) if self.lb_pid else 0.0
+        machine0 = machine_cpu_seconds()
         with PeakRss(pids) as peak:
             side = loadgen_start(self.port, w.beside) if w.beside else None
             run = loadgen(self.port, w.load)
             if side is not None:
                 run["beside"] = loadgen_result(side)
                 self.answered += run["beside"]["calls_ok"]
+        run["machine_cpu_s"] = round(machine_cpu_seconds() - machine0, 3)
         run["cpu_s"] = round(cpu_seconds(pids) - cpu0, 3)
         run["rss_before_kb"], run["rss_peak_kb"] = rss0, peak.peak
         if self.lb_pid:
@@ -250,11 +254,13 @@ def _relay(url: str, reverse: str, opts: dict[str, str], root: Path = ROOT) -> R
 
 @dataclass
 class Fleet:
-    """Workload 6's targets: one relay alone, and it with a second behind HAProxy, on one database."""
+    """Workload 6's targets: one relay alone, and it with a second behind HAProxy, on one database; and two
+    more relays listening on one port (bench.oneport), the bound of two relays with no balancer process."""
     db: str
     url: str
     one: Target
     two: Target
+    one_port: Target
 
 
 def _fleet(stack: ExitStack, tmp: Path, upstream: int, mysql_server: str | None) -> Fleet | str:
@@ -270,26 +276,39 @@ def _fleet(stack: ExitStack, tmp: Path, upstream: int, mysql_server: str | None)
     def relay(i: int) -> RelayProcess:  # each its own spool, as deployed (a spool is one relay's)
         return _relay(url, reverse, opts | {"codex_spool": str(tmp / f"fleet-{i}.spool")})
 
+    def on_shared_port(i: int, port: int) -> RelayProcess:
+        r = relay(i)
+        r.extra_args += ["-p", str(port)]  # after the command's own "-p 0": the last one counts
+        r.argv = [sys.executable, "-m", "bench.oneport", *r.command()[1:]]
+        return r
+
     two = Target(f"relay-{db} ×2 (haproxy)", lambda: [relay(1), relay(2)], "bench-fleet", url)
-    return Fleet(db, url, Target(f"relay-{db} ×1", lambda: two.procs[:1], "bench-fleet", url), two)
+    shared = free_port()
+    one_port = Target(f"relay-{db} ×2 (one port)", lambda: [on_shared_port(3, shared), on_shared_port(4, shared)],
+                      "bench-fleet", url)
+    return Fleet(db, url, Target(f"relay-{db} ×1", lambda: two.procs[:1], "bench-fleet", url), two, one_port)
 
 
 def _run_fleet(stack: ExitStack, s: StreamSizes, base: Target, fleet: Fleet, tmp: Path,
                log: Callable[[str], None]) -> dict:
-    """Workload 6 on started relays: one alone, two behind HAProxy; ``base`` beside them."""
+    """Workload 6 on started relays: one alone, two behind HAProxy, two on one port; ``base`` beside them."""
     w, one, two = fleet_workload(s), fleet.one, fleet.two
     one.procs, one.port = two.procs[:1], two.procs[0].port
     two.port, two.lb_pid = start_haproxy(stack, [p.port for p in two.procs], tmp)
-    targets = [base, one, two]
+    targets = [base, one, two, fleet.one_port]
     log(f"fleet: {', '.join(t.name for t in targets)}; {s.rounds} rounds of {s.fleet.conns} streams")
     for t in targets:
         t.measure(WARM_UP)
     run_rounds(targets, w, s.rounds, log)
     lb = [(x["lb_cpu_s"], x["events"], x["wall_s"]) for x in two.runs[w.key]]
-    # Cores the proxies used: on a small machine, what the load balancer and the load tools leave them.
+    # Cores the proxies used: on a small machine, what the load balancer and the load tools leave them;
+    # the machine's busy cores show what that was.
     cores = {t.name: median([_per(x["cpu_s"], x["wall_s"]) for x in t.runs[w.key]]) for t in targets}
-    return {"db": fleet.db, "rows": rows([base, one], w, base, judged=False) + rows([two], w, one),
-            "runs": _runs(targets, [w]), "proxy_cores": cores,
+    busy = {t.name: median([_per(x["machine_cpu_s"], x["wall_s"]) for x in t.runs[w.key]]) for t in targets}
+    return {"db": fleet.db, "rows": rows([base, one], w, base, judged=False) + rows([two], w, one)
+            + rows([fleet.one_port], w, one, judged=False),
+            "runs": _runs(targets, [w]), "proxy_cores": cores, "machine_cores": busy,
+            "machine_core_count": os.cpu_count(),
             "haproxy": {"cpu_us_per_event": median([_per(c * 1e6, e) for c, e, _ in lb]),
                         "cpu_share_of_a_core": median([_per(c, t) for c, _, t in lb])}}
 
@@ -315,8 +334,9 @@ def bench_streams(s: StreamSizes, *, mysql_server: str | None, compare: Sequence
             opts = relay_options(tmp, upstream, source)
             targets.append(Target(name, lambda u=url, o=opts, r=root: [_relay(u, reverse, o, r)], source, url))
         fleet = _fleet(stack, tmp, upstream, mysql_server)
+        fleet_relays = [fleet.two, fleet.one_port] if isinstance(fleet, Fleet) else []
         # The fleet's relays boot with the others (they idle until their row): one wait for all start-ups.
-        _start(stack, targets + ([fleet.two] if isinstance(fleet, Fleet) else []))
+        _start(stack, targets + fleet_relays)
         log(f"streams: {', '.join(t.name for t in targets)}; {s.rounds} rounds, memory {s.memory_rounds}")
 
         def fresh() -> None:
@@ -339,11 +359,10 @@ def bench_streams(s: StreamSizes, *, mysql_server: str | None, compare: Sequence
         else:
             log(f"fleet skipped: {fleet}")
             out["fleet"] = {"skipped": fleet}
-        relays_done = [t for t in targets if t.source] + ([fleet.two] if isinstance(fleet, Fleet) else [])
-        _stop(relays_done)  # every record flushed before the count
+        _stop([t for t in targets if t.source] + fleet_relays)  # every record flushed before the count
         out["recorded"] = {t.name: {"answered": t.answered, "recorded": count_recorded(t.db_url, t.source)}
                            for t in targets if t.db_url and t.source}
         if isinstance(fleet, Fleet):
-            out["fleet"]["recorded"] = {"answered": fleet.one.answered + fleet.two.answered,
+            out["fleet"]["recorded"] = {"answered": sum(t.answered for t in [fleet.one, *fleet_relays]),
                                         "recorded": count_recorded(fleet.url, "bench-fleet")}
     return out

@@ -7,6 +7,7 @@ bookkeeping checks the benchmarks make (every call recorded, every record stored
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from types import SimpleNamespace
 
@@ -92,12 +93,19 @@ def _check_streams(r: dict, relays: list[str], fleet_db: str) -> None:
     fleet = r["fleet"]
     if HAPROXY.exists() or IN_CI:  # run.sh installs it under CI: there the row must run
         one, two = f"relay-{fleet_db} ×1", f"relay-{fleet_db} ×2 (haproxy)"
+        one_port = f"relay-{fleet_db} ×2 (one port)"
         assert fleet["db"] == fleet_db
         assert [(x["target"], x["vs"]) for x in fleet["rows"]] == [
-            (streams.BASELINE, streams.BASELINE), (one, streams.BASELINE), (two, one)]
-        assert fleet["rows"][-1]["goal"] == "≥ 1.6×" and all(x["errors"] == 0 for x in fleet["rows"])
+            (streams.BASELINE, streams.BASELINE), (one, streams.BASELINE), (two, one), (one_port, one)]
+        assert [x["goal"] for x in fleet["rows"]] == [None, None, "≥ 1.6×", None]  # the balancer-less row informs
+        assert all(x["errors"] == 0 for x in fleet["rows"])
         assert set(fleet["haproxy"]) == {"cpu_us_per_event", "cpu_share_of_a_core"}
-        assert set(fleet["proxy_cores"]) == {"mitmdump-stream", one, two} and all(fleet["proxy_cores"].values())
+        assert set(fleet["proxy_cores"]) == {"mitmdump-stream", one, two, one_port}
+        assert all(fleet["proxy_cores"].values())
+        # What the whole machine was busy with, beside what the proxies used, for every target.
+        assert set(fleet["machine_cores"]) == set(fleet["proxy_cores"])
+        assert all(fleet["machine_cores"][k] > 0 for k in fleet["proxy_cores"])
+        assert fleet["machine_core_count"] == os.cpu_count()
         recorded = {**r["recorded"], "fleet": fleet["recorded"]}
     else:
         assert str(HAPROXY) in fleet["skipped"]
