@@ -32,6 +32,7 @@ from addon.egress import attach, clear_as_is, header_values, origin_of
 from addon.errors import CLIENT_KEY_NAME, error_response, fail_closed
 from addon.inject import answer_waiting, can_answer, close_server
 from addon.limits import Limits
+from addon.loglines import demote_streaming_line, restore_streaming_line
 from addon.meter import MeterResult, StreamMeter
 from addon.modelroute import rewrite_model, upstream_model
 from addon.options import seconds
@@ -107,6 +108,7 @@ class Relay:
 
     # -- options -----------------------------------------------------------------------------------
     def load(self, loader) -> None:
+        demote_streaming_line()  # every answer streams: mitmproxy's line for it would repeat per call
         loader.add_option("codex_source", str, DEFAULT_SOURCE,
                           "Tag written to codex_invocations.source for calls this relay records.")
         loader.add_option("codex_keep_body", int, -1,
@@ -157,6 +159,9 @@ class Relay:
         if self._idle_watch is not None:
             self._idle_watch.cancel()
             self._idle_watch = None
+
+    def done(self) -> None:
+        restore_streaming_line()
 
     # -- hooks -------------------------------------------------------------------------------------
     @fail_closed

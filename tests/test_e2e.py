@@ -82,6 +82,7 @@ def test_all_formats_metered_routed_and_stats_survive_restart(db_url, two_nodes)
                 assert status == 200, body
                 calls.append((fmt, stream, usage))
     assert relay.proc.returncode == 0, relay.output()
+    assert "Streaming response from" not in relay.output()  # debug level: not a line per call (addon.loglines)
 
     # The upstreams saw their own keys, never the client's.
     for up, key in ((a, "key-a"), (b, "key-b")):

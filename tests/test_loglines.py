@@ -1,0 +1,60 @@
+"""mitmproxy's per-call "Streaming response from …" line is at debug level while the relay is loaded."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+
+import pytest
+from mitmproxy.proxy.layers.http import HttpStream
+from mitmproxy.test import taddons
+
+from addon.loglines import SERVER_LOGGER, STREAMING_LINE
+from addon.relay import Relay
+from addon.runtime import Runtime
+
+
+class _Lines(logging.Handler):
+    def __init__(self, level: int) -> None:
+        super().__init__(level)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture
+def handlers():
+    """A handler at info (the terminal's default) and one at debug on mitmproxy's server logger."""
+    logger = logging.getLogger(SERVER_LOGGER)
+    info, debug = _Lines(logging.INFO), _Lines(logging.DEBUG)
+    old_level = logger.level
+    logger.setLevel(logging.DEBUG)
+    logger.addHandler(info)
+    logger.addHandler(debug)
+    yield info, debug
+    logger.removeHandler(info)
+    logger.removeHandler(debug)
+    logger.setLevel(old_level)
+
+
+def test_mitmproxy_still_words_its_streaming_line_as_the_filter_expects():
+    # Another wording would pass the filter by and print a line per call again.
+    assert f'Log(f"{STREAMING_LINE}{{' in inspect.getsource(HttpStream.start_response_stream)
+
+
+def test_the_streaming_line_is_debug_while_the_relay_is_loaded_and_info_after(handlers):
+    info, debug = handlers
+    logger = logging.getLogger(SERVER_LOGGER)
+    relay = Relay(Runtime())
+    with taddons.context(relay):
+        logger.info("Streaming response from api.example.")
+        logger.info("client connect")  # anything else keeps its level
+        assert [r.getMessage() for r in info.records] == ["client connect"]
+        assert [(r.getMessage(), r.levelname) for r in debug.records] == [
+            ("Streaming response from api.example.", "DEBUG"), ("client connect", "INFO")]
+        info.records.clear()
+        relay.done()  # mitmproxy's done at shutdown: the line is mitmproxy's own again
+        logger.info("Streaming response from api.example.")
+        assert [(r.getMessage(), r.levelname) for r in info.records] == [
+            ("Streaming response from api.example.", "INFO")]
