@@ -3,7 +3,10 @@
 While the database is down the writer appends batches here and keeps relaying; when it is back the
 journal is replayed oldest first and each replayed batch is deleted in the same step it is written.
 The file survives a crash, so records acknowledged to it are written at the next start; replays are
-idempotent on ``invoke_id`` (store.invocations). One process owns a journal at a time (a file lock).
+idempotent on ``invoke_id`` (store.invocations). One relay owns a journal at a time: a file lock, held by
+the process that writes (the relay's writer process, or the relay itself), and the lock file names the
+relay. A relay that died may leave its writer process finishing what it was sent (store.writerproc,
+``ORPHAN_GRACE_S``): a new relay waits for that one instead of refusing to start.
 """
 
 from __future__ import annotations
@@ -13,11 +16,13 @@ import datetime as dt
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import sqlite3
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TextIO
 
 from sqlalchemy.engine import make_url
 
@@ -26,9 +31,70 @@ from store.records import InvocationRecord, NodeStateUpdate, Usage
 
 Item = InvocationRecord | NodeStateUpdate
 
+log = logging.getLogger("codex.writer")
+
+# How long a new relay waits for the lock held for a relay that is gone: its writer process ends by then.
+ORPHAN_WAIT_S = 50.0
+
 
 class SpoolInUse(RuntimeError):
     pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a relay killed and not yet reaped by whoever started it is gone too
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _holder(lock: TextIO) -> int | None:
+    lock.seek(0)
+    text = lock.read().strip()
+    return int(text) if text.isdigit() else None
+
+
+def _lock(spool: str, relay_pid: int, orphan_wait: float) -> TextIO:
+    """``spool``'s lock file, locked and naming ``relay_pid``; raises SpoolInUse while another relay holds it."""
+    path = spool + ".lock"
+    deadline = None
+    while True:
+        lock = open(path, "a+")  # noqa: SIM115 - held for the spool's life; "a+": the holder's pid stays readable
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(lock)
+            lock.close()
+            if holder is None or _alive(holder):
+                held_by = f"relay pid {holder}" if holder is not None else "another relay"
+                raise SpoolInUse(f"spool {spool} is in use by {held_by}: give each instance its own "
+                                 "codex_spool") from None
+            if deadline is None:
+                deadline = time.monotonic() + orphan_wait
+                log.warning("spool %s: relay pid %d is gone and its writer still holds the journal; waiting for "
+                            "it to finish (at most %.0f s)", spool, holder, orphan_wait)
+            if time.monotonic() >= deadline:
+                raise SpoolInUse(f"spool {spool} is still held {orphan_wait:g} s after its relay (pid {holder}) "
+                                 "ended: give each instance its own codex_spool") from None
+            time.sleep(0.1)  # a lock of another process: nothing tells when it is free
+            continue
+        try:
+            same = os.fstat(lock.fileno()).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:  # not a file its last holder removed (an empty journal's close) after we opened it
+            lock.seek(0)
+            lock.truncate()
+            lock.write(f"{relay_pid}\n")
+            lock.flush()
+            return lock
+        lock.close()
 
 
 def default_spool_path(db_url: str) -> str | None:
@@ -65,19 +131,15 @@ def decode(text: str) -> Item:
 class Spool:
     """Append-only journal; ``path`` None keeps it in memory (nothing survives the process)."""
 
-    def __init__(self, path: str | os.PathLike | None, max_items: int = 1_000_000) -> None:
+    def __init__(self, path: str | os.PathLike | None, max_items: int = 1_000_000, *,
+                 relay_pid: int | None = None, orphan_wait: float = ORPHAN_WAIT_S) -> None:
+        """``relay_pid``: the relay this journal is written for (default: this process)."""
         self.path = str(path) if path else None
         self.max_items = max_items
         self._lock_file = None
         if self.path:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-            self._lock_file = open(self.path + ".lock", "w")  # noqa: SIM115 - held for the spool's life
-            try:
-                fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                self._lock_file.close()
-                raise SpoolInUse(f"spool {self.path} is in use by another relay: give each instance its own "
-                                 f"codex_spool") from None
+            self._lock_file = _lock(self.path, relay_pid or os.getpid(), orphan_wait)
         # Only the writer thread uses it after construction.
         self._db = sqlite3.connect(self.path or ":memory:", check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")

@@ -48,6 +48,8 @@ from store.writer import STOP, Writer, WriterStats, take_batch
 log = logging.getLogger("codex.writer")
 
 _HEADER = struct.Struct("!I")
+# A child whose relay died ends within this (store.spool.ORPHAN_WAIT_S is how long a new relay waits for it).
+ORPHAN_GRACE_S = 45.0
 _ROOT = str(Path(__file__).resolve().parent.parent)  # where the child imports ``store`` from
 _COUNTERS = ("written", "duplicates", "rejected", "lost", "batches")
 _NO_STATS = WriterStats(queued=0, spooled=0, spool_oldest_s=None, written=0, duplicates=0, rejected=0, lost=0,
@@ -136,9 +138,10 @@ class WriterProcess:
     """``Writer``'s interface (start, submit, flush, close, stats); the writing happens in a child process."""
 
     def __init__(self, url: str, spool_path: str | None, *, batch_size: int = 500, linger: float = 0.5,
-                 max_backoff: float = 10.0) -> None:
+                 max_backoff: float = 10.0, orphan_grace: float = ORPHAN_GRACE_S) -> None:
         self.url, self.spool_path = url, spool_path
         self.batch_size, self.linger, self.max_backoff = batch_size, linger, max_backoff
+        self.orphan_grace = orphan_grace  # how long a child whose relay died may take to finish
         self._queue: queue.SimpleQueue = queue.SimpleQueue()  # submit is one C call on the event loop
         self._stopping = threading.Event()
         self._sender = threading.Thread(target=self._ship, name="codex-writer", daemon=True)
@@ -235,7 +238,8 @@ class WriterProcess:
         child = _Child(proc)
         try:
             send(proc.stdin, {"url": self.url, "spool": self.spool_path, "batch_size": self.batch_size,
-                              "max_backoff": self.max_backoff, "log_level": log.getEffectiveLevel()})
+                              "max_backoff": self.max_backoff, "orphan_grace": self.orphan_grace,
+                              "log_level": log.getEffectiveLevel()})
             while True:
                 message = receive(proc.stdout)
                 if message is None:
@@ -438,7 +442,7 @@ def main() -> None:
             send(out, message)
 
     try:
-        spool = Spool(config["spool"])
+        spool = Spool(config["spool"], relay_pid=os.getppid())  # the lock names the relay, not this process
     except (SpoolInUse, OSError) as e:
         return tell(("error", "spool", str(e)))
     try:
@@ -470,6 +474,12 @@ def main() -> None:
         for item in items:
             writer.submit(item)
         submitted[0] += len(items)
+    if message is None:  # EOF without "stop": the relay is gone, and nobody will stop this process
+        # What it was sent is written or journaled as usual, but within a bound: a database that hangs
+        # must not keep the journal locked against the relay's next start (store.spool waits for this).
+        orphaned = threading.Timer(config["orphan_grace"], os._exit, (1,))
+        orphaned.daemon = True
+        orphaned.start()
     writer.finish()
     reporter.join(5)  # its last report is the final state, read before the journal closes
     writer.close()

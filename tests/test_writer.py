@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+import os
 import sqlite3
+import subprocess
 
 import pytest
 import sqlalchemy as sa
@@ -245,10 +248,55 @@ def test_a_full_journal_counts_what_it_cannot_take_as_lost(tmp_path, caplog):
 
 def test_one_spool_per_process(tmp_path):
     first = Spool(tmp_path / "s.db")
-    with pytest.raises(SpoolInUse, match="give each instance its own codex_spool"):
+    with pytest.raises(SpoolInUse, match=f"in use by relay pid {os.getpid()}: give each instance its own codex_spool"):
         Spool(tmp_path / "s.db")
     first.close()
     Spool(tmp_path / "s.db").close()
+
+
+def _held_for(path, relay_pid: int):
+    """The journal's lock taken as another process would (its own open file), naming ``relay_pid``."""
+    lock = open(str(path) + ".lock", "w")  # noqa: SIM115 - the test closes it
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    lock.write(f"{relay_pid}\n")
+    lock.flush()
+    return lock
+
+
+def _gone_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()  # ended and reaped: no process has this pid now
+    return proc.pid
+
+
+def test_a_spool_held_for_a_relay_that_is_gone_is_waited_for(tmp_path, caplog):
+    """A relay killed outright leaves its writer process finishing (store.writerproc): the next start waits."""
+    lock = _held_for(tmp_path / "s.db", _gone_pid())
+
+    class ReleaseWhenWaiting(logging.Handler):  # the old writer ends while the new relay waits
+        def emit(self, record: logging.LogRecord) -> None:
+            if "waiting for it to finish" in record.getMessage():
+                lock.close()
+
+    handler = ReleaseWhenWaiting()
+    logging.getLogger("codex.writer").addHandler(handler)
+    try:
+        spool = Spool(tmp_path / "s.db", orphan_wait=60)
+    finally:
+        logging.getLogger("codex.writer").removeHandler(handler)
+    assert lock.closed
+    assert (tmp_path / "s.db.lock").read_text() == f"{os.getpid()}\n"  # it names its relay now
+    spool.close()
+
+
+def test_a_spool_still_held_after_the_wait_is_an_error_naming_its_relay(tmp_path):
+    pid = _gone_pid()
+    lock = _held_for(tmp_path / "s.db", pid)
+    try:
+        with pytest.raises(SpoolInUse, match=f"still held 0.2 s after its relay \\(pid {pid}\\) ended"):
+            Spool(tmp_path / "s.db", orphan_wait=0.2)
+    finally:
+        lock.close()
 
 
 def test_spool_codec_round_trip():

@@ -38,6 +38,8 @@ def engine(db_url):
 def test_records_reach_the_database_through_the_child_and_close_writes_the_rest(engine, db_url, tmp_path):
     writer = WriterProcess(db_url, str(tmp_path / "spool.db"), batch_size=200, linger=0.05)
     writer.start()
+    # The child holds the journal for this process, its relay: a relay that dies is seen as gone (store.spool).
+    assert (tmp_path / "spool.db.lock").read_text() == f"{os.getpid()}\n"
     for _ in range(700):
         writer.submit(record(usage=Usage(3, 1, 0, 2, 0)))
     assert writer.flush(60)
@@ -95,6 +97,28 @@ def test_the_child_outlives_sigterm_and_sigint_and_ends_with_its_parents_pipe(en
         assert counts(engine) == (10, 10, 10)
     finally:
         writer.close()  # this side saw its child end: it has started another
+
+
+def test_a_child_whose_relay_is_gone_ends_within_its_grace_even_on_a_hung_database(sqlite_url, tmp_path):
+    """Nobody stops a child whose relay died: it finishes what it was sent, within a bound, so the journal's
+    lock is free for the relay's next start (which waits for such a child: store.spool)."""
+    engine = engine_with_node(sqlite_url)
+    writer = WriterProcess(sqlite_url, str(tmp_path / "spool.db"), linger=0.0, orphan_grace=1.0)
+    writer.start()
+    child = writer._child.proc
+    # The database locked by another connection: the child's write waits up to its 30 s busy timeout.
+    blocker = sqlite3.connect(sa.engine.make_url(sqlite_url).database, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")
+    for _ in range(5):
+        writer.submit(record())
+    wait_for(lambda: writer._sent == 5, what="5 records shipped to the child")
+    child.stdin.close()  # what the relay's death looks like from the child
+    assert child.wait(20) == 1  # ended by its grace, not by the database
+    blocker.execute("ROLLBACK")
+    blocker.close()
+    assert writer.flush(60)  # this side is alive here: its next child writes what the first could not
+    writer.close()
+    assert counts(engine) == (5, 5, 5)
 
 
 def test_a_journal_in_use_is_a_start_error(engine, db_url, tmp_path):
