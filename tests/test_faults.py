@@ -210,13 +210,15 @@ def test_two_relays_on_one_mariadb_count_exactly(mariadb, upstreams, tmp_path):
 def test_spool_file_of_another_relay_is_refused(db_url, upstreams, tmp_path):
     spool = tmp_path / f"spool-{uuid.uuid4().hex}.db"
     options = {"codex_nodes": str(upstreams), "codex_spool": str(spool), "codex_ping_interval": "0"}
-    with RelayProcess(db_url=db_url, options=options):
+    with RelayProcess(db_url=db_url, options=options) as first:
         second = RelayProcess(db_url=db_url, options=options).start()
         try:
             assert second.proc.wait(60) != 0  # mitmproxy's start-up check exits on the logged error
         finally:
             second.kill()
-        assert "codex_spool: spool" in second.output() and "in use by another relay" in second.output()
+        # At once, naming the relay that holds it: that one is alive, so this is no writer to wait for.
+        assert "codex_spool: spool" in second.output()
+        assert f"in use by relay pid {first.proc.pid}: give each instance its own codex_spool" in second.output()
 
 
 def test_truncated_stream_and_client_abort_are_recorded_as_such(db_url, tmp_path):
