@@ -35,6 +35,14 @@ def engine(db_url):
     eng.dispose()
 
 
+def _lock_database(sqlite_url: str) -> sqlite3.Connection:
+    """Another connection holding the database exclusively: a write waits (SQLite's busy timeout) until
+    it rolls back."""
+    blocker = sqlite3.connect(sa.engine.make_url(sqlite_url).database, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")
+    return blocker
+
+
 def test_records_reach_the_database_through_the_child_and_close_writes_the_rest(engine, db_url, tmp_path):
     writer = WriterProcess(db_url, str(tmp_path / "spool.db"), batch_size=200, linger=0.05)
     writer.start()
@@ -60,9 +68,7 @@ def test_a_killed_child_is_replaced_and_its_unwritten_records_are_written_once(s
         writer.submit(record())
     assert writer.flush(60)
     first = writer._child.proc
-    # The database locked by another connection: the child's next write waits (busy timeout) unsettled.
-    blocker = sqlite3.connect(sa.engine.make_url(sqlite_url).database, isolation_level=None)
-    blocker.execute("BEGIN EXCLUSIVE")
+    blocker = _lock_database(sqlite_url)  # the child's next write waits, unsettled
     for _ in range(50):
         writer.submit(record())
     wait_for(lambda: writer._sent == 100, what="the next 50 records shipped to the child")
@@ -106,9 +112,7 @@ def test_a_child_whose_relay_is_gone_ends_within_its_grace_even_on_a_hung_databa
     writer = WriterProcess(sqlite_url, str(tmp_path / "spool.db"), linger=0.0, orphan_grace=1.0)
     writer.start()
     child = writer._child.proc
-    # The database locked by another connection: the child's write waits up to its 30 s busy timeout.
-    blocker = sqlite3.connect(sa.engine.make_url(sqlite_url).database, isolation_level=None)
-    blocker.execute("BEGIN EXCLUSIVE")
+    blocker = _lock_database(sqlite_url)  # the child's write waits up to its 30 s busy timeout
     for _ in range(5):
         writer.submit(record())
     wait_for(lambda: writer._sent == 5, what="5 records shipped to the child")
