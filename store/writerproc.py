@@ -367,6 +367,7 @@ def _fork() -> _Forked:
             # process has reused. The proxy's descriptors (sockets, files, its loop's signal pipe) are
             # closed: the child must not keep the proxy's port bound after the proxy is gone.
             gc.freeze()
+            _name_process(b"codex-writer")
             signal.set_wakeup_fd(-1)
             os.dup2(down_r, 0)
             os.dup2(up_w, 1)
@@ -380,6 +381,14 @@ def _fork() -> _Forked:
     os.close(down_r)
     os.close(up_w)
     return _Forked(pid, os.fdopen(down_w, "wb"), os.fdopen(up_r, "rb"))
+
+
+def _name_process(name: bytes) -> None:
+    """The name ``ps -e``, ``top`` and ``pgrep`` show for this process; a fork's command line stays the relay's."""
+    import ctypes  # only a forked child needs it
+
+    with contextlib.suppress(Exception):  # a cosmetic: no libc prctl, no name
+        ctypes.CDLL(None).prctl(15, name, 0, 0, 0)  # PR_SET_NAME
 
 
 def _exec() -> subprocess.Popen:

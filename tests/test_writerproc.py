@@ -11,6 +11,7 @@ import socket
 import sqlite3
 import subprocess
 import threading
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -191,6 +192,7 @@ def test_the_child_is_forked_without_the_proxys_descriptors(sqlite_url, tmp_path
         writer.start()
         child = writer._child.proc
         assert isinstance(child, _Forked)
+        assert Path(f"/proc/{child.pid}/comm").read_text() == "codex-writer\n"  # not a second "mitmdump" in ps
         held = {os.readlink(f"/proc/{child.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{child.pid}/fd")}
         assert f"socket:[{os.fstat(listening.fileno()).st_ino}]" not in held
         writer.submit(record())
