@@ -53,7 +53,9 @@ class WarmProcess:
 
     def send_signal(self, sig: int) -> None:
         if self.poll() is None:
-            os.kill(self.pid, sig)
+            # As Popen does: it may have ended after poll, its exit not yet reported by the zygote.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
 
 
 class Zygote:
