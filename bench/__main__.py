@@ -190,6 +190,10 @@ def _vs(row: dict) -> str:
     return "-" if row["ratio"] is None else f"{row['ratio']:.2f}× {row['vs']}"
 
 
+def _per_target(cores: dict[str, float | None]) -> str:
+    return ", ".join(f"{name} {fmt(c, 2)}" for name, c in cores.items()) + "\n"
+
+
 def streams_tables(r: dict) -> str:
     fleet = r["fleet"]
     rows = r["rows"] + fleet.get("rows", [])
@@ -203,12 +207,10 @@ def streams_tables(r: dict) -> str:
         h = fleet["haproxy"]
         out += (f"two relays on one {fleet['db']} database; HAProxy in front: {fmt(h['cpu_us_per_event'], 2)} µs "
                 f"CPU per event, {fmt(h['cpu_share_of_a_core'], 2)} of a core\n")
-        out += "cores the proxies used: " + ", ".join(
-            f"{name} {fmt(c, 2)}" for name, c in fleet.get("proxy_cores", {}).items()) + "\n"
+        out += "cores the proxies used: " + _per_target(fleet.get("proxy_cores", {}))
         if "machine_cores" in fleet:  # results files before 2026-12-06 lack it
             out += (f"cores busy on the machine ({fleet['machine_core_count']} in all; the rest of each is the load "
-                    "tools, HAProxy and the kernel): " + ", ".join(
-                        f"{name} {fmt(c, 2)}" for name, c in fleet["machine_cores"].items()) + "\n")
+                    "tools, HAProxy and the kernel): " + _per_target(fleet["machine_cores"]))
     runs = {**r["runs"], **fleet.get("runs", {})}
     detail = [(key, name, x["calls_ok"], x["errors"], x["events"], x["events_per_s"], x["lat_p99"], x["gap_p99"],
                x["gap_max"], round(x["cpu_s"] * 1000), x["rss_peak_kb"] - x["rss_before_kb"])

@@ -303,13 +303,16 @@ def _run_fleet(stack: ExitStack, s: StreamSizes, base: Target, fleet: Fleet, tmp
         t.measure(WARM_UP)
     run_rounds(targets, w, s.rounds, log)
     lb = [(x["lb_cpu_s"], x["events"], x["wall_s"]) for x in two.runs[w.key]]
+
+    def cores(cpu_key: str) -> dict[str, float | None]:
+        """Per target, the median of a run's ``cpu_key`` seconds per second of wall time."""
+        return {t.name: median([_per(x[cpu_key], x["wall_s"]) for x in t.runs[w.key]]) for t in targets}
+
     # Cores the proxies used: on a small machine, what the load balancer and the load tools leave them;
     # the machine's busy cores show what that was.
-    cores = {t.name: median([_per(x["cpu_s"], x["wall_s"]) for x in t.runs[w.key]]) for t in targets}
-    busy = {t.name: median([_per(x["machine_cpu_s"], x["wall_s"]) for x in t.runs[w.key]]) for t in targets}
     return {"db": fleet.db, "rows": rows([base, one], w, base, judged=False) + rows([two], w, one)
             + rows([fleet.one_port], w, one, judged=False),
-            "runs": _runs(targets, [w]), "proxy_cores": cores, "machine_cores": busy,
+            "runs": _runs(targets, [w]), "proxy_cores": cores("cpu_s"), "machine_cores": cores("machine_cpu_s"),
             "machine_core_count": os.cpu_count(),
             "haproxy": {"cpu_us_per_event": median([_per(c * 1e6, e) for c, e, _ in lb]),
                         "cpu_share_of_a_core": median([_per(c, t) for c, _, t in lb])}}
