@@ -33,8 +33,10 @@ Item = InvocationRecord | NodeStateUpdate
 
 log = logging.getLogger("codex.writer")
 
-# How long a new relay waits for the lock held for a relay that is gone: its writer process ends by then.
-ORPHAN_WAIT_S = 50.0
+# A writer process whose relay died ends within this (store.writerproc) ...
+ORPHAN_GRACE_S = 45.0
+# ... so a new relay that finds the lock held for a relay that is gone waits a little longer for it.
+ORPHAN_WAIT_S = ORPHAN_GRACE_S + 5.0
 
 
 class SpoolInUse(RuntimeError):

@@ -42,14 +42,12 @@ import sqlalchemy as sa
 
 from store.engine import error_line, in_memory, make_engine
 from store.invocations import Item
-from store.spool import Spool, SpoolInUse
+from store.spool import ORPHAN_GRACE_S, Spool, SpoolInUse
 from store.writer import STOP, Writer, WriterStats, take_batch
 
 log = logging.getLogger("codex.writer")
 
 _HEADER = struct.Struct("!I")
-# A child whose relay died ends within this (store.spool.ORPHAN_WAIT_S is how long a new relay waits for it).
-ORPHAN_GRACE_S = 45.0
 _ROOT = str(Path(__file__).resolve().parent.parent)  # where the child imports ``store`` from
 _COUNTERS = ("written", "duplicates", "rejected", "lost", "batches")
 _NO_STATS = WriterStats(queued=0, spooled=0, spool_oldest_s=None, written=0, duplicates=0, rejected=0, lost=0,
