@@ -48,6 +48,7 @@ class RefusalSink:
     def __init__(self) -> None:
         self._sock: socket.socket | None = None
         self._server: asyncio.Server | None = None
+        self._starting: asyncio.Task[None] | None = None
         self.port = 0
         self._answers: OrderedDict[str, http.Response] = OrderedDict()
 
@@ -59,11 +60,20 @@ class RefusalSink:
             self._sock = socket.create_server(("127.0.0.1", 0))
             self.port = self._sock.getsockname()[1]
 
-    async def running(self) -> None:
-        if self._server is None and self._sock is not None:
-            self._server = await asyncio.start_server(self._serve, sock=self._sock)
+    def running(self) -> None:
+        # Not awaited here: mitmproxy's own addons (its TLS addon's certificate store among them) get their
+        # ``running`` after this script's, while the proxy already listens; a hook that yields lets requests
+        # in before them. Until the task has run, refused connections wait in the socket's backlog.
+        if self._server is None and self._sock is not None and self._starting is None:
+            self._starting = asyncio.get_running_loop().create_task(self._start(self._sock))
+
+    async def _start(self, sock: socket.socket) -> None:
+        self._server = await asyncio.start_server(self._serve, sock=sock)
 
     def done(self) -> None:
+        if self._starting is not None:
+            self._starting.cancel()
+            self._starting = None
         if self._server is not None:
             self._server.close()
             self._server = None

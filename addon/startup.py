@@ -6,7 +6,8 @@ a ``--set`` of one of this script's options that cannot be applied (given twice,
 option's type) makes mitmproxy drop the whole script silently — the process then serves as a bare
 proxy with no client auth, routing or masking — and ``--set`` names nobody declared are kept unused.
 ``StartupCheck``, the script's last addon, finds both, says so, and makes the process exit; until
-it has seen every addon configured, the ``Gate`` answers every request with a 503. It also refuses to
+start-up is over (every addon configured, its ``running`` reached), the ``Gate`` answers every request
+with a 503. It also refuses to
 start an open relay: one that routes to nodes (the ``Runtime``'s pool) and listens beyond loopback
 without client keys, unless ``codex_allow_open`` says so.
 """
@@ -97,6 +98,18 @@ def open_relay_problem(*, routes: bool, client_keys: bool, hosts: Iterable[str],
             "listen on 127.0.0.1 (--listen-host), or set codex_allow_open=true")
 
 
+def load_certificate_store() -> None:
+    """Have mitmproxy's TLS addon load its certificate store now, if it has not yet.
+
+    It loads it in its own ``running`` hook, after the proxy already listens: a request that arrives in
+    between fails in that addon's ``request`` hook (no certificate store), and mitmproxy's start-up error
+    check ends the whole process. Loaded here, at configure time, it is there before anything listens.
+    """
+    tls = ctx.master.addons.get("tlsconfig")
+    if tls is not None and getattr(tls, "certstore", None) is None:
+        tls.configure({"confdir"})
+
+
 def fatal(message: str) -> None:
     """Log ``message`` as an error and end the process non-zero.
 
@@ -114,6 +127,8 @@ class StartupCheck:
         self.gate = gate
         self.runtime = runtime
         self.problems: list[str] = []
+        self.configured = False
+        self.started = False
 
     def load(self, loader) -> None:
         loader.add_option("codex_allow_open", bool, False,
@@ -129,10 +144,15 @@ class StartupCheck:
 
     def configure(self, updated: set[str]) -> None:
         # Configure runs in chain order: reaching this addon means every one before it accepted its options.
-        if not self.problems:
-            self.gate.ready = True
+        self.configured = True
+        load_certificate_store()
+        if not self.problems and self.started:
+            self.gate.ready = True  # options changed at run time (mitmweb): every addon took them
 
     def running(self) -> None:
+        # The proxy listens before any addon's ``running`` hook: the gate opens here, at the end of start-up,
+        # never earlier, so a request that arrives meanwhile gets the gate's 503, not a half-started relay.
+        self.started = True
         opts = ctx.options
         for problem in (unknown_options_message(opts.deferred),
                         open_relay_problem(routes=len(self.runtime.pool) > 0,
@@ -141,10 +161,11 @@ class StartupCheck:
                                            allow_open=opts.codex_allow_open)):
             if problem:
                 self.problems.append(problem)
-        if self.problems:
+        if self.problems or not self.configured:
             self.gate.ready = False
-            fatal("; ".join(self.problems))
+            fatal("; ".join(self.problems) or "the relay's configuration did not complete")
             return
+        self.gate.ready = True
         # Start-up is over: what it loaded (modules, the price data, the schema) lives as long as the
         # process. Frozen, it is no longer walked by every full garbage collection (~90 ms each, every
         # few thousand calls, during which no connection moves).

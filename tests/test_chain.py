@@ -78,3 +78,15 @@ def test_a_chained_async_hook_is_refused_where_mitmproxy_cannot_await_as_it_woul
     with taddons.context(chain) as tctx, pytest.raises(exceptions.AddonManagerError, match="cannot be called"):
         tctx.master.addons.invoke_addon_sync(chain, hooks.all_hooks["request"]("f"))
     assert not inspect.iscoroutinefunction(AddonChain([Sync(log, "a"), Sync(log, "c")]).request)
+
+
+def test_the_scripts_running_hook_never_yields_to_the_event_loop():
+    """mitmproxy listens before its addons' ``running`` hooks and calls the script's before its TLS addon's:
+    a script hook that awaits lets requests in before mitmproxy is ready (tests/test_startup.py shows the
+    crash that followed)."""
+    import importlib
+
+    codex = importlib.import_module("addon.codex")
+    (chain,) = codex.addons
+    assert callable(chain.running)
+    assert not inspect.iscoroutinefunction(chain.running)

@@ -104,7 +104,7 @@ def test_refused_body_is_drained_by_the_local_endpoint_not_buffered():
             assert (f.request.host, f.request.port) == ("127.0.0.1", sink.port)
             assert "authorization" not in f.request.headers and f.metadata[EGRESS_KEY][2] == sink.port
             reader, writer = await asyncio.open_connection("127.0.0.1", sink.port)
-            await sink.running()
+            sink.running()  # returns at once: mitmproxy's own running hooks come after the script's
             writer.write(f"POST {f.request.path} HTTP/1.1\r\nhost: x\r\ncontent-length: 1000000\r\n\r\n".encode())
             for _ in range(100):
                 writer.write(b"x" * 10_000)
@@ -145,16 +145,35 @@ def test_options_given_twice_or_mistyped_are_taken_out_and_named():
     assert opts.codex_source == "x"
 
 
+def test_startup_check_opens_the_gate_only_when_start_up_is_over():
+    gate = Gate(RefusalSink())
+    check = StartupCheck(gate, Runtime())
+    with taddons.context(check) as tctx:
+        tctx.options.add_option("codex_client_keys", str, "", "declared by ClientAuth")
+        tctx.configure(check)
+        assert not gate.ready  # configured, but mitmproxy's own addons are not running yet
+        check.running()
+        assert gate.ready
+        tctx.configure(check)  # options changed at run time, taken by every addon
+        assert gate.ready
+
+
 def test_startup_check_keeps_the_gate_closed_when_options_were_refused():
     gate = Gate(RefusalSink())
     check = StartupCheck(gate, Runtime())
     with taddons.context(check) as tctx:
+        tctx.options.add_option("codex_client_keys", str, "", "declared by ClientAuth")
         tctx.configure(check)
-        assert gate.ready
         check.problems = ["codex_client_keys is given 2 times"]
         tctx.configure(check)
-        gate.ready = False
-        tctx.configure(check)
+
+        async def start() -> None:
+            check.running()
+            assert not gate.ready
+            await asyncio.sleep(0)  # the process ends on the loop's next turn
+
+        with pytest.raises(SystemExit):
+            asyncio.run(start())
         assert not gate.ready
 
 

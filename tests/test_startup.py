@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
+import threading
+import time
 
 import pytest
 
+from bench.fakeupstream import FakeUpstream
+from bench.haproxy import free_port
 from bench.relayproc import RelayProcess
 
 pytestmark = pytest.mark.e2e
@@ -36,3 +41,59 @@ def test_bad_start_is_one_clear_line(tmp_path, options, message):
         options = {"codex_nodes": str(bad)}
     out = start_fails(tmp_path, **options)
     assert sum(message in line for line in out) == 1, out
+
+
+def _call_as_soon_as_it_listens(port: int, path: str, body: bytes, answers: list[bytes]) -> None:
+    """Connect the moment the port accepts (as a balancer's check or a retrying client does) and send at once."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+            break
+        except ConnectionRefusedError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.0005)  # polling for the port to open: mitmproxy says nothing before it listens
+    with sock:
+        method = "POST" if body else "GET"
+        head = f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        sock.sendall(head.encode() + body)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+        answers.append(answer)
+
+
+@pytest.mark.slow
+def test_requests_the_moment_the_port_opens_never_kill_the_relay(tmp_path):
+    """mitmproxy listens before its addons' ``running`` hooks (its certificate store among them); a request
+    in between used to end the process. Now it gets the gate's 503 or its answer, on every start."""
+    with FakeUpstream() as up:
+        for attempt in range(8):
+            port = free_port()
+            relay = RelayProcess(db_url=f"sqlite:///{tmp_path / 'codex.db'}", extra_args=["-p", str(port)],
+                                 options={"codex_upstream": up.base_url, "codex_upstream_key": "sk-node"})
+            answers: list[bytes] = []
+            clients = [threading.Thread(target=_call_as_soon_as_it_listens, args=(port, path, body, answers))
+                       for path, body in (("/v1/models", b""), ("/v1/responses", b'{"model": "gpt-5-codex"}'),
+                                          ("/v1/files", b"x" * 100_000))]
+            relay.spawn()
+            try:
+                for c in clients:
+                    c.start()
+                for c in clients:
+                    c.join(60)
+                relay.ready()
+                assert len(answers) == 3
+                for answer in answers:
+                    status = answer.split(b"\r\n", 1)[0]
+                    assert status.startswith(b"HTTP/1.1 "), (attempt, answer[:300], relay.output()[-2000:])
+                    if status.startswith(b"HTTP/1.1 503"):
+                        assert b'"relay_not_ready"' in answer, answer
+                assert relay.proc is not None and relay.proc.poll() is None, relay.output()
+                ok = _call_as_soon_as_it_listens
+                late: list[bytes] = []
+                ok(port, "/v1/responses", b'{"model": "gpt-5-codex", "input": "hi"}', late)
+                assert late[0].startswith(b"HTTP/1.1 200"), late[0][:300]
+            finally:
+                assert relay.stop() == 0, relay.output()
