@@ -15,6 +15,7 @@ Configure runs in chain order, so ``Runtime`` comes before the addons that use i
 
 from __future__ import annotations
 
+import atexit
 import logging
 from collections.abc import Callable
 
@@ -75,6 +76,7 @@ class Runtime:
 
     # -- options -----------------------------------------------------------------------------------
     def load(self, loader) -> None:
+        atexit.register(self._stop)
         loader.add_option("codex_db", str, DEFAULT_DB,
                           "SQLAlchemy URL of the stats database (sqlite:///file.db or "
                           "mysql+pymysql://user:pass@host/db). Upgraded to the latest schema at start.")
@@ -331,6 +333,16 @@ class Runtime:
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def done(self) -> None:
+        atexit.unregister(self._stop)
+        self._stop()
+
+    def _stop(self) -> None:
+        """Stop every thread and the writer: from ``done``, or at interpreter exit when start-up failed.
+
+        mitmproxy ends a start whose configuration failed with ``sys.exit`` before any ``done`` hook; threads
+        still running then (the writer's, the pinger's, the node sync's…) met the interpreter's finalization
+        mid-call, which can crash the process (exit 139) instead of its exit 1.
+        """
         if self._node_sync is not None:
             self._node_sync.stop()
         if self._pinger is not None:
