@@ -15,6 +15,7 @@ if _root not in sys.path:
 from addon.admin import Admin  # noqa: E402
 from addon.auth import ClientAuth  # noqa: E402
 from addon.chain import AddonChain  # noqa: E402
+from addon.drain import Drain  # noqa: E402
 from addon.gate import EgressCheck, Gate  # noqa: E402
 from addon.hygiene import KeyHygiene  # noqa: E402
 from addon.limits import Limits  # noqa: E402
@@ -26,7 +27,8 @@ from addon.sseview import SSEView  # noqa: E402
 from addon.startup import StartupCheck  # noqa: E402
 from addon.userstats import UserStats  # noqa: E402
 
-# Order matters: the gate first (nothing before the script is configured, canonical targets only),
+# Order matters: the drain sees every request first (SIGTERM waits for them all), then the gate
+# (nothing before the script is configured, canonical targets only),
 # the runtime before the addons that use it (configure runs in chain order), client auth before
 # anything reads the body, the egress check after every other request hook, and the start-up check
 # last (its load and configure run after every other addon's).
@@ -38,6 +40,6 @@ limits = Limits(runtime)  # client keys' limits: set by ClientAuth, enforced by 
 auth = ClientAuth(refusals, secrets, limits)
 # One addon for mitmproxy to dispatch to (addon.chain): walking eleven for every event, and calling each
 # hook apart, cost ~25 µs of a short call.
-addons = [AddonChain([refusals, gate, runtime, auth, Admin(runtime, limits), UserStats(runtime, auth),
+addons = [AddonChain([refusals, Drain(), gate, runtime, auth, Admin(runtime, limits), UserStats(runtime, auth),
                       Relay(runtime, refusals, secrets, limits),
                       KeyHygiene(), SSEView(), EgressCheck(), StartupCheck(gate, runtime)])]

@@ -7,14 +7,18 @@ it can (as root, with apt-get).
 
 from __future__ import annotations
 
+import http.client
+import signal
 import subprocess
+import threading
+from contextlib import ExitStack
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-from bench.fakeupstream import FakeUpstream
-from bench.haproxy import HAPROXY, accepts, free_port, haproxy_config
+from bench.fakeupstream import Behaviour, FakeUpstream
+from bench.haproxy import HAPROXY, accepts, free_port, haproxy_config, start_haproxy
 from bench.relayproc import RelayProcess
 from tests.conftest import IN_CI, wait_for
 from tests.test_e2e import call, rows, write_nodes
@@ -71,3 +75,55 @@ def test_a_session_stays_on_one_relay_and_one_node_and_moves_when_its_relay_stop
                         "FROM codex_invocations GROUP BY source, node_id ORDER BY source = :first DESC",
                first=first)
     assert [(r.source == first, r.n, r.ids) for r in got] == [(True, 20, 20), (False, 5, 5)]
+
+
+@pytest.mark.slow
+def test_a_rolling_restart_of_two_relays_behind_haproxy_costs_clients_nothing(haproxy_bin, mariadb, tmp_path):
+    """README, "Several relays": SIGTERM one relay, start it again, then the other, under steady load."""
+    behaviour = Behaviour(event_delay=0.01, deltas=10)  # each call streams for ~0.1 s: some are always in flight
+    with FakeUpstream("n1", behaviour=behaviour) as n1, ExitStack() as stack:
+        nodes = write_nodes(tmp_path / "nodes.toml", [("n1", n1.base_url, "k1", 1)])
+
+        def relay(name: str, port: int = 0) -> RelayProcess:
+            return RelayProcess(db_url=mariadb, extra_args=["-p", str(port)], options={
+                "codex_nodes": str(nodes), "codex_ping_interval": "0", "codex_source": name,
+                "codex_spool": str(tmp_path / f"spool-{name}.db")})
+
+        relays = [relay("relay1").spawn(), relay("relay2").spawn()]
+        for r in relays:
+            r.ready()
+            stack.callback(lambda r=r: r.stop())
+        port, _ = start_haproxy(stack, [r.port for r in relays], tmp_path)
+        front = SimpleNamespace(port=port)
+        answers: list[object] = []
+        stop = threading.Event()
+
+        def client() -> None:
+            while not stop.is_set():
+                try:
+                    status, body = call(front, "responses", stream=True, usage=(10, 0, 2, 0))
+                    answers.append(status if b"response.completed" in body else body[:200])
+                except (OSError, http.client.HTTPException) as e:
+                    answers.append(repr(e))
+
+        clients = [threading.Thread(target=client) for _ in range(4)]
+        for c in clients:
+            c.start()
+        try:
+            for i, old in enumerate(list(relays)):
+                wait_for(lambda i=i: len(answers) >= 20 * (i + 1), 30, "calls through both relays")
+                old.proc.send_signal(signal.SIGTERM)
+                assert old.proc.wait(60) == 0, old.output()
+                new = relay(f"relay{i + 1}-restarted", old.port).start()
+                stack.callback(new.stop)
+                # HAProxy's check finds it back (rise 2, inter 1s) and sends it calls again.
+                wait_for(lambda n=new: rows(mariadb, "SELECT 1 FROM codex_invocations WHERE source = :s LIMIT 1",
+                                            s=n.options["codex_source"]), 30, "calls on the restarted relay")
+        finally:
+            stop.set()
+            for c in clients:
+                c.join(60)
+    assert [a for a in answers if a != 200] == []
+    recorded = rows(mariadb, "SELECT source, COUNT(*) AS n FROM codex_invocations GROUP BY source")
+    assert sum(r.n for r in recorded) == len(answers), recorded  # every answered call, once
+    assert {r.source for r in recorded} == {"relay1", "relay2", "relay1-restarted", "relay2-restarted"}

@@ -47,7 +47,7 @@ def test_imports_run_downward(package, forbidden):
 
 
 # The modules whose addons run flow hooks; codex.py builds them and hands each its collaborators.
-HOOK_ADDONS = {"admin", "auth", "gate", "hygiene", "relay", "sseview", "startup"}
+HOOK_ADDONS = {"admin", "auth", "drain", "gate", "hygiene", "relay", "sseview", "startup"}
 
 
 def test_addons_do_not_import_each_other():

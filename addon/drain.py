@@ -1,0 +1,96 @@
+"""Stopping without cutting calls: SIGTERM drains the relay, a second SIGTERM ends it at once.
+
+mitmproxy ends the process on SIGTERM right away, cutting every stream in flight (a balancer in front
+answers those clients with its own 502). ``Drain`` takes SIGTERM over: the proxy stops listening at once
+(a balancer's health check fails and new connections go to another relay), requests already on open
+connections are served with ``Connection: close`` so that clients do not reuse them, and the process ends
+(through mitmproxy's usual shutdown, which records and flushes) when no request is in flight any more,
+or after ``codex_drain_timeout`` seconds. SIGINT (Ctrl-C) still ends it at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+
+from mitmproxy import ctx, http
+
+from addon.options import seconds
+
+log = logging.getLogger("codex.drain")
+
+DEFAULT_DRAIN_TIMEOUT = "30"
+
+
+class Drain:
+    def __init__(self) -> None:
+        self.timeout = float(DEFAULT_DRAIN_TIMEOUT)
+        self.draining = False
+        self._in_flight: set[str] = set()  # ids of flows whose request came and whose answer has not ended
+        self._idle = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def load(self, loader) -> None:
+        loader.add_option("codex_drain_timeout", str, DEFAULT_DRAIN_TIMEOUT,
+                          "On SIGTERM the relay stops listening and waits up to this many seconds for the "
+                          "calls in flight to end (they are recorded), then exits; a second SIGTERM exits at "
+                          "once. 0: exit at once.")
+
+    def configure(self, updated: set[str]) -> None:
+        if "codex_drain_timeout" in updated:
+            self.timeout = seconds("codex_drain_timeout", ctx.options.codex_drain_timeout)
+
+    def running(self) -> None:
+        # Replaces mitmproxy's own SIGTERM handler (which shuts down at once); synchronous, see RefusalSink.
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, self.sigterm)
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        self._in_flight.add(flow.id)
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        if self.draining and flow.response is not None and flow.response.http_version == "HTTP/1.1":
+            flow.response.headers["connection"] = "close"  # served, then the client goes elsewhere
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        if flow.websocket is None:  # a WebSocket is in flight until it closes
+            self._ended(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._ended(flow)
+
+    def websocket_end(self, flow: http.HTTPFlow) -> None:
+        self._ended(flow)
+
+    def _ended(self, flow: http.HTTPFlow) -> None:
+        self._in_flight.discard(flow.id)
+        if not self._in_flight:
+            self._idle.set()
+
+    def sigterm(self) -> None:
+        if self.draining:
+            log.info("second SIGTERM: exiting now, %d call(s) still in flight", len(self._in_flight))
+            ctx.master.shutdown()
+            return
+        self.draining = True
+        self._task = asyncio.get_running_loop().create_task(self._drain())
+
+    async def _drain(self) -> None:
+        started = time.monotonic()
+        proxyserver = ctx.master.addons.get("proxyserver")
+        for server in list(proxyserver.servers) if proxyserver is not None else []:
+            if server.is_running:
+                await server.stop()
+        if self._in_flight and self.timeout:
+            log.info("SIGTERM: no new connections; waiting up to %g s for %d call(s) in flight (SIGTERM again "
+                     "to exit now)", self.timeout, len(self._in_flight))
+            self._idle.clear()
+            try:
+                await asyncio.wait_for(self._idle.wait(), self.timeout)
+            except TimeoutError:
+                log.warning("drain timeout (%g s): exiting with %d call(s) in flight", self.timeout,
+                            len(self._in_flight))
+            else:
+                log.info("calls in flight ended in %.1f s: exiting", time.monotonic() - started)
+        ctx.master.shutdown()

@@ -1,0 +1,90 @@
+"""SIGTERM drains: the relay stops listening at once, lets the calls in flight finish and records them, then
+exits 0; a second SIGTERM, or ``codex_drain_timeout``, ends it with the calls still open recorded as aborted.
+
+Real processes: signals, listening sockets and the exit are what is under test.
+"""
+
+from __future__ import annotations
+
+import http.client
+import signal
+import threading
+
+import pytest
+
+from bench.fakeupstream import Behaviour, FakeUpstream
+from bench.haproxy import accepts
+from bench.relayproc import RelayProcess
+from tests.conftest import wait_for
+from tests.test_e2e import call, rows
+
+pytestmark = [pytest.mark.e2e, pytest.mark.fault]
+
+CALLS = 3
+
+
+def streams_in_flight(relay: RelayProcess, up: FakeUpstream) -> tuple[list[threading.Thread], list]:
+    """CALLS streamed calls held by the upstream after their first event."""
+    answers: list = []
+
+    def client() -> None:
+        try:
+            answers.append(call(relay, "responses", stream=True, usage=(100, 0, 20, 0)))
+        except (OSError, http.client.HTTPException) as e:  # the stream was cut
+            answers.append(e)
+
+    clients = [threading.Thread(target=client) for _ in range(CALLS)]
+    for c in clients:
+        c.start()
+    wait_for(lambda: len(up.requests_to("/responses")) == CALLS, 30, "the calls at the upstream")
+    return clients, answers
+
+
+def test_sigterm_lets_calls_in_flight_finish_and_records_them(db_url):
+    hold = threading.Event()
+    with FakeUpstream(behaviour=Behaviour(hold=hold)) as up:
+        relay = RelayProcess(db_url=db_url, options={"codex_upstream": up.base_url, "codex_upstream_key": "k",
+                                                     "codex_ping_interval": "0"}).start()
+        try:
+            clients, answers = streams_in_flight(relay, up)
+            relay.proc.send_signal(signal.SIGTERM)
+            wait_for(lambda: not accepts(relay.port), 10, "the relay to stop listening")
+            assert relay.proc.poll() is None  # still serving the calls in flight
+            hold.set()
+            for c in clients:
+                c.join(30)
+            assert relay.proc.wait(30) == 0, relay.output()
+        finally:
+            hold.set()
+            relay.stop()
+    assert [status for status, _ in answers] == [200] * CALLS
+    assert all(b"response.completed" in body for _, body in answers)
+    got = rows(db_url, "SELECT status, input_tokens, output_tokens FROM codex_invocations")
+    assert [tuple(r) for r in got] == [("success", 100, 20)] * CALLS
+    assert "waiting up to 30 s for 3 call(s) in flight" in relay.output()
+
+
+@pytest.mark.parametrize("how", ["second SIGTERM", "codex_drain_timeout"])
+def test_a_second_sigterm_or_the_drain_timeout_ends_it_and_records_the_open_calls(sqlite_url, how):
+    hold = threading.Event()
+    with FakeUpstream(behaviour=Behaviour(hold=hold)) as up:
+        options = {"codex_upstream": up.base_url, "codex_upstream_key": "k", "codex_ping_interval": "0"}
+        if how == "codex_drain_timeout":
+            options["codex_drain_timeout"] = "0.5"
+        relay = RelayProcess(db_url=sqlite_url, options=options).start()
+        try:
+            clients, answers = streams_in_flight(relay, up)
+            relay.proc.send_signal(signal.SIGTERM)
+            wait_for(lambda: not accepts(relay.port), 10, "the relay to stop listening")
+            if how == "second SIGTERM":
+                relay.proc.send_signal(signal.SIGTERM)
+            assert relay.proc.wait(30) == 0, relay.output()  # the upstream still holds every stream
+            for c in clients:
+                c.join(30)
+        finally:
+            hold.set()
+            relay.stop()
+    got = rows(sqlite_url, "SELECT status, error_message FROM codex_invocations")
+    assert [r.status for r in got] == ["aborted"] * CALLS, [tuple(r) for r in got]
+    assert all("shut down" in r.error_message for r in got)
+    assert len(answers) == CALLS and not any(isinstance(a, tuple) and b"response.completed" in a[1] for a in answers)
