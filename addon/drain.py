@@ -68,9 +68,14 @@ class Drain:
         if not self._in_flight:
             self._idle.set()
 
+    @property
+    def in_flight(self) -> int:
+        """Requests that came and whose answer has not ended."""
+        return len(self._in_flight)
+
     def sigterm(self) -> None:
         if self.draining:
-            log.info("second SIGTERM: exiting now, %d call(s) still in flight", len(self._in_flight))
+            log.info("second SIGTERM: exiting now, %d call(s) still in flight", self.in_flight)
             ctx.master.shutdown()
             return
         self.draining = True

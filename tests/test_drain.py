@@ -88,3 +88,25 @@ def test_a_second_sigterm_or_the_drain_timeout_ends_it_and_records_the_open_call
     assert [r.status for r in got] == ["aborted"] * CALLS, [tuple(r) for r in got]
     assert all("shut down" in r.error_message for r in got)
     assert len(answers) == CALLS and not any(isinstance(a, tuple) and b"response.completed" in a[1] for a in answers)
+
+
+def test_while_draining_answers_close_their_connection_and_the_last_call_ends_the_wait():
+    from mitmproxy.test import taddons, tflow
+
+    from addon.drain import Drain
+
+    drain = Drain()
+    with taddons.context(drain):
+        calls = [tflow.tflow(resp=True) for _ in range(2)]
+        for f in calls:
+            drain.requestheaders(f)
+        drain.responseheaders(calls[0])
+        assert "connection" not in calls[0].response.headers  # not draining: keep-alive as usual
+        drain.draining = True
+        drain.responseheaders(calls[1])
+        assert calls[1].response.headers["connection"] == "close"
+        assert drain.in_flight == 2
+        drain.response(calls[0])
+        assert drain.in_flight == 1
+        drain.error(calls[1])
+        assert drain.in_flight == 0
