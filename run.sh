@@ -67,12 +67,11 @@ has_arg() {  # has_arg NAME… -- ARGS…: is any NAME among ARGS (also as NAME=
 relay() {  # relay mitmdump|mitmweb ARGS…
     local tool=$1; shift
     local defaults=()
-    # Reverse mode with a lazy connection: the addon picks the node before mitmproxy connects anywhere.
+    # Reverse mode (the script makes connections lazy: it picks the node before mitmproxy connects anywhere).
     has_arg --mode -m -- "$@" || defaults+=(--mode "reverse:${CODEX_REVERSE_TARGET:-https://api.openai.com}")
     has_arg --listen-port -p -- "$@" || defaults+=(--listen-port "${CODEX_PORT:-8000}")
     # Loopback unless told otherwise: the relay lends its node keys to whoever reaches it.
     has_arg --listen-host -- "$@" || defaults+=(--listen-host "${CODEX_HOST:-127.0.0.1}")
-    has_arg connection_strategy -- "$@" || defaults+=(--set connection_strategy=lazy)
     exec "$VENV/bin/$tool" -s "$ROOT/addon/codex.py" "${defaults[@]}" "$@"
 }
 

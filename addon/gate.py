@@ -30,7 +30,9 @@ class Gate:
         # The admin page must see the Host the client addressed (DNS rebinding), which reverse mode
         # otherwise replaces with the reverse target's; every request the relay sends on gets the Host
         # of where it goes (addon.egress). Set here, before this script's addons are configured.
-        ctx.options.update(keep_host_header=True)
+        # Lazy connections: mitmproxy would otherwise connect to the reverse target before any hook has
+        # picked a node (and a plain ``mitmdump -s addon/codex.py`` has no run.sh to set it).
+        ctx.options.update(keep_host_header=True, connection_strategy="lazy")
 
     @fail_closed
     def requestheaders(self, flow: http.HTTPFlow) -> None:

@@ -61,8 +61,10 @@ class RelayProcess:
         if self.argv is not None:
             return list(self.argv)
         cmd = [str(Path(sys.executable).with_name(self.tool)), "--mode", self.mode,
-               "--listen-host", "127.0.0.1", "-p", "0", "--set", "connection_strategy=lazy"]
-        if self.addon:
+               "--listen-host", "127.0.0.1", "-p", "0"]
+        if not self.addon:  # the bare baseline connects as the relay does (the script sets it itself)
+            cmd += ["--set", "connection_strategy=lazy"]
+        else:
             cmd[1:1] = ["-s", str(self.root / "addon" / "codex.py")]
             if self.db_url:
                 cmd += ["--set", f"codex_db={self.db_url}"]

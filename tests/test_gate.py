@@ -203,3 +203,14 @@ def test_listen_hosts_read_mode_specs():
 def test_dot_segments_anywhere_in_the_path_but_not_the_query(target, dotted):
     problem = target_problem(target)
     assert (problem == "the request path must not contain '.' or '..' segments") is dotted, problem
+
+
+def test_the_gate_sets_the_mitmproxy_options_the_relay_depends_on():
+    from mitmproxy.addons.proxyserver import Proxyserver
+
+    gate = Gate(RefusalSink())
+    with taddons.context(Proxyserver(), gate) as tctx:
+        tctx.options.update(connection_strategy="eager", keep_host_header=False)
+        gate.load(None)  # as at the script's start: after mitmproxy's own options were set
+        assert tctx.options.connection_strategy == "lazy"
+        assert tctx.options.keep_host_header is True
