@@ -15,6 +15,7 @@ without client keys, unless ``codex_allow_open`` says so.
 from __future__ import annotations
 
 import asyncio
+import difflib
 import gc
 import logging
 import sys
@@ -47,12 +48,18 @@ def install_one_line_option_errors() -> None:
         logger.addFilter(_OptionErrorsOneLine())
 
 
-def unknown_options_message(deferred: dict) -> str | None:
-    """What to say about ``--set`` names no addon declared (mitmproxy would ignore them)."""
+def unknown_options_message(deferred: dict, known: Iterable[str]) -> str | None:
+    """What to say about ``--set`` names no addon declared (mitmproxy would ignore them), with the declared
+    option each one most likely meant."""
     if not deferred:
         return None
-    names = ", ".join(sorted(deferred))
-    return f"unknown option(s): {names} (mitmdump --options lists every option; codex_* options are in the README)"
+    known = list(known)
+    names = []
+    for name in sorted(deferred):
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+        names.append(f"{name} (did you mean {close[0]}?)" if close else name)
+    return (f"unknown option(s): {', '.join(names)}; ./run.sh --options (or mitmdump -s addon/codex.py "
+            "--options) lists every option with its help")
 
 
 def take_unusable_options(options: optmanager.OptManager) -> list[str]:
@@ -154,7 +161,7 @@ class StartupCheck:
         # never earlier, so a request that arrives meanwhile gets the gate's 503, not a half-started relay.
         self.started = True
         opts = ctx.options
-        for problem in (unknown_options_message(opts.deferred),
+        for problem in (unknown_options_message(opts.deferred, (name for name, _ in opts.items())),
                         open_relay_problem(routes=len(self.runtime.pool) > 0,
                                            client_keys=bool(opts.codex_client_keys.strip()),
                                            hosts=listen_hosts(opts.mode, opts.listen_host),

@@ -43,6 +43,12 @@ def make_engine(url: str) -> sa.Engine:
         raise ValueError(f"unsupported database {backend!r}: use sqlite:///file.db or mysql+pymysql://user@host/db")
     if backend == "sqlite":
         return _sqlite_engine(parsed)
+    try:
+        parsed.get_dialect().import_dbapi()
+    except ImportError:  # SQLAlchemy's default MySQL driver (mysqlclient) is not a dependency: pymysql is
+        safe = parsed.set(drivername="mysql+pymysql").render_as_string(hide_password=True)
+        raise ValueError(f"the {parsed.get_driver_name()} driver of {parsed.drivername}:// is not installed: "
+                         f"use {safe}") from None
     query = dict(parsed.query)
     for key, value in _MYSQL_DEFAULTS:
         query.setdefault(key, value)
