@@ -62,7 +62,7 @@ STATIC_TYPES = {"admin.html": "text/html; charset=utf-8", "admin.js": "text/java
                 "admin.css": "text/css; charset=utf-8"}
 MAX_RECENT = 500
 # Node config that a save without it keeps as stored: what the node serves, and its usage probe.
-_KEPT_KEYS = frozenset({"formats", "models", "model_map", "usage_probe"})
+_KEPT_KEYS = frozenset({"formats", "models", "model_map", "usage_probe", "auth_header"})
 _NODE_ACTION = re.compile(r"^/admin/api/nodes/([^/]+)/(enable|disable)$")
 _SECURITY_HEADERS = {
     "cache-control": "no-store",
@@ -329,7 +329,7 @@ class Admin:
 
     def _save_node(self, body: Any) -> dict:
         """Add a node or change its config; an empty or missing api_key keeps the stored one, and so
-        does a missing formats, models, model_map or usage_probe."""
+        does a missing formats, models, model_map, usage_probe or auth_header."""
         try:
             config = node_from_mapping(body, "node")
         except ConfigError as e:

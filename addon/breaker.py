@@ -49,10 +49,10 @@ class Breaker:
         with self._lock:
             self.openings, self.until, self.trial, self.ping_may_end = 1, now + policy.cooldown_after(1), None, True
 
-    def claim(self, holder: object, now: float, *, early: bool = False) -> bool:
-        """Take the one trial for ``holder`` if the cooldown is over (or ``early``) and no trial is out."""
+    def claim(self, holder: object, now: float) -> bool:
+        """Take the one trial for ``holder`` if the cooldown is over and no trial is out."""
         with self._lock:
-            if not self.is_open or self.trial is not None or (now < self.until and not early):
+            if not self.is_open or self.trial is not None or now < self.until:
                 return False
             self.trial = holder
             return True

@@ -102,24 +102,36 @@ def node_url(base_url: str, client_target: str) -> str:
     return f"{origin.scheme}://{host}:{origin.port}{node_path(base_url, client_target)}"
 
 
+_ANTHROPIC_FORMATS = frozenset({"anthropic", "messages"})
+
+
+def key_header(node: NodeConfig) -> tuple[str, str]:
+    """The header a node's key goes in, and its value: the node's ``auth_header`` if set, else ``x-api-key``
+    for an Anthropic node (it serves only Anthropic's formats, or its host is anthropic.com: Anthropic's API
+    takes API keys there, Bearer is for OAuth tokens), else ``Authorization: Bearer``. Never the client's choice."""
+    name = node.auth_header or (
+        "x-api-key" if (node.formats and _ANTHROPIC_FORMATS.issuperset(node.formats))
+        or _is_anthropic_host(origin_of(node.base_url).host) else "authorization")
+    return name, (f"Bearer {node.api_key}" if name == "authorization" else node.api_key)
+
+
+def _is_anthropic_host(host: str) -> bool:
+    return host == "anthropic.com" or host.endswith(".anthropic.com")
+
+
 def attach(flow: http.HTTPFlow, node: NodeConfig, client_target: str) -> Origin:
     """Point ``flow``'s request at ``node`` and put the node's key on it; raises EgressRefused.
 
-    The client's credentials are removed first, whatever happens next. The key goes where the client
-    put its own: ``x-api-key`` (Anthropic) and/or ``Authorization: Bearer`` (the default).
+    The client's credentials are removed first, whatever happens next; the key goes in the node's own
+    header (``key_header``), whichever the client used.
     """
     request = flow.request
     headers = request.headers
-    kept, present = [], set()
-    for field in headers.fields:
-        name = field[0].lower()
-        if name in _CREDENTIAL_NAMES:
-            present.add(name)
-        else:
-            kept.append(field)
-    headers.fields = tuple(kept)
-    wants_x_api_key = b"x-api-key" in present
-    wants_bearer = b"authorization" in present or not wants_x_api_key
+    name, value = key_header(node)
+    # The client's credentials, and anything in the node's key header (a node's unusual header could be
+    # one the client sent).
+    dropped = _CREDENTIAL_NAMES | {name.encode()}
+    headers.fields = tuple(field for field in headers.fields if field[0].lower() not in dropped)
     flow.metadata.pop(EGRESS_KEY, None)
     origin = origin_of(node.base_url)
     path = node_path(node.base_url, client_target)
@@ -127,11 +139,7 @@ def attach(flow: http.HTTPFlow, node: NodeConfig, client_target: str) -> Origin:
     if (request.scheme, request.host, request.port) != origin.as_tuple():
         raise EgressRefused("the request's destination is not the node's")
     flow.metadata[EGRESS_KEY] = origin.as_tuple()
-    key = node.api_key.encode("utf-8", "surrogateescape")
-    added = ((b"x-api-key", key),) if wants_x_api_key else ()
-    if wants_bearer:
-        added += ((b"authorization", b"Bearer " + key),)
-    headers.fields += added
+    headers.fields += ((name.encode(), value.encode("utf-8", "surrogateescape")),)
     return origin
 
 

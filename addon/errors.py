@@ -16,6 +16,7 @@ import functools
 import inspect
 import json
 import logging
+import secrets
 from collections.abc import Callable
 from typing import Any
 
@@ -47,11 +48,14 @@ def is_anthropic(path: str) -> bool:
     return detect_format(path) == "messages"
 
 
-def error_body(path: str, status: int, message: str, code: str) -> bytes:
-    openai_type, anthropic_type = _TYPES.get(status, ("server_error", "api_error"))
+def error_body(path: str, status: int, message: str, code: str, openai_type: str | None = None,
+               **openai_fields: object) -> bytes:
+    """``openai_type`` and ``openai_fields`` replace the status's type and add fields, in OpenAI's shape only."""
+    default_type, anthropic_type = _TYPES.get(status, ("server_error", "api_error"))
     if is_anthropic(path):
         return json.dumps({"type": "error", "error": {"type": anthropic_type, "message": message}}).encode()
-    return json.dumps({"error": {"message": message, "type": openai_type, "code": code, "param": None}}).encode()
+    return json.dumps({"error": {"message": message, "type": openai_type or default_type, "code": code,
+                                 "param": None, **openai_fields}}).encode()
 
 
 def error_response(path: str, status: int, message: str, code: str, **headers: str) -> http.Response:
@@ -59,6 +63,24 @@ def error_response(path: str, status: int, message: str, code: str, **headers: s
     extra = {k.replace("_", "-"): v for k, v in headers.items()}
     return http.Response.make(status, error_body(path, status, message, code),
                               {"content-type": "application/json", **extra})
+
+
+def refusal_response(path: str, status: int, message: str, code: str, *, retry_after: int | None = None,
+                     openai_type: str | None = None, **openai_fields: object) -> http.Response:
+    """A refusal of the relay's own, answered so that every client stops at once and shows ``message``
+    (docs/refusals.md has what each client does with it):
+
+    - ``x-should-retry: false``: the Stainless-based SDKs (openai, anthropic) and Claude Code stop without a retry
+      (Claude Code's own backoff ignores ``retry-after`` and runs for minutes, silently);
+    - ``retry-after`` only where a short wait can help: Codex, which ignores ``x-should-retry``, waits it out up
+      to five times, and on a 429 without one stops at once;
+    - ``x-request-id`` names the refusal: for a 429 it is the one detail Codex prints, and the relay logs it.
+    """
+    headers = {"x-should-retry": "false", "x-request-id": f"codex-relay-{code}-{secrets.token_hex(4)}"}
+    if retry_after is not None:
+        headers["retry-after"] = str(retry_after)
+    return http.Response.make(status, error_body(path, status, message, code, openai_type, **openai_fields),
+                              {"content-type": "application/json", **headers})
 
 
 def internal_error(flow: http.HTTPFlow) -> http.Response:

@@ -13,7 +13,7 @@ import urllib.request
 from collections.abc import Callable
 
 from addon.breaker import Breaker, BreakerPolicy
-from addon.egress import node_url
+from addon.egress import key_header, node_url
 from addon.routing import Node, NodePool
 from store.periodic import Periodic
 from store.records import NodeStateUpdate
@@ -74,8 +74,8 @@ class Health:
 def ping(node: Node, path: str, timeout: float) -> tuple[int, str | None]:
     """One health request to the node: (elapsed ms, error or None). Blocking: call it from a thread."""
     url = node_url(node.config.base_url, path)
-    req = urllib.request.Request(url, headers={"authorization": f"Bearer {node.config.api_key}",
-                                               "user-agent": "codex-relay-ping"})
+    name, value = key_header(node.config)
+    req = urllib.request.Request(url, headers={name: value, "user-agent": "codex-relay-ping"})
     start = time.perf_counter()
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - node URLs are http(s)

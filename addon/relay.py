@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -29,7 +30,7 @@ from mitmproxy.addons.clientplayback import ReplayHandler
 from mitmproxy.proxy import server_hooks
 
 from addon.egress import attach, clear_as_is, header_values, origin_of
-from addon.errors import CLIENT_KEY_NAME, error_response, fail_closed
+from addon.errors import CLIENT_KEY_NAME, error_response, fail_closed, refusal_response
 from addon.inject import answer_waiting, can_answer, close_server
 from addon.limits import Limits
 from addon.loglines import demote_streaming_line, restore_streaming_line
@@ -54,6 +55,8 @@ RETRY_KEY = "codex_retry"
 MAX_HELD_ERROR_BYTES = 1 << 20
 DEFAULT_SOURCE = "relay"
 DEFAULT_MAX_REQUEST_BODY = 32 * 2**20
+# A node due for its trial within this many seconds: the refused client is told to retry then.
+SHORT_WAIT_S = 5
 
 
 @dataclass(slots=True)
@@ -212,31 +215,50 @@ class Relay:
         if not routed:
             clear_as_is(flow)  # monitor mode: the request goes where it was sent, unchanged
             return
-        if state is not None and not pool.serves_any(api_format, state.model):
-            state.relay_error = f"no configured node serves model {state.model!r} ({api_format})"
-            flow.response = error_response(target, 404, f"codex-relay: {state.relay_error}", "model_not_found")
+        barred = self._barred(flow)
+        model = state.model if state else None
+        if state is not None and not pool.serves_any(api_format, model, exclude=barred):
+            whose = (f"none of key {flow.metadata.get(CLIENT_KEY_NAME)!r}'s nodes serves"
+                     if pool.serves_any(api_format, model) else "no configured node serves")
+            state.relay_error = f"{whose} model {model!r} ({api_format})"
+            # 400: the one status every client takes as final and shows with its message (docs/refusals.md).
+            flow.response = refusal_response(target, 400, f"codex-relay: {state.relay_error}", "model_not_found")
             return
-        node = pool.choose(session_key=state.session_key if state else None, holder=state, exclude=self._barred(flow),
-                           api_format=api_format, model=state.model if state else None)
+        node = pool.choose(session_key=state.session_key if state else None, holder=state, exclude=barred,
+                           api_format=api_format, model=model)
         if node is None:
-            flow.response = error_response(
-                target, 503, "codex-relay: no upstream node is available: every node is failed, disabled "
-                "or has weight 0", "no_node_available")
+            flow.response = self._no_node(target, state, pool.cooldown_left(exclude=barred, api_format=api_format,
+                                                                             model=model))
             return
         if state is not None:
             state.node = node
             state.tried.append(node.id)
             node = await self._reachable(flow, state)
-            if node is None:
+            if node is None:  # which node and why (its address) stay in the record and the relay's log
+                log.warning("call %s: no node accepted a connection (%s)", state.invoke_id, state.relay_error)
                 flow.response = error_response(
-                    target, 502, f"codex-relay: no node accepted a connection ({state.relay_error})",
-                    "upstream_unreachable")
+                    target, 502, "codex-relay: no upstream node accepted a connection", "upstream_unreachable")
                 return
         attach(flow, node.config, target)
         if state is not None:
             _prepare_body(flow.request, state, node)
             state.timer = asyncio.get_running_loop().call_later(
                 self._first_byte_timeout, self._first_byte_timed_out, flow)
+
+    @staticmethod
+    def _no_node(target: str, state: CallState | None, wait: float | None) -> http.Response:
+        """The refusal of a call no node may take now (``wait``: ``NodePool.cooldown_left``); it is no attempt
+        of a node. A client is told to retry only when a node is due within seconds."""
+        if wait is None:
+            reason, retry_after = "every node that serves this call is disabled or has weight 0", None
+        else:
+            due = max(1, math.ceil(wait))
+            reason = f"every node that serves this call is failing; the next is tried again in {due} s"
+            retry_after = due if due <= SHORT_WAIT_S else None
+        if state is not None:
+            state.relay_error = reason
+        return refusal_response(target, 429, f"codex-relay: no upstream node is available: {reason}",
+                                "no_node_available", retry_after=retry_after)
 
     async def _reachable(self, flow: http.HTTPFlow, state: CallState) -> Node | None:
         """The call's node, or the next one that accepts a TCP connection, before anything is sent.
@@ -361,7 +383,7 @@ class Relay:
                 resp.text = clean
         result = None
         if state.meter is None and state.node is None and len(self.runtime.pool):
-            # Our own 503 or 502: the failed attempts, if any, were counted against their nodes.
+            # Our own refusal (no node, no model): no node was tried.
             outcome = Outcome("failed", False, state.relay_error or "no upstream node available")
         else:
             if state.meter is None:  # a whole body: the retry's answer

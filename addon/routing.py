@@ -103,9 +103,21 @@ class NodePool:
         with self._lock:
             self._nodes.pop(node_id, None)
 
-    def serves_any(self, api_format: str | None, model: str | None) -> bool:
-        """Whether any configured node, in rotation or not, can serve this format and model."""
-        return any(serves(n.config, api_format, model) for n in self)
+    def serves_any(self, api_format: str | None, model: str | None, exclude: Iterable[str] = ()) -> bool:
+        """Whether any configured node but ``exclude``, in rotation or not, can serve this format and model."""
+        excluded = set(exclude)
+        return any(n.id not in excluded and serves(n.config, api_format, model) for n in self)
+
+    def cooldown_left(self, *, exclude: Iterable[str] = (), api_format: str | None = None,
+                      model: str | None = None) -> float | None:
+        """For a call ``choose`` found no node for: seconds until one of the nodes that may serve it is due for
+        a trial (0: one is due, its trial is out); None when none may serve it at all (disabled, weight 0)."""
+        excluded = set(exclude)
+        now = self._clock()
+        with self._lock:
+            ends = [n.breaker.until for n in self._nodes.values()
+                    if n.routable and n.failed and n.id not in excluded and serves(n.config, api_format, model)]
+        return max(0.0, min(ends) - now) if ends else None
 
     def choose(self, *, exclude: Iterable[str] = (), session_key: str | None = None,
                holder: object | None = None, api_format: str | None = None,
@@ -114,9 +126,10 @@ class NodePool:
         call's ``api_format`` and ``model`` (addon.modelroute). In this order:
 
         the session's node while its breaker is closed; an open node whose cooldown is over, as its
-        one trial; a closed node by weight; and when every node is open, the one whose cooldown ends
-        first, as its trial now rather than no node at all. A trial is held by ``holder`` (the call)
-        until the call reports to Health; without a holder no trial is taken (the call reports nothing).
+        one trial; a closed node by weight. A trial is held by ``holder`` (the call) until the call reports
+        to Health; when every node is open and none is due, a call with a holder gets no node (its refusal is
+        no attempt of a node: ``cooldown_left`` says how long), one without a holder (it reports nothing, so
+        takes no trial) the node whose cooldown ends first.
         """
         excluded = set(exclude)
         if session_key:
@@ -135,11 +148,8 @@ class NodePool:
             chosen = next((n for n in opened if n.breaker.claim(holder, now)), None)
         if chosen is None:
             chosen = self._weighted([n for n in usable if not n.failed])
-        if chosen is None and opened:
-            if holder is None:
-                chosen = opened[0]
-            else:
-                chosen = next((n for n in opened if n.breaker.claim(holder, now, early=True)), None)
+        if chosen is None and opened and holder is None:
+            chosen = opened[0]
         if chosen is not None and session_key:
             self.sticky.put(session_key, chosen.id)
         return chosen

@@ -13,7 +13,7 @@ from store.upsert import upsert
 
 # What a config file or the admin page may set. Stats, health and `disabled` are never in here.
 CONFIG_COLUMNS = ("name", "base_url", "api_key", "weight", "updated_at", "formats", "models", "model_map",
-                  "usage_probe")
+                  "usage_probe", "auth_header")
 
 
 def upsert_nodes(conn: sa.Connection, configs: Sequence[NodeConfig], origin: str = "file") -> None:
@@ -27,7 +27,7 @@ def upsert_nodes(conn: sa.Connection, configs: Sequence[NodeConfig], origin: str
              "weight": c.weight, "updated_at": now, "origin": origin, "formats": ",".join(c.formats) or None,
              "models": json.dumps(list(c.models)) if c.models else None,
              "model_map": json.dumps(c.model_map, sort_keys=True) if c.model_map else None,
-             "usage_probe": c.usage_probe} for c in configs]
+             "usage_probe": c.usage_probe, "auth_header": c.auth_header or None} for c in configs]
     upsert(conn, nodes, rows, CONFIG_COLUMNS + (("origin",) if origin == "file" else ()))
     if rows:
         bump_version(conn)
@@ -37,7 +37,8 @@ def config_of(row: sa.Row) -> NodeConfig:
     return NodeConfig(id=row.id, base_url=row.base_url or "", api_key=row.api_key or "", name=row.name or row.id,
                       weight=row.weight, formats=tuple(row.formats.split(",")) if row.formats else (),
                       models=tuple(json.loads(row.models)) if row.models else (),
-                      model_map=json.loads(row.model_map) if row.model_map else {}, usage_probe=row.usage_probe)
+                      model_map=json.loads(row.model_map) if row.model_map else {}, usage_probe=row.usage_probe,
+                      auth_header=row.auth_header or "")
 
 
 def bump_version(conn: sa.Connection) -> None:

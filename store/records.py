@@ -52,6 +52,8 @@ class NodeConfig:
     model_map: dict[str, str] = field(default_factory=dict)  # client's model -> the name this node wants
     # Ask for usage in chat streams that lack it (addon.usageprobe); off for upstreams rejecting stream_options.
     usage_probe: bool = True
+    # The header the node's key goes in ("authorization": as a Bearer token); empty: derived (addon.egress).
+    auth_header: str = ""
 
 
 @dataclass(slots=True)

@@ -66,6 +66,8 @@ nodes = sa.Table(
     # revision 11: the relay asks this node for usage in chat streams (addon.usageprobe); false for
     # upstreams that reject stream_options
     sa.Column("usage_probe", sa.Boolean, nullable=False, server_default=sa.true()),
+    # revision 12: the header the node's key goes in (NULL: derived from the node, addon.egress.key_header)
+    sa.Column("auth_header", sa.String(64)),
 )
 
 # Revision 8: one counter row, bumped in the transaction of every change to a node's config, `disabled`

@@ -19,6 +19,8 @@ def test_loads_nodes_with_defaults(tmp_path):
     a, b = load_nodes_file(p)
     assert (a.id, a.name, a.base_url, a.api_key, a.weight) == ("a", "a", "https://a/v1", "k", 3)
     assert (b.name, b.weight, b.api_key) == ("B", 1, "")
+    assert a.auth_header == "" and load_nodes_file(write(tmp_path, p.read_text() + 'auth_header = "X-Api-Key"\n'))[
+        1].auth_header == "x-api-key"
 
 
 @pytest.mark.parametrize("text, message", [
@@ -32,6 +34,9 @@ def test_loads_nodes_with_defaults(tmp_path):
     ('[[nodes]]\nid = "a"\nbase_url = "https://a"\nweight = 1.5', "weight must be an integer >= 0"),
     ('[[nodes]]\nid = "a"\nbase_url = "https://a"\nwieght = 1', "unknown keys ['wieght']"),
     ('[[nodes]]\nid = "a"\nbase_url = "https://a"\n[[nodes]]\nid = "a"\nbase_url = "https://b"', "duplicate id"),
+    ('[[nodes]]\nid = "a"\nbase_url = "https://a"\nauth_header = "host"', "auth_header must be the name"),
+    ('[[nodes]]\nid = "a"\nbase_url = "https://a"\nauth_header = "x api key"', "auth_header must be the name"),
+    ('[[nodes]]\nid = "a"\nbase_url = "https://a"\nauth_header = 1', "auth_header must be the name"),
 ])
 def test_bad_files_give_clear_errors(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):

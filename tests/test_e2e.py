@@ -191,14 +191,14 @@ def test_upstream_errors_and_in_200_error_event_recorded_as_failed(sqlite_url, t
     assert (node.requests, node.fail_count, node.fail_streak) == (2, 2, 2)
 
 
-def test_no_node_available_gives_openai_style_503(sqlite_url, tmp_path):
+def test_no_node_available_gives_a_final_openai_style_429(sqlite_url, tmp_path):
     nodes = write_nodes(tmp_path / "nodes.toml", [("off", "http://127.0.0.1:9/v1", "k", 0)])
     with RelayProcess(db_url=sqlite_url, options={"codex_nodes": str(nodes)}) as relay:
         status, body = call(relay, "responses", stream=True, usage=(1, 0, 1, 0))
-    assert status == 503
+    assert status == 429  # final: every node has weight 0, waiting cannot help (docs/refusals.md)
     assert json.loads(body)["error"]["code"] == "no_node_available"
     got = rows(sqlite_url, "SELECT status, http_status, node_id FROM codex_invocations")
-    assert [tuple(r) for r in got] == [("failed", 503, None)]
+    assert [tuple(r) for r in got] == [("failed", 429, None)]
 
 
 def test_monitor_mode_passes_through_and_meters(sqlite_url):

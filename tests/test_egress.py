@@ -43,7 +43,7 @@ def test_non_canonical_targets_are_refused_and_carry_no_key(target):
 
 @pytest.mark.parametrize(("sent", "want"), [
     ({"authorization": "Bearer client", "content-type": "x"}, {"authorization": f"Bearer {KEY}", "content-type": "x"}),
-    ({"x-api-key": "client"}, {"x-api-key": KEY}),
+    ({"x-api-key": "client"}, {"authorization": f"Bearer {KEY}"}),  # the node's header, not the client's
     ({}, {"authorization": f"Bearer {KEY}"}),
     ({"proxy-authorization": "Basic Y2xpZW50"}, {"authorization": f"Bearer {KEY}"}),
 ])
@@ -54,6 +54,24 @@ def test_key_replaces_the_clients_credentials(sent, want):
     assert (f.request.scheme, f.request.host, f.request.port) == ("https", "relay.example", 443)
     assert f.request.path == "/openai/v1/responses?stream=1"
     assert egress_problem(f) is None
+
+
+@pytest.mark.parametrize(("config", "sent", "want"), [
+    # An Anthropic node (by its formats, or by Anthropic's host) takes its key in x-api-key, even from a
+    # client that sent its client key as Bearer (ANTHROPIC_AUTH_TOKEN).
+    ({"formats": ("anthropic",)}, {"authorization": "Bearer client"}, {"x-api-key": KEY}),
+    ({"base_url": "https://api.anthropic.com/v1"}, {"authorization": "Bearer client"}, {"x-api-key": KEY}),
+    ({"formats": ("openai", "messages")}, {"x-api-key": "client"}, {"authorization": f"Bearer {KEY}"}),
+    # The node's option wins; a header of that name from the client is dropped too.
+    ({"formats": ("anthropic",), "auth_header": "authorization"}, {"x-api-key": "c"},
+     {"authorization": f"Bearer {KEY}"}),
+    ({"auth_header": "api-key"}, {"authorization": "Bearer c", "api-key": "c"}, {"api-key": KEY}),
+])
+def test_the_key_goes_in_the_nodes_own_header(config, sent, want):
+    f = request_flow(headers=sent)
+    attach(f, NodeConfig(**{"id": "n", "base_url": "https://relay.example/v1", "api_key": KEY, **config}),
+           "/v1/messages")
+    assert dict(f.request.headers) == want
 
 
 @pytest.mark.parametrize("base", ["https://relay.example/openai/v1", "http://127.0.0.1:9000/v1", "http://[::1]:8000/v1"])

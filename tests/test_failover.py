@@ -133,30 +133,42 @@ def test_sticky_sessions_hold_and_spread_by_weight(sqlite_url, tmp_path):
     assert 0.55 < spread["b"] / 120 < 0.92, spread
 
 
-def test_all_nodes_down_still_tries_a_node(sqlite_url, tmp_path):
+def test_all_nodes_down_refuses_without_trying_them(sqlite_url, tmp_path):
     nodes = write_nodes(tmp_path / "n.toml", [("x", f"http://127.0.0.1:{closed_port()}/v1", "k", 1),
                                               ("y", f"http://127.0.0.1:{closed_port()}/v1", "k", 1)])
-    with RelayProcess(db_url=sqlite_url, options={"codex_nodes": str(nodes), **FAST}) as relay:
-        statuses = [call(relay, "responses", stream=True, usage=(1, 0, 1, 0)) for _ in range(4)]
-    assert all(s >= 500 for s, _ in statuses)
-    # After both nodes are marked failed, a call is still the trial of the node due first, not the
-    # relay's own 503 (that one is left for nodes disabled or of weight 0: test_e2e).
+    with RelayProcess(db_url=sqlite_url, options={"codex_nodes": str(nodes), "codex_fail_threshold": "1",
+                                                  **FAST}) as relay:
+        answers = [call(relay, "responses", stream=True, usage=(1, 0, 1, 0)) for _ in range(4)]
+    # The first call finds both nodes down (each breaker opens at its failure); the retries of a client are
+    # then the relay's refusal, not attempts of a node, and no answer shows a node's address.
+    assert answers[0][0] == 502 and [s for s, _ in answers[1:]] == [429] * 3
+    assert all(b"127.0.0.1" not in body for _, body in answers)
+    assert {json.loads(body)["error"]["code"] for _, body in answers[1:]} == {"no_node_available"}
     got = rows(sqlite_url, "SELECT status, node_id, error_message FROM codex_invocations ORDER BY id")
     assert len(got) == 4 and {r.status for r in got} == {"failed"}
-    assert got[-1].node_id in ("x", "y") and "no upstream node" not in got[-1].error_message
+    assert got[0].node_id in ("x", "y") and "127.0.0.1" in got[0].error_message  # the address stays in the row
+    assert [r.node_id for r in got[1:]] == [None] * 3
     assert all(bool(n.failed) for n in nodes_row(sqlite_url).values())
+    assert sum(n.requests for n in nodes_row(sqlite_url).values()) == 2  # one attempt each, then none
 
 
-def test_single_failed_node_gets_trials_not_503(sqlite_url, tmp_path):
+def test_single_failed_node_is_refused_until_its_trial(sqlite_url, tmp_path):
     with FakeUpstream("only", behaviour=Behaviour(status=500)) as up:
         nodes = write_nodes(tmp_path / "n.toml", [("only", up.base_url, "k", 1)])
-        with RelayProcess(db_url=sqlite_url, options={"codex_nodes": str(nodes), **FAST}) as relay:
-            # Three failures open its breaker (30 s cooldown); with no other node the next call is its
-            # trial at once, and the first trial that succeeds closes it.
-            assert [call(relay, "chat", stream=False, usage=(1, 0, 1, 0))[0] for _ in range(4)] == [500] * 4
+        with RelayProcess(db_url=sqlite_url, options={"codex_nodes": str(nodes), "codex_cooldown": "1",
+                                                      **FAST}) as relay:
+            # Three failures open its breaker; until its cooldown ends a call is refused (no attempt of the
+            # node) and told when to come back; then one trial, and the first that succeeds closes it.
+            assert [call(relay, "chat", stream=False, usage=(1, 0, 1, 0))[0] for _ in range(3)] == [500] * 3
+            status, body = call(relay, "chat", stream=False, usage=(1, 0, 1, 0))
+            assert status == 429 and json.loads(body)["error"]["code"] == "no_node_available"
             up.behaviour.status = 200
-            assert [call(relay, "chat", stream=False, usage=(1, 0, 1, 0))[0] for _ in range(2)] == [200] * 2
+            wait_for(lambda: call(relay, "chat", stream=False, usage=(1, 0, 1, 0))[0] == 200, what="the trial")
+            assert call(relay, "chat", stream=False, usage=(1, 0, 1, 0))[0] == 200
     got = rows(sqlite_url, "SELECT node_id, status FROM codex_invocations ORDER BY id")
-    assert [(r.node_id, r.status) for r in got] == [("only", "failed")] * 4 + [("only", "success")] * 2
+    tried = [(r.node_id, r.status) for r in got if r.node_id is not None]
+    assert tried == [("only", "failed")] * 3 + [("only", "success")] * 2
     n = nodes_row(sqlite_url)["only"]
-    assert not n.failed and n.fail_streak == 0 and n.fail_count == 4
+    assert not n.failed and n.fail_streak == 0 and n.fail_count == 3
+
+

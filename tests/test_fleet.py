@@ -99,7 +99,7 @@ def nodes_file(tmp_path: Path, *nodes: tuple[str, str, str]) -> str:
 
 def test_relay_routes_by_model_rewrites_mapped_calls_and_refuses_unserved_models(db_url, tmp_path):
     """Requests through the relay's hooks: the mapped body goes to the OpenAI node, the Anthropic call to
-    its node, a model nobody serves gets a recorded 404 model_not_found in the API's shape."""
+    its node, a model nobody serves gets a recorded 400 model_not_found in the API's shape."""
     from bench.fakeupstream import FakeUpstream
 
     with FakeUpstream("oa") as oa, FakeUpstream("an") as an:
@@ -130,8 +130,8 @@ def test_relay_routes_by_model_rewrites_mapped_calls_and_refuses_unserved_models
                 assert (claude.request.port, claude.request.content) == (
                     an.port, b'{"model": "claude-sonnet-4-5", "max_tokens": 5}')
                 unserved = send("/v1/messages", b'{"model": "gpt-5", "max_tokens": 5}')
-                assert unserved.response.status_code == 404
-                assert json.loads(unserved.response.content)["error"]["type"] == "not_found_error"
+                assert unserved.response.status_code == 400
+                assert json.loads(unserved.response.content)["error"]["type"] == "invalid_request_error"
                 asyncio.run(relay.response(unserved))
                 mapped.response = http.Response.make(200, json.dumps({"model": "gpt-5.1-2026", "usage": {
                     "input_tokens": 3, "output_tokens": 2, "total_tokens": 5}}), {"content-type": "application/json"})
@@ -142,7 +142,7 @@ def test_relay_routes_by_model_rewrites_mapped_calls_and_refuses_unserved_models
     got = rows(db_url, "SELECT requested_model, model, status, http_status, node_id FROM codex_invocations "
                        "WHERE status <> 'aborted' ORDER BY http_status")
     assert [tuple(r) for r in got] == [("gpt-5-codex", "gpt-5.1-2026", "success", 200, "oa"),
-                                       ("gpt-5", "gpt-5", "failed", 404, None)]
+                                       ("gpt-5", "gpt-5", "failed", 400, None)]
 
 
 @pytest.fixture
@@ -193,7 +193,7 @@ def test_a_breaker_opened_on_one_relay_opens_on_the_other(two_relays, db_url):
 @pytest.mark.e2e
 def test_openai_and_anthropic_nodes_side_by_side(db_url, tmp_path):
     """A real relay: Codex's mapped call streams from the OpenAI node with the node's model name, a Claude
-    call from the Anthropic node, and a model neither serves gets the SDK's 404 without reaching either."""
+    call from the Anthropic node, and a model neither serves gets a 400 without reaching either."""
     from bench.fakeupstream import FakeUpstream
     from bench.relayproc import RelayProcess
     from tests.test_e2e import call
@@ -206,11 +206,11 @@ def test_openai_and_anthropic_nodes_side_by_side(db_url, tmp_path):
             assert call(relay, "responses", stream=True, usage=(10, 0, 5, 0))[0] == 200
             assert call(relay, "messages", stream=True, usage=(20, 0, 6, 0), model="claude-sonnet-4-5")[0] == 200
             status, body = call(relay, "messages", stream=False, usage=(1, 0, 1, 0), model="gpt-5")
-            assert status == 404 and json.loads(body)["error"]["type"] == "not_found_error"
+            assert status == 400 and json.loads(body)["error"]["type"] == "invalid_request_error"
         assert [json.loads(r.body)["model"] for r in oa.requests_to("/responses")] == ["gpt-5.1-codex"]
         assert [json.loads(r.body)["model"] for r in an.requests_to("/messages")] == ["claude-sonnet-4-5"]
     got = rows(db_url, "SELECT node_id, requested_model, model, http_status, output_tokens FROM codex_invocations "
                        "ORDER BY http_status, node_id")
     assert [tuple(r) for r in got] == [("an", "claude-sonnet-4-5", "claude-sonnet-4-5", 200, 6),
                                        ("oa", "gpt-5-codex", "gpt-5.1-codex", 200, 5),
-                                       (None, "gpt-5", "gpt-5", 404, 0)]
+                                       (None, "gpt-5", "gpt-5", 400, 0)]

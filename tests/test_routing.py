@@ -75,17 +75,23 @@ def test_calls_that_report_nothing_take_no_trial():
     assert {p.choose().id for _ in range(200)} == {"ok"} and down.breaker.trial is None
 
 
-def test_every_node_open_the_one_due_first_takes_its_trial_now():
-    p = pool({"a": 1, "b": 1, "off": 1, "zero": 0}, clock=lambda: 0.0)
+def test_every_node_open_and_none_due_a_call_gets_no_node_and_the_wait():
+    """A refusal while every breaker is open is no attempt of a node: no early trial; the wait is the first due."""
+    now = [0.0]
+    p = pool({"a": 1, "b": 1, "off": 1, "zero": 0}, clock=lambda: now[0])
     p.get("off").disabled = True
     trip(p, "a", until=50)
     trip(p, "b", until=20)
-    h1, h2 = object(), object()
-    assert p.choose(holder=h1).id == "b" and p.get("b").breaker.trial is h1
-    assert p.choose(holder=h2).id == "a"
-    assert p.choose(holder=object()) is None  # both trials are out: one at a time per node
+    trip(p, "zero", until=1)  # weight 0 and disabled nodes are never due
+    assert p.choose(holder=object()) is None and p.get("b").breaker.trial is None
+    assert p.cooldown_left() == 20 and p.cooldown_left(exclude={"b"}) == 50
     assert p.choose().id == "b"  # a call that reports nothing still gets a node, without a trial
-    assert p.choose(exclude={"a"}, holder=object()) is None
+    now[0] = 20
+    h1 = object()
+    assert p.choose(holder=h1).id == "b" and p.get("b").breaker.trial is h1
+    assert p.choose(holder=object()) is None and p.cooldown_left() == 0  # b's trial is out; a is due in 30 s
+    p.get("a").disabled = p.get("b").disabled = True
+    assert p.cooldown_left() is None  # no node may take calls at all
 
 
 def test_exclude_skips_nodes_already_tried():

@@ -1,7 +1,8 @@
 """Every error the relay makes reaches the official SDKs as their own typed exception, with its code.
 
 One real relay (client keys, one node, a 1 s first-byte timeout, a 1 MiB body limit) and the `openai`
-and `anthropic` SDKs as the clients; retries in the SDKs are off so each call is one request.
+and `anthropic` SDKs as the clients; retries in the SDKs are off so each call is one request. Then the
+refusals of docs/refusals.md (``tests.refusals``), with the SDKs' default retries on: each stops at once.
 """
 
 from __future__ import annotations
@@ -11,9 +12,12 @@ from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 import pytest
+import sqlalchemy as sa
 
 from bench.fakeupstream import Behaviour, FakeUpstream
 from bench.relayproc import RelayProcess
+from tests.conftest import wait_for
+from tests.refusals import KEYS, ROWS, refusing_relay
 from tests.test_e2e import write_nodes
 
 if TYPE_CHECKING:  # the SDKs are imported by the tests that run them: ~4 s a collection need not pay
@@ -89,3 +93,83 @@ def test_anthropic_sdk_reads_401_413_504(relay):
     assert e.value.status_code == 504 and e.value.body["type"] == "error"
     assert "no response headers within 1 s" in e.value.body["error"]["message"]
     assert claude(relay).messages.create(**ask).usage.output_tokens > 0
+
+
+# -- refusals: every row of docs/refusals.md, each client stopped at its first request ------------------------
+
+
+@pytest.fixture(scope="module")
+def refusing(tmp_path_factory) -> Iterator[SimpleNamespace]:
+    with refusing_relay(tmp_path_factory.mktemp("refusals")) as (relay, _):
+        yield SimpleNamespace(relay=relay, db=relay.db_url)
+
+
+def _counting_client(sdk) -> tuple[object, list[object]]:
+    """The SDK's own HTTP client, noting every request it sends: the SDK's retries included."""
+    sent: list[object] = []
+    return sdk.DefaultHttpxClient(event_hooks={"request": [sent.append]}), sent
+
+
+@pytest.mark.parametrize("row", ROWS, ids=lambda r: r.name)
+def test_openai_sdk_stops_at_once_on_each_refusal(refusing, row):
+    import openai
+
+    http_client, sent = _counting_client(openai)
+    # The SDK's default retries (2) stay on: the refusal itself must stop them.
+    client = openai.OpenAI(base_url=f"{refusing.relay.url}/v1", api_key=KEYS[row.key], http_client=http_client)
+    for _ in range(2):  # the second time, all nodes down is a refusal too
+        with pytest.raises(openai.APIStatusError) as e:
+            client.responses.create(model=row.model, input="hi")
+        if e.value.status_code != 502:
+            break
+    assert (e.value.status_code, e.value.code) == (row.status, row.code)
+    assert row.reason in e.value.message and len(sent) <= 2
+    assert e.value.response.headers["x-should-retry"] == "false"
+    assert e.value.response.headers["x-request-id"].startswith(f"codex-relay-{row.code}-")
+    if row.code == "budget_exceeded":  # Codex stops on this type, with the reset time
+        assert e.value.type == "usage_limit_reached" and e.value.body["resets_at"] > 0
+        assert "retry-after" not in e.value.response.headers
+
+
+@pytest.mark.parametrize("row", ROWS, ids=lambda r: r.name)
+def test_anthropic_sdk_stops_at_once_on_each_refusal(refusing, row):
+    import anthropic
+
+    http_client, sent = _counting_client(anthropic)
+    client = anthropic.Anthropic(base_url=refusing.relay.url, api_key=KEYS[row.key], http_client=http_client)
+    ask = {"model": row.claude_model(), "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}
+    for _ in range(2):
+        with pytest.raises(anthropic.APIStatusError) as e:
+            client.messages.create(**ask)
+        if e.value.status_code != 502:
+            break
+    assert e.value.status_code == row.status and e.value.body["type"] == "error"
+    assert row.reason in e.value.body["error"]["message"] and len(sent) <= 2
+    assert e.value.response.headers["x-should-retry"] == "false"
+
+
+def test_all_nodes_down_is_one_attempt_of_the_node_and_shows_no_address(refusing):
+    """The first call finds the node down (its breaker opens); every later call is a refusal, not an attempt."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{refusing.relay.url}/v1", api_key=KEYS["all"], max_retries=0)
+    answers = []
+    for _ in range(4):
+        with pytest.raises(openai.APIStatusError) as e:
+            client.responses.create(model="down-2", input="hi")
+        answers.append((e.value.status_code, e.value.code, e.value.message))
+    assert all("127.0.0.1" not in m and "http" not in m for _, _, m in answers), answers
+    assert {(s, c) for s, c, _ in answers} <= {(502, "upstream_unreachable"), (429, "no_node_available")}
+    assert answers[-1][:2] == (429, "no_node_available")
+    eng = sa.create_engine(refusing.db)
+    try:
+        def dead_rows() -> list:
+            with eng.connect() as conn:
+                return conn.execute(sa.text("SELECT node_id, error_message FROM codex_invocations "
+                                            "WHERE requested_model IN ('down-1', 'down-2', 'claude-down-1')")).all()
+        got = wait_for(lambda: len(dead_rows()) >= 4 and dead_rows(), what="the calls' rows")
+    finally:
+        eng.dispose()
+    # Exactly one of all those calls (here and in the rows above) was an attempt of the node.
+    assert len([r for r in got if r.node_id == "dead"]) == 1
+    assert "failed" in next(r.error_message for r in got if r.node_id == "dead")  # the address stays in the row

@@ -128,11 +128,11 @@ def test_limits_refuse_in_order_and_count_refusals_per_key(engine):
                      KeySpec("bob", b"y" * 32, nodes=("beta",))])
 
     async def run() -> None:
-        assert refusal(await limits.admit(flow_of("alice"), "claude-opus")) == (403, "model_not_allowed", None)
+        assert refusal(await limits.admit(flow_of("alice"), "claude-opus")) == (400, "model_not_allowed", None)
         a, b = flow_of("alice"), flow_of("alice")
         assert await limits.admit(a, "gpt-5") is None and await limits.admit(b, "gpt-5-codex") is None
         assert limits.barred(a) == {"beta"}
-        assert refusal(await limits.admit(flow_of("alice"), "gpt-5")) == (429, "concurrency_limited", None)
+        assert refusal(await limits.admit(flow_of("alice"), "gpt-5")) == (429, "concurrency_limited", "1")
         limits.release(a)
         t[0] += 10
         assert await limits.admit(flow_of("alice"), "gpt-5") is None  # the third call of the minute
@@ -141,7 +141,7 @@ def test_limits_refuse_in_order_and_count_refusals_per_key(engine):
         assert await limits.admit(flow_of("alice"), "gpt-5") is None  # the fourth: rpm reached
         assert refusal(await limits.admit(flow_of("alice"), "gpt-5")) == (429, "rate_limited", "50")
         limits.runtime.pool.get("beta").disabled = True
-        assert refusal(await limits.admit(flow_of("bob"), "gpt-5"))[:2] == (503, "no_node_available")
+        assert refusal(await limits.admit(flow_of("bob"), "gpt-5"))[:2] == (429, "no_node_available")
 
     asyncio.run(run())
     assert refused_counts(engine, "alice") == {"refused_model": 1, "refused_concurrency": 2, "refused_rate": 1}
@@ -160,7 +160,10 @@ def test_daily_requests_budget_refuses_with_reset_time_and_frees_the_slot(engine
 
     first, second, third = asyncio.run(run())
     assert first is None and second is None
-    assert refusal(third) == (429, "budget_exceeded", "3600")
+    # No retry-after (hours away: clients would sleep on it); Codex stops on this type and shows the reset.
+    assert refusal(third) == (429, "budget_exceeded", None) and third.headers["x-should-retry"] == "false"
+    assert json.loads(third.content)["error"]["type"] == "usage_limit_reached"
+    assert json.loads(third.content)["error"]["resets_at"] == dt.datetime(2026, 11, 26, tzinfo=dt.UTC).timestamp()
     assert "daily_requests limit (2)" in third.text and "2026-11-26T00:00:00Z" in third.text
     assert limits.in_flight("alice") == 2  # the refused call holds no slot
     assert refused_counts(engine, "alice") == {"refused_budget": 1}
