@@ -28,12 +28,15 @@ find_python() {
     return 1
 }
 
-setup_venv() {
-    local stamp=$VENV/.codex-stamp want
+setup_venv() {  # setup_venv [dev]: the relay's dependencies; with dev, the test tools too
+    local stamp=$VENV/.codex-stamp want have spec=.
     want=$(cat pyproject.toml | sha256sum | cut -d' ' -f1)
-    if [ -x "$VENV/bin/python" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
+    have=$(cat "$stamp" 2>/dev/null || true)
+    # A venv set up for the tests has everything the relay needs as well.
+    if [ -x "$VENV/bin/python" ] && { [ "$have" = "$want:${1:-}" ] || [ "$have" = "$want:dev" ]; }; then
         return 0
     fi
+    [ "${1:-}" = dev ] && spec=".[dev]"
     if [ ! -x "$VENV/bin/python" ]; then
         local py
         py=$(find_python) || { echo "run.sh: no Python >= 3.12 found (set CODEX_PYTHON=/path/to/python3.12)" >&2; exit 1; }
@@ -41,8 +44,8 @@ setup_venv() {
         "$py" -m venv "$VENV"
     fi
     echo "run.sh: installing dependencies into .venv" >&2
-    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e ".[dev]" >&2
-    echo "$want" > "$stamp"
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e "$spec" >&2
+    echo "$want:${1:-}" > "$stamp"
 }
 
 ensure_debian() {  # ensure_debian PROGRAM PACKAGE TEST: install Debian's PACKAGE for TEST when we may
@@ -78,7 +81,7 @@ relay() {  # relay mitmdump|mitmweb ARGS…
 cmd=${1:-}
 case "$cmd" in
     test)
-        shift; setup_venv
+        shift; setup_venv dev
         ensure_debian /usr/bin/chromium chromium "the browser test"
         ensure_debian /usr/sbin/haproxy haproxy "the HAProxy test"
         "$VENV/bin/ruff" check .
@@ -91,7 +94,7 @@ case "$cmd" in
     poll-stats) shift; setup_venv; exec "$VENV/bin/python" -m store.poll_cli "$@" ;;
     reconcile) shift; setup_venv; exec "$VENV/bin/python" -m store.reconcile_cli "$@" ;;
     prune) shift; setup_venv; exec "$VENV/bin/python" -m store.prune_cli "$@" ;;
-    bench) shift; setup_venv; exec "$VENV/bin/python" -m bench "$@" ;;
+    bench) shift; setup_venv dev; exec "$VENV/bin/python" -m bench "$@" ;;
     setup) setup_venv ;;
     *) setup_venv; relay mitmdump "$@" ;;
 esac

@@ -1,5 +1,5 @@
-"""Debian's HAProxy in front of relays with README's configuration ("Several relays"), for the fleet test
-and the streams benchmark's two-relay row."""
+"""Debian's HAProxy in front of relays with the shipped configuration (examples/haproxy.cfg, shown in README's
+"Several relays"), for the fleet tests and the streams benchmark's two-relay row."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ from contextlib import ExitStack
 from pathlib import Path
 
 HAPROXY = Path("/usr/sbin/haproxy")
-README = Path(__file__).resolve().parent.parent / "README.md"
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "haproxy.cfg"
 
 
 def haproxy_config(port: int, relay_ports: list[int]) -> str:
-    """The README's configuration, with these ports."""
-    text = README.read_text().split("# /etc/haproxy/haproxy.cfg\n", 1)[1].split("```", 1)[0]
+    """The shipped example's configuration (README, "Several relays"), with these ports."""
+    text = EXAMPLE.read_text()
     text = text.replace("bind 127.0.0.1:8000", f"bind 127.0.0.1:{port}")
     for default, actual in zip((8001, 8002), relay_ports, strict=True):
         text = re.sub(rf"127\.0\.0\.1:{default}\b", f"127.0.0.1:{actual}", text)

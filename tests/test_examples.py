@@ -1,0 +1,29 @@
+"""The shipped examples (examples/) are what the relay reads: each loads with the project's own readers, and
+README shows the HAProxy configuration the fleet tests run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from store.config import load_nodes_file
+from store.keys import parse_keys_toml
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def test_the_example_nodes_file_loads():
+    nodes = load_nodes_file(EXAMPLES / "nodes.toml")
+    assert [n.id for n in nodes] == ["openai-relay", "anthropic"]
+    assert all(n.api_key and n.base_url.startswith("https://") for n in nodes)
+
+
+def test_the_example_keys_file_loads_and_names_only_example_nodes():
+    keys = parse_keys_toml((EXAMPLES / "keys.toml").read_text())
+    assert [k.name for k in keys] == ["alice", "ci"]
+    node_ids = {n.id for n in load_nodes_file(EXAMPLES / "nodes.toml")}
+    assert all(set(k.nodes or ()) <= node_ids for k in keys)
+
+
+def test_readme_shows_the_shipped_haproxy_configuration():
+    readme = (EXAMPLES.parent / "README.md").read_text()
+    assert (EXAMPLES / "haproxy.cfg").read_text() in readme
