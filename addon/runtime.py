@@ -284,6 +284,11 @@ class Runtime:
         if self._alerts is not None:
             self._alerts.notify(event, subject, message)
 
+    @property
+    def database(self) -> str | None:
+        """The stats database's URL without its password, for logs; None before one is open."""
+        return _safe_url(self._db_url) if self._db_url else None
+
     def writer_stats(self) -> WriterStats | None:
         return self._writer.stats() if self._writer is not None else None
 

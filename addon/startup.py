@@ -22,7 +22,7 @@ import sys
 from collections.abc import Iterable
 
 from mitmproxy import ctx, exceptions, optmanager
-from mitmproxy.proxy.mode_specs import ProxyMode
+from mitmproxy.proxy.mode_specs import ProxyMode, ReverseMode
 
 from addon.gate import Gate
 from addon.runtime import Runtime
@@ -117,6 +117,25 @@ def load_certificate_store() -> None:
         tls.configure({"confdir"})
 
 
+def startup_summary(*, reverse_addrs: Iterable[tuple[str, int]], proxy_addrs: Iterable[tuple[str, int]],
+                    database: str | None, nodes: Iterable[str], client_keys: bool, admin_token: bool) -> str:
+    """The one line a newcomer needs after start-up: where clients and the admin page are, and what runs."""
+    def url(addr: tuple[str, int]) -> str:
+        host = addr[0] if addr[0] not in ("", "0.0.0.0", "::") else "127.0.0.1"
+        return f"http://{f'[{host}]' if ':' in host else host}:{addr[1]}"
+
+    parts = []
+    for addr in reverse_addrs:
+        parts.append(f"clients: {url(addr)}/v1 (OpenAI base URL; Anthropic clients: {url(addr)}), "
+                     f"admin page: {url(addr)}/admin{' (codex_admin_token)' if admin_token else ''}")
+    parts += [f"proxy clients: {url(addr)} (HTTP proxy)" for addr in proxy_addrs]
+    nodes = list(nodes)
+    parts.append(f"nodes: {', '.join(nodes)}" if nodes else "no node: monitor mode, traffic passes through")
+    parts.append(f"client keys: {'on' if client_keys else 'off (anyone who reaches the port may call)'}")
+    parts.append(f"database: {database or 'none'}")
+    return "codex-relay ready; " + "; ".join(parts)
+
+
 def fatal(message: str) -> None:
     """Log ``message`` as an error and end the process non-zero.
 
@@ -156,6 +175,17 @@ class StartupCheck:
         if not self.problems and self.started:
             self.gate.ready = True  # options changed at run time (mitmweb): every addon took them
 
+    def _summary(self) -> str:
+        opts = ctx.options
+        proxyserver = ctx.master.addons.get("proxyserver")
+        reverse, proxy = [], []
+        for server in proxyserver.servers if proxyserver is not None else ():
+            (reverse if isinstance(server.mode, ReverseMode) else proxy).extend(server.listen_addrs)
+        return startup_summary(reverse_addrs=reverse, proxy_addrs=proxy, database=self.runtime.database,
+                               nodes=[n.id for n in self.runtime.pool],
+                               client_keys=bool(opts.codex_client_keys.strip()),
+                               admin_token=bool(opts.codex_admin_token))
+
     def running(self) -> None:
         # The proxy listens before any addon's ``running`` hook: the gate opens here, at the end of start-up,
         # never earlier, so a request that arrives meanwhile gets the gate's 503, not a half-started relay.
@@ -173,6 +203,7 @@ class StartupCheck:
             fatal("; ".join(self.problems) or "the relay's configuration did not complete")
             return
         self.gate.ready = True
+        log.info(self._summary())
         # Start-up is over: what it loaded (modules, the price data, the schema) lives as long as the
         # process. Frozen, it is no longer walked by every full garbage collection (~90 ms each, every
         # few thousand calls, during which no connection moves).

@@ -14,7 +14,7 @@ from addon.errors import fail_closed
 from addon.gate import EgressCheck, Gate
 from addon.refusal import REFUSED_KEY, RefusalSink, answered
 from addon.runtime import Runtime
-from addon.startup import StartupCheck, listen_hosts, open_relay_problem, take_unusable_options
+from addon.startup import StartupCheck, listen_hosts, open_relay_problem, startup_summary, take_unusable_options
 from addon.target import target_problem
 from store.records import NodeConfig
 from tests.conftest import request_flow
@@ -150,6 +150,7 @@ def test_startup_check_opens_the_gate_only_when_start_up_is_over():
     check = StartupCheck(gate, Runtime())
     with taddons.context(check) as tctx:
         tctx.options.add_option("codex_client_keys", str, "", "declared by ClientAuth")
+        tctx.options.add_option("codex_admin_token", str, "", "declared by Admin")
         tctx.configure(check)
         assert not gate.ready  # configured, but mitmproxy's own addons are not running yet
         check.running()
@@ -214,3 +215,16 @@ def test_the_gate_sets_the_mitmproxy_options_the_relay_depends_on():
         gate.load(None)  # as at the script's start: after mitmproxy's own options were set
         assert tctx.options.connection_strategy == "lazy"
         assert tctx.options.keep_host_header is True
+
+
+def test_the_start_up_summary_says_where_clients_and_the_admin_page_are():
+    line = startup_summary(reverse_addrs=[("127.0.0.1", 8000)], proxy_addrs=[], database="sqlite:///data/codex.db",
+                           nodes=["alpha", "beta"], client_keys=False, admin_token=False)
+    assert line == ("codex-relay ready; clients: http://127.0.0.1:8000/v1 (OpenAI base URL; Anthropic clients: "
+                    "http://127.0.0.1:8000), admin page: http://127.0.0.1:8000/admin; nodes: alpha, beta; "
+                    "client keys: off (anyone who reaches the port may call); database: sqlite:///data/codex.db")
+    line = startup_summary(reverse_addrs=[("0.0.0.0", 8001)], proxy_addrs=[("::", 8080)], database=None, nodes=[],
+                           client_keys=True, admin_token=True)
+    assert "clients: http://127.0.0.1:8001/v1" in line
+    assert "admin page: http://127.0.0.1:8001/admin (codex_admin_token)" in line
+    assert "proxy clients: http://127.0.0.1:8080" in line and "monitor mode" in line and "client keys: on" in line

@@ -102,5 +102,6 @@ def test_requests_the_moment_the_port_opens_never_kill_the_relay(tmp_path):
                 late: list[bytes] = []
                 ok(port, "/v1/responses", b'{"model": "gpt-5-codex", "input": "hi"}', late)
                 assert late[0].startswith(b"HTTP/1.1 200"), late[0][:300]
+                assert f"codex-relay ready; clients: http://127.0.0.1:{port}/v1" in relay.output()
             finally:
                 assert relay.stop() == 0, relay.output()
