@@ -5,9 +5,11 @@
 #   ./run.sh web [mitmweb args…] same as the default, in mitmweb
 #   ./run.sh stats|poll-stats|reconcile|prune|bench …   see README
 set -euo pipefail
-cd "$(dirname "$0")"
-ROOT=$PWD
+# Paths the user gives (nodes files, keys files, SQLite URLs) are read from where the command runs: no cd.
+ROOT=$(cd "$(dirname "$0")" && pwd)
 VENV=$ROOT/.venv
+# The stats database the relay and the stats commands share unless told otherwise: in the checkout.
+DB=${CODEX_DB:-sqlite:///$ROOT/data/codex.db}
 
 find_python() {
     # mitmproxy 12 needs Python >= 3.12; the machine's default python3 may be older.
@@ -29,14 +31,14 @@ find_python() {
 }
 
 setup_venv() {  # setup_venv [dev]: the relay's dependencies; with dev, the test tools too
-    local stamp=$VENV/.codex-stamp want have spec=.
-    want=$(cat pyproject.toml | sha256sum | cut -d' ' -f1)
+    local stamp=$VENV/.codex-stamp want have spec=$ROOT
+    want=$(sha256sum < "$ROOT/pyproject.toml" | cut -d' ' -f1)
     have=$(cat "$stamp" 2>/dev/null || true)
     # A venv set up for the tests has everything the relay needs as well.
     if [ -x "$VENV/bin/python" ] && { [ "$have" = "$want:${1:-}" ] || [ "$have" = "$want:dev" ]; }; then
         return 0
     fi
-    [ "${1:-}" = dev ] && spec=".[dev]"
+    [ "${1:-}" = dev ] && spec="$ROOT[dev]"
     if [ ! -x "$VENV/bin/python" ]; then
         local py
         py=$(find_python) || { echo "run.sh: no Python >= 3.12 found (set CODEX_PYTHON=/path/to/python3.12)" >&2; exit 1; }
@@ -75,6 +77,7 @@ relay() {  # relay mitmdump|mitmweb ARGS…
     has_arg --listen-port -p -- "$@" || defaults+=(--listen-port "${CODEX_PORT:-8000}")
     # Loopback unless told otherwise: the relay lends its node keys to whoever reaches it.
     has_arg --listen-host -- "$@" || defaults+=(--listen-host "${CODEX_HOST:-127.0.0.1}")
+    has_arg codex_db -- "$@" || defaults+=(--set "codex_db=$DB")
     exec "$VENV/bin/$tool" -s "$ROOT/addon/codex.py" "${defaults[@]}" "$@"
 }
 
@@ -82,6 +85,7 @@ cmd=${1:-}
 case "$cmd" in
     test)
         shift; setup_venv dev
+        cd "$ROOT"
         ensure_debian /usr/bin/chromium chromium "the browser test"
         ensure_debian /usr/sbin/haproxy haproxy "the HAProxy test"
         "$VENV/bin/ruff" check .
@@ -90,11 +94,11 @@ case "$cmd" in
         exec "$VENV/bin/python" -m pytest -n "$(( $(nproc) * 2 ))" --dist loadgroup "$@"
         ;;
     web) shift; setup_venv; relay mitmweb "$@" ;;
-    stats) shift; setup_venv; exec "$VENV/bin/python" -m store.stats_cli "$@" ;;
-    poll-stats) shift; setup_venv; exec "$VENV/bin/python" -m store.poll_cli "$@" ;;
-    reconcile) shift; setup_venv; exec "$VENV/bin/python" -m store.reconcile_cli "$@" ;;
-    prune) shift; setup_venv; exec "$VENV/bin/python" -m store.prune_cli "$@" ;;
-    bench) shift; setup_venv dev; exec "$VENV/bin/python" -m bench "$@" ;;
+    stats) shift; setup_venv; CODEX_DB=$DB exec "$VENV/bin/python" -m store.stats_cli "$@" ;;
+    poll-stats) shift; setup_venv; CODEX_DB=$DB exec "$VENV/bin/python" -m store.poll_cli "$@" ;;
+    reconcile) shift; setup_venv; CODEX_DB=$DB exec "$VENV/bin/python" -m store.reconcile_cli "$@" ;;
+    prune) shift; setup_venv; CODEX_DB=$DB exec "$VENV/bin/python" -m store.prune_cli "$@" ;;
+    bench) shift; setup_venv dev; cd "$ROOT"; exec "$VENV/bin/python" -m bench "$@" ;;
     setup) setup_venv ;;
     *) setup_venv; relay mitmdump "$@" ;;
 esac

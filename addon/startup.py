@@ -125,10 +125,10 @@ def startup_summary(*, reverse_addrs: Iterable[tuple[str, int]], proxy_addrs: It
         return f"http://{f'[{host}]' if ':' in host else host}:{addr[1]}"
 
     parts = []
-    for addr in reverse_addrs:
+    for addr in dict.fromkeys(reverse_addrs):  # a server may list one address twice (IPv4 and dual-stack)
         parts.append(f"clients: {url(addr)}/v1 (OpenAI base URL; Anthropic clients: {url(addr)}), "
                      f"admin page: {url(addr)}/admin{' (codex_admin_token)' if admin_token else ''}")
-    parts += [f"proxy clients: {url(addr)} (HTTP proxy)" for addr in proxy_addrs]
+    parts += [f"proxy clients: {url(addr)} (HTTP proxy)" for addr in dict.fromkeys(proxy_addrs)]
     nodes = list(nodes)
     parts.append(f"nodes: {', '.join(nodes)}" if nodes else "no node: monitor mode, traffic passes through")
     parts.append(f"client keys: {'on' if client_keys else 'off (anyone who reaches the port may call)'}")

@@ -23,7 +23,8 @@ default_zygote: Zygote | None = None
 class RelayProcess:
     """One relay process on 127.0.0.1 with a free port; ``stop()`` sends SIGTERM (the flush path).
 
-    ``root``: where ``addon/codex.py`` is, also the working directory (an installed copy, or this repository).
+    ``root``: where ``addon/codex.py`` is (an installed copy, or this repository), also the working directory
+    unless ``cwd`` names another.
     ``mode`` replaces the reverse mode (e.g. ``regular``); ``argv`` replaces the whole command (e.g.
     ``./run.sh …``), still read for mitmproxy's "listening at" line. ``zygote``: fork the relay from that
     warm interpreter instead of starting ``mitmdump`` afresh (see bench.warm); without one, a plain mitmdump
@@ -34,7 +35,7 @@ class RelayProcess:
                  reverse_target: str = "http://127.0.0.1:9", addon: bool = True,
                  tool: str = "mitmdump", env: dict[str, str] | None = None,
                  extra_args: list[str] | None = None, root: Path = ROOT, mode: str | None = None,
-                 argv: list[str] | None = None, zygote: Zygote | None = None) -> None:
+                 argv: list[str] | None = None, zygote: Zygote | None = None, cwd: Path | None = None) -> None:
         self.root = root
         self.db_url = db_url
         self.options = dict(options or {})
@@ -46,6 +47,7 @@ class RelayProcess:
         self.mode = mode or f"reverse:{reverse_target}"
         self.argv = argv
         self.zygote = zygote
+        self.cwd = cwd or root
         self.port = 0
         self.listen_host = ""  # as mitmproxy prints it: "*" means every address
         self.proc: subprocess.Popen[str] | WarmProcess | None = None
@@ -87,10 +89,10 @@ class RelayProcess:
         if zygote is None and self.argv is None and self.tool == "mitmdump" and self.root == ROOT:
             zygote = default_zygote
         if zygote is not None:
-            self.proc = zygote.popen(self.command(), self.root, env)
+            self.proc = zygote.popen(self.command(), self.cwd, env)
         else:
             self.proc = subprocess.Popen(self.command(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                         text=True, cwd=self.root, env=env, start_new_session=True)
+                                         text=True, cwd=self.cwd, env=env, start_new_session=True)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         return self

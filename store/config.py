@@ -39,8 +39,8 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     try:
         with p.open("rb") as f:
             return tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"{p}: file not found") from None
+    except FileNotFoundError:  # the path tried: a relative one is read from where the relay runs
+        raise ConfigError(f"{p.absolute()}: file not found") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{p}: invalid TOML: {e}") from None
 

@@ -418,11 +418,17 @@ def test_8_open_relay_refuses_to_start_and_run_sh_listens_on_loopback(tmp_path):
         if IN_CI:
             pytest.fail(message)
         pytest.skip(message)
-    run_sh = RelayProcess(db_url=None, argv=[str(ROOT / "run.sh"), "-p", "0",
-                                             "--set", f"codex_db=sqlite:///{tmp_path}/x.db",
-                                             "--set", "codex_upstream=http://127.0.0.1:9"])
+    # Run from another folder with relative paths: they are read from there, as a user means them.
+    (tmp_path / "my-nodes.toml").write_text('[[nodes]]\nid = "mine"\nbase_url = "http://127.0.0.1:9/v1"\n'
+                                            'api_key = "sk-mine"\n')
+    run_sh = RelayProcess(db_url=None, cwd=tmp_path, argv=[str(ROOT / "run.sh"), "-p", "0",
+                                                           "--set", "codex_db=sqlite:///x.db",
+                                                           "--set", "codex_nodes=my-nodes.toml"])
     with run_sh:
         assert run_sh.listen_host == "127.0.0.1", run_sh.output()
+        summary = wait_for(lambda: [ln for ln in run_sh.lines if "codex-relay ready;" in ln], 30, "the summary")
+        assert "nodes: mine;" in summary[0]
+    assert (tmp_path / "x.db").exists()
 
 
 def test_9_admin_keeps_keys_on_their_origin_and_checks_host(shared):

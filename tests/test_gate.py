@@ -218,7 +218,7 @@ def test_the_gate_sets_the_mitmproxy_options_the_relay_depends_on():
 
 
 def test_the_start_up_summary_says_where_clients_and_the_admin_page_are():
-    line = startup_summary(reverse_addrs=[("127.0.0.1", 8000)], proxy_addrs=[], database="sqlite:///data/codex.db",
+    line = startup_summary(reverse_addrs=[("127.0.0.1", 8000)] * 2, proxy_addrs=[], database="sqlite:///data/codex.db",
                            nodes=["alpha", "beta"], client_keys=False, admin_token=False)
     assert line == ("codex-relay ready; clients: http://127.0.0.1:8000/v1 (OpenAI base URL; Anthropic clients: "
                     "http://127.0.0.1:8000), admin page: http://127.0.0.1:8000/admin; nodes: alpha, beta; "

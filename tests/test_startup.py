@@ -12,6 +12,7 @@ import pytest
 from bench.fakeupstream import FakeUpstream
 from bench.haproxy import free_port
 from bench.relayproc import RelayProcess
+from tests.conftest import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -102,6 +103,7 @@ def test_requests_the_moment_the_port_opens_never_kill_the_relay(tmp_path):
                 late: list[bytes] = []
                 ok(port, "/v1/responses", b'{"model": "gpt-5-codex", "input": "hi"}', late)
                 assert late[0].startswith(b"HTTP/1.1 200"), late[0][:300]
-                assert f"codex-relay ready; clients: http://127.0.0.1:{port}/v1" in relay.output()
+                summary = f"codex-relay ready; clients: http://127.0.0.1:{port}/v1"
+                wait_for(lambda r=relay, s=summary: s in r.output(), 30, "the start-up summary")
             finally:
                 assert relay.stop() == 0, relay.output()
