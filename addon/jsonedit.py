@@ -13,9 +13,18 @@ _WS = re.compile(r"[ \t\n\r]*")
 _DECODER = json.JSONDecoder()
 
 
+class DuplicateKey(ValueError):
+    """A JSON object names one top-level key twice: parsers disagree on which value counts (``json.loads``
+    keeps the last, many Go parsers the first), so the relay and a node would read two different calls."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"the top-level key {key!r} appears more than once")
+        self.key = key
+
+
 def top_level(text: str) -> dict[str, tuple[object, int, int]] | None:
-    """Each top-level key of the JSON object ``text``: its value and the value's span (last one wins,
-    as in ``json.loads``); None when ``text`` is not a JSON object."""
+    """Each top-level key of the JSON object ``text``: its value and the value's span; None when ``text`` is
+    not a JSON object. ``DuplicateKey`` when a key appears twice."""
     found: dict[str, tuple[object, int, int]] = {}
     try:
         pos = _WS.match(text).end()
@@ -31,6 +40,8 @@ def top_level(text: str) -> dict[str, tuple[object, int, int]] | None:
                 return None
             start = _WS.match(text, pos + 1).end()
             value, end = _DECODER.raw_decode(text, start)
+            if key in found:
+                raise DuplicateKey(key)
             found[key] = (value, start, end)
             pos = _WS.match(text, end).end()
             if text[pos:pos + 1] == "}":
@@ -38,7 +49,9 @@ def top_level(text: str) -> dict[str, tuple[object, int, int]] | None:
             if text[pos:pos + 1] != ",":
                 return None
             pos = _WS.match(text, pos + 1).end()
-    except ValueError:
+    except DuplicateKey:
+        raise
+    except (ValueError, RecursionError):  # not JSON, or absurdly deep nesting
         pass
     return None
 
@@ -51,7 +64,10 @@ def set_key(body: bytes, key: str, value: object, *, add: bool = False) -> bytes
         text = body.decode()
     except UnicodeDecodeError:
         return None
-    keys = top_level(text)
+    try:
+        keys = top_level(text)
+    except DuplicateKey:  # which one would the node read? Edit neither (the relay refuses such calls anyway)
+        return None
     if keys is None:
         return None
     new = json.dumps(value, ensure_ascii=False, separators=(",", ":"))

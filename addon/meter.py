@@ -17,27 +17,14 @@ from __future__ import annotations
 
 import re
 import time
-import zlib
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
 
-import brotli
-import zstandard
-
+from addon.contentcoding import Decoder, decoder_for
 from addon.sse import DEFAULT_MAX_EVENT_BYTES, SSEEvent, SSEParser
 from addon.usage import UsageExtractor
 from store.records import Usage
-
-# Decoded bytes produced per decompression step: what a highly compressed chunk (or a bomb) can
-# make this process hold at once, instead of its whole expansion.
-_STEP = 64 * 2**10
-# zstd's incremental API has no output limit: feed it input in slices this small instead. One zstd
-# block (>= 3 bytes of input) expands to at most 128 KiB, so a slice yields at most ~6 MiB.
-_ZSTD_SLICE = 128
-# RFC 9659: a zstd content coding uses a window of at most 8 MiB; a larger one would be a memory grab.
-_ZSTD_MAX_WINDOW = 8 * 2**20
 
 # Real SSE and JSON compress ~20x (synthetic streams up to ~140x); zeros ~1000x (gzip) and far more
 # (br, zstd). The floor lets one chunk hold the largest event the SSE parser takes, however
@@ -109,85 +96,6 @@ class MeterResult:
     flags: tuple[str, ...]  # sorted, unique: USAGE_UNREAD, NO_USAGE and UsageExtractor's
 
 
-class _Decoder(Protocol):
-    def feed(self, data: bytes) -> Iterator[bytes]:
-        """Decoded pieces of bounded size, produced lazily as they are consumed.
-
-        Input after the end of the compressed stream is ignored.
-        """
-        ...
-
-
-class _ZlibDecoder:
-    """gzip (wbits 47 also accepts a zlib header) or deflate, zlib-wrapped or raw (sniffed)."""
-
-    def __init__(self, wbits: int | None) -> None:
-        self._head = b""  # wbits None: deflate, decided by the first two bytes
-        self._d = zlib.decompressobj(wbits) if wbits is not None else None
-
-    def feed(self, data: bytes) -> Iterator[bytes]:
-        d = self._d
-        if d is None:
-            data = self._head + data
-            if len(data) < 2:
-                self._head = data
-                return
-            # RFC 1950 header: method 8 and a check sum; "deflate" servers often send raw RFC 1951.
-            zlib_wrapped = data[0] & 0x0F == 8 and (data[0] << 8 | data[1]) % 31 == 0
-            self._d = d = zlib.decompressobj(15 if zlib_wrapped else -15)
-            self._head = b""
-        while data and not d.eof:
-            out = d.decompress(data, _STEP)
-            if out:
-                yield out
-            data = d.unconsumed_tail
-            # A full step may leave output inside zlib with no input left: ask again to drain it.
-            while not data and len(out) == _STEP and not d.eof:
-                out = d.decompress(b"", _STEP)
-                if out:
-                    yield out
-
-
-class _BrotliDecoder:
-    def __init__(self) -> None:
-        self._d = brotli.Decompressor()
-
-    def feed(self, data: bytes) -> Iterator[bytes]:
-        d = self._d
-        if d.is_finished():
-            return
-        out = d.process(data, output_buffer_limit=_STEP)
-        if out:
-            yield out
-        while not d.can_accept_more_data():
-            out = d.process(b"", output_buffer_limit=_STEP)
-            if out:
-                yield out
-
-
-class _ZstdDecoder:
-    def __init__(self) -> None:
-        self._d = zstandard.ZstdDecompressor(max_window_size=_ZSTD_MAX_WINDOW).decompressobj()
-
-    def feed(self, data: bytes) -> Iterator[bytes]:
-        d = self._d
-        for i in range(0, len(data), _ZSTD_SLICE):
-            if d.eof:
-                return
-            out = d.decompress(data[i:i + _ZSTD_SLICE])
-            if out:
-                yield out
-
-
-_DECODERS: dict[str, Callable[[], _Decoder]] = {
-    "gzip": lambda: _ZlibDecoder(47),
-    "x-gzip": lambda: _ZlibDecoder(47),
-    "deflate": lambda: _ZlibDecoder(None),
-    "br": _BrotliDecoder,
-    "zstd": _ZstdDecoder,
-}
-
-
 class StreamMeter:
     """Counts, times and parses one response body while mitmproxy streams it to the client.
 
@@ -227,12 +135,11 @@ class StreamMeter:
         media_type = (content_type or "").split(";", 1)[0].strip().lower()
         self._sse = self._sse_parser() if media_type == "text/event-stream" else None
         self._parsing = True
-        self._decoder: _Decoder | None = None
-        encoding = (content_encoding or "").strip().lower()
-        if encoding in _DECODERS:
-            self._decoder = _DECODERS[encoding]()
-        elif encoding not in ("", "identity"):
-            self._give_up(f"unsupported content-encoding {encoding!r}: body not parsed")
+        self._decoder: Decoder | None = None
+        try:
+            self._decoder = decoder_for(content_encoding)
+        except ValueError as e:
+            self._give_up(f"{e}: body not parsed")
         # Raw chunks are the parser's own bytes only when nothing decodes them first.
         self._skip = self._sse.skip if self._parsing and self._sse is not None and self._decoder is None else None
 

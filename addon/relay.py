@@ -29,6 +29,7 @@ from mitmproxy import ctx, exceptions, http
 from mitmproxy.addons.clientplayback import ReplayHandler
 from mitmproxy.proxy import server_hooks
 
+from addon.callbody import BodyRefused, read_call_body
 from addon.egress import attach, clear_as_is, header_values, origin_of
 from addon.errors import CLIENT_KEY_NAME, error_response, fail_closed, refusal_response
 from addon.inject import answer_waiting, can_answer, close_server
@@ -43,7 +44,7 @@ from addon.routing import Node
 from addon.runtime import Runtime
 from addon.secrets import KnownSecrets
 from addon.target import target_problem
-from addon.usage import detect_format, iteration_usages, parse_request
+from addon.usage import RequestInfo, detect_format, iteration_usages
 from addon.usageprobe import UsageChunkFilter, add_include_usage
 from store.records import InvocationRecord, NodeStateUpdate, utcnow
 
@@ -200,7 +201,14 @@ class Relay:
         api_format = detect_format(target)
         state = None
         if api_format is not None:
-            info = parse_request(flow.request.raw_content)
+            info = RequestInfo(None, False, None)
+            if flow.request.method == "POST":
+                try:
+                    info = read_call_body(flow.request.raw_content, flow.request.headers.get("content-encoding"),
+                                          limit=self._max_body)
+                except BodyRefused as e:
+                    self.refusals.refuse(flow, error_response(target, e.status, e.message, e.code), e.code)
+                    return
             state = CallState(
                 flow=flow, invoke_id=os.urandom(16).hex(), occurred_at=utcnow(), api_format=api_format,
                 model=info.model, stream=info.stream, session_key=_session_key(flow, info.session_key),

@@ -3,8 +3,9 @@
 One predicate per question, shared by every addon, so that no two addons can read one path two ways
 (client auth skipping what the admin page does not answer, a node receiving what the relay never
 checked). A target is canonical when it is an origin-form path of printable ASCII (one leading ``/``)
-with no fragment, no backslash, no dot segment and no percent-encoded ``/``, ``.`` or ``\\`` in the
-path: then what the client, the relay and the node see is the same path.
+with no fragment, no backslash, no dot segment, no percent-encoded ``/``, ``.``, ``\\`` or unreserved
+character in the path, and an API endpoint's path in lower case: then what the client, the relay and the
+node see is the same path, however the node's server normalises it.
 """
 
 from __future__ import annotations
@@ -12,11 +13,16 @@ from __future__ import annotations
 import ipaddress
 import re
 
+from addon.usage import detect_format
+
 ADMIN_PREFIX = "/admin"
 METRICS_PATH = "/metrics"  # Prometheus scrapes it; the admin page's access rules apply
 
 # Percent escapes that would turn into a separator or a dot segment at the node.
 _HIDDEN_SEPARATOR = re.compile(r"%(?:2[fFeE]|5[cC])")
+# Percent escapes of unreserved characters (RFC 3986: letters, digits, '-', '.', '_', '~'), which a canonical
+# path never has: many servers decode them, so "/v1/respons%65s" is the node's "/v1/responses".
+_ENCODED_UNRESERVED = re.compile(r"%(?:[46][1-9a-fA-F]|[57][0-9aA]|3[0-9]|2[dDeE]|5[fF]|7[eE])")
 
 
 def target_problem(target: str) -> str | None:
@@ -32,6 +38,10 @@ def target_problem(target: str) -> str | None:
         return "the request path must not contain '\\'"
     if "%" in path and _HIDDEN_SEPARATOR.search(path):
         return "the request path must not percent-encode '/', '.' or '\\'"
+    if "%" in path and _ENCODED_UNRESERVED.search(path):
+        return "the request path must not percent-encode letters, digits or '-', '.', '_', '~'"
+    if not path.islower() and detect_format(path.lower()) is not None:  # many servers ignore case
+        return "the path of an API endpoint must be lower case"
     # Every segment sits between two slashes once one is added (the path starts with one): this runs
     # three times a call, splitting the path into a list did not need to.
     dotted = path + "/"

@@ -91,14 +91,6 @@ class RequestInfo:
     session_key: str | None
 
 
-def parse_request(body: bytes | None) -> RequestInfo:
-    """The request body's model, stream flag and prompt_cache_key; defaults when it is not such JSON."""
-    obj = _loads(body) if body else None
-    if not isinstance(obj, dict):
-        return RequestInfo(None, False, None)
-    return RequestInfo(_text(obj.get("model")), obj.get("stream") is True, _text(obj.get("prompt_cache_key")))
-
-
 class UsageExtractor:
     """Accumulates what one response body says: usage, model, an in-body error, whether it finished.
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import json
 import threading
 import zlib
@@ -257,8 +258,10 @@ class FakeUpstream:
             return await self._send_json(w, b.status, {"error": {"message": f"fake {b.status}",
                                                                  "type": "server_error"}})
         try:
+            if headers.get("content-encoding") == "gzip":  # as an API server reads a compressed request
+                body = gzip.decompress(body)
             req = json.loads(body or b"{}")
-        except ValueError:
+        except (ValueError, OSError):
             return await self._send_json(w, 400, {"error": {"message": "bad json"}})
         model = req.get("model", "gpt-5-codex")
         usage = _usage_from(req)

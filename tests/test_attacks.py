@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import gzip
 import http.client
 import json
 import socket
@@ -497,3 +498,25 @@ def test_11_flow_waiting_for_headers_survives_sigterm_with_w(tmp_path):
         saved = [flow for flow in io.FlowReader(f).stream() if flow.type == "http"]
     assert any(flow.request.path.endswith("/responses") for flow in saved), "the waiting flow is not in the -w file"
     assert invocations(db_url, "attack11"), "no invocation row for the waiting call"
+
+
+def test_12_a_call_is_read_as_its_node_reads_it_or_reaches_no_node(shared):
+    """Path variants an upstream decodes (%XX, case) and bodies it reads otherwise than the relay (a second
+    "model", a model no filter can match) are refused before any node; a gzip body is read decoded."""
+    port, mark = shared.relay.port, len(shared.node.seen)
+    for target in (b"/v1/respons%65s", b"/v1/Responses", b"/v1/chat/completion%73", b"/v1/messag%65s"):
+        reply = post(port, target, call_body("attack12-path"), bearer())
+        assert reply.status == 400, (target, reply.status, reply.body[:200])
+    duplicate = b'{"model": "o3", "input": "x", "model": "attack12-dup"}'
+    surrogate = b'{"model": "attack12\\ud800", "input": "x"}'
+    for body in (duplicate, surrogate, b"not json"):
+        reply = exchange(port, request_head("POST", b"/v1/responses", port,
+                                            {"content-type": "application/json", **bearer()}, len(body)), body)
+        openai_error(reply.status, reply.body, 400, "invalid_request_body")
+    assert since(shared.node, mark) == []
+    body = gzip.compress(json.dumps(call_body("attack12-gzip")).encode())
+    reply = exchange(port, request_head("POST", b"/v1/responses", port, {
+        "content-type": "application/json", "content-encoding": "gzip", **bearer()}, len(body)), body)
+    assert reply.status == 200, reply.body[:300]
+    assert since(shared.node, mark) == ["/responses"]
+    wait_for(lambda: invocations(shared.db_url, "attack12-gzip"), 30, "the gzip call's row with its model")

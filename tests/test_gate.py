@@ -228,3 +228,19 @@ def test_the_start_up_summary_says_where_clients_and_the_admin_page_are():
     assert "clients: http://127.0.0.1:8001/v1" in line
     assert "admin page: http://127.0.0.1:8001/admin (codex_admin_token)" in line
     assert "proxy clients: http://127.0.0.1:8080" in line and "monitor mode" in line and "client keys: on" in line
+
+
+@pytest.mark.parametrize(("target", "problem"), [
+    ("/v1/respons%65s", "percent-encode letters"), ("/v1/chat/completion%73", "percent-encode letters"),
+    ("/v1/messag%65s", "percent-encode letters"), ("/v1/%72esponses", "percent-encode letters"),
+    ("/v1/responses%7E", "percent-encode letters"), ("/v1/x%5Fy", "percent-encode letters"),
+    ("/v1/Responses", "lower case"), ("/V1/responses", "lower case"), ("/v1/CHAT/completions", "lower case"),
+    ("/v1/Messages?beta=true", "lower case"),
+    ("/v1/responses", None), ("/v1/files/a%20b", None), ("/v1/files/%E2%82%AC", None), ("/v1/x?q=%65", None),
+    ("/v1/responses/resp_ABC", None), ("/v1/models/GPT-5", None),
+])
+def test_a_path_a_node_could_read_as_an_api_endpoint_is_canonical_or_refused(target, problem):
+    """Upstreams that decode %XX (Go net/http, uvicorn) or ignore case serve these as the endpoint itself:
+    the relay's checks (keys' models and budgets, the meter) must see the same endpoint."""
+    found = target_problem(target)
+    assert (found is None) if problem is None else (problem in (found or "")), found

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from addon.sse import SSEEvent, SSEParser
-from addon.usage import RequestInfo, UsageExtractor, detect_format, iteration_usages, parse_request
+from addon.usage import UsageExtractor, detect_format, iteration_usages
 from store.records import Usage
 
 
@@ -143,21 +143,6 @@ def extract(api_format: str | None, body: bytes) -> UsageExtractor:
 ])
 def test_detect_format(path: str, fmt: str | None):
     assert detect_format(path) == fmt
-
-
-def test_parse_request_reads_model_stream_and_cache_key():
-    body = json.dumps({"model": "gpt-5-codex", "stream": True, "prompt_cache_key": "conv-9", "input": []}).encode()
-    assert parse_request(body) == RequestInfo("gpt-5-codex", True, "conv-9")
-    assert parse_request(b'{"model": "m"}') == RequestInfo("m", False, None)
-
-
-@pytest.mark.parametrize("body", [
-    None, b"", b"not json", b"\xff\xfe", b"[1, 2]", b'"text"', b"null", b"[" * 100_000,
-    b'{"model": 5, "stream": "true", "prompt_cache_key": {"a": 1}}',
-    b'{"model": "", "stream": 1, "prompt_cache_key": null}',
-])
-def test_parse_request_never_raises_and_falls_back_to_defaults(body: bytes | None):
-    assert parse_request(body) == RequestInfo(None, False, None)
 
 
 # -- streams -----------------------------------------------------------------------------------------

@@ -1,0 +1,51 @@
+"""A call's request body, read once and exactly as a node will read it, or refused.
+
+Plain Python (no mitmproxy import). The relay checks a call's model (client keys' ``models``, the nodes'
+``models``), maps it (``model_map``) and meters it by what this module reads, so what it reads must be
+what the node runs: the body after its content coding (gzip, deflate, br, zstd; decoded within a bound),
+one JSON object whose top-level keys each appear once (parsers disagree on which of two counts), and a
+model that is printable text (a lone surrogate or a control character can be neither matched nor
+recorded). Anything else is refused before a node is chosen: a call is metered and counted, or it
+reaches no node.
+"""
+
+from __future__ import annotations
+
+from addon.contentcoding import decode_bounded
+from addon.jsonedit import DuplicateKey, top_level
+from addon.usage import RequestInfo
+
+
+class BodyRefused(Exception):
+    """Why a call's body is refused: the HTTP status, the error code and a message for the client."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+def read_call_body(raw: bytes | None, content_encoding: str | None, *, limit: int) -> RequestInfo:
+    """What the body of an API call says; ``BodyRefused`` when a node could read it otherwise than the relay.
+
+    ``limit``: the most bytes a coded body may decode to.
+    """
+    try:
+        body = decode_bounded(raw or b"", content_encoding, limit)
+    except ValueError as e:
+        raise BodyRefused(415, "unsupported_content_encoding",
+                          f"codex-relay: the request body's Content-Encoding cannot be read: {e}") from None
+    try:
+        keys = top_level(body.decode("utf-8"))
+    except UnicodeDecodeError:
+        keys = None
+    except DuplicateKey as e:
+        raise BodyRefused(400, "invalid_request_body", f"codex-relay: invalid request body: {e}") from None
+    if keys is None:
+        raise BodyRefused(400, "invalid_request_body", "codex-relay: invalid request body: not a JSON object")
+    model = keys["model"][0] if "model" in keys else None
+    if model is not None and not (isinstance(model, str) and model and model.isprintable()):
+        raise BodyRefused(400, "invalid_request_body",
+                          "codex-relay: invalid request body: 'model' must be non-empty printable text")
+    cache_key = keys["prompt_cache_key"][0] if "prompt_cache_key" in keys else None
+    return RequestInfo(model, "stream" in keys and keys["stream"][0] is True,
+                       cache_key if isinstance(cache_key, str) and cache_key else None)
