@@ -65,11 +65,16 @@ def test_the_probe_adds_include_usage_and_keeps_every_other_byte():
     kept = b'{"stream": true, "stream_options": {"chunk": 1}, "model": "m"}'
     assert add_include_usage(kept) == (
         b'{"stream": true, "stream_options": {"chunk":1,"include_usage":true}, "model": "m"}')
-    off = b'{"stream": true, "stream_options": {"include_usage": false}}'
-    assert json.loads(add_include_usage(off))["stream_options"] == {"include_usage": True}
+    for off in (b'{"stream": true, "stream_options": {"include_usage": false}}',
+                b'{"stream": true, "stream_options": {"include_usage": null}}',
+                b'{"stream": true, "stream_options": {"include_usage": 0}}'):
+        assert json.loads(add_include_usage(off))["stream_options"] == {"include_usage": True}
 
 
 @pytest.mark.parametrize("body", [b'{"stream": true, "stream_options": {"include_usage": true}}',
+                                  # Asked for usage all the same: the client gets its usage chunk (issue 25).
+                                  b'{"stream": true, "stream_options": {"include_usage": 1}}',
+                                  b'{"stream": true, "stream_options": {"include_usage": "yes"}}',
                                   b'{"stream": false}', b'{"model": "m"}', b"not json", b"[1]",
                                   b'{"stream": true, "stream_options": "x"}'])
 def test_the_probe_leaves_bodies_that_need_nothing(body: bytes):
