@@ -136,7 +136,9 @@ class ClientAuth:
 
     def name_of(self, key: str) -> str | None:
         """The name of a client key given as such (the usage endpoint's ``apiKey``), or None."""
-        return self._name_of(key.strip())
+        key = key.strip()
+        # A JSON string may hold what no key has: a lone surrogate (no UTF-8 to hash), a control character.
+        return self._name_of(key) if key.isprintable() else None
 
     def _name_of(self, candidate: str) -> str | None:
         found = None
