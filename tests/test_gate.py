@@ -58,6 +58,25 @@ def test_non_canonical_targets_get_400_on_the_relays_port(path):
     assert g.response is None
 
 
+@pytest.mark.parametrize("mode", ["reverse:http://127.0.0.1:9", "regular"])
+@pytest.mark.parametrize(("name", "value"), [(b"x-a", b"a\rb"), (b"x-a", b"a\x00b"), (b"x\ra", b"b"),
+                                             (b"x-a", b"a\nb")])
+def test_a_header_with_a_cr_lf_or_nul_is_refused_with_400_before_any_addon_reads_it(mode, name, value):
+    gate = Gate(RefusalSink())
+    gate.ready = True
+    for path, shape in (("/v1/responses", "openai"), ("/v1/messages", "anthropic")):
+        f = flow(path, mode)
+        f.request.headers.fields = ((b"authorization", b"Bearer k"), (name, value), (b"x-b", b"fine"))
+        gate.requestheaders(f)
+        assert f.response.status_code == 400 and f.metadata[REFUSED_KEY] == 400
+        error = error_of(f)
+        assert (error["error"]["code"] == "invalid_header") if shape == "openai" else (error["type"] == "error")
+        assert (name, value) not in f.request.headers.fields  # nor does the refusal endpoint get it
+    clean = flow(mode=mode, headers={"x-a": "a b\tc"})
+    gate.requestheaders(clean)
+    assert clean.response is None
+
+
 def test_a_request_nobody_cleared_never_leaves():
     check = EgressCheck()
     f = flow(headers={"authorization": "Bearer client-key"})
