@@ -98,7 +98,8 @@ class RefusalSink:
                 if event is h11.NEED_DATA:
                     conn.receive_data(await asyncio.wait_for(reader.read(2**16), _READ_TIMEOUT_S))
                 elif isinstance(event, h11.Request):
-                    token = event.target.decode("ascii", "replace").lstrip("/")
+                    # The last segment: mitmproxy passes an absolute-form request on as such (http://host:port/token).
+                    token = event.target.decode("ascii", "replace").rpartition("/")[2]
                 elif isinstance(event, h11.EndOfMessage):
                     break
                 elif isinstance(event, h11.ConnectionClosed):
