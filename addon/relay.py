@@ -36,7 +36,7 @@ from addon.loglines import demote_streaming_line, restore_streaming_line
 from addon.meter import MeterResult, StreamMeter
 from addon.modelroute import rewrite_model, upstream_model
 from addon.options import seconds
-from addon.outcome import Outcome, classify_error, classify_response, is_node_failure_status
+from addon.outcome import Outcome, classify_error, classify_response, is_node_failure_status, rest_asked
 from addon.refusal import REFUSED_KEY, RefusalSink, answered
 from addon.routing import Node
 from addon.runtime import Runtime
@@ -288,10 +288,10 @@ class Relay:
         """Nodes the flow's client key may not use."""
         return self.limits.barred(flow) if self.limits is not None else set()
 
-    def _attempt_failed(self, node: Node, error: str) -> None:
-        """A failed attempt that the client did not see: it still counts against the node."""
+    def _attempt_failed(self, node: Node, error: str, answer: http.Response | None = None) -> None:
+        """A failed attempt that the client did not see (``answer``: the node's): it still counts against the node."""
         error = self.secrets.scrub(error[:1000])
-        self.runtime.health.failure(node, error)
+        self.runtime.health.failure(node, error, _rest_asked(answer))
         self.runtime.submit(NodeStateUpdate(node.id, last_error=error, failed_attempt=True))
 
     def _first_byte_timed_out(self, flow: http.HTTPFlow) -> None:
@@ -395,7 +395,7 @@ class Relay:
             if resp is None:
                 self._attempt_failed(node, str(attempt.error or "no response"))
                 continue
-            self._attempt_failed(served, f"HTTP {flow.response.status_code}")
+            self._attempt_failed(served, f"HTTP {flow.response.status_code}", flow.response)
             flow.response, served = resp, node
             if not is_node_failure_status(resp.status_code):
                 log.info("call %s served by node %s after %d attempts", state.invoke_id, node.id, state.attempts)
@@ -442,7 +442,7 @@ class Relay:
         node = state.node
         if node is not None:
             if outcome.node_failure:
-                self.runtime.health.failure(node, outcome.error or outcome.status)
+                self.runtime.health.failure(node, outcome.error or outcome.status, _rest_asked(resp))
             elif outcome.status == "success":
                 self.runtime.health.success(node)
             else:  # a client abort or a client error says nothing about the node
@@ -585,6 +585,11 @@ def _annotate(flow: http.HTTPFlow, record: InvocationRecord) -> None:
     )
     if record.status != "success":
         flow.marked = ":warning:"
+
+
+def _rest_asked(answer: http.Response | None) -> float:
+    """Seconds a node's answer asked to be left alone (``addon.outcome.rest_asked``)."""
+    return rest_asked(answer.status_code, answer.headers.get("retry-after")) if answer is not None else 0.0
 
 
 def _ms(seconds: float) -> int:

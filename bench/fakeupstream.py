@@ -32,6 +32,7 @@ class SeenRequest:
 class Behaviour:
     status: int = 200  # non-200: an error JSON body with this status
     error_body: bytes | None = None  # non-200: this body instead (sent with a content-length)
+    retry_after: str | None = None  # non-200: sent as the Retry-After header
     error_event: bool = False  # 200 stream that fails after its first event
     first_byte_delay: float = 0.0  # seconds before the response headers
     event_delay: float = 0.0  # seconds between streamed events (benchmarks: a known TTFB)
@@ -247,15 +248,15 @@ class FakeUpstream:
         fmt = next((v for k, v in FORMATS.items() if route.endswith(k)), None)
         if fmt is None:
             return await self._send_json(w, 404, {"error": {"message": f"no route {route}"}})
-        if b.status != 200 and b.error_body is not None:
-            w.write(f"HTTP/1.1 {b.status} X\r\ncontent-type: application/json\r\n"
-                    f"content-length: {len(b.error_body)}\r\n\r\n".encode())
-            w.write(b.error_body)
+        if b.status != 200:
+            body = b.error_body if b.error_body is not None else json.dumps(
+                {"error": {"message": f"fake {b.status}", "type": "server_error"}}).encode()
+            retry_after = f"retry-after: {b.retry_after}\r\n" if b.retry_after is not None else ""
+            w.write(f"HTTP/1.1 {b.status} X\r\ncontent-type: application/json\r\n{retry_after}"
+                    f"content-length: {len(body)}\r\n\r\n".encode())
+            w.write(body)
             await w.drain()
             return True
-        if b.status != 200:
-            return await self._send_json(w, b.status, {"error": {"message": f"fake {b.status}",
-                                                                 "type": "server_error"}})
         try:
             req = json.loads(body or b"{}")
         except ValueError:
