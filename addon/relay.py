@@ -536,13 +536,24 @@ def _start_meter(state: CallState, resp: http.Response, keep_body_bytes: int = 0
     found = header_values(resp.headers, _CONTENT_HEADERS) if found is None else found
     state.meter = StreamMeter(state.api_format, _folded(found, "content-type"), _folded(found, "content-encoding"),
                               keep_body_bytes=keep_body_bytes)
-    return UsageChunkFilter(state.meter) if _strips_usage(state, resp, found) else state.meter
+    if not _strips_usage(state, resp, found):
+        return state.meter
+    if "content-length" in found:
+        # The length counts the chunk taken out: the client would wait for bytes that never come. HTTP/2
+        # frames its end without one; HTTP/1.1 gets the answer chunked.
+        del resp.headers["content-length"]
+        if not (state.flow.request.is_http2 or state.flow.request.is_http3):
+            resp.headers["transfer-encoding"] = "chunked"
+    return UsageChunkFilter(state.meter)
 
 
 def _strips_usage(state: CallState, resp: http.Response, found: dict[str, list[str]]) -> bool:
     """Whether the client gets this answer (``found``: its ``_CONTENT_HEADERS``) without the usage chunk the
-    relay asked for: only a successful event stream sent as is (compressed bytes are passed on untouched)."""
+    relay asked for: only a successful event stream sent as is (compressed bytes are passed on untouched),
+    and not one with a length to an HTTP/1.0 client (which can be sent neither a new length nor chunks)."""
     if not state.probed or resp.status_code != 200:
+        return False
+    if "content-length" in found and state.flow.request.http_version == "HTTP/1.0":
         return False
     encoding = _folded(found, "content-encoding")
     return (_is_sse(_folded(found, "content-type"))

@@ -33,6 +33,7 @@ class Behaviour:
     status: int = 200  # non-200: an error JSON body with this status
     error_body: bytes | None = None  # non-200: this body instead (sent with a content-length)
     retry_after: str | None = None  # non-200: sent as the Retry-After header
+    content_length: bool = False  # a stream sent whole with a content-length instead of chunked
     error_event: bool = False  # 200 stream that fails after its first event
     first_byte_delay: float = 0.0  # seconds before the response headers
     event_delay: float = 0.0  # seconds between streamed events (benchmarks: a known TTFB)
@@ -275,6 +276,12 @@ class FakeUpstream:
             err = {"type": "error", "error": {"type": "server_error", "code": "server_is_overloaded",
                                               "message": "Our servers are currently overloaded."}}
             events = [events[0], _sse("error", err)]
+        if b.content_length:
+            data = b"".join(events)
+            w.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: %d\r\n\r\n%s"
+                    % (len(data), data))
+            await w.drain()
+            return True
         gz = headers.get("x-fake-encoding") == "gzip"
         head = ("HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n"
                 "transfer-encoding: chunked\r\n" + ("content-encoding: gzip\r\n" if gz else "") + "\r\n")
