@@ -87,7 +87,15 @@ class RefusalSink:
             request.headers.pop(name, None)
         request.scheme, request.host, request.port, request.path = "http", "127.0.0.1", self.port, "/" + token
         request.stream = True  # mitmproxy passes the body on as it comes instead of buffering it
+        if "content-length" not in request.headers and "transfer-encoding" not in request.headers:
+            # HTTP/2 and 3 frame a body themselves: over HTTP/1.1 to the endpoint it goes chunked, or the endpoint
+            # would read none and answer before the body is through.
+            request.headers["transfer-encoding"] = "chunked"
         flow.metadata[EGRESS_KEY] = ("http", "127.0.0.1", self.port)
+
+    def withdraw(self, token: str) -> None:
+        """Drop the answer waiting under ``token``: its request will not come (it was answered otherwise)."""
+        self._answers.pop(token, None)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = h11.Connection(h11.SERVER)
