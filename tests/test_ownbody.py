@@ -119,7 +119,7 @@ def test_a_request_that_brings_no_body_after_all_is_answered_directly(chain):
 def test_other_requests_are_left_alone(chain, path, mode, keys):
     sink, auth, own, _ = chain
     if not keys:
-        auth._keys = []
+        own = OwnBodies(sink, ClientAuth(sink))
     f = request_flow(path, {"transfer-encoding": "chunked"}, mode)
     own.requestheaders(f)
     assert not answered(f) and f.request.path == path and not f.request.stream
