@@ -136,7 +136,9 @@ class ClientAuth:
 
     def name_of(self, key: str) -> str | None:
         """The name of a client key given as such (the usage endpoint's ``apiKey``), or None."""
-        return self._name_of(key.strip())
+        key = key.strip()
+        # A JSON string may hold what no key has: a lone surrogate (no UTF-8 to hash), a control character.
+        return self._name_of(key) if key.isprintable() else None
 
     def _name_of(self, candidate: str) -> str | None:
         found = None
@@ -147,6 +149,16 @@ class ClientAuth:
                 if self.secrets.same_digest(d, key_digest) and found is None:
                     found = name
         return found
+
+    def own_endpoint(self, flow: http.HTTPFlow) -> bool:
+        """Whether the relay answers this request itself, needing no client key: on its own port (reverse mode;
+        in regular mode such a path belongs to whatever site the client asked for), the admin page and /metrics
+        (their own token) and, with client keys set, the usage endpoint (addon.userstats: the key in its body,
+        as claude-relay-service takes it)."""
+        if not isinstance(flow.client_conn.proxy_mode, ReverseMode):
+            return False
+        path = flow.request.path
+        return is_admin_path(path) or (bool(self._keys) and is_user_stats_path(path))
 
     def identify(self, headers: http.Headers) -> str | None:
         """The name of the client key these request headers carry, or None."""
@@ -180,12 +192,7 @@ class ClientAuth:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if answered(flow) or flow.is_replay or not self._keys:
             return
-        # The admin page answers /admin only on the relay's own port (reverse mode); in regular mode
-        # such a path belongs to whatever site the client asked for and the relay would route it.
-        if isinstance(flow.client_conn.proxy_mode, ReverseMode) and is_admin_path(flow.request.path):
-            return
-        # The usage endpoint (addon.userstats) takes the key in its body, as claude-relay-service does.
-        if isinstance(flow.client_conn.proxy_mode, ReverseMode) and is_user_stats_path(flow.request.path):
+        if self.own_endpoint(flow):
             return
         name = self.identify(flow.request.headers) or self._tunnels.get(flow.client_conn.id)
         if name is not None:

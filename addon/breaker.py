@@ -63,21 +63,37 @@ class Breaker:
             if self.trial is holder:
                 self.trial = None
 
-    def failure(self, now: float, policy: BreakerPolicy) -> bool:
-        """A failed call. True when it opened the breaker or re-opened it after a failed trial."""
+    def failure(self, now: float, policy: BreakerPolicy, rest: float = 0.0) -> bool:
+        """A failed call. True when it opened the breaker or re-opened it after a failed trial.
+
+        ``rest``: seconds the node asked to be left alone (a 429's ``Retry-After``). Unless the policy never
+        opens, such an answer opens the breaker at once, and the wait ends no sooner (nor by a ping).
+        """
         with self._lock:
             self.streak += 1
+            cooldown = 0.0
             if self.is_open:
-                if self.trial is None:
-                    return False  # a call sent before the breaker opened: the cooldown stands
+                if self.trial is None:  # a call sent before the breaker opened: the cooldown stands
+                    self._rest(now, rest)
+                    return False
                 self.openings += 1
+                cooldown = policy.cooldown_after(self.openings)
             elif policy.threshold and self.streak >= policy.threshold:
+                self.openings, self.ping_may_end = 1, True
+                cooldown = policy.cooldown_after(1)
+            elif policy.threshold and rest > 0:
                 self.openings, self.ping_may_end = 1, True
             else:
                 return False
             self.trial = None
-            self.until = now + policy.cooldown_after(self.openings)
+            self.until = now + cooldown
+            self._rest(now, rest)
             return True
+
+    def _rest(self, now: float, rest: float) -> None:
+        if rest > 0:
+            self.until = max(self.until, now + rest)
+            self.ping_may_end = False  # the node said how long: an answered ping is no reason to call it sooner
 
     def close(self) -> bool:
         """A successful call (or an admin reset): back in rotation, streak 0. True when it was open."""

@@ -19,6 +19,7 @@ from addon.drain import Drain  # noqa: E402
 from addon.gate import EgressCheck, Gate  # noqa: E402
 from addon.hygiene import KeyHygiene  # noqa: E402
 from addon.limits import Limits  # noqa: E402
+from addon.ownbody import OwnBodies  # noqa: E402
 from addon.refusal import RefusalSink  # noqa: E402
 from addon.relay import Relay  # noqa: E402
 from addon.runtime import Runtime  # noqa: E402
@@ -38,8 +39,9 @@ gate = Gate(refusals)
 runtime = Runtime(secrets)
 limits = Limits(runtime)  # client keys' limits: set by ClientAuth, enforced by Relay
 auth = ClientAuth(refusals, secrets, limits)
+own = OwnBodies(refusals, auth)  # the own endpoints' bodies: read around them (own.handover after them)
 # One addon for mitmproxy to dispatch to (addon.chain): walking eleven for every event, and calling each
 # hook apart, cost ~25 µs of a short call.
-addons = [AddonChain([refusals, Drain(), gate, runtime, auth, Admin(runtime, limits), UserStats(runtime, auth),
-                      Relay(runtime, refusals, secrets, limits),
+addons = [AddonChain([refusals, Drain(), gate, runtime, auth, own, Admin(runtime, limits), UserStats(runtime, auth),
+                      own.handover, Relay(runtime, refusals, secrets, limits),
                       KeyHygiene(), SSEView(), EgressCheck(), StartupCheck(gate, runtime)])]

@@ -1,14 +1,16 @@
 """The relay's first and last word on every request.
 
-``Gate`` (first addon) answers 503 until the script is fully configured (see ``addon.startup``) and, on
-the relay's own port (reverse mode), refuses every request target that is not canonical
-(``addon.target``) before any other addon reads it. ``EgressCheck`` (last ``request`` hook) lets no
-request leave unless an addon cleared its destination (``addon.egress``).
+``Gate`` (first addon) refuses a request whose header fields hold a CR, LF or NUL, answers 503 until the
+script is fully configured (see ``addon.startup``) and, on the relay's own port (reverse mode), refuses
+every request target that is not canonical (``addon.target``) before any other addon reads it.
+``EgressCheck`` (last ``request`` hook) lets no request leave unless an addon cleared its destination
+(``addon.egress``).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 
 from mitmproxy import ctx, http
 from mitmproxy.proxy.mode_specs import ReverseMode
@@ -19,6 +21,15 @@ from addon.refusal import RefusalSink, answered
 from addon.target import target_problem
 
 log = logging.getLogger("codex.gate")
+
+# No header field holds these (RFC 9110 5.5). mitmproxy's HTTP/1 parser takes a bare CR and a NUL in a value;
+# passed on, one request could read as two to the relay and a node, or cut a value short.
+_BAD_FIELD = re.compile(rb"[\r\n\x00]")
+
+
+def bad_fields(headers: http.Headers) -> list[tuple[bytes, bytes]]:
+    """The header fields whose name or value holds a CR, LF or NUL."""
+    return [(name, value) for name, value in headers.fields if _BAD_FIELD.search(value) or _BAD_FIELD.search(name)]
 
 
 class Gate:
@@ -39,6 +50,14 @@ class Gate:
         if answered(flow):
             return
         path = flow.request.path
+        bad = bad_fields(flow.request.headers)
+        if bad:
+            problem = f"the header {bad[0][0].decode('ascii', 'replace')[:64]!r} holds a CR, LF or NUL character"
+            # Not even to the refusal endpoint: its HTTP parser refuses them too.
+            flow.request.headers.fields = tuple(f for f in flow.request.headers.fields if f not in bad)
+            self.refusals.refuse(flow, error_response(path, 400, f"codex-relay: {problem}", "invalid_header"),
+                                 problem)
+            return
         if not self.ready:
             self.refusals.refuse(flow, error_response(
                 path, 503, "codex-relay is not ready: its configuration did not complete (see its log)",

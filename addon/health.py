@@ -32,15 +32,17 @@ class Health:
         self.policy = policy or BreakerPolicy()
         self.clock = clock
 
-    def failure(self, node: Node, error: str) -> None:
+    def failure(self, node: Node, error: str, rest: float = 0.0) -> None:
+        """A failed call of ``node``; ``rest``: the seconds its answer asked to be left alone (capped at the
+        longest cooldown), see ``Breaker.failure``."""
         b = node.breaker
         now = self.clock()
-        if not b.failure(now, self.policy):
+        if not b.failure(now, self.policy, min(rest, self.policy.cooldown_max)):
             return
         cooldown = b.until - now
         if b.openings == 1:
-            log.warning("node %s out of rotation after %d failures in a row (%s): one trial call in %g s",
-                        node.id, b.streak, error, cooldown)
+            log.warning("node %s out of rotation after %d failure(s) in a row (%s%s): one trial call in %g s",
+                        node.id, b.streak, error, ", it asked for a pause" if rest > 0 else "", cooldown)
             self.submit(NodeStateUpdate(node.id, failed=True, last_error=error[:1000]))
         else:
             log.warning("node %s failed its trial call (%s): next trial in %g s", node.id, error, cooldown)

@@ -5,6 +5,9 @@ Plain Python so the rules are tested without mitmproxy.
 
 from __future__ import annotations
 
+import datetime as dt
+import email.utils
+import math
 from dataclasses import dataclass
 
 # HTTP statuses that say the node (its key, its quota), not the client, is at fault.
@@ -13,6 +16,24 @@ NODE_FAILURE_STATUSES = frozenset({401, 403, 429})
 
 def is_node_failure_status(http_status: int) -> bool:
     return http_status >= 500 or http_status in NODE_FAILURE_STATUSES
+
+
+def rest_asked(http_status: int, retry_after: str | None, now: dt.datetime | None = None) -> float:
+    """Seconds a node's 429 or 503 asked to be left alone: its ``Retry-After`` (seconds or an HTTP date);
+    0 for any other answer or a value that says nothing."""
+    if http_status not in (429, 503) or not retry_after:
+        return 0.0
+    try:
+        seconds = float(retry_after)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(retry_after)
+        except (TypeError, ValueError):
+            return 0.0
+        if when.tzinfo is None:  # "-0000": UTC
+            when = when.replace(tzinfo=dt.UTC)
+        seconds = (when - (now or dt.datetime.now(dt.UTC))).total_seconds()
+    return seconds if math.isfinite(seconds) and seconds > 0 else 0.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -97,7 +97,15 @@ class RefusalSink:
             request.headers.pop(name, None)
         request.scheme, request.host, request.port, request.path = "http", "127.0.0.1", self.port, "/" + token
         request.stream = True  # mitmproxy passes the body on as it comes instead of buffering it
+        if "content-length" not in request.headers and "transfer-encoding" not in request.headers:
+            # HTTP/2 and 3 frame a body themselves: over HTTP/1.1 to the endpoint it goes chunked, or the endpoint
+            # would read none and answer before the body is through.
+            request.headers["transfer-encoding"] = "chunked"
         flow.metadata[EGRESS_KEY] = ("http", "127.0.0.1", self.port)
+
+    def withdraw(self, token: str) -> None:
+        """Drop the answer waiting under ``token``: its request will not come (it was answered otherwise)."""
+        self._answers.pop(token, None)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = h11.Connection(h11.SERVER)
@@ -108,7 +116,8 @@ class RefusalSink:
                 if event is h11.NEED_DATA:
                     conn.receive_data(await asyncio.wait_for(reader.read(2**16), _READ_TIMEOUT_S))
                 elif isinstance(event, h11.Request):
-                    token = event.target.decode("ascii", "replace").lstrip("/")
+                    # The last segment: mitmproxy passes an absolute-form request on as such (http://host:port/token).
+                    token = event.target.decode("ascii", "replace").rpartition("/")[2]
                 elif isinstance(event, h11.EndOfMessage):
                     break
                 elif isinstance(event, h11.ConnectionClosed):

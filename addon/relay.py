@@ -38,7 +38,7 @@ from addon.loglines import demote_streaming_line, restore_streaming_line
 from addon.meter import MeterResult, StreamMeter
 from addon.modelroute import rewrite_model, upstream_model
 from addon.options import seconds
-from addon.outcome import Outcome, classify_error, classify_response, is_node_failure_status
+from addon.outcome import Outcome, classify_error, classify_response, is_node_failure_status, rest_asked
 from addon.refusal import REFUSED_KEY, RefusalSink, answered
 from addon.routing import Node
 from addon.runtime import Runtime
@@ -318,10 +318,10 @@ class Relay:
         """Nodes the flow's client key may not use."""
         return self.limits.barred(flow) if self.limits is not None else set()
 
-    def _attempt_failed(self, node: Node, error: str) -> None:
-        """A failed attempt that the client did not see: it still counts against the node."""
+    def _attempt_failed(self, node: Node, error: str, answer: http.Response | None = None) -> None:
+        """A failed attempt that the client did not see (``answer``: the node's): it still counts against the node."""
         error = self.secrets.scrub(error[:1000])
-        self.runtime.health.failure(node, error)
+        self.runtime.health.failure(node, error, _rest_asked(answer))
         self.runtime.submit(NodeStateUpdate(node.id, last_error=error, failed_attempt=True))
 
     def _first_byte_timed_out(self, flow: http.HTTPFlow) -> None:
@@ -425,7 +425,7 @@ class Relay:
             if resp is None:
                 self._attempt_failed(node, str(attempt.error or "no response"))
                 continue
-            self._attempt_failed(served, f"HTTP {flow.response.status_code}")
+            self._attempt_failed(served, f"HTTP {flow.response.status_code}", flow.response)
             flow.response, served = resp, node
             if not is_node_failure_status(resp.status_code):
                 log.info("call %s served by node %s after %d attempts", state.invoke_id, node.id, state.attempts)
@@ -472,7 +472,7 @@ class Relay:
         node = state.node
         if node is not None:
             if outcome.node_failure:
-                self.runtime.health.failure(node, outcome.error or outcome.status)
+                self.runtime.health.failure(node, outcome.error or outcome.status, _rest_asked(resp))
             elif outcome.status == "success":
                 self.runtime.health.success(node)
             else:  # a client abort or a client error says nothing about the node
@@ -566,13 +566,24 @@ def _start_meter(state: CallState, resp: http.Response, keep_body_bytes: int = 0
     found = header_values(resp.headers, _CONTENT_HEADERS) if found is None else found
     state.meter = StreamMeter(state.api_format, _folded(found, "content-type"), _folded(found, "content-encoding"),
                               keep_body_bytes=keep_body_bytes)
-    return UsageChunkFilter(state.meter) if _strips_usage(state, resp, found) else state.meter
+    if not _strips_usage(state, resp, found):
+        return state.meter
+    if "content-length" in found:
+        # The length counts the chunk taken out: the client would wait for bytes that never come. HTTP/2
+        # frames its end without one; HTTP/1.1 gets the answer chunked.
+        del resp.headers["content-length"]
+        if not (state.flow.request.is_http2 or state.flow.request.is_http3):
+            resp.headers["transfer-encoding"] = "chunked"
+    return UsageChunkFilter(state.meter)
 
 
 def _strips_usage(state: CallState, resp: http.Response, found: dict[str, list[str]]) -> bool:
     """Whether the client gets this answer (``found``: its ``_CONTENT_HEADERS``) without the usage chunk the
-    relay asked for: only a successful event stream sent as is (compressed bytes are passed on untouched)."""
+    relay asked for: only a successful event stream sent as is (compressed bytes are passed on untouched),
+    and not one with a length to an HTTP/1.0 client (which can be sent neither a new length nor chunks)."""
     if not state.probed or resp.status_code != 200:
+        return False
+    if "content-length" in found and state.flow.request.http_version == "HTTP/1.0":
         return False
     encoding = _folded(found, "content-encoding")
     return (_is_sse(_folded(found, "content-type"))
@@ -615,6 +626,11 @@ def _annotate(flow: http.HTTPFlow, record: InvocationRecord) -> None:
     )
     if record.status != "success":
         flow.marked = ":warning:"
+
+
+def _rest_asked(answer: http.Response | None) -> float:
+    """Seconds a node's answer asked to be left alone (``addon.outcome.rest_asked``)."""
+    return rest_asked(answer.status_code, answer.headers.get("retry-after")) if answer is not None else 0.0
 
 
 def _ms(seconds: float) -> int:

@@ -28,7 +28,8 @@ _NO_CHOICES = re.compile(rb'"choices"\s*:\s*\[\s*\]')
 
 def add_include_usage(body: bytes) -> bytes | None:
     """The chat request ``body`` with ``stream_options.include_usage`` true, every other byte as sent;
-    None when the body already asks for usage, is no streamed request, or is not a JSON object."""
+    None when the body already asks for usage (any value but absent, null, false or 0), is no streamed
+    request, or is not a JSON object."""
     try:
         obj = json.loads(body)
     except ValueError:
@@ -38,7 +39,9 @@ def add_include_usage(body: bytes) -> bytes | None:
     options = obj.get("stream_options")
     if options is None:
         options = {}
-    elif not isinstance(options, dict) or options.get("include_usage") is True:
+    # Only a clear "no" (absent, null, false, 0) is probed: any other value asked for usage (``1`` does at
+    # OpenAI), or is the upstream's to judge; either way the client gets the body and the chunk as sent.
+    elif not isinstance(options, dict) or options.get("include_usage") not in (None, False):
         return None
     return set_key(body, "stream_options", {**options, "include_usage": True}, add=True)
 

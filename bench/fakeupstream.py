@@ -33,6 +33,8 @@ class SeenRequest:
 class Behaviour:
     status: int = 200  # non-200: an error JSON body with this status
     error_body: bytes | None = None  # non-200: this body instead (sent with a content-length)
+    retry_after: str | None = None  # non-200: sent as the Retry-After header
+    content_length: bool = False  # a stream sent whole with a content-length instead of chunked
     error_event: bool = False  # 200 stream that fails after its first event
     first_byte_delay: float = 0.0  # seconds before the response headers
     event_delay: float = 0.0  # seconds between streamed events (benchmarks: a known TTFB)
@@ -248,15 +250,15 @@ class FakeUpstream:
         fmt = next((v for k, v in FORMATS.items() if route.endswith(k)), None)
         if fmt is None:
             return await self._send_json(w, 404, {"error": {"message": f"no route {route}"}})
-        if b.status != 200 and b.error_body is not None:
-            w.write(f"HTTP/1.1 {b.status} X\r\ncontent-type: application/json\r\n"
-                    f"content-length: {len(b.error_body)}\r\n\r\n".encode())
-            w.write(b.error_body)
+        if b.status != 200:
+            body = b.error_body if b.error_body is not None else json.dumps(
+                {"error": {"message": f"fake {b.status}", "type": "server_error"}}).encode()
+            retry_after = f"retry-after: {b.retry_after}\r\n" if b.retry_after is not None else ""
+            w.write(f"HTTP/1.1 {b.status} X\r\ncontent-type: application/json\r\n{retry_after}"
+                    f"content-length: {len(body)}\r\n\r\n".encode())
+            w.write(body)
             await w.drain()
             return True
-        if b.status != 200:
-            return await self._send_json(w, b.status, {"error": {"message": f"fake {b.status}",
-                                                                 "type": "server_error"}})
         try:
             if headers.get("content-encoding") == "gzip":  # as an API server reads a compressed request
                 body = gzip.decompress(body)
@@ -277,6 +279,12 @@ class FakeUpstream:
             err = {"type": "error", "error": {"type": "server_error", "code": "server_is_overloaded",
                                               "message": "Our servers are currently overloaded."}}
             events = [events[0], _sse("error", err)]
+        if b.content_length:
+            data = b"".join(events)
+            w.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: %d\r\n\r\n%s"
+                    % (len(data), data))
+            await w.drain()
+            return True
         gz = headers.get("x-fake-encoding") == "gzip"
         head = ("HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n"
                 "transfer-encoding: chunked\r\n" + ("content-encoding: gzip\r\n" if gz else "") + "\r\n")

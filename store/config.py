@@ -124,12 +124,13 @@ def _served(item: dict, where: str) -> tuple[tuple[str, ...], tuple[str, ...], d
 
 
 def load_entries[T](path: str | Path, key: str, parse: Callable[[Any, str], T], name: Callable[[T], str],
-                    what: str) -> list[T]:
-    """The ``[[key]]`` tables of a TOML file, each parsed by ``parse(item, where)``, ``name`` unique.
+                    what: str, doc: dict[str, Any] | None = None) -> list[T]:
+    """The ``[[key]]`` tables of a TOML file (``doc``: the file as loaded already), each parsed by
+    ``parse(item, where)``, ``name`` unique.
 
     Raises ConfigError naming the file and the entry. No such key means no entries.
     """
-    items = load_toml(path).get(key, [])
+    items = (load_toml(path) if doc is None else doc).get(key, [])
     if not isinstance(items, list):
         raise ConfigError(f"{path}: '{key}' must be an array of tables ([[{key}]])")
     entries: list[T] = []
@@ -143,6 +144,23 @@ def load_entries[T](path: str | Path, key: str, parse: Callable[[Any, str], T], 
     return entries
 
 
+# What the relay reads from its nodes file (codex_nodes): here, store.sources and addon.alerts.
+NODES_FILE_TABLES = ("nodes", "sources", "webhooks")
+
+
 def load_nodes_file(path: str | Path) -> list[NodeConfig]:
-    """The ``[[nodes]]`` of a TOML file, validated: ids unique, URLs usable, weights >= 0."""
-    return load_entries(path, "nodes", node_from_mapping, lambda n: n.id, "id")
+    """The ``[[nodes]]`` of a TOML file, validated: ids unique, URLs usable, weights >= 0, each with its
+    api_key, and nothing at the top but ``NODES_FILE_TABLES`` (a misspelled ``[[webhook]]`` would be ignored)."""
+    doc = load_toml(path)
+    unknown = sorted(set(doc) - set(NODES_FILE_TABLES))
+    if unknown:
+        raise ConfigError(f"{path}: unknown top-level {', '.join(map(repr, unknown))}; a nodes file has "
+                          + ", ".join(f"[[{t}]]" for t in NODES_FILE_TABLES))
+    return load_entries(path, "nodes", _file_node, lambda n: n.id, "id", doc)
+
+
+def _file_node(item: Any, where: str) -> NodeConfig:
+    node = node_from_mapping(item, where)
+    if not node.api_key:  # the admin page's save may leave it out (it keeps the stored key); a file may not
+        raise ConfigError(f"{where} ({node.id}): api_key is required (any placeholder for a node that needs none)")
+    return node

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -72,7 +73,10 @@ def _sqlite_engine(url: sa.URL) -> sa.Engine:
         engine = sa.create_engine(url, poolclass=StaticPool, connect_args={"check_same_thread": False},
                                   hide_parameters=True)
     else:
-        Path(url.database).expanduser().resolve().parent.mkdir(parents=True, exist_ok=True)
+        path = Path(url.database).expanduser().resolve()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if "mode" not in url.query:  # mode=ro / rw: SQLite does not create it
+            create_private(path)
         engine = sa.create_engine(url, connect_args={"timeout": 30}, hide_parameters=True)
 
     @sa.event.listens_for(engine, "connect")
@@ -86,6 +90,16 @@ def _sqlite_engine(url: sa.URL) -> sa.Engine:
         cur.close()
 
     return engine
+
+
+def create_private(path: str | os.PathLike[str]) -> None:
+    """Create ``path`` empty, readable and writable by its owner only, unless it exists.
+
+    For the SQLite files that hold node keys: SQLite creates a database 0644 (less the umask), and gives
+    its -wal, -shm and -journal files the database file's mode, so a database it finds 0600 stays private.
+    """
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 
 
 def error_line(error: BaseException) -> str:

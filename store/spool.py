@@ -26,7 +26,7 @@ from typing import TextIO
 
 from sqlalchemy.engine import make_url
 
-from store.engine import in_memory
+from store.engine import create_private, in_memory
 from store.records import InvocationRecord, NodeStateUpdate, Usage
 
 Item = InvocationRecord | NodeStateUpdate
@@ -142,6 +142,7 @@ class Spool:
         if self.path:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
             self._lock_file = _lock(self.path, relay_pid or os.getpid(), orphan_wait)
+            create_private(self.path)  # the journal holds records of calls, and SQLite would create it 0644
         # Only the writer thread uses it after construction.
         self._db = sqlite3.connect(self.path or ":memory:", check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")

@@ -15,10 +15,11 @@ def write(tmp_path, text: str):
 
 def test_loads_nodes_with_defaults(tmp_path):
     p = write(tmp_path, '[[nodes]]\nid = "a"\nbase_url = "https://a/v1"\napi_key = "k"\nweight = 3\n'
-                        '[[nodes]]\nid = "b"\nname = "B"\nbase_url = "http://127.0.0.1:1/v1"\n')
+                        '[[nodes]]\nid = "b"\nname = "B"\nbase_url = "http://127.0.0.1:1/v1"\napi_key = "kb"\n'
+                        '[[sources]]\n[[webhooks]]\n')  # what else a nodes file holds: read elsewhere
     a, b = load_nodes_file(p)
     assert (a.id, a.name, a.base_url, a.api_key, a.weight) == ("a", "a", "https://a/v1", "k", 3)
-    assert (b.name, b.weight, b.api_key) == ("B", 1, "")
+    assert (b.name, b.weight, b.api_key) == ("B", 1, "kb")
     assert a.auth_header == "" and load_nodes_file(write(tmp_path, p.read_text() + 'auth_header = "X-Api-Key"\n'))[
         1].auth_header == "x-api-key"
 
@@ -33,10 +34,20 @@ def test_loads_nodes_with_defaults(tmp_path):
     ('[[nodes]]\nid = "a"\nbase_url = "https://a"\napi_key = "' + "k" * 513 + '"', "limited to 512 characters"),
     ('[[nodes]]\nid = "a"\nbase_url = "https://a"\nweight = 1.5', "weight must be an integer >= 0"),
     ('[[nodes]]\nid = "a"\nbase_url = "https://a"\nwieght = 1', "unknown keys ['wieght']"),
-    ('[[nodes]]\nid = "a"\nbase_url = "https://a"\n[[nodes]]\nid = "a"\nbase_url = "https://b"', "duplicate id"),
-    ('[[nodes]]\nid = "a"\nbase_url = "https://a"\nauth_header = "host"', "auth_header must be the name"),
-    ('[[nodes]]\nid = "a"\nbase_url = "https://a"\nauth_header = "x api key"', "auth_header must be the name"),
-    ('[[nodes]]\nid = "a"\nbase_url = "https://a"\nauth_header = 1', "auth_header must be the name"),
+    ('[[nodes]]\nid = "a"\nbase_url = "https://a"\napi_key = "k"\n[[nodes]]\nid = "a"\nbase_url = "https://b"\n'
+     'api_key = "k"', "duplicate id"),
+    ('[[nodes]]\nid = "a"\nbase_url = "https://a"\napi_key = "k"\n'
+     'auth_header = "host"', "auth_header must be the name"),
+    ('[[nodes]]\nid = "a"\nbase_url = "https://a"\napi_key = "k"\n'
+     'auth_header = "x api key"', "auth_header must be the name"),
+    ('[[nodes]]\nid = "a"\nbase_url = "https://a"\napi_key = "k"\n'
+     'auth_header = 1', "auth_header must be the name"),
+    # Issue 25: both were taken silently (no alerts; a node sent calls without a key).
+    ('[[nodes]]\nid = "a"\nbase_url = "https://a"', "api_key is required"),
+    ('[[nodes]]\nid = "a"\nbase_url = "https://a"\napi_key = ""', "api_key is required"),
+    ('[[nodes]]\nid = "a"\nbase_url = "https://a"\napi_key = "k"\n[[webhook]]\nurl = "https://hooks.example/x"',
+     "unknown top-level 'webhook'; a nodes file has [[nodes]], [[sources]], [[webhooks]]"),
+    ('weight = 3\n[[nodes]]\nid = "a"\nbase_url = "https://a"\napi_key = "k"', "unknown top-level 'weight'"),
 ])
 def test_bad_files_give_clear_errors(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):

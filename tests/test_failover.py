@@ -133,6 +133,17 @@ def test_sticky_sessions_hold_and_spread_by_weight(sqlite_url, tmp_path):
     assert 0.55 < spread["b"] / 120 < 0.92, spread
 
 
+def test_a_node_that_answers_429_with_retry_after_is_left_alone_that_long(sqlite_url, tmp_path):
+    with FakeUpstream("good") as good, FakeUpstream("busy", behaviour=Behaviour(status=429, retry_after="30")) as busy:
+        nodes = write_nodes(tmp_path / "n.toml", [("busy", busy.base_url, "kb", HEAVY),
+                                                  ("good", good.base_url, "kg", 1)])
+        with RelayProcess(db_url=sqlite_url, options={"codex_nodes": str(nodes), **FAST}) as relay:
+            assert [call(relay, "responses", stream=False, usage=(1, 0, 1, 0))[0] for _ in range(8)] == [200] * 8
+    # The first call found out (and was served by the other node); the other seven left it alone.
+    assert len(busy.requests_to("/responses")) == 1
+    assert [r.attempts for r in rows(sqlite_url, "SELECT attempts FROM codex_invocations ORDER BY id")] == [2] + [1] * 7
+
+
 def test_all_nodes_down_refuses_without_trying_them(sqlite_url, tmp_path):
     nodes = write_nodes(tmp_path / "n.toml", [("x", f"http://127.0.0.1:{closed_port()}/v1", "k", 1),
                                               ("y", f"http://127.0.0.1:{closed_port()}/v1", "k", 1)])

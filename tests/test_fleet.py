@@ -93,7 +93,8 @@ def test_served_fields_are_stored_and_every_node_change_moves_the_version(db_url
 
 def nodes_file(tmp_path: Path, *nodes: tuple[str, str, str]) -> str:
     path = tmp_path / "nodes.toml"
-    path.write_text("".join(f'[[nodes]]\nid = "{i}"\nbase_url = "{url}"\n{extra}\n\n' for i, url, extra in nodes))
+    path.write_text("".join(f'[[nodes]]\nid = "{i}"\nbase_url = "{url}"\napi_key = "k-{i}"\n{extra}\n\n'
+                            for i, url, extra in nodes))
     return str(path)
 
 

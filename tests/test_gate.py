@@ -10,7 +10,7 @@ from mitmproxy import exceptions, optmanager
 from mitmproxy.test import taddons, tflow
 
 from addon.egress import EGRESS_KEY, attach
-from addon.errors import fail_closed
+from addon.errors import error_response, fail_closed
 from addon.gate import EgressCheck, Gate
 from addon.refusal import REFUSED_KEY, RefusalSink, answered
 from addon.runtime import Runtime
@@ -56,6 +56,25 @@ def test_non_canonical_targets_get_400_on_the_relays_port(path):
     g = flow(path, mode="regular")
     gate.requestheaders(g)
     assert g.response is None
+
+
+@pytest.mark.parametrize("mode", ["reverse:http://127.0.0.1:9", "regular"])
+@pytest.mark.parametrize(("name", "value"), [(b"x-a", b"a\rb"), (b"x-a", b"a\x00b"), (b"x\ra", b"b"),
+                                             (b"x-a", b"a\nb")])
+def test_a_header_with_a_cr_lf_or_nul_is_refused_with_400_before_any_addon_reads_it(mode, name, value):
+    gate = Gate(RefusalSink())
+    gate.ready = True
+    for path, shape in (("/v1/responses", "openai"), ("/v1/messages", "anthropic")):
+        f = flow(path, mode)
+        f.request.headers.fields = ((b"authorization", b"Bearer k"), (name, value), (b"x-b", b"fine"))
+        gate.requestheaders(f)
+        assert f.response.status_code == 400 and f.metadata[REFUSED_KEY] == 400
+        error = error_of(f)
+        assert (error["error"]["code"] == "invalid_header") if shape == "openai" else (error["type"] == "error")
+        assert (name, value) not in f.request.headers.fields  # nor does the refusal endpoint get it
+    clean = flow(mode=mode, headers={"x-a": "a b\tc"})
+    gate.requestheaders(clean)
+    assert clean.response is None
 
 
 def test_a_request_nobody_cleared_never_leaves():
@@ -119,6 +138,28 @@ def test_refused_body_is_drained_by_the_local_endpoint_not_buffered():
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 401") and json.loads(body)["error"]["code"] == "invalid_api_key"
     assert f.metadata[REFUSED_KEY] == 401
+
+
+def test_an_absolute_form_request_gets_its_refusal_from_the_local_endpoint():
+    # mitmproxy sends an absolute-form request on in absolute form: the endpoint answered it an empty 404.
+    async def scenario() -> bytes:
+        sink = RefusalSink()
+        sink.load(None)
+        try:
+            f = flow(headers={"content-length": "2"})
+            sink.refuse(f, error_response("/v1/responses", 401, "no", "invalid_api_key"), "test")
+            await sink.running()
+            reader, writer = await asyncio.open_connection("127.0.0.1", sink.port)
+            writer.write(f"POST http://127.0.0.1:{sink.port}{f.request.path} HTTP/1.1\r\nhost: x\r\n"
+                         "content-length: 2\r\n\r\n{}".encode())
+            answer = await reader.read()
+            writer.close()
+            return answer
+        finally:
+            sink.done()
+
+    head, _, body = asyncio.run(scenario()).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 401") and json.loads(body)["error"]["code"] == "invalid_api_key"
 
 
 def deferred_options() -> optmanager.OptManager:

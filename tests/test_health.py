@@ -3,6 +3,7 @@ keeping them across a restart and clearing them on the admin page's enable."""
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 
 import pytest
@@ -12,6 +13,7 @@ from mitmproxy.test import taddons
 
 from addon.breaker import BreakerPolicy
 from addon.health import Health, Pinger, ping
+from addon.outcome import rest_asked
 from addon.routing import Node, NodePool
 from addon.runtime import Runtime
 from bench.fakeupstream import FakeUpstream
@@ -56,11 +58,48 @@ def test_threshold_failures_in_a_row_open_the_breaker_once():
     assert len(sent) == 1 and n.breaker.until == clock.now - 5 + 30
 
 
+def test_a_node_that_asks_for_a_pause_is_left_alone_that_long_then_gets_one_trial():
+    sent: list[NodeStateUpdate] = []
+    clock = Clock()
+    h = health(sent, clock, threshold=3, cooldown=10, cooldown_max=600)
+    asked, other = node("asked"), node("other", weight=1)
+    pool = NodePool([asked, other], clock=clock)
+    h.failure(asked, "HTTP 429", rest=30)  # one failure: below the threshold, but the node said 30 s
+    assert asked.failed and sent == [NodeStateUpdate("asked", failed=True, last_error="HTTP 429")]
+    h.ping_answered(asked)  # answering /models is no reason to call it sooner
+    for _ in range(29):
+        clock.now += 1
+        assert pool.choose(holder=object()) is other
+    clock.now += 1
+    trial = object()
+    assert pool.choose(holder=trial) is asked and pool.choose(holder=object()) is other  # one trial only
+    h.success(asked)
+    assert not asked.failed
+    # A longer cooldown of its own stands; a pause longer than the longest cooldown is cut to it.
+    for _ in range(3):
+        h.failure(asked, "HTTP 500")
+    h.failure(asked, "HTTP 429", rest=5)  # a call sent before it opened
+    assert asked.breaker.until == clock.now + 10
+    h.success(asked)
+    h.failure(asked, "HTTP 429", rest=86_400)
+    assert asked.breaker.until == clock.now + 600
+
+
+@pytest.mark.parametrize(("status", "value", "seconds"), [
+    (429, "30", 30.0), (503, "2.5", 2.5), (429, "Mon, 07 Dec 2026 12:00:45 GMT", 45.0),
+    (429, "Mon, 07 Dec 2026 11:59:00 GMT", 0.0), (429, "soon", 0.0), (429, "-3", 0.0), (429, "inf", 0.0),
+    (429, None, 0.0), (500, "30", 0.0), (401, "30", 0.0),
+])
+def test_the_pause_a_node_asks_for_is_its_429_or_503_retry_after(status, value, seconds):
+    assert rest_asked(status, value, now=dt.datetime(2026, 12, 7, 12, 0, tzinfo=dt.UTC)) == seconds
+
+
 def test_threshold_zero_never_opens():
     h = Health(lambda u: None, BreakerPolicy(threshold=0))
     n = node("a")
     for _ in range(10):
         h.failure(n, "x")
+        h.failure(n, "HTTP 429", rest=30)
     assert not n.failed
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
+import stat
 import threading
 import uuid
 
@@ -179,6 +181,28 @@ def test_make_engine_rejects_bad_urls(tmp_path):
     upgrade_to_head(eng)
     assert (tmp_path / "deep/er/codex.db").exists()
     eng.dispose()
+
+
+def modes(folder, prefix: str) -> dict[str, int]:
+    """The permission bits of every file in ``folder`` whose name starts with ``prefix``."""
+    return {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir() if p.name.startswith(prefix)}
+
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)  # the usual umask, under which SQLite creates its files 0644
+    yield
+    os.umask(old)
+
+
+def test_the_sqlite_database_and_its_wal_files_are_private_to_their_owner(tmp_path, umask_022):
+    eng = make_engine(f"sqlite:///{tmp_path}/codex.db")  # it holds the nodes' API keys
+    upgrade_to_head(eng)
+    with eng.begin() as conn:
+        upsert_nodes(conn, [NodeConfig(id="a", base_url="http://a/v1", api_key="sk-secret-0123456789")])
+        found = modes(tmp_path, "codex.db")
+    eng.dispose()
+    assert {"codex.db", "codex.db-wal", "codex.db-shm"} <= found.keys() and set(found.values()) == {0o600}, found
 
 
 def test_daily_rollup_equals_the_rows_it_adds_up(engine):

@@ -338,3 +338,18 @@ def test_admin_keys_panel_shows_usage_refusals_and_each_limits_use(engine):
         "concurrency": {"limit": 4, "used": 1, "resets_at": None}}
     assert (idle["client_key"], idle["requests"], idle["limits"]) == (
         "idle", 0, {"rpm": {"limit": 10, "used": 0, "resets_at": None}})
+
+
+def test_usage_endpoint_answers_a_key_no_key_can_be_with_its_401():
+    # "\ud800" in the JSON body is a lone surrogate: hashing it raised, and every such request was a 500.
+    auth = ClientAuth()
+    stats = UserStats(runtime_with("alpha"), auth)
+    with taddons.context(auth, stats) as tctx:
+        tctx.configure(auth, codex_client_keys=f"alice={ALICE_KEY}")
+        for body in (b'{"apiKey": "\\ud800"}', b'{"apiKey": "ck-alice-\\u0000"}'):
+            f = tflow.tflow()
+            f.client_conn.proxy_mode = ProxyMode.parse("reverse:http://127.0.0.1:9")
+            f.request.method, f.request.path, f.request.content = "POST", "/apiStats/api/user-model-stats", body
+            asyncio.run(stats.request(f))
+            assert (f.response.status_code, json.loads(f.response.content)) == (
+                401, {"error": "Invalid API key", "message": "API key not found"})

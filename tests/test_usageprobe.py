@@ -14,7 +14,7 @@ from mitmproxy.test import tflow, tutils
 
 from addon.egress import header_values
 from addon.meter import StreamMeter
-from addon.relay import _CONTENT_HEADERS, CallState, _prepare_body, _strips_usage
+from addon.relay import _CONTENT_HEADERS, CallState, _chunks, _prepare_body, _start_meter, _strips_usage
 from addon.routing import Node
 from addon.usageprobe import MAX_HELD_BYTES, UsageChunkFilter, add_include_usage
 from bench.fakeupstream import Behaviour, FakeUpstream, chat_events
@@ -65,11 +65,16 @@ def test_the_probe_adds_include_usage_and_keeps_every_other_byte():
     kept = b'{"stream": true, "stream_options": {"chunk": 1}, "model": "m"}'
     assert add_include_usage(kept) == (
         b'{"stream": true, "stream_options": {"chunk":1,"include_usage":true}, "model": "m"}')
-    off = b'{"stream": true, "stream_options": {"include_usage": false}}'
-    assert json.loads(add_include_usage(off))["stream_options"] == {"include_usage": True}
+    for off in (b'{"stream": true, "stream_options": {"include_usage": false}}',
+                b'{"stream": true, "stream_options": {"include_usage": null}}',
+                b'{"stream": true, "stream_options": {"include_usage": 0}}'):
+        assert json.loads(add_include_usage(off))["stream_options"] == {"include_usage": True}
 
 
 @pytest.mark.parametrize("body", [b'{"stream": true, "stream_options": {"include_usage": true}}',
+                                  # Asked for usage all the same: the client gets its usage chunk (issue 25).
+                                  b'{"stream": true, "stream_options": {"include_usage": 1}}',
+                                  b'{"stream": true, "stream_options": {"include_usage": "yes"}}',
                                   b'{"stream": false}', b'{"model": "m"}', b"not json", b"[1]",
                                   b'{"stream": true, "stream_options": "x"}'])
 def test_the_probe_leaves_bodies_that_need_nothing(body: bytes):
@@ -115,6 +120,22 @@ def test_only_an_identity_encoded_successful_stream_is_filtered():
     assert not strips(state, resp(sse))
 
 
+@pytest.mark.parametrize(("version", "framing"), [("HTTP/1.1", "chunked"), ("HTTP/2.0", None), ("HTTP/1.0", "as sent")])
+def test_an_answer_with_a_length_is_not_left_announcing_the_removed_chunk(version, framing):
+    upstream, expected = chat_stream(["a", "b"])
+    state = _call(b"{}")
+    state.probed = True
+    state.flow.request.http_version = version
+    r = resp((("content-type", "text/event-stream"), ("content-length", str(len(upstream)))))
+    feed = _start_meter(state, r)
+    sent = b"".join([*_chunks(feed(upstream)), *_chunks(feed(b""))])
+    if framing == "as sent":  # an HTTP/1.0 client can be told neither a new length nor chunks: it gets it all
+        assert sent == upstream and r.headers["content-length"] == str(len(upstream))
+        return
+    assert sent == expected and "content-length" not in r.headers
+    assert r.headers.get("transfer-encoding") == framing  # HTTP/2 frames its end itself
+
+
 def resp(headers: tuple[tuple[str, str], ...], status: int = 200) -> Response:
     return tutils.tresp(status_code=status, headers=Headers([(k.encode(), v.encode()) for k, v in headers]))
 
@@ -158,13 +179,16 @@ def test_only_the_event_in_progress_is_held_and_a_long_one_is_not():
 
 # -- end to end ---------------------------------------------------------------------------------------
 @pytest.mark.e2e
-def test_a_real_relay_meters_a_chat_stream_whose_client_did_not_ask_for_usage(sqlite_url, tmp_path):
+# An answer sent with a content-length: the length counted the chunk taken out, and the client waited for
+# the rest (up to 600 s) — issue 25.
+@pytest.mark.parametrize("content_length", [False, True], ids=["chunked", "content-length"])
+def test_a_real_relay_meters_a_chat_stream_whose_client_did_not_ask_for_usage(sqlite_url, tmp_path, content_length):
     usage = (120, 100, 30, 7)
-    with FakeUpstream("chat") as up:
+    with FakeUpstream("chat", behaviour=Behaviour(content_length=content_length)) as up:
         nodes = write_nodes(tmp_path / "nodes.toml", [("chat", up.base_url, "k", 1)])
         with RelayProcess(db_url=sqlite_url, options={"codex_nodes": str(nodes)}) as relay:
             body = {"model": "gpt-5-mini", "stream": True, "messages": [], "metadata": {"fake_usage": list(usage)}}
-            conn = http.client.HTTPConnection("127.0.0.1", relay.port, timeout=15)
+            conn = http.client.HTTPConnection("127.0.0.1", relay.port, timeout=5)
             conn.request("POST", "/v1/chat/completions", json.dumps(body), {"content-type": "application/json"})
             got = conn.getresponse().read()
             conn.close()

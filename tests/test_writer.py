@@ -20,7 +20,7 @@ from store.spool import Spool, SpoolInUse, decode, default_spool_path, encode
 from store.writer import Writer
 from tests.conftest import wait_for
 from tests.tcpproxy import TcpProxy
-from tests.test_store import record
+from tests.test_store import modes, record, umask_022  # noqa: F401 - a fixture
 
 
 def engine_with_node(url: str) -> sa.Engine:
@@ -315,3 +315,13 @@ def test_default_spool_paths():
     a = default_spool_path("mysql+pymysql://root:secret@127.0.0.1/a")
     assert a != default_spool_path("mysql+pymysql://root@127.0.0.1/b")
     assert "secret" not in a
+
+
+@pytest.mark.usefixtures("umask_022")
+def test_the_journal_and_its_wal_files_are_private_to_their_owner(tmp_path):
+    spool = Spool(tmp_path / "spool.db")
+    spool.append([NodeStateUpdate("a", last_error="x")])
+    found = modes(tmp_path, "spool.db")
+    spool.close()
+    assert {"spool.db", "spool.db-wal", "spool.db-shm"} <= found.keys(), found
+    assert {found[n] for n in ("spool.db", "spool.db-wal", "spool.db-shm")} == {0o600}, found
