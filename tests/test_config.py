@@ -20,8 +20,8 @@ def test_loads_nodes_with_defaults(tmp_path):
     a, b = load_nodes_file(p)
     assert (a.id, a.name, a.base_url, a.api_key, a.weight) == ("a", "a", "https://a/v1", "k", 3)
     assert (b.name, b.weight, b.api_key) == ("B", 1, "kb")
-    assert a.auth_header == "" and load_nodes_file(write(tmp_path, p.read_text() + 'auth_header = "X-Api-Key"\n'))[
-        1].auth_header == "x-api-key"
+    named = p.read_text().replace('api_key = "kb"\n', 'api_key = "kb"\nauth_header = "X-Api-Key"\n')
+    assert a.auth_header == "" and load_nodes_file(write(tmp_path, named))[1].auth_header == "x-api-key"
 
 
 @pytest.mark.parametrize("text, message", [

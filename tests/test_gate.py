@@ -148,7 +148,7 @@ def test_an_absolute_form_request_gets_its_refusal_from_the_local_endpoint():
         try:
             f = flow(headers={"content-length": "2"})
             sink.refuse(f, error_response("/v1/responses", 401, "no", "invalid_api_key"), "test")
-            await sink.running()
+            sink.running()
             reader, writer = await asyncio.open_connection("127.0.0.1", sink.port)
             writer.write(f"POST http://127.0.0.1:{sink.port}{f.request.path} HTTP/1.1\r\nhost: x\r\n"
                          "content-length: 2\r\n\r\n{}".encode())
