@@ -38,6 +38,6 @@ limits = Limits(runtime)  # client keys' limits: set by ClientAuth, enforced by 
 auth = ClientAuth(refusals, secrets, limits)
 # One addon for mitmproxy to dispatch to (addon.chain): walking eleven for every event, and calling each
 # hook apart, cost ~25 µs of a short call.
-addons = [AddonChain([refusals, gate, runtime, auth, Admin(runtime, limits), UserStats(runtime, auth),
+addons = [AddonChain([refusals, gate, runtime, limits, auth, Admin(runtime, limits), UserStats(runtime, auth),
                       Relay(runtime, refusals, secrets, limits),
                       KeyHygiene(), SSEView(), EgressCheck(), StartupCheck(gate, runtime)])]

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 
 from store.engine import error_line
-from store.invocations import Item, apply_batch
+from store.invocations import apply_batch
+from store.records import Item
 from store.spool import Spool
 
 log = logging.getLogger("codex.writer")

@@ -41,7 +41,7 @@ from typing import BinaryIO
 import sqlalchemy as sa
 
 from store.engine import error_line, in_memory, make_engine
-from store.invocations import Item
+from store.records import Item
 from store.spool import ORPHAN_GRACE_S, Spool, SpoolInUse
 from store.writer import STOP, Writer, WriterStats, take_batch
 
