@@ -160,6 +160,10 @@ class _StateCollector(Collector):
                                 "is unreachable.", value=stats.spooled)
         yield GaugeMetricFamily("codex_writer_db_ok", "1 while the writer reaches the database.",
                                 value=1 if stats.db_ok else 0)
+        yield GaugeMetricFamily("codex_writer_stalled", "1 while the writer process sends nothing (stopped, "
+                                "hung): its records go to the relay's journal.", value=1 if stats.stalled else 0)
+        yield CounterMetricFamily("codex_writer_stalls", "Times a stalled writer process was replaced.",
+                                  value=stats.stalls)
         yield CounterMetricFamily("codex_writer_lost_records", "Records neither written nor journaled.",
                                   value=stats.lost)
         yield CounterMetricFamily("codex_writer_written_records", "Records written to the database.",

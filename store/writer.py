@@ -50,6 +50,8 @@ class WriterStats:
     batches: int
     db_ok: bool
     last_error: str | None
+    stalled: bool = False  # the writer process sends nothing: its records go to the relay's journal
+    stalls: int = 0  # times a stalled writer process was replaced
 
 
 def is_outage(error: BaseException) -> bool:
