@@ -166,8 +166,10 @@ class Spool:
         self.count += len(kept)
         return len(items) - len(kept)
 
-    def peek(self, limit: int) -> tuple[list[int], list[Item]]:
-        rows = self._db.execute("SELECT id, item FROM spool ORDER BY id LIMIT ?", (limit,)).fetchall()
+    def peek(self, limit: int, after: int = 0) -> tuple[list[int], list[Item]]:
+        """The oldest ``limit`` records (with an id above ``after``) and their ids."""
+        rows = self._db.execute("SELECT id, item FROM spool WHERE id > ? ORDER BY id LIMIT ?",
+                                (after, limit)).fetchall()
         return [r[0] for r in rows], [decode(r[1]) for r in rows]
 
     def remove(self, ids: Sequence[int]) -> None:

@@ -176,9 +176,13 @@ class WriterProcess:
         self._taken = 0  # of the submitted records, how many the sender took (shipped or journaled)
         self._settled = 0  # of the shipped records, how many a child settled (always the oldest)
         self._sent = 0  # records shipped to children, counting each once
-        # (position of its first record, batch, bytes of its frame), unsettled
-        self._shipped: deque[tuple[int, list[Item], int]] = deque()
+        # Unsettled: (position of its first record, batch, bytes of its frame, ids in the relay's journal or None)
+        self._shipped: deque[tuple[int, list[Item], int, tuple[int, int] | None]] = deque()
         self._in_flight = 0  # bytes of the frames in _shipped
+        # The relay's journal: records shipped from it stay there until settled; the last id shipped, and
+        # the id ranges settled and not yet removed.
+        self._shipped_to = 0
+        self._settled_ids: list[tuple[int, int]] = []
         self._base = 0  # records settled before the current child started
         self._child: _Child | None = None
         self._child_stats = _NO_STATS
@@ -234,8 +238,7 @@ class WriterProcess:
             if child is not None:
                 self._post(child, ("stop",))
         while child is not None:
-            with self._send_lock:
-                self._pump(child)
+            self._feed(child, 0.1)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 child.proc.wait(0.1)
                 break
@@ -252,6 +255,7 @@ class WriterProcess:
         with self._send_lock:
             if child is not None and not child.stalled:  # ended before it settled them: a crash
                 self._take_back(child)
+            self._forget_settled()
             if self._journal.count and self._journal.path:
                 log.warning("%d record(s) left in the relay's journal %s: they are written at the next start",
                             self._journal.count, self._journal.path)
@@ -322,27 +326,37 @@ class WriterProcess:
             return
         self._to_child(child, batch, frame)
 
-    def _to_child(self, child: _Child, batch: list[Item], frame: bytes) -> None:
+    def _to_child(self, child: _Child, batch: list[Item], frame: bytes, ids: tuple[int, int] | None = None) -> None:
         with self._state:
-            self._shipped.append((self._sent, batch, len(frame)))
+            self._shipped.append((self._sent, batch, len(frame), ids))
             self._sent += len(batch)
             self._in_flight += len(frame)
         child.out += frame
 
     def _drain(self, child: _Child) -> None:
-        """Ship the relay's journal, oldest first, while the child has room."""
+        """Ship the relay's journal, oldest first, while the child has room. Its records stay in the journal
+        until the child settles them: a SIGKILL meanwhile loses none of them."""
         try:
+            self._forget_settled()
             while self._journal.count and self._in_flight < self.max_in_flight // 2:
-                ids, items = self._journal.peek(self.batch_size)
-                self._to_child(child, items, _frame(("batch", items)))
-                # Out of the journal once in the pipe: from here it is as safe as a record shipped at once.
-                self._journal.remove(ids)
-                if not self._journal.count:
-                    log.info("the relay's journal is drained")
+                ids, items = self._journal.peek(self.batch_size, after=self._shipped_to)
+                if not ids:
+                    break
+                self._to_child(child, items, _frame(("batch", items)), (ids[0], ids[-1]))
+                self._shipped_to = ids[-1]
         except Exception:  # unreadable: its records stay there for the next try
             log.exception("reading the relay's journal %s failed", self._journal.path or "(memory)")
+
+    def _forget_settled(self) -> None:
+        """Remove from the relay's journal what the child settled."""
         with self._state:
-            self._state.notify_all()
+            settled, self._settled_ids = self._settled_ids, []
+        for first, last in settled:
+            self._journal.remove((first, last))
+        if settled and not self._journal.count:
+            log.info("the relay's journal is drained")
+            with self._state:
+                self._state.notify_all()
 
     def _spill(self, batch: Sequence[Item], why: str) -> None:
         """Journal ``batch`` in this process (on disk): never held in memory for a child that does not take it."""
@@ -363,7 +377,8 @@ class WriterProcess:
         """Write what the child's pipe takes now, never waiting for it."""
         try:
             while child.out:
-                n = os.write(child.proc.stdin.fileno(), child.out[:1 << 20])
+                with memoryview(child.out) as view:
+                    n = os.write(child.proc.stdin.fileno(), view[:1 << 20])
                 del child.out[:n]
         except (BlockingIOError, InterruptedError):
             return
@@ -378,20 +393,23 @@ class WriterProcess:
         return time.monotonic() - child.heard > self.stall_after
 
     def _stalled(self, child: _Child) -> None:
-        self._stalls += 1
-        self._trouble = (f"the writer process (pid {child.proc.pid}) sent nothing for {self.stall_after:g} s: "
-                         "stalled; its records went to the relay's journal and it is replaced")
+        self._take_back(child)  # first: what the log line says is then true
+        with self._state:
+            self._stalls += 1
+            self._trouble = (f"the writer process (pid {child.proc.pid}) sent nothing for {self.stall_after:g} s: "
+                             "stalled; its records went to the relay's journal and it is replaced")
         log.error("%s", self._trouble)
-        self._take_back(child)
 
     def _take_back(self, child: _Child) -> None:
         """Give up on ``child``: what it did not settle goes to the relay's journal, and it is killed."""
         with self._state:
-            items = [item for first, batch, _ in self._shipped
+            # Those shipped from the journal are still there (shipped again from the start of it).
+            items = [item for first, batch, _, ids in self._shipped if ids is None
                      for item in (batch[self._settled - first:] if first < self._settled else batch)]
             self._shipped.clear()
             self._in_flight = 0
             self._settled = self._sent
+            self._shipped_to = 0
             self._state.notify_all()
         child.stalled = True  # its late reports must not count: its records are in the journal now
         child.out.clear()
@@ -439,7 +457,7 @@ class WriterProcess:
                 self._child_stats = _NO_STATS
                 self._trouble = None
                 resend = [batch[self._settled - first:] if first < self._settled else batch
-                          for first, batch, _ in self._shipped]
+                          for first, batch, _, _ in self._shipped]
             for batch in resend:
                 child.out += _frame(("batch", batch))
             self._pump(child)
@@ -459,6 +477,8 @@ class WriterProcess:
                         if self._child is child and not child.stalled:
                             self._drain(child)
                             self._pump(child)
+                        else:
+                            self._forget_settled()
             elif message[0] == "log":
                 _relog(message)
         code = child.proc.wait()
@@ -493,13 +513,17 @@ class WriterProcess:
         with self._state:
             self._settled = self._base + settled
             while self._shipped and self._shipped[0][0] + len(self._shipped[0][1]) <= self._settled:
-                self._in_flight -= self._shipped.popleft()[2]
+                _, _, size, ids = self._shipped.popleft()
+                self._in_flight -= size
+                if ids is not None:
+                    self._settled_ids.append(ids)
             self._child_stats = stats
             self._state.notify_all()
 
     def _lose(self, n: int, reason: str) -> None:
-        self._counted["lost"] += n
-        self._trouble = reason
+        with self._state:
+            self._counted["lost"] += n
+            self._trouble = reason
         log.error("%d record(s) lost, neither written nor journaled: %s", n, reason)
 
 
