@@ -13,7 +13,7 @@ Refusals are counted by ``KeyCount`` records through the writer (journaled while
 never by SQL from here. When the budgets cannot be read (the database is unreachable) the option
 ``codex_limits_when_db_down`` decides: ``admit`` serves the call and counts its admission through the
 writer, so the day's ``admitted`` is exact once the database is back; ``refuse`` answers 503
-``limits_unavailable``. Never a 500.
+``limits_unavailable``. Never a 500. After a failed check the database is asked again ``DB_RETRY_S`` later.
 """
 
 from __future__ import annotations
@@ -41,6 +41,9 @@ log = logging.getLogger("codex.limits")
 RPM_WINDOW_S = 60.0
 WHEN_DB_DOWN = ("admit", "refuse")
 _OUTAGE_LOG_EVERY_S = 10.0
+# After the database failed a budget check, it is asked again only after this long: a frozen database
+# would otherwise hold each call for its connect timeout.
+DB_RETRY_S = 5.0
 
 
 class Limits:
@@ -57,6 +60,7 @@ class Limits:
         self._holders: dict[str, str] = {}  # flow id -> key name of its slot
         self.when_db_down = "admit"
         self._last_outage_log = -math.inf
+        self._db_retry_at = -math.inf
 
     def load(self, loader) -> None:
         loader.add_option("codex_limits_when_db_down", str, "admit",
@@ -131,8 +135,12 @@ class Limits:
         day = self._now().date()
         over: str | None = "error"  # until the database answers: an error there frees the slot too
         try:
-            over = await asyncio.to_thread(_admit, engine, spec, day)
+            if self._clock() < self._db_retry_at:
+                over = self._db_down(spec, day, None)
+            else:
+                over = await asyncio.to_thread(_admit, engine, spec, day)
         except Exception as e:  # unreachable, frozen, or anything else: never a 500
+            self._db_retry_at = self._clock() + DB_RETRY_S
             over = self._db_down(spec, day, e)
         finally:
             if over is not None:
@@ -182,11 +190,12 @@ class Limits:
         self.runtime.submit(KeyCount(spec.name, self._now().date(), f"refused_{reason}"))
         return response
 
-    def _db_down(self, spec: KeySpec, day: dt.date, error: Exception) -> str | None:
-        """The budgets of ``spec`` could not be read: None (admitted, its admission counted through the
-        writer's journal) or "unavailable", as ``codex_limits_when_db_down`` says."""
+    def _db_down(self, spec: KeySpec, day: dt.date, error: Exception | None) -> str | None:
+        """The budgets of ``spec`` could not be read (``error``; None: not asked, it failed just before):
+        None (admitted, its admission counted through the writer's journal) or "unavailable", as
+        ``codex_limits_when_db_down`` says."""
         now = self._clock()
-        if now - self._last_outage_log >= _OUTAGE_LOG_EVERY_S:
+        if error is not None and now - self._last_outage_log >= _OUTAGE_LOG_EVERY_S:
             self._last_outage_log = now
             log.warning("client key budgets cannot be checked (%s): codex_limits_when_db_down=%s",
                         error_line(error), self.when_db_down)

@@ -18,7 +18,7 @@ from mitmproxy.test import taddons, tflow
 from addon.admin import Admin
 from addon.auth import ClientAuth
 from addon.errors import CLIENT_KEY_NAME
-from addon.limits import Limits
+from addon.limits import DB_RETRY_S, Limits
 from addon.routing import Node, NodePool
 from addon.runtime import Runtime
 from addon.secrets import digest
@@ -409,6 +409,26 @@ def test_with_the_database_down_refuse_answers_503_in_the_clients_shape(tmp_path
     assert body["type"] == "error" and "stats database is unreachable" in body["error"]["message"]
     wait_for(lambda: down.stats().spooled == 2, what="the refusals journaled")
     down.finish()
+
+
+def test_admissions_while_the_database_was_away_count_against_the_budget_once_it_is_back(writer):
+    """The database is asked again DB_RETRY_S after a failed check; meanwhile calls are admitted and their
+    admissions journaled, so a key cannot spend its daily_requests twice over an outage."""
+    t = [0.0]
+    runtime = runtime_with("alpha", writer=writer)
+    limits = Limits(runtime, clock=lambda: t[0])
+    limits.set_keys([KeySpec("alice", b"x" * 32, daily_requests=2)])
+    runtime.engine = make_engine(UNREACHABLE_DB)
+    assert asyncio.run(limits.admit(flow_of("alice"), "gpt-5")) is None  # the check failed: admitted
+    runtime.engine = writer.engine  # back, but not asked before the pause is over
+    t[0] += DB_RETRY_S - 1
+    assert asyncio.run(limits.admit(flow_of("alice"), "gpt-5")) is None
+    assert writer.flush(30)
+    t[0] += 1
+    assert refusal(asyncio.run(limits.admit(flow_of("alice"), "gpt-5")))[:2] == (429, "budget_exceeded")
+    with writer.engine.connect() as conn:
+        row = conn.execute(sa.select(client_key_usage).where(client_key_usage.c.client_key == "alice")).one()
+    assert row.admitted == 2
 
 
 def test_the_when_db_down_policy_is_an_option_and_a_bad_one_stops_the_relay():
