@@ -676,7 +676,8 @@ def main() -> None:
         # Also when nothing changed: the parent takes a child that stays silent for a stalled one.
         while True:
             ended = writer.ended  # read first: a report made after the end is the final one
-            tell(("progress", submitted[0] - writer.pending, writer.stats()))  # that order: never more than settled
+            with contextlib.suppress(OSError):  # the relay is gone: nobody reads reports any more
+                tell(("progress", submitted[0] - writer.pending, writer.stats()))  # that order: never more than settled
             if ended:
                 return
             writer.wait_progress(config["heartbeat"])
