@@ -1,5 +1,5 @@
 """Alerts: webhooks told when a node fails or recovers, every node is down, the writer journals (the
-database is unreachable) or recovers, or records are lost.
+database is unreachable) or recovers, its process stalls, or records are lost.
 
 A watcher thread compares the live state (the node pool's breakers, the writer's stats) every
 ``interval`` seconds and queues an alert for each change; a sender thread posts them to the
@@ -30,7 +30,7 @@ from store.writer import WriterStats
 log = logging.getLogger("codex.alerts")
 
 EVENTS = ("node_failed", "node_recovered", "all_nodes_down", "writer_journaling", "writer_recovered",
-          "records_lost", "key_budget_reached")
+          "writer_stalled", "records_lost", "key_budget_reached")
 FORMATS = ("json", "slack")
 RELAY = "relay"  # the subject of events about the relay as a whole
 
@@ -103,6 +103,7 @@ class Alerts:
         self._all_down = False
         self._db_ok = True
         self._lost = 0
+        self._stalls = 0
         self._rounds = Periodic("codex-alert-watch", interval, self.check, _check_failed, join_timeout=timeout + 5)
         self._stop = self._rounds.stopping  # set by stop(): it also ends the sender and its retry waits
         self._sender = threading.Thread(target=self._send_loop, name="codex-alert-send", daemon=True)
@@ -136,14 +137,17 @@ class Alerts:
         if stats is None:
             return
         if self._db_ok and not stats.db_ok:
-            self.notify("writer_journaling", RELAY, f"the stats database is unreachable: {stats.spooled} "
-                        "record(s) journaled to the spool")
+            self.notify("writer_journaling", RELAY, f"records do not reach the stats database "
+                        f"({stats.last_error or 'unreachable'}): {stats.spooled} record(s) journaled")
         elif stats.db_ok and not self._db_ok:
             self.notify("writer_recovered", RELAY, "the stats database is reachable again")
         if stats.lost > self._lost:
             self.notify("records_lost", RELAY, f"{stats.lost - self._lost} record(s) lost, neither written "
                         f"nor journaled ({stats.lost} since start)")
-        self._db_ok, self._lost = stats.db_ok, stats.lost
+        if stats.stalls > self._stalls:
+            self.notify("writer_stalled", RELAY, f"the writer process stalled and was replaced ({stats.stalls} since "
+                        "start); the records it had not written went to the relay's journal")
+        self._db_ok, self._lost, self._stalls = stats.db_ok, stats.lost, stats.stalls
 
     def notify(self, event: str, subject: str, message: str) -> None:
         """Queue ``event`` for the webhooks that want it, unless sent for ``subject`` within ``dedup``."""

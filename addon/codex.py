@@ -42,6 +42,6 @@ auth = ClientAuth(refusals, secrets, limits)
 own = OwnBodies(refusals, auth)  # the own endpoints' bodies: read around them (own.handover after them)
 # One addon for mitmproxy to dispatch to (addon.chain): walking eleven for every event, and calling each
 # hook apart, cost ~25 µs of a short call.
-addons = [AddonChain([refusals, Drain(), gate, runtime, auth, own, Admin(runtime, limits), UserStats(runtime, auth),
-                      own.handover, Relay(runtime, refusals, secrets, limits),
+addons = [AddonChain([refusals, Drain(), gate, runtime, limits, auth, own, Admin(runtime, limits),
+                      UserStats(runtime, auth), own.handover, Relay(runtime, refusals, secrets, limits),
                       KeyHygiene(), SSEView(), EgressCheck(), StartupCheck(gate, runtime)])]

@@ -9,6 +9,12 @@ them may take calls), ``rpm`` over a rolling minute and ``concurrency`` (429 ``r
 (429 ``budget_exceeded``; ``store.key_usage.admit``, run off the event loop). Every answer is an
 ``addon.errors.refusal_response``: docs/refusals.md has what each client does with it. ``barred`` gives
 the nodes a key's calls may not use; ``release`` ends a call's concurrency slot.
+
+Refusals are counted by ``KeyCount`` records through the writer (journaled while the database is away),
+never by SQL from here. When the budgets cannot be read (the database is unreachable) the option
+``codex_limits_when_db_down`` decides: ``admit`` serves the call and counts its admission through the
+writer, so the day's ``admitted`` is exact once the database is back; ``refuse`` answers 503
+``limits_unavailable``. Never a 500. After a failed check the database is asked again ``DB_RETRY_S`` later.
 """
 
 from __future__ import annotations
@@ -22,13 +28,14 @@ from collections import deque
 from collections.abc import Callable, Iterable
 
 import sqlalchemy as sa
-from mitmproxy import http
+from mitmproxy import ctx, exceptions, http
 
 from addon.errors import CLIENT_KEY_NAME, refusal_response
 from addon.runtime import Runtime
-from store.key_usage import Budgets, KeyStats, admit, budget_reset, count_refusal, key_report
+from store.engine import error_line
+from store.key_usage import Budgets, KeyStats, admit, budget_reset, key_report
 from store.keys import KeySpec
-from store.records import utcnow
+from store.records import KeyCount, utcnow
 
 log = logging.getLogger("codex.limits")
 
@@ -36,6 +43,11 @@ RPM_WINDOW_S = 60.0
 # A concurrency slot frees when a call of the key ends: Codex, the one client that waits on its own, retries
 # after this many seconds (five times), the others are told at once.
 CONCURRENCY_RETRY_AFTER_S = 1
+WHEN_DB_DOWN = ("admit", "refuse")
+_OUTAGE_LOG_EVERY_S = 10.0
+# After the database failed a budget check, it is asked again only after this long: a frozen database
+# would otherwise hold each call for its connect timeout.
+DB_RETRY_S = 5.0
 
 
 class Limits:
@@ -50,6 +62,24 @@ class Limits:
         self._recent: dict[str, deque[float]] = {}  # key name -> admission times in the last minute
         self._in_flight: dict[str, int] = {}  # key name -> calls holding a concurrency slot
         self._holders: dict[str, str] = {}  # flow id -> key name of its slot
+        self.when_db_down = "admit"
+        self._last_outage_log = -math.inf
+        self._db_retry_at = -math.inf
+
+    def load(self, loader) -> None:
+        loader.add_option("codex_limits_when_db_down", str, "admit",
+                          "What a call of a client key with daily_requests, daily_tokens or monthly_cost gets "
+                          "while the stats database is unreachable: 'admit' serves it (its admission is "
+                          "journaled and counted once the database is back), 'refuse' answers 503 "
+                          "limits_unavailable.")
+
+    def configure(self, updated: set[str]) -> None:
+        if "codex_limits_when_db_down" in updated:
+            value = ctx.options.codex_limits_when_db_down
+            if value not in WHEN_DB_DOWN:
+                raise exceptions.OptionsError(f"codex_limits_when_db_down must be one of {', '.join(WHEN_DB_DOWN)}, "
+                                              f"got {value!r}")
+            self.when_db_down = value
 
     def set_keys(self, specs: Iterable[KeySpec]) -> None:
         """Use these keys from now on; ValueError names a key whose ``nodes`` name an unknown node."""
@@ -80,11 +110,11 @@ class Limits:
         path = flow.request.path
         if not spec.allows_model(model):
             # 400, not 403: Claude Code shows every 403 as "Failed to authenticate."
-            return await self._refuse(flow, spec, "model", refusal_response(
+            return self._refuse(flow, spec, "model", refusal_response(
                 path, 400, f"codex-relay: key {spec.name!r} may not use model {model or '(none given)'!r}; "
                 f"allowed: {', '.join(spec.models or ())}", "model_not_allowed"))
         if spec.nodes is not None and self.runtime.pool.choose(exclude=self.barred(flow)) is None:
-            return await self._refuse(flow, spec, "nodes", refusal_response(
+            return self._refuse(flow, spec, "nodes", refusal_response(
                 path, 429, f"codex-relay: none of key {spec.name!r}'s nodes ({', '.join(spec.nodes)}) may take "
                 "calls: each is disabled or has weight 0", "no_node_available"))
         now = self._clock()
@@ -92,12 +122,12 @@ class Limits:
         while recent and recent[0] <= now - RPM_WINDOW_S:
             recent.popleft()
         if spec.rpm is not None and len(recent) >= spec.rpm:
-            wait = max(1, math.ceil(recent[0] + RPM_WINDOW_S - now)) if recent else RPM_WINDOW_S
-            return await self._refuse(flow, spec, "rate", refusal_response(
+            wait = max(1, math.ceil(recent[0] + RPM_WINDOW_S - now)) if recent else math.ceil(RPM_WINDOW_S)
+            return self._refuse(flow, spec, "rate", refusal_response(
                 path, 429, f"codex-relay: key {spec.name!r} reached its rpm limit ({spec.rpm} requests per "
                 f"minute); a request is free again in {wait} s", "rate_limited", retry_after=wait))
         if spec.concurrency is not None and self._in_flight.get(spec.name, 0) >= spec.concurrency:
-            return await self._refuse(flow, spec, "concurrency", refusal_response(
+            return self._refuse(flow, spec, "concurrency", refusal_response(
                 path, 429, f"codex-relay: key {spec.name!r} reached its concurrency limit ({spec.concurrency} "
                 "calls in flight); one is free when a call of this key ends", "concurrency_limited",
                 retry_after=CONCURRENCY_RETRY_AFTER_S))
@@ -109,15 +139,26 @@ class Limits:
         if not spec.needs_database or engine is None:
             return None
         day = self._now().date()
-        over: str | None = "error"  # until the database answers: an error there (a 500) frees the slot too
+        over: str | None = "error"  # until the database answers: an error there frees the slot too
         try:
-            over = await asyncio.to_thread(_admit, engine, spec, day)
+            if self._clock() < self._db_retry_at:
+                over = self._db_down(spec, day, None)
+            else:
+                over = await asyncio.to_thread(_admit, engine, spec, day)
+        except Exception as e:  # unreachable, frozen, or anything else: never a 500
+            self._db_retry_at = self._clock() + DB_RETRY_S
+            over = self._db_down(spec, day, e)
         finally:
             if over is not None:
                 self.release(flow)
                 recent.remove(now)
         if over is None:
             return None
+        if over == "unavailable":
+            return self._refuse(flow, spec, "budget", refusal_response(
+                path, 503, f"codex-relay: key {spec.name!r} has budgets that cannot be checked while the stats "
+                "database is unreachable; try again later", "limits_unavailable", retry_after=10))
+        self.runtime.submit(KeyCount(spec.name, day, "refused_budget"))
         limit = getattr(spec, over)
         reset = budget_reset(day, monthly=over == "monthly_cost")
         self.runtime.alert("key_budget_reached", spec.name,
@@ -154,13 +195,25 @@ class Limits:
 
         return key_report(rows, self.keys, day, live)
 
-    async def _refuse(self, flow: http.HTTPFlow, spec: KeySpec, reason: str,
-                      response: http.Response) -> http.Response:
+    def _refuse(self, flow: http.HTTPFlow, spec: KeySpec, reason: str, response: http.Response) -> http.Response:
         _log_refusal(flow, spec, reason, response)
-        engine = self.runtime.engine
-        if engine is not None:
-            await asyncio.to_thread(_count, engine, spec.name, self._now().date(), reason)
+        self.runtime.submit(KeyCount(spec.name, self._now().date(), f"refused_{reason}"))
         return response
+
+    def _db_down(self, spec: KeySpec, day: dt.date, error: Exception | None) -> str | None:
+        """The budgets of ``spec`` could not be read (``error``; None: not asked, it failed just before):
+        None (admitted, its admission counted through the writer's journal) or "unavailable", as
+        ``codex_limits_when_db_down`` says."""
+        now = self._clock()
+        if error is not None and now - self._last_outage_log >= _OUTAGE_LOG_EVERY_S:
+            self._last_outage_log = now
+            log.warning("client key budgets cannot be checked (%s): codex_limits_when_db_down=%s",
+                        error_line(error), self.when_db_down)
+        if self.when_db_down == "refuse":
+            return "unavailable"
+        if spec.daily_requests is not None:
+            self.runtime.submit(KeyCount(spec.name, day, "admitted"))
+        return None
 
 
 def _log_refusal(flow: http.HTTPFlow, spec: KeySpec, reason: str, response: http.Response) -> None:
@@ -171,12 +224,4 @@ def _log_refusal(flow: http.HTTPFlow, spec: KeySpec, reason: str, response: http
 
 def _admit(engine: sa.Engine, spec: KeySpec, day: dt.date) -> str | None:
     with engine.begin() as conn:
-        over = admit(conn, spec.name, day, Budgets(spec.daily_requests, spec.daily_tokens, spec.monthly_cost))
-        if over is not None:
-            count_refusal(conn, spec.name, day, "budget")
-        return over
-
-
-def _count(engine: sa.Engine, name: str, day: dt.date, reason: str) -> None:
-    with engine.begin() as conn:
-        count_refusal(conn, name, day, reason)
+        return admit(conn, spec.name, day, Budgets(spec.daily_requests, spec.daily_tokens, spec.monthly_cost))

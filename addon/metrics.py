@@ -17,7 +17,7 @@ from prometheus_client.registry import Collector
 
 from addon.routing import NodePool
 from store.histogram import DURATION_BUCKETS_MS, TTFB_BUCKETS_MS, bucket_index
-from store.records import InvocationRecord, NodeStateUpdate
+from store.records import Item, KeyCount, NodeStateUpdate
 from store.writer import WriterStats
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -55,7 +55,7 @@ class Metrics:
         """Where the calls in flight are counted (the relay's)."""
         self._in_flight = getter
 
-    def observe(self, item: InvocationRecord | NodeStateUpdate) -> None:
+    def observe(self, item: Item) -> None:
         """Count one record on its way to the writer. Cheap: it runs on the event loop."""
         with self._counts.lock:
             add, seen = self._counts.add, self._counts.seen
@@ -63,6 +63,8 @@ class Metrics:
                 if item.failed_attempt:
                     add("codex_node_requests", (item.node_id,))
                     add("codex_node_failures", (item.node_id, "retried"))
+                return
+            if isinstance(item, KeyCount):  # a client key's admission or refusal: no node's
                 return
             node = item.node_id or DIRECT
             u = item.usage
@@ -158,6 +160,10 @@ class _StateCollector(Collector):
                                 "is unreachable.", value=stats.spooled)
         yield GaugeMetricFamily("codex_writer_db_ok", "1 while the writer reaches the database.",
                                 value=1 if stats.db_ok else 0)
+        yield GaugeMetricFamily("codex_writer_stalled", "1 while the writer process sends nothing (stopped, "
+                                "hung): its records go to the relay's journal.", value=1 if stats.stalled else 0)
+        yield CounterMetricFamily("codex_writer_stalls", "Times a stalled writer process was replaced.",
+                                  value=stats.stalls)
         yield CounterMetricFamily("codex_writer_lost_records", "Records neither written nor journaled.",
                                   value=stats.lost)
         yield CounterMetricFamily("codex_writer_written_records", "Records written to the database.",

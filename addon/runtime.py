@@ -35,7 +35,7 @@ from store.engine import DEFAULT_DB, error_line, make_engine, upgrade_to_head
 from store.nodes import config_of, load_nodes, read_version, set_disabled, upsert_nodes
 from store.poll import Poller, PollResult, start_poller
 from store.prices import PriceTable, load_prices
-from store.records import InvocationRecord, NodeConfig, NodeStateUpdate
+from store.records import Item, NodeConfig
 from store.retention import DAY, Pruner
 from store.sources import SourceConfig
 from store.spool import default_spool_path
@@ -273,7 +273,7 @@ class Runtime:
         self._node_sync.start()
 
     # -- for the other addons ----------------------------------------------------------------------
-    def submit(self, item: InvocationRecord | NodeStateUpdate) -> None:
+    def submit(self, item: Item) -> None:
         """Queue a record for the writer (dropped when no database is open); counted in ``metrics``."""
         self.metrics.observe(item)
         if self._writer is not None:

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 import sqlalchemy as sa
 
 from store.hourly import add_latencies, hour_of
-from store.key_usage import add_usage
+from store.key_usage import add_counts, add_usage
 from store.nodes import bump_version
-from store.records import InvocationRecord, NodeStateUpdate
+from store.records import InvocationRecord, Item, KeyCount, NodeStateUpdate
 from store.schema import (
     DAILY_COUNTERS,
     HOURLY_COUNTERS,
@@ -29,7 +29,6 @@ from store.schema import (
 )
 from store.upsert import upsert
 
-Item = InvocationRecord | NodeStateUpdate
 _ID_CHUNK = 500  # ids per IN (…) lookup
 # What one row may store: a poisoned answer must not make a row (and its batch) too large for the
 # database (MariaDB drops the connection on a statement over max_allowed_packet).
@@ -81,6 +80,7 @@ def apply_batch(conn: sa.Connection, items: Sequence[Item]) -> BatchResult:
     changes: dict[str, _NodeChange] = {}
     rows: list[dict] = []
     written: list[InvocationRecord] = []
+    counts: list[KeyCount] = []
     for item in items:
         if isinstance(item, InvocationRecord):
             if item.invoke_id in known:
@@ -91,6 +91,8 @@ def apply_batch(conn: sa.Connection, items: Sequence[Item]) -> BatchResult:
             written.append(item)
             if item.node_id:
                 _count_invocation(changes.setdefault(item.node_id, _NodeChange()), item)
+        elif isinstance(item, KeyCount):
+            counts.append(item)
         else:
             _apply_state(changes.setdefault(item.node_id, _NodeChange()), item)
     if rows:
@@ -103,6 +105,7 @@ def apply_batch(conn: sa.Connection, items: Sequence[Item]) -> BatchResult:
                         key=lambda d: (d["hour"], d["source"], d["node_id"], d["model"]))
         upsert(conn, codex_hourly_stats, hourly, increment=HOURLY_COUNTERS)
         add_usage(conn, rows)  # per client key and day: teams' budgets and stats
+    add_counts(conn, counts)
     # A fixed order of row locks: two relays updating the same nodes cannot deadlock each other.
     for node_id in sorted(changes):
         conn.execute(*_node_statement(node_id, changes[node_id]))

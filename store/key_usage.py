@@ -3,7 +3,9 @@
 Every change is an atomic increment. ``admit`` makes ``daily_requests`` exact across relays sharing
 one database: ``UPDATE … SET admitted = admitted + 1 WHERE admitted < limit`` and its row count decide,
 never a read then a write. Token and cost budgets are read (a call is admitted while the key is under
-them, so the overshoot is bounded by the calls in flight). The writer adds each invocation's tokens
+them, so the overshoot is bounded by the calls in flight). Refusals (and admissions made while the
+database was away) are ``KeyCount`` records the writer adds (``add_counts``), journaled like every
+record during an outage. The writer adds each invocation's tokens
 and cost in the transaction that stores its row (``add_usage``), so these rows sum
 ``codex_invocations`` by ``client_key`` exactly.
 """
@@ -18,11 +20,14 @@ from typing import Any
 import sqlalchemy as sa
 
 from store.keys import KeySpec
+from store.records import KeyCount
 from store.schema import client_key_usage, codex_invocations
 from store.stats import Filters
 from store.upsert import upsert
 
 REFUSAL_REASONS = ("model", "nodes", "rate", "concurrency", "budget")
+# What a ``KeyCount`` record may add to (its ``counter``).
+KEY_COUNTERS = ("admitted", *(f"refused_{r}" for r in REFUSAL_REASONS))
 USAGE_COUNTERS = ("requests", "input_tokens", "cached_tokens", "output_tokens", "total_tokens", "cost")
 
 
@@ -65,10 +70,15 @@ def admit(conn: sa.Connection, key: str, day: dt.date, budgets: Budgets) -> str 
     return None
 
 
-def count_refusal(conn: sa.Connection, key: str, day: dt.date, reason: str) -> None:
-    """One more call of ``key`` refused for ``reason`` (one of REFUSAL_REASONS)."""
-    upsert(conn, client_key_usage, [{"day": day, "client_key": key, f"refused_{reason}": 1}],
-           increment=(f"refused_{reason}",))
+def add_counts(conn: sa.Connection, counts: Sequence[KeyCount]) -> None:
+    """Add admissions and refusals (``KeyCount`` records, from the writer) to their keys' days."""
+    sums: dict[tuple[dt.date, str], dict] = {}
+    for c in counts:
+        d = sums.setdefault((c.day, c.client_key), {"day": c.day, "client_key": c.client_key,
+                                                     **dict.fromkeys(KEY_COUNTERS, 0)})
+        d[c.counter] += 1
+    # Sorted: relays upserting the same rows lock them in one order (no deadlock).
+    upsert(conn, client_key_usage, [sums[k] for k in sorted(sums)], increment=KEY_COUNTERS)
 
 
 def add_usage(conn: sa.Connection, rows: Sequence[dict]) -> None:

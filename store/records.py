@@ -114,3 +114,17 @@ class NodeStateUpdate:
     pinged: bool = False  # True: write both ping columns (last_ping_err None clears it)
     last_ping_ms: int | None = None
     last_ping_err: str | None = None
+
+
+@dataclass(slots=True)
+class KeyCount:
+    """One admission or refusal of a client key's call, added to its day in ``client_key_usage`` by the
+    writer like every other record (so it is journaled while the database is away)."""
+
+    client_key: str
+    day: dt.date
+    counter: str  # "admitted" (a call under a daily_requests limit) or "refused_<reason>"
+
+
+# What the relay hands to the writer.
+Item = InvocationRecord | NodeStateUpdate | KeyCount

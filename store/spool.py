@@ -27,9 +27,7 @@ from typing import TextIO
 from sqlalchemy.engine import make_url
 
 from store.engine import create_private, in_memory
-from store.records import InvocationRecord, NodeStateUpdate, Usage
-
-Item = InvocationRecord | NodeStateUpdate
+from store.records import InvocationRecord, Item, KeyCount, NodeStateUpdate, Usage
 
 log = logging.getLogger("codex.writer")
 
@@ -116,6 +114,9 @@ def encode(item: Item) -> str:
     if isinstance(item, InvocationRecord):
         data["occurred_at"] = item.occurred_at.isoformat() if item.occurred_at else None
         return json.dumps({"invocation": data})
+    if isinstance(item, KeyCount):
+        data["day"] = item.day.isoformat()
+        return json.dumps({"key_count": data})
     return json.dumps({"node_state": data})
 
 
@@ -127,6 +128,9 @@ def decode(text: str) -> Item:
             fields["occurred_at"] = dt.datetime.fromisoformat(fields["occurred_at"])
         fields["usage"] = Usage(**fields["usage"])
         return InvocationRecord(**fields)
+    if "key_count" in data:
+        fields = data["key_count"]
+        return KeyCount(fields["client_key"], dt.date.fromisoformat(fields["day"]), fields["counter"])
     return NodeStateUpdate(**data["node_state"])
 
 
@@ -163,8 +167,10 @@ class Spool:
         self.count += len(kept)
         return len(items) - len(kept)
 
-    def peek(self, limit: int) -> tuple[list[int], list[Item]]:
-        rows = self._db.execute("SELECT id, item FROM spool ORDER BY id LIMIT ?", (limit,)).fetchall()
+    def peek(self, limit: int, after: int = 0) -> tuple[list[int], list[Item]]:
+        """The oldest ``limit`` records (with an id above ``after``) and their ids."""
+        rows = self._db.execute("SELECT id, item FROM spool WHERE id > ? ORDER BY id LIMIT ?",
+                                (after, limit)).fetchall()
         return [r[0] for r in rows], [decode(r[1]) for r in rows]
 
     def remove(self, ids: Sequence[int]) -> None:

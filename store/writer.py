@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 
 from store.engine import error_line
-from store.invocations import Item, apply_batch
+from store.invocations import apply_batch
+from store.records import Item
 from store.spool import Spool
 
 log = logging.getLogger("codex.writer")
@@ -49,6 +50,8 @@ class WriterStats:
     batches: int
     db_ok: bool
     last_error: str | None
+    stalled: bool = False  # the writer process sends nothing: its records go to the relay's journal
+    stalls: int = 0  # times a stalled writer process was replaced
 
 
 def is_outage(error: BaseException) -> bool:

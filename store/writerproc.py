@@ -7,11 +7,13 @@ safe) runs the same ``Writer`` with the spool, so outages, refused records and t
 a thread. This side keeps every batch it shipped until the child reports it settled (written, journaled,
 set aside or counted lost); a child that dies is replaced and handed what was not settled. Invocations
 stay exactly once then (``invoke_id``); a node state update whose transaction committed just before its
-child died is applied again.
+child died is applied again. What this side holds is bounded (``WriterProcess``): beyond it, and while no
+child takes records, they go to the relay's own journal on disk; its writes to the pipe never block, and a
+child that stays silent (it reports at least twice a second) is stalled, taken off and replaced.
 
 Frames are pickles behind a 4-byte length, over the child's stdin and stdout (the child is this module,
 so unpickling is no risk): ``config`` then ``("batch", items)``… and ``("stop",)`` (or EOF) down;
-``("ready",)`` or ``("error", kind, text)``, then ``("progress", settled, stats)`` and
+``("ready",)`` or ``("error", kind, text)``, then ``("progress", settled, stats)`` (also as a heartbeat) and
 ``("log", level, name, text)`` up.
 """
 
@@ -21,6 +23,7 @@ import contextlib
 import dataclasses
 import gc
 import logging
+import math
 import os
 import pickle
 import queue
@@ -30,6 +33,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 import traceback
 import warnings
 import weakref
@@ -41,13 +45,18 @@ from typing import BinaryIO
 import sqlalchemy as sa
 
 from store.engine import error_line, in_memory, make_engine
-from store.invocations import Item
+from store.records import Item
 from store.spool import ORPHAN_GRACE_S, Spool, SpoolInUse
 from store.writer import STOP, Writer, WriterStats, take_batch
 
 log = logging.getLogger("codex.writer")
 
 _HEADER = struct.Struct("!I")
+# A child that sends nothing for this long (it reports at least every _HEARTBEAT_S) is stalled.
+STALL_AFTER_S = 3.0
+_HEARTBEAT_S = 0.5
+# Bytes of records shipped to the child and not yet settled by it; more go to the relay's journal.
+MAX_IN_FLIGHT = 32 << 20
 _ROOT = str(Path(__file__).resolve().parent.parent)  # where the child imports ``store`` from
 _COUNTERS = ("written", "duplicates", "rejected", "lost", "batches")
 _NO_STATS = WriterStats(queued=0, spooled=0, spool_oldest_s=None, written=0, duplicates=0, rejected=0, lost=0,
@@ -63,9 +72,7 @@ class WriterStartError(RuntimeError):
 
 
 def send(out: BinaryIO, message: object) -> None:
-    data = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
-    out.write(_HEADER.pack(len(data)))
-    out.write(data)
+    out.write(_frame(message))
     out.flush()
 
 
@@ -112,6 +119,9 @@ class _Forked:
 class _Child:
     proc: subprocess.Popen | _Forked
     listener: threading.Thread | None = None
+    out: bytearray = dataclasses.field(default_factory=bytearray)  # frames its pipe has not taken yet
+    heard: float = dataclasses.field(default_factory=time.monotonic)  # when it last sent a frame
+    stalled: bool = False  # given up on: its records were taken back into the relay's journal
 
 
 def start_writer(engine: sa.Engine, url: str, spool_path: str | None, *, linger: float,
@@ -132,34 +142,71 @@ def start_writer(engine: sa.Engine, url: str, spool_path: str | None, *, linger:
     return writer
 
 
+def relay_journal_path(spool_path: str | None) -> str | None:
+    """The relay's own journal, beside its writer process's: records the child did not take."""
+    return spool_path + ".relay" if spool_path else None
+
+
 class WriterProcess:
-    """``Writer``'s interface (start, submit, flush, close, stats); the writing happens in a child process."""
+    """``Writer``'s interface (start, submit, flush, close, stats); the writing happens in a child process.
+
+    The hand-off is bounded: at most ``max_in_flight`` bytes of records are shipped and not yet settled
+    by the child; what does not fit, and everything while no child takes records (one being replaced, or
+    stalled), goes to the relay's own journal (``relay_journal_path``, on disk) and is shipped from there,
+    oldest first, when the child has room. Writes to the child's pipe never block: a child that sent
+    nothing (not even its heartbeat) for ``stall_after`` seconds is stalled; its unsettled records are
+    taken back into the relay's journal, it is killed and replaced.
+    """
 
     def __init__(self, url: str, spool_path: str | None, *, batch_size: int = 500, linger: float = 0.5,
-                 max_backoff: float = 10.0, orphan_grace: float = ORPHAN_GRACE_S) -> None:
+                 max_backoff: float = 10.0, orphan_grace: float = ORPHAN_GRACE_S,
+                 stall_after: float = STALL_AFTER_S, max_in_flight: int = MAX_IN_FLIGHT) -> None:
         self.url, self.spool_path = url, spool_path
         self.batch_size, self.linger, self.max_backoff = batch_size, linger, max_backoff
         self.orphan_grace = orphan_grace  # how long a child whose relay died may take to finish
+        self.stall_after, self.max_in_flight = stall_after, max_in_flight
         self._queue: queue.SimpleQueue = queue.SimpleQueue()  # submit is one C call on the event loop
         self._stopping = threading.Event()
         self._sender = threading.Thread(target=self._ship, name="codex-writer", daemon=True)
-        self._send_lock = threading.Lock()  # one child's stream at a time: a replacement resends first
+        # The current child, its pipe and the relay's journal. Held only for non-blocking work.
+        self._send_lock = threading.Lock()
+        self._journal = Spool(None)  # the relay's own (opened in start)
         self._state = threading.Condition()  # guards what follows
         self._submitted = 0
-        self._settled = 0  # of the submitted records, how many a child settled (always the oldest)
+        self._taken = 0  # of the submitted records, how many the sender took (shipped or journaled)
+        self._settled = 0  # of the shipped records, how many a child settled (always the oldest)
         self._sent = 0  # records shipped to children, counting each once
-        self._shipped: deque[tuple[int, list[Item]]] = deque()  # (position of its first record, batch), unsettled
+        # Unsettled: (position of its first record, batch, bytes of its frame, ids in the relay's journal or None)
+        self._shipped: deque[tuple[int, list[Item], int, tuple[int, int] | None]] = deque()
+        self._in_flight = 0  # bytes of the frames in _shipped
+        # The relay's journal: records shipped from it stay there until settled; the last id shipped, and
+        # the id ranges settled and not yet removed.
+        self._shipped_to = 0
+        self._settled_ids: list[tuple[int, int]] = []
         self._base = 0  # records settled before the current child started
         self._child: _Child | None = None
         self._child_stats = _NO_STATS
         self._counted = dict.fromkeys(_COUNTERS, 0)  # what ended children counted, and what this side lost
+        self._stalls = 0
         self._trouble: str | None = None  # why no child runs now
         self._closing = False
+        self._closed = False  # the relay's journal too
+        self._last_spill_log = -math.inf
 
     # -- called from any thread --------------------------------------------------------------------
     def start(self) -> None:
-        """Start the child (raises ``WriterStartError`` when it cannot open its journal or database)."""
-        self._spawn()
+        """Start the child (raises ``WriterStartError`` when it cannot open a journal or the database)."""
+        self._spawn()  # first: forked while this process has no journal open
+        try:
+            journal = Spool(relay_journal_path(self.spool_path))
+        except (SpoolInUse, OSError) as e:
+            self.close()
+            raise WriterStartError("spool", str(e)) from None
+        self._journal.close()  # the placeholder in memory
+        self._journal = journal
+        if self._journal.count:
+            log.info("the relay's journal %s holds %d record(s) from an earlier run: writing them first",
+                     self._journal.path, self._journal.count)
         self._sender.start()
 
     def submit(self, item: Item) -> None:
@@ -169,60 +216,207 @@ class WriterProcess:
         self._queue.put(item)
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until every submitted record is settled by a child, and its journal is empty while the
+        """Wait until every submitted record is settled by a child, both journals are empty while the
         database answers; False on timeout."""
         with self._state:
-            return self._state.wait_for(lambda: self._submitted == self._settled and not (
-                self._child_stats.spooled and self._child_stats.db_ok), timeout)
+            return self._state.wait_for(lambda: self._submitted == self._taken and self._sent == self._settled
+                                        and not self._journal.count
+                                        and not (self._child_stats.spooled and self._child_stats.db_ok), timeout)
 
     def close(self, timeout: float = 30.0) -> None:
-        """Ship what is queued and let the child write it (what the database cannot take stays in its journal)."""
+        """Ship what is queued and let the child write it (what the database cannot take stays in its journal).
+        A child that stalls or is not done within ``timeout`` is stopped: what it did not settle stays in the
+        relay's journal, for the next start."""
         self._queue.put(STOP)
         self._stopping.set()
         if self._sender.is_alive():
-            self._sender.join(timeout)
+            self._sender.join(timeout)  # it never waits for the child: this is short
+        deadline = time.monotonic() + timeout
         with self._send_lock:
             self._closing = True
             child = self._child
             if child is not None:
-                _tell(child, ("stop",))
-        if child is not None:
-            try:
-                child.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                log.error("the writer process did not finish within %.0f s: stopped", timeout)
-                child.proc.kill()
-            if child.listener is not None:
-                child.listener.join(timeout)
-        with self._state:
-            unsettled = self._submitted - self._settled
-            if unsettled:
-                self._lose(unsettled, "the writer process ended before it settled them")
-                self._settled = self._submitted
+                self._post(child, ("stop",))
+        while child is not None:
+            self._feed(child, 0.1)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.proc.wait(0.1)
+                break
+            if self._silent(child) or time.monotonic() > deadline:
+                log.error("the writer process (pid %d) %s: stopped; the records it did not settle stay in the "
+                          "relay's journal", child.proc.pid, "stalled" if self._silent(child) else
+                          f"did not finish within {timeout:g} s")
+                with self._send_lock:
+                    self._take_back(child)
+                child.proc.wait()
+                break
+        if child is not None and child.listener is not None:
+            child.listener.join(timeout)
+        with self._send_lock:
+            if child is not None and not child.stalled:  # ended before it settled them: a crash
+                self._take_back(child)
+            self._forget_settled()
+            if self._journal.count and self._journal.path:
+                log.warning("%d record(s) left in the relay's journal %s: they are written at the next start",
+                            self._journal.count, self._journal.path)
+            elif self._journal.count:
+                self._lose(self._journal.count, "the writer process did not take them and the journal is in memory")
+            self._journal.close()
+            self._closed = True
 
     def stats(self) -> WriterStats:
+        with self._send_lock:
+            ages = [self._journal.oldest_age()] if self._journal.count and not self._closed else []
         with self._state:
             s = self._child_stats
             counts = {name: self._counted[name] + getattr(s, name) for name in _COUNTERS}
-            return WriterStats(queued=self._submitted - self._settled, spooled=s.spooled,
-                               spool_oldest_s=s.spool_oldest_s, **counts,
-                               db_ok=s.db_ok and self._trouble is None,
-                               last_error=self._trouble or s.last_error)
+            stalled = self._child is not None and self._silent(self._child)
+            if s.spool_oldest_s is not None:
+                ages.append(s.spool_oldest_s)
+            return WriterStats(queued=self._submitted - self._taken + self._sent - self._settled,
+                               spooled=s.spooled + self._journal.count,
+                               spool_oldest_s=max(ages) if ages else None, **counts,
+                               db_ok=s.db_ok and self._trouble is None and not stalled,
+                               last_error=self._trouble or s.last_error, stalled=stalled, stalls=self._stalls)
 
     # -- the sender thread ---------------------------------------------------------------------------
     def _ship(self) -> None:
         stopping = False
         while not stopping:
-            batch, stopping = take_batch(self._queue, 1.0, self.linger, self.batch_size, self._stopping)
-            if not batch:
-                continue
-            frame = ("batch", batch)
+            # Woken at least every half second: the pipe, the journal and the child's silence are looked at.
+            batch, stopping = take_batch(self._queue, 0.5, self.linger, self.batch_size, self._stopping)
             with self._send_lock:
-                with self._state:
-                    self._shipped.append((self._sent, batch))
-                    self._sent += len(batch)
-                if self._child is not None:  # none: the next child gets it with the rest
-                    _tell(self._child, frame)
+                if batch:
+                    with self._state:
+                        self._taken += len(batch)
+                    self._hand(batch)
+                child = self._child
+                if child is None or child.stalled:
+                    continue
+                if self._silent(child):
+                    self._stalled(child)
+                    continue
+                self._drain(child)
+            self._feed(child, 0.5)
+
+    def _feed(self, child: _Child, within: float) -> None:
+        """Write the child's frames as fast as its pipe takes them, for at most ``within`` seconds; the lock
+        is not held while waiting for the pipe."""
+        deadline = time.monotonic() + within
+        while True:
+            with self._send_lock:
+                self._pump(child)
+                if not child.out or child.stalled:
+                    return
+            left = deadline - time.monotonic()
+            try:
+                if left <= 0 or not select.select([], [child.proc.stdin], [], left)[1]:
+                    return
+            except (OSError, ValueError):  # its pipe is closed: its listener replaces it
+                return
+
+    def _hand(self, batch: list[Item]) -> None:
+        """To the child if it takes records and has room (nothing journaled before them), else to the journal."""
+        child = self._child
+        frame = _frame(("batch", batch))
+        full = self._in_flight and self._in_flight + len(frame) > self.max_in_flight  # one batch always fits
+        if child is None or child.stalled or self._journal.count or full:
+            self._spill(batch, "no writer process runs" if child is None else "the writer process is stalled"
+                        if child.stalled else "the writer process is behind")
+            return
+        self._to_child(child, batch, frame)
+
+    def _to_child(self, child: _Child, batch: list[Item], frame: bytes, ids: tuple[int, int] | None = None) -> None:
+        with self._state:
+            self._shipped.append((self._sent, batch, len(frame), ids))
+            self._sent += len(batch)
+            self._in_flight += len(frame)
+        child.out += frame
+
+    def _drain(self, child: _Child) -> None:
+        """Ship the relay's journal, oldest first, while the child has room. Its records stay in the journal
+        until the child settles them: a SIGKILL meanwhile loses none of them."""
+        try:
+            self._forget_settled()
+            while self._journal.count and self._in_flight < self.max_in_flight // 2:
+                ids, items = self._journal.peek(self.batch_size, after=self._shipped_to)
+                if not ids:
+                    break
+                self._to_child(child, items, _frame(("batch", items)), (ids[0], ids[-1]))
+                self._shipped_to = ids[-1]
+        except Exception:  # unreadable: its records stay there for the next try
+            log.exception("reading the relay's journal %s failed", self._journal.path or "(memory)")
+
+    def _forget_settled(self) -> None:
+        """Remove from the relay's journal what the child settled."""
+        with self._state:
+            settled, self._settled_ids = self._settled_ids, []
+        for first, last in settled:
+            self._journal.remove((first, last))
+        if settled and not self._journal.count:
+            log.info("the relay's journal is drained")
+            with self._state:
+                self._state.notify_all()
+
+    def _spill(self, batch: Sequence[Item], why: str) -> None:
+        """Journal ``batch`` in this process (on disk): never held in memory for a child that does not take it."""
+        try:
+            dropped = self._journal.append(batch)
+        except Exception as e:  # disk full, I/O error
+            self._lose(len(batch), f"{why} and the relay's journal failed: {error_line(e)[:300]}")
+            return
+        if dropped:
+            self._lose(dropped, f"{why} and the relay's journal is full ({self._journal.max_items} records)")
+        now = time.monotonic()
+        if now - self._last_spill_log >= 10.0:
+            self._last_spill_log = now
+            log.warning("%s: %d record(s) wait in the relay's journal %s", why, self._journal.count,
+                        self._journal.path or "(memory)")
+
+    def _pump(self, child: _Child) -> None:
+        """Write what the child's pipe takes now, never waiting for it."""
+        try:
+            while child.out:
+                with memoryview(child.out) as view:
+                    n = os.write(child.proc.stdin.fileno(), view[:1 << 20])
+                del child.out[:n]
+        except (BlockingIOError, InterruptedError):
+            return
+        except (OSError, ValueError):  # gone (ValueError: its pipe is closed): its listener replaces it
+            child.out.clear()
+
+    def _post(self, child: _Child, message: object) -> None:
+        child.out += _frame(message)
+        self._pump(child)
+
+    def _silent(self, child: _Child) -> bool:
+        return time.monotonic() - child.heard > self.stall_after
+
+    def _stalled(self, child: _Child) -> None:
+        self._take_back(child)  # first: what the log line says is then true
+        with self._state:
+            self._stalls += 1
+            self._trouble = (f"the writer process (pid {child.proc.pid}) sent nothing for {self.stall_after:g} s: "
+                             "stalled; its records went to the relay's journal and it is replaced")
+        log.error("%s", self._trouble)
+
+    def _take_back(self, child: _Child) -> None:
+        """Give up on ``child``: what it did not settle goes to the relay's journal, and it is killed."""
+        with self._state:
+            # Those shipped from the journal are still there (shipped again from the start of it).
+            items = [item for first, batch, _, ids in self._shipped if ids is None
+                     for item in (batch[self._settled - first:] if first < self._settled else batch)]
+            self._shipped.clear()
+            self._in_flight = 0
+            self._settled = self._sent
+            self._shipped_to = 0
+            self._state.notify_all()
+        child.stalled = True  # its late reports must not count: its records are in the journal now
+        child.out.clear()
+        if items:
+            self._spill(items, "the writer process did not settle them")
+        with contextlib.suppress(OSError):
+            child.proc.kill()
 
     # -- children ------------------------------------------------------------------------------------
     def _sqlite_files(self) -> list[str]:
@@ -237,6 +431,7 @@ class WriterProcess:
         try:
             send(proc.stdin, {"url": self.url, "spool": self.spool_path, "batch_size": self.batch_size,
                               "max_backoff": self.max_backoff, "orphan_grace": self.orphan_grace,
+                              "heartbeat": min(_HEARTBEAT_S, self.stall_after / 4),
                               "log_level": log.getEffectiveLevel()})
             while True:
                 message = receive(proc.stdout)
@@ -251,6 +446,8 @@ class WriterProcess:
         except (WriterStartError, OSError):
             _end(proc)
             raise
+        os.set_blocking(proc.stdin.fileno(), False)  # from here on only _pump writes to it
+        child.heard = time.monotonic()
         with self._send_lock:
             if self._closing:  # close() gave up on children meanwhile: it counts what is unsettled
                 _end(proc)
@@ -260,9 +457,10 @@ class WriterProcess:
                 self._child_stats = _NO_STATS
                 self._trouble = None
                 resend = [batch[self._settled - first:] if first < self._settled else batch
-                          for first, batch in self._shipped]
+                          for first, batch, _, _ in self._shipped]
             for batch in resend:
-                _tell(child, ("batch", batch))
+                child.out += _frame(("batch", batch))
+            self._pump(child)
             self._child = child
         child.listener = threading.Thread(target=self._listen, args=(child,), name="codex-writer-child",
                                           daemon=True)
@@ -271,8 +469,16 @@ class WriterProcess:
     def _listen(self, child: _Child) -> None:
         """Read one child's frames until it ends; then start another, unless closing."""
         while (message := receive(child.proc.stdout)) is not None:
-            if message[0] == "progress":
+            child.heard = time.monotonic()
+            if message[0] == "progress" and not child.stalled:
                 self._progress(message[1], message[2])
+                if self._journal.count:  # room again: ship what waits, without waiting for the sender
+                    with self._send_lock:
+                        if self._child is child and not child.stalled:
+                            self._drain(child)
+                            self._pump(child)
+                        else:
+                            self._forget_settled()
             elif message[0] == "log":
                 _relog(message)
         code = child.proc.wait()
@@ -284,9 +490,10 @@ class WriterProcess:
             if self._closing:
                 self._state.notify_all()
                 return
-            self._trouble = f"the writer process exited with code {code}"
-        log.error("%s; a new one takes the %d record(s) not yet written", self._trouble,
-                  self._submitted - self._settled)
+            if not child.stalled:
+                self._trouble = f"the writer process exited with code {code}"
+                log.error("%s; a new one takes the %d record(s) not yet written", self._trouble,
+                          self._sent - self._settled)
         self._restart()
 
     def _restart(self) -> None:
@@ -306,20 +513,23 @@ class WriterProcess:
         with self._state:
             self._settled = self._base + settled
             while self._shipped and self._shipped[0][0] + len(self._shipped[0][1]) <= self._settled:
-                self._shipped.popleft()
+                _, _, size, ids = self._shipped.popleft()
+                self._in_flight -= size
+                if ids is not None:
+                    self._settled_ids.append(ids)
             self._child_stats = stats
             self._state.notify_all()
 
     def _lose(self, n: int, reason: str) -> None:
-        self._counted["lost"] += n
-        self._trouble = reason
+        with self._state:
+            self._counted["lost"] += n
+            self._trouble = reason
         log.error("%d record(s) lost, neither written nor journaled: %s", n, reason)
 
 
-def _tell(child: _Child, message: object) -> None:
-    """Send to a child; one that is gone is found by its listener (EOF), which replaces it."""
-    with contextlib.suppress(OSError, ValueError):  # ValueError: its pipe is already closed
-        send(child.proc.stdin, message)
+def _frame(message: object) -> bytes:
+    data = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
+    return _HEADER.pack(len(data)) + data
 
 
 def _may_fork(sqlite_files: Sequence[str]) -> bool:
@@ -463,16 +673,14 @@ def main() -> None:
     submitted = [0]
 
     def report() -> None:
-        last = None
+        # Also when nothing changed: the parent takes a child that stays silent for a stalled one.
         while True:
             ended = writer.ended  # read first: a report made after the end is the final one
-            now = (submitted[0] - writer.pending, writer.stats())  # that order: never more than settled
-            if now != last:
-                tell(("progress", *now))
-                last = now
+            with contextlib.suppress(OSError):  # the relay is gone: nobody reads reports any more
+                tell(("progress", submitted[0] - writer.pending, writer.stats()))  # that order: never more than settled
             if ended:
                 return
-            writer.wait_progress(0.5)
+            writer.wait_progress(config["heartbeat"])
 
     reporter = threading.Thread(target=report, name="codex-writer-report", daemon=True)
     reporter.start()

@@ -64,9 +64,9 @@ def receiver() -> Iterator[Receiver]:
     r.server.server_close()
 
 
-def writer_stats(db_ok: bool = True, lost: int = 0, spooled: int = 0) -> WriterStats:
+def writer_stats(db_ok: bool = True, lost: int = 0, spooled: int = 0, stalls: int = 0) -> WriterStats:
     return WriterStats(queued=0, spooled=spooled, spool_oldest_s=None, written=0, duplicates=0, rejected=0,
-                       lost=lost, batches=0, db_ok=db_ok, last_error=None)
+                       lost=lost, batches=0, db_ok=db_ok, last_error=None, stalls=stalls)
 
 
 def fail(node: Node) -> None:
@@ -95,9 +95,12 @@ def test_state_changes_are_sent_once_per_window(receiver):
         alerts.check()
         stats[0] = writer_stats(db_ok=True, lost=2)
         alerts.check()
+        stats[0] = writer_stats(db_ok=True, lost=2, stalls=1)  # a stalled writer process was replaced
+        alerts.check()
+        alerts.check()  # counted once
         expected = [("node_failed", "alpha"), ("node_recovered", "alpha"), ("node_failed", "beta"),
                     ("all_nodes_down", "relay"), ("writer_journaling", "relay"), ("writer_recovered", "relay"),
-                    ("records_lost", "relay")]
+                    ("records_lost", "relay"), ("writer_stalled", "relay")]
         wait_for(lambda: receiver.events() == expected, timeout=10, what="every event once")
         now[0] = 301.0  # after the window the same event is sent again
         pool.get("alpha").breaker.close()

@@ -5,10 +5,14 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import os
+import signal
 import socket
 import sqlite3
 import threading
+import time
 import uuid
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -269,3 +273,122 @@ def drive_one(port: int) -> tuple[int, bytes]:
             return resp.status, e.partial
     finally:
         conn.close()
+
+
+# The README's window: records of calls answered this long before a SIGKILL of the relay may be lost (it
+# batches them for up to half a second, then hands the batch to its writer process).
+SIGKILL_WINDOW_S = 0.6
+
+
+def writer_pid(relay: RelayProcess) -> int:
+    """The relay's writer process (its child named codex-writer)."""
+    def find() -> int | None:
+        for pid in Path(f"/proc/{relay.proc.pid}/task/{relay.proc.pid}/children").read_text().split():
+            with contextlib.suppress(OSError):
+                if Path(f"/proc/{pid}/comm").read_text().strip() == "codex-writer":
+                    return int(pid)
+        return None
+    return wait_for(find, timeout=30, what="the writer process")
+
+
+def tagged_rows(db_url: str) -> list[int]:
+    """The input tokens of every stored call: each test call carries its own (its tag)."""
+    return [int(r.input_tokens) for r in rows(db_url, "SELECT input_tokens FROM codex_invocations")]
+
+
+def call(conn: http.client.HTTPConnection, tag: int) -> bool:
+    """One streamed call tagged ``tag`` (its input tokens); whether it was answered in full."""
+    body = json.dumps({"model": "gpt-5-codex", "stream": True, "metadata": {"fake_usage": [tag, 0, 1, 0]}})
+    conn.request("POST", "/v1/responses", body, {"content-type": "application/json"})
+    resp = conn.getresponse()
+    resp.read()
+    return resp.status == 200
+
+
+def settle_journals(db_url: str, options: dict[str, str], spool: Path) -> None:
+    """Start a relay on the same journals, let it write what an earlier run left, and stop it (SIGTERM)."""
+    with RelayProcess(db_url=db_url, options=options):
+        wait_for(lambda: spooled(f"{spool}.relay") == 0 and spooled(spool) == 0, what="both journals written")
+
+
+def test_sigkill_loses_only_the_calls_of_its_last_moments(db_url, upstreams, tmp_path):
+    """Calls answered up to the kill of the relay (not of its writer process, which then writes what it had):
+    only those of the last SIGKILL_WINDOW_S may lack a row."""
+    spool = tmp_path / "spool.db"
+    options = {"codex_nodes": str(upstreams), "codex_spool": str(spool), "codex_ping_interval": "0"}
+    relay = RelayProcess(db_url=db_url, options=options).start()
+    answered: dict[int, float] = {}
+    stop = threading.Event()
+
+    def client(first: int) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", relay.port, timeout=30)
+        tag = first
+        with contextlib.suppress(OSError, http.client.HTTPException):
+            while not stop.is_set():
+                if call(conn, tag):
+                    answered[tag] = time.monotonic()
+                tag += 4
+        conn.close()
+
+    clients = [threading.Thread(target=client, args=(1000 + i,)) for i in range(4)]
+    try:
+        for t in clients:
+            t.start()
+        # Long enough that the calls of the last window are a part of them only.
+        wait_for(lambda: len(answered) >= 150 and time.monotonic() - min(answered.values()) > 2.0,
+                 what="150 answered calls over 2 s")
+        killed_at = time.monotonic()
+        os.kill(relay.proc.pid, signal.SIGKILL)  # the relay alone: its writer process gets EOF
+    finally:
+        stop.set()
+        for t in clients:
+            t.join(30)
+        relay.kill()
+    settle_journals(db_url, options, spool)
+    stored = tagged_rows(db_url)
+    assert len(stored) == len(set(stored))  # none twice
+    lost = {tag: killed_at - at for tag, at in answered.items() if tag not in set(stored)}
+    assert all(age <= SIGKILL_WINDOW_S for age in lost.values()), f"lost, seconds before the kill: {lost}"
+    assert len(stored) >= len(answered) - len(lost)
+
+
+def test_a_stopped_writer_process_loses_nothing_and_sigterm_ends_within_its_bound(db_url, upstreams, tmp_path):
+    spool = tmp_path / "spool.db"
+    options = {"codex_nodes": str(upstreams), "codex_spool": str(spool), "codex_ping_interval": "0"}
+    relay = RelayProcess(db_url=db_url, options=options).start()
+    try:
+        stopped = writer_pid(relay)
+        os.kill(stopped, signal.SIGSTOP)
+        assert drive(relay.port, 20) == [200] * 20
+        began = time.monotonic()
+        assert relay.stop(timeout=60) == 0
+        took = time.monotonic() - began
+    finally:
+        relay.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(stopped, signal.SIGKILL)
+    assert took < 3.0 + 3.0, f"SIGTERM took {took:.1f} s with a stopped writer process"  # its stall bound
+    assert "stalled" in relay.output()
+    settle_journals(db_url, options, spool)
+    assert totals(db_url)[:3] == (20, 20, 20)
+
+
+def test_a_writer_process_stopped_under_traffic_is_replaced_and_sigkill_then_loses_nothing(db_url, upstreams,
+                                                                                          tmp_path):
+    """The issue's case: 300 calls with the writer process stopped, then SIGKILL (170 of 300 were lost)."""
+    spool = tmp_path / "spool.db"
+    options = {"codex_nodes": str(upstreams), "codex_spool": str(spool), "codex_ping_interval": "0"}
+    relay = RelayProcess(db_url=db_url, options=options).start()
+    try:
+        stopped = writer_pid(relay)
+        os.kill(stopped, signal.SIGSTOP)
+        assert drive(relay.port, 300) == [200] * 300
+        # Noticed: from then on its records are in the relay's journal or with a new writer process.
+        wait_for(lambda: "stalled" in relay.output(), what="the stall noticed")
+        os.kill(relay.proc.pid, signal.SIGKILL)
+    finally:
+        relay.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(stopped, signal.SIGKILL)
+    settle_journals(db_url, options, spool)
+    assert totals(db_url)[:3] == (300, 300, 300)

@@ -10,13 +10,17 @@ from types import SimpleNamespace
 import pytest
 import sqlalchemy as sa
 from mitmproxy.test import taddons
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from addon.admin import Admin
+from addon.metrics import Metrics
 from addon.relay import Relay
+from addon.routing import NodePool
 from addon.runtime import Runtime
 from store.records import InvocationRecord, NodeStateUpdate, Usage
 from store.schema import codex_invocations, nodes
+from store.writer import WriterStats
 from tests.conftest import wait_for
 from tests.test_admin import TOKEN, alpha_and_beta, ask
 
@@ -120,3 +124,14 @@ def test_metrics_follow_the_admin_access_rules(env):
     assert "codex_node_requests" not in denied.get_text()
     scrape(env.admin, peer=remote, headers={"authorization": f"Bearer {TOKEN}"})
     assert ask(env.admin, "POST", "/metrics", headers={"authorization": f"Bearer {TOKEN}"}).status_code == 405
+
+
+def test_a_stalled_writer_process_is_a_gauge_and_a_counter():
+    stats = WriterStats(queued=0, spooled=40, spool_oldest_s=3.0, written=0, duplicates=0, rejected=0, lost=0,
+                        batches=0, db_ok=False, last_error="stalled", stalled=True, stalls=2)
+    metrics = Metrics(lambda: NodePool([]), lambda: stats)
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(generate_latest(metrics.registry).decode())
+               for s in family.samples}
+    assert total(samples, "codex_writer_stalled") == 1 and total(samples, "codex_writer_stalls_total") == 2
+    assert total(samples, "codex_writer_db_ok") == 0 and total(samples, "codex_writer_journal") == 40

@@ -18,19 +18,22 @@ from mitmproxy.test import taddons, tflow
 from addon.admin import Admin
 from addon.auth import ClientAuth
 from addon.errors import CLIENT_KEY_NAME
-from addon.limits import Limits
+from addon.limits import DB_RETRY_S, Limits
 from addon.routing import Node, NodePool
 from addon.runtime import Runtime
 from addon.secrets import digest
 from addon.userstats import UserStats
+from store.engine import make_engine
 from store.invocations import apply_batch
-from store.key_usage import Budgets, admit, count_refusal
+from store.key_usage import Budgets, admit
 from store.keys import KeySpec
-from store.records import InvocationRecord, NodeConfig, Usage, utcnow
+from store.records import InvocationRecord, KeyCount, NodeConfig, Usage, utcnow
 from store.schema import client_key_usage, codex_invocations
 from store.sources import crs
+from store.spool import Spool
 from store.stats_cli import main as stats_main
-from tests.conftest import fresh_engine
+from store.writer import Writer
+from tests.conftest import fresh_engine, wait_for
 from tests.test_admin import ask
 
 KEYS_TOML = """
@@ -54,10 +57,13 @@ BOB_KEY = "ck-bob-9876543210"
 ALICE_KEY = "ck-alice-0123456789"
 
 
-def runtime_with(*node_ids: str, engine: sa.Engine | None = None) -> Runtime:
+def runtime_with(*node_ids: str, engine: sa.Engine | None = None, writer: Writer | None = None) -> Runtime:
+    """A runtime routing over ``node_ids``; its records go to ``writer`` (and its database is the writer's)."""
     runtime = Runtime()
     runtime.pool = NodePool([Node(NodeConfig(id=i, base_url=f"http://127.0.0.1:9/{i}")) for i in node_ids])
-    runtime.engine = engine
+    runtime.engine = writer.engine if writer is not None else engine
+    if writer is not None:
+        runtime.submit = writer.submit
     return runtime
 
 
@@ -104,6 +110,15 @@ def engine(db_url):
         yield eng
 
 
+@pytest.fixture
+def writer(engine):
+    """The writer (a thread) the relay's records go through, on ``engine``."""
+    w = Writer(engine, linger=0.0)
+    w.start()
+    yield w
+    w.finish()
+
+
 def refusal(response) -> tuple[int, str | None, str | None]:
     return response.status_code, json.loads(response.content)["error"]["code"], response.headers.get("retry-after")
 
@@ -115,15 +130,17 @@ def flow_of(key: str):
     return f
 
 
-def refused_counts(engine: sa.Engine, key: str) -> dict[str, int]:
-    with engine.connect() as conn:
+def refused_counts(writer: Writer, key: str) -> dict[str, int]:
+    """``key``'s refusals, once the writer has written what it was given."""
+    assert writer.flush(30)
+    with writer.engine.connect() as conn:
         row = conn.execute(sa.select(client_key_usage).where(client_key_usage.c.client_key == key)).one()
     return {k: v for k, v in row._mapping.items() if k.startswith("refused_") and v}
 
 
-def test_limits_refuse_in_order_and_count_refusals_per_key(engine):
+def test_limits_refuse_in_order_and_count_refusals_per_key(writer):
     t = [1000.0]
-    limits = Limits(runtime_with("alpha", "beta", engine=engine), clock=lambda: t[0])
+    limits = Limits(runtime_with("alpha", "beta", writer=writer), clock=lambda: t[0])
     limits.set_keys([KeySpec("alice", b"x" * 32, nodes=("alpha",), models=("gpt-5*",), rpm=4, concurrency=2),
                      KeySpec("bob", b"y" * 32, nodes=("beta",))])
 
@@ -144,13 +161,13 @@ def test_limits_refuse_in_order_and_count_refusals_per_key(engine):
         assert refusal(await limits.admit(flow_of("bob"), "gpt-5"))[:2] == (429, "no_node_available")
 
     asyncio.run(run())
-    assert refused_counts(engine, "alice") == {"refused_model": 1, "refused_concurrency": 2, "refused_rate": 1}
-    assert refused_counts(engine, "bob") == {"refused_nodes": 1}
+    assert refused_counts(writer, "alice") == {"refused_model": 1, "refused_concurrency": 2, "refused_rate": 1}
+    assert refused_counts(writer, "bob") == {"refused_nodes": 1}
 
 
-def test_daily_requests_budget_refuses_with_reset_time_and_frees_the_slot(engine):
+def test_daily_requests_budget_refuses_with_reset_time_and_frees_the_slot(writer):
     now = dt.datetime(2026, 11, 25, 23, 0, 0)
-    limits = Limits(runtime_with("alpha", engine=engine), now=lambda: now)
+    limits = Limits(runtime_with("alpha", writer=writer), now=lambda: now)
     limits.set_keys([KeySpec("alice", b"x" * 32, daily_requests=2, concurrency=5)])
     alerts: list[tuple[str, str, str]] = []
     limits.runtime.alert = lambda *event: alerts.append(event)  # the webhooks' "key_budget_reached"
@@ -166,7 +183,7 @@ def test_daily_requests_budget_refuses_with_reset_time_and_frees_the_slot(engine
     assert json.loads(third.content)["error"]["resets_at"] == dt.datetime(2026, 11, 26, tzinfo=dt.UTC).timestamp()
     assert "daily_requests limit (2)" in third.text and "2026-11-26T00:00:00Z" in third.text
     assert limits.in_flight("alice") == 2  # the refused call holds no slot
-    assert refused_counts(engine, "alice") == {"refused_budget": 1}
+    assert refused_counts(writer, "alice") == {"refused_budget": 1}
     assert [(e, k) for e, k, _ in alerts] == [("key_budget_reached", "alice")] and "daily_requests" in alerts[0][2]
 
 
@@ -235,7 +252,7 @@ def test_stats_keys_shows_each_keys_day_with_refusals_by_reason(engine, capsys):
         apply_batch(conn, [record("k1", "alice", dt.datetime(2026, 11, 2, 8), 50, 1.5),
                            record("k2", "alice", dt.datetime(2026, 11, 25, 8), 40, 0.25)])
         admit(conn, "bob", day, Budgets(daily_requests=0))
-        count_refusal(conn, "bob", day, "budget")
+        apply_batch(conn, [KeyCount("bob", day, "refused_budget")])
     url = engine.url.render_as_string(hide_password=False)
     assert stats_main(["keys", "--db", url, "--until", "2026-11-25", "--json"]) == 0
     got = {r["client_key"]: r for r in json.loads(capsys.readouterr().out)}
@@ -325,8 +342,8 @@ def test_admin_keys_panel_shows_usage_refusals_and_each_limits_use(engine):
     admin = Admin(runtime, limits)
     asyncio.run(limits.admit(flow_of("alice"), "gpt-5"))  # in flight, admitted once
     with engine.begin() as conn:
-        apply_batch(conn, [record("p1", "alice", dt.datetime(2026, 11, 25, 9), 50, 1.25)])
-        count_refusal(conn, "alice", day, "model")
+        apply_batch(conn, [record("p1", "alice", dt.datetime(2026, 11, 25, 9), 50, 1.25),
+                           KeyCount("alice", day, "refused_model")])
     with taddons.context(runtime, admin):
         resp = ask(admin, "GET", "/admin/api/keys?until=2026-11-25")
     alice, idle = json.loads(resp.content)["keys"]
@@ -353,3 +370,89 @@ def test_usage_endpoint_answers_a_key_no_key_can_be_with_its_401():
             asyncio.run(stats.request(f))
             assert (f.response.status_code, json.loads(f.response.content)) == (
                 401, {"error": "Invalid API key", "message": "API key not found"})
+
+
+# An address where nothing listens: the stats database is unreachable (connection refused at once).
+UNREACHABLE_DB = "mysql+pymysql://root@127.0.0.1:1/codex"
+
+
+def limits_without_database(writer: Writer) -> Limits:
+    """Limits for a key with every budget while the database is unreachable; records go to ``writer``."""
+    runtime = runtime_with("alpha")
+    runtime.engine = make_engine(UNREACHABLE_DB)
+    runtime.submit = writer.submit
+    limits = Limits(runtime)
+    limits.set_keys([KeySpec("alice", b"x" * 32, daily_requests=5, daily_tokens=1000, monthly_cost=5.0, rpm=2)])
+    return limits
+
+
+def test_with_the_database_down_budgeted_calls_are_admitted_and_counted_once_it_is_back(db_url, tmp_path):
+    """codex_limits_when_db_down=admit (the default): calls are served, an rpm refusal is still a 429, and
+    the admissions and refusal go through the writer's journal, so the day's counts are exact afterwards."""
+    journal = str(tmp_path / "spool.db")
+    down = Writer(make_engine(UNREACHABLE_DB), Spool(journal), linger=0.0)
+    down.start()
+
+    async def calls(limits: Limits) -> list:
+        return [await limits.admit(flow_of("alice"), "gpt-5") for _ in range(3)]
+    limits = limits_without_database(down)
+    assert limits.when_db_down == "admit"  # the default
+    first, second, third = asyncio.run(calls(limits))
+    assert first is None and second is None  # served: the budgets could not be read
+    assert refusal(third)[:2] == (429, "rate_limited")  # not a 500: the refusal is counted by the writer
+    wait_for(lambda: down.stats().spooled == 3, what="3 counts journaled")
+    down.close()  # the journal keeps them for the next start
+    with fresh_engine(db_url) as engine:
+        back = Writer(engine, Spool(journal), linger=0.0)
+        back.start()
+        assert back.flush(30)
+        back.finish()
+        with engine.connect() as conn:
+            row = conn.execute(sa.select(client_key_usage).where(client_key_usage.c.client_key == "alice")).one()
+    assert (row.day, row.admitted, row.refused_rate) == (utcnow().date(), 2, 1)
+
+
+def test_with_the_database_down_refuse_answers_503_in_the_clients_shape(tmp_path):
+    down = Writer(make_engine(UNREACHABLE_DB), Spool(None), linger=0.0)
+    down.start()
+    anthropic = flow_of("alice")
+    anthropic.request.path = "/v1/messages"
+    limits = limits_without_database(down)
+    limits.when_db_down = "refuse"  # as codex_limits_when_db_down=refuse sets it (the test below)
+    response = asyncio.run(limits.admit(flow_of("alice"), "gpt-5"))
+    body = json.loads(asyncio.run(limits.admit(anthropic, "claude-sonnet-4-5")).content)
+    assert limits.in_flight("alice") == 0  # the refused calls hold no slot
+    assert refusal(response) == (503, "limits_unavailable", "10")
+    assert "stats database is unreachable" in response.text
+    assert body["type"] == "error" and "stats database is unreachable" in body["error"]["message"]
+    wait_for(lambda: down.stats().spooled == 2, what="the refusals journaled")
+    down.finish()
+
+
+def test_admissions_while_the_database_was_away_count_against_the_budget_once_it_is_back(writer):
+    """The database is asked again DB_RETRY_S after a failed check; meanwhile calls are admitted and their
+    admissions journaled, so a key cannot spend its daily_requests twice over an outage."""
+    t = [0.0]
+    runtime = runtime_with("alpha", writer=writer)
+    limits = Limits(runtime, clock=lambda: t[0])
+    limits.set_keys([KeySpec("alice", b"x" * 32, daily_requests=2)])
+    runtime.engine = make_engine(UNREACHABLE_DB)
+    assert asyncio.run(limits.admit(flow_of("alice"), "gpt-5")) is None  # the check failed: admitted
+    runtime.engine = writer.engine  # back, but not asked before the pause is over
+    t[0] += DB_RETRY_S - 1
+    assert asyncio.run(limits.admit(flow_of("alice"), "gpt-5")) is None
+    assert writer.flush(30)
+    t[0] += 1
+    assert refusal(asyncio.run(limits.admit(flow_of("alice"), "gpt-5")))[:2] == (429, "budget_exceeded")
+    with writer.engine.connect() as conn:
+        row = conn.execute(sa.select(client_key_usage).where(client_key_usage.c.client_key == "alice")).one()
+    assert row.admitted == 2
+
+
+def test_the_when_db_down_policy_is_an_option_and_a_bad_one_stops_the_relay():
+    limits = Limits(runtime_with("alpha"))
+    with taddons.context(limits) as tctx:
+        tctx.configure(limits, codex_limits_when_db_down="refuse")
+        assert limits.when_db_down == "refuse"
+        with pytest.raises(exceptions.OptionsError, match="admit, refuse"):
+            tctx.configure(limits, codex_limits_when_db_down="maybe")

@@ -3,6 +3,7 @@ its parent without a record lost or written twice."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pickle
@@ -11,6 +12,7 @@ import socket
 import sqlite3
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +23,7 @@ from store.engine import make_engine
 from store.records import NodeStateUpdate, Usage
 from store.spool import Spool
 from store.writer import Writer
-from store.writerproc import WriterProcess, WriterStartError, _Forked, start_writer
+from store.writerproc import WriterProcess, WriterStartError, _Forked, relay_journal_path, start_writer
 from tests.conftest import wait_for
 from tests.test_store import record
 from tests.test_writer import counts, engine_with_node
@@ -234,3 +236,89 @@ def test_forking_is_refused_beside_another_thread_or_an_open_database_file(sqlit
     finally:
         stop.set()
         other.join()
+
+
+def _big(n: int) -> list:
+    """``n`` records of ~1 KB each: a few hundred fill a pipe."""
+    return [record(payload=os.urandom(500).hex()) for _ in range(n)]  # distinct: pickle shares equal objects
+
+
+def test_records_a_busy_child_cannot_take_wait_in_the_relays_journal_not_in_memory(sqlite_url, tmp_path):
+    engine = engine_with_node(sqlite_url)
+    spool = str(tmp_path / "spool.db")
+    writer = WriterProcess(sqlite_url, spool, batch_size=50, linger=0.0, max_in_flight=64 * 1024)
+    writer.start()
+    blocker = _lock_database(sqlite_url)  # the child is alive and reports, but writes nothing
+    try:
+        for item in _big(2000):
+            writer.submit(item)
+        # In memory: at most what the cap allows (~60 records of ~1 KB); the rest is on disk.
+        wait_for(lambda: writer.stats().queued <= 120, what="the records beyond the cap journaled")
+        stats = writer.stats()
+        assert stats.queued + stats.spooled == 2000
+        assert Path(relay_journal_path(spool)).exists()
+        assert not stats.stalled and stats.stalls == 0  # busy, not stalled: its heartbeat still comes
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert writer.flush(120)
+    writer.close()
+    assert counts(engine) == (2000, 2000, 2000)
+    assert (writer.stats().lost, writer.stats().stalls) == (0, 0)
+    assert not Path(relay_journal_path(spool)).exists()  # an empty journal is removed
+
+
+def test_a_stopped_child_is_counted_replaced_and_its_records_written_once(db_url, engine, tmp_path):
+    writer = WriterProcess(db_url, str(tmp_path / "spool.db"), batch_size=50, linger=0.0, stall_after=1.0)
+    writer.start()
+    first = writer._child.proc
+    try:
+        for _ in range(10):
+            writer.submit(record())
+        assert writer.flush(60)
+        first.send_signal(signal.SIGSTOP)
+        for item in _big(300):  # more than its pipe holds
+            writer.submit(item)
+        wait_for(lambda: writer.stats().stalls == 1, what="the stall counted")
+        assert "stalled" in writer.stats().last_error and not writer.stats().db_ok
+        assert writer.flush(60)  # by a new child
+        assert first.wait(10) == -signal.SIGKILL
+        assert writer._child.proc is not first
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(first.pid, signal.SIGCONT)
+        writer.close()
+    assert counts(engine) == (310, 310, 310)
+    stats = writer.stats()
+    assert (stats.lost, stats.stalls, stats.stalled) == (0, 1, False)
+
+
+def test_close_with_a_stopped_child_ends_within_the_stall_bound_and_keeps_its_records(db_url, engine, tmp_path):
+    """A SIGTERM with a stopped writer process: the relay ends, its pipe full, within the stall bound, and
+    what the child did not settle is written by the next start."""
+    spool = str(tmp_path / "spool.db")
+    writer = WriterProcess(db_url, spool, batch_size=50, linger=0.0, stall_after=1.0)
+    writer.start()
+    first = writer._child.proc
+    try:
+        writer.submit(record())
+        assert writer.flush(60)
+        first.send_signal(signal.SIGSTOP)
+        for item in _big(300):
+            writer.submit(item)
+        closer = threading.Thread(target=writer.close, args=(30.0,))
+        began = time.monotonic()
+        closer.start()
+        closer.join(15)
+        took = time.monotonic() - began
+        assert not closer.is_alive(), "close hung on a stopped writer process"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(first.pid, signal.SIGCONT)
+    assert took < 1.0 + 3.0  # its stall bound, and some time to journal the records
+    assert writer.stats().lost == 0
+    again = WriterProcess(db_url, spool, linger=0.0)
+    again.start()
+    assert again.flush(60)
+    again.close()
+    assert counts(engine) == (301, 301, 301)

@@ -130,7 +130,8 @@ function metricRow(key, label, s) {
 
 function renderWriter(w) {
   const facts = w === null ? [["state", "not running"]] : [
-    ["database", w.db_ok ? "reachable" : "UNREACHABLE"], ["queued", int(w.queued)], ["spooled", int(w.spooled)],
+    ["database", w.stalled ? "WRITER STALLED" : w.db_ok ? "reachable" : "UNREACHABLE"], ["queued", int(w.queued)],
+    ["spooled", int(w.spooled)], ["stalls", int(w.stalls)],
     ["oldest spooled", w.spool_oldest_s === null ? "–" : dec(w.spool_oldest_s) + " s"], ["written", int(w.written)],
     ["duplicates", int(w.duplicates)], ["rejected", int(w.rejected)], ["lost", int(w.lost)],
     ["batches", int(w.batches)], ["last error", w.last_error ?? "–"]];
