@@ -89,6 +89,7 @@ case "$cmd" in
         ensure_debian /usr/bin/chromium chromium "the browser test"
         ensure_debian /usr/sbin/haproxy haproxy "the HAProxy test"
         "$VENV/bin/ruff" check .
+        "$VENV/bin/mypy"  # what it checks: [tool.mypy] in pyproject.toml
         # Two workers per core: the end-to-end tests spend much of their time waiting on real processes,
         # sockets and timeouts (-n 0 runs in one process); loadgroup keeps a module's shared relays on one worker.
         exec "$VENV/bin/python" -m pytest -n "$(( $(nproc) * 2 ))" --dist loadgroup "$@"

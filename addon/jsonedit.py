@@ -22,33 +22,39 @@ class DuplicateKey(ValueError):
         self.key = key
 
 
+def _skip_ws(text: str, pos: int = 0) -> int:
+    """The position after the whitespace at ``pos`` (``_WS`` matches the empty string, so always a match)."""
+    m = _WS.match(text, pos)
+    return m.end() if m else pos
+
+
 def top_level(text: str) -> dict[str, tuple[object, int, int]] | None:
     """Each top-level key of the JSON object ``text``: its value and the value's span; None when ``text`` is
     not a JSON object. ``DuplicateKey`` when a key appears twice."""
     found: dict[str, tuple[object, int, int]] = {}
     try:
-        pos = _WS.match(text).end()
+        pos = _skip_ws(text)
         if text[pos:pos + 1] != "{":
             return None
-        pos = _WS.match(text, pos + 1).end()
+        pos = _skip_ws(text, pos + 1)
         if text[pos:pos + 1] == "}":
             return found
         while text[pos:pos + 1] == '"':
             key, pos = _DECODER.raw_decode(text, pos)
-            pos = _WS.match(text, pos).end()
+            pos = _skip_ws(text, pos)
             if text[pos:pos + 1] != ":":
                 return None
-            start = _WS.match(text, pos + 1).end()
+            start = _skip_ws(text, pos + 1)
             value, end = _DECODER.raw_decode(text, start)
             if key in found:
                 raise DuplicateKey(key)
             found[key] = (value, start, end)
-            pos = _WS.match(text, end).end()
+            pos = _skip_ws(text, end)
             if text[pos:pos + 1] == "}":
                 return found if not text[pos + 1:].strip(" \t\n\r") else None
             if text[pos:pos + 1] != ",":
                 return None
-            pos = _WS.match(text, pos + 1).end()
+            pos = _skip_ws(text, pos + 1)
     except DuplicateKey:
         raise
     except (ValueError, RecursionError):  # not JSON, or absurdly deep nesting

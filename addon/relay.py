@@ -292,12 +292,12 @@ class Relay:
         return None
 
     def server_connected(self, data: server_hooks.ServerConnectionHookData) -> None:
-        if data.server.address is not None:
-            self._connected.add((data.client.id, tuple(data.server.address)))
+        if (address := data.server.address) is not None:
+            self._connected.add((data.client.id, (address[0], address[1])))
 
     def server_disconnected(self, data: server_hooks.ServerConnectionHookData) -> None:
-        if data.server.address is not None:
-            self._connected.discard((data.client.id, tuple(data.server.address)))
+        if (address := data.server.address) is not None:
+            self._connected.discard((data.client.id, (address[0], address[1])))
 
     def _next_node(self, state: CallState) -> Node | None:
         """Another node for a retry, if the retry budget allows; records the attempt."""
@@ -399,13 +399,15 @@ class Relay:
                 body = [*_chunks(feed(resp.raw_content or b"")), *_chunks(feed(b""))]
                 if feed is not state.meter:
                     resp.raw_content = b"".join(body)
-            result = state.meter.result()
+            meter = state.meter
+            assert meter is not None  # set by responseheaders, or by _start_meter just above
+            result = meter.result()
             state.model = result.model or state.model
             outcome = classify_response(resp.status_code, body_error=result.error,
                                         stream=state.stream or _is_sse(resp.headers.get("content-type")),
                                         completed=result.completed)
-            if state.meter.kept:
-                resp.raw_content = state.meter.kept
+            if meter.kept:
+                resp.raw_content = meter.kept
         self._finish(flow, state, outcome, result)
 
     async def _retry(self, flow: http.HTTPFlow, state: CallState) -> None:
@@ -546,9 +548,11 @@ def _prepare_body(request: http.Request, state: CallState, node: Node) -> None:
     if state.original_body is None:
         if not (mapped or probe):
             return  # nothing to change for this call: the body goes as the client sent it
+        if request.content is None:
+            return  # a body mitmproxy streams instead of buffering: nothing to rewrite, it goes as sent
         state.original_body = request.content
     body = state.original_body
-    if mapped and (rewritten := rewrite_model(body, model)) is not None:
+    if mapped and model is not None and (rewritten := rewrite_model(body, model)) is not None:
         body = rewritten
     probed = add_include_usage(body) if probe else None
     state.probed = probed is not None

@@ -178,7 +178,8 @@ class StartupCheck:
     def _summary(self) -> str:
         opts = ctx.options
         proxyserver = ctx.master.addons.get("proxyserver")
-        reverse, proxy = [], []
+        reverse: list[tuple[str, int]] = []
+        proxy: list[tuple[str, int]] = []
         for server in proxyserver.servers if proxyserver is not None else ():
             (reverse if isinstance(server.mode, ReverseMode) else proxy).extend(server.listen_addrs)
         return startup_summary(reverse_addrs=reverse, proxy_addrs=proxy, database=self.runtime.database,

@@ -312,7 +312,7 @@ class UsageExtractor:
             self.error = _error_text(err)
 
 
-def _loads(text: str | bytes) -> Any:
+def _loads(text: str | bytes | bytearray) -> Any:
     try:
         return json.loads(text)
     except (ValueError, RecursionError):  # not JSON, bad UTF-8, absurdly deep nesting

@@ -51,7 +51,12 @@ def start_listener(stack: ExitStack, argv: list[str], cwd: Path | None = None) -
     """A server process that prints "listening on … PORT" first (fakeup, bench.fakeupstream), killed when
     ``stack`` closes; its port."""
     proc = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.PIPE, text=True)
-    stack.callback(lambda: (proc.kill(), proc.wait(10)))
+
+    def stop() -> None:
+        proc.kill()
+        proc.wait(10)
+
+    stack.callback(stop)
     line = proc.stdout.readline() if proc.stdout else ""
     if not line.startswith("listening on "):
         raise RuntimeError(f"{Path(argv[0]).name} {' '.join(argv[1:])} did not start: {line!r}")

@@ -47,7 +47,7 @@ def _usage_from(body: dict) -> tuple[int, int, int, int]:
     meta = body.get("metadata") if isinstance(body, dict) else None
     usage = meta.get("fake_usage") if isinstance(meta, dict) else None
     if isinstance(usage, list) and len(usage) == 4 and all(isinstance(x, int) for x in usage):
-        return tuple(usage)  # type: ignore[return-value]
+        return usage[0], usage[1], usage[2], usage[3]
     return DEFAULT_USAGE
 
 

@@ -45,7 +45,12 @@ def start_haproxy(stack: ExitStack, relay_ports: list[int], workdir: Path) -> tu
     log = (workdir / "haproxy.log").open("w")  # a file, not a pipe nobody reads: it cannot block HAProxy
     stack.callback(log.close)
     proc = subprocess.Popen([str(HAPROXY), "-db", "-f", str(config)], stdout=log, stderr=subprocess.STDOUT)
-    stack.callback(lambda: (proc.terminate(), proc.wait(10)))
+
+    def stop() -> None:
+        proc.terminate()
+        proc.wait(10)
+
+    stack.callback(stop)
     deadline = time.monotonic() + 10
     while not accepts(port):  # it listens, or it exits with its reason in the log
         if proc.poll() is not None or time.monotonic() > deadline:

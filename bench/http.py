@@ -50,7 +50,7 @@ class Target:
 
     def recorded(self) -> int | None:
         """Stop the relay (it flushes its writer) and count the rows it wrote; None for a non-relay."""
-        if self.relay is None or self.db_url is None:
+        if self.relay is None or self.db_url is None or self.source is None:
             return None
         self.relay.stop()
         return count_recorded(self.db_url, self.source)
@@ -99,7 +99,7 @@ def start_targets(stack: ExitStack, upstream_port: int, tmp: Path, mysql_db: str
     bare = [(name, bare_mitmdump(reverse, stream=stream)) for name, stream in (("mitmdump", False),
                                                                                 ("mitmdump-stream", True))]
     relay_opts = relay_options(tmp, upstream_port, phase)
-    dbs = [("relay-sqlite", sqlite_url(tmp, f"{phase}.db"), {}, ROOT)]
+    dbs: list[tuple[str, str, dict[str, str], Path]] = [("relay-sqlite", sqlite_url(tmp, f"{phase}.db"), {}, ROOT)]
     if mysql_db:
         dbs.append(("relay-mariadb", mysql_db, {"codex_spool": str(tmp / f"{phase}-mariadb.spool")}, ROOT))
     # --compare: the relay of another checkout too, on SQLite, beside this one.

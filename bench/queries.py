@@ -15,6 +15,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -67,9 +68,10 @@ def generate(engines: dict[str, sa.Engine], n: int, *, end: dt.datetime,
 
 
 @contextmanager
-def captured(engine: sa.Engine) -> Iterator[list[tuple[str, object]]]:
-    """The (statement, parameters) pairs sent to the driver inside the block."""
-    seen: list[tuple[str, object]] = []
+def captured(engine: sa.Engine) -> Iterator[list[tuple[str, Any]]]:
+    """The (statement, parameters) pairs sent to the driver inside the block (parameters as the driver got
+    them: a sequence or a mapping, which ``explain`` passes back to it)."""
+    seen: list[tuple[str, Any]] = []
 
     def hook(conn, cursor, statement, parameters, context, executemany) -> None:  # before_cursor_execute signature
         seen.append((statement, parameters))
@@ -81,14 +83,13 @@ def captured(engine: sa.Engine) -> Iterator[list[tuple[str, object]]]:
         sa.event.remove(engine, "before_cursor_execute", hook)
 
 
-def explain(conn: sa.Connection, statement: str, parameters: object) -> list[str]:
+def explain(conn: sa.Connection, statement: str, parameters: Any) -> list[str]:
     """How the database runs ``statement``: one line per plan step."""
     if conn.dialect.name == "sqlite":
-        rows = conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {statement}", parameters).all()
-        return [r[-1] for r in rows]
-    rows = conn.exec_driver_sql(f"EXPLAIN {statement}", parameters).mappings().all()
+        return [r[-1] for r in conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {statement}", parameters)]
+    steps = conn.exec_driver_sql(f"EXPLAIN {statement}", parameters).mappings()
     return [f"{r['table']}: type={r['type']} key={r['key']} rows={r['rows']} {r['Extra'] or ''}".rstrip()
-            for r in rows]
+            for r in steps]
 
 
 def windows(end: dt.datetime) -> dict[str, stats.Filters]:

@@ -254,6 +254,11 @@ def _relay(url: str, reverse: str, opts: dict[str, str], root: Path = ROOT) -> R
     return RelayProcess(db_url=url, reverse_target=reverse, options=opts, extra_args=QUIET, root=root)
 
 
+def _relay_maker(url: str, reverse: str, opts: dict[str, str], root: Path) -> Callable[[], list[RelayProcess]]:
+    """A Target's ``make`` for one relay: fresh processes on each call, with these arguments."""
+    return lambda: [_relay(url, reverse, opts, root)]
+
+
 @dataclass
 class Fleet:
     """Workload 6's targets: one relay alone, and it with a second behind HAProxy, on one database; and two
@@ -337,7 +342,7 @@ def bench_streams(s: StreamSizes, *, mysql_server: str | None, compare: Sequence
         for i, (name, root) in enumerate(relays):
             source, url = f"bench-streams-{i}", sqlite_url(tmp, f"streams-{i}.db")  # a source has ≤ 32 chars
             opts = relay_options(tmp, upstream, source)
-            targets.append(Target(name, lambda u=url, o=opts, r=root: [_relay(u, reverse, o, r)], source, url))
+            targets.append(Target(name, _relay_maker(url, reverse, opts, root), source, url))
         fleet = _fleet(stack, tmp, upstream, mysql_server)
         fleet_relays = [fleet.two, fleet.one_port] if isinstance(fleet, Fleet) else []
         # The fleet's relays boot with the others (they idle until their row): one wait for all start-ups.

@@ -13,6 +13,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import gc
+import io
 import json
 import os
 import queue
@@ -116,9 +117,10 @@ def _serve(sock: socket.socket) -> dict | None:
     """Fork on each request; report each child's exit. Returns in a child only, with its request."""
     children: dict[int, int] = {}  # pidfd -> pid
     while True:
-        ready, _, _ = select.select([sock, *children], [], [])
+        waiting: list[socket.socket | int] = [sock, *children]
+        ready, _, _ = select.select(waiting, [], [])
         for fd in ready:
-            if fd is not sock:
+            if isinstance(fd, int):  # a child's pidfd, not the socket: the child exited
                 pid = children.pop(fd)
                 os.close(fd)
                 _, status = os.waitpid(pid, 0)
@@ -151,7 +153,8 @@ def _run_mitmdump(req: dict) -> int | None:
     os.close(req["out"])
     os.close(devnull)
     for stream in (sys.stdout, sys.stderr):  # as PYTHONUNBUFFERED would: the "listening at" line at once
-        stream.reconfigure(write_through=True, line_buffering=True)
+        if isinstance(stream, io.TextIOWrapper):  # as the interpreter made them
+            stream.reconfigure(write_through=True, line_buffering=True)
     os.chdir(req["cwd"])
     os.environ.clear()
     os.environ.update(req["env"])
@@ -175,6 +178,7 @@ def main() -> None:
         req = _serve(sock)
     if req is None:
         return
+    code: str | int | None
     try:
         code = _run_mitmdump(req)
     except SystemExit as e:  # mitmproxy's start-up checks exit this way

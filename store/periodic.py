@@ -12,7 +12,7 @@ class Periodic:
     after one interval, or at once with ``at_start``). A round that raises goes to ``failed``; the next round runs
     anyway, so a bug or a database away for a while never ends the thread."""
 
-    def __init__(self, name: str, interval: float, work: Callable[[], None], failed: Callable[[Exception], None],
+    def __init__(self, name: str, interval: float, work: Callable[[], object], failed: Callable[[Exception], None],
                  *, at_start: bool = False, join_timeout: float | None = 30.0) -> None:
         self.name = name
         self.interval = interval

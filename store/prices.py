@@ -96,10 +96,11 @@ class PriceTable:
         if not iterations:
             return self.cost(model, usage)
         splits = [self.cost(m or model, u) for m, u in iterations]
-        if any(s is None for s in splits):
+        priced = [s for s in splits if s is not None]
+        if len(priced) < len(splits):
             return None
-        return CostSplit(input=sum(s.input for s in splits), cached=sum(s.cached for s in splits),
-                         output=sum(s.output for s in splits), cache_write=sum(s.cache_write for s in splits))
+        return CostSplit(input=sum(s.input for s in priced), cached=sum(s.cached for s in priced),
+                         output=sum(s.output for s in priced), cache_write=sum(s.cache_write for s in priced))
 
 
 def _at_tier(price: ModelPrice, input_tokens: int) -> Price:
@@ -177,7 +178,8 @@ def load_prices(path: str | Path | None = None) -> PriceTable:
         for key, value in entry.items():
             if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
                 raise ConfigError(f"{where}: {key} must be a number >= 0 (USD per 1M tokens), got {value!r}")
-        prices[name] = Price(input=float(entry["input"]), cached_input=float(entry.get("cached_input", entry["input"])),
-                             cache_write=float(entry.get("cache_write", entry["input"])), output=float(entry["output"]))
+        input_price = float(entry["input"])
+        prices[name] = Price(input=input_price, cached_input=float(entry.get("cached_input", input_price)),
+                             cache_write=float(entry.get("cache_write", input_price)), output=float(entry["output"]))
     return PriceTable(prices)
 

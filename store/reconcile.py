@@ -86,7 +86,7 @@ def compare(provider: Mapping[str | None, Totals], relay: Mapping[str | None, To
 
     Pure: both sides are given as totals by model; ``None`` keys are the all-models totals.
     """
-    models = sorted({*provider, *relay} - {ALL_MODELS})
+    models = sorted(m for m in {*provider, *relay} if m is not ALL_MODELS and m is not None)  # ALL_MODELS is None
     rows = []
     for model in [*models, ALL_MODELS]:
         p, r = provider.get(model, Totals()), relay.get(model, Totals())
@@ -139,7 +139,8 @@ def relay_totals(conn: sa.Connection, nodes: Sequence[str], start: dt.datetime,
              .group_by(c.model))
     totals: dict[str | None, Totals] = {}
     for model, *values in conn.execute(query):
-        t = Totals(*(int(v or 0) for v in values[:5]), cost=float(values[5] or 0))
+        requests, input_tokens, cached_tokens, output_tokens, total_tokens = (int(v or 0) for v in values[:5])
+        t = Totals(requests, input_tokens, cached_tokens, output_tokens, total_tokens, cost=float(values[5] or 0))
         key = model or NO_MODEL
         totals[key] = totals.get(key, Totals()) + t
     totals[ALL_MODELS] = sum(totals.values(), Totals())

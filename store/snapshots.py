@@ -102,9 +102,10 @@ def _ingest(conn: sa.Connection, capture: Capture) -> IngestResult:
     if not any(growth.values()):
         note = f"below the day's maximum: {', '.join(dips)}" if dips else "unchanged"
         return IngestResult(stored=True, note=note)
-    count = int(growth["requests"])
-    delta = Delta(total_count=count, success_count=count, failure_count=0, total_tokens=int(growth["tokens"]),
-                  total_cost=float(growth["cost"]), cost_rated=growth["rated cost"])
+    # Only "rated cost" can be None: a capture always has requests, tokens and a cost (ModelStats fields).
+    count = int(growth["requests"] or 0)
+    delta = Delta(total_count=count, success_count=count, failure_count=0, total_tokens=int(growth["tokens"] or 0),
+                  total_cost=float(growth["cost"] or 0), cost_rated=growth["rated cost"])
     conn.execute(sa.insert(stats_source_deltas).values(
         source=capture.source, period=capture.period, stats_date=capture.stats_date,
         captured_at=capture.captured_at, captured_at_epoch=epoch, total_count=delta.total_count,

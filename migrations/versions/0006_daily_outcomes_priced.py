@@ -35,7 +35,7 @@ def upgrade() -> None:
     no_node = sa.and_(c.node_id.is_(None), sa.func.coalesce(c.error_message, "") == _NO_NODE)
     node_fault = sa.or_(c.status == "truncated", sa.and_(c.status == "failed", sa.not_(client_error),
                                                           sa.not_(no_node)))
-    keys = [sa.func.date(c.occurred_at), c.source, sa.func.coalesce(c.node_id, ""), sa.func.coalesce(c.model, "")]
+    keys = (sa.func.date(c.occurred_at), c.source, sa.func.coalesce(c.node_id, ""), sa.func.coalesce(c.model, ""))
     select = sa.select(
         *keys,
         sa.func.sum(sa.case((node_fault, 1), else_=0)),
