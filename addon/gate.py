@@ -64,10 +64,10 @@ class Gate:
                 "relay_not_ready"), "not ready")
             return
         if isinstance(flow.client_conn.proxy_mode, ReverseMode):
-            problem = target_problem(path)
-            if problem:
-                self.refusals.refuse(flow, error_response(path, 400, f"codex-relay: {problem}",
-                                                          "invalid_request_target"), problem)
+            not_canonical = target_problem(path)
+            if not_canonical:
+                self.refusals.refuse(flow, error_response(path, 400, f"codex-relay: {not_canonical}",
+                                                          "invalid_request_target"), not_canonical)
 
 
 class EgressCheck:

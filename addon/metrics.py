@@ -122,15 +122,16 @@ class _Counts(Collector):
                     family.add_metric(list(values), v)
             yield family
         for name, (help_text, bounds) in _HISTOGRAMS.items():
-            family = HistogramMetricFamily(name, help_text, labels=["node"])
+            histogram = HistogramMetricFamily(name, help_text, labels=["node"])
             for (n, node), h in histograms.items():
                 if n == name:
-                    cumulative, buckets = 0, []
+                    cumulative: float = 0
+                    buckets: list[tuple[str, float]] = []
                     for bound, count in zip([*(repr(b / 1000) for b in bounds), "+Inf"], h[:-1], strict=True):
                         cumulative += count
                         buckets.append((bound, cumulative))
-                    family.add_metric([node], buckets, h[-1])
-            yield family
+                    histogram.add_metric([node], buckets, h[-1])
+            yield histogram
 
 
 class _StateCollector(Collector):

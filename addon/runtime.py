@@ -162,6 +162,7 @@ class Runtime:
         if updated & {"codex_db", "codex_stats_sources", "codex_nodes"}:
             try:
                 # Its own thread: a slow provider endpoint never touches the event loop or the writer.
+                assert self.engine is not None  # opened by the first configure (codex_db has a default)
                 self._poller = start_poller(self.engine, opts.codex_stats_sources or opts.codex_nodes, self._poller)
             except ConfigError as e:
                 raise exceptions.OptionsError(f"codex_stats_sources: {e}") from None

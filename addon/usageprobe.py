@@ -77,21 +77,21 @@ class UsageChunkFilter:
         # A blank line (at most 4 bytes) may begin in the bytes held before this chunk.
         search = max(0, len(self._held) - 3)
         self._held += chunk
-        buf, out, pos = self._held, bytearray(), 0
+        buf, kept, pos = self._held, bytearray(), 0
         while (m := _BLANK_LINE.search(buf, search)) is not None:
             if not self._passing and is_usage_chunk(bytes(buf[pos:m.start()])):
                 self.removed = True
-                out += buf[m.end():]
+                kept += buf[m.end():]
                 pos = len(buf)
                 break
-            out += buf[pos:m.end()]
+            kept += buf[pos:m.end()]
             self._passing = False
             pos = search = m.end()
         if len(buf) - pos > MAX_HELD_BYTES:
             self._passing = True
         if self._passing:  # sent on, but for the bytes a blank line may begin with
             keep = max(pos, len(buf) - 3)
-            out += buf[pos:keep]
+            kept += buf[pos:keep]
             pos = keep
         del buf[:pos]
-        return [bytes(out)] if out else []
+        return [bytes(kept)] if kept else []

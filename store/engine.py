@@ -73,6 +73,7 @@ def _sqlite_engine(url: sa.URL) -> sa.Engine:
         engine = sa.create_engine(url, poolclass=StaticPool, connect_args={"check_same_thread": False},
                                   hide_parameters=True)
     else:
+        assert url.database  # not in memory
         path = Path(url.database).expanduser().resolve()
         path.parent.mkdir(parents=True, exist_ok=True)
         if "mode" not in url.query:  # mode=ro / rw: SQLite does not create it

@@ -57,7 +57,7 @@ def admit(conn: sa.Connection, key: str, day: dt.date, budgets: Budgets) -> str 
             return "daily_tokens"
     if budgets.monthly_cost is not None:
         spent = conn.execute(sa.select(sa.func.coalesce(sa.func.sum(t.cost), 0.0)).where(
-            t.client_key == key, t.day >= month_start(day), t.day <= day)).scalar()
+            t.client_key == key, t.day >= month_start(day), t.day <= day)).scalar() or 0.0
         if spent >= budgets.monthly_cost:
             return "monthly_cost"
     if budgets.daily_requests is not None:
@@ -147,8 +147,12 @@ def per_key(conn: sa.Connection, day: dt.date) -> list[KeyStats]:
         sa.select(month.c.client_key, month.c.month_cost, *[sa.func.coalesce(today.c[n], 0).label(n) for n in names])
         .select_from(month.outerjoin(today, today.c.client_key == month.c.client_key))
         .order_by(month.c.client_key))
-    return [KeyStats(day=day, **{k: (float(v) if k in ("cost", "month_cost") else v) for k, v in r._mapping.items()})
-            for r in rows]
+    return [KeyStats(day=day, **_figures(r._mapping)) for r in rows]
+
+
+def _figures(row: sa.RowMapping) -> dict[str, Any]:
+    """A row's columns as ``KeyStats`` fields: money as float (MySQL's sums are Decimal)."""
+    return {k: (float(v) if k in ("cost", "month_cost") else v) for k, v in row.items()}
 
 
 def models_of_key(conn: sa.Connection, key: str, since: dt.date, until: dt.date) -> list[sa.Row]:

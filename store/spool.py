@@ -103,6 +103,7 @@ def default_spool_path(db_url: str) -> str | None:
     if in_memory(url):
         return None
     if url.get_backend_name() == "sqlite":
+        assert url.database  # not in memory
         return url.database + ".spool"
     # One journal per database: a leftover journal must never replay into another database.
     digest = hashlib.sha1(url.render_as_string(hide_password=True).encode()).hexdigest()[:12]

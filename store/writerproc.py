@@ -40,7 +40,7 @@ import weakref
 from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO, Protocol, cast
 
 import sqlalchemy as sa
 
@@ -76,14 +76,44 @@ def send(out: BinaryIO, message: object) -> None:
     out.flush()
 
 
-def receive(inp: BinaryIO) -> object | None:
-    """The next frame; None at the end of the stream (the other side is gone)."""
+# A frame between the relay and its writer process: a tuple whose first item names it ("batch", "progress",
+# "log", "error", "stop", …); the one exception is the child's first frame, its settings (a dict).
+Message = tuple[Any, ...]
+
+
+def _read(inp: BinaryIO) -> object | None:
     head = inp.read(_HEADER.size)
     if len(head) < _HEADER.size:
         return None
     (size,) = _HEADER.unpack(head)
     data = inp.read(size)
     return pickle.loads(data) if len(data) == size else None
+
+
+def receive(inp: BinaryIO) -> Message | None:
+    """The next frame; None at the end of the stream (the other side is gone) or for a frame of no kind."""
+    frame = _read(inp)
+    return frame if isinstance(frame, tuple) and frame else None
+
+
+def receive_settings(inp: BinaryIO) -> dict[str, Any] | None:
+    """The child's first frame: its settings; None when the relay sent none."""
+    frame = _read(inp)
+    return frame if isinstance(frame, dict) else None
+
+
+class _Proc(Protocol):
+    """What ``WriterProcess`` uses of a child: ``subprocess.Popen`` with both pipes, or ``_Forked``."""
+
+    pid: int
+    stdin: BinaryIO
+    stdout: BinaryIO
+
+    def wait(self, timeout: float | None = None) -> int:
+        ...
+
+    def kill(self) -> None:
+        ...
 
 
 class _Forked:
@@ -117,7 +147,7 @@ class _Forked:
 
 @dataclasses.dataclass
 class _Child:
-    proc: subprocess.Popen | _Forked
+    proc: _Proc
     listener: threading.Thread | None = None
     out: bytearray = dataclasses.field(default_factory=bytearray)  # frames its pipe has not taken yet
     heard: float = dataclasses.field(default_factory=time.monotonic)  # when it last sent a frame
@@ -130,9 +160,9 @@ def start_writer(engine: sa.Engine, url: str, spool_path: str | None, *, linger:
     ``process``, unless the database lives in this process's memory. Raises ``WriterStartError``."""
     if process and not in_memory(url):
         engine.dispose()  # its pooled connections: a SQLite file open here keeps the child from forking
-        process = WriterProcess(url, spool_path, linger=linger)
-        process.start()
-        return process
+        child = WriterProcess(url, spool_path, linger=linger)
+        child.start()
+        return child
     try:
         spool = Spool(spool_path)
     except (SpoolInUse, OSError) as e:
@@ -266,7 +296,8 @@ class WriterProcess:
 
     def stats(self) -> WriterStats:
         with self._send_lock:
-            ages = [self._journal.oldest_age()] if self._journal.count and not self._closed else []
+            ages = [age for age in [self._journal.oldest_age()] if age is not None] \
+                if self._journal.count and not self._closed else []
         with self._state:
             s = self._child_stats
             counts = {name: self._counted[name] + getattr(s, name) for name in _COUNTERS}
@@ -599,15 +630,16 @@ def _name_process(name: bytes) -> None:
         ctypes.CDLL(None).prctl(15, name, 0, 0, 0)  # PR_SET_NAME
 
 
-def _exec() -> subprocess.Popen:
+def _exec() -> _Proc:
     """The writer process as a new interpreter (``python -m store.writerproc``)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, (_ROOT, env.get("PYTHONPATH"))))
-    return subprocess.Popen([sys.executable, "-m", "store.writerproc"], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, env=env)
+    # Both pipes exist (PIPE): what Popen types as optional is there.
+    return cast(_Proc, subprocess.Popen([sys.executable, "-m", "store.writerproc"], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, env=env))
 
 
-def _end(proc: subprocess.Popen | _Forked) -> None:
+def _end(proc: _Proc) -> None:
     for stream in (proc.stdin, proc.stdout):
         with contextlib.suppress(OSError):
             stream.close()
@@ -647,7 +679,7 @@ def main() -> None:
     inp, out = open(0, "rb", closefd=False), os.fdopen(os.dup(1), "wb")  # noqa: SIM115 - the process's own
     os.dup2(2, 1)  # a stray print goes to stderr, never into the frames
     lock = threading.Lock()
-    config = receive(inp)
+    config = receive_settings(inp)
     if config is None:
         return
     root = logging.getLogger()
