@@ -1,9 +1,13 @@
-"""Advisory locks between processes sharing one MySQL/MariaDB database."""
+"""Advisory locks between processes sharing one database: MySQL/MariaDB's ``GET_LOCK``, a lock file beside a
+SQLite file."""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
+import os
+import time
 from collections.abc import Iterator
 
 import sqlalchemy as sa
@@ -11,9 +15,19 @@ import sqlalchemy as sa
 
 @contextlib.contextmanager
 def named_lock(conn: sa.Connection, purpose: str, timeout: int) -> Iterator[None]:
-    """Hold ``GET_LOCK`` for ``purpose`` on this connection's session; a no-op on other databases
-    (SQLite serialises writers itself). The body runs in transactions of its own.
+    """Hold a lock for ``purpose`` across the processes sharing this connection's database: ``GET_LOCK`` on
+    MySQL, a lock file beside a SQLite file (SQLite serialises writes, not a read-then-write such as "which
+    schema revision is this?" then "create it"), nothing for a database in memory. The body runs in
+    transactions of its own.
     """
+    if conn.dialect.name == "sqlite":
+        path = conn.engine.url.database
+        if not path or path == ":memory:" or conn.engine.url.query.get("mode") == "memory":
+            yield
+            return
+        with _lock_file(f"{path}.lock-{hashlib.sha1(purpose.encode()).hexdigest()[:12]}", purpose, timeout):
+            yield
+        return
     if conn.dialect.name != "mysql":
         yield
         return
@@ -29,3 +43,21 @@ def named_lock(conn: sa.Connection, purpose: str, timeout: int) -> Iterator[None
         conn.rollback()
         conn.execute(sa.select(sa.func.release_lock(name)))
         conn.commit()
+
+
+@contextlib.contextmanager
+def _lock_file(path: str, purpose: str, timeout: int) -> Iterator[None]:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"another process held the lock for {purpose} for {timeout} s") from None
+                time.sleep(0.05)  # flock has no timeout of its own
+        yield
+    finally:
+        os.close(fd)  # releases the lock

@@ -56,7 +56,7 @@ def summary(engine: sa.Engine) -> tuple:
 def test_head_matches_the_schema_module(engine):
     upgrade_to_head(engine)
     with engine.connect() as conn:
-        assert current_revision(conn) == head_revision() == "0012"
+        assert current_revision(conn) == head_revision() == "0013"
         diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), metadata)
     assert diff == []
 
@@ -157,3 +157,31 @@ def test_revision_1_database_upgrades_with_rows_tagged_xy(engine):
 @pytest.mark.fault
 def test_revision_1_database_with_100k_invocations(engine):
     check_legacy_upgrade(engine, 100_000)
+
+
+def test_relays_starting_together_on_one_new_sqlite_file_both_upgrade_it(tmp_path):
+    """Two relays started at once on an empty SQLite file: one created the schema, the other failed with
+    "table alembic_version already exists" (a read-then-create that SQLite does not serialise)."""
+    import threading
+
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    engines = [make_engine(url) for _ in range(4)]
+    start, errors = threading.Barrier(len(engines)), []
+
+    def upgrade(engine) -> None:
+        start.wait()
+        try:
+            upgrade_to_head(engine)
+        except Exception as e:  # noqa: BLE001 - any failure is the finding
+            errors.append(e)
+
+    threads = [threading.Thread(target=upgrade, args=(e,)) for e in engines]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    with engines[0].connect() as conn:
+        assert current_revision(conn) == head_revision()
+    for e in engines:
+        e.dispose()
