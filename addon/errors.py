@@ -22,7 +22,8 @@ from typing import Any
 
 from mitmproxy import http
 
-from addon.usage import detect_format
+from addon.endpoints import detect_format
+from addon.endpoints import is_anthropic as _anthropic_endpoint
 
 log = logging.getLogger("codex.errors")
 
@@ -45,7 +46,7 @@ _TYPES: dict[int, tuple[str, str]] = {
 
 def is_anthropic(path: str) -> bool:
     """Whether a client of this request path expects Anthropic's error shape."""
-    return detect_format(path) == "messages"
+    return _anthropic_endpoint(detect_format(path))
 
 
 def error_body(path: str, status: int, message: str, code: str, openai_type: str | None = None,

@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterable
 import sqlalchemy as sa
 from mitmproxy import ctx, exceptions, http
 
+from addon.endpoints import DEFAULT_KEY_ENDPOINTS, UNBILLED, endpoint_allowed, route
 from addon.errors import CLIENT_KEY_NAME, refusal_response
 from addon.runtime import Runtime
 from store.engine import error_line
@@ -102,13 +103,23 @@ class Limits:
             return set()
         return {n.id for n in self.runtime.pool} - set(spec.nodes)
 
-    async def admit(self, flow: http.HTTPFlow, model: str | None) -> http.Response | None:
-        """None when the call may go on (it then holds a slot until ``release``), else the refusal."""
+    async def admit(self, flow: http.HTTPFlow, model: str | None, *,
+                    api_format: str | None = "responses") -> http.Response | None:
+        """None when the call may go on (it then holds a slot until ``release``), else the refusal.
+
+        ``api_format``: the call's endpoint (``addon.endpoints``), None for a path the relay does not meter
+        (its model is not checked: it names none). Token counting is checked for its model and nodes only:
+        it is never billed and counts against no rate, concurrency or budget.
+        """
         spec = self._spec(flow)
         if spec is None:
             return None
         path = flow.request.path
-        if not spec.allows_model(model):
+        if not endpoint_allowed(path, spec.endpoints):
+            return self._refuse(flow, spec, "endpoint", refusal_response(
+                path, 400, f"codex-relay: key {spec.name!r} may not use {route(path)[:200]!r}; allowed: "
+                f"{', '.join(spec.endpoints or DEFAULT_KEY_ENDPOINTS)} (its endpoints)", "endpoint_not_allowed"))
+        if api_format is not None and not spec.allows_model(model):
             # 400, not 403: Claude Code shows every 403 as "Failed to authenticate."
             return self._refuse(flow, spec, "model", refusal_response(
                 path, 400, f"codex-relay: key {spec.name!r} may not use model {model or '(none given)'!r}; "
@@ -117,6 +128,8 @@ class Limits:
             return self._refuse(flow, spec, "nodes", refusal_response(
                 path, 429, f"codex-relay: none of key {spec.name!r}'s nodes ({', '.join(spec.nodes)}) may take "
                 "calls: each is disabled or has weight 0", "no_node_available"))
+        if api_format in UNBILLED:
+            return None
         now = self._clock()
         recent = self._recent.setdefault(spec.name, deque())
         while recent and recent[0] <= now - RPM_WINDOW_S:
@@ -174,6 +187,11 @@ class Limits:
             resets_at=int(reset.replace(tzinfo=dt.UTC).timestamp()))
         _log_refusal(flow, spec, "budget", response)
         return response
+
+    def models_of(self, flow: http.HTTPFlow) -> tuple[str, ...] | None:
+        """The model globs this flow's key may use; None: any model (or no key)."""
+        spec = self._spec(flow)
+        return spec.models if spec is not None else None
 
     def release(self, flow: http.HTTPFlow) -> None:
         """The call of ``flow`` ended: its concurrency slot is free (no-op without one)."""

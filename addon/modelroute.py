@@ -21,9 +21,12 @@ def serves(config: NodeConfig, api_format: str | None, model: str | None) -> boo
         return True
     if config.formats and not any(api_format in NODE_FORMATS.get(f, ()) for f in config.formats):
         return False
-    if model is None or not config.models or model in config.model_map:
-        return True
-    return any(fnmatchcase(model, glob) for glob in config.models)
+    return model is None or serves_model(config, model)
+
+
+def serves_model(config: NodeConfig, model: str) -> bool:
+    """Whether ``model`` matches one of the node's ``models`` globs (none: every model) or its ``model_map``."""
+    return not config.models or model in config.model_map or any(fnmatchcase(model, glob) for glob in config.models)
 
 
 def upstream_model(config: NodeConfig, model: str | None) -> str | None:

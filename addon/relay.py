@@ -24,6 +24,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.addons.clientplayback import ReplayHandler
@@ -31,12 +32,13 @@ from mitmproxy.proxy import server_hooks
 
 from addon.callbody import BodyRefused, read_call_body
 from addon.egress import attach, clear_as_is, header_values, origin_of
+from addon.endpoints import UNBILLED, detect_format, filter_model_list, is_model_list
 from addon.errors import CLIENT_KEY_NAME, error_response, fail_closed, refusal_response
 from addon.inject import answer_waiting, can_answer, close_server
 from addon.limits import Limits
 from addon.loglines import demote_streaming_line, restore_streaming_line
 from addon.meter import MeterResult, StreamMeter
-from addon.modelroute import rewrite_model, upstream_model
+from addon.modelroute import rewrite_model, serves_model, upstream_model
 from addon.options import seconds
 from addon.outcome import Outcome, classify_error, classify_response, is_node_failure_status, rest_asked
 from addon.refusal import REFUSED_KEY, RefusalSink, answered
@@ -44,7 +46,7 @@ from addon.routing import Node
 from addon.runtime import Runtime
 from addon.secrets import KnownSecrets
 from addon.target import target_problem
-from addon.usage import RequestInfo, detect_format, iteration_usages
+from addon.usage import RequestInfo, iteration_usages
 from addon.usageprobe import UsageChunkFilter, add_include_usage
 from store.records import InvocationRecord, NodeStateUpdate, utcnow
 
@@ -83,6 +85,7 @@ class CallState:
     requested_model: str | None = None  # the client's model; ``model`` becomes the one sent, then reported
     original_body: bytes | None = None  # the client's body, kept once the relay rewrote it for a node
     probed: bool = False  # the body sent asks for usage the client did not ask for (addon.usageprobe)
+    model_globs: tuple[str, ...] | None = None  # a model list answered with only the models the key may use
 
 
 class Relay:
@@ -200,9 +203,11 @@ class Relay:
             return
         api_format = detect_format(target)
         state = None
-        if api_format is not None:
+        # Every call to a node is recorded, metered where its endpoint is known; a monitor (no nodes, perhaps a
+        # forward proxy for anything) records only API calls.
+        if api_format is not None or routed:
             info = RequestInfo(None, False, None)
-            if flow.request.method == "POST":
+            if api_format is not None and flow.request.method == "POST":
                 try:
                     info = read_call_body(flow.request.raw_content, flow.request.headers.get("content-encoding"),
                                           limit=self._max_body)
@@ -215,11 +220,14 @@ class Relay:
                 request_bytes=len(flow.request.raw_content or b""), client_target=target, requested_model=info.model,
             )
             self._calls[flow.id] = state
-            if self.limits is not None and (refusal := await self.limits.admit(flow, state.model)) is not None:
+            if self.limits is not None and (refusal := await self.limits.admit(flow, state.model,
+                                                                                api_format=api_format)) is not None:
                 del self._calls[flow.id]  # refused: no invocation, no node
                 flow.metadata[REFUSED_KEY] = refusal.status_code
                 flow.response = refusal
                 return
+            if self.limits is not None and is_model_list(target):
+                state.model_globs = self.limits.models_of(flow)
         if not routed:
             clear_as_is(flow)  # monitor mode: the request goes where it was sent, unchanged
             return
@@ -373,6 +381,8 @@ class Relay:
                                                         api_format=state.api_format,
                                                         model=state.requested_model) is not None)
             return
+        if state.model_globs is not None and resp.status_code == 200:
+            return  # a model list is small: held whole, to answer only the key's models (response)
         resp.stream = _start_meter(state, resp, self._keep_body, found)
         self._streaming[flow.id] = state
         self._arm_idle_watch()
@@ -385,6 +395,12 @@ class Relay:
         if state.retry:
             await self._retry(flow, state)
         resp = flow.response
+        if state.model_globs is not None and state.node is not None and resp.status_code == 200:
+            node, globs = state.node.config, state.model_globs
+            listed = filter_model_list(resp.content or b"", lambda m: serves_model(node, m) and any(
+                fnmatchcase(m, g) for g in globs))
+            if listed is not None:
+                resp.content = listed
         if state.meter is None and resp.status_code >= 400:
             text = resp.get_text(strict=False)
             if text and (clean := self.secrets.scrub(text)) != text:
@@ -491,13 +507,14 @@ class Relay:
             client_key=flow.metadata.get(CLIENT_KEY_NAME), node_failure=outcome.node_failure,
             requested_model=state.requested_model,
         )
-        if result is not None:
+        billed = state.api_format not in UNBILLED  # token counting: a row, never tokens or cost
+        if result is not None and billed:
             record.flags = list(result.flags)
             if result.usage is not None:
                 record.usage = result.usage
         prices = self.runtime.prices
         cost = (prices.call_cost(record.model, record.usage, iteration_usages(record.raw_response))
-                if prices else None)
+                if prices and billed else None)
         if cost is not None:
             record.cost, record.cost_input, record.cost_cached, record.cost_output, record.cost_cache_write = (
                 cost.total, cost.input, cost.cached, cost.output, cost.cache_write)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import ipaddress
 import re
 
-from addon.usage import detect_format
+from addon.endpoints import detect_format
 
 ADMIN_PREFIX = "/admin"
 METRICS_PATH = "/metrics"  # Prometheus scrapes it; the admin page's access rules apply

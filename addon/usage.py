@@ -40,10 +40,9 @@ import re
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
+from addon.endpoints import USAGE_SHAPE
 from addon.sse import SSEEvent
 from store.records import Usage
-
-_FORMAT_SUFFIXES = (("/responses", "responses"), ("/chat/completions", "chat"), ("/messages", "messages"))
 
 # A count above this is garbage; ignoring it keeps the store's integer columns from overflowing.
 _MAX_COUNT = 2**40
@@ -75,15 +74,6 @@ USAGE_CLAMPED = "usage_clamped"
 USAGE_REPEATED = "usage_repeated"
 
 
-def detect_format(path: str) -> str | None:
-    """The API format metered at this request path, or None (compact, retrieve by id, anything else)."""
-    route = path.split("?", 1)[0].split("#", 1)[0].rstrip("/")
-    for suffix, fmt in _FORMAT_SUFFIXES:
-        if route.endswith(suffix):
-            return fmt
-    return None
-
-
 @dataclass(frozen=True, slots=True)
 class RequestInfo:
     model: str | None
@@ -94,12 +84,14 @@ class RequestInfo:
 class UsageExtractor:
     """Accumulates what one response body says: usage, model, an in-body error, whether it finished.
 
-    ``api_format`` None (an unknown endpoint) accepts every shape; a known format only its own, so
+    ``api_format`` None (an unknown endpoint) accepts every shape; a known endpoint only its own usage
+    shape (``addon.endpoints.USAGE_SHAPE``), so
     e.g. a ``[DONE]`` line does not finish a Responses stream.
     """
 
     def __init__(self, api_format: str | None) -> None:
         self.api_format = api_format
+        self._shape = USAGE_SHAPE.get(api_format) if api_format is not None else None
         self.usage: Usage | None = None
         self.model: str | None = None
         self.error: str | None = None
@@ -111,8 +103,8 @@ class UsageExtractor:
         self._anthropic_started = False
         self._model_json: bytes | None = None  # the model as JSON: how a chunk repeating it spells it
 
-    def _accepts(self, fmt: str) -> bool:
-        return self.api_format is None or self.api_format == fmt
+    def _accepts(self, shape: str) -> bool:
+        return self._shape is None or self._shape == shape
 
     @staticmethod
     def noise(name: bytes) -> bool:

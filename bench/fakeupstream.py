@@ -131,6 +131,41 @@ def messages_json(model: str, u: tuple[int, int, int, int]) -> dict:
             "content": [{"type": "text", "text": "hi"}], "stop_reason": "end_turn", "usage": usage}
 
 
+def compact_json(model: str, u: tuple[int, int, int, int]) -> dict:
+    """Codex's remote compaction (POST /responses/compact): a JSON object with Responses usage."""
+    return dict(responses_json(model, u), id="cmp_fake", object="response.compaction")
+
+
+def embeddings_json(model: str, u: tuple[int, int, int, int]) -> dict:
+    return {"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": [0.0, 0.5]}],
+            "model": model, "usage": {"prompt_tokens": u[0], "total_tokens": u[0]}}
+
+
+def completions_json(model: str, u: tuple[int, int, int, int]) -> dict:
+    return {"id": "cmpl_fake", "object": "text_completion", "model": model,
+            "choices": [{"index": 0, "text": "hi", "finish_reason": "stop"}], "usage": _chat_usage(u)}
+
+
+def images_json(model: str, u: tuple[int, int, int, int]) -> dict:
+    i, _, o, _ = u
+    return {"created": 0, "data": [{"b64_json": "AA=="}], "usage": {
+        "input_tokens": i, "output_tokens": o, "total_tokens": i + o,
+        "input_tokens_details": {"text_tokens": i, "image_tokens": 0}}}
+
+
+def count_tokens_json(model: str, u: tuple[int, int, int, int]) -> dict:
+    return {"input_tokens": u[0]}
+
+
+# JSON-only endpoints, by path suffix in the order tried: the first suffix a path ends with decides, and None
+# leaves it to FORMATS ("/chat/completions" ends with "/completions", "/responses/compact" is not "/responses").
+JSON_ENDPOINTS: tuple[tuple[str, Callable[[str, tuple[int, int, int, int]], dict] | None], ...] = (
+    ("/responses/compact", compact_json), ("/messages/count_tokens", count_tokens_json), ("/chat/completions", None),
+    ("/completions", completions_json), ("/embeddings", embeddings_json), ("/images/generations", images_json),
+)
+# What GET /models lists.
+MODELS = ("gpt-5-codex", "gpt-5-mini", "o3", "claude-sonnet-4-5")
+
 FORMATS: dict[str, tuple[Callable, Callable]] = {
     "/responses": (responses_events, responses_json),
     "/chat/completions": (chat_events, chat_json),
@@ -246,9 +281,12 @@ class FakeUpstream:
             await asyncio.sleep(b.first_byte_delay)
         route = path.split("?")[0]
         if route.endswith("/models"):
-            return await self._send_json(w, 200, {"object": "list", "data": [{"id": "gpt-5-codex"}]})
+            return await self._send_json(w, 200, {"object": "list", "data": [{"id": m} for m in MODELS]})
+        if route.endswith("/files"):  # an endpoint the relay does not meter
+            return await self._send_json(w, 200, {"object": "list", "data": []})
+        as_json = next((handler for suffix, handler in JSON_ENDPOINTS if route.endswith(suffix)), None)
         fmt = next((v for k, v in FORMATS.items() if route.endswith(k)), None)
-        if fmt is None:
+        if fmt is None and as_json is None:
             return await self._send_json(w, 404, {"error": {"message": f"no route {route}"}})
         if b.status != 200:
             body = b.error_body if b.error_body is not None else json.dumps(
@@ -267,6 +305,9 @@ class FakeUpstream:
             return await self._send_json(w, 400, {"error": {"message": "bad json"}})
         model = req.get("model", "gpt-5-codex")
         usage = _usage_from(req)
+        if as_json is not None:
+            return await self._send_json(w, 200, as_json(model, usage))
+        assert fmt is not None
         if not req.get("stream"):
             return await self._send_json(w, 200, fmt[1](model, usage))
         if fmt[0] is chat_events:

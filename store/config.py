@@ -16,10 +16,13 @@ from urllib.parse import urlsplit
 from store.records import NodeConfig
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-# What a node's ``formats`` may name: an API family, or one API format (addon.usage.detect_format's).
+# What a node's ``formats`` may name: an API family, or single endpoints (addon.endpoints names them; a test
+# checks every one is there). "responses" includes compaction, "messages" token counting.
 NODE_FORMATS: dict[str, frozenset[str]] = {
-    "openai": frozenset({"responses", "chat"}), "anthropic": frozenset({"messages"}),
-    "responses": frozenset({"responses"}), "chat": frozenset({"chat"}), "messages": frozenset({"messages"}),
+    "openai": frozenset({"responses", "compact", "chat", "completions", "embeddings", "images"}),
+    "anthropic": frozenset({"messages", "count_tokens"}),
+    "responses": frozenset({"responses", "compact"}), "chat": frozenset({"chat"}),
+    "messages": frozenset({"messages", "count_tokens"}),
 }
 _NODE_KEYS = {"id", "name", "base_url", "api_key", "weight", "formats", "models", "model_map", "usage_probe",
               "auth_header"}

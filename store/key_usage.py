@@ -25,7 +25,7 @@ from store.schema import client_key_usage, codex_invocations
 from store.stats import Filters
 from store.upsert import upsert
 
-REFUSAL_REASONS = ("model", "nodes", "rate", "concurrency", "budget")
+REFUSAL_REASONS = ("model", "nodes", "rate", "concurrency", "budget", "endpoint")
 # What a ``KeyCount`` record may add to (its ``counter``).
 KEY_COUNTERS = ("admitted", *(f"refused_{r}" for r in REFUSAL_REASONS))
 USAGE_COUNTERS = ("requests", "input_tokens", "cached_tokens", "output_tokens", "total_tokens", "cost")
@@ -125,6 +125,7 @@ class KeyStats:
     refused_rate: int
     refused_concurrency: int
     refused_budget: int
+    refused_endpoint: int
 
     @property
     def refused(self) -> int:

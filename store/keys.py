@@ -2,8 +2,8 @@
 
 A ``@file`` whose first entry line starts with ``[`` is TOML: a ``[[keys]]`` table per key with
 ``name``, ``key`` or ``key_sha256`` (hex, so the file holds no secret) and optional limits
-(``nodes``, ``models`` globs, ``daily_requests``, ``daily_tokens``, ``monthly_cost``, ``rpm``,
-``concurrency``). Any other value is the ``name=key`` line format (``addon.auth.parse_client_keys``),
+(``nodes``, ``models`` globs, ``endpoints`` globs, ``daily_requests``, ``daily_tokens``, ``monthly_cost``,
+``rpm``, ``concurrency``). Any other value is the ``name=key`` line format (``addon.auth.parse_client_keys``),
 whose keys have no limits. Errors name the entry (by position and name, never by its key).
 """
 
@@ -32,6 +32,9 @@ class KeySpec:
     monthly_cost: float | None = None
     rpm: int | None = None
     concurrency: int | None = None
+    # Globs over the path after /v1/ that the key may reach; None: the metered endpoints and the model list
+    # (addon.endpoints.DEFAULT_KEY_ENDPOINTS).
+    endpoints: tuple[str, ...] | None = None
 
     def allows_model(self, model: str | None) -> bool:
         """Whether a call for ``model`` is allowed; a call that names no model only when no list is set."""
@@ -116,7 +119,7 @@ def _entry(entry: dict, max_name_chars: int) -> KeySpec:
         if len(key_digest) != 32:
             raise ValueError("key_sha256 must be 64 hex digits (the SHA-256 of the key)")
     limits: dict[str, object] = {}
-    for field_name in ("nodes", "models"):
+    for field_name in ("nodes", "models", "endpoints"):
         if field_name in entry:
             value = entry[field_name]
             if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):

@@ -242,4 +242,5 @@ client_key_usage = sa.Table(
     _counter("refused_rate"),
     _counter("refused_concurrency"),
     _counter("refused_budget"),
+    _counter("refused_endpoint"),  # revision 13
 )

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from addon.sse import SSEEvent, SSEParser
-from addon.usage import UsageExtractor, detect_format, iteration_usages
+from addon.usage import UsageExtractor, iteration_usages
 from store.records import Usage
 
 
@@ -123,26 +123,6 @@ def extract(api_format: str | None, body: bytes) -> UsageExtractor:
         x.on_event(ev)
     return x
 
-
-# -- request side ------------------------------------------------------------------------------------
-@pytest.mark.parametrize(("path", "fmt"), [
-    ("/v1/responses", "responses"),
-    ("/openai/v1/responses?api-version=2025-04-01", "responses"),
-    ("/responses/", "responses"),
-    ("/v1/chat/completions", "chat"),
-    ("/api/openai/v1/chat/completions?x=/messages", "chat"),
-    ("/v1/messages", "messages"),
-    ("/anthropic/v1/messages?beta=true", "messages"),
-    ("/v1/responses/compact", None),
-    ("/v1/responses/resp_123", None),
-    ("/v1/messages/count_tokens", None),
-    ("/v1/models", None),
-    ("/v1/completions", None),
-    ("/", None),
-    ("", None),
-])
-def test_detect_format(path: str, fmt: str | None):
-    assert detect_format(path) == fmt
 
 
 # -- streams -----------------------------------------------------------------------------------------
