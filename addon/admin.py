@@ -325,6 +325,9 @@ class Admin:
         rows = self._query(stats.per_node, f)
         for row in rows:
             row["routed"] = row["node_id"] is not None and self.runtime.pool.get(row["node_id"]) is not None
+            # What the relay does with it: "status" is the stored flag; a node kept in the database for its
+            # stats but neither in the nodes file nor added on a page gets no calls, whatever that flag says.
+            row["state"] = row["status"] if row["status"] is None or row["routed"] else "not routed"
         return rows
 
     def _save_node(self, body: Any) -> dict:

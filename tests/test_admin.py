@@ -181,6 +181,24 @@ def test_nodes_endpoint_numbers_and_masked_keys(env):
     assert ask(env.admin, "GET", "/admin/api/nodes?since=2026-11-22&until=2026-11-21").status_code == 400
 
 
+def test_a_node_removed_from_the_file_shows_as_not_routed(env, tmp_path):
+    alpha, beta = data(ask(env.admin, "GET", "/admin/api/nodes"))["nodes"]
+    assert [(n["status"], n["state"], n["routed"]) for n in (alpha, beta)] == [("active", "active", True)] * 2
+    smaller = write_nodes(tmp_path / "alpha-only.toml", [("alpha", "http://127.0.0.1:9/v1", ALPHA_KEY, 2)])
+    env.tctx.configure(env.runtime, codex_nodes=str(smaller))
+    assert env.runtime.pool.get("beta") is None  # its row and stats stay; it gets no calls
+    alpha, beta = data(ask(env.admin, "GET", "/admin/api/nodes"))["nodes"]
+    assert (alpha["state"], alpha["routed"]) == ("active", True)
+    assert (beta["node_id"], beta["status"], beta["state"], beta["routed"]) == ("beta", "active", "not routed", False)
+    # Disabled or not, it is not routed; saving it on the page routes it again.
+    ask(env.admin, "POST", "/admin/api/nodes/beta/disable", {})
+    (beta,) = data(ask(env.admin, "GET", "/admin/api/nodes?node=beta"))["nodes"]
+    assert (beta["status"], beta["state"]) == ("disabled", "not routed")
+    ask(env.admin, "POST", "/admin/api/nodes/beta/enable", {})
+    saved = data(ask(env.admin, "POST", "/admin/api/nodes", {"id": "beta", "base_url": "http://127.0.0.1:9/beta/v1"}))
+    assert (saved["node"]["state"], saved["node"]["routed"]) == ("active", True)
+
+
 def test_no_response_ever_holds_a_full_key(env):
     ask(env.admin, "POST", "/admin/api/nodes/beta/disable", {})
     paths = ["/admin", "/admin/static/admin.js", "/admin/api/nodes", "/admin/api/days", "/admin/api/models",

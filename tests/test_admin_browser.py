@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -20,8 +21,10 @@ import sqlalchemy as sa
 
 from bench.fakeupstream import FakeUpstream
 from bench.relayproc import ROOT, RelayProcess
+from store.config import node_from_mapping
 from store.engine import make_engine
 from store.invocations import apply_batch
+from store.nodes import upsert_nodes
 from store.records import InvocationRecord, Usage
 from store.schema import codex_invocations, nodes
 from store.stats import Filters, per_hour
@@ -34,6 +37,10 @@ CHROMIUM = Path("/usr/bin/chromium")
 SCREENSHOT = ROOT / "docs" / "admin.png"
 # Live calls through the relay (input, cached, output, reasoning); all on node "a" (b has weight 0).
 LIVE = [(1200, 800, 300, 100), (2400, 2000, 500, 200), (900, 0, 150, 0)]
+# The narrowest screen the page is laid out for (issue 30): a laptop's.
+VIEWPORT = {"width": 1280, "height": 800}
+# Every call of the test is the client key "team" (tests.test_e2e.call sends "client-key"), with two limits.
+KEYS = '[[keys]]\nname = "team"\nkey = "client-key"\ndaily_requests = 100\nmonthly_cost = 0.05\n'
 
 
 def _browser_missing() -> str | None:
@@ -77,6 +84,21 @@ def history(today: dt.date) -> list[InvocationRecord]:
     return out
 
 
+def assert_fits_the_screen(page) -> None:
+    """Each node's buttons are on screen as loaded, and the document does not scroll sideways."""
+    buttons = page.locator('#nodes tbody tr[data-node]:not([data-node=""]) button')
+    assert buttons.count() >= 2 * page.locator('#nodes tbody tr[data-node]:not([data-node=""])').count()
+    for i in range(buttons.count()):
+        box = buttons.nth(i).bounding_box()
+        assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= VIEWPORT["width"], \
+            (buttons.nth(i).text_content(), box)
+        assert box["y"] >= 0 and box["y"] + box["height"] <= VIEWPORT["height"], (buttons.nth(i).text_content(), box)
+    assert page.evaluate("document.documentElement.scrollWidth <= innerWidth"), \
+        page.evaluate("[document.documentElement.scrollWidth, innerWidth]")
+    # Nor does the node table inside its box: every column in view (its buttons would stay anyway: sticky).
+    assert page.evaluate("(s => s.scrollWidth <= s.clientWidth)(document.querySelector('#nodes').parentElement)")
+
+
 @pytest.mark.slow
 def test_admin_page_shows_stats_and_edits_a_node(sqlite_url, tmp_path, browser):
     from playwright.sync_api import expect
@@ -85,12 +107,19 @@ def test_admin_page_shows_stats_and_edits_a_node(sqlite_url, tmp_path, browser):
     with FakeUpstream("a") as a, FakeUpstream("b") as b:
         nodes_file = write_nodes(tmp_path / "nodes.toml",
                                  [("a", a.base_url, "key-a-0123456789", 1), ("b", b.base_url, "key-b-9876543210", 0)])
-        options = {"codex_nodes": str(nodes_file), "codex_ping_interval": "0", "codex_retries": "0"}
+        keys_file = tmp_path / "keys.toml"
+        keys_file.write_text(KEYS)
+        options = {"codex_nodes": str(nodes_file), "codex_ping_interval": "0", "codex_retries": "0",
+                   "codex_client_keys": f"@{keys_file}"}
         with RelayProcess(db_url=sqlite_url, options=options) as relay:
             engine = make_engine(sqlite_url)
             try:
                 with engine.begin() as conn:
                     apply_batch(conn, history(today))
+                    # What a node removed from the nodes file leaves: its row (and stats), from the file.
+                    upsert_nodes(conn, [node_from_mapping({"id": "gone", "name": "gone node", "weight": 1,
+                                                           "base_url": "http://127.0.0.1:9/v1",
+                                                           "api_key": "key-gone-000011112222"}, "node")])
                 for usage in LIVE:
                     assert call(relay, "responses", stream=True, usage=usage)[0] == 200
                 a.behaviour.status = 500
@@ -104,12 +133,19 @@ def test_admin_page_shows_stats_and_edits_a_node(sqlite_url, tmp_path, browser):
 
                 wait_for(lambda: count_today() == len(LIVE) + 1, what="the relay to store its calls")
 
-                page = browser.new_page(viewport={"width": 1500, "height": 1100})
+                page = browser.new_page(viewport=VIEWPORT)
                 page.goto(relay.url + "/admin")
                 node_a = page.locator('#nodes tr[data-node="a"]')
 
                 def col(row, name):
                     return row.locator(f'[data-col="{name}"]')
+
+                # A node the relay does not route says so, whatever its stored status, and the page says why.
+                gone = page.locator('#nodes tr[data-node="gone"]')
+                expect(col(gone, "status")).to_have_text("not routed")
+                expect(page.locator("#nodes-note")).to_be_visible()
+                expect(page.locator("#nodes-note")).to_contain_text("removed from the nodes file")
+                assert_fits_the_screen(page)
 
                 # Node table: today's live calls plus a's history, as the store has them.
                 expect(col(node_a, "requests")).to_have_text("5")
@@ -122,6 +158,18 @@ def test_admin_page_shows_stats_and_edits_a_node(sqlite_url, tmp_path, browser):
                 expect(col(node_b, "weight")).to_have_text("0")
                 expect(col(node_b, "requests")).to_have_text("3")
                 assert "key-a-0123456789" not in page.content()
+
+                # Money as money: the key's cost limit in dollars, no raw float anywhere in the money panels.
+                team = page.locator('#keys tr[data-key="team"]')
+                expect(col(team, "limits").locator("div")).to_have_text(
+                    ["daily_requests 4 / 100", re.compile(r"^monthly_cost \$0\.\d{2,4} / \$0\.05$")])
+                expect(col(team, "limits").locator("div").first).to_have_attribute("title", re.compile("^resets 20"))
+                expect(col(team, "cost")).to_have_text(re.compile(r"^\$0\.\d{2,4}$"))
+                for panel in ("#models", "#sources", "#keys"):
+                    assert not re.search(r"\d\.\d{5}", page.locator(panel).inner_text()), panel
+                assert page.evaluate("""[limitText("monthly_cost", {used: 0.053743549999999994, limit: 0.05}),
+                    usd(0.0034), usd(1234.5), usd(0), usd(null)]""") == \
+                    ["monthly_cost $0.05 / $0.05", "$0.0034", "$1,234.50", "$0.00", "–"]
 
                 # Chart: one bar segment per day and source, sized by the day's total tokens.
                 live_tokens = sum(u[0] + u[2] for u in LIVE)  # the failed call has no usage
@@ -176,6 +224,8 @@ def test_admin_page_shows_stats_and_edits_a_node(sqlite_url, tmp_path, browser):
                 # Disable b from the page: the badge and the database agree.
                 node_b.locator('button[data-action="disable"]').click()
                 expect(col(node_b, "status")).to_have_text("disabled")
+                page.evaluate("window.scrollTo(0, 0)")
+                assert_fits_the_screen(page)  # with the Enable button, and after the form's edit
                 with engine.connect() as conn:
                     assert conn.execute(sa.select(nodes.c.disabled).where(nodes.c.id == "b")).scalar()
 

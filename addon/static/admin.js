@@ -11,8 +11,30 @@ let timer = null;
 const int = (v) => (v === null || v === undefined ? "–" : Math.round(v).toLocaleString("en-US"));
 const dec = (v) => (v === null || v === undefined ? "–" : v.toLocaleString("en-US", {minimumFractionDigits: 1, maximumFractionDigits: 1}));
 const pct = (v) => (v === null || v === undefined ? "–" : (v * 100).toFixed(1) + "%");
+// Dollars to the cent; below a cent two significant digits, so a small cost does not read as free.
+function usd(v) {
+  if (v === null || v === undefined) return "–";
+  const a = Math.abs(v);
+  const digits = a === 0 || a >= 0.01 ? 2 : Math.min(8, 1 - Math.floor(Math.log10(a)));
+  return (v < 0 ? "-$" : "$") + a.toLocaleString("en-US", {minimumFractionDigits: 2, maximumFractionDigits: digits});
+}
 // No priced call is an unknown cost ("–"), not a free one; calls without a price are left out and counted.
-const money = (s) => (s.cost === null ? "–" : s.cost.toFixed(4) + (s.unpriced ? ` (${int(s.unpriced)} unpriced)` : ""));
+const money = (s) => usd(s.cost) + (s.cost !== null && s.unpriced ? ` (${int(s.unpriced)} unpriced)` : "");
+// The same in a table cell, the note on a line of its own to keep the column narrow.
+function costCell(s) {
+  const note = s.cost !== null && s.unpriced ? el("div", {class: "muted"}, `${int(s.unpriced)} unpriced`) : null;
+  return el("td", {"data-col": "cost", "data-value": s.cost ?? "", class: "num", title: money(s)}, usd(s.cost), note);
+}
+// A client key's limit as "name used / limit"; a cost limit in dollars, a use nobody counts (rpm outside a relay) "–".
+const limitText = (name, l) => {
+  const fmt = name.endsWith("_cost") ? usd : int;
+  return `${name} ${fmt(l.used)} / ${fmt(l.limit)}`;
+};
+// What the node's badge says: the relay's view (state), which tells a node it does not route from an active one.
+const STATE_TITLES = {
+  "not routed": "In the database with its stats, but neither in this relay's nodes file nor added on this page: " +
+    "it gets no calls. Save it in the form to route it again.",
+};
 const utcDay = (date) => date.toISOString().slice(0, 10);
 
 function el(tag, attrs = {}, ...children) {
@@ -28,8 +50,10 @@ function el(tag, attrs = {}, ...children) {
 }
 
 // A table cell; data-col and data-value let tests and scripts read the raw number.
+// An error cell is cut short to keep the table narrow: its title holds the whole text.
 function cell(col, text, raw, cls) {
-  return el("td", {"data-col": col, "data-value": raw === undefined ? null : raw, class: cls}, text);
+  return el("td", {"data-col": col, "data-value": raw === undefined ? null : raw, class: cls,
+    title: cls === "error-text" && text ? text : null}, text);
 }
 
 function num(col, v, fmt = int) {
@@ -77,10 +101,14 @@ function filterQuery() {
 }
 
 // -- panels -------------------------------------------------------------------------------------
+// One row per node, and under a node with an error a second row that spells it out: a column wide enough
+// for errors would push the buttons off a laptop's screen.
 function renderNodes(nodes) {
-  fill($("#nodes"), nodes.map((n) => {
+  const columns = $("#nodes thead tr").children.length;
+  fill($("#nodes"), nodes.flatMap((n) => {
     const known = n.status !== null;
-    const actions = el("td", {class: "actions"});
+    const state = n.state ?? n.status;
+    const actions = el("div");
     if (known) {
       actions.append(el("button", {type: "button", onclick: () => editNode(n), "data-action": "edit"}, "Edit"));
       const disable = n.status !== "disabled";
@@ -91,12 +119,12 @@ function renderNodes(nodes) {
           onclick: () => toggleNode(n.node_id, false)}, "Reset"));
       }
     }
-    const ping = n.last_ping_err ? "error: " + n.last_ping_err : n.last_ping_ms === null ? "–" : int(n.last_ping_ms) + " ms";
-    return el("tr", {"data-node": n.node_id ?? ""},
-      cell("node", n.node_id ?? "(no node)"),
-      cell("name", n.name ?? "–"),
-      cell("status", el("span", {class: "badge " + (n.status || "none")}, n.status ?? "–"), n.status ?? ""),
-      cell("routed", n.routed ? "yes" : "no", n.routed ? 1 : 0),
+    const ping = n.last_ping_err ? "error" : n.last_ping_ms === null ? "–" : int(n.last_ping_ms) + " ms";
+    const named = n.name && n.name !== n.node_id ? el("div", {class: "muted", "data-col": "name"}, n.name) : null;
+    const row = el("tr", {"data-node": n.node_id ?? "", class: n.last_error || n.last_ping_err ? "has-error" : null},
+      el("td", {"data-col": "node"}, n.node_id ?? "(no node)", named),
+      cell("status", el("span", {class: "badge " + (state ? state.replace(" ", "-") : "none"), title: STATE_TITLES[state]},
+        state ?? "–"), state ?? ""),
       num("weight", n.weight),
       ...outcomeCells(n),
       num("health", n.health_rate, pct),
@@ -107,13 +135,17 @@ function renderNodes(nodes) {
       num("output_tokens", n.output_tokens),
       num("reasoning_tokens", n.reasoning_tokens),
       num("bytes", n.bytes),
-      num("lifetime_attempts", n.lifetime_attempts),
-      num("lifetime_failed_attempts", n.lifetime_failed_attempts),
+      cell("lifetime", `${int(n.lifetime_attempts)} / ${int(n.lifetime_failed_attempts)}`, n.lifetime_attempts, "num"),
       cell("key", n.api_key_hint ?? "–"),
-      cell("ping", ping),
-      cell("last_error", n.last_error ?? "", undefined, "error-text"),
-      actions);
+      cell("ping", ping, undefined, n.last_ping_err ? "bad-text" : null),
+      el("td", {class: "actions"}, actions));
+    const errors = [n.last_error ? "last error: " + n.last_error : null,
+      n.last_ping_err ? "ping: " + n.last_ping_err : null].filter(Boolean);
+    if (!errors.length) return [row];
+    return [row, el("tr", {class: "node-error", "data-error-of": n.node_id ?? ""}, el("td"),
+      el("td", {colSpan: columns - 1, "data-col": "last_error"}, errors.join(" · ")))];
   }));
+  $("#nodes-note").hidden = !nodes.some((n) => n.state === "not routed");
   $("#node-list").replaceChildren(...nodes.filter((n) => n.node_id).map((n) => el("option", {value: n.node_id})));
 }
 
@@ -125,7 +157,7 @@ function outcomeCells(s) {
 function metricRow(key, label, s) {
   return el("tr", {"data-key": key ?? ""}, cell("key", label), ...outcomeCells(s),
     num("health", s.health_rate, pct), num("input_tokens", s.input_tokens), num("output_tokens", s.output_tokens),
-    cell("cost", money(s), s.cost ?? "", "num"), num("avg_ttfb_ms", s.avg_ttfb_ms, dec));
+    costCell(s), num("avg_ttfb_ms", s.avg_ttfb_ms, dec));
 }
 
 function renderWriter(w) {
@@ -298,10 +330,11 @@ function renderKeys(keys) {
     cell("key", k.client_key), num("requests", k.requests),
     el("td", {"data-col": "refused", "data-value": k.refused, class: "num",
               title: reasons.map((r) => `${r}: ${k["refused_" + r]}`).join(", ")}, int(k.refused)),
-    num("total_tokens", k.total_tokens), cell("cost", k.cost.toFixed(4), k.cost, "num"),
-    cell("month_cost", k.month_cost.toFixed(4), k.month_cost, "num"),
-    cell("limits", Object.entries(k.limits || {}).map(([name, l]) =>
-      `${name} ${l.used}/${l.limit}` + (l.resets_at ? ` (resets ${l.resets_at})` : "")).join(", ") || "–"))));
+    num("total_tokens", k.total_tokens), cell("cost", usd(k.cost), k.cost, "num"),
+    cell("month_cost", usd(k.month_cost), k.month_cost, "num"),
+    // One limit a line, when it resets in its title.
+    el("td", {"data-col": "limits"}, ...Object.entries(k.limits || {}).map(([name, l]) =>
+      el("div", {title: l.resets_at ? "resets " + l.resets_at : null}, limitText(name, l))), k.limits && Object.keys(k.limits).length ? null : "–"))));
 }
 
 // -- refresh ------------------------------------------------------------------------------------
