@@ -102,8 +102,9 @@ class Limits:
             return set()
         return {n.id for n in self.runtime.pool} - set(spec.nodes)
 
-    async def admit(self, flow: http.HTTPFlow, model: str | None) -> http.Response | None:
-        """None when the call may go on (it then holds a slot until ``release``), else the refusal."""
+    async def admit(self, flow: http.HTTPFlow, model: str | None, holder: str | None = None) -> http.Response | None:
+        """None when the call may go on (it then holds a slot until ``release``), else the refusal. ``holder``
+        names the call when a flow makes several (a WebSocket's turns); by default the flow's id."""
         spec = self._spec(flow)
         if spec is None:
             return None
@@ -134,7 +135,8 @@ class Limits:
         # Taken before the database is asked: calls admitted meanwhile see this one.
         recent.append(now)
         self._in_flight[spec.name] = self._in_flight.get(spec.name, 0) + 1
-        self._holders[flow.id] = spec.name
+        holder = holder or flow.id
+        self._holders[holder] = spec.name
         engine = self.runtime.engine
         if not spec.needs_database or engine is None:
             return None
@@ -150,7 +152,7 @@ class Limits:
             over = self._db_down(spec, day, e)
         finally:
             if over is not None:
-                self.release(flow)
+                self.release(flow, holder)
                 recent.remove(now)
         if over is None:
             return None
@@ -175,9 +177,10 @@ class Limits:
         _log_refusal(flow, spec, "budget", response)
         return response
 
-    def release(self, flow: http.HTTPFlow) -> None:
-        """The call of ``flow`` ended: its concurrency slot is free (no-op without one)."""
-        name = self._holders.pop(flow.id, None)
+    def release(self, flow: http.HTTPFlow, holder: str | None = None) -> None:
+        """The call of ``flow`` (``holder``: as given to ``admit``) ended: its concurrency slot is free (no-op
+        without one)."""
+        name = self._holders.pop(holder or flow.id, None)
         if name is not None:
             self._in_flight[name] -= 1
 

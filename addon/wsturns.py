@@ -19,7 +19,7 @@ import re
 from collections import deque
 from collections.abc import Callable, MutableSequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from addon.outcome import Outcome, classify_response, is_node_failure_status
 from addon.sse import SSEEvent
@@ -138,10 +138,6 @@ def error_event(body: bytes, status: int) -> bytes:
     return json.dumps({"type": "error", "status": status, "error": error}).encode()
 
 
-class _Message(Protocol):
-    content: bytes
-
-
 class KeptMessages:
     """Bounds what a socket keeps of its messages (mitmproxy keeps each for the socket's life): the newest
     ones within ``budget`` bytes, and always the newest (addons after the relay, mitmdump's output among them,
@@ -152,7 +148,7 @@ class KeptMessages:
         self._size = size
         self._kept = 0  # bytes of the messages in the list (the newest's included)
 
-    def added(self, messages: MutableSequence[_Message]) -> None:
+    def added(self, messages: MutableSequence[Any]) -> None:
         """The newest message was just appended to ``messages``: drop the oldest beyond the budget."""
         size = self._size
         if not self.budget:  # the common case: nothing shows flows, nothing is kept but the newest
