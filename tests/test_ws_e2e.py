@@ -48,6 +48,7 @@ def test_sdk_turns_on_one_socket_are_rows_limited_per_turn_and_no_websocket_node
             with pytest.raises(InvalidStatus) as refused, bob.responses.connect(max_retries=0):
                 pass
         assert relay.proc is not None and relay.proc.returncode == 0, relay.output()
+        assert "Traceback" not in relay.output() and "Error" not in relay.output(), relay.output()
     finally:
         ws.stop()
         plain.stop()
