@@ -88,6 +88,8 @@ class Sockets:
             log.debug("socket %s open to node %s", flow.id, node.id if node else "-")
             return
         reason = state.relay_error
+        if node is None and not self._any_takes(flow):  # the relay's "serves model None" would say less
+            reason = "none of the nodes this client may use takes WebSockets"
         if node is not None:
             if reason is not None:  # unreachable, or no answer in time: the node's failure
                 relay._attempt_failed(node, reason)
@@ -100,6 +102,12 @@ class Sockets:
                 relay.report_node(node, Outcome("failed", False, reason), state)
             log.warning("%s: the client is told to use HTTP (426)", reason)
         flow.response = upgrade_required(state.client_target, reason)
+
+    def _any_takes(self, flow: http.HTTPFlow) -> bool:
+        """Whether a node this flow's client may use takes WebSockets and Responses calls (in rotation or not)."""
+        limits = self.relay.limits
+        barred = self.barred() | (limits.barred(flow) if limits is not None else set())
+        return self.relay.runtime.pool.serves_any("responses", None, exclude=barred)
 
     def upgrade_failed(self, flow: http.HTTPFlow, state: CallState) -> None:
         """The upgrade ended in an error (no answer): it counts against the node, and is no invocation."""

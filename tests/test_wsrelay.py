@@ -186,6 +186,7 @@ def test_an_upgrade_no_node_takes_is_answered_426_at_once():
         assert flow.response is not None
         asyncio.run(env.relay.response(flow))
         assert flow.response.status_code == 426
+        assert "none of the nodes this client may use takes WebSockets" in (flow.response.text or "")
         assert env.records() == []
         # An HTTP call still goes to that node.
         call = request_flow()
