@@ -34,6 +34,20 @@ def read_call_body(raw: bytes | None, content_encoding: str | None, *, limit: in
     except ValueError as e:
         raise BodyRefused(415, "unsupported_content_encoding",
                           f"codex-relay: the request body's Content-Encoding cannot be read: {e}") from None
+    return _info(_keys(body))
+
+
+def read_socket_message(content: bytes) -> tuple[str | None, RequestInfo, str | None]:
+    """A client's Responses WebSocket message: its ``type``, what it asks for (a ``response.create`` carries
+    the fields of a ``POST /v1/responses`` body) and its ``stream_id`` (the socket's lane it runs on);
+    ``BodyRefused`` as for a call's body. A WebSocket message has no content coding."""
+    keys = _keys(content)
+    kind, lane = (keys[name][0] if name in keys else None for name in ("type", "stream_id"))
+    return (kind if isinstance(kind, str) else None, _info(keys),
+            lane if isinstance(lane, str) and lane else None)
+
+
+def _keys(body: bytes) -> dict[str, tuple[object, int, int]]:
     try:
         keys = top_level(body.decode("utf-8"))
     except UnicodeDecodeError:
@@ -42,6 +56,10 @@ def read_call_body(raw: bytes | None, content_encoding: str | None, *, limit: in
         raise BodyRefused(400, "invalid_request_body", f"codex-relay: invalid request body: {e}") from None
     if keys is None:
         raise BodyRefused(400, "invalid_request_body", "codex-relay: invalid request body: not a JSON object")
+    return keys
+
+
+def _info(keys: dict[str, tuple[object, int, int]]) -> RequestInfo:
     model = keys["model"][0] if "model" in keys else None
     if model is not None and not (isinstance(model, str) and model and model.isprintable()):
         raise BodyRefused(400, "invalid_request_body",

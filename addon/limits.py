@@ -103,9 +103,10 @@ class Limits:
             return set()
         return {n.id for n in self.runtime.pool} - set(spec.nodes)
 
-    async def admit(self, flow: http.HTTPFlow, model: str | None, *,
+    async def admit(self, flow: http.HTTPFlow, model: str | None, holder: str | None = None, *,
                     api_format: str | None = "responses") -> http.Response | None:
-        """None when the call may go on (it then holds a slot until ``release``), else the refusal.
+        """None when the call may go on (it then holds a slot until ``release``), else the refusal. ``holder``
+        names the call when a flow makes several (a WebSocket's turns); by default the flow's id.
 
         ``api_format``: the call's endpoint (``addon.endpoints``), None for a path the relay does not meter
         (its model is not checked: it names none). Token counting is checked for its model and nodes only:
@@ -147,7 +148,8 @@ class Limits:
         # Taken before the database is asked: calls admitted meanwhile see this one.
         recent.append(now)
         self._in_flight[spec.name] = self._in_flight.get(spec.name, 0) + 1
-        self._holders[flow.id] = spec.name
+        holder = holder or flow.id
+        self._holders[holder] = spec.name
         engine = self.runtime.engine
         if not spec.needs_database or engine is None:
             return None
@@ -163,7 +165,7 @@ class Limits:
             over = self._db_down(spec, day, e)
         finally:
             if over is not None:
-                self.release(flow)
+                self.release(flow, holder)
                 recent.remove(now)
         if over is None:
             return None
@@ -193,9 +195,10 @@ class Limits:
         spec = self._spec(flow)
         return spec.models if spec is not None else None
 
-    def release(self, flow: http.HTTPFlow) -> None:
-        """The call of ``flow`` ended: its concurrency slot is free (no-op without one)."""
-        name = self._holders.pop(flow.id, None)
+    def release(self, flow: http.HTTPFlow, holder: str | None = None) -> None:
+        """The call of ``flow`` (``holder``: as given to ``admit``) ended: its concurrency slot is free (no-op
+        without one)."""
+        name = self._holders.pop(holder or flow.id, None)
         if name is not None:
             self._in_flight[name] -= 1
 

@@ -62,3 +62,8 @@ def classify_error(message: str, *, got_response: bool) -> Outcome:
         return Outcome("aborted", False, message)
     # Connect failures, upstream resets, timeouts: the node's fault.
     return Outcome("failed" if not got_response else "truncated", True, message)
+
+
+def ms(seconds: float) -> int:
+    """A duration in whole milliseconds, as records keep them (never negative: clocks may step)."""
+    return max(0, round(seconds * 1000))

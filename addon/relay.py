@@ -41,6 +41,7 @@ from addon.meter import MeterResult, StreamMeter
 from addon.modelroute import rewrite_model, serves_model, upstream_model
 from addon.options import seconds
 from addon.outcome import Outcome, classify_error, classify_response, is_node_failure_status, rest_asked
+from addon.outcome import ms as _ms
 from addon.refusal import REFUSED_KEY, RefusalSink, answered
 from addon.routing import Node
 from addon.runtime import Runtime
@@ -48,6 +49,7 @@ from addon.secrets import KnownSecrets
 from addon.target import target_problem
 from addon.usage import RequestInfo, iteration_usages
 from addon.usageprobe import UsageChunkFilter, add_include_usage
+from addon.wsrelay import Sockets, is_upgrade
 from store.records import InvocationRecord, NodeStateUpdate, utcnow
 
 log = logging.getLogger("codex.relay")
@@ -86,6 +88,7 @@ class CallState:
     original_body: bytes | None = None  # the client's body, kept once the relay rewrote it for a node
     probed: bool = False  # the body sent asks for usage the client did not ask for (addon.usageprobe)
     model_globs: tuple[str, ...] | None = None  # a model list answered with only the models the key may use
+    websocket: bool = False  # a Responses WebSocket upgrade: its turns are the invocations (addon.wsrelay)
 
 
 class Relay:
@@ -111,6 +114,8 @@ class Relay:
         # flow id -> its call in flight. Not in flow.metadata: -w pickles that, and a call holds timers.
         self._calls: dict[str, CallState] = {}
         runtime.on_shutdown(self._record_calls_in_flight)
+        self.sockets = Sockets(self)
+        self.addons = [self.sockets]
         runtime.metrics.count_in_flight(lambda: len(self._calls))
 
     # -- options -----------------------------------------------------------------------------------
@@ -219,9 +224,11 @@ class Relay:
                 model=info.model, stream=info.stream, session_key=_session_key(flow, info.session_key),
                 request_bytes=len(flow.request.raw_content or b""), client_target=target, requested_model=info.model,
             )
+            state.websocket = api_format == "responses" and is_upgrade(flow.request)
             self._calls[flow.id] = state
-            if self.limits is not None and (refusal := await self.limits.admit(flow, state.model,
-                                                                                api_format=api_format)) is not None:
+            # A socket is no call: each of its turns is admitted (addon.wsrelay).
+            if (self.limits is not None and not state.websocket
+                    and (refusal := await self.limits.admit(flow, state.model, api_format=api_format)) is not None):
                 del self._calls[flow.id]  # refused: no invocation, no node
                 flow.metadata[REFUSED_KEY] = refusal.status_code
                 flow.response = refusal
@@ -323,8 +330,10 @@ class Relay:
         return node
 
     def _barred(self, flow: http.HTTPFlow) -> set[str]:
-        """Nodes the flow's client key may not use."""
-        return self.limits.barred(flow) if self.limits is not None else set()
+        """Nodes the flow's client key may not use, and for a WebSocket upgrade those that take none."""
+        barred = self.limits.barred(flow) if self.limits is not None else set()
+        state = self._calls.get(flow.id)
+        return barred | self.sockets.barred() if state is not None and state.websocket else barred
 
     def _attempt_failed(self, node: Node, error: str, answer: http.Response | None = None) -> None:
         """A failed attempt that the client did not see (``answer``: the node's): it still counts against the node."""
@@ -369,6 +378,8 @@ class Relay:
         if state is None or flow.response is None:
             return
         self._stop_waiting(flow, state)
+        if state.websocket:
+            return  # a 101 has no body; another answer is held whole, for addon.wsrelay to replace
         resp = flow.response
         found = header_values(resp.headers, _CONTENT_HEADERS)  # one pass over the answer's headers
         length = _folded(found, "content-length") or ""
@@ -392,6 +403,9 @@ class Relay:
         if state is None or flow.response is None:
             return
         self._stop_waiting(flow, state)
+        if state.websocket:
+            self.sockets.upgraded(flow, state)
+            return
         if state.retry:
             await self._retry(flow, state)
         resp = flow.response
@@ -455,6 +469,9 @@ class Relay:
         if state is None or flow.error is None:
             return
         self._stop_waiting(flow, state)
+        if state.websocket:
+            self.sockets.upgrade_failed(flow, state)
+            return
         if state.meter is not None and state.meter.kept and flow.response is not None:
             flow.response.raw_content = state.meter.kept  # mitmweb shows what came before the cut
         outcome = classify_error(flow.error.msg, got_response=flow.response is not None)
@@ -488,13 +505,7 @@ class Relay:
             last = (result.last_chunk_at if result else None) or resp.timestamp_start
             stream_ms = _ms(last - resp.timestamp_start)
         node = state.node
-        if node is not None:
-            if outcome.node_failure:
-                self.runtime.health.failure(node, outcome.error or outcome.status, _rest_asked(resp))
-            elif outcome.status == "success":
-                self.runtime.health.success(node)
-            else:  # a client abort or a client error says nothing about the node
-                self.runtime.health.release(node, state)
+        self.report_node(node, outcome, state, resp)
         record = InvocationRecord(
             invoke_id=state.invoke_id, occurred_at=state.occurred_at, source=self._source,
             endpoint=flow.request.path.split("?", 1)[0][:255], status=outcome.status,
@@ -512,9 +523,25 @@ class Relay:
             record.flags = list(result.flags)
             if result.usage is not None:
                 record.usage = result.usage
+        self.submit(flow, record)
+
+    def report_node(self, node: Node | None, outcome: Outcome, holder: object,
+                    answer: http.Response | None = None) -> None:
+        """Tell the node's health how a call (``holder``: what ``NodePool.choose`` was given) ended."""
+        if node is None:
+            return
+        if outcome.node_failure:
+            self.runtime.health.failure(node, outcome.error or outcome.status, _rest_asked(answer))
+        elif outcome.status == "success":
+            self.runtime.health.success(node)
+        else:  # a client abort or a client error says nothing about the node
+            self.runtime.health.release(node, holder)
+
+    def submit(self, flow: http.HTTPFlow, record: InvocationRecord) -> None:
+        """Price a finished call's record, hand it to the writer and show it on its flow (``record.usage`` set)."""
         prices = self.runtime.prices
         cost = (prices.call_cost(record.model, record.usage, iteration_usages(record.raw_response))
-                if prices and billed else None)
+                if prices and record.api_format not in UNBILLED else None)  # token counting is never billed
         if cost is not None:
             record.cost, record.cost_input, record.cost_cached, record.cost_output, record.cost_cache_write = (
                 cost.total, cost.input, cost.cached, cost.output, cost.cache_write)
@@ -652,10 +679,6 @@ def _annotate(flow: http.HTTPFlow, record: InvocationRecord) -> None:
 def _rest_asked(answer: http.Response | None) -> float:
     """Seconds a node's answer asked to be left alone (``addon.outcome.rest_asked``)."""
     return rest_asked(answer.status_code, answer.headers.get("retry-after")) if answer is not None else 0.0
-
-
-def _ms(seconds: float) -> int:
-    return max(0, round(seconds * 1000))
 
 
 def _is_sse(content_type: str | None) -> bool:

@@ -25,7 +25,7 @@ NODE_FORMATS: dict[str, frozenset[str]] = {
     "messages": frozenset({"messages", "count_tokens"}),
 }
 _NODE_KEYS = {"id", "name", "base_url", "api_key", "weight", "formats", "models", "model_map", "usage_probe",
-              "auth_header"}
+              "auth_header", "websocket"}
 # ``auth_header``: a header name; never one that frames or routes the request, or the relay's own.
 _HEADER_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
 _NOT_AUTH_HEADERS = frozenset({"host", "content-length", "content-type", "content-encoding", "transfer-encoding",
@@ -96,6 +96,9 @@ def node_from_mapping(item: Any, where: str) -> NodeConfig:
     usage_probe = item.get("usage_probe", True)
     if not isinstance(usage_probe, bool):
         raise ConfigError(f"{where} ({node_id}): usage_probe must be true or false, got {usage_probe!r}")
+    websocket = item.get("websocket", True)
+    if not isinstance(websocket, bool):
+        raise ConfigError(f"{where} ({node_id}): websocket must be true or false, got {websocket!r}")
     auth_header = item.get("auth_header", "")
     if not isinstance(auth_header, str) or (auth_header and (
             not _HEADER_RE.match(auth_header.lower()) or auth_header.lower() in _NOT_AUTH_HEADERS)):
@@ -104,7 +107,7 @@ def node_from_mapping(item: Any, where: str) -> NodeConfig:
     formats, models, model_map = _served(item, f"{where} ({node_id})")
     return NodeConfig(id=node_id, name=name, base_url=base_url, api_key=api_key, weight=weight,
                       formats=formats, models=models, model_map=model_map, usage_probe=usage_probe,
-                      auth_header=auth_header.lower())
+                      auth_header=auth_header.lower(), websocket=websocket)
 
 
 def _served(item: dict, where: str) -> tuple[tuple[str, ...], tuple[str, ...], dict[str, str]]:

@@ -54,6 +54,9 @@ class NodeConfig:
     usage_probe: bool = True
     # The header the node's key goes in ("authorization": as a Bearer token); empty: derived (addon.egress).
     auth_header: str = ""
+    # Takes Responses over WebSocket (addon.wsrelay); false: upgrades go to other nodes, or are answered 426.
+    # From the nodes file only: not a column (a node added on the admin page takes WebSockets).
+    websocket: bool = True
 
 
 @dataclass(slots=True)

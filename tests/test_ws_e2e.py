@@ -1,0 +1,76 @@
+"""Responses over WebSocket end to end: the openai SDK's ``client.responses.connect()`` through a real relay to a
+node that speaks it; each turn a row with the node's usage, a key's daily_requests per turn, 426 without a node."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+import sqlalchemy as sa
+from websockets.exceptions import InvalidStatus
+
+from bench.fakeupstream import FakeUpstream
+from bench.relayproc import RelayProcess
+from tests.wsupstream import WsUpstream
+
+pytestmark = pytest.mark.e2e
+
+ALICE, BOB = "ck-alice-0123456789", "ck-bob-0123456789"
+
+
+def turn(conn, usage: tuple[int, int, int, int]) -> list:
+    conn.response.create(model="gpt-5-codex", input="hi", metadata={"fake_usage": list(usage)})
+    events = []
+    for event in conn:
+        events.append(event)
+        if event.type in ("response.completed", "error"):
+            return events
+    raise AssertionError("the socket closed before the turn ended")
+
+
+def test_sdk_turns_on_one_socket_are_rows_limited_per_turn_and_no_websocket_node_is_426(db_url, tmp_path):
+    ws, plain = WsUpstream().start(), FakeUpstream("plain").start()
+    try:
+        nodes = tmp_path / "nodes.toml"
+        nodes.write_text(f'[[nodes]]\nid = "ws"\nbase_url = "{ws.base_url}"\napi_key = "node-key-ws"\n\n'
+                         f'[[nodes]]\nid = "plain"\nbase_url = "{plain.base_url}"\napi_key = "node-key-plain"\n'
+                         "websocket = false\n")
+        keys = tmp_path / "keys.toml"
+        keys.write_text(f'[[keys]]\nname = "alice"\nkey = "{ALICE}"\nnodes = ["ws"]\ndaily_requests = 2\n\n'
+                        f'[[keys]]\nname = "bob"\nkey = "{BOB}"\nnodes = ["plain"]\n')
+        options = {"codex_nodes": str(nodes), "codex_client_keys": f"@{keys}", "codex_ping_interval": "0"}
+        with RelayProcess(db_url=db_url, options=options) as relay:
+            client = openai.OpenAI(base_url=f"{relay.url}/v1", api_key=ALICE, max_retries=0)
+            with client.responses.connect(max_retries=0) as conn:
+                first = turn(conn, (207, 100, 47, 12))
+                second = turn(conn, (310, 0, 20, 0))
+                third = turn(conn, (999, 0, 999, 0))
+            bob = openai.OpenAI(base_url=f"{relay.url}/v1", api_key=BOB, max_retries=0)
+            with pytest.raises(InvalidStatus) as refused, bob.responses.connect(max_retries=0):
+                pass
+        assert relay.proc is not None and relay.proc.returncode == 0, relay.output()
+        assert "Traceback" not in relay.output() and "Error" not in relay.output(), relay.output()
+    finally:
+        ws.stop()
+        plain.stop()
+    assert [e.type for e in first] == ["response.created", "response.output_text.delta", "response.completed"]
+    assert second[-1].type == "response.completed"
+    assert [e.type for e in third] == ["error"] and third[0].error.code == "budget_exceeded"
+    assert refused.value.response.status_code == 426
+    # The node saw two turns on one socket, with its own key; the refused turn never reached it.
+    assert len(ws.creates) == 2 and len(ws.headers) == 1
+    assert ws.headers[0]["authorization"] == "Bearer node-key-ws"
+    assert plain.seen == []
+
+    eng = sa.create_engine(db_url)
+    try:
+        with eng.connect() as c:
+            rows = c.execute(sa.text(
+                "SELECT client_key, node_id, model, status, input_tokens, cache_input_tokens, output_tokens, "
+                "reasoning_tokens, total_tokens, ttfb_ms, duration_ms FROM codex_invocations ORDER BY id")).all()
+    finally:
+        eng.dispose()
+    assert [tuple(r[:9]) for r in rows] == [
+        ("alice", "ws", "gpt-5-codex", "success", 207, 100, 47, 12, 254),
+        ("alice", "ws", "gpt-5-codex", "success", 310, 0, 20, 0, 330),
+    ]
+    assert all(r.ttfb_ms is not None and r.duration_ms >= r.ttfb_ms for r in rows)

@@ -1,0 +1,198 @@
+"""Responses over WebSocket in process: the relay's upgrade handling and socket hooks (addon.wsrelay)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from types import SimpleNamespace
+
+import pytest
+from mitmproxy import http
+from mitmproxy.test import taddons, tflow
+from mitmproxy.websocket import WebSocketMessage
+from wsproto.frame_protocol import Opcode
+
+from addon.errors import CLIENT_KEY_NAME
+from addon.health import Health
+from addon.limits import Limits
+from addon.relay import CallState, Relay
+from addon.routing import Node, NodePool
+from addon.wsrelay import NO_WEBSOCKET_S
+from store.keys import KeySpec
+from store.records import InvocationRecord, NodeConfig, NodeStateUpdate
+from tests.conftest import request_flow
+
+
+class Env:
+    def __init__(self, *configs: NodeConfig, keys: list[KeySpec] | None = None) -> None:
+        self.submitted: list = []
+        self.now = 1000.0
+        self.pool = NodePool([Node(c) for c in configs])
+        self.runtime = SimpleNamespace(
+            prices=None, submit=self.submitted.append, on_shutdown=lambda _: None, pool=self.pool,
+            metrics=SimpleNamespace(count_in_flight=lambda _: None), health=Health(self.submitted.append),
+            engine=None, connect_timeout=1.0, alert=lambda *a: None)
+        self.limits = None
+        if keys is not None:
+            self.limits = Limits(self.runtime)  # type: ignore[arg-type]
+            self.limits.set_keys(keys)
+        self.relay = Relay(self.runtime, limits=self.limits)  # type: ignore[arg-type]
+        self.sockets = self.relay.sockets
+        self.sockets._clock = lambda: self.now
+        self.injected: list[bytes] = []
+        self.sockets.inject = lambda flow, content: self.injected.append(content)  # type: ignore[method-assign]
+
+    def records(self) -> list[InvocationRecord]:
+        return [r for r in self.submitted if isinstance(r, InvocationRecord)]
+
+    def open(self, node_id: str | None = "a", key: str | None = None) -> http.HTTPFlow:
+        flow = tflow.twebsocketflow()
+        flow.websocket.messages.clear()
+        flow.request.path = "/v1/responses"
+        if key is not None:
+            flow.metadata[CLIENT_KEY_NAME] = key
+        state = CallState(flow=flow, invoke_id="up", occurred_at=None, api_format="responses",  # type: ignore[arg-type]
+                          model=None, stream=False, session_key=None, request_bytes=0, client_target="/v1/responses",
+                          websocket=True, node=self.pool.get(node_id) if node_id else None)
+        self.sockets.upgraded(flow, state)
+        return flow
+
+    def client(self, flow: http.HTTPFlow, obj: dict, at: float) -> WebSocketMessage:
+        message = WebSocketMessage(Opcode.TEXT, True, json.dumps(obj).encode(), timestamp=at)
+        flow.websocket.messages.append(message)
+        pending = self.sockets.websocket_message(flow)
+        if pending is not None:
+            asyncio.run(pending)  # type: ignore[arg-type]
+        return message
+
+    def server(self, flow: http.HTTPFlow, obj: dict, at: float) -> None:
+        flow.websocket.messages.append(WebSocketMessage(Opcode.TEXT, False, json.dumps(obj).encode(), timestamp=at))
+        assert self.sockets.websocket_message(flow) is None
+
+
+def completed(model: str, i: int, c: int, o: int, r: int) -> dict:
+    return {"type": "response.completed", "response": {"id": "resp", "model": model, "usage": {
+        "input_tokens": i, "input_tokens_details": {"cached_tokens": c}, "output_tokens": o,
+        "output_tokens_details": {"reasoning_tokens": r}, "total_tokens": i + o}}}
+
+
+def node(node_id: str = "a", **kw) -> NodeConfig:
+    return NodeConfig(id=node_id, base_url=f"http://{node_id}.example:80/v1", api_key=f"key-{node_id}", **kw)
+
+
+def test_each_response_create_is_one_invocation_and_the_upgrade_none():
+    env = Env(node())
+    with taddons.context(env.relay):
+        flow = env.open()
+        assert env.records() == []  # the 101 is no call
+        for n, base in enumerate((100.0, 200.0)):
+            env.client(flow, {"type": "response.create", "model": "gpt-5", "input": "hi"}, base)
+            env.server(flow, {"type": "response.created", "response": {"model": "gpt-5-2025"}}, base + 0.25)
+            env.server(flow, {"type": "response.output_text.delta", "delta": "x"}, base + 0.5)
+            env.server(flow, completed("gpt-5-2025", 100 + n, 20, 30, 5), base + 2.0)
+        first, second = env.records()
+        assert first.usage.input_tokens == 100
+        assert (second.usage.input_tokens, second.usage.cached_tokens, second.usage.output_tokens,
+                second.usage.reasoning_tokens) == (101, 20, 30, 5)
+        assert first.invoke_id != second.invoke_id
+        for r in (first, second):
+            assert (r.status, r.node_id, r.model, r.requested_model, r.api_format) == (
+                "success", "a", "gpt-5-2025", "gpt-5", "responses")
+            assert (r.ttfb_ms, r.stream_ms, r.duration_ms) == (250, 1750, 2000)
+            assert "websocket" in r.flags and r.stream and r.http_status == 101
+        # Nothing but the newest message is kept on the flow: nobody shows flows here.
+        assert len(flow.websocket.messages) == 1
+
+
+def test_an_error_event_fails_the_turn_and_a_close_mid_turn_truncates_it():
+    env = Env(node())
+    with taddons.context(env.relay):
+        flow = env.open()
+        env.client(flow, {"type": "response.create", "model": "gpt-5"}, 1.0)
+        env.server(flow, {"type": "error", "status": 500, "error": {"type": "server_error", "message": "overloaded"}},
+                   2.0)
+        env.client(flow, {"type": "response.create", "model": "gpt-5"}, 3.0)
+        env.server(flow, {"type": "response.created", "response": {"model": "gpt-5"}}, 3.5)
+        flow.websocket.closed_by_client = False
+        flow.websocket.close_code = 1006
+        env.sockets.websocket_end(flow)
+        failed, cut = env.records()
+        assert (failed.status, failed.node_failure) == ("failed", True)
+        assert failed.error_message == "server_error: overloaded"
+        assert (cut.status, cut.node_failure) == ("truncated", True)
+        assert "closed by the node" in (cut.error_message or "")
+
+
+def test_key_limits_apply_per_turn_and_a_refused_turn_never_reaches_the_node():
+    spec = KeySpec(name="alice", key_digest=hashlib.sha256(b"k").digest(), models=("gpt-5*",), rpm=2)
+    env = Env(node(), keys=[spec])
+    with taddons.context(env.relay, env.limits):
+        flow = env.open(key="alice")
+        refused = env.client(flow, {"type": "response.create", "model": "o3"}, 1.0)
+        assert refused.dropped
+        event = json.loads(env.injected[-1])
+        assert event["type"] == "error" and event["status"] == 400
+        assert event["error"]["code"] == "model_not_allowed" and "o3" in event["error"]["message"]
+        for at in (2.0, 3.0):
+            ok = env.client(flow, {"type": "response.create", "model": "gpt-5"}, at)
+            assert not ok.dropped
+            env.server(flow, completed("gpt-5", 10, 0, 1, 0), at + 0.5)
+        third = env.client(flow, {"type": "response.create", "model": "gpt-5"}, 4.0)
+        assert third.dropped and json.loads(env.injected[-1])["error"]["code"] == "rate_limited"
+        assert len(env.records()) == 2 and env.limits.in_flight("alice") == 0  # type: ignore[union-attr]
+
+
+def test_the_nodes_models_are_checked_and_mapped_per_turn():
+    env = Env(node(models=("gpt-5*",), model_map={"codex": "gpt-5-codex"}))
+    with taddons.context(env.relay):
+        flow = env.open()
+        refused = env.client(flow, {"type": "response.create", "model": "o3"}, 1.0)
+        assert refused.dropped and json.loads(env.injected[-1])["error"]["code"] == "model_not_found"
+        mapped = env.client(flow, {"type": "response.create", "model": "codex", "input": "x"}, 2.0)
+        assert not mapped.dropped and json.loads(mapped.content)["model"] == "gpt-5-codex"
+        bad = env.client(flow, {"type": "response.create", "model": "\x07"}, 3.0)
+        assert bad.dropped and json.loads(env.injected[-1])["error"]["code"] == "invalid_request_body"
+        steer = env.client(flow, {"type": "response.steer", "input": "more"}, 4.0)  # no turn of its own
+        assert not steer.dropped
+
+
+@pytest.mark.parametrize(("status", "node_failure"), [(404, False), (502, True)])
+def test_a_node_refusing_the_upgrade_gets_the_client_a_426(status, node_failure):
+    env = Env(node("a"), node("b"))
+    with taddons.context(env.relay):
+        flow = tflow.tflow(req=tflow.treq(method=b"GET", path=b"/v1/responses"), resp=tflow.tresp(status_code=status))
+        state = CallState(flow=flow, invoke_id="up", occurred_at=None, api_format="responses",  # type: ignore[arg-type]
+                          model=None, stream=False, session_key=None, request_bytes=0,
+                          client_target="/v1/responses", websocket=True, node=env.pool.get("a"))
+        env.sockets.upgraded(flow, state)
+        assert flow.response is not None and flow.response.status_code == 426
+        assert json.loads(flow.response.content or b"")["error"]["code"] == "websocket_unavailable"
+        assert env.records() == []
+        failed = [u for u in env.submitted if isinstance(u, NodeStateUpdate) and u.failed_attempt]
+        assert bool(failed) is node_failure
+        assert ("a" in env.sockets.barred()) is not node_failure  # a 404: no upgrade to it for a while
+        env.now += NO_WEBSOCKET_S
+        assert "a" not in env.sockets.barred()
+
+
+def test_an_upgrade_no_node_takes_is_answered_426_at_once():
+    env = Env(node("a", websocket=False))
+    with taddons.context(env.relay):
+        flow = request_flow(headers={"upgrade": "websocket", "connection": "Upgrade"})
+        flow.request.method = "GET"
+        flow.response = None
+        asyncio.run(env.relay.request(flow))
+        assert flow.response is not None
+        asyncio.run(env.relay.response(flow))
+        assert flow.response.status_code == 426
+        assert "none of the nodes this client may use takes WebSockets" in (flow.response.text or "")
+        assert env.records() == []
+        # An HTTP call still goes to that node.
+        call = request_flow()
+        call.request.method = "POST"
+        call.request.content = b'{"model": "gpt-5", "input": "hi"}'
+        call.response = None
+        env.relay._connected.add((call.client_conn.id, ("a.example", 80)))  # no connect probe
+        asyncio.run(env.relay.request(call))
+        assert call.response is None and call.request.host == "a.example"
