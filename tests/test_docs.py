@@ -202,6 +202,11 @@ def test_the_quick_start_runs_as_written(tmp_path):
                 assert "127.0.0.1:8000" in s, s
                 return s.replace("127.0.0.1:8000", f"127.0.0.1:{relay.port}")
 
+            # The start-up line README shows is this relay's ("…" stands for what differs per checkout).
+            (sample,) = [ln for ln in section(README.read_text(), "Quick start").splitlines()
+                         if ln.startswith("codex-relay ready;")]
+            assert re.search(re.escape(local(sample)).replace("…", ".*"), summary), (sample, summary)
+
             # 3. The clients' settings point at what the relay says it serves.
             codex = tomllib.loads(local(blocks["codex-config"][1]))
             provider_cfg = codex["model_providers"][codex["model_provider"]]
