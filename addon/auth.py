@@ -104,7 +104,7 @@ class ClientAuth:
             "codex_client_keys", str, "",
             "Keys clients must send (Authorization: Bearer <key> or x-api-key) to use the relay: "
             "comma-separated name=key or bare keys, or @path of a file with one name=key per line "
-            "(# comments), or @path of a TOML file of [[keys]] with limits (README, \"Teams\"). "
+            "(# comments), or @path of a TOML file of [[keys]] with limits (docs/teams.md). "
             "Other requests get HTTP 401 and reach no node. The key's name is recorded "
             "as client_key. Empty: no client auth.")
 

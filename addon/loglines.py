@@ -3,7 +3,7 @@
 The relay streams every answer it forwards (``addon.relay`` sets ``stream`` on each), so mitmproxy's
 info line for a streamed answer is one line per call that says nothing the flow list and the database
 do not. Writing it was not free: a line per call to a terminal or a pipe cost ~5 % of a short call's
-CPU (README, Benchmarks). Demoted, not dropped: ``--set termlog_verbosity=debug`` shows it again.
+CPU (docs/benchmarks.md). Demoted, not dropped: ``--set termlog_verbosity=debug`` shows it again.
 """
 
 from __future__ import annotations

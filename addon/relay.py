@@ -4,7 +4,7 @@ The flow hooks, failover and record building, and nothing else: the nodes, their
 and the writer belong to the ``Runtime`` it is given (``addon.runtime``). Hooks are cheap and never
 touch the database (the runtime's writer process does).
 
-Failover within mitmproxy's flow model (README, "Failover"):
+Failover within mitmproxy's flow model (docs/how-it-works.md, "Failover"):
 - a node that refuses or does not accept the connection is found by a connect probe in the ``request``
   hook (only when the client has no open connection to it yet) and the call moves to another node
   before anything is sent; when no node accepts one, the client gets a JSON 502;

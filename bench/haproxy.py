@@ -1,5 +1,5 @@
-"""Debian's HAProxy in front of relays with the shipped configuration (examples/haproxy.cfg, shown in README's
-"Several relays"), for the fleet tests and the streams benchmark's two-relay row."""
+"""Debian's HAProxy in front of relays with the shipped configuration (examples/haproxy.cfg, shown in
+docs/several-relays.md), for the fleet tests and the streams benchmark's two-relay row."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "haproxy.cfg"
 
 
 def haproxy_config(port: int, relay_ports: list[int]) -> str:
-    """The shipped example's configuration (README, "Several relays"), with these ports."""
+    """The shipped example's configuration (docs/several-relays.md), with these ports."""
     text = EXAMPLE.read_text()
     text = text.replace("bind 127.0.0.1:8000", f"bind 127.0.0.1:{port}")
     for default, actual in zip((8001, 8002), relay_ports, strict=True):

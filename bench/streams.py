@@ -8,7 +8,7 @@ CPU = utime + stime of the proxy process from /proc before and after; memory = p
 20 ms) minus VmRSS before. Memory is measured on fresh processes, one set per round, since a Python process
 keeps the heap an earlier run grew.
 
-The fleet row: two relays behind HAProxy (README's configuration), writing to one database (a scratch
+The fleet row: two relays behind HAProxy (examples/haproxy.cfg), writing to one database (a scratch
 MariaDB database when the server is there, else one SQLite file), against one of them alone.
 """
 

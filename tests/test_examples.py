@@ -1,5 +1,5 @@
-"""The shipped examples (examples/) are what the relay reads: each loads with the project's own readers, and
-README shows the HAProxy configuration the fleet tests run."""
+"""The shipped examples (examples/) are what the relay reads: each loads with the project's own readers
+(docs/several-relays.md shows the HAProxy configuration the fleet tests run: tests/test_docs.py checks it)."""
 
 from __future__ import annotations
 
@@ -22,8 +22,3 @@ def test_the_example_keys_file_loads_and_names_only_example_nodes():
     assert [k.name for k in keys] == ["alice", "ci"]
     node_ids = {n.id for n in load_nodes_file(EXAMPLES / "nodes.toml")}
     assert all(set(k.nodes or ()) <= node_ids for k in keys)
-
-
-def test_readme_shows_the_shipped_haproxy_configuration():
-    readme = (EXAMPLES.parent / "README.md").read_text()
-    assert (EXAMPLES / "haproxy.cfg").read_text() in readme

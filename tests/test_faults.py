@@ -275,8 +275,8 @@ def drive_one(port: int) -> tuple[int, bytes]:
         conn.close()
 
 
-# The README's window: records of calls answered this long before a SIGKILL of the relay may be lost (it
-# batches them for up to half a second, then hands the batch to its writer process).
+# The window docs/guarantees.md states: records of calls answered this long before a SIGKILL of the relay may be
+# lost (it batches them for up to half a second, then hands the batch to its writer process).
 SIGKILL_WINDOW_S = 0.6
 
 

@@ -1,5 +1,6 @@
-"""Several relays behind Debian's HAProxy with the README's configuration ("Several relays"): one Codex
-session stays on one relay and one node, and moves to the other relay when its relay stops.
+"""Several relays behind Debian's HAProxy with the shipped configuration (examples/haproxy.cfg,
+docs/several-relays.md): one Codex session stays on one relay and one node, and moves to the other relay
+when its relay stops.
 
 Without /usr/sbin/haproxy this skips locally and fails under CI=true; ``./run.sh test`` installs it when
 it can (as root, with apt-get).
@@ -79,7 +80,7 @@ def test_a_session_stays_on_one_relay_and_one_node_and_moves_when_its_relay_stop
 
 @pytest.mark.slow
 def test_a_rolling_restart_of_two_relays_behind_haproxy_costs_clients_nothing(haproxy_bin, mariadb, tmp_path):
-    """README, "Several relays": SIGTERM one relay, start it again, then the other, under steady load."""
+    """docs/several-relays.md, rolling restart: SIGTERM one relay, start it again, then the other, under load."""
     behaviour = Behaviour(event_delay=0.01, deltas=10)  # each call streams for ~0.1 s: some are always in flight
     with FakeUpstream("n1", behaviour=behaviour) as n1, ExitStack() as stack:
         nodes = write_nodes(tmp_path / "nodes.toml", [("n1", n1.base_url, "k1", 1)])
