@@ -17,7 +17,7 @@ from mitmproxy.proxy.mode_specs import ReverseMode
 
 from addon.egress import CREDENTIAL_HEADERS, egress_problem
 from addon.errors import error_response, fail_closed, internal_error
-from addon.refusal import RefusalSink, answered
+from addon.refusal import REFUSED_KEY, RefusalSink, answered
 from addon.target import target_problem
 
 log = logging.getLogger("codex.gate")
@@ -59,9 +59,13 @@ class Gate:
                                  problem)
             return
         if not self.ready:
-            self.refusals.refuse(flow, error_response(
+            # Answered here, not by the refusal endpoint: until mitmproxy's own addons have run their ``running``
+            # hooks (they follow the script's), a request sent on to that endpoint meets its TLS addon without a
+            # certificate store, which ends the process. Such a body is read (only while the relay starts).
+            flow.metadata[REFUSED_KEY] = 503
+            flow.response = error_response(
                 path, 503, "codex-relay is not ready: its configuration did not complete (see its log)",
-                "relay_not_ready"), "not ready")
+                "relay_not_ready")
             return
         if isinstance(flow.client_conn.proxy_mode, ReverseMode):
             not_canonical = target_problem(path)

@@ -105,18 +105,6 @@ def open_relay_problem(*, routes: bool, client_keys: bool, hosts: Iterable[str],
             "listen on 127.0.0.1 (--listen-host), or set codex_allow_open=true")
 
 
-def load_certificate_store() -> None:
-    """Have mitmproxy's TLS addon load its certificate store now, if it has not yet.
-
-    It loads it in its own ``running`` hook, after the proxy already listens: a request that arrives in
-    between fails in that addon's ``request`` hook (no certificate store), and mitmproxy's start-up error
-    check ends the whole process. Loaded here, at configure time, it is there before anything listens.
-    """
-    tls = ctx.master.addons.get("tlsconfig")
-    if tls is not None and getattr(tls, "certstore", None) is None:
-        tls.configure({"confdir"})
-
-
 def startup_summary(*, reverse_addrs: Iterable[tuple[str, int]], proxy_addrs: Iterable[tuple[str, int]],
                     database: str | None, nodes: Iterable[str], client_keys: bool, admin_token: bool) -> str:
     """The one line a newcomer needs after start-up: where clients and the admin page are, and what runs."""
@@ -171,7 +159,6 @@ class StartupCheck:
     def configure(self, updated: set[str]) -> None:
         # Configure runs in chain order: reaching this addon means every one before it accepted its options.
         self.configured = True
-        load_certificate_store()
         if not self.problems and self.started:
             self.gate.ready = True  # options changed at run time (mitmweb): every addon took them
 

@@ -144,8 +144,10 @@ def test_stream_in_flight_at_shutdown_leaks_no_key(tmp_path):
     hold, first_event = threading.Event(), threading.Event()
     with FakeUpstream("slow", behaviour=Behaviour(hold=hold)) as up:
         nodes = write_nodes(tmp_path / "nodes.toml", [("slow", up.base_url, KEY_A, 1)])
+        # No drain (tests/test_drain.py has it): the shutdown itself, with the stream still open, is under test.
         relay = RelayProcess(db_url=f"sqlite:///{tmp_path / 'codex.db'}",
-                             options={"codex_nodes": str(nodes), "codex_ping_interval": "0"},
+                             options={"codex_nodes": str(nodes), "codex_ping_interval": "0",
+                                      "codex_drain_timeout": "0"},
                              extra_args=["-w", str(flows_file)]).start()
 
         def client() -> None:
