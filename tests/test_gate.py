@@ -14,7 +14,14 @@ from addon.errors import error_response, fail_closed
 from addon.gate import EgressCheck, Gate
 from addon.refusal import REFUSED_KEY, RefusalSink, answered
 from addon.runtime import Runtime
-from addon.startup import StartupCheck, listen_hosts, open_relay_problem, startup_summary, take_unusable_options
+from addon.startup import (
+    StartupCheck,
+    listen_hosts,
+    open_relay_problem,
+    startup_summary,
+    take_unusable_options,
+    unknown_options_message,
+)
 from addon.target import target_problem
 from store.records import NodeConfig
 from tests.conftest import request_flow
@@ -285,3 +292,12 @@ def test_a_path_a_node_could_read_as_an_api_endpoint_is_canonical_or_refused(tar
     the relay's checks (keys' models and budgets, the meter) must see the same endpoint."""
     found = target_problem(target)
     assert (found is None) if problem is None else (problem in (found or "")), found
+
+
+def test_an_unknown_option_names_the_one_it_most_likely_meant():
+    known = ["codex_retries", "codex_nodes", "codex_db"]
+    assert unknown_options_message({"codex_retrys": "1"}, known) == (
+        "unknown option(s): codex_retrys (did you mean codex_retries?); ./run.sh --options (or mitmdump -s "
+        "addon/codex.py --options) lists every option with its help")
+    assert unknown_options_message({"codex_xyzzy": "1"}, known).startswith("unknown option(s): codex_xyzzy;")
+    assert unknown_options_message({}, known) is None

@@ -273,3 +273,8 @@ def test_usage_probe_is_node_config_and_the_cost_split_keeps_cache_writes(engine
                            .where(codex_invocations.c.response_bytes == 0)
                            .order_by(codex_invocations.c.cost_input.is_(None))).all()
     assert [tuple(r) for r in got] == [(pytest.approx(0.3), pytest.approx(0.2)), (None, None)]
+
+
+def test_a_mysql_url_without_its_driver_names_the_one_to_use():
+    with pytest.raises(ValueError, match=r"driver of mysql:// is not installed: use mysql\+pymysql://root:\*\*\*@h/db"):
+        make_engine("mysql://root:secret@h/db")
