@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
 from collections.abc import Callable
 
 import sqlalchemy as sa
 from mitmproxy import ctx, exceptions
+from mitmproxy.proxy.mode_specs import ProxyMode
 
 from addon.alerts import Alerts, webhooks_from_file
 from addon.breaker import BreakerPolicy
@@ -190,7 +192,7 @@ class Runtime:
         try:
             # Half a second of batching: at relay rates it cuts the writer's CPU per record several-fold;
             # stats lag by at most that much.
-            self._writer = start_writer(engine, url, spool_path or default_spool_path(url), linger=0.5,
+            self._writer = start_writer(engine, url, spool_path or self._default_spool(url), linger=0.5,
                                         process=ctx.options.codex_writer_process)
         except WriterStartError as e:
             self._writer = None
@@ -200,6 +202,18 @@ class Runtime:
         self.engine = engine
         self._db_url = url
         log.info("stats database: %s", _safe_url(url))
+
+    @staticmethod
+    def _default_spool(url: str) -> str | None:
+        """The relay's own journal: named for its first listening port."""
+        opts = ctx.options
+        port = ProxyMode.parse(opts.mode[0]).listen_port(opts.listen_port) if opts.mode else None
+        path = default_spool_path(url, port)
+        older = default_spool_path(url)
+        if path != older and older is not None and os.path.exists(older):
+            log.warning("a journal from before journals were per relay is at %s: its records are written by a relay "
+                        "started with --set codex_spool=%s", older, older)
+        return path
 
     def _start_alerts(self, nodes_file: str, dedup: float) -> None:
         try:

@@ -97,17 +97,20 @@ def _lock(spool: str, relay_pid: int, orphan_wait: float) -> TextIO:
         lock.close()
 
 
-def default_spool_path(db_url: str) -> str | None:
-    """Beside a SQLite database file; per database URL under data/ otherwise; None for memory."""
+def default_spool_path(db_url: str, port: int | None = None) -> str | None:
+    """Beside a SQLite database file; per database URL under data/ otherwise; None for memory. ``port``: the
+    relay's listening port, which makes the journal the relay's own (relays of one checkout on one database
+    each have theirs); none (or 0, a port the system picks) gives the name of relays before ports counted."""
     url = make_url(db_url)
     if in_memory(url):
         return None
+    own = f".{port}" if port else ""
     if url.get_backend_name() == "sqlite":
         assert url.database  # not in memory
-        return url.database + ".spool"
+        return f"{url.database}{own}.spool"
     # One journal per database: a leftover journal must never replay into another database.
     digest = hashlib.sha1(url.render_as_string(hide_password=True).encode()).hexdigest()[:12]
-    return f"data/spool-{digest}.db"
+    return f"data/spool-{digest}{own}.db"
 
 
 def encode(item: Item) -> str:

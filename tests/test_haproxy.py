@@ -85,12 +85,12 @@ def test_a_rolling_restart_of_two_relays_behind_haproxy_costs_clients_nothing(ha
     with FakeUpstream("n1", behaviour=behaviour) as n1, ExitStack() as stack:
         nodes = write_nodes(tmp_path / "nodes.toml", [("n1", n1.base_url, "k1", 1)])
 
-        def relay(name: str, port: int = 0) -> RelayProcess:
+        def relay(name: str, port: int) -> RelayProcess:
+            # As docs/several-relays.md starts them: a port each, no journal option (each has its own).
             return RelayProcess(db_url=mariadb, extra_args=["-p", str(port)], options={
-                "codex_nodes": str(nodes), "codex_ping_interval": "0", "codex_source": name,
-                "codex_spool": str(tmp_path / f"spool-{name}.db")})
+                "codex_nodes": str(nodes), "codex_ping_interval": "0", "codex_source": name})
 
-        relays = [relay("relay1").spawn(), relay("relay2").spawn()]
+        relays = [relay("relay1", free_port()).spawn(), relay("relay2", free_port()).spawn()]
         for r in relays:
             r.ready()
             stack.callback(lambda r=r: r.stop())

@@ -311,6 +311,10 @@ def test_spool_codec_round_trip():
 
 def test_default_spool_paths():
     assert default_spool_path("sqlite:///data/codex.db") == "data/codex.db.spool"
+    assert default_spool_path("sqlite:///data/codex.db", 8001) == "data/codex.db.8001.spool"
+    assert default_spool_path("sqlite:///data/codex.db", 0) == "data/codex.db.spool"  # a port the system picks
+    mysql = "mysql+pymysql://root@127.0.0.1/a"
+    assert default_spool_path(mysql, 8001) != default_spool_path(mysql, 8002) != default_spool_path(mysql)
     assert default_spool_path("sqlite://") is None
     a = default_spool_path("mysql+pymysql://root:secret@127.0.0.1/a")
     assert a != default_spool_path("mysql+pymysql://root@127.0.0.1/b")
