@@ -1,4 +1,5 @@
-"""mitmproxy's "Streaming response from <host>." line, at debug level while the relay runs.
+"""mitmproxy's "Streaming response from <host>." line, at debug level while the relay runs; the relay's own line
+per recorded call in place of mitmdump's.
 
 The relay streams every answer it forwards (``addon.relay`` sets ``stream`` on each), so mitmproxy's
 info line for a streamed answer is one line per call that says nothing the flow list and the database
@@ -31,3 +32,19 @@ def demote_streaming_line() -> None:
 
 def restore_streaming_line() -> None:
     logging.getLogger(SERVER_LOGGER).removeFilter(_DEMOTE)
+
+
+# Comments of flows the relay recorded begin so (addon.relay): mitmdump leaves them to the relay's own line.
+CALL_COMMENT = "call: "
+_DUMPER_SKIPS_CALLS = f"!(~comment '^{CALL_COMMENT}')"
+
+
+def take_call_lines(options: object, dumper: object | None) -> bool:
+    """Whether the relay writes a line per recorded call instead of mitmdump's dumper: the dumper's two lines
+    name the node's URL but say nothing of the call, and "(content missing)" for every streamed answer (the
+    relay keeps no body). Only at the dumper's default detail and with no filter of the user's: then the
+    dumper is given a filter that leaves recorded calls out."""
+    if dumper is None or getattr(options, "flow_detail", None) != 1 or getattr(options, "dumper_filter", None):
+        return False
+    options.update(dumper_filter=_DUMPER_SKIPS_CALLS)  # type: ignore[attr-defined]
+    return True

@@ -29,6 +29,7 @@ from fnmatch import fnmatchcase
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.addons.clientplayback import ReplayHandler
 from mitmproxy.proxy import server_hooks
+from mitmproxy.utils import human
 
 from addon.callbody import BodyRefused, read_call_body
 from addon.egress import attach, clear_as_is, header_values, origin_of
@@ -36,7 +37,7 @@ from addon.endpoints import UNBILLED, detect_format, filter_model_list, is_model
 from addon.errors import CLIENT_KEY_NAME, error_response, fail_closed, refusal_response
 from addon.inject import answer_waiting, can_answer, close_server
 from addon.limits import Limits
-from addon.loglines import demote_streaming_line, restore_streaming_line
+from addon.loglines import CALL_COMMENT, demote_streaming_line, restore_streaming_line, take_call_lines
 from addon.meter import MeterResult, StreamMeter
 from addon.modelroute import rewrite_model, serves_model, upstream_model
 from addon.options import seconds
@@ -107,6 +108,7 @@ class Relay:
         self._streaming: dict[str, CallState] = {}
         self._idle_timeout = 300.0
         self._keep_body = 0
+        self._call_lines = False  # a line per recorded call in the log (addon.loglines.take_call_lines)
         # Options read for every call, kept here by configure: an option read costs a deep copy.
         self._source = DEFAULT_SOURCE
         self._max_body = DEFAULT_MAX_REQUEST_BODY
@@ -121,6 +123,7 @@ class Relay:
     # -- options -----------------------------------------------------------------------------------
     def load(self, loader) -> None:
         demote_streaming_line()  # every answer streams: mitmproxy's line for it would repeat per call
+        self._call_lines = take_call_lines(ctx.options, ctx.master.addons.get("dumper"))
         loader.add_option("codex_source", str, DEFAULT_SOURCE,
                           "Tag written to codex_invocations.source for calls this relay records.")
         loader.add_option("codex_keep_body", int, -1,
@@ -547,6 +550,9 @@ class Relay:
                 cost.total, cost.input, cost.cached, cost.output, cost.cache_write)
         self.runtime.submit(record)
         _annotate(flow, record)
+        if self._call_lines:
+            log.info("%s: %s %s << %s %s", human.format_address(flow.client_conn.peername), flow.request.method,
+                     record.endpoint, record.http_status or "-", flow.comment)
 
 
 AUTO_KEEP_BODY = 256 * 1024
@@ -667,7 +673,7 @@ def _annotate(flow: http.HTTPFlow, record: InvocationRecord) -> None:
     """What mitmweb shows in its flow list."""
     u = record.usage
     flow.comment = (
-        f"{record.node_id or 'direct'} {record.model or '?'} {record.status} "
+        f"{CALL_COMMENT}{record.node_id or 'direct'} {record.model or '?'} {record.status} "
         f"in {u.input_tokens} (cached {u.cached_tokens}) out {u.output_tokens} "
         f"ttfb {record.ttfb_ms if record.ttfb_ms is not None else '-'} ms"
         + (f" attempts {record.attempts}" if record.attempts > 1 else "")

@@ -83,6 +83,12 @@ def test_all_formats_metered_routed_and_stats_survive_restart(db_url, two_nodes)
                 calls.append((fmt, stream, usage))
     assert relay.proc.returncode == 0, relay.output()
     assert "Streaming response from" not in relay.output()  # debug level: not a line per call (addon.loglines)
+    # One line per call, the relay's own: which node, what it metered; never mitmdump's "(content missing)".
+    assert "(content missing)" not in relay.output()
+    lines = [line for line in relay.lines if "<< 200 call: " in line]
+    assert len(lines) == len(calls) and all(" success in " in line for line in lines), lines
+    assert any("POST /v1/responses << 200 call: a gpt-5-codex success" in line or
+               "POST /v1/responses << 200 call: b gpt-5-codex success" in line for line in lines), lines
 
     # The upstreams saw their own keys, never the client's.
     for up, key in ((a, "key-a"), (b, "key-b")):

@@ -58,3 +58,24 @@ def test_the_streaming_line_is_debug_while_the_relay_is_loaded_and_info_after(ha
         logger.info("Streaming response from api.example.")
         assert [(r.getMessage(), r.levelname) for r in info.records] == [
             ("Streaming response from api.example.", "INFO")]
+
+
+def test_the_relay_takes_the_call_lines_only_from_a_dumper_at_its_default():
+    from mitmproxy import optmanager
+
+    from addon.loglines import take_call_lines
+
+    def options(detail: int, dumper_filter: str | None = None) -> optmanager.OptManager:
+        opts = optmanager.OptManager()
+        opts.add_option("flow_detail", int, 1, "")
+        opts.add_option("dumper_filter", str | None, None, "")
+        opts.update(flow_detail=detail, dumper_filter=dumper_filter)
+        return opts
+
+    default = options(1)
+    assert take_call_lines(default, dumper=object()) is True
+    assert default.dumper_filter == "!(~comment '^call: ')"  # the dumper leaves the recorded calls out
+    assert take_call_lines(options(1), dumper=None) is False  # mitmweb: no dumper
+    assert take_call_lines(options(2), dumper=object()) is False  # the user asked for mitmdump's detail
+    mine = options(1, "~u responses")
+    assert take_call_lines(mine, dumper=object()) is False and mine.dumper_filter == "~u responses"
