@@ -32,7 +32,7 @@ from addon.nodesync import NodeSync
 from addon.options import seconds
 from addon.routing import Node, NodePool, StickyMap
 from addon.secrets import KnownSecrets
-from store.config import ConfigError, load_nodes_file, validate_base_url
+from store.config import ConfigError, base_url_warnings, load_nodes_file, validate_base_url
 from store.engine import DEFAULT_DB, error_line, make_engine, upgrade_to_head
 from store.nodes import config_of, load_nodes, read_version, set_disabled, upsert_nodes
 from store.poll import Poller, PollResult, start_poller
@@ -268,6 +268,9 @@ class Runtime:
         configs = configs + [config_of(r) for r in stored if r.origin == "admin" and r.id not in named]
         nodes = [Node(config=c, breaker=self.health.restored(failed.get(c.id, False)), disabled=c.id in disabled)
                  for c in configs]
+        for c in configs:
+            for warning in base_url_warnings(c.base_url):
+                log.warning("node %s: %s", c.id, warning)
         sticky = StickyMap(ttl=self._sticky_ttl) if self._sticky_ttl else StickyMap(max_entries=0)
         self.pool = NodePool(nodes, sticky=sticky)
         self.secrets.set_node_keys(n.config.api_key for n in nodes)

@@ -67,6 +67,29 @@ def validate_base_url(url: str) -> str | None:
     return None
 
 
+# Paths clients append to a base URL: a base URL ending in one was given the endpoint, not the base.
+_ENDPOINT_TAILS = ("/responses", "/chat/completions", "/completions", "/messages", "/embeddings", "/models")
+_LOOPBACK = ("localhost", "127.0.0.1", "::1")
+
+
+def base_url_warnings(url: str) -> list[str]:
+    """What looks wrong with a valid base URL (it starts, but probably not as meant)."""
+    parts = urlsplit(url)
+    path = parts.path.rstrip("/")
+    found = []
+    if parts.scheme == "http" and (parts.hostname or "") not in _LOOPBACK and not (parts.hostname or "").startswith(
+            "127."):
+        found.append(f"{url} is plain http to another machine: the node's key crosses the network unencrypted")
+    tail = next((t for t in _ENDPOINT_TAILS if path.endswith(t)), None)
+    if tail is not None:
+        base = url[: len(url) - len(parts.path)] + (path.removesuffix(tail) or "/v1")
+        found.append(f"{url} ends with an API path: a base URL stops before it (clients' /v1/responses is "
+                     f"appended to it), e.g. {base}")
+    elif not path and (parts.hostname or "").startswith("api."):
+        found.append(f"{url} has no path: OpenAI- and Anthropic-style APIs live under /v1 (e.g. {url.rstrip('/')}/v1)")
+    return found
+
+
 def node_from_mapping(item: Any, where: str) -> NodeConfig:
     """One node from a TOML table or a JSON object; raises ConfigError naming ``where``."""
     if not isinstance(item, dict):

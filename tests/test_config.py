@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from store.config import ConfigError, load_nodes_file
+from store.config import ConfigError, base_url_warnings, load_nodes_file
 
 
 def write(tmp_path, text: str):
@@ -62,3 +62,15 @@ def test_missing_file(tmp_path):
 def test_node_repr_never_shows_the_key(tmp_path):
     p = write(tmp_path, '[[nodes]]\nid = "a"\nbase_url = "https://a/v1"\napi_key = "sk-secret-1234"\n')
     assert "sk-secret-1234" not in repr(load_nodes_file(p))
+
+
+@pytest.mark.parametrize(("url", "warning"), [
+    ("https://api.openai.com/v1", None), ("http://127.0.0.1:9/v1", None), ("http://localhost:8080/v1", None),
+    ("https://api.openai.com", "has no path: OpenAI- and Anthropic-style APIs live under /v1"),
+    ("http://relay.example/v1", "plain http to another machine"),
+    ("https://relay.example/openai/v1/chat/completions", "e.g. https://relay.example/openai/v1"),
+    ("https://x.example/v1/responses/", "e.g. https://x.example/v1"),
+])
+def test_a_base_url_that_starts_but_looks_wrong_is_warned_about(url, warning):
+    found = base_url_warnings(url)
+    assert (found == []) if warning is None else (len(found) == 1 and warning in found[0]), found
