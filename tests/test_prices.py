@@ -11,11 +11,10 @@ import pytest
 from mitmproxy.test import taddons, tflow, tutils
 
 from addon.meter import StreamMeter
-from addon.outcome import Outcome
-from addon.relay import CallState, Relay
+from addon.relay import Relay
 from store.config import ConfigError
 from store.prices import CostSplit, Price, PriceTable, load_prices
-from store.records import Usage
+from store.records import InvocationRecord, Usage
 
 LOCAL = PriceTable({"my-model": Price(input=2.0, cached_input=0.5, cache_write=2.5, output=8.0)})
 SHIPPED = load_prices()
@@ -143,15 +142,17 @@ def test_the_relays_record_prices_iterations_and_keeps_the_cache_write_share():
                  {"type": "message", "input_tokens": 100, "cache_creation_input_tokens": 4000, "output_tokens": 50},
                  {"type": "advisor_message", "model": "advisor", "input_tokens": 2000, "output_tokens": 300}]}
     body = json.dumps({"type": "message", "model": "main", "content": [], "usage": usage}).encode()
+    meter = StreamMeter("messages", "application/json", None)
+    meter(body)
+    meter(b"")
+    result = meter.result()
+    assert result.usage is not None
+    record = InvocationRecord(invoke_id="i", occurred_at=None, source="relay", endpoint="/v1/messages",
+                              api_format="messages", model=result.model, status="success",
+                              raw_response=result.raw_usage)
+    record.usage = result.usage
     with taddons.context(relay):
-        flow = tflow.tflow(resp=tutils.tresp(content=body))
-        state = CallState(flow=flow, invoke_id="i", occurred_at=None, api_format="messages", model="main",
-                          stream=False, session_key=None, request_bytes=0, client_target="/v1/messages",
-                          meter=StreamMeter("messages", "application/json", None))
-        state.meter(body)
-        state.meter(b"")
-        state.model = state.meter.result().model
-        relay._finish(flow, state, Outcome("success", False, None))
+        relay.submit(tflow.tflow(resp=tutils.tresp(content=body)), record)  # what _finish hands on, priced
     [r] = submitted
     write = 4000 * 1.25 / 1e6
     assert r.cost_cache_write == pytest.approx(write)
