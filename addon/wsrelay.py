@@ -12,6 +12,7 @@ On the open socket every ``response.create`` is one invocation (``addon.wsturns`
 the node's ``models`` are checked per turn, a refused turn is dropped (the node never sees it) and
 answered with an ``error`` event, ``model_map`` rewrites the turn's model. Each turn is recorded through
 ``Relay.submit`` when its terminal or ``error`` event comes, or ``truncated`` when the socket closes first.
+mitmdump's line per message is shown at debug level only (``addon.loglines.gate_hook``).
 mitmproxy keeps every message of a socket for its life: messages are dropped once metered, beyond
 ``codex_keep_body`` bytes where something shows flows (``Relay``'s kept body), beyond the newest otherwise.
 """
@@ -29,6 +30,7 @@ from mitmproxy import ctx, http, websocket
 
 from addon.callbody import BodyRefused, read_socket_message
 from addon.errors import CLIENT_KEY_NAME, error_body, refusal_response
+from addon.loglines import WEBSOCKET_MESSAGE_HOOK, gate_hook, ungate_hook
 from addon.meter import NO_USAGE
 from addon.modelroute import rewrite_model, serves, upstream_model
 from addon.outcome import Outcome, classify_error, is_node_failure_status
@@ -67,7 +69,20 @@ class Sockets:
         self._clock = clock
         self._open: dict[str, _Socket] = {}
         self._refused: dict[str, float] = {}  # node id -> until when it gets no upgrade
+        self._dumper: object | None = None  # mitmdump's printer, its line per message gated
         relay.runtime.on_shutdown(self._close_all)
+
+    def running(self) -> None:
+        # mitmdump prints a line per WebSocket message at the default flow_detail: debug level here.
+        dumper = ctx.master.addons.get("dumper")
+        if dumper is not None:
+            gate_hook(dumper, WEBSOCKET_MESSAGE_HOOK, _debug_lines)
+            self._dumper = dumper
+
+    def done(self) -> None:
+        if self._dumper is not None:
+            ungate_hook(self._dumper, WEBSOCKET_MESSAGE_HOOK)
+            self._dumper = None
 
     def barred(self) -> set[str]:
         """The nodes an upgrade may not go to."""
@@ -218,6 +233,11 @@ class Sockets:
             flags=sorted({*x.flags, WEBSOCKET_FLAG, *([NO_USAGE] if x.usage is None else [])}),
         )
         relay.submit(flow, record)
+
+
+def _debug_lines() -> bool:
+    """Whether the terminal shows debug lines (``--set termlog_verbosity=debug``)."""
+    return getattr(ctx.options, "termlog_verbosity", "info") == "debug"
 
 
 def upgrade_required(path: str, reason: str | None) -> http.Response:

@@ -1,13 +1,17 @@
-"""mitmproxy's per-call "Streaming response from …" line is at debug level while the relay is loaded."""
+"""mitmproxy's per-call "Streaming response from …" line and mitmdump's line per WebSocket message are at
+debug level while the relay is loaded."""
 
 from __future__ import annotations
 
 import inspect
+import io
 import logging
 
 import pytest
+from mitmproxy.addons.dumper import Dumper
 from mitmproxy.proxy.layers.http import HttpStream
-from mitmproxy.test import taddons
+from mitmproxy.proxy.layers.websocket import WebsocketMessageHook
+from mitmproxy.test import taddons, tflow
 
 from addon.loglines import SERVER_LOGGER, STREAMING_LINE
 from addon.relay import Relay
@@ -58,3 +62,27 @@ def test_the_streaming_line_is_debug_while_the_relay_is_loaded_and_info_after(ha
         logger.info("Streaming response from api.example.")
         assert [(r.getMessage(), r.levelname) for r in info.records] == [
             ("Streaming response from api.example.", "INFO")]
+
+
+def test_mitmdumps_line_per_websocket_message_is_shown_at_debug_only():
+    out = io.StringIO()
+    dumper = Dumper(outfile=out)
+    relay = Relay(Runtime())
+    with taddons.context(dumper, relay) as tctx:
+        tctx.options.add_option("termlog_verbosity", str, "info", "as mitmdump's terminal log has it")
+        flow = tflow.twebsocketflow()
+
+        def message() -> str:
+            tctx.master.addons.invoke_addon_sync(dumper, WebsocketMessageHook(flow))  # as mitmproxy dispatches
+            line, _ = out.getvalue(), out.truncate(0)
+            out.seek(0)
+            return line
+
+        assert "WebSocket" in message()  # mitmdump's own line, before the relay runs
+        relay.sockets.running()
+        assert message() == ""
+        tctx.options.update(termlog_verbosity="debug")
+        assert "WebSocket text message" in message()
+        tctx.options.update(termlog_verbosity="info")
+        relay.sockets.done()  # at shutdown: the line is mitmdump's own again
+        assert "WebSocket" in message()
