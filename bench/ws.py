@@ -230,7 +230,8 @@ def bench_ws(s: WsSizes, *, log: Callable[[str], None] = print) -> dict:
 
 
 def ws_tables(r: dict) -> str:
-    rows = [[x["title"] if x["target"] == BASELINE else "", x["target"], x["figure"], x["unit"], x["ratio"],
+    rows = [[x["title"] if x["target"] == BASELINE else "", x["target"], x["figure"], x["unit"],
+             "" if x["ratio"] is None else f"{x['ratio']:.3f}×",
              x.get("cpu_ms_per_turn"), x["errors"], x["goal"] or "", x["met"]] for x in r["rows"]]
     rec = r["recorded"]
     return table(f"Responses over WebSocket vs mitmdump (bench.wsload; median of rounds; vs: median of per-round "
