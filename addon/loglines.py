@@ -1,10 +1,11 @@
-"""mitmproxy's "Streaming response from <host>." line, at debug level while the relay runs; the relay's own line
-per recorded call in place of mitmdump's.
+"""mitmproxy's "Streaming response from <host>." line at debug level while the relay runs, and the relay's own
+line per recorded call (a WebSocket's turns among them) in place of mitmdump's.
 
 The relay streams every answer it forwards (``addon.relay`` sets ``stream`` on each), so mitmproxy's
 info line for a streamed answer is one line per call that says nothing the flow list and the database
 do not. Writing it was not free: a line per call to a terminal or a pipe cost ~5 % of a short call's
-CPU (docs/benchmarks.md). Demoted, not dropped: ``--set termlog_verbosity=debug`` shows it again.
+CPU (docs/benchmarks.md). Demoted, not dropped: ``--set termlog_verbosity=debug`` shows it again. The same
+holds for mitmdump's line per WebSocket message (``gate_hook``, used by ``addon.wsrelay``).
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ On the open socket every ``response.create`` is one invocation (``addon.wsturns`
 the node's ``models`` are checked per turn, a refused turn is dropped (the node never sees it) and
 answered with an ``error`` event, ``model_map`` rewrites the turn's model. Each turn is recorded through
 ``Relay.submit`` when its terminal or ``error`` event comes, or ``truncated`` when the socket closes first.
+mitmdump prints no line per message of a socket the relay records (``addon.loglines.take_call_lines``).
 mitmproxy keeps every message of a socket for its life: messages are dropped once metered, beyond
 ``codex_keep_body`` bytes where something shows flows (``Relay``'s kept body), beyond the newest otherwise.
 """
@@ -29,6 +30,7 @@ from mitmproxy import ctx, http, websocket
 
 from addon.callbody import BodyRefused, read_socket_message
 from addon.errors import CLIENT_KEY_NAME, error_body, refusal_response
+from addon.loglines import CALL_COMMENT
 from addon.meter import NO_USAGE
 from addon.modelroute import rewrite_model, serves, upstream_model
 from addon.outcome import Outcome, classify_error, is_node_failure_status
@@ -85,6 +87,9 @@ class Sockets:
         if resp.status_code == 101 and flow.websocket is not None:
             self._open[flow.id] = _Socket(flow, state, SocketTurns(), KeptMessages(relay._keep_body))
             relay.report_node(node, Outcome("success", False, None), state)
+            # A recorded call's comment: mitmdump prints no line per message of it (a Codex turn is some hundred
+            # messages), the relay a line per turn (addon.loglines.take_call_lines).
+            flow.comment = f"{CALL_COMMENT}WebSocket to {node.id if node else '-'}"
             log.debug("socket %s open to node %s", flow.id, node.id if node else "-")
             return
         reason = state.relay_error

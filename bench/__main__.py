@@ -1,6 +1,7 @@
 """``python -m bench`` (``./run.sh bench``): the relay's overhead against bare mitmdump, the writer alone,
-the stats queries at a million invocations, and long streams against streaming mitmdump (the C load tools
-of ``bench/tools``, built on first use); aligned tables on stdout, everything in a JSON file.
+the stats queries at a million invocations, long streams against streaming mitmdump (the C load tools of
+``bench/tools``, built on first use) and Responses over WebSocket against mitmdump (``bench.ws``); aligned
+tables on stdout, everything in a JSON file.
 
 MariaDB runs use a scratch database ``codex_bench_<hex>`` on the server of ``--mysql-url``, dropped
 afterwards: the database named in the URL is never touched.
@@ -21,7 +22,7 @@ from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench import streams
+from bench import streams, ws
 from bench.ctools import ToolError
 from bench.http import bench_http
 from bench.queries import bench_queries
@@ -29,7 +30,7 @@ from bench.report import fmt, table
 from bench.scratch import DEFAULT_MYSQL_URL, migrated_engine, mysql_unavailable, scratch_mysql, sqlite_url
 from bench.writer import bench_writer
 
-PARTS = ("http", "writer", "queries", "streams")
+PARTS = ("http", "writer", "queries", "streams", "ws")
 WRITER_TARGET_PER_S = 5_000
 QUERY_TARGET_MS = 200.0
 
@@ -47,15 +48,16 @@ class Sizes:
     query_rows: int
     query_repeat: int
     streams: streams.StreamSizes
+    ws: ws.WsSizes
 
 
 FULL = Sizes(http_seconds=3.0, http_clients=(1, 8, 32), http_rounds=5, ttfb_rounds=4, ttfb_per_round=10,
              writer_burst=50_000, writer_rate=WRITER_TARGET_PER_S, writer_seconds=10.0,
-             query_rows=1_000_000, query_repeat=3, streams=streams.FULL)
+             query_rows=1_000_000, query_repeat=3, streams=streams.FULL, ws=ws.FULL)
 # Every code path, tiny sizes: the smoke test and a quick look after a change.
 QUICK = Sizes(http_seconds=0.3, http_clients=(1, 4), http_rounds=1, ttfb_rounds=1, ttfb_per_round=2,
               writer_burst=300, writer_rate=1_000, writer_seconds=0.3, query_rows=2_000, query_repeat=1,
-              streams=streams.QUICK)
+              streams=streams.QUICK, ws=ws.QUICK)
 
 # First event after 50 ms, then one every 10 ms: a buffering proxy shows the whole stream as its TTFB.
 TTFB_DELAY_S = 0.05
@@ -112,8 +114,12 @@ def run_streams(sizes: Sizes, mysql_server: str | None) -> dict:
     return streams.bench_streams(sizes.streams, mysql_server=mysql_server, compare=COMPARE, log=log)
 
 
+def run_ws(sizes: Sizes, mysql_server: str | None) -> dict:
+    return ws.bench_ws(sizes.ws, log=log)
+
+
 RUNNERS: dict[str, Callable[[Sizes, str | None], dict]] = {
-    "http": run_http, "writer": run_writer, "queries": run_queries, "streams": run_streams}
+    "http": run_http, "writer": run_writer, "queries": run_queries, "streams": run_streams, "ws": run_ws}
 
 
 # -- tables ----------------------------------------------------------------------------------------
@@ -225,7 +231,7 @@ def streams_tables(r: dict) -> str:
 
 
 TABLES: dict[str, Callable[[dict], str]] = {"http": http_tables, "writer": writer_tables, "queries": query_tables,
-                                            "streams": streams_tables}
+                                            "streams": streams_tables, "ws": ws.ws_tables}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -115,6 +115,15 @@ def _check_streams(r: dict, relays: list[str], fleet_db: str) -> None:
         assert rec["answered"] > 0 and rec["recorded"] == rec["answered"]
 
 
+def _check_ws(r: dict) -> None:
+    """Every WebSocket workload measured on both proxies without errors; every turn the relay answered a row."""
+    assert [(x["workload"], x["target"]) for x in r["rows"]] == [
+        (w, t) for w in ("small", "open", "long") for t in ("mitmdump", "relay-sqlite")]
+    assert all(x["errors"] == 0 and x["figure"] is not None for x in r["rows"])
+    assert all(x["ratio"] is not None and x["goal"] for x in r["rows"] if x["target"] == "relay-sqlite")
+    assert r["recorded"]["answered"] > 0 and r["recorded"]["recorded"] == r["recorded"]["answered"]
+
+
 def _run(tmp_path, mysql_url: str) -> dict:
     out = tmp_path / "results.json"
     assert main(["--quick", "--mysql-url", mysql_url, "--out", str(out)]) == 0
@@ -142,6 +151,7 @@ def test_quick_run_on_sqlite_and_mariadb_uses_scratch_databases(tmp_path, monkey
     _check_writer(r["writer"], ["sqlite", "mariadb"])
     _check_queries(r["queries"], ["sqlite", "mariadb"])
     _check_streams(r["streams"], ["relay-sqlite"], "mariadb")
+    _check_ws(r["ws"])
     assert made and _bench_databases().isdisjoint(made)  # every scratch database was dropped
 
 

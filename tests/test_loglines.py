@@ -1,4 +1,5 @@
-"""mitmproxy's per-call "Streaming response from …" line is at debug level while the relay is loaded."""
+"""mitmproxy's per-call "Streaming response from …" line and mitmdump's line per WebSocket message are at
+debug level while the relay is loaded."""
 
 from __future__ import annotations
 
@@ -79,3 +80,29 @@ def test_the_relay_takes_the_call_lines_only_from_a_dumper_at_its_default():
     assert take_call_lines(options(2), dumper=object()) is False  # the user asked for mitmdump's detail
     mine = options(1, "~u responses")
     assert take_call_lines(mine, dumper=object()) is False and mine.dumper_filter == "~u responses"
+
+
+def test_mitmdump_prints_no_line_per_message_of_a_socket_the_relay_records():
+    import io
+
+    from mitmproxy.addons.dumper import Dumper
+    from mitmproxy.proxy.layers.websocket import WebsocketMessageHook
+    from mitmproxy.test import taddons, tflow
+
+    from addon.loglines import CALL_COMMENT, take_call_lines
+
+    out = io.StringIO()
+    dumper = Dumper(outfile=out)
+    with taddons.context(dumper) as tctx:
+        assert take_call_lines(tctx.options, dumper)
+        flow = tflow.twebsocketflow()
+
+        def message() -> str:
+            tctx.master.addons.invoke_addon_sync(dumper, WebsocketMessageHook(flow))  # as mitmproxy dispatches
+            line, _ = out.getvalue(), out.truncate(0)
+            out.seek(0)
+            return line
+
+        assert "WebSocket" in message()  # a socket the relay does not record: mitmdump's own line
+        flow.comment = f"{CALL_COMMENT}WebSocket to a"  # as addon.wsrelay marks the sockets it records
+        assert message() == ""

@@ -52,7 +52,10 @@ def test_sdk_turns_on_one_socket_are_rows_limited_per_turn_and_no_websocket_node
     finally:
         ws.stop()
         plain.stop()
-    assert [e.type for e in first] == ["response.created", "response.output_text.delta", "response.completed"]
+    assert [e.type for e in first] == ["response.created", "response.output_item.added", "response.content_part.added",
+                                       "response.output_text.delta", "response.output_text.done",
+                                       "response.content_part.done", "response.output_item.done",
+                                       "response.completed"]
     assert second[-1].type == "response.completed"
     assert [e.type for e in third] == ["error"] and third[0].error.code == "budget_exceeded"
     assert refused.value.response.status_code == 426

@@ -1,7 +1,11 @@
 """A fake node that speaks Responses over WebSocket (``GET /v1/responses``, Upgrade), on 127.0.0.1, for tests.
 
-Each ``response.create`` is answered with ``response.created``, one text delta and ``response.completed``
-whose usage is the create's ``metadata.fake_usage`` (input, cached, output, reasoning) or ``DEFAULT_USAGE``.
+Each ``response.create`` is answered as OpenAI's server answers it, closely enough for the Codex CLI:
+``response.created``, then one assistant message (``response.output_item.added``, ``…content_part.added``,
+a text delta, ``…output_text.done``, ``…content_part.done``, ``…output_item.done``) unless the create says
+``"generate": false`` (Codex's prewarm), then ``response.completed`` with ``usage``. The usage is the create's
+``metadata.fake_usage`` (input, cached, output, reasoning), else the next of ``usages`` (a queue the test
+fills), else ``DEFAULT_USAGE``; ``sent`` keeps the usage each create was answered with, in order.
 """
 
 from __future__ import annotations
@@ -14,6 +18,36 @@ from dataclasses import dataclass, field
 from websockets.asyncio.server import ServerConnection, serve
 
 DEFAULT_USAGE = (207, 0, 47, 0)
+Usage4 = tuple[int, int, int, int]
+
+
+def answer(n: int, msg: dict, usage: Usage4, text: str = "hello") -> list[dict]:
+    """The events that answer the ``n``-th create ``msg``, ending with ``response.completed``."""
+    i, c, o, r = (int(x) for x in usage)
+    resp = {"id": f"resp_{n}", "object": "response", "model": msg.get("model"), "status": "in_progress",
+            "output": []}
+    item_id = f"msg_{n}"
+    events: list[dict] = [{"type": "response.created", "response": resp}]
+    output = []
+    if msg.get("generate") is not False:
+        part = {"type": "output_text", "text": text, "annotations": []}
+        item = {"id": item_id, "type": "message", "role": "assistant", "status": "completed", "content": [part]}
+        at = {"item_id": item_id, "output_index": 0, "content_index": 0}
+        events += [
+            {"type": "response.output_item.added", "output_index": 0,
+             "item": {**item, "status": "in_progress", "content": []}},
+            {"type": "response.content_part.added", **at, "part": {**part, "text": ""}},
+            {"type": "response.output_text.delta", **at, "delta": text, "logprobs": []},
+            {"type": "response.output_text.done", **at, "text": text, "logprobs": []},
+            {"type": "response.content_part.done", **at, "part": part},
+            {"type": "response.output_item.done", "output_index": 0, "item": item},
+        ]
+        output.append(item)
+    usage = {"input_tokens": i, "input_tokens_details": {"cached_tokens": c},
+             "output_tokens": o, "output_tokens_details": {"reasoning_tokens": r}, "total_tokens": i + o}
+    events.append({"type": "response.completed",
+                   "response": {**resp, "status": "completed", "output": output, "usage": usage}})
+    return [{**e, "sequence_number": k} for k, e in enumerate(events)]
 
 
 @dataclass
@@ -21,6 +55,8 @@ class WsUpstream:
     path: str = "/v1/responses"
     creates: list[dict] = field(default_factory=list)  # every response.create the node got
     headers: list[dict[str, str]] = field(default_factory=list)  # each upgrade's request headers
+    usages: list[Usage4] = field(default_factory=list)  # the usage of the next creates, first first
+    sent: list[Usage4] = field(default_factory=list)  # the usage each create was answered with
     port: int = 0
 
     def __post_init__(self) -> None:
@@ -42,6 +78,13 @@ class WsUpstream:
         self.port = next(iter(server.sockets)).getsockname()[1]
         return server
 
+    def _usage(self, msg: dict) -> Usage4:
+        fake = (msg.get("metadata") or {}).get("fake_usage")
+        if fake:
+            i, c, o, r = fake
+            return int(i), int(c), int(o), int(r)
+        return self.usages.pop(0) if self.usages else DEFAULT_USAGE
+
     async def _handle(self, ws: ServerConnection) -> None:
         assert ws.request is not None
         if ws.request.path != self.path:
@@ -53,18 +96,10 @@ class WsUpstream:
             if msg.get("type") != "response.create":
                 continue
             self.creates.append(msg)
-            n = len(self.creates)
-            i, c, o, r = (msg.get("metadata") or {}).get("fake_usage") or DEFAULT_USAGE
-            model = msg.get("model")
-            resp = {"id": f"resp_{n}", "object": "response", "model": model, "status": "in_progress", "output": []}
-            await ws.send(json.dumps({"type": "response.created", "sequence_number": 0, "response": resp}))
-            await ws.send(json.dumps({"type": "response.output_text.delta", "sequence_number": 1, "item_id": "m",
-                                      "output_index": 0, "content_index": 0, "delta": "hello", "logprobs": []}))
-            usage = {"input_tokens": int(i), "input_tokens_details": {"cached_tokens": int(c)},
-                     "output_tokens": int(o), "output_tokens_details": {"reasoning_tokens": int(r)},
-                     "total_tokens": int(i) + int(o)}
-            done = {**resp, "status": "completed", "usage": usage}
-            await ws.send(json.dumps({"type": "response.completed", "sequence_number": 2, "response": done}))
+            usage = self._usage(msg)
+            self.sent.append(usage)
+            for event in answer(len(self.creates), msg, usage):
+                await ws.send(json.dumps(event))
 
     def stop(self) -> None:
         async def close() -> None:
