@@ -120,7 +120,10 @@ def _check_ws(r: dict) -> None:
     assert [(x["workload"], x["target"]) for x in r["rows"]] == [
         (w, t) for w in ("small", "open", "long") for t in ("mitmdump", "relay-sqlite")]
     assert all(x["errors"] == 0 and x["figure"] is not None for x in r["rows"])
-    assert all(x["ratio"] is not None and x["goal"] for x in r["rows"] if x["target"] == "relay-sqlite")
+    relay = [x for x in r["rows"] if x["target"] == "relay-sqlite"]
+    assert all(x["goal"] for x in relay)
+    # A ratio where the goal is one; a long socket's goal is its own growth per turn (mitmdump's may be 0).
+    assert all(x["ratio"] is not None for x in relay if x["workload"] != "long")
     assert r["recorded"]["answered"] > 0 and r["recorded"]["recorded"] == r["recorded"]["answered"]
 
 
