@@ -11,6 +11,7 @@ import json
 import random
 
 import pytest
+from mitmproxy.test import taddons
 
 from addon.callbody import read_call_body
 from addon.routing import Node, NodePool, StickyMap
@@ -18,6 +19,7 @@ from addon.sessions import SESSION_KEY_MAX, body_session, claude_session, sessio
 from bench.fakeupstream import PromptCache
 from store.records import NodeConfig
 from tests.sessionsim import CLIENTS, sessions
+from tests.test_wsrelay import Env, completed, node
 
 LIMIT = 1 << 20
 SID = "0b7e2c1a-6f4d-4e59-9a51-4f3f2d6c9e10"
@@ -61,6 +63,17 @@ def test_session_precedence(headers, body_key, expected):
 def test_a_long_session_key_is_cut_to_the_column_size():
     assert session_key({"x-session-affinity": ["x" * 500]}, None) == "x" * SESSION_KEY_MAX
     assert session_key({}, "y" * 500) == "y" * SESSION_KEY_MAX
+
+
+def test_every_turn_of_a_websocket_is_recorded_with_the_sockets_session():
+    env = Env(node())
+    with taddons.context(env.relay):
+        flow = env.open()
+        env.sockets._open[flow.id].state.session_key = SID  # what Relay.request read from the upgrade
+        for base in (100.0, 200.0):
+            env.client(flow, {"type": "response.create", "model": "gpt-5", "input": "hi"}, base)
+            env.server(flow, completed("gpt-5", 100, 20, 30, 5), base + 1)
+        assert [r.session_key for r in env.records()] == [SID, SID]
 
 
 # -- the routing in process ----------------------------------------------------------------------------
