@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from addon.contentcoding import decode_bounded
 from addon.jsonedit import DuplicateKey, top_level
+from addon.sessions import body_session
 from addon.usage import RequestInfo
 
 
@@ -64,6 +65,5 @@ def _info(keys: dict[str, tuple[object, int, int]]) -> RequestInfo:
     if model is not None and not (isinstance(model, str) and model and model.isprintable()):
         raise BodyRefused(400, "invalid_request_body",
                           "codex-relay: invalid request body: 'model' must be non-empty printable text")
-    cache_key = keys["prompt_cache_key"][0] if "prompt_cache_key" in keys else None
-    return RequestInfo(model, "stream" in keys and keys["stream"][0] is True,
-                       cache_key if isinstance(cache_key, str) and cache_key else None)
+    session = body_session(*(keys[name][0] if name in keys else None for name in ("prompt_cache_key", "metadata")))
+    return RequestInfo(model, "stream" in keys and keys["stream"][0] is True, session)

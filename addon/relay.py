@@ -47,6 +47,7 @@ from addon.refusal import REFUSED_KEY, RefusalSink, answered
 from addon.routing import Node
 from addon.runtime import Runtime
 from addon.secrets import KnownSecrets
+from addon.sessions import SESSION_HEADERS, session_key
 from addon.target import target_problem
 from addon.usage import RequestInfo, iteration_usages
 from addon.usageprobe import UsageChunkFilter, add_include_usage
@@ -519,7 +520,7 @@ class Relay:
             response_bytes=meter.bytes if meter else len(resp.raw_content or b"") if resp else 0,
             attempts=state.attempts, raw_response=result.raw_usage if result else None,
             client_key=flow.metadata.get(CLIENT_KEY_NAME), node_failure=outcome.node_failure,
-            requested_model=state.requested_model,
+            requested_model=state.requested_model, session_key=state.session_key,
         )
         billed = state.api_format not in UNBILLED  # token counting: a row, never tokens or cost
         if result is not None and billed:
@@ -657,16 +658,9 @@ def _chunks(out: bytes | list[bytes]) -> list[bytes]:
     return [out] if isinstance(out, bytes) else out
 
 
-_SESSION_HEADERS = ("session_id", "conversation_id", "session-id")  # in this order of precedence
-
-
 def _session_key(flow: http.HTTPFlow, body_key: str | None) -> str | None:
-    """The Codex conversation this call belongs to: headers first, then the body's prompt_cache_key."""
-    found = header_values(flow.request.headers, _SESSION_HEADERS)
-    for name in _SESSION_HEADERS:
-        if value := _folded(found, name):  # an empty header names no session
-            return value
-    return body_key
+    """The conversation this call belongs to (addon.sessions): a session header, else the body's."""
+    return session_key(header_values(flow.request.headers, SESSION_HEADERS), body_key)
 
 
 def _annotate(flow: http.HTTPFlow, record: InvocationRecord) -> None:

@@ -54,6 +54,11 @@ class StickyMap:
         self._clock = clock
         self._map: OrderedDict[str, tuple[str, float]] = OrderedDict()
 
+    @classmethod
+    def for_ttl(cls, ttl: float) -> StickyMap:
+        """The map of ``codex_sticky_ttl`` = ``ttl`` seconds; 0: one that keeps nothing (no stickiness)."""
+        return cls(ttl=ttl) if ttl else cls(max_entries=0)
+
     def get(self, key: str) -> str | None:
         entry = self._map.get(key)
         if entry is None:
@@ -81,7 +86,8 @@ class NodePool:
                  sticky: StickyMap | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self._nodes: dict[str, Node] = {n.id: n for n in nodes}
         self._rng = rng or random.Random()
-        self.sticky = sticky or StickyMap()
+        # Not `sticky or …`: an empty map is falsy (it has a length), and codex_sticky_ttl was ignored so.
+        self.sticky = sticky if sticky is not None else StickyMap()
         self._clock = clock  # the clock of the breakers' cooldowns (Health's)
         # Admin edits and pings run off the event loop; choices must see a consistent set.
         self._lock = threading.Lock()

@@ -112,8 +112,9 @@ class Runtime:
         loader.add_option("codex_connect_timeout", str, "10",
                           "Seconds to wait for a node to accept a connection before trying another.")
         loader.add_option("codex_sticky_ttl", str, "3600",
-                          "Seconds a Codex session (session_id / conversation_id header or "
-                          "prompt_cache_key) stays on its node. 0 disables stickiness.")
+                          "Seconds a session (Codex's session headers or prompt_cache_key, OpenCode's "
+                          "x-session-affinity, Claude Code's metadata.user_id) stays on its node. "
+                          "0 disables stickiness.")
         loader.add_option("codex_node_sync", str, "1",
                           "Seconds between checks for node changes made by other relays on the same "
                           "database (admin edits, enable/disable, failed/recovered). 0 disables the check.")
@@ -271,8 +272,7 @@ class Runtime:
         for c in configs:
             for warning in base_url_warnings(c.base_url):
                 log.warning("node %s: %s", c.id, warning)
-        sticky = StickyMap(ttl=self._sticky_ttl) if self._sticky_ttl else StickyMap(max_entries=0)
-        self.pool = NodePool(nodes, sticky=sticky)
+        self.pool = NodePool(nodes, sticky=StickyMap.for_ttl(self._sticky_ttl))
         self.secrets.set_node_keys(n.config.api_key for n in nodes)
         self._start_node_sync(named, version, stored)
         if nodes:

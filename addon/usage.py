@@ -78,7 +78,7 @@ USAGE_REPEATED = "usage_repeated"
 class RequestInfo:
     model: str | None
     stream: bool
-    session_key: str | None
+    session_key: str | None  # the body's session (addon.sessions.body_session): prompt_cache_key, Claude Code's
 
 
 class UsageExtractor:

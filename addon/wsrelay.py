@@ -219,7 +219,7 @@ class Sockets:
             duration_ms=_ms(end - turn.started_at), request_bytes=turn.request_bytes,
             response_bytes=turn.response_bytes, raw_response=x.raw_usage,
             client_key=flow.metadata.get(CLIENT_KEY_NAME), node_failure=outcome.node_failure,
-            usage=x.usage or Usage(),
+            usage=x.usage or Usage(), session_key=state.session_key,  # the upgrade's (addon.sessions)
             flags=sorted({*x.flags, WEBSOCKET_FLAG, *([NO_USAGE] if x.usage is None else [])}),
         )
         relay.submit(flow, record)

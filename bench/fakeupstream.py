@@ -41,6 +41,49 @@ class Behaviour:
     hold: threading.Event | None = None  # streams pause after their first event until set
     close_mid_stream: bool = False  # drop the connection after the first event
     deltas: int = 3  # number of text deltas in a stream
+    # A node's own prompt cache: the usage reported comes from it instead of ``metadata.fake_usage``.
+    prompt_cache: PromptCache | None = None
+
+
+class PromptCache:
+    """One node's prompt cache, as a provider's works: per conversation, a prompt's cached tokens are its
+    longest prefix this node has seen before (a prefix seen on another node is no hit here).
+
+    The prompt is the body's ``instructions`` / ``system`` followed by its ``input`` or ``messages`` items,
+    each item ``ceil(len(its JSON) / 4)`` tokens. The conversation is the body's ``prompt_cache_key``, else
+    ``metadata.user_id`` (Claude Code), else ``metadata.fake_conversation`` (a client the relay cannot tell
+    apart). Unlike a real provider's there is no minimum prompt size nor 128-token granularity: the figures
+    are exact, so a test can compute them. Thread-safe (a node may be shared by tests' threads).
+    """
+
+    OUTPUT_TOKENS = 20
+
+    def __init__(self) -> None:
+        self._seen: set[tuple[str, int]] = set()  # (conversation, hash of a prefix)
+        self._lock = threading.Lock()
+
+    def usage(self, req: dict) -> tuple[int, int, int, int]:
+        items = prompt_items(req)
+        conversation = conversation_of(req)
+        tokens = [(len(json.dumps(item)) + 3) // 4 for item in items]
+        prefixes = [hash(json.dumps(items[:k + 1])) for k in range(len(items))]
+        with self._lock:
+            hit = next((k + 1 for k in reversed(range(len(items))) if (conversation, prefixes[k]) in self._seen), 0)
+            self._seen.update((conversation, h) for h in prefixes)
+        return sum(tokens), sum(tokens[:hit]), self.OUTPUT_TOKENS, 0
+
+
+def prompt_items(req: dict) -> list[object]:
+    """What a call's prompt is made of, in order (``PromptCache``)."""
+    head = [req[k] for k in ("instructions", "system") if k in req]
+    body = req.get("input", req.get("messages", []))
+    return head + (body if isinstance(body, list) else [body])
+
+
+def conversation_of(req: dict) -> str:
+    meta = req.get("metadata")
+    meta = meta if isinstance(meta, dict) else {}
+    return str(req.get("prompt_cache_key") or meta.get("user_id") or meta.get("fake_conversation") or "")
 
 
 def _usage_from(body: dict) -> tuple[int, int, int, int]:
@@ -304,7 +347,7 @@ class FakeUpstream:
         except (ValueError, OSError):
             return await self._send_json(w, 400, {"error": {"message": "bad json"}})
         model = req.get("model", "gpt-5-codex")
-        usage = _usage_from(req)
+        usage = b.prompt_cache.usage(req) if b.prompt_cache is not None else _usage_from(req)
         if as_json is not None:
             return await self._send_json(w, 200, as_json(model, usage))
         assert fmt is not None

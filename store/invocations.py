@@ -136,6 +136,7 @@ def invocation_row(r: InvocationRecord) -> dict:
         "api_format": r.api_format, "stream": r.stream, "http_status": r.http_status, "ttfb_ms": r.ttfb_ms,
         "stream_ms": r.stream_ms, "duration_ms": r.duration_ms, "request_bytes": r.request_bytes,
         "response_bytes": r.response_bytes, "attempts": r.attempts, "client_key": _clip(r.client_key, 64),
+        "session_key": _clip(r.session_key, 128),
         # Most rows have none: skip the set and sort (the writer's hot path).
         "flags": (",".join(sorted(set(flags)))[:FLAGS_MAX] or None) if flags else None,
     }

@@ -131,9 +131,14 @@ class KeyStats:
     def refused(self) -> int:
         return sum(getattr(self, f"refused_{r}") for r in REFUSAL_REASONS)
 
+    @property
+    def cache_hit_rate(self) -> float | None:
+        """Cached ÷ input tokens (store.stats); None without input."""
+        return self.cached_tokens / self.input_tokens if self.input_tokens else None
+
     def as_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
-        d["day"], d["refused"] = self.day.isoformat(), self.refused
+        d["day"], d["refused"], d["cache_hit_rate"] = self.day.isoformat(), self.refused, self.cache_hit_rate
         return d
 
 
@@ -186,7 +191,7 @@ def key_report(rows: Iterable[KeyStats], specs: Mapping[str, KeySpec], day: dt.d
     by_name = {r.client_key: r.as_dict() for r in rows}
     for name in specs.keys() - by_name.keys():
         by_name[name] = {"client_key": name, "day": day.isoformat(), "admitted": 0, "month_cost": 0.0,
-                         "refused": 0, **dict.fromkeys(USAGE_COUNTERS, 0),
+                         "refused": 0, "cache_hit_rate": None, **dict.fromkeys(USAGE_COUNTERS, 0),
                          **{f"refused_{r}": 0 for r in REFUSAL_REASONS}}
     for name, row in by_name.items():
         spec = specs.get(name)

@@ -94,6 +94,9 @@ class InvocationRecord:
     node_failure: bool = False
     # Short notes about the row (free-form: "raw_trimmed", "no_usage", ...), stored as a sorted set.
     flags: list[str] = field(default_factory=list)
+    # The conversation the call belongs to (addon.sessions): what keeps it on one node; None: none named.
+    # A record journaled (store.spool) before this field existed decodes without it: None.
+    session_key: str | None = None
 
     def __reduce__(self) -> tuple:
         return InvocationRecord, _RECORD_FIELDS(self)

@@ -120,6 +120,8 @@ codex_invocations = sa.Table(
     sa.Column("requested_model", sa.String(128)),
     # revision 11: the share of ``cost_input`` spent writing the prompt cache
     sa.Column("cost_cache_write", sa.Double),
+    # revision 14: the conversation the call belongs to (addon.sessions; NULL: none named), clipped to 128
+    sa.Column("session_key", sa.String(128)),
     sa.UniqueConstraint("invoke_id", "occurred_at", name="uq_codex_invocations_invoke_id_occurred_at"),
     sa.Index("idx_codex_invocations_source_occurred_at", "source", "occurred_at"),
     sa.Index("idx_codex_invocations_occurred_at", "occurred_at"),

@@ -18,7 +18,9 @@ Definitions, the same in every view:
 - ``avg_ttfb_ms`` = mean time to first byte over the calls that have one;
 - ``stream_ms_per_token`` = stream time / output tokens over successful streamed calls with output:
   how fast a node generates, independent of answer length;
-- ``bytes`` = response bytes sent to clients.
+- ``bytes`` = response bytes sent to clients;
+- ``cache_hit_rate`` = cached ÷ input tokens (input includes cached, so 0–1): how much of the prompts a
+  node's prompt cache served; None without input tokens.
 
 The command line over these queries is ``store.stats_cli``.
 """
@@ -123,11 +125,20 @@ class Metrics:
     def health_rate(self) -> float | None:
         return self.successes / self.requests if self.requests else None
 
+    @property
+    def cache_hit_rate(self) -> float | None:
+        return hit_rate(self.cached_tokens, self.input_tokens)
+
     def as_dict(self) -> dict[str, Any]:
         """Plain JSON types; dates as ISO strings."""
         d = {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
-        d["refused"], d["health_rate"] = self.refused, self.health_rate
+        d["refused"], d["health_rate"], d["cache_hit_rate"] = self.refused, self.health_rate, self.cache_hit_rate
         return d
+
+
+def hit_rate(cached: int, input_tokens: int) -> float | None:
+    """The prompt-cache hit rate: cached ÷ input tokens; None without input."""
+    return cached / input_tokens if input_tokens else None
 
 
 @dataclass(slots=True, kw_only=True)
@@ -231,6 +242,33 @@ class Invocation:
 
     def as_dict(self) -> dict[str, Any]:
         return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+@dataclass(slots=True)
+class SessionStats:
+    """One session's calls (``codex_invocations.session_key``, addon.sessions): how much of its prompts
+    the nodes' caches served, and on how many nodes it ran (more than one: it moved, and paid for it)."""
+
+    session_key: str
+    requests: int
+    nodes: int  # distinct nodes that served it
+    node_id: str | None  # the node of its latest call
+    client_key: str | None  # the client key of its latest call
+    input_tokens: int
+    cached_tokens: int
+    output_tokens: int
+    cost: float | None
+    first_at: dt.datetime
+    last_at: dt.datetime
+
+    @property
+    def cache_hit_rate(self) -> float | None:
+        return hit_rate(self.cached_tokens, self.input_tokens)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        d["cache_hit_rate"] = self.cache_hit_rate
+        return d
 
 
 # -- queries ---------------------------------------------------------------------------------------
@@ -369,4 +407,32 @@ def recent_invocations(conn: sa.Connection, f: Filters, limit: int = 50) -> list
             reasoning_tokens=m["reasoning_tokens"] or 0, total_tokens=m["total_tokens"] or 0, cost=r.cost,
             ttfb_ms=r.ttfb_ms, stream_ms=r.stream_ms, duration_ms=r.duration_ms, bytes=r.response_bytes or 0,
             attempts=r.attempts))
+    return out
+
+
+def per_session(conn: sa.Connection, f: Filters, limit: int = 50) -> list[SessionStats]:
+    """The ``limit`` sessions with the most input tokens in the filter window (the ones whose cache matters),
+    from ``codex_invocations``: calls that named no session, and calls recorded before revision 14, are in
+    no session. Reads the window's rows (``occurred_at`` index): give ``--since`` on a large table."""
+    inp = sa.func.sum(_inv.input_tokens).label("input_tokens")
+    query = (sa.select(_inv.session_key, sa.func.count().label("requests"),
+                       sa.func.count(sa.distinct(_inv.node_id)).label("nodes"), inp,
+                       sa.func.sum(_inv.cache_input_tokens).label("cached_tokens"),
+                       sa.func.sum(_inv.output_tokens).label("output_tokens"),
+                       sa.func.sum(_inv.cost).label("cost"), sa.func.max(_inv.id).label("last_id"),
+                       sa.func.min(_inv.occurred_at).label("first_at"), sa.func.max(_inv.occurred_at).label("last_at"))
+             .where(*f.where(), _inv.session_key.is_not(None)).group_by(_inv.session_key)
+             .order_by(inp.desc(), _inv.session_key).limit(limit))
+    groups = list(conn.execute(query))
+    latest = {r.id: r for r in conn.execute(sa.select(_inv.id, _inv.node_id, _inv.client_key)
+                                            .where(_inv.id.in_([g.last_id for g in groups])))} if groups else {}
+    out = []
+    for g in groups:
+        last = latest.get(g.last_id)
+        out.append(SessionStats(
+            session_key=g.session_key, requests=int(g.requests), nodes=int(g.nodes),
+            node_id=last.node_id if last else None, client_key=last.client_key if last else None,
+            input_tokens=int(g.input_tokens or 0), cached_tokens=int(g.cached_tokens or 0),
+            output_tokens=int(g.output_tokens or 0), cost=None if g.cost is None else float(g.cost),
+            first_at=g.first_at, last_at=g.last_at))
     return out

@@ -1,4 +1,6 @@
-"""``python -m store.stats_cli [nodes|models|sources|days|hours|recent|keys]`` (``./run.sh stats``, ``codex-stats``).
+"""``python -m store.stats_cli [nodes|models|sources|days|hours|recent|sessions|keys]``.
+
+The same as ``./run.sh stats`` and ``codex-stats``.
 
 Prints the aggregates of ``store.stats`` as an aligned table, ``--json`` or ``--csv``. It only reads:
 a missing database, a bad URL or one whose schema is not at head is an error, never created or upgraded.
@@ -23,7 +25,16 @@ from store.cli import OneLineParser, add_db_option, day_of
 from store.engine import DEFAULT_DB, current_revision, error_summary, head_revision, make_engine
 from store.key_usage import key_report, per_key
 from store.keys import parse_keys_toml, toml_file
-from store.stats import Filters, per_day, per_hour, per_model, per_node, per_source, recent_invocations
+from store.stats import (
+    Filters,
+    per_day,
+    per_hour,
+    per_model,
+    per_node,
+    per_session,
+    per_source,
+    recent_invocations,
+)
 
 
 class StatsError(Exception):
@@ -66,6 +77,7 @@ _CALL_COLUMNS: list[Column] = [
     ("health", lambda s: _rate(s.health_rate), True),
     ("input", lambda s: _int(s.input_tokens), True),
     ("cached", lambda s: _int(s.cached_tokens), True),
+    ("hit", lambda s: _rate(s.cache_hit_rate), True),  # cached ÷ input: the prompt cache's share
     ("output", lambda s: _int(s.output_tokens), True),
     ("reasoning", lambda s: _int(s.reasoning_tokens), True),
 ]
@@ -116,6 +128,20 @@ VIEWS: dict[str, tuple[Callable[..., list], list[Column]]] = {
         ("total ms", lambda s: _int(s.duration_ms), True),
         ("error", lambda s: _text(s.error_message), False),
     ]),
+    # The sessions with the most input (codex_invocations.session_key): --limit of them.
+    "sessions": (per_session, [
+        ("session", lambda s: _text(s.session_key, 48), False),
+        ("requests", lambda s: _int(s.requests), True),
+        ("nodes", lambda s: _int(s.nodes), True),
+        ("node", lambda s: s.node_id or "-", False),
+        ("key", lambda s: s.client_key or "-", False),
+        ("input", lambda s: _int(s.input_tokens), True),
+        ("cached", lambda s: _int(s.cached_tokens), True),
+        ("hit", lambda s: _rate(s.cache_hit_rate), True),
+        ("output", lambda s: _int(s.output_tokens), True),
+        ("cost $", lambda s: "-" if s.cost is None else f"{s.cost:.4f}", True),
+        ("last (UTC)", lambda s: f"{s.last_at:%Y-%m-%d %H:%M}", False),
+    ]),
     # Teams: one UTC day (--until, default today) per client key; refusals never reached a node.
     "keys": (lambda conn, f: per_key(conn, f.until or dt.datetime.now(dt.UTC).date()), [
         ("key", lambda s: s.client_key, False),
@@ -129,6 +155,7 @@ VIEWS: dict[str, tuple[Callable[..., list], list[Column]]] = {
         ("budget", lambda s: _int(s.refused_budget), True),
         ("input", lambda s: _int(s.input_tokens), True),
         ("cached", lambda s: _int(s.cached_tokens), True),
+        ("hit", lambda s: _rate(s.cache_hit_rate), True),
         ("output", lambda s: _int(s.output_tokens), True),
         ("total", lambda s: _int(s.total_tokens), True),
         ("cost $", lambda s: f"{s.cost:.4f}", True),
@@ -237,7 +264,8 @@ def open_readonly(url: str) -> sa.Engine:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = OneLineParser(
         prog="stats", description="Stats of the calls the relay recorded: per node, model, source, day, "
-        "hour (with TTFB and duration percentiles), or the latest calls. Days are UTC; --since and --until "
+        "hour (with TTFB and duration percentiles), the sessions with the most input, or the latest calls. "
+        "Days are UTC; --since and --until "
         "are inclusive.")
     parser.add_argument("view", nargs="?", default="nodes", choices=list(VIEWS), help="what to show (default nodes)")
     parser.add_argument("--since", type=parse_day, metavar="DAY", help="first day: YYYY-MM-DD, today or yesterday")
@@ -245,7 +273,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--source", help="only calls with this source tag")
     parser.add_argument("--node", help="only calls served by this node id")
     parser.add_argument("--model", help="only calls of this model")
-    parser.add_argument("--limit", type=int, default=50, help="rows of the recent view (default %(default)s)")
+    parser.add_argument("--limit", type=int, default=50,
+                        help="rows of the recent and sessions views (default %(default)s)")
     parser.add_argument("--keys", metavar="FILE", help="keys view: the relay's TOML keys file (codex_client_keys), "
                         "to show each key's limits with their use and reset time")
     fmt = parser.add_mutually_exclusive_group()
@@ -274,7 +303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         engine = open_readonly(args.db)
         try:
             with engine.connect() as conn:
-                rows = query(conn, f, args.limit) if args.view == "recent" else query(conn, f)
+                rows = query(conn, f, args.limit) if args.view in ("recent", "sessions") else query(conn, f)
                 if specs is not None:
                     day = args.until or dt.datetime.now(dt.UTC).date()
                     rows = [KeyRow(r) for r in key_report(rows, specs, day)]

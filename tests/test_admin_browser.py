@@ -152,6 +152,9 @@ def test_admin_page_shows_stats_and_edits_a_node(sqlite_url, tmp_path, browser):
                 expect(col(node_a, "failures")).to_have_text("1")
                 expect(col(node_a, "health")).to_have_text("80.0%")
                 expect(col(node_a, "input_tokens")).to_have_text(f"{sum(u[0] for u in LIVE) + 3000:,}")
+                # The prompt cache's share: cached ÷ input tokens (history: half of its input cached).
+                expect(col(node_a, "cache_hit_rate")).to_have_text(
+                    f"{(sum(u[1] for u in LIVE) + 1500) / (sum(u[0] for u in LIVE) + 3000):.1%}")
                 expect(col(node_a, "status")).to_have_text("active")
                 expect(col(node_a, "key")).to_have_text("key-…6789")
                 node_b = page.locator('#nodes tr[data-node="b"]')
@@ -165,6 +168,8 @@ def test_admin_page_shows_stats_and_edits_a_node(sqlite_url, tmp_path, browser):
                     ["daily_requests 4 / 100", re.compile(r"^monthly_cost \$0\.\d{2,4} / \$0\.05$")])
                 expect(col(team, "limits").locator("div").first).to_have_attribute("title", re.compile("^resets 20"))
                 expect(col(team, "cost")).to_have_text(re.compile(r"^\$0\.\d{2,4}$"))
+                expect(col(team, "cache_hit_rate")).to_have_text(
+                    f"{sum(u[1] for u in LIVE) / sum(u[0] for u in LIVE):.1%}")
                 for panel in ("#models", "#sources", "#keys"):
                     assert not re.search(r"\d\.\d{5}", page.locator(panel).inner_text()), panel
                 assert page.evaluate("""[limitText("monthly_cost", {used: 0.053743549999999994, limit: 0.05}),

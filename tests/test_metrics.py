@@ -79,6 +79,8 @@ def test_metrics_agree_with_the_stored_rows(env):
                                        .where(inv.client_key.is_not(None)).group_by(inv.client_key)).all())
         client_input = dict(conn.execute(sa.select(inv.client_key, sa.func.sum(inv.input_tokens))
                                          .where(inv.client_key.is_not(None)).group_by(inv.client_key)).all())
+        client_cached = dict(conn.execute(sa.select(inv.client_key, sa.func.sum(inv.cache_input_tokens))
+                                          .where(inv.client_key.is_not(None)).group_by(inv.client_key)).all())
         ttfb = conn.execute(sa.select(inv.node_id, sa.func.count(inv.ttfb_ms), sa.func.sum(inv.ttfb_ms))
                             .where(inv.node_id.is_not(None)).group_by(inv.node_id)).all()
     for node_id, row in node_rows.items():
@@ -96,6 +98,8 @@ def test_metrics_agree_with_the_stored_rows(env):
     for client, n in per_client.items():
         assert total(m, "codex_client_requests_total", client=client) == n
         assert total(m, "codex_client_tokens_total", client=client, kind="input") == client_input[client]
+        # The cache-hit rate per key (and per node) is the division Prometheus does (docs/observability.md).
+        assert total(m, "codex_client_tokens_total", client=client, kind="cached") == client_cached[client]
     assert total(m, "codex_node_requests_total", node="direct") == 1  # the call that went to no node
     assert total(m, "codex_node_breaker_open", node="beta") == 1
     assert total(m, "codex_node_breaker_open", node="alpha") == 0

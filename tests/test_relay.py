@@ -44,7 +44,16 @@ def test_relay_configures_the_kept_body_from_its_surroundings(tmp_path):
     ({"session-id": "h"}, "b", "h"),
     ({"session_id": "", "session-id": "h"}, "b", "h"),  # an empty header does not name a session
     ({"x-other": "x"}, "b", "b"),
+    ({"X-Session-Affinity": "o"}, "b", "o"),  # OpenCode's, before any body key
+    ({"session-id": "h", "x-session-affinity": "o"}, "b", "h"),
     ({}, None, None),
 ])
 def test_session_key_headers_in_precedence_then_the_body(headers, body_key, expected):
     assert _session_key(request_flow(headers=headers), body_key) == expected
+
+
+def test_a_websocket_upgrade_takes_its_session_from_its_headers():
+    # Codex's handshake carries session_id (its conversation id) and has no body: the socket sticks by it.
+    flow = request_flow(headers={"upgrade": "websocket", "connection": "Upgrade", "session_id": "conv-7"})
+    flow.request.method = "GET"
+    assert _session_key(flow, None) == "conv-7"

@@ -133,3 +133,10 @@ def test_sticky_map_is_bounded_and_expires():
 ])
 def test_validate_base_url(url, ok):
     assert (validate_base_url(url) is None) == ok
+
+
+def test_the_pool_keeps_the_sticky_map_it_is_given_even_an_empty_one():
+    # An empty map is falsy: `sticky or StickyMap()` replaced every configured one (codex_sticky_ttl ignored).
+    assert NodePool(sticky=StickyMap(ttl=5)).sticky.ttl == 5
+    p = pool({"a": 1, "b": 1, "c": 1}, sticky=StickyMap.for_ttl(0))
+    assert len({p.choose(session_key="conv-1").id for _ in range(60)}) == 3 and len(p.sticky) == 0

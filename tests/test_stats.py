@@ -14,7 +14,7 @@ from store.engine import make_engine, upgrade_to_head
 from store.invocations import apply_batch
 from store.nodes import set_disabled, upsert_nodes
 from store.records import InvocationRecord, NodeConfig, NodeStateUpdate, Usage
-from store.stats import Filters, per_day, per_model, per_node, per_source, recent_invocations
+from store.stats import Filters, per_day, per_model, per_node, per_session, per_source, recent_invocations
 from store.stats_cli import main, parse_day
 
 D20, D21, D22 = dt.date(2026, 11, 20), dt.date(2026, 11, 21), dt.date(2026, 11, 22)
@@ -23,7 +23,7 @@ CODEX, MINI = "gpt-5-codex", "gpt-5-mini"
 
 def call(n: int, at: dt.datetime, node: str | None, model: str | None, status: str, usage: tuple[int, int, int, int],
          *, source: str = "relay", stream: bool = True, ttfb: int | None = None, stream_ms: int | None = None,
-         nbytes: int = 0, cost: float | None = None, http: int = 200) -> InvocationRecord:
+         nbytes: int = 0, cost: float | None = None, http: int = 200, session: str | None = None) -> InvocationRecord:
     i, c, o, r = usage
     return InvocationRecord(
         invoke_id=f"call-{n}", occurred_at=at, source=source, endpoint="/v1/responses", status=status,
@@ -31,24 +31,24 @@ def call(n: int, at: dt.datetime, node: str | None, model: str | None, status: s
         error_message=None if status == "success" else f"{status} {n}",
         usage=Usage(input_tokens=i, cached_tokens=c, output_tokens=o, reasoning_tokens=r), cost=cost,
         ttfb_ms=ttfb, stream_ms=stream_ms, duration_ms=(ttfb or 0) + (stream_ms or 0), response_bytes=nbytes,
-        node_failure=status == "failed" and node is not None and is_node_failure_status(http))
+        node_failure=status == "failed" and node is not None and is_node_failure_status(http), session_key=session)
 
 
 # Numbered as in the expectations below; times chosen on the day boundaries.
 CALLS = [
     call(1, dt.datetime(2026, 11, 20, 8, 0), "alpha", CODEX, "success", (100, 40, 30, 10),
-         ttfb=200, stream_ms=300, nbytes=1000, cost=0.01),
+         ttfb=200, stream_ms=300, nbytes=1000, cost=0.01, session="s-1"),
     call(2, dt.datetime(2026, 11, 21, 23, 59, 59, 500000), "alpha", CODEX, "success", (200, 0, 50, 0),
-         ttfb=400, stream_ms=700, nbytes=2000, cost=0.02),
+         ttfb=400, stream_ms=700, nbytes=2000, cost=0.02, session="s-1"),
     call(3, dt.datetime(2026, 11, 21, 10, 0), "beta", MINI, "failed", (0, 0, 0, 0),
-         ttfb=100, stream_ms=0, nbytes=100, http=500),
+         ttfb=100, stream_ms=0, nbytes=100, http=500, session="s-1"),
     call(4, dt.datetime(2026, 11, 22, 0, 0), "beta", MINI, "success", (10, 5, 20, 0), source="xy",
-         stream=False, ttfb=1000, stream_ms=5, nbytes=500),
+         stream=False, ttfb=1000, stream_ms=5, nbytes=500, session="s-2"),
     # The relay's own 503 (no node available): refused, nobody's failure.
     call(5, dt.datetime(2026, 11, 22, 12, 0), None, None, "failed", (0, 0, 0, 0), http=503),
     # Aborted by the client: not a failure of the node, and no speed sample.
     call(6, dt.datetime(2026, 11, 22, 13, 0), "alpha", CODEX, "aborted", (50, 0, 10, 0),
-         ttfb=300, stream_ms=100, nbytes=400),
+         ttfb=300, stream_ms=100, nbytes=400, session="s-1"),
     # A node id the nodes table does not know (its row was removed).
     call(7, dt.datetime(2026, 11, 20, 9, 0), "ghost", CODEX, "success", (1, 0, 1, 0),
          ttfb=50, stream_ms=10, nbytes=10),
@@ -104,6 +104,26 @@ def test_per_node_window_stats_node_state_and_lifetime_counters(engine):
     assert gamma.api_key_hint == "…"  # too short to show any of it
     assert (ghost.status, ghost.requests, ghost.stream_ms_per_token) == (None, 1, 10.0)
     assert (none.status, none.requests, none.failures, none.refused, none.avg_ttfb_ms) == (None, 1, 0, 1, None)
+
+
+def test_cache_hit_rate_is_cached_over_input_in_every_view(engine):
+    alpha, beta, _gamma, ghost, none = query(engine, per_node)
+    assert (alpha.cache_hit_rate, beta.cache_hit_rate, ghost.cache_hit_rate) == (40 / 350, 0.5, 0.0)
+    assert none.cache_hit_rate is None  # no input: no rate, not 0
+    assert alpha.as_dict()["cache_hit_rate"] == 40 / 350
+    assert [m.cache_hit_rate for m in query(engine, per_model)] == [40 / 351, 0.5, None]
+
+
+def test_per_session_from_the_invocations(engine):
+    s1, s2 = query(engine, per_session, Filters(), 50)
+    assert (s1.session_key, s1.requests, s1.nodes, s1.node_id, s1.input_tokens, s1.cached_tokens,
+            s1.output_tokens) == ("s-1", 4, 2, "alpha", 350, 40, 90)  # it moved to beta once
+    assert s1.cache_hit_rate == 40 / 350 and s1.cost == pytest.approx(0.03)
+    assert (s1.first_at, s1.last_at) == (dt.datetime(2026, 11, 20, 8, 0), dt.datetime(2026, 11, 22, 13, 0))
+    assert (s2.session_key, s2.requests, s2.nodes, s2.cache_hit_rate, s2.cost) == ("s-2", 1, 1, 0.5, None)
+    assert [s.session_key for s in query(engine, per_session, Filters(), 1)] == ["s-1"]  # most input first
+    assert [s.session_key for s in query(engine, per_session, Filters(node="beta"), 50)] == ["s-2", "s-1"]
+    assert query(engine, per_session, Filters(since=D22, model=MINI), 50)[0].as_dict()["cache_hit_rate"] == 0.5
 
 
 def test_per_node_filters(engine):
@@ -212,8 +232,8 @@ def test_cost_is_unknown_without_a_price_and_zero_only_when_priced(engine, capsy
     assert (gamma.cost, gamma.unpriced) == (None, 0)  # no calls
 
     code, out, _ = run(engine, capsys, "models")
-    rows = {line.split()[0]: line.split()[10:-1] for line in out.splitlines()[1:]}
-    assert out.splitlines()[0].split()[10:12] == ["cost", "$"]
+    rows = {line.split()[0]: line.split()[11:-1] for line in out.splitlines()[1:]}
+    assert out.splitlines()[0].split()[11:13] == ["cost", "$"]
     assert rows == {CODEX: ["0.0300", "(2", "unpriced)"], MINI: ["-"], "free-model": ["0.0000"],
                     "(unknown)": ["-"]}
     code, out, _ = run(engine, capsys, "models", "--json")
@@ -272,11 +292,11 @@ def test_cli_table(engine, capsys):
     code, out, _ = run(engine, capsys, "sources")
     assert code == 0
     assert out == (
-        "source  requests  failures  aborted  refused  health  input  cached  output  reasoning"
+        "source  requests  failures  aborted  refused  health  input  cached    hit  output  reasoning"
         "               cost $  ttfb ms\n"
-        "relay          6         1        1        1   50.0%    351      40      91         10"
+        "relay          6         1        1        1   50.0%    351      40  11.4%      91         10"
         "  0.0300 (4 unpriced)    210.0\n"
-        "xy             1         0        0        0  100.0%     10       5      20          0"
+        "xy             1         0        0        0  100.0%     10       5  50.0%      20          0"
         "                    -  1,000.0\n")
 
     code, out, _ = run(engine, capsys, "--since", "2026-11-21", "--until", "2026-11-21")  # default view: nodes
@@ -289,6 +309,13 @@ def test_cli_table(engine, capsys):
 
     code, out, _ = run(engine, capsys, "recent", "--limit", "1", "--node", "beta")
     assert code == 0 and out.splitlines()[1].split()[:6] == ["2026-11-22", "00:00:00", "xy", "beta", MINI, "success"]
+
+    code, out, _ = run(engine, capsys, "sessions", "--limit", "5")
+    assert code == 0 and [line.split() for line in out.splitlines()] == [
+        ["session", "requests", "nodes", "node", "key", "input", "cached", "hit", "output", "cost", "$",
+         "last", "(UTC)"],
+        ["s-1", "4", "2", "alpha", "-", "350", "40", "11.4%", "90", "0.0300", "2026-11-22", "13:00"],
+        ["s-2", "1", "1", "beta", "-", "10", "5", "50.0%", "20", "-", "2026-11-22", "00:00"]]
 
     code, out, _ = run(engine, capsys, "days", "--source", "nope")
     assert (code, out) == (0, "no calls recorded for these filters\n")

@@ -259,9 +259,12 @@ def test_stats_keys_shows_each_keys_day_with_refusals_by_reason(engine, capsys):
     assert (got["alice"]["requests"], got["alice"]["total_tokens"], got["alice"]["cost"],
             got["alice"]["month_cost"]) == (1, 40, 0.25, 1.75)
     assert (got["bob"]["requests"], got["bob"]["refused_budget"], got["bob"]["refused"]) == (0, 1, 1)
+    assert (got["alice"]["cache_hit_rate"], got["bob"]["cache_hit_rate"]) == (3 / 30, None)  # cached ÷ input
     assert stats_main(["keys", "--db", url, "--until", "2026-11-25"]) == 0
     table = capsys.readouterr().out.splitlines()
     assert table[0].split()[:4] == ["key", "day", "requests", "refused"] and table[2].startswith("bob")
+    head = table[0].split()
+    assert table[1].split()[head.index("hit")] == "10.0%"
 
 
 def test_stats_keys_with_the_keys_file_shows_each_limits_use_and_reset(engine, capsys, tmp_path):

@@ -51,9 +51,9 @@ function el(tag, attrs = {}, ...children) {
 
 // A table cell; data-col and data-value let tests and scripts read the raw number.
 // An error cell is cut short to keep the table narrow: its title holds the whole text.
-function cell(col, text, raw, cls) {
+function cell(col, text, raw, cls, ...more) {
   return el("td", {"data-col": col, "data-value": raw === undefined ? null : raw, class: cls,
-    title: cls === "error-text" && text ? text : null}, text);
+    title: cls === "error-text" && text ? text : null}, text, ...more);
 }
 
 function num(col, v, fmt = int) {
@@ -131,7 +131,10 @@ function renderNodes(nodes) {
       num("avg_ttfb_ms", n.avg_ttfb_ms, dec),
       num("stream_ms_per_token", n.stream_ms_per_token, dec),
       num("input_tokens", n.input_tokens),
-      num("cached_tokens", n.cached_tokens),
+      // The hit rate under the cached tokens: one more column would not fit a laptop's screen.
+      cell("cached_tokens", int(n.cached_tokens), n.cached_tokens, "num",
+        el("div", {class: "muted", "data-col": "cache_hit_rate", "data-value": n.cache_hit_rate ?? ""},
+          pct(n.cache_hit_rate))),
       num("output_tokens", n.output_tokens),
       num("reasoning_tokens", n.reasoning_tokens),
       num("bytes", n.bytes),
@@ -330,7 +333,8 @@ function renderKeys(keys) {
     cell("key", k.client_key), num("requests", k.requests),
     el("td", {"data-col": "refused", "data-value": k.refused, class: "num",
               title: reasons.map((r) => `${r}: ${k["refused_" + r]}`).join(", ")}, int(k.refused)),
-    num("total_tokens", k.total_tokens), cell("cost", usd(k.cost), k.cost, "num"),
+    num("total_tokens", k.total_tokens), num("cache_hit_rate", k.cache_hit_rate ?? null, pct),
+    cell("cost", usd(k.cost), k.cost, "num"),
     cell("month_cost", usd(k.month_cost), k.month_cost, "num"),
     // One limit a line, when it resets in its title.
     el("td", {"data-col": "limits"}, ...Object.entries(k.limits || {}).map(([name, l]) =>
