@@ -22,3 +22,13 @@ def test_the_example_keys_file_loads_and_names_only_example_nodes():
     assert [k.name for k in keys] == ["alice", "ci"]
     node_ids = {n.id for n in load_nodes_file(EXAMPLES / "nodes.toml")}
     assert all(set(k.nodes or ()) <= node_ids for k in keys)
+
+
+def test_the_files_that_hold_keys_stay_out_of_the_repository_and_the_licence_is_there():
+    import subprocess
+
+    root = EXAMPLES.parent
+    ignored = subprocess.run(["git", "check-ignore", "nodes.toml", "keys.toml", "sources.toml"], cwd=root,
+                             capture_output=True, text=True)
+    assert ignored.stdout.split() == ["nodes.toml", "keys.toml", "sources.toml"], ignored
+    assert "MIT License" in (root / "LICENSE").read_text()
