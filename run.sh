@@ -38,7 +38,8 @@ setup_venv() {  # setup_venv [dev]: the relay's dependencies; with dev, the test
     if [ -x "$VENV/bin/python" ] && { [ "$have" = "$want:${1:-}" ] || [ "$have" = "$want:dev" ]; }; then
         return 0
     fi
-    [ "${1:-}" = dev ] && spec="$ROOT[dev]"
+    local compile=--no-compile
+    [ "${1:-}" = dev ] && spec="$ROOT[dev]" && compile=--compile
     if [ ! -x "$VENV/bin/python" ]; then
         local py
         py=$(find_python) || { echo "run.sh: no Python >= 3.12 found (set CODEX_PYTHON=/path/to/python3.12)" >&2; exit 1; }
@@ -46,9 +47,10 @@ setup_venv() {  # setup_venv [dev]: the relay's dependencies; with dev, the test
         "$py" -m venv "$VENV"
     fi
     echo "run.sh: installing dependencies into .venv" >&2
-    # --no-compile: Python writes the bytecode of the modules the relay imports when it first runs, not of every
-    # module of every dependency (the relay's .venv: ~130 MB instead of ~170).
-    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-compile -e "$spec" >&2
+    # A user's relay: Python writes the bytecode of the modules it imports when it first runs, not of every module
+    # of every dependency (.venv ~130 MB instead of ~170). The test suite's many processes would each compile
+    # what they import on their first run: there it is done once, at install.
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$compile" -e "$spec" >&2
     echo "$want:${1:-}" > "$stamp"
 }
 
