@@ -1,5 +1,6 @@
 """Every call a key makes is metered and counted, or refused before any node: the endpoint table (plain
-functions) and the matrix of endpoints × streaming × key states through a real relay, on SQLite and MariaDB.
+functions) and the matrix of endpoints × streaming × key states through a real relay, on SQLite and MariaDB —
+its WebSocket column (Responses over WebSocket, one turn per key state) on the same relays.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from websockets.sync.client import connect as ws_connect
 
 from addon.endpoints import (
     DEFAULT_KEY_ENDPOINTS,
@@ -24,6 +26,7 @@ from bench.fakeupstream import FakeUpstream
 from bench.relayproc import RelayProcess
 from store.config import NODE_FORMATS
 from tests.test_e2e import rows, write_nodes
+from tests.wsupstream import Splitter, WsUpstream
 
 
 @pytest.mark.parametrize(("path", "endpoint"), [
@@ -119,6 +122,20 @@ def call(port: int, endpoint: str, stream: bool, key: str | None) -> tuple[int, 
         conn.close()
 
 
+def socket_turn(port: int, key: str | None) -> dict:
+    """One ``response.create`` on a fresh Responses WebSocket through the relay: the turn's last event
+    (``response.completed`` or the relay's ``error``)."""
+    headers = {"authorization": f"Bearer {key}"} if key is not None else {}
+    with ws_connect(f"ws://127.0.0.1:{port}/v1/responses", additional_headers=headers, open_timeout=30) as ws:
+        model = CALLS["responses"][1]
+        ws.send(json.dumps({"type": "response.create", "model": model, "input": "hi",
+                            "metadata": {"fake_usage": list(USAGE)}}))
+        while True:
+            event = json.loads(ws.recv(timeout=30))
+            if event["type"] in ("response.completed", "error"):
+                return event
+
+
 def cells() -> list[tuple[str, bool, str]]:
     return [(endpoint, stream, state) for endpoint in CALLS for stream in ((False, True) if endpoint in STREAMED
                                                                             else (False,))
@@ -129,8 +146,11 @@ def cells() -> list[tuple[str, bool, str]]:
 @pytest.mark.slow
 def test_every_call_is_metered_or_refused_before_any_node(db_url: str, tmp_path: Path):
     expected_rows = []
+    ws = WsUpstream().start()
     with FakeUpstream("n") as node:
-        nodes = write_nodes(tmp_path / "nodes.toml", [("n", node.base_url, "sk-node", 1)])
+        # One node that speaks both: its WebSocket upgrades go to ``ws``, the rest to ``node``.
+        both = Splitter(node.port, ws.port).start()
+        nodes = write_nodes(tmp_path / "nodes.toml", [("n", both.base_url, "sk-node", 1)])
         (tmp_path / "keys.toml").write_text(KEYS_TOML)
         # One relay at a time (SQLite): first without client keys, then with them.
         for source, extra in (("open", {}), ("keys", {"codex_client_keys": f"@{tmp_path / 'keys.toml'}"})):
@@ -150,13 +170,31 @@ def test_every_call_is_metered_or_refused_before_any_node(db_url: str, tmp_path:
                     else:
                         assert (status, code) == outcome, (cell, status, code, body[:300])
                         assert len(node.seen) == seen, f"{cell}: the refused call reached the node"
+                # The WebSocket column: a turn on a socket of each key state.
+                for state in ("none",) if source == "open" else ("ok", "spent", "other"):
+                    creates = len(ws.creates)
+                    event = socket_turn(relay.port, KEYS.get(state))
+                    outcome = REFUSED.get(state, {}).get("*", "row")
+                    if outcome == "row":
+                        assert event["type"] == "response.completed", (state, event)
+                        assert len(ws.creates) == creates + 1, state
+                        expected_rows.append((source, "websocket", True))
+                    else:
+                        assert event["type"] == "error", (state, event)
+                        assert (event["status"], event["error"]["code"]) == outcome, (state, event)
+                        assert len(ws.creates) == creates, f"websocket {state}: the refused turn reached the node"
+        both.stop()
+    ws.stop()
+    assert len(ws.headers) == 4 and {h["authorization"] for h in ws.headers} == {"Bearer sk-node"}
     got = rows(db_url, "SELECT source, api_format, endpoint, model, stream, status, input_tokens, "
                        "cache_input_tokens, output_tokens, reasoning_tokens, cost FROM codex_invocations")
     found = Counter((r.source, r.endpoint, r.api_format, r.model, bool(r.stream), r.status,
                      (r.input_tokens, r.cache_input_tokens, r.output_tokens, r.reasoning_tokens)) for r in got)
     wanted: Counter = Counter()
     for source, endpoint, stream in expected_rows:
-        path, model, usage = CALLS[endpoint]
+        path, model, usage = CALLS["responses" if endpoint == "websocket" else endpoint]
+        if endpoint == "websocket":
+            endpoint = "responses"
         wanted[(source, path, None if endpoint == "unknown" else endpoint, model, stream, "success",
                 usage or (0, 0, 0, 0))] += 1
     assert found == wanted
