@@ -51,7 +51,7 @@ from addon.sessions import SESSION_HEADERS, session_key
 from addon.target import target_problem
 from addon.usage import RequestInfo, iteration_usages
 from addon.usageprobe import UsageChunkFilter, add_include_usage
-from addon.wsrelay import Sockets, is_upgrade
+from addon.wsrelay import Sockets, is_upgrade, upgrade_required
 from store.records import InvocationRecord, NodeStateUpdate, utcnow
 
 log = logging.getLogger("codex.relay")
@@ -265,6 +265,10 @@ class Relay:
                 log.warning("call %s: no node accepted a connection (%s)", state.invoke_id, state.relay_error)
                 flow.response = error_response(
                     target, 502, "codex-relay: no upstream node accepted a connection", "upstream_unreachable")
+                return
+            if state.websocket and (node := await self.sockets.takes_upgrade(flow, state)) is None:
+                del self._calls[flow.id]  # no node takes it: no invocation, the client uses HTTP
+                flow.response = upgrade_required(target, state.relay_error)
                 return
         attach(flow, node.config, target)
         if state is not None:

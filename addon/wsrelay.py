@@ -4,9 +4,13 @@ The upgrade (``GET …/responses`` with ``Upgrade: websocket``) goes through ``R
 (weighted choice, sticky session, breaker, format filter, connect probe, the node's key put on the upgrade
 request alone by ``addon.egress.attach``), among the nodes that speak WebSocket: not those with
 ``websocket = false`` in the nodes file, nor those that refused an upgrade in the last ``NO_WEBSOCKET_S``.
-The upgrade is no invocation and no limit applies to it. When no node takes it, or the node answers
-anything but 101, the client gets ``426 Upgrade Required``: Codex then falls back to HTTP at once (on a
-404 it would reconnect five times first).
+The upgrade is no invocation and no limit applies to it. A node not seen taking an upgrade in the last
+``NO_WEBSOCKET_S`` is asked first (``takes_upgrade``: the same upgrade request, its status line read, the
+connection closed); one that refuses or cannot be reached is failed over to the next, within
+``codex_retries``, before anything is sent for the client. When no node takes it, or the node answers
+anything but 101 all the same, the client gets ``426 Upgrade Required``: Codex then falls back to HTTP at
+once (on a 404 it would reconnect five times first). mitmproxy cannot move an upgrade whose request went
+out to another node (docs/how-it-works.md, "Responses over WebSocket").
 
 On the open socket every ``response.create`` is one invocation (``addon.wsturns``): the key's limits and
 the node's ``models`` are checked per turn, a refused turn is dropped (the node never sees it) and
@@ -19,8 +23,10 @@ mitmproxy keeps every message of a socket for its life: messages are dropped onc
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import ssl
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
@@ -29,6 +35,7 @@ from typing import TYPE_CHECKING
 from mitmproxy import ctx, http, websocket
 
 from addon.callbody import BodyRefused, read_socket_message
+from addon.egress import EgressRefused, attach
 from addon.errors import CLIENT_KEY_NAME, error_body, refusal_response
 from addon.loglines import CALL_COMMENT
 from addon.meter import NO_USAGE
@@ -40,11 +47,14 @@ from store.records import InvocationRecord, Usage, utcnow
 
 if TYPE_CHECKING:
     from addon.relay import CallState, Relay
+    from addon.routing import Node
 
 log = logging.getLogger("codex.websocket")
 
 # A node that answered an upgrade with something else than 101 gets no upgrade for this long.
 NO_WEBSOCKET_S = 600.0
+# A client's close frame (masked, code 1000): how ``Sockets._handshake`` ends the socket it opened.
+_CLOSE_FRAME = bytes([0x88, 0x82, 0, 0, 0, 0, 0x03, 0xE8])
 WEBSOCKET_FLAG = "websocket"  # in every turn's row: the call came over a socket
 
 
@@ -69,6 +79,7 @@ class Sockets:
         self._clock = clock
         self._open: dict[str, _Socket] = {}
         self._refused: dict[str, float] = {}  # node id -> until when it gets no upgrade
+        self._takes: dict[str, float] = {}  # node id -> until when it is taken to take upgrades unasked
         relay.runtime.on_shutdown(self._close_all)
 
     def barred(self) -> set[str]:
@@ -79,6 +90,77 @@ class Sockets:
         return {n.id for n in self.relay.runtime.pool if not n.config.websocket} | self._refused.keys()
 
     # -- the upgrade (called by Relay) ---------------------------------------------------------------
+    async def takes_upgrade(self, flow: http.HTTPFlow, state: CallState) -> Node | None:
+        """The upgrade's node, or the next one that takes a WebSocket, before anything is sent for the client.
+
+        A node seen answering 101 in the last ``NO_WEBSOCKET_S`` is taken as is (a socket lives long: asking
+        costs a handshake, once in a while); another is asked with the upgrade request itself, on a connection
+        of its own closed once the status line is in. None: no node took it (``state.relay_error`` says why).
+        """
+        node = state.node
+        while node is not None:
+            if self._takes.get(node.id, 0.0) > self._clock():
+                return node
+            status, err = await self._handshake(flow, node, state.client_target)
+            if status == 101:
+                self._takes[node.id] = self._clock() + NO_WEBSOCKET_S
+                return node
+            state.relay_error = self._refused_by(node, status, err, state)
+            nxt = self.relay._next_node(state)
+            log.warning("%s; %s", state.relay_error, f"trying node {nxt.id}" if nxt else "no other node to try")
+            node = state.node = nxt
+        return None
+
+    async def _handshake(self, flow: http.HTTPFlow, node: Node, target: str) -> tuple[int | None, str | None]:
+        """The status a node answers the client's upgrade request with (its key on it), or why there is none."""
+        probe = flow.copy()
+        try:
+            origin = attach(probe, node.config, target)
+        except EgressRefused as e:
+            return None, str(e)
+        req = probe.request
+        head = b"".join([f"GET {req.path} HTTP/1.1\r\n".encode("utf-8", "surrogateescape"),
+                         *(k + b": " + v + b"\r\n" for k, v in req.headers.fields), b"\r\n"])
+        relay = self.relay
+        where = f"{origin.host}:{origin.port}"
+        try:
+            tls = _upstream_tls() if origin.scheme == "https" else None
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(
+                origin.host, origin.port, ssl=tls, server_hostname=origin.host if tls else None),
+                relay.runtime.connect_timeout)
+        except (OSError, TimeoutError, ValueError) as e:
+            return None, f"connect to {where} for the WebSocket upgrade failed: {getattr(e, 'strerror', None) or e}"
+        try:
+            writer.write(head)
+            line = await asyncio.wait_for(reader.readline(), relay._first_byte_timeout)
+            if line.split(None, 2)[1:2] == [b"101"]:
+                writer.write(_CLOSE_FRAME)  # a socket closed as a client closes one: no error in the node's log
+        except (OSError, TimeoutError, ValueError) as e:
+            return None, f"no answer from {where} to the WebSocket upgrade: {e or type(e).__name__}"
+        finally:
+            writer.close()
+        parts = line.split(None, 2)
+        if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit():
+            return None, f"no HTTP answer from {where} to the WebSocket upgrade"
+        return int(parts[1]), None
+
+    def _refused_by(self, node: Node, status: int | None, err: str | None, state: CallState,
+                    answer: http.Response | None = None) -> str:
+        """A node did not take an upgrade (``status``: its answer's, None when there was none, ``err`` says why):
+        a failure of the node for no answer or a failure status, else no upgrade to it for a while. The reason."""
+        self._takes.pop(node.id, None)
+        if status is None:
+            reason = err or "no answer to the WebSocket upgrade"
+            self.relay._attempt_failed(node, reason)
+        elif is_node_failure_status(status):
+            reason = f"node {node.id} answered the WebSocket upgrade with HTTP {status}"
+            self.relay._attempt_failed(node, reason, answer)
+        else:  # it serves HTTP, not WebSockets: no failure, but no upgrade for a while
+            reason = f"node {node.id} does not take WebSockets (HTTP {status} to the upgrade)"
+            self._refused[node.id] = self._clock() + NO_WEBSOCKET_S
+            self.relay.report_node(node, Outcome("failed", False, reason), state)
+        return reason
+
     def upgraded(self, flow: http.HTTPFlow, state: CallState) -> None:
         """The upgrade's answer is in: the socket opens, or the client is told to use HTTP."""
         resp = flow.response
@@ -87,6 +169,8 @@ class Sockets:
         if resp.status_code == 101 and flow.websocket is not None:
             self._open[flow.id] = _Socket(flow, state, SocketTurns(), KeptMessages(relay._keep_body))
             relay.report_node(node, Outcome("success", False, None), state)
+            if node is not None:
+                self._takes[node.id] = self._clock() + NO_WEBSOCKET_S
             # A recorded call's comment: mitmdump prints no line per message of it (a Codex turn is some hundred
             # messages), the relay a line per turn (addon.loglines.take_call_lines).
             flow.comment = f"{CALL_COMMENT}WebSocket to {node.id if node else '-'}"
@@ -98,13 +182,8 @@ class Sockets:
         if node is not None:
             if reason is not None:  # unreachable, or no answer in time: the node's failure
                 relay._attempt_failed(node, reason)
-            elif is_node_failure_status(resp.status_code):
-                reason = f"node {node.id} answered the WebSocket upgrade with HTTP {resp.status_code}"
-                relay._attempt_failed(node, reason, resp)
-            else:  # it serves HTTP, not WebSockets: no failure, but no upgrade for a while
-                reason = f"node {node.id} does not take WebSockets (HTTP {resp.status_code} to the upgrade)"
-                self._refused[node.id] = self._clock() + NO_WEBSOCKET_S
-                relay.report_node(node, Outcome("failed", False, reason), state)
+            else:
+                reason = self._refused_by(node, resp.status_code, None, state, resp)
             log.warning("%s: the client is told to use HTTP (426)", reason)
         flow.response = upgrade_required(state.client_target, reason)
 
@@ -223,6 +302,18 @@ class Sockets:
             flags=sorted({*x.flags, WEBSOCKET_FLAG, *([NO_USAGE] if x.usage is None else [])}),
         )
         relay.submit(flow, record)
+
+
+def _upstream_tls() -> ssl.SSLContext:
+    """TLS to a node for ``Sockets._handshake``, verified as mitmproxy's options say it verifies upstreams."""
+    opts = ctx.options
+    tls = ssl.create_default_context(cafile=opts.ssl_verify_upstream_trusted_ca or None,
+                                     capath=opts.ssl_verify_upstream_trusted_confdir or None)
+    if opts.ssl_insecure:
+        tls.check_hostname = False
+        tls.verify_mode = ssl.CERT_NONE
+    tls.set_alpn_protocols(["http/1.1"])
+    return tls
 
 
 def upgrade_required(path: str, reason: str | None) -> http.Response:

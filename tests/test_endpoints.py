@@ -185,7 +185,8 @@ def test_every_call_is_metered_or_refused_before_any_node(db_url: str, tmp_path:
                         assert len(ws.creates) == creates, f"websocket {state}: the refused turn reached the node"
         both.stop()
     ws.stop()
-    assert len(ws.headers) == 4 and {h["authorization"] for h in ws.headers} == {"Bearer sk-node"}
+    # 4 sockets, and each relay asked the node once before its first (addon.wsrelay's takes_upgrade).
+    assert len(ws.headers) == 6 and {h["authorization"] for h in ws.headers} == {"Bearer sk-node"}
     got = rows(db_url, "SELECT source, api_format, endpoint, model, stream, status, input_tokens, "
                        "cache_input_tokens, output_tokens, reasoning_tokens, cost FROM codex_invocations")
     found = Counter((r.source, r.endpoint, r.api_format, r.model, bool(r.stream), r.status,

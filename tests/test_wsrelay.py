@@ -14,6 +14,7 @@ from mitmproxy.websocket import WebSocketMessage
 from wsproto.frame_protocol import Opcode
 
 from addon.errors import CLIENT_KEY_NAME
+from bench.fakeupstream import Behaviour, FakeUpstream
 from addon.health import Health
 from addon.limits import Limits
 from addon.relay import CallState, Relay
@@ -21,7 +22,8 @@ from addon.routing import Node, NodePool
 from addon.wsrelay import NO_WEBSOCKET_S
 from store.keys import KeySpec
 from store.records import InvocationRecord, NodeConfig, NodeStateUpdate
-from tests.conftest import request_flow
+from tests.conftest import request_flow, wait_for
+from tests.wsupstream import WsUpstream
 
 
 class Env:
@@ -196,3 +198,43 @@ def test_an_upgrade_no_node_takes_is_answered_426_at_once():
         env.relay._connected.add((call.client_conn.id, ("a.example", 80)))  # no connect probe
         asyncio.run(env.relay.request(call))
         assert call.response is None and call.request.host == "a.example"
+
+
+def upgrade_flow(session: str) -> http.HTTPFlow:
+    flow = request_flow(headers={"upgrade": "websocket", "connection": "Upgrade", "sec-websocket-version": "13",
+                                 "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ==", "session-id": session,
+                                 "authorization": "Bearer client-key"})
+    flow.request.method = "GET"
+    flow.response = None
+    return flow
+
+
+@pytest.mark.parametrize("retries", [1, 0])
+def test_a_node_refusing_the_upgrade_is_failed_over_before_anything_is_sent(retries):
+    refuser, ws = FakeUpstream("a", behaviour=Behaviour(status=404)).start(), WsUpstream().start()
+    try:
+        env = Env(NodeConfig(id="a", base_url=refuser.base_url, api_key="key-a"),
+                  NodeConfig(id="b", base_url=ws.base_url, api_key="key-b"))
+        env.pool.sticky.put("s1", "a")  # the upgrade goes to the refusing node first
+        with taddons.context(env.relay) as tctx:
+            tctx.options.codex_retries = retries
+            flow = upgrade_flow("s1")
+            asyncio.run(env.relay.request(flow))
+            assert "a" in env.sockets.barred() and len(refuser.seen) == 1  # asked once, then no upgrade to it
+            if not retries:  # no other node may be tried: 426 at once, the node that takes it never asked
+                assert flow.response is not None and flow.response.status_code == 426
+                assert "node a does not take WebSockets (HTTP 404" in flow.response.text
+                assert ws.headers == [] and flow.id not in env.relay._calls
+                return
+            assert flow.response is None  # nothing sent for the client yet: mitmproxy sends it to b
+            assert (flow.request.port, flow.request.headers["authorization"]) == (ws.port, "Bearer key-b")
+            wait_for(lambda: ws.headers, what="node b's record of the upgrade it was asked")
+            assert len(ws.headers) == 1 and ws.headers[0]["authorization"] == "Bearer key-b"
+            # b answered 101 (addon.wsrelay remembers it): the next upgrade goes there unasked.
+            again = upgrade_flow("s2")
+            asyncio.run(env.relay.request(again))
+            assert again.response is None and again.request.port == ws.port and len(ws.headers) == 1
+            assert len(refuser.seen) == 1
+    finally:
+        refuser.stop()
+        ws.stop()
