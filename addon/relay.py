@@ -363,7 +363,8 @@ class Relay:
             close_server(flow)
 
     def _watch_idle(self) -> None:
-        """End streams whose node has sent nothing for codex_idle_timeout (they count against it)."""
+        """End streams, and sockets' turns (addon.wsrelay), whose node has sent nothing for codex_idle_timeout
+        (they count against it)."""
         self._idle_watch = None
         now = time.time()
         for state in list(self._streaming.values()):
@@ -373,10 +374,12 @@ class Relay:
                 state.relay_error = f"no bytes from the node for {self._idle_timeout:g} s"
                 del self._streaming[state.flow.id]
                 close_server(state.flow)
+        if self.sockets.turns_running:
+            self.sockets.watch_idle(now, self._idle_timeout)
         self._arm_idle_watch()
 
     def _arm_idle_watch(self) -> None:
-        if self._idle_watch is None and self._streaming and self._idle_timeout:
+        if self._idle_watch is None and (self._streaming or self.sockets.turns_running) and self._idle_timeout:
             # Checked a few times per timeout: a stream ends at most a quarter late.
             self._idle_watch = asyncio.get_running_loop().call_later(min(self._idle_timeout / 4, 5.0),
                                                                       self._watch_idle)

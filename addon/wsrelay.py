@@ -15,7 +15,8 @@ out to another node (docs/how-it-works.md, "Responses over WebSocket").
 On the open socket every ``response.create`` is one invocation (``addon.wsturns``): the key's limits and
 the node's ``models`` are checked per turn, a refused turn is dropped (the node never sees it) and
 answered with an ``error`` event, ``model_map`` rewrites the turn's model. Each turn is recorded through
-``Relay.submit`` when its terminal or ``error`` event comes, or ``truncated`` when the socket closes first.
+``Relay.submit`` when its terminal or ``error`` event comes, or ``truncated`` when the socket closes first or
+its node sends nothing for ``codex_idle_timeout`` (``watch_idle``, from the relay's idle watch: the socket is cut).
 mitmdump prints no line per message of a socket the relay records (``addon.loglines.take_call_lines``).
 mitmproxy keeps every message of a socket for its life: messages are dropped once metered, beyond
 ``codex_keep_body`` bytes where something shows flows (``Relay``'s kept body), beyond the newest otherwise.
@@ -37,6 +38,7 @@ from mitmproxy import ctx, http, websocket
 from addon.callbody import BodyRefused, read_socket_message
 from addon.egress import EgressRefused, attach
 from addon.errors import CLIENT_KEY_NAME, error_body, refusal_response
+from addon.inject import close_server
 from addon.loglines import CALL_COMMENT
 from addon.meter import NO_USAGE
 from addon.modelroute import rewrite_model, serves, upstream_model
@@ -80,6 +82,7 @@ class Sockets:
         self._open: dict[str, _Socket] = {}
         self._refused: dict[str, float] = {}  # node id -> until when it gets no upgrade
         self._takes: dict[str, float] = {}  # node id -> until when it is taken to take upgrades unasked
+        self.turns_running = False  # whether a turn may run (the relay's idle watch is to go on): set per turn
         relay.runtime.on_shutdown(self._close_all)
 
     def barred(self) -> set[str]:
@@ -238,6 +241,33 @@ class Sockets:
                 self._record(sock, turn)
         self._open.clear()
 
+    def watch_idle(self, now: float, timeout: float) -> None:
+        """From the relay's idle watch: a socket whose node sent nothing for a running turn in ``timeout`` seconds
+        is cut — its turns recorded ``truncated`` (a failure of the node), the client sent an ``error`` event, then
+        the node's connection closed (mitmproxy closes the client's)."""
+        running = False
+        for sock in list(self._open.values()):
+            since = sock.turns.quiet_since()
+            if since is None:
+                continue
+            if now - since < timeout:
+                running = True
+                continue
+            reason = f"no message from the node for {timeout:g} s"
+            flow = sock.flow
+            del self._open[flow.id]
+            self.inject(flow, error_event(error_body(sock.state.client_target, 504, f"codex-relay: {reason}",
+                                                     "upstream_timeout"), 504))
+            for turn in sock.turns.close(by_client=False, reason=reason):
+                self._record(sock, turn)
+            self.close(flow)
+            log.warning("socket %s to node %s cut: %s", flow.id, sock.state.node.id if sock.state.node else "-", reason)
+        self.turns_running = running
+
+    def close(self, flow: http.HTTPFlow) -> None:
+        """Close a socket's connection to its node, once what was injected before has been sent."""
+        asyncio.get_running_loop().call_soon(close_server, flow)
+
     # -- turns ---------------------------------------------------------------------------------------
     async def _client_message(self, sock: _Socket, message: websocket.WebSocketMessage) -> None:
         flow, state = sock.flow, sock.state
@@ -265,6 +295,8 @@ class Sockets:
                 message.content = rewritten
         sock.turns.start(Turn(invoke_id=invoke_id, occurred_at=utcnow(), started_at=message.timestamp,
                               requested_model=model, request_bytes=len(message.content), lane=lane))
+        self.turns_running = True
+        self.relay._arm_idle_watch()  # codex_idle_timeout applies to the turn (watch_idle)
 
     def _refuse(self, flow: http.HTTPFlow, message: websocket.WebSocketMessage, status: int, body: bytes) -> None:
         """The turn reaches no node: the client gets the refusal as an ``error`` event."""

@@ -121,6 +121,17 @@ class SocketTurns:
         self._named_lanes = 0
         return ended
 
+    def quiet_since(self) -> float | None:
+        """When the node last sent anything for a turn it is answering (its start, before the first event): the
+        earliest over the lanes; None when no turn runs."""
+        since = None
+        for queue in self._lanes.values():
+            head = queue[0]
+            at = head.last_event_at or head.started_at
+            if since is None or at < since:
+                since = at
+        return since
+
     def _pop(self, queue: deque[Turn]) -> None:
         turn = queue.popleft()
         if turn.lane is not None:

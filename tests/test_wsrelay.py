@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -14,12 +15,12 @@ from mitmproxy.websocket import WebSocketMessage
 from wsproto.frame_protocol import Opcode
 
 from addon.errors import CLIENT_KEY_NAME
-from bench.fakeupstream import Behaviour, FakeUpstream
 from addon.health import Health
 from addon.limits import Limits
 from addon.relay import CallState, Relay
 from addon.routing import Node, NodePool
 from addon.wsrelay import NO_WEBSOCKET_S
+from bench.fakeupstream import Behaviour, FakeUpstream
 from store.keys import KeySpec
 from store.records import InvocationRecord, NodeConfig, NodeStateUpdate
 from tests.conftest import request_flow, wait_for
@@ -238,3 +239,50 @@ def test_a_node_refusing_the_upgrade_is_failed_over_before_anything_is_sent(retr
     finally:
         refuser.stop()
         ws.stop()
+
+
+def test_a_turn_whose_node_goes_quiet_for_the_idle_timeout_is_cut_by_the_relays_idle_watch():
+    env = Env(node())
+    closed: list[http.HTTPFlow] = []
+    env.sockets.close = closed.append  # type: ignore[method-assign]
+    with taddons.context(env.relay) as tctx:
+        tctx.options.codex_idle_timeout = "10"
+        now = time.time()
+        quiet, busy = env.open(), env.open()
+
+        async def turns_and_tick() -> asyncio.TimerHandle | None:
+            # The node answered the quiet socket's turn once, 25 s ago; the busy one's a second ago.
+            for flow, base in ((quiet, now - 30), (busy, now - 2)):
+                pending = env.sockets.websocket_message(
+                    _append(flow, {"type": "response.create", "model": "gpt-5"}, base, from_client=True))
+                assert pending is not None
+                await pending
+                _append(flow, {"type": "response.created", "response": {"model": "gpt-5"}}, base + 1)
+                assert env.sockets.websocket_message(flow) is None
+            armed = env.relay._idle_watch
+            assert armed is not None  # a turn started: the relay's one idle watch runs for it
+            armed.cancel()
+            env.relay._idle_watch = None
+            env.relay._watch_idle()  # what the armed watch calls
+            watch = env.relay._idle_watch
+            if watch is not None:
+                watch.cancel()
+            return watch
+
+        assert asyncio.run(turns_and_tick()) is not None  # the busy socket's turn still runs: watched on
+        (cut,) = env.records()
+        assert (cut.status, cut.node_failure, cut.error_message) == (
+            "truncated", True, "no message from the node for 10 s")
+        event = json.loads(env.injected[-1])
+        assert (event["type"], event["status"], event["error"]["code"]) == ("error", 504, "upstream_timeout")
+        assert closed == [quiet]
+        # What the node sends later on the cut socket is no turn's; the busy socket's turn ends as usual.
+        _append(quiet, completed("gpt-5", 1, 0, 1, 0), now)
+        assert env.sockets.websocket_message(quiet) is None
+        env.server(busy, completed("gpt-5", 10, 0, 2, 0), now)
+        assert [r.status for r in env.records()] == ["truncated", "success"]
+
+
+def _append(flow: http.HTTPFlow, obj: dict, at: float, *, from_client: bool = False) -> http.HTTPFlow:
+    flow.websocket.messages.append(WebSocketMessage(Opcode.TEXT, from_client, json.dumps(obj).encode(), timestamp=at))
+    return flow
