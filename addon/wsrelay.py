@@ -314,6 +314,13 @@ class Sockets:
         outcome = turn.outcome or Outcome("aborted", False, None)
         if outcome.error:  # upstream text: it may echo a key back
             outcome = Outcome(outcome.status, outcome.node_failure, relay.secrets.scrub(outcome.error[:2000]))
+            if flow.websocket is not None and flow.websocket.messages and not (last := flow.websocket.messages[-1]
+                                                                                   ).from_client:
+                # The node's error event (the newest message when it ended the turn), as the client and mitmweb
+                # get it: without a key (an HTTP error answer is scrubbed the same way).
+                text = last.content.decode("utf-8", "replace")
+                if (clean := relay.secrets.scrub(text)) != text:
+                    last.content = clean.encode()
         node = state.node
         relay.report_node(node, outcome, state)
         x = turn.extractor

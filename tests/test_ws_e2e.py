@@ -1,11 +1,13 @@
 """Responses over WebSocket end to end: the openai SDK's ``client.responses.connect()`` through a real relay to a
-node that speaks it; each turn a row with the node's usage, a key's daily_requests per turn, 426 without a node."""
+node that speaks it; each turn a row with the node's usage, a key's daily_requests per turn, 426 without a node;
+the saved socket (what mitmweb shows) without the node's key."""
 
 from __future__ import annotations
 
 import openai
 import pytest
 import sqlalchemy as sa
+from mitmproxy import io
 from websockets.exceptions import InvalidStatus
 
 from bench.fakeupstream import FakeUpstream
@@ -78,3 +80,37 @@ def test_sdk_turns_on_one_socket_are_rows_limited_per_turn_and_no_websocket_node
         ("alice", "ws", "gpt-5-codex", "success", 310, 0, 20, 0, 330),
     ]
     assert all(r.ttfb_ms is not None and r.duration_ms >= r.ttfb_ms for r in rows)
+
+
+def test_the_saved_socket_shows_no_node_key_in_its_upgrade_nor_its_messages(sqlite_url, tmp_path):
+    """What mitmweb shows of a socket, as ``-w`` saves the same flow objects: the upgrade's request headers carry
+    the node's key masked (addon.hygiene), and a node's error event that echoes its key reaches neither the client
+    nor the flow with it."""
+    ws = WsUpstream().start()
+    node_key = "sk-node-key-0123456789abcdef"
+    flows = tmp_path / "flows"
+    try:
+        nodes = tmp_path / "nodes.toml"
+        nodes.write_text(f'[[nodes]]\nid = "ws"\nbase_url = "{ws.base_url}"\napi_key = "{node_key}"\n')
+        with RelayProcess(db_url=sqlite_url, options={"codex_nodes": str(nodes), "codex_ping_interval": "0"},
+                          extra_args=["-w", str(flows)]) as relay:
+            client = openai.OpenAI(base_url=f"{relay.url}/v1", api_key="client-key", max_retries=0)
+            with client.responses.connect(max_retries=0) as conn:
+                ok = turn(conn, (10, 0, 1, 0))
+                conn.response.create(model="gpt-5-codex", input="hi", metadata={"fake_error": "echo_key"})
+                echoed = next(iter(conn))
+        assert relay.proc is not None and relay.proc.returncode == 0, relay.output()
+    finally:
+        ws.stop()
+    assert ok[-1].type == "response.completed"
+    assert ws.headers[-1]["authorization"] == f"Bearer {node_key}"  # the node got its key
+    assert echoed.type == "error" and "Incorrect API key" in echoed.error.message
+    assert node_key not in echoed.error.message
+    with flows.open("rb") as f:
+        saved = [flow for flow in io.FlowReader(f).stream() if getattr(flow, "websocket", None) is not None]
+    (sock,) = saved
+    auth = sock.request.headers["authorization"]
+    assert node_key not in auth and auth.startswith("Bearer sk-")
+    assert len(sock.websocket.messages) > 4  # the turns' messages are shown (kept within codex_keep_body)
+    assert not [m for m in sock.websocket.messages if node_key.encode() in m.content]
+    assert node_key not in repr(sock.get_state())

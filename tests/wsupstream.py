@@ -5,7 +5,8 @@ Each ``response.create`` is answered as OpenAI's server answers it, closely enou
 a text delta, ``…output_text.done``, ``…content_part.done``, ``…output_item.done``) unless the create says
 ``"generate": false`` (Codex's prewarm), then ``response.completed`` with ``usage``. The usage is the create's
 ``metadata.fake_usage`` (input, cached, output, reasoning), else the next of ``usages`` (a queue the test
-fills), else ``DEFAULT_USAGE``; ``sent`` keeps the usage each create was answered with, in order.
+fills), else ``DEFAULT_USAGE``; ``sent`` keeps the usage each create was answered with, in order. A create with
+``metadata.fake_error = "echo_key"`` is answered with a 401 ``error`` event that echoes the key it was sent.
 """
 
 from __future__ import annotations
@@ -96,6 +97,12 @@ class WsUpstream:
             if msg.get("type") != "response.create":
                 continue
             self.creates.append(msg)
+            if (msg.get("metadata") or {}).get("fake_error") == "echo_key":  # as OpenAI answers a wrong key
+                key = self.headers[-1].get("authorization", "").removeprefix("Bearer ")
+                await ws.send(json.dumps({"type": "error", "status": 401, "error": {
+                    "type": "invalid_request_error", "code": "invalid_api_key",
+                    "message": f"Incorrect API key provided: {key}."}}))
+                continue
             usage = self._usage(msg)
             self.sent.append(usage)
             for event in answer(len(self.creates), msg, usage):
