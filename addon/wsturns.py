@@ -63,6 +63,10 @@ def event_type(content: bytes) -> str | None:
     head = _TYPE_AT_HEAD.match(content)
     if head is not None:
         return head.group(1).decode("utf-8", "replace")
+    return _parsed_type(content)
+
+
+def _parsed_type(content: bytes) -> str | None:
     obj = _loads(content)
     kind = obj.get("type") if isinstance(obj, dict) else None
     return kind if isinstance(kind, str) else None
@@ -97,9 +101,14 @@ class SocketTurns:
         turn.last_event_at = at
         if turn.first_event_at is None:
             turn.first_event_at = at
-        kind = event_type(content)
-        text = content.decode("utf-8", "replace")
-        turn.extractor.on_event(SSEEvent(kind or "message", text))
+        head = _TYPE_AT_HEAD.match(content)
+        if head is None:
+            kind = _parsed_type(content)
+        elif UsageExtractor.noise(name := head.group(1)):
+            return None  # a delta (most messages): the meter skips it by its name, so it is not decoded
+        else:
+            kind = name.decode("utf-8", "replace")
+        turn.extractor.on_event(SSEEvent(kind or "message", content.decode("utf-8", "replace")))
         if kind not in _ENDS:
             return None
         if kind == "error":
@@ -146,16 +155,15 @@ class KeptMessages:
     def __init__(self, budget: int, size: Callable[[Any], int] = lambda m: len(m.content)) -> None:
         self.budget = budget
         self._size = size
-        self._kept = 0  # bytes of the messages in the list (the newest's included)
+        self._kept = 0  # bytes of the messages in the list (the newest's included); only counted with a budget
 
     def added(self, messages: MutableSequence[Any]) -> None:
         """The newest message was just appended to ``messages``: drop the oldest beyond the budget."""
-        size = self._size
         if not self.budget:  # the common case: nothing shows flows, nothing is kept but the newest
             if len(messages) > 1:
                 del messages[:-1]
-            self._kept = size(messages[-1]) if messages else 0
-            return
+            return  # no byte count: the budget is fixed for the socket's life
+        size = self._size
         self._kept += size(messages[-1])
         drop = 0
         while self._kept > self.budget and drop < len(messages) - 1:
