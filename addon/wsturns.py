@@ -66,6 +66,15 @@ def event_type(content: bytes) -> str | None:
     return _parsed_type(content)
 
 
+def _unread(content: bytes, start: int) -> bool:
+    """Whether the meter would read nothing of a (non-terminal) event after its type at ``start``: it reads only a
+    top-level ``response`` (model, usage) or ``error``, so bytes naming neither (nor holding an escape that could
+    spell one) change nothing there. Output items, content parts and the like (Codex sends many a turn) are then
+    not parsed."""
+    return content.find(b'"response', start) < 0 and content.find(b'"error', start) < 0 and content.find(
+        b"\\u", start) < 0
+
+
 def _parsed_type(content: bytes) -> str | None:
     obj = _loads(content)
     kind = obj.get("type") if isinstance(obj, dict) else None
@@ -108,6 +117,8 @@ class SocketTurns:
             return None  # a delta (most messages): the meter skips it by its name, so it is not decoded
         else:
             kind = name.decode("utf-8", "replace")
+            if kind not in _ENDS and _unread(content, head.end()):
+                return None
         turn.extractor.on_event(SSEEvent(kind or "message", content.decode("utf-8", "replace")))
         if kind not in _ENDS:
             return None
