@@ -8,7 +8,8 @@ then the server's events carry it, so turns of different lanes may overlap. Even
 oldest open turn of their lane.
 
 Server messages are read as ``addon.usage.UsageExtractor`` reads SSE events: the event type is taken
-from the message's head without parsing it, so the deltas (most messages) are counted, never parsed.
+from the message's head without parsing it, so the deltas (most messages) are counted, never parsed; nor is
+an event whose bytes name no ``response`` or ``error`` (all the meter reads of a non-terminal event).
 """
 
 from __future__ import annotations
