@@ -8,7 +8,8 @@ then the server's events carry it, so turns of different lanes may overlap. Even
 oldest open turn of their lane.
 
 Server messages are read as ``addon.usage.UsageExtractor`` reads SSE events: the event type is taken
-from the message's head without parsing it, so the deltas (most messages) are counted, never parsed.
+from the message's head without parsing it, so the deltas (most messages) are counted, never parsed; nor is
+an event whose bytes name no ``response`` or ``error`` (all the meter reads of a non-terminal event).
 """
 
 from __future__ import annotations
@@ -63,6 +64,19 @@ def event_type(content: bytes) -> str | None:
     head = _TYPE_AT_HEAD.match(content)
     if head is not None:
         return head.group(1).decode("utf-8", "replace")
+    return _parsed_type(content)
+
+
+def _unread(content: bytes, start: int) -> bool:
+    """Whether the meter would read nothing of a (non-terminal) event after its type at ``start``: it reads only a
+    top-level ``response`` (model, usage) or ``error``, so bytes naming neither (nor holding an escape that could
+    spell one) change nothing there. Output items, content parts and the like (Codex sends many a turn) are then
+    not parsed."""
+    return content.find(b'"response', start) < 0 and content.find(b'"error', start) < 0 and content.find(
+        b"\\u", start) < 0
+
+
+def _parsed_type(content: bytes) -> str | None:
     obj = _loads(content)
     kind = obj.get("type") if isinstance(obj, dict) else None
     return kind if isinstance(kind, str) else None
@@ -97,9 +111,16 @@ class SocketTurns:
         turn.last_event_at = at
         if turn.first_event_at is None:
             turn.first_event_at = at
-        kind = event_type(content)
-        text = content.decode("utf-8", "replace")
-        turn.extractor.on_event(SSEEvent(kind or "message", text))
+        head = _TYPE_AT_HEAD.match(content)
+        if head is None:
+            kind = _parsed_type(content)
+        elif UsageExtractor.noise(name := head.group(1)):
+            return None  # a delta (most messages): the meter skips it by its name, so it is not decoded
+        else:
+            kind = name.decode("utf-8", "replace")
+            if kind not in _ENDS and _unread(content, head.end()):
+                return None
+        turn.extractor.on_event(SSEEvent(kind or "message", content.decode("utf-8", "replace")))
         if kind not in _ENDS:
             return None
         if kind == "error":
@@ -157,16 +178,15 @@ class KeptMessages:
     def __init__(self, budget: int, size: Callable[[Any], int] = lambda m: len(m.content)) -> None:
         self.budget = budget
         self._size = size
-        self._kept = 0  # bytes of the messages in the list (the newest's included)
+        self._kept = 0  # bytes of the messages in the list (the newest's included); only counted with a budget
 
     def added(self, messages: MutableSequence[Any]) -> None:
         """The newest message was just appended to ``messages``: drop the oldest beyond the budget."""
-        size = self._size
         if not self.budget:  # the common case: nothing shows flows, nothing is kept but the newest
             if len(messages) > 1:
                 del messages[:-1]
-            self._kept = size(messages[-1]) if messages else 0
-            return
+            return  # no byte count: the budget is fixed for the socket's life
+        size = self._size
         self._kept += size(messages[-1])
         drop = 0
         while self._kept > self.budget and drop < len(messages) - 1:

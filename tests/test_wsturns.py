@@ -48,6 +48,48 @@ def test_a_turn_is_metered_from_its_first_event_to_its_terminal_one():
     assert t.response_bytes > 0
 
 
+def test_deltas_are_counted_by_their_head_and_never_read_further():
+    turns = SocketTurns()
+    turns.start(t := turn())
+    # The meter ignores a delta by its name: what follows the type is not read (not even decoded).
+    odd = b'{"type":"response.output_text.delta","usage":{"input_tokens":7},"error":{"message":"x"},\xff'
+    assert turns.server_message(odd, 1.0) is None
+    assert turns.server_message(ev("ping"), 1.5) is None
+    assert (t.events, t.response_bytes, t.extractor.usage, t.extractor.error) == (2, len(odd) + len(ev("ping")),
+                                                                                  None, None)
+    # A type that is not first is found by parsing: the message is still metered.
+    late = json.dumps({"sequence_number": 9, "type": "response.completed",
+                       "response": json.loads(completed())["response"]}).encode()
+    assert turns.server_message(late, 2.0) is t and t.extractor.usage == Usage(100, 20, 0, 30, 5)
+
+
+@pytest.mark.parametrize("extra", [b'', b',"item":{"type":"message","content":[{"text":"an error? a response?"}]}'])
+def test_events_the_meter_reads_nothing_of_are_counted_and_change_nothing(extra):
+    turns = SocketTurns()
+    turns.start(t := turn(model=None))
+    done = b'{"type":"response.output_item.done","output_index":0' + extra + b'}'
+    assert turns.server_message(done, 1.0) is None
+    assert (t.events, t.response_bytes, t.extractor.model, t.extractor.error) == (1, len(done), None, None)
+
+
+@pytest.mark.parametrize("error_key", [b'"error"', b'"\\u0065rror"'])
+def test_a_top_level_error_in_any_event_is_read_even_spelled_with_an_escape(error_key):
+    turns = SocketTurns()
+    turns.start(t := turn())
+    assert turns.server_message(b'{"type":"response.output_item.done",' + error_key + b':{"message":"boom"}}',
+                                1.0) is None
+    assert turns.server_message(completed(), 2.0) is t
+    assert t.extractor.error is not None and "boom" in t.extractor.error
+    assert t.outcome is not None and t.outcome.status == "failed"
+
+
+def test_a_response_object_in_a_non_terminal_event_still_names_the_model():
+    turns = SocketTurns()
+    turns.start(t := turn(model=None))
+    assert turns.server_message(ev("response.in_progress", response={"model": "gpt-5-2025"}), 1.0) is None
+    assert t.extractor.model == "gpt-5-2025"
+
+
 @pytest.mark.parametrize(("kind", "status"), [("response.incomplete", "success"), ("response.failed", "failed")])
 def test_incomplete_and_failed_end_a_turn_with_their_usage(kind, status):
     turns = SocketTurns()
