@@ -106,7 +106,9 @@ def test_codex_builtin_provider_over_websocket(clis, relay, tmp_path):
     assert "hello" in out and not any(r in out for r in RETRIES), out
     ws = relay.ws
     # One socket, with the node's key; Codex's prewarm (generate: false) and its turn on it.
-    assert len(ws.headers) == 1 and ws.headers[0]["authorization"] == "Bearer sk-node-ws-0123456789"
+    # Two upgrades at the node: the relay's check that a node not seen taking one does (docs/how-it-works.md),
+    # then the socket; both with the node's key. One socket for the client: no reconnect.
+    assert len(ws.headers) == 2 and {h["authorization"] for h in ws.headers} == {"Bearer sk-node-ws-0123456789"}
     assert [c.get("generate", True) for c in ws.creates] == [False, True]
     assert ws.sent == WS_USAGES
     rows = _metered(relay, "builtin", len(ws.sent))
