@@ -12,6 +12,7 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -352,21 +353,28 @@ def test_sigkill_loses_only_the_calls_of_its_last_moments(db_url, upstreams, tmp
     assert len(stored) >= len(answered) - len(lost)
 
 
-def test_a_stopped_writer_process_loses_nothing_and_sigterm_ends_within_its_bound(db_url, upstreams, tmp_path):
+@contextlib.contextmanager
+def relay_with_a_stopped_writer(db_url: str, upstreams, tmp_path) -> Iterator[tuple[RelayProcess, dict, object]]:
+    """A relay whose writer process is SIGSTOPped: (relay, its options, its journal); both ended afterwards."""
     spool = tmp_path / "spool.db"
     options = {"codex_nodes": str(upstreams), "codex_spool": str(spool), "codex_ping_interval": "0"}
     relay = RelayProcess(db_url=db_url, options=options).start()
+    stopped = writer_pid(relay)
     try:
-        stopped = writer_pid(relay)
         os.kill(stopped, signal.SIGSTOP)
-        assert drive(relay.port, 20) == [200] * 20
-        began = time.monotonic()
-        assert relay.stop(timeout=60) == 0
-        took = time.monotonic() - began
+        yield relay, options, spool
     finally:
         relay.kill()
         with contextlib.suppress(ProcessLookupError):
             os.kill(stopped, signal.SIGKILL)
+
+
+def test_a_stopped_writer_process_loses_nothing_and_sigterm_ends_within_its_bound(db_url, upstreams, tmp_path):
+    with relay_with_a_stopped_writer(db_url, upstreams, tmp_path) as (relay, options, spool):
+        assert drive(relay.port, 20) == [200] * 20
+        began = time.monotonic()
+        assert relay.stop(timeout=60) == 0
+        took = time.monotonic() - began
     assert took < 3.0 + 3.0, f"SIGTERM took {took:.1f} s with a stopped writer process"  # its stall bound
     assert "stalled" in relay.output()
     settle_journals(db_url, options, spool)
@@ -376,19 +384,10 @@ def test_a_stopped_writer_process_loses_nothing_and_sigterm_ends_within_its_boun
 def test_a_writer_process_stopped_under_traffic_is_replaced_and_sigkill_then_loses_nothing(db_url, upstreams,
                                                                                           tmp_path):
     """The issue's case: 300 calls with the writer process stopped, then SIGKILL (170 of 300 were lost)."""
-    spool = tmp_path / "spool.db"
-    options = {"codex_nodes": str(upstreams), "codex_spool": str(spool), "codex_ping_interval": "0"}
-    relay = RelayProcess(db_url=db_url, options=options).start()
-    try:
-        stopped = writer_pid(relay)
-        os.kill(stopped, signal.SIGSTOP)
+    with relay_with_a_stopped_writer(db_url, upstreams, tmp_path) as (relay, options, spool):
         assert drive(relay.port, 300) == [200] * 300
         # Noticed: from then on its records are in the relay's journal or with a new writer process.
         wait_for(lambda: "stalled" in relay.output(), what="the stall noticed")
         os.kill(relay.proc.pid, signal.SIGKILL)
-    finally:
-        relay.kill()
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(stopped, signal.SIGKILL)
     settle_journals(db_url, options, spool)
     assert totals(db_url)[:3] == (300, 300, 300)
