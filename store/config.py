@@ -116,6 +116,10 @@ def node_from_mapping(item: Any, where: str) -> NodeConfig:
     # The column sizes of `nodes`: MySQL would refuse a longer value with the key in its error text.
     if len(api_key) > 512 or len(name) > 128 or len(base_url) > 512:
         raise ConfigError(f"{where} ({node_id}): api_key and base_url are limited to 512 characters, name to 128")
+    # A key goes into a header: printable ASCII without spaces (a lone surrogate or a control character in a
+    # JSON string would fail there, later and less clearly); a name is shown, so printable.
+    if not (api_key.isascii() and api_key.isprintable() and " " not in api_key) or not name.isprintable():
+        raise ConfigError(f"{where} ({node_id}): api_key must be printable ASCII without spaces, name printable")
     usage_probe = item.get("usage_probe", True)
     if not isinstance(usage_probe, bool):
         raise ConfigError(f"{where} ({node_id}): usage_probe must be true or false, got {usage_probe!r}")

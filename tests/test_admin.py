@@ -151,6 +151,10 @@ def test_changes_need_json_and_a_loopback_origin(env):
     assert node_row(env.runtime, "alpha").weight == 2
     ok = ask(env.admin, "POST", "/admin/api/nodes", body, headers={"origin": "http://127.0.0.1:8000"})
     assert ok.status_code == 200 and node_row(env.runtime, "alpha").weight == 4
+    # A key no header can carry (a lone surrogate from JSON) is a 400 naming the field, not a 500.
+    surrogate = b'{"id": "alpha", "base_url": "http://127.0.0.1:9/v1", "api_key": "sk-\\ud800"}'
+    refused = ask(env.admin, "POST", "/admin/api/nodes", surrogate, headers={"content-type": "application/json"})
+    assert refused.status_code == 400 and "api_key must be printable ASCII" in data(refused)["error"]
 
 
 def test_only_admin_paths_in_reverse_mode_are_answered(env):

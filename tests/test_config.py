@@ -45,6 +45,8 @@ def test_loads_nodes_with_defaults(tmp_path):
     # Issue 25: both were taken silently (no alerts; a node sent calls without a key).
     ('[[nodes]]\nid = "a"\nbase_url = "https://a"', "api_key is required"),
     ('[[nodes]]\nid = "a"\nbase_url = "https://a"\napi_key = ""', "api_key is required"),
+    ('[[nodes]]\nid = "a"\nbase_url = "https://a"\napi_key = "sk-\\u0000"', "printable ASCII without spaces"),
+    ('[[nodes]]\nid = "a"\nbase_url = "https://a"\napi_key = "sk key"', "printable ASCII without spaces"),
     ('[[nodes]]\nid = "a"\nbase_url = "https://a"\napi_key = "k"\n[[webhook]]\nurl = "https://hooks.example/x"',
      "unknown top-level 'webhook'; a nodes file has [[nodes]], [[sources]], [[webhooks]]"),
     ('weight = 3\n[[nodes]]\nid = "a"\nbase_url = "https://a"\napi_key = "k"', "unknown top-level 'weight'"),
