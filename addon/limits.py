@@ -190,10 +190,10 @@ class Limits:
         _log_refusal(flow, spec, "budget", response)
         return response
 
-    def models_of(self, flow: http.HTTPFlow) -> tuple[str, ...] | None:
-        """The model globs this flow's key may use; None: any model (or no key)."""
+    def model_filter(self, flow: http.HTTPFlow) -> Callable[[str], bool] | None:
+        """Which models this flow's key may use (``KeySpec.allows_model``); None: any model (or no key)."""
         spec = self._spec(flow)
-        return spec.models if spec is not None else None
+        return spec.allows_model if spec is not None and spec.models is not None else None
 
     def release(self, flow: http.HTTPFlow, holder: str | None = None) -> None:
         """The call of ``flow`` (``holder``: as given to ``admit``) ended: its concurrency slot is free (no-op

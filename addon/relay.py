@@ -24,7 +24,6 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from fnmatch import fnmatchcase
 
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.addons.clientplayback import ReplayHandler
@@ -89,7 +88,7 @@ class CallState:
     requested_model: str | None = None  # the client's model; ``model`` becomes the one sent, then reported
     original_body: bytes | None = None  # the client's body, kept once the relay rewrote it for a node
     probed: bool = False  # the body sent asks for usage the client did not ask for (addon.usageprobe)
-    model_globs: tuple[str, ...] | None = None  # a model list answered with only the models the key may use
+    model_filter: Callable[[str], bool] | None = None  # a model list answered with only the key's models
     websocket: bool = False  # a Responses WebSocket upgrade: its turns are the invocations (addon.wsrelay)
 
 
@@ -238,7 +237,7 @@ class Relay:
                 flow.response = refusal
                 return
             if self.limits is not None and is_model_list(target):
-                state.model_globs = self.limits.models_of(flow)
+                state.model_filter = self.limits.model_filter(flow)
         if not routed:
             clear_as_is(flow)  # monitor mode: the request goes where it was sent, unchanged
             return
@@ -403,7 +402,7 @@ class Relay:
                                                         api_format=state.api_format,
                                                         model=state.requested_model) is not None)
             return
-        if state.model_globs is not None and resp.status_code == 200:
+        if state.model_filter is not None and resp.status_code == 200:
             return  # a model list is small: held whole, to answer only the key's models (response)
         resp.stream = _start_meter(state, resp, self._keep_body, found)
         self._streaming[flow.id] = state
@@ -420,10 +419,9 @@ class Relay:
         if state.retry:
             await self._retry(flow, state)
         resp = flow.response
-        if state.model_globs is not None and state.node is not None and resp.status_code == 200:
-            node, globs = state.node.config, state.model_globs
-            listed = filter_model_list(resp.content or b"", lambda m: serves_model(node, m) and any(
-                fnmatchcase(m, g) for g in globs))
+        if state.model_filter is not None and state.node is not None and resp.status_code == 200:
+            node, allowed = state.node.config, state.model_filter
+            listed = filter_model_list(resp.content or b"", lambda m: serves_model(node, m) and allowed(m))
             if listed is not None:
                 resp.content = listed
         if state.meter is None and resp.status_code >= 400:

@@ -22,7 +22,7 @@ from addon.endpoints import (
     endpoint_allowed,
     filter_model_list,
 )
-from bench.fakeupstream import FakeUpstream
+from bench.fakeupstream import MODELS, FakeUpstream
 from bench.relayproc import RelayProcess
 from store.config import NODE_FORMATS
 from tests.test_e2e import rows, write_nodes
@@ -136,6 +136,17 @@ def socket_turn(port: int, key: str | None) -> dict:
                 return event
 
 
+def list_models(port: int, key: str) -> list[str]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("GET", "/v1/models", headers={"authorization": f"Bearer {key}"})
+        resp = conn.getresponse()
+        assert resp.status == 200
+        return [m["id"] for m in json.loads(resp.read())["data"]]
+    finally:
+        conn.close()
+
+
 def cells() -> list[tuple[str, bool, str]]:
     return [(endpoint, stream, state) for endpoint in CALLS for stream in ((False, True) if endpoint in STREAMED
                                                                             else (False,))
@@ -183,6 +194,10 @@ def test_every_call_is_metered_or_refused_before_any_node(db_url: str, tmp_path:
                         assert event["type"] == "error", (state, event)
                         assert (event["status"], event["error"]["code"]) == outcome, (state, event)
                         assert len(ws.creates) == creates, f"websocket {state}: the refused turn reached the node"
+                # GET /v1/models answers a key with models only those it may use (a call like any other).
+                if source == "keys":
+                    assert list_models(relay.port, KEYS["ok"]) == list(MODELS)
+                    assert list_models(relay.port, KEYS["other"]) == []
         both.stop()
     ws.stop()
     # 4 sockets, and each relay asked the node once before its first (addon.wsrelay's takes_upgrade).
@@ -198,6 +213,7 @@ def test_every_call_is_metered_or_refused_before_any_node(db_url: str, tmp_path:
             endpoint = "responses"
         wanted[(source, path, None if endpoint == "unknown" else endpoint, model, stream, "success",
                 usage or (0, 0, 0, 0))] += 1
+    wanted[("keys", "/v1/models", None, None, False, "success", (0, 0, 0, 0))] += 2
     assert found == wanted
     # Token counting and unknown paths are never billed; priced models are.
     assert all(r.cost is None for r in got if r.api_format in (None, "count_tokens"))
