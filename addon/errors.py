@@ -17,7 +17,7 @@ import inspect
 import json
 import logging
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from mitmproxy import http
@@ -112,9 +112,19 @@ def fail_closed[F: Callable[..., Any]](hook: F) -> F:
         return wrapped_async  # type: ignore[return-value]
 
     @functools.wraps(hook)
-    def wrapped(self: Any, flow: http.HTTPFlow) -> None:
+    def wrapped(self: Any, flow: http.HTTPFlow) -> Awaitable[None] | None:
         try:
-            hook(self, flow)
+            result = hook(self, flow)
         except Exception:
             _refuse_after_error(flow, name)
+            return None
+        # A sync hook may hand mitmproxy something to await (only on its rare path): guarded the same way.
+        return _guarded(result, flow, name) if result is not None and inspect.isawaitable(result) else None
     return wrapped  # type: ignore[return-value]
+
+
+async def _guarded(pending: Awaitable[Any], flow: http.HTTPFlow, name: str) -> None:
+    try:
+        await pending
+    except Exception:
+        _refuse_after_error(flow, name)

@@ -6,8 +6,8 @@ a ``--set`` of one of this script's options that cannot be applied (given twice,
 option's type) makes mitmproxy drop the whole script silently — the process then serves as a bare
 proxy with no client auth, routing or masking — and ``--set`` names nobody declared are kept unused.
 ``StartupCheck``, the script's last addon, finds both, says so, and makes the process exit; until
-start-up is over (every addon configured, its ``running`` reached), the ``Gate`` answers every request
-with a 503. It also refuses to
+start-up is over (every addon configured, its ``running`` reached), the ``Gate`` holds every request
+(mitmproxy listens before the script's ``running`` hook), and answers them 503 if start-up fails. It also refuses to
 start an open relay: one that routes to nodes (the ``Runtime``'s pool) and listens beyond loopback
 without client keys, unless ``codex_allow_open`` says so.
 """
@@ -176,7 +176,7 @@ class StartupCheck:
 
     def running(self) -> None:
         # The proxy listens before any addon's ``running`` hook: the gate opens here, at the end of start-up,
-        # never earlier, so a request that arrives meanwhile gets the gate's 503, not a half-started relay.
+        # never earlier, so a request that arrives meanwhile waits for it, never meets a half-started relay.
         self.started = True
         opts = ctx.options
         for problem in (unknown_options_message(opts.deferred, (name for name, _ in opts.items())),
@@ -187,10 +187,10 @@ class StartupCheck:
             if problem:
                 self.problems.append(problem)
         if self.problems or not self.configured:
-            self.gate.ready = False
+            self.gate.settle(False)
             fatal("; ".join(self.problems) or "the relay's configuration did not complete")
             return
-        self.gate.ready = True
+        self.gate.settle(True)
         log.info(self._summary())
         # Start-up is over: what it loaded (modules, the price data, the schema) lives as long as the
         # process. Frozen, it is no longer walked by every full garbage collection (~90 ms each, every

@@ -7,6 +7,7 @@ Each run is bounded by ``RUN_TIMEOUT_S`` and has a clean temporary HOME: no user
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import os
 import shutil
@@ -35,13 +36,18 @@ def _unavailable(reason: str) -> None:
 @functools.cache
 def _install() -> dict[str, Path] | str:
     bins = {"codex": CACHE / "node_modules/.bin/codex", "claude": CACHE / "node_modules/.bin/claude"}
-    if not all(b.exists() for b in bins.values()):
-        if shutil.which("npm") is None:
-            return "npm is not installed"
-        done = subprocess.run(["npm", "install", "--prefix", str(CACHE), "--no-audit", "--no-fund", *PACKAGES],
-                              capture_output=True, text=True, timeout=600)
-        if done.returncode != 0 or not all(b.exists() for b in bins.values()):
-            return f"npm install {' '.join(PACKAGES)} failed: {done.stderr[-2000:]}"
+    if shutil.which("npm") is None and not all(b.exists() for b in bins.values()):
+        return "npm is not installed"
+    CACHE.mkdir(exist_ok=True)
+    # One install at a time: test workers start together on a fresh clone, and a CLI run while another
+    # worker's npm rewrites its binary fails with ETXTBSY. The check is made again under the lock.
+    with (CACHE / ".install.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not all(b.exists() for b in bins.values()):
+            done = subprocess.run(["npm", "install", "--prefix", str(CACHE), "--no-audit", "--no-fund", *PACKAGES],
+                                  capture_output=True, text=True, timeout=600)
+            if done.returncode != 0 or not all(b.exists() for b in bins.values()):
+                return f"npm install {' '.join(PACKAGES)} failed: {done.stderr[-2000:]}"
     return bins
 
 

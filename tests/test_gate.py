@@ -9,6 +9,7 @@ import pytest
 from mitmproxy import exceptions, optmanager
 from mitmproxy.test import taddons, tflow
 
+from addon import gate as gate_module
 from addon.egress import EGRESS_KEY, attach
 from addon.errors import error_response, fail_closed
 from addon.gate import EgressCheck, Gate
@@ -38,24 +39,61 @@ def error_of(f) -> dict:
     return json.loads(f.response.content)
 
 
-def test_nothing_is_handled_until_the_script_is_configured():
-    gate = Gate(RefusalSink())
-    f = flow()
-    gate.requestheaders(f)
-    assert f.response.status_code == 503 and error_of(f)["error"]["code"] == "relay_not_ready"
-    assert answered(f) and f.metadata[REFUSED_KEY] == 503
-    # The Anthropic client of /v1/messages gets Anthropic's shape.
-    m = flow("/v1/messages")
-    gate.requestheaders(m)
-    assert error_of(m) == {"type": "error", "error": {"type": "overloaded_error", "message": error_of(m)["error"]
-                                                      ["message"]}}
+def test_requests_wait_for_the_end_of_start_up_then_pass_on():
+    """mitmproxy may serve before the script's ``running`` hook: such a request waits, and goes on once
+    start-up is over (a relay restarted behind a balancer answers its first calls)."""
+    async def scenario() -> None:
+        gate = Gate(RefusalSink())
+        f, bad = flow(), flow("/v1/./responses")
+        held = [asyncio.ensure_future(gate.requestheaders(f)), asyncio.ensure_future(gate.requestheaders(bad))]
+        await asyncio.sleep(0)  # let them start waiting
+        assert not any(h.done() for h in held) and f.response is None
+        gate.settle(True)
+        await asyncio.gather(*held)
+        assert f.response is None and not answered(f)
+        # The checks of a ready gate still run on a held request.
+        assert bad.response.status_code == 400 and error_of(bad)["error"]["code"] == "invalid_request_target"
+        assert gate.requestheaders(flow()) is None  # ready: nothing to wait for
+
+    asyncio.run(scenario())
+
+
+def test_requests_held_at_start_up_get_503_when_it_fails_and_later_ones_at_once():
+    async def scenario() -> None:
+        gate = Gate(RefusalSink())
+        f = flow()
+        held = asyncio.ensure_future(gate.requestheaders(f))
+        await asyncio.sleep(0)
+        gate.settle(False)
+        await held
+        assert f.response.status_code == 503 and error_of(f)["error"]["code"] == "relay_not_ready"
+        assert answered(f) and f.metadata[REFUSED_KEY] == 503
+        # The Anthropic client of /v1/messages gets Anthropic's shape, without waiting.
+        m = flow("/v1/messages")
+        assert gate.requestheaders(m) is None
+        assert error_of(m) == {"type": "error", "error": {"type": "overloaded_error",
+                                                          "message": error_of(m)["error"]["message"]}}
+
+    asyncio.run(scenario())
+
+
+def test_a_start_up_longer_than_the_hold_gets_503(monkeypatch):
+    monkeypatch.setattr(gate_module, "START_HOLD_S", 0.01)
+
+    async def scenario() -> None:
+        gate = Gate(RefusalSink())
+        f = flow()
+        await gate.requestheaders(f)
+        assert f.response.status_code == 503 and error_of(f)["error"]["code"] == "relay_not_ready"
+
+    asyncio.run(scenario())
 
 
 @pytest.mark.parametrize("path", ["@127.0.0.1:1/v1/responses", "/admin#/../v1/responses", "/v1/r\udcc3\udca9sponses",
                                   "//evil/v1/responses", "/v1/./responses", "/v1%2Fresponses"])
 def test_non_canonical_targets_get_400_on_the_relays_port(path):
     gate = Gate(RefusalSink())
-    gate.ready = True
+    gate.settle(True)
     f = flow(path)
     gate.requestheaders(f)
     assert f.response.status_code == 400 and error_of(f)["error"]["code"] == "invalid_request_target"
@@ -70,7 +108,7 @@ def test_non_canonical_targets_get_400_on_the_relays_port(path):
                                              (b"x-a", b"a\nb")])
 def test_a_header_with_a_cr_lf_or_nul_is_refused_with_400_before_any_addon_reads_it(mode, name, value):
     gate = Gate(RefusalSink())
-    gate.ready = True
+    gate.settle(True)
     for path, shape in (("/v1/responses", "openai"), ("/v1/messages", "anthropic")):
         f = flow(path, mode)
         f.request.headers.fields = ((b"authorization", b"Bearer k"), (name, value), (b"x-b", b"fine"))

@@ -73,7 +73,9 @@ def _call_as_soon_as_it_listens(port: int, path: str, body: bytes, answers: list
 @pytest.mark.slow
 def test_requests_the_moment_the_port_opens_never_kill_the_relay(tmp_path):
     """mitmproxy listens before its addons' ``running`` hooks (its certificate store among them); a request
-    in between used to end the process (5 of 5 starts). Now it gets the gate's 503 or its answer, on every start."""
+    in between used to end the process (5 of 5 starts), then got a 503 (a relay restarted behind a balancer
+    that still counted it up refused calls). Now such a request waits for the end of start-up: every request
+    sent the moment the port accepts is served, on every start."""
     with FakeUpstream() as up:
         for attempt in range(5):
             port = free_port()
@@ -94,8 +96,7 @@ def test_requests_the_moment_the_port_opens_never_kill_the_relay(tmp_path):
                 for answer in answers:
                     status = answer.split(b"\r\n", 1)[0]
                     assert status.startswith(b"HTTP/1.1 "), (attempt, answer[:300], relay.output()[-2000:])
-                    if status.startswith(b"HTTP/1.1 503"):
-                        assert b'"relay_not_ready"' in answer, answer
+                    assert not status.startswith(b"HTTP/1.1 503"), (attempt, answer[:300])
                 assert relay.proc is not None and relay.proc.poll() is None, relay.output()
                 ok = _call_as_soon_as_it_listens
                 late: list[bytes] = []
