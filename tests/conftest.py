@@ -18,10 +18,10 @@ import sqlalchemy as sa
 from mitmproxy.proxy.mode_specs import ProxyMode
 from mitmproxy.test import tflow
 
-from bench import relayproc
-from bench.relayproc import ROOT
-from bench.warm import Zygote
 from store.engine import make_engine, upgrade_to_head
+from tests.support import relayproc
+from tests.support.relayproc import ROOT
+from tests.support.warm import Zygote
 
 MYSQL_SERVER_URL = os.environ.get("CODEX_TEST_MYSQL", "mysql+pymysql://root@127.0.0.1:3306/test")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -85,7 +85,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="session", autouse=True)
 def warm_relays(request: pytest.FixtureRequest) -> Iterator[None]:
-    """Relays started by this session's tests fork from one warm interpreter (bench.warm): a start costs
+    """Relays started by this session's tests fork from one warm interpreter (tests.support.warm): a start costs
     ~0.1 CPU-s instead of ~1; each relay is still its own process running mitmdump's main."""
     if not any(item.get_closest_marker("e2e") for item in request.session.items):
         yield

@@ -22,15 +22,15 @@ from mitmproxy.test import taddons, tflow
 
 from addon.admin import Admin, is_loopback, session_cookie
 from addon.runtime import Runtime
-from bench.fakeupstream import FakeUpstream
-from bench.relayproc import RelayProcess
 from store import stats
 from store.engine import make_engine, upgrade_to_head
 from store.invocations import apply_batch
 from store.records import InvocationRecord, Usage
 from store.schema import codex_invocations, nodes
 from tests.conftest import wait_for
-from tests.fakestats import FakeStats, crs_item, crs_response
+from tests.support.fakestats import FakeStats, crs_item, crs_response
+from tests.support.fakeupstream import FakeUpstream
+from tests.support.relayproc import RelayProcess
 from tests.test_e2e import call, write_nodes
 
 ALPHA_KEY = "sk-alpha-0123456789abcdef"

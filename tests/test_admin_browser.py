@@ -19,8 +19,6 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from bench.fakeupstream import FakeUpstream
-from bench.relayproc import ROOT, RelayProcess
 from store.config import node_from_mapping
 from store.engine import make_engine
 from store.invocations import apply_batch
@@ -29,6 +27,8 @@ from store.records import InvocationRecord, Usage
 from store.schema import codex_invocations, nodes
 from store.stats import Filters, per_hour
 from tests.conftest import IN_CI, wait_for
+from tests.support.fakeupstream import FakeUpstream
+from tests.support.relayproc import ROOT, RelayProcess
 from tests.test_e2e import call, write_nodes
 
 pytestmark = pytest.mark.e2e

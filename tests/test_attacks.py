@@ -26,10 +26,10 @@ import h2.events
 import pytest
 from mitmproxy import io
 
-from bench.fakeupstream import Behaviour, FakeUpstream
-from bench.procstat import PeakRss
-from bench.relayproc import ROOT, RelayProcess
 from tests.conftest import IN_CI, wait_for
+from tests.support.fakeupstream import Behaviour, FakeUpstream
+from tests.support.procstat import PeakRss
+from tests.support.relayproc import ROOT, RelayProcess
 from tests.test_e2e import rows, write_nodes
 from tests.test_failover import HEAVY, closed_port
 

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from bench.fakeupstream import FakeUpstream
-from bench.relayproc import RelayProcess
 from tests.conftest import IN_CI, wait_for
+from tests.support.fakeupstream import FakeUpstream
+from tests.support.relayproc import RelayProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -106,7 +106,7 @@ def test_every_relative_link_points_to_an_existing_file():
 
 
 def test_the_docs_show_the_shipped_haproxy_configuration():
-    """bench/haproxy.py and the fleet tests run examples/haproxy.cfg: the page shows that very file."""
+    """tests/support/haproxy.py and the fleet tests run examples/haproxy.cfg: the page shows that very file."""
     assert (ROOT / "examples" / "haproxy.cfg").read_text() in (DOCS / "several-relays.md").read_text()
 
 

@@ -12,10 +12,10 @@ import threading
 
 import pytest
 
-from bench.fakeupstream import Behaviour, FakeUpstream
-from bench.haproxy import accepts
-from bench.relayproc import RelayProcess
 from tests.conftest import wait_for
+from tests.support.fakeupstream import Behaviour, FakeUpstream
+from tests.support.haproxy import accepts
+from tests.support.relayproc import RelayProcess
 from tests.test_e2e import call, rows
 
 pytestmark = [pytest.mark.e2e, pytest.mark.fault]

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from bench.fakeupstream import Behaviour, FakeUpstream
-from bench.relayproc import RelayProcess
+from tests.support.fakeupstream import Behaviour, FakeUpstream
+from tests.support.relayproc import RelayProcess
 
 pytestmark = pytest.mark.e2e
 
@@ -222,7 +222,7 @@ def test_relay_prices_calls_and_polls_provider_stats(sqlite_url, tmp_path):
     """Cost is estimated from the price table; the nodes file's [[sources]] are polled inside the relay."""
     from store.prices import load_prices
     from store.records import Usage
-    from tests.fakestats import FakeStats, crs_item, crs_response
+    from tests.support.fakestats import FakeStats, crs_item, crs_response
 
     with FakeUpstream("p") as up, FakeStats() as stats:
         stats.queue(200, crs_response(crs_item("gpt-5-codex", 3, 300, 30, cost=0.5)))

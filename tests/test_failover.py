@@ -12,9 +12,9 @@ from collections import Counter
 
 import pytest
 
-from bench.fakeupstream import Behaviour, FakeUpstream
-from bench.relayproc import RelayProcess
 from tests.conftest import wait_for
+from tests.support.fakeupstream import Behaviour, FakeUpstream
+from tests.support.relayproc import RelayProcess
 from tests.test_e2e import call, rows, write_nodes
 
 pytestmark = pytest.mark.e2e

@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from bench.fakeupstream import Behaviour, FakeUpstream
-from bench.relayproc import RelayProcess
 from tests.conftest import wait_for
+from tests.support.fakeupstream import Behaviour, FakeUpstream
+from tests.support.relayproc import RelayProcess
 from tests.test_e2e import call, write_nodes
 from tests.test_failover import HEAVY
 

@@ -18,10 +18,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from bench.fakeupstream import Behaviour, FakeUpstream
-from bench.haproxy import HAPROXY, accepts, free_port, haproxy_config, start_haproxy
-from bench.relayproc import RelayProcess
 from tests.conftest import IN_CI, wait_for
+from tests.support.fakeupstream import Behaviour, FakeUpstream
+from tests.support.haproxy import HAPROXY, accepts, free_port, haproxy_config, start_haproxy
+from tests.support.relayproc import RelayProcess
 from tests.test_e2e import call, rows, write_nodes
 
 pytestmark = pytest.mark.e2e

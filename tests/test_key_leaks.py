@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from mitmproxy import io
 
-from bench.fakeupstream import Behaviour, FakeUpstream
-from bench.relayproc import RelayProcess
+from tests.support.fakeupstream import Behaviour, FakeUpstream
+from tests.support.relayproc import RelayProcess
 from tests.test_e2e import PATHS, rows, write_nodes
 from tests.test_failover import wait_for
 

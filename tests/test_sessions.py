@@ -1,7 +1,7 @@
 """Sessions stick for every coding client (addon.sessions), and a node's prompt cache shows it.
 
 Plain functions, then the routing driven in process (no proxy): the relay's own session reading and
-node choice, over three nodes that each cache prompts per conversation (bench.fakeupstream.PromptCache).
+node choice, over three nodes that each cache prompts per conversation (tests.support.fakeupstream.PromptCache).
 The same over a real relay is in tests/test_sessions_e2e.py.
 """
 
@@ -16,9 +16,9 @@ from mitmproxy.test import taddons
 from addon.callbody import read_call_body
 from addon.routing import Node, NodePool, StickyMap
 from addon.sessions import SESSION_KEY_MAX, body_session, claude_session, session_key
-from bench.fakeupstream import PromptCache
 from store.records import NodeConfig
-from tests.sessionsim import CLIENTS, sessions
+from tests.support.fakeupstream import PromptCache
+from tests.support.sessionsim import CLIENTS, sessions
 from tests.test_wsrelay import Env, completed, node
 
 LIMIT = 1 << 20

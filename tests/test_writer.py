@@ -19,7 +19,7 @@ from store.schema import codex_invocations, nodes
 from store.spool import Spool, SpoolInUse, decode, default_spool_path, encode
 from store.writer import Writer
 from tests.conftest import wait_for
-from tests.tcpproxy import TcpProxy
+from tests.support.tcpproxy import TcpProxy
 from tests.test_store import modes, record, umask_022  # noqa: F401 - a fixture
 
 

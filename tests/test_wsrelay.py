@@ -20,11 +20,11 @@ from addon.limits import Limits
 from addon.relay import CallState, Relay
 from addon.routing import Node, NodePool
 from addon.wsrelay import NO_WEBSOCKET_S
-from bench.fakeupstream import Behaviour, FakeUpstream
 from store.keys import KeySpec
 from store.records import InvocationRecord, NodeConfig, NodeStateUpdate
 from tests.conftest import request_flow, wait_for
-from tests.wsupstream import WsUpstream
+from tests.support.fakeupstream import Behaviour, FakeUpstream
+from tests.support.wsupstream import WsUpstream
 
 
 class Env:

@@ -14,8 +14,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.fakeupstream import FakeUpstream
-from bench.relayproc import RelayProcess
+from tests.support.fakeupstream import FakeUpstream
+from tests.support.relayproc import RelayProcess
 
 
 @dataclass(frozen=True)

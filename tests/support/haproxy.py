@@ -11,7 +11,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 HAPROXY = Path("/usr/sbin/haproxy")
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "haproxy.cfg"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "haproxy.cfg"
 
 
 def haproxy_config(port: int, relay_ports: list[int]) -> str:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.relayproc import ROOT
 from tests.conftest import IN_CI
+from tests.support.relayproc import ROOT
 
 PACKAGES = ("@openai/codex@0.171.0", "@anthropic-ai/claude-code@2.1.197")
 CACHE = ROOT / ".cli-cache"
