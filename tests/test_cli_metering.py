@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from tests.conftest import wait_for
 from tests.support.clis import CLAUDE_QUIET, clean_home, codex_home, installed_clis, run_cli
 from tests.support.fakeupstream import DEFAULT_USAGE, FakeUpstream
 from tests.support.relayproc import RelayProcess
+from tests.support.waiting import wait_for
 from tests.support.wsupstream import WsUpstream
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.xdist_group("clis")]

@@ -23,10 +23,11 @@ from addon.endpoints import (
     filter_model_list,
 )
 from store.config import NODE_FORMATS
+from tests.support.calls import write_nodes
+from tests.support.databases import rows
 from tests.support.fakeupstream import MODELS, FakeUpstream
 from tests.support.relayproc import RelayProcess
 from tests.support.wsupstream import Splitter, WsUpstream
-from tests.test_e2e import rows, write_nodes
 
 
 @pytest.mark.parametrize(("path", "endpoint"), [

@@ -18,12 +18,13 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from tests.conftest import wait_for
+from tests.support.calls import write_nodes
+from tests.support.databases import rows
 from tests.support.fakeupstream import Behaviour, FakeUpstream
 from tests.support.relayproc import ROOT, RelayProcess
 from tests.support.tcpproxy import TcpProxy
+from tests.support.waiting import wait_for
 from tests.support.warm import Zygote
-from tests.test_e2e import rows, write_nodes
 
 pytestmark = [pytest.mark.fault, pytest.mark.e2e]
 

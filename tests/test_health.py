@@ -17,9 +17,10 @@ from addon.outcome import rest_asked
 from addon.routing import Node, NodePool
 from addon.runtime import Runtime
 from store.records import NodeConfig, NodeStateUpdate
-from tests.conftest import wait_for
+from tests.support.calls import write_nodes
+from tests.support.databases import rows
 from tests.support.fakeupstream import FakeUpstream
-from tests.test_e2e import rows, write_nodes
+from tests.support.waiting import wait_for
 
 
 class Clock:

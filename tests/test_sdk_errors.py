@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING
 import pytest
 import sqlalchemy as sa
 
-from tests.conftest import wait_for
+from tests.support.calls import write_nodes
 from tests.support.fakeupstream import Behaviour, FakeUpstream
 from tests.support.refusals import KEYS, ROWS, refusing_relay
 from tests.support.relayproc import RelayProcess
-from tests.test_e2e import write_nodes
+from tests.support.waiting import wait_for
 
 if TYPE_CHECKING:  # the SDKs are imported by the tests that run them: ~4 s a collection need not pay
     import anthropic

@@ -19,7 +19,7 @@ from addon.sessions import SESSION_KEY_MAX, body_session, claude_session, sessio
 from store.records import NodeConfig
 from tests.support.fakeupstream import PromptCache
 from tests.support.sessionsim import CLIENTS, sessions
-from tests.test_wsrelay import Env, completed, node
+from tests.support.wsenv import Env, completed, node
 
 LIMIT = 1 << 20
 SID = "0b7e2c1a-6f4d-4e59-9a51-4f3f2d6c9e10"

@@ -17,11 +17,12 @@ import pytest
 
 from store.engine import make_engine
 from store.stats import Filters, per_session
-from tests.conftest import wait_for
+from tests.support.calls import write_nodes
+from tests.support.databases import rows
 from tests.support.fakeupstream import Behaviour, FakeUpstream, PromptCache
 from tests.support.relayproc import RelayProcess
 from tests.support.sessionsim import Session, sessions
-from tests.test_e2e import rows, write_nodes
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 

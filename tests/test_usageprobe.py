@@ -19,9 +19,10 @@ from addon.routing import Node
 from addon.usageprobe import MAX_HELD_BYTES, UsageChunkFilter, add_include_usage
 from store.config import ConfigError, node_from_mapping
 from store.records import NodeConfig, Usage
+from tests.support.calls import write_nodes
+from tests.support.databases import rows
 from tests.support.fakeupstream import Behaviour, FakeUpstream, chat_events
 from tests.support.relayproc import RelayProcess
-from tests.test_e2e import rows, write_nodes
 
 USAGE = {"prompt_tokens": 120, "completion_tokens": 30, "total_tokens": 150,
          "prompt_tokens_details": {"cached_tokens": 100}, "completion_tokens_details": {"reasoning_tokens": 7}}
