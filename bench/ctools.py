@@ -48,7 +48,7 @@ def start_fakeup(stack: ExitStack) -> int:
 
 
 def start_listener(stack: ExitStack, argv: list[str], cwd: Path | None = None) -> int:
-    """A server process that prints "listening on … PORT" first (fakeup, bench.fakeupstream), killed when
+    """A server process that prints "listening on … PORT" first (fakeup, tests.support.fakeupstream), killed when
     ``stack`` closes; its port."""
     proc = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.PIPE, text=True)
 

@@ -23,11 +23,11 @@ import sqlalchemy as sa
 
 from bench.ctools import start_listener
 from bench.load import LoadResult, run_load
-from bench.relayproc import ROOT, RelayProcess
 from bench.rounds import median, rotated
 from bench.scratch import scratch_mysql, sqlite_url
 from store.engine import make_engine
 from store.schema import codex_invocations
+from tests.support.relayproc import ROOT, RelayProcess
 
 BASELINES = ("mitmdump", "mitmdump-stream")
 CLIENT_KEY = "bench"  # what bench.load sends as its bearer token
@@ -69,7 +69,7 @@ def count_recorded(db_url: str, source: str) -> int:
 
 def start_upstream(stack: ExitStack, *args: str) -> int:
     """The fake upstream in its own process, so it does not share a GIL with the load generator."""
-    return start_listener(stack, [sys.executable, "-m", "bench.fakeupstream", *args], cwd=ROOT)
+    return start_listener(stack, [sys.executable, "-m", "tests.support.fakeupstream", *args], cwd=ROOT)
 
 
 # Printing every flow costs mitmdump more than anything else here: off for all targets alike.

@@ -24,12 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.ctools import Load, loadgen, loadgen_result, loadgen_start, start_fakeup
-from bench.haproxy import HAPROXY, free_port, start_haproxy
 from bench.http import QUIET, bare_mitmdump, count_recorded, relay_options
-from bench.procstat import PeakRss, cpu_seconds, machine_cpu_seconds, rss_kb
-from bench.relayproc import ROOT, RelayProcess
 from bench.rounds import median, rotated
 from bench.scratch import migrated_engine, scratch_mysql, sqlite_url
+from tests.support.haproxy import HAPROXY, start_haproxy
+from tests.support.ports import free_port
+from tests.support.procstat import PeakRss, cpu_seconds, machine_cpu_seconds, rss_kb
+from tests.support.relayproc import ROOT, RelayProcess
 
 BASELINE = "mitmdump-stream"
 

@@ -28,11 +28,11 @@ from pathlib import Path
 
 from bench.ctools import start_listener
 from bench.http import CLIENT_KEY, QUIET, count_recorded, relay_options
-from bench.procstat import cpu_seconds, rss_kb
-from bench.relayproc import ROOT, RelayProcess
 from bench.report import table
 from bench.rounds import median, rotated
 from bench.scratch import sqlite_url
+from tests.support.procstat import cpu_seconds, rss_kb
+from tests.support.relayproc import ROOT, RelayProcess
 
 BASELINE = "mitmdump"
 LOAD_TIMEOUT_S = 600

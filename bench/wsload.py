@@ -1,7 +1,7 @@
 """Responses over WebSocket load for the ``ws`` bench: a fake node and a load generator, each its own process.
 
 The C tools of ``bench/tools`` speak HTTP only, so these are Python (``websockets``); they run as processes of
-their own, and the bench charges the proxies only with the proxies' CPU (``bench.procstat``), never theirs.
+their own, and the bench charges the proxies only with the proxies' CPU (``tests.support.procstat``), never theirs.
 
 ``python -m bench.wsload serve``: a node on 127.0.0.1 answering each ``response.create`` with
 ``response.created``, ``deltas`` text deltas and ``response.completed`` with usage; prints ``listening on PORT``.

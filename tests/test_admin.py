@@ -11,7 +11,6 @@ import datetime as dt
 import json
 import threading
 from http.client import HTTPConnection
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -22,27 +21,17 @@ from mitmproxy.test import taddons, tflow
 
 from addon.admin import Admin, is_loopback, session_cookie
 from addon.runtime import Runtime
-from bench.fakeupstream import FakeUpstream
-from bench.relayproc import RelayProcess
 from store import stats
 from store.engine import make_engine, upgrade_to_head
 from store.invocations import apply_batch
 from store.records import InvocationRecord, Usage
 from store.schema import codex_invocations, nodes
-from tests.conftest import wait_for
-from tests.fakestats import FakeStats, crs_item, crs_response
-from tests.test_e2e import call, write_nodes
-
-ALPHA_KEY = "sk-alpha-0123456789abcdef"
-BETA_KEY = "sk-beta-fedcba9876543210"
-TOKEN = "admin-token-0123456789"
-REVERSE = "reverse:http://127.0.0.1:9"
-
-
-def alpha_and_beta(tmp_path) -> Path:
-    """A nodes file: alpha (weight 2) and beta (weight 1), both on a port nothing listens on."""
-    return write_nodes(tmp_path / "nodes.toml", [("alpha", "http://127.0.0.1:9/v1", ALPHA_KEY, 2),
-                                                 ("beta", "http://127.0.0.1:9/beta/v1", BETA_KEY, 1)])
+from tests.support.admin import ALPHA_KEY, BETA_KEY, REVERSE, TOKEN, alpha_and_beta, ask
+from tests.support.calls import call, write_nodes
+from tests.support.fakestats import FakeStats, crs_item, crs_response
+from tests.support.fakeupstream import FakeUpstream
+from tests.support.relayproc import RelayProcess
+from tests.support.waiting import wait_for
 
 
 @pytest.fixture
@@ -68,20 +57,6 @@ def env(db_url, tmp_path):
             yield SimpleNamespace(runtime=runtime, admin=admin, tctx=tctx)
         finally:
             runtime.done()
-
-
-def ask(admin: Admin, method: str, path: str, body: object = None, *, headers: dict | None = None,
-        peer: tuple = ("127.0.0.1", 50000), mode: str = REVERSE, host: str | None = None) -> http.Response | None:
-    f = tflow.tflow()
-    f.client_conn.peername = peer
-    f.client_conn.proxy_mode = ProxyMode.parse(mode)
-    content = body if isinstance(body, bytes) else b"" if body is None else json.dumps(body).encode()
-    hdrs = {"content-type": "application/json"} if body is not None and not isinstance(body, bytes) else {}
-    f.request = http.Request.make(method, "http://127.0.0.1:9" + path, content, {**hdrs, **(headers or {})})
-    if host is not None:  # after make: setting the URL rewrites the Host header
-        f.request.headers["host"] = host
-    asyncio.run(admin.request(f))
-    return f.response
 
 
 def data(resp: http.Response) -> dict:

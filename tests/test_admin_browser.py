@@ -19,8 +19,6 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from bench.fakeupstream import FakeUpstream
-from bench.relayproc import ROOT, RelayProcess
 from store.config import node_from_mapping
 from store.engine import make_engine
 from store.invocations import apply_batch
@@ -28,8 +26,11 @@ from store.nodes import upsert_nodes
 from store.records import InvocationRecord, Usage
 from store.schema import codex_invocations, nodes
 from store.stats import Filters, per_hour
-from tests.conftest import IN_CI, wait_for
-from tests.test_e2e import call, write_nodes
+from tests.support.calls import call, write_nodes
+from tests.support.ci import unavailable
+from tests.support.fakeupstream import FakeUpstream
+from tests.support.relayproc import ROOT, RelayProcess
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -39,7 +40,7 @@ SCREENSHOT = ROOT / "docs" / "admin.png"
 LIVE = [(1200, 800, 300, 100), (2400, 2000, 500, 200), (900, 0, 150, 0)]
 # The narrowest screen the page is laid out for (issue 30): a laptop's.
 VIEWPORT = {"width": 1280, "height": 800}
-# Every call of the test is the client key "team" (tests.test_e2e.call sends "client-key"), with two limits.
+# Every call of the test is the client key "team" (tests.support.calls.call sends "client-key"), with two limits.
 KEYS = '[[keys]]\nname = "team"\nkey = "client-key"\ndaily_requests = 100\nmonthly_cost = 0.05\n'
 
 
@@ -57,9 +58,7 @@ def _browser_missing() -> str | None:
 def browser():
     reason = _browser_missing()
     if reason:
-        if IN_CI:
-            pytest.fail(f"CI=true requires the browser test: {reason}", pytrace=False)
-        pytest.skip(reason)
+        unavailable("the browser test", reason)
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:

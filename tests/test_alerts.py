@@ -19,7 +19,7 @@ from addon.runtime import Runtime
 from store.config import ConfigError
 from store.records import NodeConfig
 from store.writer import WriterStats
-from tests.conftest import wait_for
+from tests.support.waiting import wait_for
 
 KEY = "sk-alpha-0123456789abcdef"
 

@@ -15,23 +15,22 @@ import gzip
 import http.client
 import json
 import socket
-import ssl
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import h2.config
-import h2.connection
-import h2.events
 import pytest
 from mitmproxy import io
 
-from bench.fakeupstream import Behaviour, FakeUpstream
-from bench.procstat import PeakRss
-from bench.relayproc import ROOT, RelayProcess
-from tests.conftest import IN_CI, wait_for
-from tests.test_e2e import rows, write_nodes
-from tests.test_failover import HEAVY, closed_port
+from tests.support.calls import HEAVY, write_nodes
+from tests.support.ci import unavailable
+from tests.support.databases import rows
+from tests.support.fakeupstream import Behaviour, FakeUpstream
+from tests.support.h2client import h2_exchange
+from tests.support.ports import free_port
+from tests.support.procstat import PeakRss
+from tests.support.relayproc import ROOT, RelayProcess
+from tests.support.waiting import wait_for
 
 # one xdist worker takes the module, so its relays start once
 pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("attacks")]
@@ -144,44 +143,6 @@ def h2_post(port: int, path: str, headers: dict[str, str], body: bytes) -> tuple
     """One POST over TLS + HTTP/2, ``:path`` sent exactly as given (no client-side checks)."""
     return h2_exchange(port, [(":method", "POST"), (":scheme", "https"), (":authority", f"127.0.0.1:{port}"),
                               (":path", path), *headers.items(), ("content-length", str(len(body)))], [body])
-
-
-def h2_exchange(port: int, headers: list[tuple[str, str]], body: list[bytes]) -> tuple[int, bytes]:
-    """One request over TLS + HTTP/2: ``headers`` as given (no client-side checks), then the ``body`` pieces
-    (at most 16 KiB each) as flow control lets them go; the answer's status and body."""
-    tls = ssl.create_default_context()
-    tls.check_hostname = False
-    tls.verify_mode = ssl.CERT_NONE
-    tls.set_alpn_protocols(["h2"])
-    config = h2.config.H2Configuration(client_side=True, header_encoding="utf-8",
-                                       validate_outbound_headers=False, normalize_outbound_headers=False)
-    pending = [piece for piece in body if piece]
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as raw, \
-            tls.wrap_socket(raw, server_hostname="localhost") as s:
-        assert s.selected_alpn_protocol() == "h2"
-        conn = h2.connection.H2Connection(config)
-        conn.initiate_connection()
-        conn.increment_flow_control_window(2**30)
-        stream = conn.get_next_available_stream_id()
-        conn.send_headers(stream, headers, end_stream=not pending)
-        status, data, done = 0, bytearray(), False
-        while not done:
-            while pending and conn.local_flow_control_window(stream) >= len(pending[0]):
-                piece = pending.pop(0)
-                conn.send_data(stream, piece, end_stream=not pending)
-            s.sendall(conn.data_to_send())
-            if not (chunk := s.recv(65536)):
-                break
-            for event in conn.receive_data(chunk):
-                if isinstance(event, h2.events.ResponseReceived):
-                    status = int(dict(event.headers)[":status"])
-                elif isinstance(event, h2.events.DataReceived):
-                    data += event.data
-                    conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
-                elif isinstance(event, h2.events.StreamEnded | h2.events.StreamReset):
-                    done = True
-            s.sendall(conn.data_to_send())
-        return status, bytes(data)
 
 
 def openai_error(status: int, body: bytes, expected_status: int, code: str) -> dict:
@@ -427,10 +388,7 @@ def test_8_open_relay_refuses_to_start_and_run_sh_listens_on_loopback(tmp_path):
         assert allowed.listen_host in ("*", "0.0.0.0")
 
     if not (ROOT / ".venv" / "bin" / "mitmdump").exists():  # ./run.sh would install it first
-        message = "./run.sh needs its .venv (./run.sh setup)"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable("the run.sh test", "./run.sh needs its .venv (./run.sh setup)")
     # Run from another folder with relative paths: they are read from there, as a user means them.
     (tmp_path / "my-nodes.toml").write_text('[[nodes]]\nid = "mine"\nbase_url = "http://127.0.0.1:9/v1"\n'
                                             'api_key = "sk-mine"\n')
@@ -447,7 +405,7 @@ def test_8_open_relay_refuses_to_start_and_run_sh_listens_on_loopback(tmp_path):
 def test_9_admin_keeps_keys_on_their_origin_and_checks_host(shared):
     port = shared.relay.port
     stored = rows(shared.db_url, "SELECT base_url FROM nodes WHERE id = 'victim'")[0].base_url
-    moved = {"id": "victim", "name": "victim node", "base_url": f"http://127.0.0.1:{closed_port()}/v1", "weight": 0}
+    moved = {"id": "victim", "name": "victim node", "base_url": f"http://127.0.0.1:{free_port()}/v1", "weight": 0}
     reply = post(port, b"/admin/api/nodes", {**moved, "api_key": ""})
     assert reply.status == 400, f"HTTP {reply.status}: the stored key followed the node to another origin"
     assert rows(shared.db_url, "SELECT base_url FROM nodes WHERE id = 'victim'")[0].base_url == stored

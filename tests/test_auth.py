@@ -14,7 +14,7 @@ from mitmproxy.test import taddons, tflow
 from addon.auth import ClientAuth, parse_client_keys
 from addon.errors import CLIENT_KEY_NAME
 from addon.target import is_admin_path
-from tests.conftest import request_flow
+from tests.support.flows import request_flow
 
 ALICE = "ck-alice-0123456789abcdef"
 BOB = "ck-bob-fedcba9876543210"

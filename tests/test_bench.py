@@ -17,11 +17,12 @@ import sqlalchemy as sa
 import bench.scratch
 from bench import ctools, streams
 from bench.__main__ import main
-from bench.haproxy import HAPROXY
 from bench.http import BASELINES
 from bench.queries import QUERIES
 from bench.writer import slope
-from tests.conftest import IN_CI, MYSQL_SERVER_URL, require_mysql
+from tests.support.ci import IN_CI
+from tests.support.databases import MYSQL_SERVER_URL, require_mysql
+from tests.support.haproxy import HAPROXY
 
 pytestmark = pytest.mark.e2e  # starts real mitmdump processes
 

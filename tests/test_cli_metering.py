@@ -1,13 +1,13 @@
 """The real clients through one relay, metered exactly and without reconnects (issue 28's "Done when"):
 
 - the Codex CLI with its built-in OpenAI provider (``openai_base_url`` in ``config.toml``), which speaks
-  Responses over WebSocket first, against a node that speaks it (``tests.wsupstream``): one row per
+  Responses over WebSocket first, against a node that speaks it (``tests.support.wsupstream``): one row per
   ``response.create`` (its prewarm and its turn) with the node's usage, one upgrade, no "Reconnecting...";
 - the Codex CLI with a custom provider (``[model_providers.…]``), which speaks HTTP SSE;
 - Claude Code (``claude -p``) over HTTP.
 
 Each client has its own client key and node; every call a node answered is one row with the usage that node
-sent, and there is no other row. The CLIs come from ``tests.clis``; everything listens on 127.0.0.1.
+sent, and there is no other row. The CLIs come from ``tests.support.clis``; everything listens on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from bench.fakeupstream import DEFAULT_USAGE, FakeUpstream
-from bench.relayproc import RelayProcess
-from tests.clis import CLAUDE_QUIET, clean_home, codex_home, installed_clis, run_cli
-from tests.conftest import wait_for
-from tests.wsupstream import WsUpstream
+from tests.support.clis import CLAUDE_QUIET, clean_home, codex_home, installed_clis, run_cli
+from tests.support.fakeupstream import DEFAULT_USAGE, FakeUpstream
+from tests.support.relayproc import RelayProcess
+from tests.support.waiting import wait_for
+from tests.support.wsupstream import WsUpstream
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.xdist_group("clis")]
 

@@ -1,7 +1,7 @@
 """The real Codex CLI and Claude Code CLI against every refusal of docs/refusals.md: each run ends within
 seconds and shows the relay's reason (for Codex's 429s: its own text, or the refusal's x-request-id).
 
-The CLIs come from ``tests.clis`` (npm, installed once into ``.cli-cache/``); they talk only to the relay
+The CLIs come from ``tests.support.clis`` (npm, installed once into ``.cli-cache/``); they talk only to the relay
 on 127.0.0.1, whose nodes are local fakes.
 """
 
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.clis import CLAUDE_QUIET, clean_home, codex_home, installed_clis, run_cli
-from tests.refusals import KEYS, ROWS, Row, refusing_relay
+from tests.support.clis import CLAUDE_QUIET, clean_home, codex_home, installed_clis, run_cli
+from tests.support.refusals import KEYS, ROWS, Row, refusing_relay
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.xdist_group("clis")]
 

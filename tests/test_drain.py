@@ -12,11 +12,12 @@ import threading
 
 import pytest
 
-from bench.fakeupstream import Behaviour, FakeUpstream
-from bench.haproxy import accepts
-from bench.relayproc import RelayProcess
-from tests.conftest import wait_for
-from tests.test_e2e import call, rows
+from tests.support.calls import call
+from tests.support.databases import rows
+from tests.support.fakeupstream import Behaviour, FakeUpstream
+from tests.support.ports import accepts
+from tests.support.relayproc import RelayProcess
+from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.fault]
 

@@ -10,51 +10,15 @@ import http.client
 import json
 import threading
 import time
-from pathlib import Path
 
 import pytest
-import sqlalchemy as sa
 
-from bench.fakeupstream import Behaviour, FakeUpstream
-from bench.relayproc import RelayProcess
+from tests.support.calls import PATHS, call, write_nodes
+from tests.support.databases import rows
+from tests.support.fakeupstream import Behaviour, FakeUpstream
+from tests.support.relayproc import RelayProcess
 
 pytestmark = pytest.mark.e2e
-
-PATHS = {"responses": "/v1/responses", "chat": "/v1/chat/completions", "messages": "/v1/messages"}
-
-
-def write_nodes(path: Path, nodes: list[tuple[str, str, str, int]]) -> Path:
-    text = "".join(
-        f'[[nodes]]\nid = "{i}"\nname = "{i} node"\nbase_url = "{url}"\napi_key = "{key}"\nweight = {w}\n\n'
-        for i, url, key, w in nodes)
-    path.write_text(text)
-    return path
-
-
-def call(relay: RelayProcess, fmt: str, *, stream: bool, usage: tuple[int, int, int, int],
-         model: str = "gpt-5-codex", headers: dict[str, str] | None = None) -> tuple[int, bytes]:
-    body = {"model": model, "stream": stream, "input": "hi", "metadata": {"fake_usage": list(usage)}}
-    if fmt == "chat":
-        body["stream_options"] = {"include_usage": True}
-    conn = http.client.HTTPConnection("127.0.0.1", relay.port, timeout=30)
-    try:
-        hdrs = {"content-type": "application/json", "authorization": "Bearer client-key"}
-        hdrs.update(headers or {})
-        conn.request("POST", PATHS[fmt], json.dumps(body), hdrs)
-        resp = conn.getresponse()
-        return resp.status, resp.read()
-    finally:
-        conn.close()
-
-
-def rows(db_url: str, sql: str, **params) -> list[sa.Row]:
-    eng = sa.create_engine(db_url)
-    try:
-        with eng.connect() as conn:
-            return list(conn.execute(sa.text(sql), params))
-    finally:
-        eng.dispose()
-
 
 @pytest.fixture
 def two_nodes(tmp_path):
@@ -222,7 +186,7 @@ def test_relay_prices_calls_and_polls_provider_stats(sqlite_url, tmp_path):
     """Cost is estimated from the price table; the nodes file's [[sources]] are polled inside the relay."""
     from store.prices import load_prices
     from store.records import Usage
-    from tests.fakestats import FakeStats, crs_item, crs_response
+    from tests.support.fakestats import FakeStats, crs_item, crs_response
 
     with FakeUpstream("p") as up, FakeStats() as stats:
         stats.queue(200, crs_response(crs_item("gpt-5-codex", 3, 300, 30, cost=0.5)))

@@ -6,7 +6,7 @@ import pytest
 
 from addon.egress import EGRESS_KEY, EgressRefused, attach, clear_as_is, egress_problem, node_path, node_url, origin_of
 from store.records import NodeConfig
-from tests.conftest import request_flow
+from tests.support.flows import request_flow
 
 KEY = "sk-node-0123456789abcdef"
 

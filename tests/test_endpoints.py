@@ -22,11 +22,12 @@ from addon.endpoints import (
     endpoint_allowed,
     filter_model_list,
 )
-from bench.fakeupstream import MODELS, FakeUpstream
-from bench.relayproc import RelayProcess
 from store.config import NODE_FORMATS
-from tests.test_e2e import rows, write_nodes
-from tests.wsupstream import Splitter, WsUpstream
+from tests.support.calls import write_nodes
+from tests.support.databases import rows
+from tests.support.fakeupstream import MODELS, FakeUpstream
+from tests.support.relayproc import RelayProcess
+from tests.support.wsupstream import Splitter, WsUpstream
 
 
 @pytest.mark.parametrize(("path", "endpoint"), [

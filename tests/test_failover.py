@@ -6,40 +6,24 @@ both databases in test_store.py)."""
 from __future__ import annotations
 
 import json
-import socket
 import time
 from collections import Counter
 
 import pytest
 
-from bench.fakeupstream import Behaviour, FakeUpstream
-from bench.relayproc import RelayProcess
-from tests.conftest import wait_for
-from tests.test_e2e import call, rows, write_nodes
+from tests.support.calls import FAST, HEAVY, call, write_nodes
+from tests.support.databases import nodes_row, rows
+from tests.support.fakeupstream import Behaviour, FakeUpstream
+from tests.support.ports import free_port
+from tests.support.relayproc import RelayProcess
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
-
-FAST = {"codex_ping_interval": "0"}
-# The weight that makes a node the first choice: a lighter node (weight 1) goes first once in 10^9.
-HEAVY = 1_000_000_000
-
-
-def closed_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
-def nodes_row(db_url: str) -> dict:
-    return {r.id: r for r in rows(db_url, "SELECT * FROM nodes")}
-
 
 @pytest.mark.parametrize("failure", ["refused", "500", "429"])
 def test_retry_lands_on_healthy_node_and_failing_node_is_counted(sqlite_url, tmp_path, failure):
     with FakeUpstream("good") as good, FakeUpstream("bad") as bad:
-        bad_url = f"http://127.0.0.1:{closed_port()}/v1" if failure == "refused" else bad.base_url
+        bad_url = f"http://127.0.0.1:{free_port()}/v1" if failure == "refused" else bad.base_url
         bad.behaviour.status = int(failure) if failure != "refused" else 200
         # The failing node has nearly all the weight, so the first attempt goes there.
         nodes = write_nodes(tmp_path / "n.toml", [("bad", bad_url, "kb", HEAVY), ("good", good.base_url, "kg", 1)])
@@ -145,8 +129,8 @@ def test_a_node_that_answers_429_with_retry_after_is_left_alone_that_long(sqlite
 
 
 def test_all_nodes_down_refuses_without_trying_them(sqlite_url, tmp_path):
-    nodes = write_nodes(tmp_path / "n.toml", [("x", f"http://127.0.0.1:{closed_port()}/v1", "k", 1),
-                                              ("y", f"http://127.0.0.1:{closed_port()}/v1", "k", 1)])
+    nodes = write_nodes(tmp_path / "n.toml", [("x", f"http://127.0.0.1:{free_port()}/v1", "k", 1),
+                                              ("y", f"http://127.0.0.1:{free_port()}/v1", "k", 1)])
     with RelayProcess(db_url=sqlite_url, options={"codex_nodes": str(nodes), "codex_fail_threshold": "1",
                                                   **FAST}) as relay:
         answers = [call(relay, "responses", stream=True, usage=(1, 0, 1, 0)) for _ in range(4)]

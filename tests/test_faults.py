@@ -18,12 +18,13 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from bench.fakeupstream import Behaviour, FakeUpstream
-from bench.relayproc import ROOT, RelayProcess
-from bench.warm import Zygote
-from tests.conftest import wait_for
-from tests.tcpproxy import TcpProxy
-from tests.test_e2e import rows, write_nodes
+from tests.support.calls import write_nodes
+from tests.support.databases import rows
+from tests.support.fakeupstream import Behaviour, FakeUpstream
+from tests.support.relayproc import ROOT, RelayProcess
+from tests.support.tcpproxy import TcpProxy
+from tests.support.waiting import wait_for
+from tests.support.warm import Zygote
 
 pytestmark = [pytest.mark.fault, pytest.mark.e2e]
 
@@ -152,7 +153,7 @@ def test_sigterm_flushes_every_record(db_url, upstreams):
 def test_fifty_restarts_keep_node_counters_equal_to_rows(db_url, upstreams, tmp_path):
     """The seed's bug at scale: every start upserts the nodes; no start may reset or skip a count.
 
-    Each relay is forked from a warm interpreter (bench.warm: its own process running mitmdump's main, without
+    Each relay is forked from a warm interpreter (tests.support.warm: its own process running mitmdump's main, without
     re-importing mitmproxy) and boots while the one before it serves and stops, so every start's upsert also
     races the previous relay's last writes; each has its own spool file.
     """

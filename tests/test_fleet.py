@@ -21,8 +21,8 @@ from store.config import ConfigError, node_from_mapping
 from store.engine import make_engine, upgrade_to_head
 from store.nodes import config_of, load_nodes, read_version, set_disabled, upsert_nodes
 from store.records import NodeConfig
-from tests.conftest import wait_for
-from tests.test_e2e import rows
+from tests.support.databases import rows
+from tests.support.waiting import wait_for
 
 OPENAI = NodeConfig(id="oa", name="oa", base_url="http://127.0.0.1:1/v1", formats=("openai",), models=("gpt-5*",),
                     model_map={"gpt-5-codex": "gpt-5.1-codex", "o3": "gpt-5"})
@@ -101,7 +101,7 @@ def nodes_file(tmp_path: Path, *nodes: tuple[str, str, str]) -> str:
 def test_relay_routes_by_model_rewrites_mapped_calls_and_refuses_unserved_models(db_url, tmp_path):
     """Requests through the relay's hooks: the mapped body goes to the OpenAI node, the Anthropic call to
     its node, a model nobody serves gets a recorded 400 model_not_found in the API's shape."""
-    from bench.fakeupstream import FakeUpstream
+    from tests.support.fakeupstream import FakeUpstream
 
     with FakeUpstream("oa") as oa, FakeUpstream("an") as an:
         runtime = Runtime()
@@ -195,9 +195,9 @@ def test_a_breaker_opened_on_one_relay_opens_on_the_other(two_relays, db_url):
 def test_openai_and_anthropic_nodes_side_by_side(db_url, tmp_path):
     """A real relay: Codex's mapped call streams from the OpenAI node with the node's model name, a Claude
     call from the Anthropic node, and a model neither serves gets a 400 without reaching either."""
-    from bench.fakeupstream import FakeUpstream
-    from bench.relayproc import RelayProcess
-    from tests.test_e2e import call
+    from tests.support.calls import call
+    from tests.support.fakeupstream import FakeUpstream
+    from tests.support.relayproc import RelayProcess
 
     with FakeUpstream("oa") as oa, FakeUpstream("an") as an:
         path = nodes_file(tmp_path, ("oa", oa.base_url, 'formats = ["openai"]\nmodels = ["gpt-5*"]\n'

@@ -7,11 +7,10 @@ import time
 
 import pytest
 
-from bench.fakeupstream import Behaviour, FakeUpstream
-from bench.relayproc import RelayProcess
-from tests.conftest import wait_for
-from tests.test_e2e import call, write_nodes
-from tests.test_failover import HEAVY
+from tests.support.calls import HEAVY, call, write_nodes
+from tests.support.fakeupstream import Behaviour, FakeUpstream
+from tests.support.relayproc import RelayProcess
+from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.mysql]
 

@@ -25,7 +25,7 @@ from addon.startup import (
 )
 from addon.target import target_problem
 from store.records import NodeConfig
-from tests.conftest import request_flow
+from tests.support.flows import request_flow
 
 NODE = NodeConfig(id="n", base_url="http://127.0.0.1:9/v1", api_key="sk-node-0123456789abcdef")
 

@@ -18,11 +18,14 @@ from types import SimpleNamespace
 
 import pytest
 
-from bench.fakeupstream import Behaviour, FakeUpstream
-from bench.haproxy import HAPROXY, accepts, free_port, haproxy_config, start_haproxy
-from bench.relayproc import RelayProcess
-from tests.conftest import IN_CI, wait_for
-from tests.test_e2e import call, rows, write_nodes
+from tests.support.calls import call, write_nodes
+from tests.support.ci import unavailable
+from tests.support.databases import rows
+from tests.support.fakeupstream import Behaviour, FakeUpstream
+from tests.support.haproxy import HAPROXY, haproxy_config, start_haproxy
+from tests.support.ports import accepts, free_port
+from tests.support.relayproc import RelayProcess
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -31,9 +34,7 @@ pytestmark = pytest.mark.e2e
 def haproxy_bin() -> Path:
     if not HAPROXY.exists():
         reason = f"{HAPROXY} not installed (./run.sh test installs Debian's haproxy when run as root)"
-        if IN_CI:
-            pytest.fail(f"CI=true requires the HAProxy test: {reason}", pytrace=False)
-        pytest.skip(reason)
+        unavailable("the HAProxy test", reason)
     return HAPROXY
 
 

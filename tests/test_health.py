@@ -16,10 +16,11 @@ from addon.health import Health, Pinger, ping
 from addon.outcome import rest_asked
 from addon.routing import Node, NodePool
 from addon.runtime import Runtime
-from bench.fakeupstream import FakeUpstream
 from store.records import NodeConfig, NodeStateUpdate
-from tests.conftest import wait_for
-from tests.test_e2e import rows, write_nodes
+from tests.support.calls import write_nodes
+from tests.support.databases import rows
+from tests.support.fakeupstream import FakeUpstream
+from tests.support.waiting import wait_for
 
 
 class Clock:

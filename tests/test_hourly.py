@@ -17,7 +17,7 @@ from store.records import InvocationRecord, Usage
 from store.schema import DAILY_COUNTERS, codex_daily_stats, codex_hourly_stats, codex_invocations
 from store.stats import Filters, per_hour, per_node
 from store.stats_cli import main as stats_main
-from tests.conftest import fresh_engine
+from tests.support.databases import fresh_engine
 
 T0 = dt.datetime(2026, 11, 20, 9)
 

@@ -8,7 +8,7 @@ from addon.egress import attach
 from addon.hygiene import KeyHygiene, mask_credential, mask_headers
 from store.masking import mask_secret
 from store.records import NodeConfig
-from tests.conftest import request_flow
+from tests.support.flows import request_flow
 
 NODE_KEY = "sk-proj-NODEKEY-0123456789abcd"
 OTHER_KEY = "sk-ant-OTHERKEY-9876543210wxyz"

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from addon.meter import CHUNK_INFLATE_FLOOR, MAX_INFLATE_RATIO, MeterResult, StreamMeter
 from store.records import Usage
-from tests.test_usage import CASES, CODEX_MODEL, CODEX_USAGE, OVERLOADED_STREAM, events_of
+from tests.support.apibodies import CASES, CODEX_MODEL, CODEX_USAGE, OVERLOADED_STREAM, events_of
 
 SSE = "text/event-stream"
 JSON = "application/json"

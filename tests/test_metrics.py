@@ -21,8 +21,8 @@ from addon.runtime import Runtime
 from store.records import InvocationRecord, NodeStateUpdate, Usage
 from store.schema import codex_invocations, nodes
 from store.writer import WriterStats
-from tests.conftest import wait_for
-from tests.test_admin import TOKEN, alpha_and_beta, ask
+from tests.support.admin import TOKEN, alpha_and_beta, ask
+from tests.support.waiting import wait_for
 
 
 @pytest.fixture

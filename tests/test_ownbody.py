@@ -17,10 +17,10 @@ from addon.ownbody import MAX_BODY, OwnBodies
 from addon.refusal import REFUSED_KEY, RefusalSink, answered
 from addon.runtime import Runtime
 from addon.userstats import UserStats
-from bench.procstat import PeakRss
-from bench.relayproc import RelayProcess
-from tests.conftest import request_flow
-from tests.test_attacks import h2_exchange
+from tests.support.flows import request_flow
+from tests.support.h2client import h2_exchange
+from tests.support.procstat import PeakRss
+from tests.support.relayproc import RelayProcess
 
 MiB = 2**20
 USAGE_PATH = "/apiStats/api/user-model-stats"

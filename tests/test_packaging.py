@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from bench.relayproc import ROOT, RelayProcess
 from store.engine import current_revision, head_revision, make_engine
+from tests.support.relayproc import ROOT, RelayProcess
 
 # builds the project and starts a real mitmdump; one xdist worker takes the module, so it builds once
 pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("packaging")]

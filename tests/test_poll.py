@@ -18,8 +18,8 @@ from store.poll import Poller, fetch
 from store.poll_cli import main
 from store.snapshots import Delta
 from store.sources import SourceConfig, source_from_mapping
-from tests.conftest import fresh_engine
-from tests.fakestats import FakeStats, Key, crs_item, crs_response, delta_rows, snapshot_rows
+from tests.support.databases import fresh_engine
+from tests.support.fakestats import FakeStats, Key, crs_item, crs_response, delta_rows, snapshot_rows
 
 DAY = dt.datetime(2026, 11, 23)  # 08:00 on 2026-11-23 at CRS's +08:00
 KEY_ID = "3f2b8c1e-9a4d-4e7b-8c2f-1d5e6a7b8c9d"

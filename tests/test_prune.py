@@ -10,17 +10,18 @@ from collections.abc import Iterable, Iterator
 import pytest
 import sqlalchemy as sa
 
-from bench.data import NODES
 from store.invocations import apply_batch
 from store.nodes import upsert_nodes
 from store.prune import cutoff_for, prune_older_than
 from store.prune_cli import main
-from store.records import InvocationRecord, Usage, utcnow
+from store.records import InvocationRecord, NodeConfig, Usage, utcnow
 from store.schema import codex_daily_stats, codex_invocations, nodes
-from tests.conftest import fresh_engine
+from tests.support.databases import fresh_engine
 
 _inv = codex_invocations.c
 MODELS = ("gpt-5-codex", "gpt-5", "claude-sonnet-4-5", None)
+NODES = tuple(NodeConfig(id=f"node-{k}", base_url=f"https://relay-{k}.example/v1", api_key=f"sk-{k}")
+              for k in ("alpha", "beta", "gamma", "delta"))
 
 
 @pytest.fixture

@@ -16,8 +16,8 @@ from store.reconcile_cli import main
 from store.records import InvocationRecord, Usage
 from store.snapshots import ingest
 from store.sources import SourceConfig, source_from_mapping
-from tests.conftest import fresh_engine
-from tests.fakestats import FakeStats, crs_item, crs_response
+from tests.support.databases import fresh_engine
+from tests.support.fakestats import FakeStats, crs_item, crs_response
 
 # The provider keeps UTC+8 days: its 2026-11-23 is 2026-11-22 16:00 to 2026-11-23 16:00 UTC.
 SOURCE = SourceConfig(name="crs", url="http://127.0.0.1:9/stats", nodes=("alpha", "beta"),

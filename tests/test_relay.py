@@ -10,7 +10,7 @@ from mitmproxy.test import taddons
 
 from addon.relay import AUTO_KEEP_BODY, Relay, _session_key, keep_body_bytes
 from addon.runtime import Runtime
-from tests.conftest import request_flow
+from tests.support.flows import request_flow
 
 
 def test_kept_body_only_where_something_shows_or_saves_flows():

@@ -14,7 +14,7 @@ from addon.runtime import Runtime
 from store.invocations import apply_batch
 from store.records import InvocationRecord, Usage, utcnow
 from store.schema import codex_daily_stats, codex_hourly_stats, codex_invocations
-from tests.conftest import wait_for
+from tests.support.waiting import wait_for
 
 
 def old_call(name: str, days_ago: int) -> InvocationRecord:

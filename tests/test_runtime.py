@@ -14,7 +14,7 @@ from addon.secrets import KnownSecrets
 from store.records import InvocationRecord
 from store.writer import Writer
 from store.writerproc import WriterProcess
-from tests.test_e2e import rows
+from tests.support.databases import rows
 
 UPSTREAM_KEY = "sk-upstream-0123456789abcdef"
 

@@ -2,7 +2,7 @@
 
 One real relay (client keys, one node, a 1 s first-byte timeout, a 1 MiB body limit) and the `openai`
 and `anthropic` SDKs as the clients; retries in the SDKs are off so each call is one request. Then the
-refusals of docs/refusals.md (``tests.refusals``), with the SDKs' default retries on: each stops at once.
+refusals of docs/refusals.md (``tests.support.refusals``), with the SDKs' default retries on: each stops at once.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING
 import pytest
 import sqlalchemy as sa
 
-from bench.fakeupstream import Behaviour, FakeUpstream
-from bench.relayproc import RelayProcess
-from tests.conftest import wait_for
-from tests.refusals import KEYS, ROWS, refusing_relay
-from tests.test_e2e import write_nodes
+from tests.support.calls import write_nodes
+from tests.support.fakeupstream import Behaviour, FakeUpstream
+from tests.support.refusals import KEYS, ROWS, refusing_relay
+from tests.support.relayproc import RelayProcess
+from tests.support.waiting import wait_for
 
 if TYPE_CHECKING:  # the SDKs are imported by the tests that run them: ~4 s a collection need not pay
     import anthropic

@@ -1,7 +1,7 @@
 """Sessions stick for every coding client (addon.sessions), and a node's prompt cache shows it.
 
 Plain functions, then the routing driven in process (no proxy): the relay's own session reading and
-node choice, over three nodes that each cache prompts per conversation (bench.fakeupstream.PromptCache).
+node choice, over three nodes that each cache prompts per conversation (tests.support.fakeupstream.PromptCache).
 The same over a real relay is in tests/test_sessions_e2e.py.
 """
 
@@ -16,10 +16,10 @@ from mitmproxy.test import taddons
 from addon.callbody import read_call_body
 from addon.routing import Node, NodePool, StickyMap
 from addon.sessions import SESSION_KEY_MAX, body_session, claude_session, session_key
-from bench.fakeupstream import PromptCache
 from store.records import NodeConfig
-from tests.sessionsim import CLIENTS, sessions
-from tests.test_wsrelay import Env, completed, node
+from tests.support.fakeupstream import PromptCache
+from tests.support.sessionsim import CLIENTS, sessions
+from tests.support.wsenv import Env, completed, node
 
 LIMIT = 1 << 20
 SID = "0b7e2c1a-6f4d-4e59-9a51-4f3f2d6c9e10"

@@ -1,6 +1,6 @@
 """Sessions stick through a real relay, and the nodes' prompt caches show it (issue 28 item 4).
 
-One relay over three fake nodes that each cache prompts per conversation (bench.fakeupstream.PromptCache).
+One relay over three fake nodes that each cache prompts per conversation (tests.support.fakeupstream.PromptCache).
 Twenty conversations at once: ten of clients that name their session (Codex: ``session-id`` and
 ``prompt_cache_key``; Claude Code: ``metadata.user_id``; OpenCode: ``x-session-affinity``), ten of a
 client that names none, which the relay routes as it routes every call with ``codex_sticky_ttl = 0``
@@ -15,13 +15,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from bench.fakeupstream import Behaviour, FakeUpstream, PromptCache
-from bench.relayproc import RelayProcess
 from store.engine import make_engine
 from store.stats import Filters, per_session
-from tests.conftest import wait_for
-from tests.sessionsim import Session, sessions
-from tests.test_e2e import rows, write_nodes
+from tests.support.calls import write_nodes
+from tests.support.databases import rows
+from tests.support.fakeupstream import Behaviour, FakeUpstream, PromptCache
+from tests.support.relayproc import RelayProcess
+from tests.support.sessionsim import Session, sessions
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 

@@ -13,8 +13,8 @@ import sqlalchemy as sa
 from store.schema import stats_source_snapshots
 from store.snapshots import Delta, ingest, latest_capture
 from store.sources import Capture, ModelStats
-from tests.conftest import fresh_engine
-from tests.fakestats import delta_rows, snapshot_rows
+from tests.support.databases import fresh_engine
+from tests.support.fakestats import delta_rows, snapshot_rows
 
 T0 = dt.datetime(2026, 11, 23, 8, 0, 0)
 

@@ -11,7 +11,7 @@ import pytest
 from store.config import ConfigError
 from store.sources import ModelStats, SourceConfig, SourceFormatError, load_sources_file, source_from_mapping
 from store.sources.crs import normalize_model
-from tests.fakestats import crs_item, crs_response
+from tests.support.fakestats import crs_item, crs_response
 
 NOON = dt.datetime(2026, 11, 23, 12, 0, 0, 987_000)
 KEY_ID = "3f2b8c1e-9a4d-4e7b-8c2f-1d5e6a7b8c9d"

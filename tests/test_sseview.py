@@ -9,7 +9,7 @@ from mitmproxy import contentviews
 from mitmproxy.test import taddons, tflow
 
 from addon.sseview import SSEView, render_events, sse_view
-from bench.fakeupstream import chat_events, messages_events, responses_events
+from tests.support.fakeupstream import chat_events, messages_events, responses_events
 
 USAGE = (120, 40, 30, 10)
 

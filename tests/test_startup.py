@@ -9,10 +9,10 @@ import time
 
 import pytest
 
-from bench.fakeupstream import FakeUpstream
-from bench.haproxy import free_port
-from bench.relayproc import RelayProcess
-from tests.conftest import wait_for
+from tests.support.fakeupstream import FakeUpstream
+from tests.support.ports import free_port
+from tests.support.relayproc import RelayProcess
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-import os
-import stat
 import threading
-import uuid
 
 import pytest
 import sqlalchemy as sa
@@ -14,22 +11,15 @@ import sqlalchemy as sa
 from store.engine import make_engine, upgrade_to_head
 from store.invocations import apply_batch
 from store.nodes import config_of, load_nodes, set_disabled, upsert_nodes
-from store.records import InvocationRecord, NodeConfig, NodeStateUpdate, Usage
+from store.records import NodeConfig, NodeStateUpdate, Usage
 from store.schema import codex_invocations, nodes
-from tests.conftest import fresh_engine
+from tests.support.databases import fresh_engine, modes, record
 
 
 @pytest.fixture
 def engine(db_url):
     with fresh_engine(db_url) as eng:
         yield eng
-
-
-def record(node_id: str | None = "a", status: str = "success", *, usage: Usage | None = None,
-           node_failure: bool = False, error: str | None = None, **kw) -> InvocationRecord:
-    return InvocationRecord(invoke_id=uuid.uuid4().hex, occurred_at=dt.datetime(2026, 11, 24, 12, 0, 0, 123456),
-                            source="relay", endpoint="/v1/responses", status=status, node_id=node_id,
-                            usage=usage or Usage(), node_failure=node_failure, error_message=error, **kw)
 
 
 def node_row(engine, node_id: str = "a") -> sa.Row:
@@ -181,18 +171,6 @@ def test_make_engine_rejects_bad_urls(tmp_path):
     upgrade_to_head(eng)
     assert (tmp_path / "deep/er/codex.db").exists()
     eng.dispose()
-
-
-def modes(folder, prefix: str) -> dict[str, int]:
-    """The permission bits of every file in ``folder`` whose name starts with ``prefix``."""
-    return {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir() if p.name.startswith(prefix)}
-
-
-@pytest.fixture
-def umask_022():
-    old = os.umask(0o022)  # the usual umask, under which SQLite creates its files 0644
-    yield
-    os.umask(old)
 
 
 def test_the_sqlite_database_and_its_wal_files_are_private_to_their_owner(tmp_path, umask_022):

@@ -33,8 +33,9 @@ from store.sources import crs
 from store.spool import Spool
 from store.stats_cli import main as stats_main
 from store.writer import Writer
-from tests.conftest import fresh_engine, wait_for
-from tests.test_admin import ask
+from tests.support.admin import ask
+from tests.support.databases import fresh_engine
+from tests.support.waiting import wait_for
 
 KEYS_TOML = """
 # the team's keys

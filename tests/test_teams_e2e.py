@@ -9,14 +9,14 @@ import json
 import pytest
 import sqlalchemy as sa
 
-from bench.fakeupstream import FakeUpstream
-from bench.relayproc import RelayProcess
 from store.engine import make_engine
 from store.poll import Poller
 from store.reconcile import reconcile
 from store.records import utcnow
 from store.sources import SourceConfig, crs
-from tests.conftest import wait_for
+from tests.support.fakeupstream import FakeUpstream
+from tests.support.relayproc import RelayProcess
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 

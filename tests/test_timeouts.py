@@ -10,11 +10,11 @@ import threading
 import pytest
 from mitmproxy import io
 
-from bench.fakeupstream import Behaviour, FakeUpstream
-from bench.relayproc import RelayProcess
-from tests.conftest import wait_for
-from tests.test_e2e import PATHS, rows, write_nodes
-from tests.test_failover import FAST, nodes_row
+from tests.support.calls import FAST, PATHS, write_nodes
+from tests.support.databases import nodes_row, rows
+from tests.support.fakeupstream import Behaviour, FakeUpstream
+from tests.support.relayproc import RelayProcess
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 

@@ -1,7 +1,6 @@
 """Usage extraction: what the store is told a call used, for each API format, streamed and not.
 
-The fixtures here mirror what the real APIs send (event names, extra fields, null usage on chat
-chunks) and are shared with test_meter.py.
+The sample bodies (``tests.support.apibodies``) mirror what the real APIs send; test_meter.py reads them too.
 """
 
 from __future__ import annotations
@@ -15,106 +14,28 @@ from hypothesis import strategies as st
 from addon.sse import SSEEvent, SSEParser
 from addon.usage import UsageExtractor, iteration_usages
 from store.records import Usage
-
-
-def sse(data: dict | str, event: str | None = None) -> bytes:
-    text = data if isinstance(data, str) else json.dumps(data)
-    return (f"event: {event}\n" if event else "").encode() + f"data: {text}\n\n".encode()
-
-
-def _responses_event(kind: str, seq: int, **fields: object) -> bytes:
-    return sse({"type": kind, "sequence_number": seq, **fields}, kind)
-
-
-# -- OpenAI Responses (Codex CLI) --------------------------------------------------------------------
-CODEX_MODEL = "gpt-5-codex"
-CODEX_USAGE = Usage(input_tokens=5120, cached_tokens=4096, output_tokens=311, reasoning_tokens=192)
-_codex_resp = {"id": "resp_68af", "object": "response", "created_at": 1756300000, "status": "in_progress",
-               "model": CODEX_MODEL, "output": [], "usage": None, "error": None, "prompt_cache_key": "conv-1"}
-_codex_done = dict(_codex_resp, status="completed", output=[
-    {"id": "rs_1", "type": "reasoning", "summary": [], "encrypted_content": "gAAAAB" + "x" * 300},
-    {"id": "msg_1", "type": "message", "role": "assistant",
-     "content": [{"type": "output_text", "text": "Done: tests pass.", "annotations": []}]}],
-    usage={"input_tokens": 5120, "input_tokens_details": {"cached_tokens": 4096}, "output_tokens": 311,
-           "output_tokens_details": {"reasoning_tokens": 192}, "total_tokens": 5431})
-CODEX_STREAM = b"".join([
-    _responses_event("response.created", 0, response=_codex_resp),
-    _responses_event("response.in_progress", 1, response=_codex_resp),
-    _responses_event("response.output_item.added", 2, output_index=0, item={"id": "rs_1", "type": "reasoning"}),
-    _responses_event("response.output_item.done", 3, output_index=0, item=_codex_done["output"][0]),
-    _responses_event("response.output_item.added", 4, output_index=1, item={"id": "msg_1", "type": "message"}),
-    *[_responses_event("response.output_text.delta", 5 + k, item_id="msg_1", output_index=1, content_index=0,
-                       delta=word, logprobs=[]) for k, word in enumerate(["Done", ":", " tests", " pass", "."])],
-    _responses_event("response.output_text.done", 10, item_id="msg_1", text="Done: tests pass."),
-    _responses_event("response.completed", 11, response=_codex_done),
-])
-CODEX_JSON = json.dumps(dict(_codex_done, object="response")).encode()
-
-# -- Chat Completions with stream_options.include_usage ----------------------------------------------
-CHAT_MODEL = "gpt-4.1-mini-2025-04-14"
-CHAT_USAGE = Usage(input_tokens=1200, cached_tokens=1024, output_tokens=57, reasoning_tokens=12)
-_chat_usage = {"prompt_tokens": 1200, "completion_tokens": 57, "total_tokens": 1257,
-               "prompt_tokens_details": {"cached_tokens": 1024, "audio_tokens": 0},
-               "completion_tokens_details": {"reasoning_tokens": 12, "audio_tokens": 0}}
-_chunk = {"id": "chatcmpl-B9", "object": "chat.completion.chunk", "created": 1756300000, "model": CHAT_MODEL,
-          "system_fingerprint": "fp_1", "usage": None}
-CHAT_STREAM = b"".join([
-    sse(dict(_chunk, choices=[{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])),
-    *[sse(dict(_chunk, choices=[{"index": 0, "delta": {"content": w}, "finish_reason": None}]))
-      for w in ["Hello", " there", "!"]],
-    sse(dict(_chunk, choices=[{"index": 0, "delta": {}, "finish_reason": "stop"}])),
-    sse(dict(_chunk, choices=[], usage=_chat_usage)),
-    sse("[DONE]"),
-])
-CHAT_JSON = json.dumps({
-    "id": "chatcmpl-B9", "object": "chat.completion", "created": 1756300000, "model": CHAT_MODEL,
-    "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello there!"}, "finish_reason": "stop"}],
-    "usage": _chat_usage}).encode()
-
-# -- Anthropic Messages -------------------------------------------------------------------------------
-ANTHROPIC_MODEL = "claude-sonnet-4-5-20250929"
-# Anthropic says input 12, cache read 30000, cache write 2000: stored the OpenAI way.
-ANTHROPIC_USAGE = Usage(input_tokens=32012, cached_tokens=30000, cache_write_tokens=2000, output_tokens=503)
-_start_usage = {"input_tokens": 12, "cache_creation_input_tokens": 2000, "cache_read_input_tokens": 30000,
-                "output_tokens": 1, "service_tier": "standard"}
-ANTHROPIC_STREAM = b"".join([
-    sse({"type": "message_start", "message": {
-        "id": "msg_01", "type": "message", "role": "assistant", "model": ANTHROPIC_MODEL, "content": [],
-        "stop_reason": None, "stop_sequence": None, "usage": _start_usage}}, "message_start"),
-    sse({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
-        "content_block_start"),
-    sse({"type": "ping"}, "ping"),
-    *[sse({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": w}},
-          "content_block_delta") for w in ["Hi", ", ", "there"]],
-    sse({"type": "content_block_stop", "index": 0}, "content_block_stop"),
-    sse({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
-         "usage": {"output_tokens": 503}}, "message_delta"),
-    sse({"type": "message_stop"}, "message_stop"),
-])
-ANTHROPIC_JSON = json.dumps({
-    "id": "msg_01", "type": "message", "role": "assistant", "model": ANTHROPIC_MODEL,
-    "content": [{"type": "text", "text": "Hi, there"}], "stop_reason": "end_turn",
-    "usage": dict(_start_usage, output_tokens=503)}).encode()
-
-# -- In-200 failures ----------------------------------------------------------------------------------
-OVERLOADED_STREAM = (_responses_event("response.created", 0, response=_codex_resp)
-                     + sse({"type": "error", "code": "server_is_overloaded", "param": None, "sequence_number": 1,
-                            "message": "Our servers are currently overloaded. Please try again later."}, "error"))
-FAILED_STREAM = (_responses_event("response.created", 0, response=_codex_resp)
-                 + _responses_event("response.failed", 1, response=dict(
-                     _codex_resp, status="failed", error={"code": "server_error", "message": "overloaded"})))
-
-# api_format -> (stream, JSON body, model, usage)
-CASES = {
-    "responses": (CODEX_STREAM, CODEX_JSON, CODEX_MODEL, CODEX_USAGE),
-    "chat": (CHAT_STREAM, CHAT_JSON, CHAT_MODEL, CHAT_USAGE),
-    "messages": (ANTHROPIC_STREAM, ANTHROPIC_JSON, ANTHROPIC_MODEL, ANTHROPIC_USAGE),
-}
-
-
-def events_of(body: bytes) -> list[SSEEvent]:
-    p = SSEParser()
-    return p.feed(body) + p.close()
+from tests.support.apibodies import (
+    ANTHROPIC_JSON,
+    ANTHROPIC_MODEL,
+    ANTHROPIC_START_USAGE,
+    ANTHROPIC_STREAM,
+    ANTHROPIC_USAGE,
+    CASES,
+    CHAT_CHUNK,
+    CHAT_MODEL,
+    CHAT_STREAM,
+    CODEX_CREATED,
+    CODEX_DONE,
+    CODEX_JSON,
+    CODEX_MODEL,
+    CODEX_STREAM,
+    CODEX_USAGE,
+    FAILED_STREAM,
+    OVERLOADED_STREAM,
+    events_of,
+    responses_event,
+    sse,
+)
 
 
 def extract(api_format: str | None, body: bytes) -> UsageExtractor:
@@ -203,11 +124,12 @@ def test_malformed_and_foreign_data_lines_are_skipped():
 
 # -- one usage per answer (issue 11, item 8) -----------------------------------------------------------
 def _completed(inp: int, out: int, kind: str = "response.completed") -> bytes:
-    return _responses_event(kind, 20, response=dict(_codex_done, usage={"input_tokens": inp, "output_tokens": out}))
+    return responses_event(kind, 20, response=dict(CODEX_DONE, usage={"input_tokens": inp, "output_tokens": out}))
 
 
 def _chat_usage_chunk(prompt: int, completion: int, choices: list | None = None) -> bytes:
-    return sse(dict(_chunk, choices=choices or [], usage={"prompt_tokens": prompt, "completion_tokens": completion}))
+    usage = {"prompt_tokens": prompt, "completion_tokens": completion}
+    return sse(dict(CHAT_CHUNK, choices=choices or [], usage=usage))
 
 
 def test_responses_first_terminal_event_wins_and_a_different_later_one_is_flagged():
@@ -219,7 +141,7 @@ def test_responses_first_terminal_event_wins_and_a_different_later_one_is_flagge
 
 
 def test_responses_events_after_the_end_change_nothing():
-    later = (_responses_event("response.created", 30, response=dict(_codex_resp, model="other"))
+    later = (responses_event("response.created", 30, response=dict(CODEX_CREATED, model="other"))
              + FAILED_STREAM.split(b"\n\n", 1)[1])
     x = extract("responses", CODEX_STREAM + later)
     assert (x.usage, x.model, x.completed, x.error, x.flags) == (CODEX_USAGE, CODEX_MODEL, True, None, set())
@@ -244,7 +166,7 @@ def _anthropic(kind: str, **fields: object) -> bytes:
 
 
 def test_anthropic_second_message_start_does_not_reset_the_counts():
-    restart = _anthropic("message_start", message={"model": "other", "usage": _start_usage})
+    restart = _anthropic("message_start", message={"model": "other", "usage": ANTHROPIC_START_USAGE})
     stream = ANTHROPIC_STREAM.replace(b"event: message_stop", restart + b"event: message_stop")
     x = extract("messages", stream)
     assert (x.usage, x.model, x.flags) == (ANTHROPIC_USAGE, ANTHROPIC_MODEL, {"usage_repeated"})
@@ -269,8 +191,8 @@ _IMPOSSIBLE = {
 def test_impossible_parts_are_clamped_to_their_whole_and_flagged(fmt: str):
     clamped = Usage(input_tokens=10, cached_tokens=10, output_tokens=5, reasoning_tokens=5)
     usage = _IMPOSSIBLE[fmt]
-    event = (_responses_event("response.completed", 1, response=dict(_codex_done, usage=usage))
-             if fmt == "responses" else sse(dict(_chunk, choices=[], usage=usage)))
+    event = (responses_event("response.completed", 1, response=dict(CODEX_DONE, usage=usage))
+             if fmt == "responses" else sse(dict(CHAT_CHUNK, choices=[], usage=usage)))
     for x in (extract(fmt, event), UsageExtractor(fmt)):
         if x.usage is None:
             x.on_json(json.dumps({"usage": usage}).encode())
@@ -438,7 +360,7 @@ def test_deltas_are_not_decoded_and_the_result_is_the_same(fmt: str | None, case
 
 def test_chat_chunks_holding_only_a_delta_are_passed_once_the_model_is_known():
     x = UsageExtractor("chat")
-    first = json.dumps(dict(_chunk, choices=[{"index": 0, "delta": {"content": "Hi"}, "finish_reason": None}]))
+    first = json.dumps(dict(CHAT_CHUNK, choices=[{"index": 0, "delta": {"content": "Hi"}, "finish_reason": None}]))
     compact = json.dumps(json.loads(first), separators=(",", ":"))
     assert x.wants(b"message", first.encode())  # the model is not known yet
     x.on_event(SSEEvent("message", first))
@@ -479,10 +401,10 @@ def test_openai_cache_writes_are_read():
     chat = {"prompt_tokens": 3000, "completion_tokens": 20, "total_tokens": 3020,
             "prompt_tokens_details": {"cached_tokens": 1000, "cache_write_tokens": 1500}}
     expected = Usage(input_tokens=3000, cached_tokens=1000, cache_write_tokens=1500, output_tokens=20)
-    streamed = extract("responses", _responses_event("response.completed", 1,
-                                                     response=dict(_codex_done, usage=responses)))
+    streamed = extract("responses", responses_event("response.completed", 1,
+                                                    response=dict(CODEX_DONE, usage=responses)))
     assert streamed.usage == expected
-    assert extract("chat", sse(dict(_chunk, choices=[], usage=chat))).usage == expected
+    assert extract("chat", sse(dict(CHAT_CHUNK, choices=[], usage=chat))).usage == expected
     for usage in (responses, chat):
         x = UsageExtractor(None)
         x.on_json(json.dumps({"usage": usage}).encode())
@@ -571,7 +493,7 @@ def test_ends_of_an_error_body_and_of_a_body_without_usage():
     x = UsageExtractor("responses")
     # The Responses object's own member order: error before the output, usage after it.
     body = json.dumps({"id": "resp_1", "status": "failed", "error": {"code": "server_error", "message": "boom"},
-                       "model": CODEX_MODEL, "output": _codex_done["output"], "usage": None}).encode()
+                       "model": CODEX_MODEL, "output": CODEX_DONE["output"], "usage": None}).encode()
     assert x.on_json_ends(body[:200], body[200:]) == f"no usage found in its last {len(body) - 200} bytes"
     assert (x.error, x.model, x.completed, x.usage) == ("server_error: boom", CODEX_MODEL, True, None)
     x = UsageExtractor("chat")

@@ -17,11 +17,12 @@ from addon.meter import StreamMeter
 from addon.relay import _CONTENT_HEADERS, CallState, _chunks, _prepare_body, _start_meter, _strips_usage
 from addon.routing import Node
 from addon.usageprobe import MAX_HELD_BYTES, UsageChunkFilter, add_include_usage
-from bench.fakeupstream import Behaviour, FakeUpstream, chat_events
-from bench.relayproc import RelayProcess
 from store.config import ConfigError, node_from_mapping
 from store.records import NodeConfig, Usage
-from tests.test_e2e import rows, write_nodes
+from tests.support.calls import write_nodes
+from tests.support.databases import rows
+from tests.support.fakeupstream import Behaviour, FakeUpstream, chat_events
+from tests.support.relayproc import RelayProcess
 
 USAGE = {"prompt_tokens": 120, "completion_tokens": 30, "total_tokens": 150,
          "prompt_tokens_details": {"cached_tokens": 100}, "completion_tokens_details": {"reasoning_tokens": 7}}

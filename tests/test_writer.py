@@ -12,24 +12,14 @@ import subprocess
 import pytest
 import sqlalchemy as sa
 
-from store.engine import make_engine, upgrade_to_head
-from store.nodes import upsert_nodes
-from store.records import NodeConfig, NodeStateUpdate, Usage
+from store.engine import make_engine
+from store.records import NodeStateUpdate, Usage
 from store.schema import codex_invocations, nodes
 from store.spool import Spool, SpoolInUse, decode, default_spool_path, encode
 from store.writer import Writer
-from tests.conftest import wait_for
-from tests.tcpproxy import TcpProxy
-from tests.test_store import modes, record, umask_022  # noqa: F401 - a fixture
-
-
-def engine_with_node(url: str) -> sa.Engine:
-    """An engine on ``url``'s database, upgraded, with node "a" (the one ``record()`` names)."""
-    eng = make_engine(url)
-    upgrade_to_head(eng)
-    with eng.begin() as conn:
-        upsert_nodes(conn, [NodeConfig("a", "https://a.example/v1")])
-    return eng
+from tests.support.databases import counts, engine_with_node, modes, record
+from tests.support.tcpproxy import TcpProxy
+from tests.support.waiting import wait_for
 
 
 def writer_through(proxy: TcpProxy, url: str, tmp_path) -> Writer:
@@ -45,14 +35,6 @@ def engine(db_url):
     eng = engine_with_node(db_url)
     yield eng
     eng.dispose()
-
-
-def counts(engine) -> tuple[int, int, int]:
-    with engine.connect() as conn:
-        rows = conn.execute(sa.select(sa.func.count(), sa.func.count(sa.distinct(codex_invocations.c.invoke_id)))
-                            .select_from(codex_invocations)).one()
-        requests = conn.execute(sa.select(nodes.c.requests).where(nodes.c.id == "a")).scalar()
-    return rows[0], rows[1], requests
 
 
 def test_records_are_written_in_batches_and_close_flushes(engine, db_url):

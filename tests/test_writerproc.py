@@ -24,9 +24,8 @@ from store.records import NodeStateUpdate, Usage
 from store.spool import Spool
 from store.writer import Writer
 from store.writerproc import WriterProcess, WriterStartError, _Forked, relay_journal_path, start_writer
-from tests.conftest import wait_for
-from tests.test_store import record
-from tests.test_writer import counts, engine_with_node
+from tests.support.databases import counts, engine_with_node, record
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.fault
 

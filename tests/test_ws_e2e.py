@@ -10,9 +10,9 @@ import sqlalchemy as sa
 from mitmproxy import io
 from websockets.exceptions import InvalidStatus
 
-from bench.fakeupstream import FakeUpstream
-from bench.relayproc import RelayProcess
-from tests.wsupstream import WsUpstream
+from tests.support.fakeupstream import FakeUpstream
+from tests.support.relayproc import RelayProcess
+from tests.support.wsupstream import WsUpstream
 
 pytestmark = pytest.mark.e2e
 

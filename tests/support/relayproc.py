@@ -10,9 +10,9 @@ import sys
 import threading
 from pathlib import Path
 
-from bench.warm import WarmProcess, Zygote
+from tests.support.warm import WarmProcess, Zygote
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 # "listening at 127.0.0.1:8000", "[::1]:8000", or "*:8000" (every address)
 _LISTEN_RE = re.compile(r"listening at (\*|\[?[\d.:a-f]+\]?):(\d+)")
 
@@ -27,7 +27,7 @@ class RelayProcess:
     unless ``cwd`` names another.
     ``mode`` replaces the reverse mode (e.g. ``regular``); ``argv`` replaces the whole command (e.g.
     ``./run.sh …``), still read for mitmproxy's "listening at" line. ``zygote``: fork the relay from that
-    warm interpreter instead of starting ``mitmdump`` afresh (see bench.warm); without one, a plain mitmdump
+    warm interpreter instead of starting ``mitmdump`` afresh (see tests.support.warm); without one, a plain mitmdump
     relay of this repository forks from ``default_zygote`` when that is set.
     """
 

@@ -4,14 +4,15 @@ docs/several-relays.md), for the fleet tests and the streams benchmark's two-rel
 from __future__ import annotations
 
 import re
-import socket
 import subprocess
 import time
 from contextlib import ExitStack
 from pathlib import Path
 
+from tests.support.ports import accepts, free_port
+
 HAPROXY = Path("/usr/sbin/haproxy")
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "haproxy.cfg"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "haproxy.cfg"
 
 
 def haproxy_config(port: int, relay_ports: list[int]) -> str:
@@ -21,20 +22,6 @@ def haproxy_config(port: int, relay_ports: list[int]) -> str:
     for default, actual in zip((8001, 8002), relay_ports, strict=True):
         text = re.sub(rf"127\.0\.0\.1:{default}\b", f"127.0.0.1:{actual}", text)
     return text
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def accepts(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        return True
-    except OSError:
-        return False
 
 
 def start_haproxy(stack: ExitStack, relay_ports: list[int], workdir: Path) -> tuple[int, int]:

@@ -5,7 +5,7 @@ relay many times forks each relay from a warm process (``Zygote``) instead: ever
 process (own session, pid, output, exit code, SIGTERM/SIGKILL) running mitmdump's own ``main`` from
 argument parsing through script loading, serving and shutdown; only the already imported modules are shared.
 
-``python -m bench.warm FD``: the zygote itself, serving fork requests on the SOCK_SEQPACKET socket FD.
+``python -m tests.support.warm FD``: the zygote itself, serving fork requests on the SOCK_SEQPACKET socket FD.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ class Zygote:
 
     def __init__(self, root: Path) -> None:
         self._sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.proc = subprocess.Popen([sys.executable, "-m", "bench.warm", str(theirs.fileno())], cwd=root,
+        self.proc = subprocess.Popen([sys.executable, "-m", "tests.support.warm", str(theirs.fileno())], cwd=root,
                                      pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
         theirs.close()
         self._lock = threading.Lock()  # one fork request at a time: replies come in order
@@ -170,7 +170,7 @@ def main() -> None:
     for name in WARM_MODULES:
         importlib.import_module(name)
     # The relay's own modules too (the entry script itself is loaded by mitmproxy, as a script).
-    for path in sorted((Path(__file__).resolve().parent.parent / "addon").glob("*.py")):
+    for path in sorted((Path(__file__).resolve().parents[2] / "addon").glob("*.py")):
         if path.stem not in ("__init__", "codex"):
             importlib.import_module(f"addon.{path.stem}")
     gc.freeze()  # what every relay shares stays out of their collections (and their pages unwritten)

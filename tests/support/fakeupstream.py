@@ -413,7 +413,7 @@ async def _close(server: asyncio.Server) -> None:
 
 
 def main() -> None:
-    """``python -m bench.fakeupstream [--event-delay S] [--first-byte-delay S]``: serve until killed.
+    """``python -m tests.support.fakeupstream [--event-delay S] [--first-byte-delay S]``: serve until killed.
 
     Prints ``listening on PORT`` once ready (benchmarks run it as a separate process).
     """

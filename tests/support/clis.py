@@ -17,20 +17,14 @@ from pathlib import Path
 
 import pytest
 
-from bench.relayproc import ROOT
-from tests.conftest import IN_CI
+from tests.support.ci import unavailable
+from tests.support.relayproc import ROOT
 
 PACKAGES = ("@openai/codex@0.171.0", "@anthropic-ai/claude-code@2.1.197")
 CACHE = ROOT / ".cli-cache"
 RUN_TIMEOUT_S = 60  # a run that hangs (a client sleeping on a retry-after) fails the test, not the suite
 # Environment Claude Code needs to talk to nothing but its base URL.
 CLAUDE_QUIET = {"DISABLE_AUTOUPDATER": "1", "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1"}
-
-
-def _unavailable(reason: str) -> None:
-    if IN_CI:
-        pytest.fail(f"CI=true requires the real CLIs: {reason}", pytrace=False)
-    pytest.skip(reason)
 
 
 @functools.cache
@@ -56,8 +50,7 @@ def installed_clis() -> dict[str, Path]:
     ``clis`` fixture calls this; the run skips, or fails under CI, without them)."""
     bins = _install()
     if isinstance(bins, str):
-        _unavailable(bins)
-    assert not isinstance(bins, str)
+        unavailable("the real CLIs", bins)
     return bins
 
 

@@ -9,13 +9,13 @@ serves ``other-*`` (a node key ``narrow`` may not use), ``dead`` serves ``down-*
 from __future__ import annotations
 
 import contextlib
-import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.fakeupstream import FakeUpstream
-from bench.relayproc import RelayProcess
+from tests.support.fakeupstream import FakeUpstream
+from tests.support.ports import free_port
+from tests.support.relayproc import RelayProcess
 
 
 @dataclass(frozen=True)
@@ -46,13 +46,6 @@ ROWS = [
 ]
 
 
-def _closed_port() -> int:
-    """A port on 127.0.0.1 that nothing listens on (bound, then closed)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _node(node_id: str, base_url: str, formats: list[str], models: list[str]) -> str:
     return (f'[[nodes]]\nid = "{node_id}"\nbase_url = "{base_url}"\napi_key = "sk-node-{node_id}-0123456789"\n'
             f"formats = {formats!r}\nmodels = {models!r}\n\n").replace("'", '"')
@@ -67,7 +60,7 @@ def refusing_relay(tmp: Path) -> Iterator[tuple[RelayProcess, FakeUpstream]]:
             _node("oa", oa.base_url, ["openai"], ["gpt-*", "o3-*"])
             + _node("an", an.base_url, ["anthropic"], ["claude-gpt-*", "claude-o3-*"])
             + _node("other", other.base_url, ["openai", "anthropic"], ["other-*", "claude-other-*"])
-            + _node("dead", f"http://127.0.0.1:{_closed_port()}/v1", ["openai", "anthropic"],
+            + _node("dead", f"http://127.0.0.1:{free_port()}/v1", ["openai", "anthropic"],
                     ["down-*", "claude-down-*"]))
         keys = tmp / "keys.toml"
         keys.write_text(

@@ -1,6 +1,6 @@
 """Coding-client sessions for the sticky-session tests: the calls Codex, Claude Code and OpenCode make
 in one conversation, each turn resending the whole conversation so far (as they do), so a node's prompt
-cache (``bench.fakeupstream.PromptCache``) hits on what it saw of the conversation before."""
+cache (``tests.support.fakeupstream.PromptCache``) hits on what it saw of the conversation before."""
 
 from __future__ import annotations
 

@@ -1,0 +1,77 @@
+"""The relay in process over stub services, driving its Responses WebSockets (addon.wsrelay) turn by turn."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from types import SimpleNamespace
+
+from mitmproxy import http
+from mitmproxy.test import tflow
+from mitmproxy.websocket import WebSocketMessage
+from wsproto.frame_protocol import Opcode
+
+from addon.errors import CLIENT_KEY_NAME
+from addon.health import Health
+from addon.limits import Limits
+from addon.relay import CallState, Relay
+from addon.routing import Node, NodePool
+from store.keys import KeySpec
+from store.records import InvocationRecord, NodeConfig
+
+
+class Env:
+    def __init__(self, *configs: NodeConfig, keys: list[KeySpec] | None = None) -> None:
+        self.submitted: list = []
+        self.now = 1000.0
+        self.pool = NodePool([Node(c) for c in configs])
+        self.runtime = SimpleNamespace(
+            prices=None, submit=self.submitted.append, on_shutdown=lambda _: None, pool=self.pool,
+            metrics=SimpleNamespace(count_in_flight=lambda _: None), health=Health(self.submitted.append),
+            engine=None, connect_timeout=1.0, alert=lambda *a: None)
+        self.limits = None
+        if keys is not None:
+            self.limits = Limits(self.runtime)  # type: ignore[arg-type]
+            self.limits.set_keys(keys)
+        self.relay = Relay(self.runtime, limits=self.limits)  # type: ignore[arg-type]
+        self.sockets = self.relay.sockets
+        self.sockets._clock = lambda: self.now
+        self.injected: list[bytes] = []
+        self.sockets.inject = lambda flow, content: self.injected.append(content)  # type: ignore[method-assign]
+
+    def records(self) -> list[InvocationRecord]:
+        return [r for r in self.submitted if isinstance(r, InvocationRecord)]
+
+    def open(self, node_id: str | None = "a", key: str | None = None) -> http.HTTPFlow:
+        flow = tflow.twebsocketflow()
+        flow.websocket.messages.clear()
+        flow.request.path = "/v1/responses"
+        if key is not None:
+            flow.metadata[CLIENT_KEY_NAME] = key
+        state = CallState(flow=flow, invoke_id="up", occurred_at=None, api_format="responses",  # type: ignore[arg-type]
+                          model=None, stream=False, session_key=None, request_bytes=0, client_target="/v1/responses",
+                          websocket=True, node=self.pool.get(node_id) if node_id else None)
+        self.sockets.upgraded(flow, state)
+        return flow
+
+    def client(self, flow: http.HTTPFlow, obj: dict, at: float) -> WebSocketMessage:
+        message = WebSocketMessage(Opcode.TEXT, True, json.dumps(obj).encode(), timestamp=at)
+        flow.websocket.messages.append(message)
+        pending = self.sockets.websocket_message(flow)
+        if pending is not None:
+            asyncio.run(pending)  # type: ignore[arg-type]
+        return message
+
+    def server(self, flow: http.HTTPFlow, obj: dict, at: float) -> None:
+        flow.websocket.messages.append(WebSocketMessage(Opcode.TEXT, False, json.dumps(obj).encode(), timestamp=at))
+        assert self.sockets.websocket_message(flow) is None
+
+
+def completed(model: str, i: int, c: int, o: int, r: int) -> dict:
+    return {"type": "response.completed", "response": {"id": "resp", "model": model, "usage": {
+        "input_tokens": i, "input_tokens_details": {"cached_tokens": c}, "output_tokens": o,
+        "output_tokens_details": {"reasoning_tokens": r}, "total_tokens": i + o}}}
+
+
+def node(node_id: str = "a", **kw) -> NodeConfig:
+    return NodeConfig(id=node_id, base_url=f"http://{node_id}.example:80/v1", api_key=f"key-{node_id}", **kw)
