@@ -12,7 +12,8 @@ pinger's, the node sync's…) met the interpreter's finalization mid-call, which
 from __future__ import annotations
 
 import atexit
-from typing import Any
+import contextlib
+from collections.abc import Iterator
 
 from mitmproxy import ctx, exceptions
 from mitmproxy.proxy.mode_specs import ProxyMode
@@ -47,32 +48,25 @@ class RuntimeOptions:
         self.runtime.stop()
 
 
+@contextlib.contextmanager
+def _option_errors() -> Iterator[None]:
+    """A service's ``SettingsError`` as the ``OptionsError`` mitmproxy reports (and rolls the options back on)."""
+    try:
+        yield
+    except SettingsError as e:
+        raise exceptions.OptionsError(str(e)) from None
+
+
 class _ServiceOptions:
-    """Applies a service's settings when one of the options in ``reads`` (its own, and others' it reads) changed.
-
-    Only then: an addon that sets another option (the gate) configures every addon again, and raising there
-    again makes mitmproxy's rollback recurse.
-    """
-
-    reads: frozenset[str]
+    """One service's options. Its ``configure`` acts only when one of the options it reads is in ``updated``: an
+    addon that sets another option (the gate) configures every addon again, and raising there again makes
+    mitmproxy's rollback recurse."""
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
 
-    def configure(self, updated: set[str]) -> None:
-        if updated & self.reads:
-            try:
-                self.apply(ctx.options)
-            except SettingsError as e:
-                raise exceptions.OptionsError(str(e)) from None
-
-    def apply(self, options: Any) -> None:
-        raise NotImplementedError
-
 
 class StatsDbOptions(_ServiceOptions):
-    reads = frozenset({"codex_db", "codex_spool", "codex_writer_process", "codex_prune_days"})
-
     def load(self, loader) -> None:
         loader.add_option("codex_db", str, DEFAULT_DB,
                           "SQLAlchemy URL of the stats database (sqlite:///file.db or "
@@ -89,16 +83,19 @@ class StatsDbOptions(_ServiceOptions):
                           "Delete recorded calls (codex_invocations rows) older than this many whole UTC days, "
                           "at start and then daily, in short batches; the rollups keep their stats. 0: never.")
 
-    def apply(self, options: Any) -> None:
-        # The default journal is named for the relay's first listening port.
-        port = ProxyMode.parse(options.mode[0]).listen_port(options.listen_port) if options.mode else None
-        self.runtime.db.apply(db_settings(options, port))
+    def configure(self, updated: set[str]) -> None:
+        if updated & {"codex_db", "codex_prune_days"}:
+            options = ctx.options
+            # The default journal is named for the relay's first listening port.
+            port = ProxyMode.parse(options.mode[0]).listen_port(options.listen_port) if options.mode else None
+            with _option_errors():
+                settings = db_settings(options, port)
+                if "codex_db" in updated:  # the journal and the writer's kind are read when it opens
+                    self.runtime.db.open(settings)
+                self.runtime.db.prune(settings)
 
 
 class HealthOptions(_ServiceOptions):
-    reads = frozenset({"codex_fail_threshold", "codex_cooldown", "codex_cooldown_max", "codex_connect_timeout",
-                       "codex_ping_interval", "codex_ping_path"})
-
     def load(self, loader) -> None:
         loader.add_option("codex_fail_threshold", int, 3,
                           "Failures in a row that mark a node failed: out of rotation for codex_cooldown, "
@@ -114,15 +111,14 @@ class HealthOptions(_ServiceOptions):
         loader.add_option("codex_connect_timeout", str, "10",
                           "Seconds to wait for a node to accept a connection before trying another.")
 
-    def apply(self, options: Any) -> None:
-        self.runtime.checks.apply(health_settings(options))
+    def configure(self, updated: set[str]) -> None:
+        if updated & {"codex_fail_threshold", "codex_cooldown", "codex_cooldown_max", "codex_connect_timeout",
+                      "codex_ping_interval", "codex_ping_path"}:
+            with _option_errors():
+                self.runtime.checks.apply(health_settings(ctx.options))
 
 
 class FleetOptions(_ServiceOptions):
-    # codex_db: the nodes are upserted into a newly opened database.
-    reads = frozenset({"codex_db", "codex_nodes", "codex_upstream", "codex_upstream_key", "codex_upstream_name",
-                       "codex_sticky_ttl", "codex_node_sync"})
-
     def load(self, loader) -> None:
         loader.add_option("codex_nodes", str, "",
                           "Path to a TOML file of upstream nodes ([[nodes]] id, name, base_url, api_key, "
@@ -140,54 +136,56 @@ class FleetOptions(_ServiceOptions):
                           "Seconds between checks for node changes made by other relays on the same "
                           "database (admin edits, enable/disable, failed/recovered). 0 disables the check.")
 
-    def apply(self, options: Any) -> None:
-        settings = fleet_settings(options)
-        assert self.runtime.engine is not None  # opened by the first configure (codex_db has a default)
-        self.runtime.fleet.apply(settings, self.runtime.engine)
+    def configure(self, updated: set[str]) -> None:
+        # codex_db: the nodes are upserted into a newly opened database.
+        if updated & {"codex_db", "codex_nodes", "codex_upstream", "codex_upstream_key", "codex_upstream_name",
+                      "codex_sticky_ttl", "codex_node_sync"}:
+            with _option_errors():
+                settings = fleet_settings(ctx.options)
+            assert self.runtime.engine is not None  # opened by the first configure (codex_db has a default)
+            self.runtime.fleet.apply(settings, self.runtime.engine)
 
 
 class ProviderOptions(_ServiceOptions):
-    reads = frozenset({"codex_db", "codex_stats_sources", "codex_nodes"})
-
     def load(self, loader) -> None:
         loader.add_option("codex_stats_sources", str, "",
                           "TOML file whose [[sources]] are provider stats endpoints to poll into "
                           "stats_source_snapshots/deltas. Default: the [[sources]] of the codex_nodes file.")
 
-    def apply(self, options: Any) -> None:
-        settings = provider_settings(options)
-        assert self.runtime.engine is not None  # opened by the first configure (codex_db has a default)
-        self.runtime.providers.apply(settings, self.runtime.engine)
+    def configure(self, updated: set[str]) -> None:
+        if updated & {"codex_db", "codex_stats_sources", "codex_nodes"}:
+            with _option_errors():
+                settings = provider_settings(ctx.options)
+            assert self.runtime.engine is not None  # opened by the first configure (codex_db has a default)
+            self.runtime.providers.apply(settings, self.runtime.engine)
 
 
 class AlertOptions(_ServiceOptions):
-    reads = frozenset({"codex_nodes", "codex_alert_dedup"})
-
     def load(self, loader) -> None:
         loader.add_option("codex_alert_dedup", str, "300",
                           "Seconds within which one alert event ([[webhooks]] of the codex_nodes file) is sent "
                           "only once per node (or once for the relay).")
 
-    def apply(self, options: Any) -> None:
-        self.runtime.alerts.apply(alert_settings(options))
+    def configure(self, updated: set[str]) -> None:
+        if updated & {"codex_nodes", "codex_alert_dedup"}:
+            with _option_errors():
+                self.runtime.alerts.apply(alert_settings(ctx.options))
 
 
 class PriceOptions(_ServiceOptions):
-    reads = frozenset({"codex_prices"})
-
     def load(self, loader) -> None:
         loader.add_option("codex_prices", str, "",
                           "TOML price table (USD per 1M tokens per model) that overrides genai-prices' bundled "
                           "prices for the models it names (custom or private ones). Default: the shipped "
                           "store/prices.toml.")
 
-    def apply(self, options: Any) -> None:
-        self.runtime.prices = price_settings(options)
+    def configure(self, updated: set[str]) -> None:
+        if "codex_prices" in updated:
+            with _option_errors():
+                self.runtime.prices = price_settings(ctx.options)
 
 
 class ClientKeyOptions(_ServiceOptions):
-    reads = frozenset({"codex_client_keys"})
-
     def load(self, loader) -> None:
         loader.add_option(
             "codex_client_keys", str, "",
@@ -197,15 +195,14 @@ class ClientKeyOptions(_ServiceOptions):
             "Other requests get HTTP 401 and reach no node. The key's name is recorded "
             "as client_key. Empty: no client auth.")
 
-    def apply(self, options: Any) -> None:
-        self.runtime.keys.apply(key_specs(options.codex_client_keys, (n.id for n in self.runtime.pool)))
+    def configure(self, updated: set[str]) -> None:
+        if "codex_client_keys" in updated:
+            with _option_errors():
+                self.runtime.keys.apply(key_specs(ctx.options.codex_client_keys, (n.id for n in self.runtime.pool)))
 
 
-class LimitOptions(_ServiceOptions):
-    reads = frozenset({"codex_limits_when_db_down"})
-
+class LimitOptions:
     def __init__(self, limits: Limits) -> None:
-        super().__init__(limits.runtime)
         self.limits = limits
 
     def load(self, loader) -> None:
@@ -215,5 +212,7 @@ class LimitOptions(_ServiceOptions):
                           "journaled and counted once the database is back), 'refuse' answers 503 "
                           "limits_unavailable.")
 
-    def apply(self, options: Any) -> None:
-        self.limits.when_db_down = db_down_policy(options)
+    def configure(self, updated: set[str]) -> None:
+        if "codex_limits_when_db_down" in updated:
+            with _option_errors():
+                self.limits.when_db_down = db_down_policy(ctx.options)

@@ -69,7 +69,7 @@ def env(db_url, tmp_path):
         try:
             yield SimpleNamespace(runtime=runtime, admin=admin, tctx=tctx)
         finally:
-            runtime.stop()
+            options.done()
 
 
 def ask(admin: Admin, method: str, path: str, body: object = None, *, headers: dict | None = None,

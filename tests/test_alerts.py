@@ -162,7 +162,7 @@ def test_runtime_alerts_from_the_nodes_file(tmp_path, receiver):
             with pytest.raises(exceptions.OptionsError, match="codex_alert_dedup"):
                 tctx.configure(options, codex_alert_dedup="soon")
         finally:
-            runtime.stop()
+            options.done()
 
 
 def test_a_full_queue_drops_and_logs_instead_of_blocking(caplog):

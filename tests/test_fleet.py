@@ -140,7 +140,7 @@ def test_relay_routes_by_model_rewrites_mapped_calls_and_refuses_unserved_models
                     "input_tokens": 3, "output_tokens": 2, "total_tokens": 5}}), {"content-type": "application/json"})
                 asyncio.run(relay.response(mapped))
             finally:
-                runtime.stop()
+                options.done()
     # The Anthropic call had no answer yet: recorded aborted at shutdown, left out here.
     got = rows(db_url, "SELECT requested_model, model, status, http_status, node_id FROM codex_invocations "
                        "WHERE status <> 'aborted' ORDER BY http_status")
@@ -152,18 +152,17 @@ def test_relay_routes_by_model_rewrites_mapped_calls_and_refuses_unserved_models
 def two_relays(db_url, tmp_path):
     """Two Runtimes on one database with the same nodes file, each checking node state every 0.2 s."""
     path = nodes_file(tmp_path, ("a", "http://127.0.0.1:1/v1", ""), ("b", "http://127.0.0.1:2/v1", ""))
-    runtimes = []
+    relays = []
     for name in ("one", "two"):
-        runtime = Runtime()
-        options = RuntimeOptions(runtime)
+        options = RuntimeOptions(Runtime())
         with taddons.context(options) as tctx:
             tctx.configure(options, codex_db=db_url, codex_nodes=path, codex_ping_interval="0",
                            codex_node_sync="0.2", codex_spool=str(tmp_path / f"spool-{name}.db"),
                            codex_writer_process=False)  # node sync is tested here; the writer in test_writerproc
-        runtimes.append(runtime)
-    yield runtimes
-    for runtime in runtimes:
-        runtime.stop()
+        relays.append(options)
+    yield [options.runtime for options in relays]
+    for options in relays:
+        options.done()
 
 
 def test_node_changes_on_one_relay_reach_the_other_in_place(two_relays):

@@ -214,7 +214,7 @@ def test_relay_keeps_the_breaker_across_a_restart_and_enable_resets_it(db_url, t
         tctx.configure(options, **opts)
         for _ in range(3):
             runtime.health.failure(runtime.pool.get("a"), "HTTP 500")
-        runtime.stop()  # flushes the writer
+        options.done()  # flushes the writer
     assert db_node(db_url, "a").failed
 
     runtime = Runtime()
@@ -235,4 +235,4 @@ def test_relay_keeps_the_breaker_across_a_restart_and_enable_resets_it(db_url, t
             wait_for(lambda: not db_node(db_url, "a").failed, what="failed cleared in the database")
             assert db_node(db_url, "a").fail_streak == 0
         finally:
-            runtime.stop()
+            options.done()

@@ -39,7 +39,7 @@ def env(db_url, tmp_path):
         try:
             yield SimpleNamespace(runtime=runtime, admin=admin, tctx=tctx)
         finally:
-            runtime.stop()
+            options.done()
 
 
 def record(i: int, node: str | None, status: str = "success", client: str | None = None) -> InvocationRecord:

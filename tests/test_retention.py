@@ -51,7 +51,7 @@ def test_runtime_prunes_daily_and_keeps_the_rollups(db_url, tmp_path):
             wait_for(lambda: ids(runtime.engine) == {"new"}, timeout=20, what="the next round")
             assert rollup_inputs(runtime.engine) == (30, 30)
         finally:
-            runtime.stop()
+            options.done()
 
 
 def test_negative_days_are_refused():

@@ -42,9 +42,11 @@ UPSTREAM_KEY = "sk-upstream-0123456789abcdef"
     ({"codex_client_keys": "alice="}, "codex_client_keys: entry 1: empty key"),
 ])
 def test_bad_options_are_refused_with_their_name(options, message):
-    addon = RuntimeOptions(Runtime())
+    runtime = Runtime()
+    addon = RuntimeOptions(runtime)
     with taddons.context(addon) as tctx, pytest.raises(exceptions.OptionsError, match=message):
         tctx.configure(addon, **options)
+    assert runtime.engine is None  # rolled back: only a change of codex_db opens the database
 
 
 HEALTH = dict(codex_fail_threshold=3, codex_cooldown="30", codex_cooldown_max="600", codex_connect_timeout="10",
@@ -99,7 +101,7 @@ def test_one_upstream_routes_and_its_key_is_known(tmp_path):
             assert [n.id for n in runtime.pool] == ["default"]
             assert UPSTREAM_KEY not in runtime.secrets.scrub(f"echoed {UPSTREAM_KEY}")
         finally:
-            runtime.stop()
+            addon.done()
 
 
 @pytest.mark.parametrize("process", [True, False], ids=["writer process", "writer thread"])

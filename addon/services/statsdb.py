@@ -49,11 +49,14 @@ class StatsDb:
         self._pruner: Pruner | None = None
         self._pruning: tuple[int, sa.Engine | None] = (0, None)
 
-    def apply(self, settings: DbSettings) -> None:
-        """Open the database when its URL changed (the journal and the writer's kind are read then), and prune
-        it as ``prune_days`` says."""
+    def open(self, settings: DbSettings) -> None:
+        """Open ``settings.url`` (the journal and the writer's kind are read then), unless it is open already."""
         if settings.url != self._url:
             self._open(settings)
+
+    def prune(self, settings: DbSettings) -> None:
+        """Prune the open database as ``settings.prune_days`` says (a new pruner only when that or the database
+        changed)."""
         if (settings.prune_days, self.engine) != self._pruning:
             self._stop_pruner()
             self._pruning = (settings.prune_days, self.engine)
