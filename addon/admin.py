@@ -4,8 +4,8 @@
 ``request`` hook by setting ``flow.response``: such flows never go upstream and are never metered
 (the relay skips flows that already have a response). Database work runs in a thread, so the proxy
 keeps relaying meanwhile.
-The database, the nodes and the writer's and poller's state are the ``Runtime``'s (``addon.runtime``),
-reached through its public interface only.
+The database, the nodes and the writer's and poller's state are the runtime's services (``addon.runtime``),
+reached through their public interfaces only.
 
 Access: with ``codex_admin_token`` set, every request but the login form and the static files needs
 ``Authorization: Bearer <token>`` or the cookie ``POST /admin/login`` sets (else 401). Without a token
@@ -350,12 +350,12 @@ class Admin:
                     raise HttpError(400, "base_url moves the node to another scheme, host or port: give its "
                                          "api_key again (a stored key never follows a node elsewhere)")
                 config.api_key = stored.api_key or ""
-        self.runtime.update_node(config)
+        self.runtime.fleet.update_node(config)
         return self._nodes(stats.Filters(node=config.id))[0]
 
     def _set_disabled(self, node_id: str, disable: bool) -> dict:
         self._engine()
-        if not self.runtime.set_node_disabled(node_id, disable):
+        if not self.runtime.fleet.set_node_disabled(node_id, disable):
             raise HttpError(404, f"no node {node_id!r}")
         return self._nodes(stats.Filters(node=node_id))[0]
 
@@ -369,12 +369,12 @@ class Admin:
         return self.limits.report(rows, day)
 
     def _writer(self) -> dict:
-        writer = self.runtime.writer_stats()
+        writer = self.runtime.db.writer_stats()
         return {"writer": dataclasses.asdict(writer) if writer is not None else None}
 
     def _reconcile(self, date: str | None) -> dict:
         """Each daily stats source the relay polls against the relay's own calls, and its last poll."""
-        sources = self.runtime.poll_sources()
+        sources = self.runtime.providers.sources
         if sources is None:
             return {"configured": False, "results": [], "polls": []}
         try:
@@ -388,7 +388,7 @@ class Admin:
                     results.append(as_json(reconcile(conn, source, day)))
                 except ReconcileError as e:  # not a daily source, or no nodes named
                     results.append({"source": source.name, "stats_date": day.isoformat(), "error": str(e)})
-        polls = [r.describe() for r in self.runtime.last_polls()]
+        polls = [r.describe() for r in self.runtime.providers.last_polls()]
         return {"configured": True, "results": results, "polls": polls}
 
 

@@ -22,143 +22,27 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import logging
-from pathlib import Path
 
-from mitmproxy import ctx, exceptions, http
+from mitmproxy import http
 from mitmproxy.proxy.mode_specs import ReverseMode
 
 from addon.egress import credentials_in
 from addon.errors import CLIENT_KEY_NAME, error_response, fail_closed
-from addon.limits import Limits
 from addon.refusal import RefusalSink, answered
-from addon.secrets import KnownSecrets, digest
-from addon.target import is_admin_path, is_user_stats_path
-from store.keys import MAX_NAME_CHARS, KeySpec, parse_keys_toml, toml_file
+from addon.services.clientkeys import ClientKeys
+from addon.target import is_own_endpoint
 
 log = logging.getLogger("codex.auth")
 
 
-
-def parse_client_keys(spec: str) -> list[tuple[str, str]]:
-    """``(name, key)`` pairs from the option's value; ValueError says what is wrong.
-
-    ``spec`` is a comma-separated list of ``name=key`` or bare keys, or ``@path`` of a file with one
-    entry per line (blank lines and ``#`` comment lines ignored). ``name=key`` splits at the first
-    ``=``, so a key that contains ``=`` needs a name. A bare key is named ``key-`` plus the first
-    8 hex digits of its SHA-256: stable across restarts, and it does not reveal the key. Messages
-    name entries by position, never by their key.
-    """
-    spec = spec.strip()
-    if spec.startswith("@"):
-        path = Path(spec[1:].strip()).expanduser()
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise ValueError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
-        entries = [(f"{path} line {n}", line.strip()) for n, line in enumerate(text.splitlines(), 1)]
-        entries = [(where, line) for where, line in entries if line and not line.startswith("#")]
-    else:
-        entries = [(f"entry {n}", item.strip()) for n, item in enumerate(spec.split(","), 1)]
-        entries = [(where, item) for where, item in entries if item]
-    if not entries:
-        raise ValueError("no keys given (expected name=key or bare keys, comma-separated, or @file)")
-    pairs: list[tuple[str, str]] = []
-    names: set[str] = set()
-    keys: set[str] = set()
-    for where, entry in entries:
-        name, sep, key = entry.partition("=")
-        name, key = (name.strip(), key.strip()) if sep else ("", entry)
-        if sep and not name:
-            raise ValueError(f"{where}: empty name before '='")
-        if not key:
-            raise ValueError(f"{where}: empty key")
-        if any(c.isspace() for c in key):
-            raise ValueError(f"{where}: the key contains whitespace")
-        if not name:
-            name = "key-" + hashlib.sha256(key.encode()).hexdigest()[:8]
-        if len(name) > MAX_NAME_CHARS or not name.isprintable():
-            raise ValueError(f"{where}: the name must be 1 to {MAX_NAME_CHARS} printable characters")
-        if name in names:
-            raise ValueError(f"{where}: the name {name!r} is used twice")
-        if key in keys:
-            raise ValueError(f"{where}: the same key is listed twice")
-        names.add(name)
-        keys.add(key)
-        pairs.append((name, key))
-    return pairs
-
-
 class ClientAuth:
-    def __init__(self, refusals: RefusalSink | None = None, secrets: KnownSecrets | None = None,
-                 limits: Limits | None = None) -> None:
+    """Checks each request's client key (``ClientKeys``, configured by ``codex_client_keys``)."""
+
+    def __init__(self, refusals: RefusalSink | None = None, keys: ClientKeys | None = None) -> None:
         self.refusals = refusals or RefusalSink()
-        self.secrets = secrets or KnownSecrets()
-        self.limits = limits  # gets each key's limits (store.keys) when the option changes
-        self._keys: list[tuple[str, bytes]] = []  # (name, SHA-256 of the key): the keys are not kept
+        self.keys = keys or ClientKeys()
         self._tunnels: dict[str, str] = {}  # client connection id -> key name of its authorised CONNECT
-
-    def load(self, loader) -> None:
-        loader.add_option(
-            "codex_client_keys", str, "",
-            "Keys clients must send (Authorization: Bearer <key> or x-api-key) to use the relay: "
-            "comma-separated name=key or bare keys, or @path of a file with one name=key per line "
-            "(# comments), or @path of a TOML file of [[keys]] with limits (docs/teams.md). "
-            "Other requests get HTTP 401 and reach no node. The key's name is recorded "
-            "as client_key. Empty: no client auth.")
-
-    def configure(self, updated: set[str]) -> None:
-        if "codex_client_keys" not in updated:
-            return
-        spec = ctx.options.codex_client_keys
-        specs: list[KeySpec] = []
-        text = None
-        try:
-            if spec.strip():
-                text = toml_file(spec)
-                specs = (parse_keys_toml(text, MAX_NAME_CHARS) if text is not None else
-                         [KeySpec(name, digest(key)) for name, key in parse_client_keys(spec)])
-            if self.limits is not None:
-                self.limits.set_keys(specs)
-        except ValueError as e:
-            where = f"{spec.strip()[1:].strip()}: " if text is not None else ""
-            raise exceptions.OptionsError(f"codex_client_keys: {where}{e}") from None
-        self._keys = [(s.name, s.key_digest) for s in specs]
-        self.secrets.client_digests = frozenset(d for _, d in self._keys)
-        if specs:
-            log.info("client auth: %d key(s): %s", len(specs), ", ".join(s.name for s in specs))
-
-    @property
-    def enabled(self) -> bool:
-        """Whether client keys are configured."""
-        return bool(self._keys)
-
-    def name_of(self, key: str) -> str | None:
-        """The name of a client key given as such (the usage endpoint's ``apiKey``), or None."""
-        key = key.strip()
-        # A JSON string may hold what no key has: a lone surrogate (no UTF-8 to hash), a control character.
-        return self._name_of(key) if key.isprintable() else None
-
-    def _name_of(self, candidate: str) -> str | None:
-        found = None
-        if candidate:
-            d = digest(candidate)
-            for name, key_digest in self._keys:
-                # No early exit: the time taken does not depend on which key matched.
-                if self.secrets.same_digest(d, key_digest) and found is None:
-                    found = name
-        return found
-
-    def own_endpoint(self, flow: http.HTTPFlow) -> bool:
-        """Whether the relay answers this request itself, needing no client key: on its own port (reverse mode;
-        in regular mode such a path belongs to whatever site the client asked for), the admin page and /metrics
-        (their own token) and, with client keys set, the usage endpoint (addon.userstats: the key in its body,
-        as claude-relay-service takes it)."""
-        if not isinstance(flow.client_conn.proxy_mode, ReverseMode):
-            return False
-        path = flow.request.path
-        return is_admin_path(path) or (bool(self._keys) and is_user_stats_path(path))
 
     def identify(self, headers: http.Headers) -> str | None:
         """The name of the client key these request headers carry, or None."""
@@ -167,12 +51,11 @@ class ClientAuth:
         for name in ("authorization", "proxy-authorization"):
             for value in present.get(name, ()):
                 candidates.extend(_credentials(value))
-        names = [self._name_of(c) for c in candidates]
-        return next((n for n in names if n is not None), None)
+        return self.keys.find(candidates)
 
     @fail_closed
     def http_connect(self, flow: http.HTTPFlow) -> None:
-        if flow.response or flow.error or not self._keys:
+        if flow.response or flow.error or not self.keys.enabled:
             return
         name = self.identify(flow.request.headers)
         if name is not None:
@@ -190,9 +73,10 @@ class ClientAuth:
 
     @fail_closed
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        if answered(flow) or flow.is_replay or not self._keys:
+        if answered(flow) or flow.is_replay or not self.keys.enabled:
             return
-        if self.own_endpoint(flow):
+        if is_own_endpoint(flow.request.path, reverse=isinstance(flow.client_conn.proxy_mode, ReverseMode),
+                           client_keys=True):
             return
         name = self.identify(flow.request.headers) or self._tunnels.get(flow.client_conn.id)
         if name is not None:

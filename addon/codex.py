@@ -23,25 +23,24 @@ from addon.ownbody import OwnBodies  # noqa: E402
 from addon.refusal import RefusalSink  # noqa: E402
 from addon.relay import Relay  # noqa: E402
 from addon.runtime import Runtime  # noqa: E402
-from addon.secrets import KnownSecrets  # noqa: E402
+from addon.serviceoptions import LimitOptions, RuntimeOptions  # noqa: E402
 from addon.sseview import SSEView  # noqa: E402
 from addon.startup import StartupCheck  # noqa: E402
 from addon.userstats import UserStats  # noqa: E402
 
 # Order matters: the drain sees every request first (SIGTERM waits for them all), then the gate
 # (nothing before the script is configured, canonical targets only),
-# the runtime before the addons that use it (configure runs in chain order), client auth before
+# the runtime's services before the addons that use them (configure runs in chain order), client auth before
 # anything reads the body, the egress check after every other request hook, and the start-up check
 # last (its load and configure run after every other addon's).
 refusals = RefusalSink()
-secrets = KnownSecrets()
 gate = Gate(refusals)
-runtime = Runtime(secrets)
-limits = Limits(runtime)  # client keys' limits: set by ClientAuth, enforced by Relay
-auth = ClientAuth(refusals, secrets, limits)
-own = OwnBodies(refusals, auth)  # the own endpoints' bodies: read around them (own.handover after them)
+runtime = Runtime()  # the services: stats database, fleet, health checks, providers, alerts, prices, client keys
+limits = Limits(runtime)  # client keys' limits: enforced by Relay
+own = OwnBodies(refusals, runtime.keys)  # the own endpoints' bodies: read around them (own.handover after them)
 # One addon for mitmproxy to dispatch to (addon.chain): walking eleven for every event, and calling each
 # hook apart, cost ~25 µs of a short call.
-addons = [AddonChain([refusals, Drain(), gate, runtime, limits, auth, own, Admin(runtime, limits),
-                      UserStats(runtime, auth), own.handover, Relay(runtime, refusals, secrets, limits),
+addons = [AddonChain([refusals, Drain(), gate, RuntimeOptions(runtime), LimitOptions(limits),
+                      ClientAuth(refusals, runtime.keys), own, Admin(runtime, limits), UserStats(runtime),
+                      own.handover, Relay(runtime, refusals, runtime.secrets, limits),
                       KeyHygiene(), SSEView(), EgressCheck(), StartupCheck(gate, runtime)])]

@@ -26,13 +26,15 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import sqlalchemy as sa
-from mitmproxy import ctx, exceptions, http
+from mitmproxy import http
 
 from addon.endpoints import DEFAULT_KEY_ENDPOINTS, UNBILLED, endpoint_allowed, route
 from addon.errors import CLIENT_KEY_NAME, refusal_response
 from addon.runtime import Runtime
+from addon.services.settings import SettingsError
 from store.engine import error_line
 from store.key_usage import Budgets, KeyStats, admit, budget_reset, key_report
 from store.keys import KeySpec
@@ -56,45 +58,18 @@ class Limits:
 
     def __init__(self, runtime: Runtime, clock: Callable[[], float] = time.monotonic,
                  now: Callable[[], dt.datetime] = utcnow) -> None:
-        self.runtime = runtime
-        self.keys: dict[str, KeySpec] = {}
+        self.runtime = runtime  # its client keys (``keys``) are the ones limited
         self._clock = clock
         self._now = now
         self._recent: dict[str, deque[float]] = {}  # key name -> admission times in the last minute
         self._in_flight: dict[str, int] = {}  # key name -> calls holding a concurrency slot
         self._holders: dict[str, str] = {}  # flow id -> key name of its slot
-        self.when_db_down = "admit"
+        self.when_db_down = "admit"  # codex_limits_when_db_down (addon.serviceoptions)
         self._last_outage_log = -math.inf
         self._db_retry_at = -math.inf
 
-    def load(self, loader) -> None:
-        loader.add_option("codex_limits_when_db_down", str, "admit",
-                          "What a call of a client key with daily_requests, daily_tokens or monthly_cost gets "
-                          "while the stats database is unreachable: 'admit' serves it (its admission is "
-                          "journaled and counted once the database is back), 'refuse' answers 503 "
-                          "limits_unavailable.")
-
-    def configure(self, updated: set[str]) -> None:
-        if "codex_limits_when_db_down" in updated:
-            value = ctx.options.codex_limits_when_db_down
-            if value not in WHEN_DB_DOWN:
-                raise exceptions.OptionsError(f"codex_limits_when_db_down must be one of {', '.join(WHEN_DB_DOWN)}, "
-                                              f"got {value!r}")
-            self.when_db_down = value
-
-    def set_keys(self, specs: Iterable[KeySpec]) -> None:
-        """Use these keys from now on; ValueError names a key whose ``nodes`` name an unknown node."""
-        specs = list(specs)
-        known = {n.id for n in self.runtime.pool}
-        for spec in specs:
-            unknown = [n for n in spec.nodes or () if n not in known]
-            if unknown:
-                raise ValueError(f"key {spec.name!r}: unknown node id(s) {', '.join(unknown)} "
-                                 f"(configured: {', '.join(sorted(known)) or 'none'})")
-        self.keys = {s.name: s for s in specs}
-
     def _spec(self, flow: http.HTTPFlow) -> KeySpec | None:
-        return self.keys.get(flow.metadata.get(CLIENT_KEY_NAME, ""))
+        return self.runtime.keys.spec(flow.metadata.get(CLIENT_KEY_NAME, ""))
 
     def barred(self, flow: http.HTTPFlow) -> set[str]:
         """The ids of the nodes this flow's key may not use."""
@@ -214,7 +189,7 @@ class Limits:
                 return len([t for t in self._recent.get(name, ()) if t > now - RPM_WINDOW_S])
             return self.in_flight(name)
 
-        return key_report(rows, self.keys, day, live)
+        return key_report(rows, self.runtime.keys.specs, day, live)
 
     def _refuse(self, flow: http.HTTPFlow, spec: KeySpec, reason: str, response: http.Response) -> http.Response:
         _log_refusal(flow, spec, reason, response)
@@ -235,6 +210,14 @@ class Limits:
         if spec.daily_requests is not None:
             self.runtime.submit(KeyCount(spec.name, day, "admitted"))
         return None
+
+
+def db_down_policy(options: Any) -> str:
+    """``codex_limits_when_db_down``: one of ``WHEN_DB_DOWN``."""
+    value = options.codex_limits_when_db_down
+    if value not in WHEN_DB_DOWN:
+        raise SettingsError(f"codex_limits_when_db_down must be one of {', '.join(WHEN_DB_DOWN)}, got {value!r}")
+    return value
 
 
 def _log_refusal(flow: http.HTTPFlow, spec: KeySpec, reason: str, response: http.Response) -> None:

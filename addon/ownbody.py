@@ -1,8 +1,8 @@
 """The relay's own endpoints read at most ``MAX_BODY`` bytes of a request body, and never buffer more.
 
 mitmproxy holds a whole request body before the ``request`` hook, whatever its size: a chunked or HTTP/2
-body sent to an endpoint that needs no client key (``ClientAuth.own_endpoint``: the admin page, /metrics,
-the usage endpoint) took the relay's memory (RSS +800 MiB for 400 MiB sent, never given back). So, in
+body sent to an endpoint that needs no client key (``addon.target.is_own_endpoint``: the admin page,
+/metrics, the usage endpoint) took the relay's memory (RSS +800 MiB for 400 MiB sent, never given back). So, in
 ``requestheaders``:
 
 - a declared length over the cap gets 413 through the refusal endpoint (``addon.refusal``: drained, not held);
@@ -21,11 +21,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from mitmproxy import http
+from mitmproxy.proxy.mode_specs import ReverseMode
 
-from addon.auth import ClientAuth
 from addon.egress import EGRESS_KEY
 from addon.errors import error_response, fail_closed
 from addon.refusal import REFUSED_KEY, RefusalSink, answered, body_pending
+from addon.services.clientkeys import ClientKeys
+from addon.target import is_own_endpoint
 
 MAX_BODY = 2**20
 
@@ -79,9 +81,9 @@ class _Sent:
 class OwnBodies:
     """The cap; ``handover`` is its second ``request`` hook, placed after the own endpoints' addons."""
 
-    def __init__(self, refusals: RefusalSink, auth: ClientAuth) -> None:
+    def __init__(self, refusals: RefusalSink, keys: ClientKeys) -> None:
         self.refusals = refusals
-        self.auth = auth
+        self.keys = keys  # with client keys, the usage endpoint is one of the own endpoints
         self._capped: dict[str, tuple[_Sent, str, _CappedBody]] = {}  # flow id -> (request, token, body)
         # flow id -> the header fields it went to the refusal endpoint with, for a flow put back after streaming
         # there: mitmproxy frames what is left of the body (its end) by them.
@@ -91,7 +93,9 @@ class OwnBodies:
 
     @fail_closed
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        if answered(flow) or not self.auth.own_endpoint(flow) or not body_pending(flow.request):
+        if answered(flow) or not body_pending(flow.request) or not is_own_endpoint(
+                flow.request.path, reverse=isinstance(flow.client_conn.proxy_mode, ReverseMode),
+                client_keys=self.keys.enabled):
             return
         length = flow.request.headers.get("content-length")
         if length is not None:  # mitmproxy reads no more than that

@@ -3,8 +3,8 @@
 Upstreams echo keys back (``Incorrect API key provided: sk-…``); such text becomes an invocation's
 ``error_message``, a node's ``last_error``, a log line and an admin page row. ``KnownSecrets.scrub``
 replaces every configured node key and every client key in it with its masked form before any of
-that happens. Client keys are known only by their SHA-256 (client auth keeps no key), so candidate
-tokens of the text are hashed and compared.
+that happens. Client keys are known only by their SHA-256 (``ClientKeys.digests``: no key is kept), so
+candidate tokens of the text are hashed and compared.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import hmac
 import re
 from collections.abc import Iterable
 
+from addon.services.clientkeys import ClientKeys
 from store.masking import digest, mask_secret
 
 # Runs of characters API keys are made of; anything shorter than 8 is no key worth hiding.
@@ -26,15 +27,11 @@ def secrets_equal(given: str, expected: str) -> bool:
 
 
 class KnownSecrets:
-    """Node keys (set by the relay) and client key digests (set by client auth)."""
+    """Node keys (set by the fleet) and the digests of ``client_keys``."""
 
-    def __init__(self) -> None:
+    def __init__(self, client_keys: ClientKeys | None = None) -> None:
         self.node_keys: frozenset[str] = frozenset()
-        self.client_digests: frozenset[bytes] = frozenset()
-
-    @staticmethod
-    def same_digest(a: bytes, b: bytes) -> bool:
-        return hmac.compare_digest(a, b)
+        self.client_keys = client_keys or ClientKeys()
 
     def set_node_keys(self, keys: Iterable[str]) -> None:
         self.node_keys = frozenset(k for k in keys if len(k) >= _MIN_KEY_CHARS)
@@ -45,7 +42,7 @@ class KnownSecrets:
         for key in sorted(self.node_keys, key=len, reverse=True):
             if key in text:
                 text = text.replace(key, mask_secret(key))
-        if self.client_digests:
+        if self.client_keys.digests:
             text = _TOKEN.sub(self._mask_client_key, text)
         return text
 
@@ -53,6 +50,6 @@ class KnownSecrets:
         token = m.group(0)
         # A key may be followed by punctuation of the sentence (``key.``): try a few shorter cuts too.
         for end in range(len(token), max(_MIN_KEY_CHARS, len(token) - 3) - 1, -1):
-            if digest(token[:end]) in self.client_digests:
+            if digest(token[:end]) in self.client_keys.digests:
                 return mask_secret(token[:end]) + token[end:]
         return token

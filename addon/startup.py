@@ -7,8 +7,8 @@ option's type) makes mitmproxy drop the whole script silently — the process th
 proxy with no client auth, routing or masking — and ``--set`` names nobody declared are kept unused.
 ``StartupCheck``, the script's last addon, finds both, says so, and makes the process exit; until
 start-up is over (every addon configured, its ``running`` reached), the ``Gate`` holds every request
-(mitmproxy listens before the script's ``running`` hook), and answers them 503 if start-up fails. It also refuses to
-start an open relay: one that routes to nodes (the ``Runtime``'s pool) and listens beyond loopback
+(mitmproxy listens before the script's ``running`` hook), and answers them 503 if start-up fails. It also
+refuses to start an open relay: one that routes to nodes (the runtime's pool) and listens beyond loopback
 without client keys, unless ``codex_allow_open`` says so.
 """
 
@@ -169,7 +169,7 @@ class StartupCheck:
         proxy: list[tuple[str, int]] = []
         for server in proxyserver.servers if proxyserver is not None else ():
             (reverse if isinstance(server.mode, ReverseMode) else proxy).extend(server.listen_addrs)
-        return startup_summary(reverse_addrs=reverse, proxy_addrs=proxy, database=self.runtime.database,
+        return startup_summary(reverse_addrs=reverse, proxy_addrs=proxy, database=self.runtime.db.database,
                                nodes=[n.id for n in self.runtime.pool],
                                client_keys=bool(opts.codex_client_keys.strip()),
                                admin_token=bool(opts.codex_admin_token))

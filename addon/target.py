@@ -79,3 +79,11 @@ USER_STATS_PATH = "/apiStats/api/user-model-stats"
 def is_user_stats_path(target: str) -> bool:
     """A canonical target of the usage endpoint; client auth lets it through (the key is in the body)."""
     return route(target) == USER_STATS_PATH and target_problem(target) is None
+
+
+def is_own_endpoint(target: str, *, reverse: bool, client_keys: bool) -> bool:
+    """Whether the relay answers this request itself, needing no client key: on its own port (``reverse``; in
+    regular mode such a path belongs to whatever site the client asked for), the admin page and /metrics (their
+    own token) and, with ``client_keys`` set, the usage endpoint (``addon.userstats``: the key in its body, as
+    claude-relay-service takes it)."""
+    return reverse and (is_admin_path(target) or (client_keys and is_user_stats_path(target)))

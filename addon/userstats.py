@@ -20,7 +20,6 @@ import sqlalchemy as sa
 from mitmproxy import http
 from mitmproxy.proxy.mode_specs import ReverseMode
 
-from addon.auth import ClientAuth
 from addon.errors import fail_closed
 from addon.refusal import answered
 from addon.runtime import Runtime
@@ -57,14 +56,13 @@ def crs_item(row: sa.Row, pricing: dict[str, float]) -> dict[str, Any]:
 class UserStats:
     """Answers the usage endpoint before the relay routes anything."""
 
-    def __init__(self, runtime: Runtime, auth: ClientAuth) -> None:
-        self.runtime = runtime
-        self.auth = auth
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime  # its stats database, prices and client keys
 
     @fail_closed
     async def request(self, flow: http.HTTPFlow) -> None:
         if (answered(flow) or not isinstance(flow.client_conn.proxy_mode, ReverseMode)
-                or not is_user_stats_path(flow.request.path) or not self.auth.enabled):
+                or not is_user_stats_path(flow.request.path) or not self.runtime.keys.enabled):
             return
         status, answer = await self._answer(flow)
         flow.response = http.Response.make(status, json.dumps(answer).encode(),
@@ -81,7 +79,7 @@ class UserStats:
         api_key, period = body.get("apiKey"), body.get("period", "monthly")
         if not isinstance(api_key, str) or not api_key:
             return 400, {"error": "API Key or ID is required", "message": "Please provide your API Key or API ID"}
-        name = self.auth.name_of(api_key)
+        name = self.runtime.keys.name_of(api_key)
         if name is None:
             return 401, {"error": "Invalid API key", "message": "API key not found"}
         engine = self.runtime.engine

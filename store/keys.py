@@ -3,8 +3,9 @@
 A ``@file`` whose first entry line starts with ``[`` is TOML: a ``[[keys]]`` table per key with
 ``name``, ``key`` or ``key_sha256`` (hex, so the file holds no secret) and optional limits
 (``nodes``, ``models`` globs, ``endpoints`` globs, ``daily_requests``, ``daily_tokens``, ``monthly_cost``,
-``rpm``, ``concurrency``). Any other value is the ``name=key`` line format (``addon.auth.parse_client_keys``),
-whose keys have no limits. Errors name the entry (by position and name, never by its key).
+``rpm``, ``concurrency``). Any other value is the ``name=key`` line format
+(``addon.services.clientkeys.parse_client_keys``), whose keys have no limits. Errors name the entry (by
+position and name, never by its key).
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ import sqlalchemy as sa
 from store.engine import error_summary
 from store.records import utcnow
 from store.snapshots import IngestResult, ingest
-from store.sources import SourceConfig, SourceFormatError, load_sources_file
+from store.sources import SourceConfig, SourceFormatError
 
 log = logging.getLogger("codex.poll")
 
@@ -158,19 +158,3 @@ class Poller:
                     self.poll(source)
                     due[source.name] = started + source.interval
             self._stop.wait(max(0.0, min(due.values()) - time.monotonic()))
-
-
-def start_poller(engine: sa.Engine, sources_path: str, previous: Poller | None = None) -> Poller | None:
-    """The relay's poller: stop ``previous``, then poll the ``[[sources]]`` of ``sources_path`` on a new
-    thread (none for an empty path or a file without sources).
-
-    Raises ConfigError before stopping anything when the file is not valid.
-    """
-    sources = load_sources_file(sources_path) if sources_path else []
-    if previous is not None:
-        previous.stop()
-    if not sources:
-        return None
-    poller = Poller(engine, sources)
-    poller.start()
-    return poller

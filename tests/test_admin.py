@@ -21,6 +21,7 @@ from mitmproxy.test import taddons, tflow
 
 from addon.admin import Admin, is_loopback, session_cookie
 from addon.runtime import Runtime
+from addon.serviceoptions import RuntimeOptions
 from store import stats
 from store.engine import make_engine, upgrade_to_head
 from store.invocations import apply_batch
@@ -39,11 +40,12 @@ def env(db_url, tmp_path):
     """A configured Runtime (nodes alpha and beta, never called) with its Admin, and calls of alpha stored."""
     nodes_file = alpha_and_beta(tmp_path)
     runtime = Runtime()
+    options = RuntimeOptions(runtime)
     admin = Admin(runtime)
-    with taddons.context(runtime, admin) as tctx:
+    with taddons.context(options, admin) as tctx:
         # The writer in a thread: these tests are about the admin page; the writer process has its own
         # (test_writerproc) and runs in every real relay of the suite.
-        tctx.configure(runtime, codex_db=db_url, codex_spool=str(tmp_path / "spool.db"), codex_nodes=str(nodes_file),
+        tctx.configure(options, codex_db=db_url, codex_spool=str(tmp_path / "spool.db"), codex_nodes=str(nodes_file),
                        codex_ping_interval="0", codex_writer_process=False)
         with runtime.engine.begin() as conn:
             apply_batch(conn, [
@@ -56,7 +58,7 @@ def env(db_url, tmp_path):
         try:
             yield SimpleNamespace(runtime=runtime, admin=admin, tctx=tctx)
         finally:
-            runtime.done()
+            options.done()
 
 
 def data(resp: http.Response) -> dict:
@@ -222,7 +224,7 @@ def test_reconcile_panel_compares_the_polled_sources(env, tmp_path):
                            'api_id = "3f2b8c1e-9a4d-4e7b-8c2f-1d5e6a7b8c9d"\nmidnight_margin = 0\n'
                            'timezone = "+00:00"\n')
         env.tctx.configure(env.runtime, codex_stats_sources=str(sources))
-        wait_for(lambda: env.runtime.last_polls(), what="the first poll")
+        wait_for(lambda: env.runtime.providers.last_polls(), what="the first poll")
     got = data(ask(env.admin, "GET", f"/admin/api/reconcile?date={today}"))
     assert got["configured"] is True and got["polls"][0].startswith("crs: captured at ")
     (result,) = got["results"]
@@ -330,7 +332,7 @@ def test_database_error_is_a_503_without_the_statement(env, monkeypatch):
         raise sa.exc.OperationalError("UPDATE nodes SET api_key=%s", {"api_key": config.api_key},
                                       Exception("(2006, 'MySQL server has gone away')"))
 
-    monkeypatch.setattr(env.runtime, "update_node", down)
+    monkeypatch.setattr(env.runtime.fleet, "update_node", down)
     resp = ask(env.admin, "POST", "/admin/api/nodes", {"id": "alpha", "base_url": "http://127.0.0.1:9/v1",
                                                        "api_key": "sk-fresh-key-99990000"})
     assert resp.status_code == 503 and "gone away" in data(resp)["error"]

@@ -16,6 +16,7 @@ from addon.alerts import Alerts, Webhook, webhooks_from_file
 from addon.breaker import BreakerPolicy
 from addon.routing import Node, NodePool
 from addon.runtime import Runtime
+from addon.serviceoptions import RuntimeOptions
 from store.config import ConfigError
 from store.records import NodeConfig
 from store.writer import WriterStats
@@ -149,18 +150,19 @@ def test_runtime_alerts_from_the_nodes_file(tmp_path, receiver):
     path.write_text(f'[[nodes]]\nid = "alpha"\nbase_url = "http://127.0.0.1:9/v1"\napi_key = "{KEY}"\n\n'
                     f'[[webhooks]]\nurl = "{receiver.url}"\nevents = ["node_failed"]\n')
     runtime = Runtime()
-    runtime.alert_interval = 0.05
-    with taddons.context(runtime) as tctx:
-        tctx.configure(runtime, codex_db=f"sqlite:///{tmp_path / 'codex.db'}", codex_ping_interval="0",
+    options = RuntimeOptions(runtime)
+    runtime.alerts.interval = 0.05
+    with taddons.context(options) as tctx:
+        tctx.configure(options, codex_db=f"sqlite:///{tmp_path / 'codex.db'}", codex_ping_interval="0",
                        codex_nodes=str(path), codex_fail_threshold=1,
                        codex_writer_process=False)  # alerts are tested here; the writer in test_writerproc
         try:
             runtime.health.failure(runtime.pool.get("alpha"), "HTTP 502")
             wait_for(lambda: receiver.events() == [("node_failed", "alpha")], timeout=10, what="the alert")
             with pytest.raises(exceptions.OptionsError, match="codex_alert_dedup"):
-                tctx.configure(runtime, codex_alert_dedup="soon")
+                tctx.configure(options, codex_alert_dedup="soon")
         finally:
-            runtime.done()
+            options.done()
 
 
 def test_a_full_queue_drops_and_logs_instead_of_blocking(caplog):

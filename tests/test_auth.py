@@ -1,4 +1,4 @@
-"""Client auth addon: option parsing, who gets in, and what a rejected client sees."""
+"""Client auth: the client keys' option parsing, who gets in, and what a rejected client sees."""
 
 from __future__ import annotations
 
@@ -11,8 +11,11 @@ from mitmproxy import exceptions
 from mitmproxy.proxy.mode_specs import ProxyMode
 from mitmproxy.test import taddons, tflow
 
-from addon.auth import ClientAuth, parse_client_keys
+from addon.auth import ClientAuth
 from addon.errors import CLIENT_KEY_NAME
+from addon.runtime import Runtime
+from addon.serviceoptions import ClientKeyOptions
+from addon.services.clientkeys import parse_client_keys
 from addon.target import is_admin_path
 from tests.support.flows import request_flow
 
@@ -25,11 +28,17 @@ def bare_name(key: str) -> str:
     return "key-" + hashlib.sha256(key.encode()).hexdigest()[:8]
 
 
+def keyed_auth() -> tuple[ClientKeyOptions, ClientAuth]:
+    """Client auth and the addon that configures its keys (``codex_client_keys``)."""
+    runtime = Runtime()
+    return ClientKeyOptions(runtime), ClientAuth(keys=runtime.keys)
+
+
 @pytest.fixture
 def auth():
-    addon = ClientAuth()
-    with taddons.context(addon) as tctx:
-        tctx.configure(addon, codex_client_keys=f"alice={ALICE}, bob = {BOB},{BARE}")
+    options, addon = keyed_auth()
+    with taddons.context(options, addon) as tctx:
+        tctx.configure(options, codex_client_keys=f"alice={ALICE}, bob = {BOB},{BARE}")
         yield addon
 
 
@@ -61,14 +70,14 @@ def test_parse_errors_say_what_and_where_without_the_key(spec, message):
 
 
 def test_configure_errors_are_option_errors(tmp_path):
-    addon = ClientAuth()
-    with taddons.context(addon) as tctx:
+    options, _ = keyed_auth()
+    with taddons.context(options) as tctx:
         with pytest.raises(exceptions.OptionsError, match=r"codex_client_keys: cannot read .*missing"):
-            tctx.configure(addon, codex_client_keys=f"@{tmp_path / 'missing'}")
+            tctx.configure(options, codex_client_keys=f"@{tmp_path / 'missing'}")
         empty = tmp_path / "empty"
         empty.write_text("# nothing yet\n")
         with pytest.raises(exceptions.OptionsError, match="codex_client_keys: no keys given"):
-            tctx.configure(addon, codex_client_keys=f"@{empty}")
+            tctx.configure(options, codex_client_keys=f"@{empty}")
 
 
 # -- requests ----------------------------------------------------------------------------------------
@@ -128,10 +137,10 @@ def test_path_tricks_do_not_count_as_admin():
 
 
 def test_without_keys_everyone_passes():
-    addon = ClientAuth()
-    with taddons.context(addon) as tctx:
-        tctx.configure(addon, codex_client_keys=f"alice={ALICE}")
-        tctx.configure(addon, codex_client_keys="")
+    options, addon = keyed_auth()
+    with taddons.context(options, addon) as tctx:
+        tctx.configure(options, codex_client_keys=f"alice={ALICE}")
+        tctx.configure(options, codex_client_keys="")
         f = request_flow()
         addon.requestheaders(f)
     assert f.response is None and CLIENT_KEY_NAME not in f.metadata

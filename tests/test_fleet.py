@@ -17,6 +17,7 @@ from addon.modelroute import rewrite_model, serves
 from addon.relay import Relay
 from addon.routing import Node, NodePool
 from addon.runtime import Runtime
+from addon.serviceoptions import RuntimeOptions
 from store.config import ConfigError, node_from_mapping
 from store.engine import make_engine, upgrade_to_head
 from store.nodes import config_of, load_nodes, read_version, set_disabled, upsert_nodes
@@ -105,12 +106,13 @@ def test_relay_routes_by_model_rewrites_mapped_calls_and_refuses_unserved_models
 
     with FakeUpstream("oa") as oa, FakeUpstream("an") as an:
         runtime = Runtime()
+        options = RuntimeOptions(runtime)
         relay = Relay(runtime)
         path = nodes_file(tmp_path,
                           ("oa", oa.base_url, 'formats = ["openai"]\nmodel_map = {"gpt-5-codex" = "gpt-5.1"}'),
                           ("an", an.base_url, 'formats = ["anthropic"]\nmodels = ["claude-*"]'))
-        with taddons.context(runtime, relay) as tctx:
-            tctx.configure(runtime, codex_db=db_url, codex_nodes=path, codex_ping_interval="0", codex_node_sync="0",
+        with taddons.context(options, relay) as tctx:
+            tctx.configure(options, codex_db=db_url, codex_nodes=path, codex_ping_interval="0", codex_node_sync="0",
                            codex_writer_process=False)  # routing is tested here; the writer in test_writerproc
 
             def send(target: str, body: bytes) -> http.HTTPFlow:
@@ -138,7 +140,7 @@ def test_relay_routes_by_model_rewrites_mapped_calls_and_refuses_unserved_models
                     "input_tokens": 3, "output_tokens": 2, "total_tokens": 5}}), {"content-type": "application/json"})
                 asyncio.run(relay.response(mapped))
             finally:
-                runtime.done()
+                options.done()
     # The Anthropic call had no answer yet: recorded aborted at shutdown, left out here.
     got = rows(db_url, "SELECT requested_model, model, status, http_status, node_id FROM codex_invocations "
                        "WHERE status <> 'aborted' ORDER BY http_status")
@@ -150,30 +152,30 @@ def test_relay_routes_by_model_rewrites_mapped_calls_and_refuses_unserved_models
 def two_relays(db_url, tmp_path):
     """Two Runtimes on one database with the same nodes file, each checking node state every 0.2 s."""
     path = nodes_file(tmp_path, ("a", "http://127.0.0.1:1/v1", ""), ("b", "http://127.0.0.1:2/v1", ""))
-    runtimes = []
+    relays = []
     for name in ("one", "two"):
-        runtime = Runtime()
-        with taddons.context(runtime) as tctx:
-            tctx.configure(runtime, codex_db=db_url, codex_nodes=path, codex_ping_interval="0",
+        options = RuntimeOptions(Runtime())
+        with taddons.context(options) as tctx:
+            tctx.configure(options, codex_db=db_url, codex_nodes=path, codex_ping_interval="0",
                            codex_node_sync="0.2", codex_spool=str(tmp_path / f"spool-{name}.db"),
                            codex_writer_process=False)  # node sync is tested here; the writer in test_writerproc
-        runtimes.append(runtime)
-    yield runtimes
-    for runtime in runtimes:
-        runtime.done()
+        relays.append(options)
+    yield [options.runtime for options in relays]
+    for options in relays:
+        options.done()
 
 
 def test_node_changes_on_one_relay_reach_the_other_in_place(two_relays):
     one, two = two_relays
     node_b = two.pool.get("b")
-    assert one.set_node_disabled("b", True)
+    assert one.fleet.set_node_disabled("b", True)
     wait_for(lambda: node_b.disabled, 5, "relay two sees b disabled")
-    assert one.set_node_disabled("b", False)
+    assert one.fleet.set_node_disabled("b", False)
     wait_for(lambda: not node_b.disabled, 5, "relay two sees b enabled")
-    one.update_node(NodeConfig(id="b", base_url="http://127.0.0.1:3/v1", weight=7, models=("gpt-5*",)))
+    one.fleet.update_node(NodeConfig(id="b", base_url="http://127.0.0.1:3/v1", weight=7, models=("gpt-5*",)))
     wait_for(lambda: node_b.config.weight == 7, 5, "relay two sees b's new weight")
     assert two.pool.get("b") is node_b and node_b.config.models == ("gpt-5*",)  # same object: calls report to it
-    one.update_node(NodeConfig(id="c", base_url="http://127.0.0.1:4/v1"))
+    one.fleet.update_node(NodeConfig(id="c", base_url="http://127.0.0.1:4/v1"))
     wait_for(lambda: two.pool.get("c") is not None, 5, "relay two routes the node added on relay one")
 
 

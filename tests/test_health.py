@@ -16,6 +16,7 @@ from addon.health import Health, Pinger, ping
 from addon.outcome import rest_asked
 from addon.routing import Node, NodePool
 from addon.runtime import Runtime
+from addon.serviceoptions import RuntimeOptions
 from store.records import NodeConfig, NodeStateUpdate
 from tests.support.calls import write_nodes
 from tests.support.databases import rows
@@ -209,27 +210,30 @@ def test_relay_keeps_the_breaker_across_a_restart_and_enable_resets_it(db_url, t
     opts = {"codex_db": db_url, "codex_spool": str(tmp_path / "spool.db"), "codex_nodes": str(nodes_file),
             "codex_ping_interval": "0", "codex_cooldown": "45"}
     runtime = Runtime()
-    with taddons.context(runtime) as tctx:
-        tctx.configure(runtime, **opts)
+    options = RuntimeOptions(runtime)
+    with taddons.context(options) as tctx:
+        tctx.configure(options, **opts)
         for _ in range(3):
             runtime.health.failure(runtime.pool.get("a"), "HTTP 500")
-        runtime.done()  # flushes the writer
+        options.done()  # flushes the writer
     assert db_node(db_url, "a").failed
 
     runtime = Runtime()
-    with taddons.context(runtime) as tctx:
+
+    options = RuntimeOptions(runtime)
+    with taddons.context(options) as tctx:
         started = time.monotonic()
-        tctx.configure(runtime, **opts)
+        tctx.configure(options, **opts)
         a = runtime.pool.get("a")
         try:
             # Failed at the stop: open with the first cooldown, so with pings off its trial still comes.
             assert a.failed and a.breaker.openings == 1
             assert started + 45 <= a.breaker.until <= time.monotonic() + 45
             with pytest.raises(exceptions.OptionsError, match="codex_cooldown_max"):
-                tctx.configure(runtime, codex_cooldown_max="44")
-            assert runtime.set_node_disabled("a", False)
+                tctx.configure(options, codex_cooldown_max="44")
+            assert runtime.fleet.set_node_disabled("a", False)
             assert a.eligible and a.breaker.streak == 0 and a.breaker.trial is None
             wait_for(lambda: not db_node(db_url, "a").failed, what="failed cleared in the database")
             assert db_node(db_url, "a").fail_streak == 0
         finally:
-            runtime.done()
+            options.done()

@@ -18,6 +18,7 @@ from addon.metrics import Metrics
 from addon.relay import Relay
 from addon.routing import NodePool
 from addon.runtime import Runtime
+from addon.serviceoptions import RuntimeOptions
 from store.records import InvocationRecord, NodeStateUpdate, Usage
 from store.schema import codex_invocations, nodes
 from store.writer import WriterStats
@@ -29,15 +30,16 @@ from tests.support.waiting import wait_for
 def env(db_url, tmp_path):
     nodes_file = alpha_and_beta(tmp_path)
     runtime = Runtime()
+    options = RuntimeOptions(runtime)
     admin = Admin(runtime)
     relay = Relay(runtime)  # counts the calls in flight
-    with taddons.context(runtime, admin, relay) as tctx:
-        tctx.configure(runtime, codex_db=db_url, codex_spool=str(tmp_path / "spool.db"), codex_nodes=str(nodes_file),
+    with taddons.context(options, admin, relay) as tctx:
+        tctx.configure(options, codex_db=db_url, codex_spool=str(tmp_path / "spool.db"), codex_nodes=str(nodes_file),
                        codex_ping_interval="0", codex_writer_process=False)  # the writer's own tests: test_writerproc
         try:
             yield SimpleNamespace(runtime=runtime, admin=admin, tctx=tctx)
         finally:
-            runtime.done()
+            options.done()
 
 
 def record(i: int, node: str | None, status: str = "success", client: str | None = None) -> InvocationRecord:
@@ -69,7 +71,7 @@ def test_metrics_agree_with_the_stored_rows(env):
         rt.submit(item)
     for _ in range(3):  # beta's breaker opens
         rt.health.failure(rt.pool.get("beta"), "HTTP 502")
-    wait_for(lambda: rt.writer_stats().written == 6, timeout=20, what="records written")
+    wait_for(lambda: rt.db.writer_stats().written == 6, timeout=20, what="records written")
     m = scrape(env.admin)
 
     with rt.engine.connect() as conn:
@@ -111,7 +113,7 @@ def test_metrics_agree_with_the_stored_rows(env):
 
 def test_hours_api_serves_the_percentiles(env):
     env.runtime.submit(record(1, "alpha"))
-    wait_for(lambda: env.runtime.writer_stats().written == 1, timeout=20, what="the record written")
+    wait_for(lambda: env.runtime.db.writer_stats().written == 1, timeout=20, what="the record written")
     resp = ask(env.admin, "GET", "/admin/api/hours?since=2026-11-20&until=2026-11-20")
     assert resp.status_code == 200
     [hour] = json.loads(resp.get_text())["hours"]

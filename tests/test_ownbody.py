@@ -16,6 +16,8 @@ from addon.egress import EGRESS_KEY
 from addon.ownbody import MAX_BODY, OwnBodies
 from addon.refusal import REFUSED_KEY, RefusalSink, answered
 from addon.runtime import Runtime
+from addon.serviceoptions import ClientKeyOptions
+from addon.services.clientkeys import ClientKeys
 from addon.userstats import UserStats
 from tests.support.flows import request_flow
 from tests.support.h2client import h2_exchange
@@ -32,10 +34,12 @@ REVERSE = "reverse:http://127.0.0.1:9"
 def chain() -> Iterator[tuple[RefusalSink, ClientAuth, OwnBodies, UserStats]]:
     sink = RefusalSink()
     sink.load(None)  # its port: a refused body is streamed there
-    auth = ClientAuth(sink)
-    own, stats = OwnBodies(sink, auth), UserStats(Runtime(), auth)
-    with taddons.context(auth) as tctx:
-        tctx.configure(auth, codex_client_keys=f"owner={CLIENT_KEY}")
+    runtime = Runtime()
+    keys = ClientKeyOptions(runtime)
+    auth = ClientAuth(sink, runtime.keys)
+    own, stats = OwnBodies(sink, runtime.keys), UserStats(runtime)
+    with taddons.context(keys) as tctx:
+        tctx.configure(keys, codex_client_keys=f"owner={CLIENT_KEY}")
         yield sink, auth, own, stats
     sink.done()
 
@@ -119,7 +123,7 @@ def test_a_request_that_brings_no_body_after_all_is_answered_directly(chain):
 def test_other_requests_are_left_alone(chain, path, mode, keys):
     sink, auth, own, _ = chain
     if not keys:
-        own = OwnBodies(sink, ClientAuth(sink))
+        own = OwnBodies(sink, ClientKeys())
     f = request_flow(path, {"transfer-encoding": "chunked"}, mode)
     own.requestheaders(f)
     assert not answered(f) and f.request.path == path and not f.request.stream

@@ -293,21 +293,30 @@ def test_command_errors(tmp_path, capsys, monkeypatch):
     assert capsys.readouterr().err.startswith("poll-stats: cannot open database mysql+pymysql://u@127.0.0.1:9/x")
 
 
-def test_start_poller_for_the_relay(engine, stats, tmp_path):
-    from store.config import ConfigError
-    from store.poll import start_poller
+def test_the_relays_providers_service_polls_the_configured_sources(engine, stats, tmp_path):
+    from types import SimpleNamespace
 
-    assert start_poller(engine, "") is None
+    from addon.services.providers import Providers, provider_settings
+    from addon.services.settings import SettingsError
+
+    def settings(path: str):
+        return provider_settings(SimpleNamespace(codex_stats_sources=path, codex_nodes=""))
+
+    providers = Providers()
+    providers.apply(settings(""), engine)
+    assert providers.sources is None
     stats.queue(200, crs_response())
     path = write_sources(tmp_path, stats.url, "interval = 3600\n")
-    first = start_poller(engine, path)
-    assert first is not None and first._thread.is_alive()
-    # A bad file leaves the running poller alone; a good one replaces it.
+    providers.apply(settings(path), engine)
+    first = providers._poller
+    assert first is not None and first._thread.is_alive() and [s.name for s in providers.sources] == ["crs"]
+    # A bad file is refused before the running poller is touched; a good one replaces it.
     bad = tmp_path / "bad.toml"
     bad.write_text('[[sources]]\nname = "x"\n')
-    with pytest.raises(ConfigError, match="url is required"):
-        start_poller(engine, str(bad), first)
+    with pytest.raises(SettingsError, match="codex_stats_sources: .*url is required"):
+        settings(str(bad))
     assert first._thread.is_alive()
     thread = first._thread
-    assert start_poller(engine, "", first) is None  # sources unset: the old poller stops
+    providers.apply(settings(""), engine)  # sources unset: the old poller stops
+    assert providers.sources is None
     assert not thread.is_alive()

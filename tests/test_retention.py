@@ -11,6 +11,7 @@ from mitmproxy import exceptions
 from mitmproxy.test import taddons
 
 from addon.runtime import Runtime
+from addon.serviceoptions import RuntimeOptions
 from store.invocations import apply_batch
 from store.records import InvocationRecord, Usage, utcnow
 from store.schema import codex_daily_stats, codex_hourly_stats, codex_invocations
@@ -35,24 +36,26 @@ def rollup_inputs(engine: sa.Engine) -> tuple[int, int]:
 
 def test_runtime_prunes_daily_and_keeps_the_rollups(db_url, tmp_path):
     runtime = Runtime()
-    runtime.prune_interval = 0.05
-    with taddons.context(runtime) as tctx:
-        tctx.configure(runtime, codex_db=db_url, codex_spool=str(tmp_path / "spool.db"), codex_ping_interval="0",
+    options = RuntimeOptions(runtime)
+    runtime.db.prune_interval = 0.05
+    with taddons.context(options) as tctx:
+        tctx.configure(options, codex_db=db_url, codex_spool=str(tmp_path / "spool.db"), codex_ping_interval="0",
                        codex_writer_process=False)  # the pruner is tested here; the writer in test_writerproc
         try:
             with runtime.engine.begin() as conn:
                 apply_batch(conn, [old_call("old", 10), old_call("new", 0)])
-            tctx.configure(runtime, codex_prune_days=3)
+            tctx.configure(options, codex_prune_days=3)
             wait_for(lambda: ids(runtime.engine) == {"new"}, timeout=20, what="the old row pruned")
             with runtime.engine.begin() as conn:  # a later round prunes again
                 apply_batch(conn, [old_call("older", 20)])
             wait_for(lambda: ids(runtime.engine) == {"new"}, timeout=20, what="the next round")
             assert rollup_inputs(runtime.engine) == (30, 30)
         finally:
-            runtime.done()
+            options.done()
 
 
 def test_negative_days_are_refused():
     runtime = Runtime()
-    with taddons.context(runtime) as tctx, pytest.raises(exceptions.OptionsError, match="codex_prune_days"):
-        tctx.configure(runtime, codex_prune_days=-1)
+    options = RuntimeOptions(runtime)
+    with taddons.context(options) as tctx, pytest.raises(exceptions.OptionsError, match="codex_prune_days"):
+        tctx.configure(options, codex_prune_days=-1)

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from addon.secrets import KnownSecrets, digest, secrets_equal
+from addon.secrets import KnownSecrets, secrets_equal
+from addon.services.clientkeys import ClientKeys, key_specs
 
 NODE_KEY = "sk-proj-NODEKEY-0123456789abcd"
 CLIENT_KEY = "ck-alice-CLIENT-5a6b7c8d9e0f"
 
 
 def secrets() -> KnownSecrets:
-    s = KnownSecrets()
+    keys = ClientKeys()
+    keys.apply(key_specs(f"alice={CLIENT_KEY}", known_nodes=()))
+    s = KnownSecrets(keys)
     s.set_node_keys([NODE_KEY, "short"])
-    s.client_digests = frozenset({digest(CLIENT_KEY)})
     return s
 
 

@@ -22,6 +22,7 @@ from addon.limits import DB_RETRY_S, Limits
 from addon.routing import Node, NodePool
 from addon.runtime import Runtime
 from addon.secrets import digest
+from addon.serviceoptions import ClientKeyOptions, LimitOptions
 from addon.userstats import UserStats
 from store.engine import make_engine
 from store.invocations import apply_batch
@@ -61,10 +62,10 @@ ALICE_KEY = "ck-alice-0123456789"
 def runtime_with(*node_ids: str, engine: sa.Engine | None = None, writer: Writer | None = None) -> Runtime:
     """A runtime routing over ``node_ids``; its records go to ``writer`` (and its database is the writer's)."""
     runtime = Runtime()
-    runtime.pool = NodePool([Node(NodeConfig(id=i, base_url=f"http://127.0.0.1:9/{i}")) for i in node_ids])
-    runtime.engine = writer.engine if writer is not None else engine
+    runtime.fleet.pool = NodePool([Node(NodeConfig(id=i, base_url=f"http://127.0.0.1:9/{i}")) for i in node_ids])
+    runtime.db.engine = writer.engine if writer is not None else engine
     if writer is not None:
-        runtime.submit = writer.submit
+        runtime.db.submit = writer.submit
     return runtime
 
 
@@ -75,20 +76,21 @@ def write_keys(tmp_path, text: str) -> str:
 
 
 def test_toml_keys_file_gives_names_limits_and_keys_by_hash(tmp_path):
-    limits = Limits(runtime_with("alpha", "beta"))
-    auth = ClientAuth(limits=limits)
+    runtime = runtime_with("alpha", "beta")
+    keys = ClientKeyOptions(runtime)
+    auth = ClientAuth(keys=runtime.keys)
     spec = write_keys(tmp_path, KEYS_TOML.format(bob_sha=hashlib.sha256(BOB_KEY.encode()).hexdigest()))
-    with taddons.context(auth) as tctx:
-        tctx.configure(auth, codex_client_keys=spec)
+    with taddons.context(keys) as tctx:
+        tctx.configure(keys, codex_client_keys=spec)
         f = tflow.tflow()
         f.request.headers["authorization"] = f"Bearer {BOB_KEY}"
         assert auth.identify(f.request.headers) == "bob"
         f.request.headers["authorization"] = "Bearer ck-alice-0123456789"
         assert auth.identify(f.request.headers) == "alice"
-    alice = limits.keys["alice"]
+    alice = runtime.keys.specs["alice"]
     assert (alice.nodes, alice.models, alice.daily_requests, alice.daily_tokens, alice.monthly_cost, alice.rpm,
             alice.concurrency) == (("alpha",), ("gpt-5*",), 500, 2_000_000, 50.0, 60, 4)
-    assert limits.keys["bob"] == KeySpec("bob", digest(BOB_KEY))
+    assert runtime.keys.specs["bob"] == KeySpec("bob", digest(BOB_KEY))
 
 
 @pytest.mark.parametrize(("entry", "message"), [
@@ -100,9 +102,9 @@ def test_toml_keys_file_gives_names_limits_and_keys_by_hash(tmp_path):
     ('name = "a"\nkey_sha256 = "abc"', r"key_sha256 must be 64 hex digits"),
 ])
 def test_a_bad_entry_stops_the_relay_naming_it(tmp_path, entry, message):
-    auth = ClientAuth(limits=Limits(runtime_with("alpha")))
-    with taddons.context(auth) as tctx, pytest.raises(exceptions.OptionsError, match=message):
-        tctx.configure(auth, codex_client_keys=write_keys(tmp_path, "[[keys]]\n" + entry))
+    keys = ClientKeyOptions(runtime_with("alpha"))
+    with taddons.context(keys) as tctx, pytest.raises(exceptions.OptionsError, match=message):
+        tctx.configure(keys, codex_client_keys=write_keys(tmp_path, "[[keys]]\n" + entry))
 
 
 @pytest.fixture
@@ -142,7 +144,7 @@ def refused_counts(writer: Writer, key: str) -> dict[str, int]:
 def test_limits_refuse_in_order_and_count_refusals_per_key(writer):
     t = [1000.0]
     limits = Limits(runtime_with("alpha", "beta", writer=writer), clock=lambda: t[0])
-    limits.set_keys([KeySpec("alice", b"x" * 32, nodes=("alpha",), models=("gpt-5*",), rpm=4, concurrency=2),
+    limits.runtime.keys.apply([KeySpec("alice", b"x" * 32, nodes=("alpha",), models=("gpt-5*",), rpm=4, concurrency=2),
                      KeySpec("bob", b"y" * 32, nodes=("beta",))])
 
     async def run() -> None:
@@ -169,9 +171,9 @@ def test_limits_refuse_in_order_and_count_refusals_per_key(writer):
 def test_daily_requests_budget_refuses_with_reset_time_and_frees_the_slot(writer):
     now = dt.datetime(2026, 11, 25, 23, 0, 0)
     limits = Limits(runtime_with("alpha", writer=writer), now=lambda: now)
-    limits.set_keys([KeySpec("alice", b"x" * 32, daily_requests=2, concurrency=5)])
+    limits.runtime.keys.apply([KeySpec("alice", b"x" * 32, daily_requests=2, concurrency=5)])
     alerts: list[tuple[str, str, str]] = []
-    limits.runtime.alert = lambda *event: alerts.append(event)  # the webhooks' "key_budget_reached"
+    limits.runtime.alerts.notify = lambda *event: alerts.append(event)  # the webhooks' "key_budget_reached"
 
     async def run() -> list:
         return [await limits.admit(flow_of("alice"), "gpt-5") for _ in range(3)]
@@ -301,10 +303,11 @@ def test_usage_endpoint_answers_a_key_holder_its_own_usage_in_crs_shape(engine, 
         apply_batch(conn, [record("u1", "alice", now, 100, 0.5), record("u2", "alice", now, 60, 0.25),
                            record("u3", "bob", now, 999, 9.0), written])
     runtime = runtime_with("alpha", engine=engine)
-    auth = ClientAuth()
-    stats = UserStats(runtime, auth)
-    with taddons.context(auth, stats) as tctx:
-        tctx.configure(auth, codex_client_keys=f"alice={ALICE_KEY},bob={BOB_KEY}")
+    keys = ClientKeyOptions(runtime)
+    auth = ClientAuth(keys=runtime.keys)
+    stats = UserStats(runtime)
+    with taddons.context(keys, stats) as tctx:
+        tctx.configure(keys, codex_client_keys=f"alice={ALICE_KEY},bob={BOB_KEY}")
 
         def ask(body: dict) -> tuple[int, dict]:
             f = tflow.tflow()
@@ -341,14 +344,14 @@ def test_admin_keys_panel_shows_usage_refusals_and_each_limits_use(engine):
     day = dt.date(2026, 11, 25)
     runtime = runtime_with("alpha", engine=engine)
     limits = Limits(runtime, now=lambda: dt.datetime(2026, 11, 25, 12))
-    limits.set_keys([KeySpec("alice", b"x" * 32, daily_requests=5, monthly_cost=50.0, concurrency=4),
+    limits.runtime.keys.apply([KeySpec("alice", b"x" * 32, daily_requests=5, monthly_cost=50.0, concurrency=4),
                      KeySpec("idle", b"y" * 32, rpm=10)])
     admin = Admin(runtime, limits)
     asyncio.run(limits.admit(flow_of("alice"), "gpt-5"))  # in flight, admitted once
     with engine.begin() as conn:
         apply_batch(conn, [record("p1", "alice", dt.datetime(2026, 11, 25, 9), 50, 1.25),
                            KeyCount("alice", day, "refused_model")])
-    with taddons.context(runtime, admin):
+    with taddons.context(admin):
         resp = ask(admin, "GET", "/admin/api/keys?until=2026-11-25")
     alice, idle = json.loads(resp.content)["keys"]
     assert (alice["client_key"], alice["requests"], alice["refused_model"], alice["total_tokens"]) == (
@@ -363,10 +366,11 @@ def test_admin_keys_panel_shows_usage_refusals_and_each_limits_use(engine):
 
 def test_usage_endpoint_answers_a_key_no_key_can_be_with_its_401():
     # "\ud800" in the JSON body is a lone surrogate: hashing it raised, and every such request was a 500.
-    auth = ClientAuth()
-    stats = UserStats(runtime_with("alpha"), auth)
-    with taddons.context(auth, stats) as tctx:
-        tctx.configure(auth, codex_client_keys=f"alice={ALICE_KEY}")
+    runtime = runtime_with("alpha")
+    keys = ClientKeyOptions(runtime)
+    stats = UserStats(runtime)
+    with taddons.context(keys, stats) as tctx:
+        tctx.configure(keys, codex_client_keys=f"alice={ALICE_KEY}")
         for body in (b'{"apiKey": "\\ud800"}', b'{"apiKey": "ck-alice-\\u0000"}'):
             f = tflow.tflow()
             f.client_conn.proxy_mode = ProxyMode.parse("reverse:http://127.0.0.1:9")
@@ -383,10 +387,10 @@ UNREACHABLE_DB = "mysql+pymysql://root@127.0.0.1:1/codex"
 def limits_without_database(writer: Writer) -> Limits:
     """Limits for a key with every budget while the database is unreachable; records go to ``writer``."""
     runtime = runtime_with("alpha")
-    runtime.engine = make_engine(UNREACHABLE_DB)
-    runtime.submit = writer.submit
+    runtime.db.engine = make_engine(UNREACHABLE_DB)
+    runtime.db.submit = writer.submit
     limits = Limits(runtime)
-    limits.set_keys([KeySpec("alice", b"x" * 32, daily_requests=5, daily_tokens=1000, monthly_cost=5.0, rpm=2)])
+    runtime.keys.apply([KeySpec("alice", b"x" * 32, daily_requests=5, daily_tokens=1000, monthly_cost=5.0, rpm=2)])
     return limits
 
 
@@ -439,10 +443,10 @@ def test_admissions_while_the_database_was_away_count_against_the_budget_once_it
     t = [0.0]
     runtime = runtime_with("alpha", writer=writer)
     limits = Limits(runtime, clock=lambda: t[0])
-    limits.set_keys([KeySpec("alice", b"x" * 32, daily_requests=2)])
-    runtime.engine = make_engine(UNREACHABLE_DB)
+    limits.runtime.keys.apply([KeySpec("alice", b"x" * 32, daily_requests=2)])
+    runtime.db.engine = make_engine(UNREACHABLE_DB)
     assert asyncio.run(limits.admit(flow_of("alice"), "gpt-5")) is None  # the check failed: admitted
-    runtime.engine = writer.engine  # back, but not asked before the pause is over
+    runtime.db.engine = writer.engine  # back, but not asked before the pause is over
     t[0] += DB_RETRY_S - 1
     assert asyncio.run(limits.admit(flow_of("alice"), "gpt-5")) is None
     assert writer.flush(30)
@@ -455,8 +459,9 @@ def test_admissions_while_the_database_was_away_count_against_the_budget_once_it
 
 def test_the_when_db_down_policy_is_an_option_and_a_bad_one_stops_the_relay():
     limits = Limits(runtime_with("alpha"))
-    with taddons.context(limits) as tctx:
-        tctx.configure(limits, codex_limits_when_db_down="refuse")
+    addon = LimitOptions(limits)
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, codex_limits_when_db_down="refuse")
         assert limits.when_db_down == "refuse"
         with pytest.raises(exceptions.OptionsError, match="admit, refuse"):
-            tctx.configure(limits, codex_limits_when_db_down="maybe")
+            tctx.configure(addon, codex_limits_when_db_down="maybe")

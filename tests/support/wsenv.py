@@ -16,6 +16,7 @@ from addon.health import Health
 from addon.limits import Limits
 from addon.relay import CallState, Relay
 from addon.routing import Node, NodePool
+from addon.services.clientkeys import ClientKeys
 from store.keys import KeySpec
 from store.records import InvocationRecord, NodeConfig
 
@@ -28,11 +29,11 @@ class Env:
         self.runtime = SimpleNamespace(
             prices=None, submit=self.submitted.append, on_shutdown=lambda _: None, pool=self.pool,
             metrics=SimpleNamespace(count_in_flight=lambda _: None), health=Health(self.submitted.append),
-            engine=None, connect_timeout=1.0, alert=lambda *a: None)
+            engine=None, connect_timeout=1.0, alert=lambda *a: None, keys=ClientKeys())
         self.limits = None
         if keys is not None:
             self.limits = Limits(self.runtime)  # type: ignore[arg-type]
-            self.limits.set_keys(keys)
+            self.runtime.keys.apply(keys)
         self.relay = Relay(self.runtime, limits=self.limits)  # type: ignore[arg-type]
         self.sockets = self.relay.sockets
         self.sockets._clock = lambda: self.now
