@@ -38,10 +38,10 @@ import sqlalchemy as sa
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.proxy.mode_specs import ReverseMode
 
-from addon.egress import origin_of
 from addon.errors import fail_closed
 from addon.limits import Limits
 from addon.metrics import CONTENT_TYPE as METRICS_TYPE
+from addon.nodeurl import origin_of
 from addon.refusal import answered
 from addon.runtime import Runtime
 from addon.secrets import secrets_equal

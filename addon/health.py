@@ -13,7 +13,7 @@ import urllib.request
 from collections.abc import Callable
 
 from addon.breaker import Breaker, BreakerPolicy
-from addon.egress import key_header, node_url
+from addon.nodeurl import key_header, node_url
 from addon.routing import Node, NodePool
 from store.periodic import Periodic
 from store.records import NodeStateUpdate

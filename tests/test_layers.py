@@ -34,8 +34,6 @@ PROXY_HOOKS = frozenset(name for name, hook in hooks.all_hooks.items()
 # Relay composes wsrelay's Sockets as a nested addon (its ``addons`` attribute, mitmproxy's way of building one
 # addon from parts) and Sockets calls back into its Relay: one addon in two modules.
 NESTED_ADDONS = {("addon.relay", "addon.wsrelay"), ("addon.wsrelay", "addon.relay")}
-# Addon-to-addon imports being removed (issue 27): emptied once that change is merged.
-KNOWN_ISSUE_27 = {("addon.userstats", "addon.auth"), ("addon.ownbody", "addon.auth")}
 
 
 def module_name(root: Path, path: Path) -> str:
@@ -179,8 +177,8 @@ def test_hook_modules_do_not_import_each_other():
     assert {"addon.admin", "addon.auth", "addon.drain", "addon.gate", "addon.hygiene", "addon.relay"} \
         <= set(hook_modules(ROOT))
     found = addon_to_addon(ROOT)
-    assert found - NESTED_ADDONS - KNOWN_ISSUE_27 == set()
-    assert (NESTED_ADDONS | KNOWN_ISSUE_27) - found == set(), "an allowed import is gone: take it off its list"
+    assert found - NESTED_ADDONS == set()
+    assert NESTED_ADDONS - found == set(), "an allowed import is gone: take it off its list"
 
 
 def test_tests_import_the_harness_not_each_other():
