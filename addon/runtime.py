@@ -18,6 +18,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import socket
 from collections.abc import Callable
 
 import sqlalchemy as sa
@@ -126,8 +127,10 @@ class Runtime:
                           "TOML file whose [[sources]] are provider stats endpoints to poll into "
                           "stats_source_snapshots/deltas. Default: the [[sources]] of the codex_nodes file.")
         loader.add_option("codex_alert_dedup", str, "300",
-                          "Seconds within which one alert event ([[webhooks]] of the codex_nodes file) is sent "
-                          "only once per node (or once for the relay).")
+                          "Seconds for which an alert ([[webhooks]] of the codex_nodes file) that a node, or a "
+                          "format and model pattern, is back is held after the last one while it flaps (failures "
+                          "are always sent, the final state is told); one key's or writer event is sent once per "
+                          "this many seconds.")
         loader.add_option("codex_prune_days", int, 0,
                           "Delete recorded calls (codex_invocations rows) older than this many whole UTC days, "
                           "at start and then daily, in short batches; the rollups keep their stats. 0: never.")
@@ -169,7 +172,7 @@ class Runtime:
                 self._poller = start_poller(self.engine, opts.codex_stats_sources or opts.codex_nodes, self._poller)
             except ConfigError as e:
                 raise exceptions.OptionsError(f"codex_stats_sources: {e}") from None
-        if updated & {"codex_nodes", "codex_alert_dedup"}:
+        if updated & {"codex_db", "codex_nodes", "codex_alert_dedup", "codex_source"}:
             self._start_alerts(opts.codex_nodes, seconds("codex_alert_dedup", opts.codex_alert_dedup))
         if updated & {"codex_db", "codex_prune_days"}:
             if opts.codex_prune_days < 0:
@@ -225,10 +228,19 @@ class Runtime:
             self._alerts.stop()
             self._alerts = None
         if hooks:
-            self._alerts = Alerts(hooks, lambda: self.pool, self.writer_stats, dedup=dedup,
-                                  interval=self.alert_interval)
+            self._alerts = Alerts(hooks, lambda: self.pool, self.writer_stats, engine=self.engine,
+                                  relay=self._relay_name(), dedup=dedup, interval=self.alert_interval)
             self._alerts.start()
             log.info("alerts to %d webhook(s)", len(hooks))
+
+    @staticmethod
+    def _relay_name() -> str:
+        """This relay in alerts: its ``codex_source`` when set, else host and port."""
+        opts = ctx.options
+        if "codex_source" in opts and opts.has_changed("codex_source"):
+            return opts.codex_source
+        port = ProxyMode.parse(opts.mode[0]).listen_port(opts.listen_port) if opts.mode else None
+        return f"{socket.gethostname()}:{port}" if port else socket.gethostname()
 
     def _start_pruner(self, days: int) -> None:
         if self._pruner is not None:
