@@ -127,10 +127,10 @@ class Runtime:
                           "TOML file whose [[sources]] are provider stats endpoints to poll into "
                           "stats_source_snapshots/deltas. Default: the [[sources]] of the codex_nodes file.")
         loader.add_option("codex_alert_dedup", str, "300",
-                          "Seconds for which an alert ([[webhooks]] of the codex_nodes file) that a node, or a "
-                          "format and model pattern, is back is held after the last one while it flaps (failures "
-                          "are always sent, the final state is told); one key's or writer event is sent once per "
-                          "this many seconds.")
+                          "Seconds a node's (or a format and model pattern's) recovery alert waits after its last "
+                          "one while it flaps ([[webhooks]] of the codex_nodes file; failures are always sent, the "
+                          "final state is told); a key's budget, lost records and writer stalls are sent once "
+                          "per this many seconds.")
         loader.add_option("codex_prune_days", int, 0,
                           "Delete recorded calls (codex_invocations rows) older than this many whole UTC days, "
                           "at start and then daily, in short batches; the rollups keep their stats. 0: never.")
