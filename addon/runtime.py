@@ -40,7 +40,7 @@ class Runtime:
         self.checks = HealthChecks(self.submit, lambda: self.pool)
         self.fleet = Fleet(self.checks.health, self.secrets.set_node_keys)
         self.providers = Providers()
-        self.alerts = Alerting(lambda: self.pool, self.db.writer_stats)
+        self.alerts = Alerting(lambda: self.pool, self.db.writer_stats, lambda: self.db.engine)
         self.prices: PriceTable | None = None  # set by codex_prices; None: calls are not priced
         self.metrics = Metrics(lambda: self.pool, self.db.writer_stats)
         self._on_shutdown: list[Callable[[], None]] = []

@@ -31,6 +31,12 @@ from addon.services.statsdb import db_settings
 from store.engine import DEFAULT_DB
 
 
+def _listen_port() -> int | None:
+    """The relay's first listening port (None without a proxy mode)."""
+    options = ctx.options
+    return ProxyMode.parse(options.mode[0]).listen_port(options.listen_port) if options.mode else None
+
+
 class RuntimeOptions:
     """The services' option addons; ``done`` stops every service."""
 
@@ -86,10 +92,8 @@ class StatsDbOptions(_ServiceOptions):
     def configure(self, updated: set[str]) -> None:
         if updated & {"codex_db", "codex_prune_days"}:
             options = ctx.options
-            # The default journal is named for the relay's first listening port.
-            port = ProxyMode.parse(options.mode[0]).listen_port(options.listen_port) if options.mode else None
             with _option_errors():
-                settings = db_settings(options, port)
+                settings = db_settings(options, _listen_port())  # the default journal is named for it
                 if "codex_db" in updated:  # the journal and the writer's kind are read when it opens
                     self.runtime.db.open(settings)
                 self.runtime.db.prune(settings)
@@ -163,13 +167,19 @@ class ProviderOptions(_ServiceOptions):
 class AlertOptions(_ServiceOptions):
     def load(self, loader) -> None:
         loader.add_option("codex_alert_dedup", str, "300",
-                          "Seconds within which one alert event ([[webhooks]] of the codex_nodes file) is sent "
-                          "only once per node (or once for the relay).")
+                          "Seconds a node's (or a format and model pattern's) recovery alert waits after its last "
+                          "one while it flaps ([[webhooks]] of the codex_nodes file; failures are always sent, the "
+                          "final state is told); a key's budget, lost records and writer stalls are sent once "
+                          "per this many seconds.")
 
     def configure(self, updated: set[str]) -> None:
-        if updated & {"codex_nodes", "codex_alert_dedup"}:
+        # codex_db: the fleet's announced alerts are claimed there; codex_source names the relay in them.
+        if updated & {"codex_db", "codex_nodes", "codex_alert_dedup", "codex_source"}:
+            options = ctx.options
+            source = options.codex_source if "codex_source" in options and options.has_changed("codex_source") \
+                else None
             with _option_errors():
-                self.runtime.alerts.apply(alert_settings(ctx.options))
+                self.runtime.alerts.apply(alert_settings(options, source, _listen_port()))
 
 
 class PriceOptions(_ServiceOptions):

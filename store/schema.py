@@ -246,3 +246,17 @@ client_key_usage = sa.Table(
     _counter("refused_budget"),
     _counter("refused_endpoint"),  # revision 13
 )
+
+# Revision 15: what the fleet last announced about each watched thing (a node, a format and model pattern,
+# every node, a key's budget), so relays on one database send one alert per event and a restarted relay
+# does not repeat one (store.alertstate). ``version``: the node state version the announcement was seen at
+# (a key's: its time window); a relay claims a change only with a later one.
+alert_state = sa.Table(
+    "alert_state", metadata,
+    sa.Column("subject", sa.String(200), primary_key=True),
+    sa.Column("down", sa.Boolean, nullable=False),
+    sa.Column("version", sa.BigInteger, nullable=False),
+    sa.Column("announced_at", TIMESTAMP, nullable=False),
+    sa.Column("good_at", TIMESTAMP),  # when good news of it was last sent (flapping holds the next one back)
+    sa.Column("relay", sa.String(128), nullable=False),
+)

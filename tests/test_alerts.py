@@ -1,14 +1,17 @@
-"""Alerts: state changes reach a local webhook receiver (in process) once per dedup window, in JSON or
-Slack form, retried when the receiver fails, and without keys; the nodes file's [[webhooks]] are checked."""
+"""Alerts: state changes reach a local webhook receiver (in process), a flapping node's last message its state,
+in JSON or Slack form naming the relay, retried when the receiver fails, and without keys; two relays on one
+database send one alert per event, and a restart repeats none; the nodes file's [[webhooks]] are checked."""
 
 from __future__ import annotations
 
 import json
+import socket
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+import sqlalchemy as sa
 from mitmproxy import exceptions
 from mitmproxy.test import taddons
 
@@ -18,8 +21,11 @@ from addon.routing import Node, NodePool
 from addon.runtime import Runtime
 from addon.serviceoptions import RuntimeOptions
 from store.config import ConfigError
-from store.records import NodeConfig
+from store.invocations import apply_batch
+from store.nodes import upsert_nodes
+from store.records import NodeConfig, NodeStateUpdate
 from store.writer import WriterStats
+from tests.support.databases import fresh_engine
 from tests.support.waiting import wait_for
 
 KEY = "sk-alpha-0123456789abcdef"
@@ -55,6 +61,9 @@ class Receiver:
     def events(self) -> list[tuple[str, str]]:
         return [(b["event"], b["subject"]) for b in list(self.bodies)]
 
+    def relays(self) -> list[str]:
+        return [b["relay"] for b in list(self.bodies)]
+
 
 @pytest.fixture
 def receiver() -> Iterator[Receiver]:
@@ -74,7 +83,7 @@ def fail(node: Node) -> None:
     node.breaker.failure(0.0, BreakerPolicy(threshold=1))
 
 
-def test_state_changes_are_sent_once_per_window(receiver):
+def test_state_changes_are_told_and_a_flapping_node_ends_on_its_state(receiver):
     now = [0.0]
     pool = NodePool([Node(NodeConfig("alpha", "http://127.0.0.1:9/v1", KEY)),
                      Node(NodeConfig("beta", "http://127.0.0.1:9/v1", KEY))])
@@ -89,7 +98,7 @@ def test_state_changes_are_sent_once_per_window(receiver):
         wait_for(lambda: receiver.events() == [("node_failed", "alpha")], timeout=10, what="node_failed")
         pool.get("alpha").breaker.close()
         alerts.check()
-        fail(pool.get("alpha"))  # flapping within 5 minutes: not sent again
+        fail(pool.get("alpha"))  # failing again within 5 minutes of its recovery: told, or "back" would stand
         fail(pool.get("beta"))
         alerts.check()
         stats[0] = writer_stats(db_ok=False, spooled=3)
@@ -99,21 +108,27 @@ def test_state_changes_are_sent_once_per_window(receiver):
         stats[0] = writer_stats(db_ok=True, lost=2, stalls=1)  # a stalled writer process was replaced
         alerts.check()
         alerts.check()  # counted once
-        expected = [("node_failed", "alpha"), ("node_recovered", "alpha"), ("node_failed", "beta"),
-                    ("all_nodes_down", "relay"), ("writer_journaling", "relay"), ("writer_recovered", "relay"),
-                    ("records_lost", "relay"), ("writer_stalled", "relay")]
-        wait_for(lambda: receiver.events() == expected, timeout=10, what="every event once")
-        now[0] = 301.0  # after the window the same event is sent again
+        for _ in range(2):  # alpha flaps: its second recovery is held back, its failure then changes nothing
+            pool.get("alpha").breaker.close()
+            alerts.check()
+            fail(pool.get("alpha"))
+            alerts.check()
         pool.get("alpha").breaker.close()
         alerts.check()
-        fail(pool.get("alpha"))
+        expected = [("node_failed", "alpha"), ("node_recovered", "alpha"), ("node_failed", "alpha"),
+                    ("node_failed", "beta"), ("all_nodes_down", "relay"), ("writer_journaling", "relay"),
+                    ("writer_recovered", "relay"), ("records_lost", "relay"), ("writer_stalled", "relay")]
+        wait_for(lambda: receiver.events() == expected, timeout=10, what="every event once")
+        now[0] = 301.0  # the hold is over: alpha's state now (back) is told with no change of it
+        alerts.check()
+        fail(pool.get("alpha"))  # and its next failure, with every node down again
         alerts.check()
         again = [("node_recovered", "alpha"), ("node_failed", "alpha"), ("all_nodes_down", "relay")]
         wait_for(lambda: receiver.events() == expected + again, timeout=10, what="the events again")
     finally:
         alerts.stop()
     assert all(KEY not in json.dumps(b) for b in receiver.bodies)
-    assert "2 record(s) lost" in receiver.bodies[6]["message"]
+    assert "2 record(s) lost" in receiver.bodies[7]["message"]
 
 
 def test_slack_format_only_chosen_events_and_retries(receiver):
@@ -148,7 +163,7 @@ def test_webhooks_from_the_nodes_file(tmp_path):
 def test_runtime_alerts_from_the_nodes_file(tmp_path, receiver):
     path = tmp_path / "nodes.toml"
     path.write_text(f'[[nodes]]\nid = "alpha"\nbase_url = "http://127.0.0.1:9/v1"\napi_key = "{KEY}"\n\n'
-                    f'[[webhooks]]\nurl = "{receiver.url}"\nevents = ["node_failed"]\n')
+                    f'[[webhooks]]\nurl = "{receiver.url}"\nevents = ["node_failed", "node_recovered"]\n')
     runtime = Runtime()
     options = RuntimeOptions(runtime)
     runtime.alerts.interval = 0.05
@@ -159,6 +174,14 @@ def test_runtime_alerts_from_the_nodes_file(tmp_path, receiver):
         try:
             runtime.health.failure(runtime.pool.get("alpha"), "HTTP 502")
             wait_for(lambda: receiver.events() == [("node_failed", "alpha")], timeout=10, what="the alert")
+            # Named by host and port (no codex_source here: the relay addon declares it) ...
+            assert receiver.relays() == [f"{socket.gethostname()}:8080"]
+            tctx.options.add_option("codex_source", str, "relay", "the relay addon's option")
+            tctx.configure(options, codex_source="relay-a")  # ... or by codex_source; the alerts start again
+            runtime.health.success(runtime.pool.get("alpha"))
+            wait_for(lambda: receiver.events() == [("node_failed", "alpha"), ("node_recovered", "alpha")],
+                     timeout=10, what="the recovery, and no failure told again")
+            assert receiver.relays()[1] == "relay-a"
             with pytest.raises(exceptions.OptionsError, match="codex_alert_dedup"):
                 tctx.configure(options, codex_alert_dedup="soon")
         finally:
@@ -172,3 +195,78 @@ def test_a_full_queue_drops_and_logs_instead_of_blocking(caplog):
     assert [r.getMessage() for r in caplog.records if "queue full" in r.getMessage()] == [
         "alert queue full: node_failed for beta not sent to http://127.0.0.1:9",
         "alert queue full: node_failed for gamma not sent to http://127.0.0.1:9"]
+
+
+def test_two_relays_on_one_database_send_one_alert_per_event_and_a_restart_repeats_none(db_url, receiver):
+    configs = [NodeConfig("alpha", "http://127.0.0.1:9/v1", KEY), NodeConfig("beta", "http://127.0.0.1:9/v1", KEY)]
+    with fresh_engine(db_url) as engine:
+        with engine.begin() as conn:
+            upsert_nodes(conn, configs)
+
+        def breaker(node_id: str, failed: bool) -> None:  # what a relay's writer records when a breaker moves
+            with engine.begin() as conn:
+                apply_batch(conn, [NodeStateUpdate(node_id, failed=failed)])
+
+        def relay(name: str) -> Alerts:  # each relay routes its own pool of the same nodes
+            pool = NodePool([Node(c) for c in configs])
+            alerts = Alerts([Webhook(receiver.url)], lambda: pool, lambda: None, engine=engine, relay=name,
+                            interval=3600)
+            alerts.start()
+            return alerts
+
+        relays = [relay("r1"), relay("r2")]
+        marks = 0
+
+        def round_at_once(*alerters: Alerts) -> list[tuple[str, str]]:
+            """One check of every relay at the same moment; then what reached the receiver since the last round
+            (each relay's mark comes after whatever it queued before it)."""
+            nonlocal marks
+            start = len(receiver.bodies)
+            barrier = threading.Barrier(len(alerters))
+            threads = [threading.Thread(target=lambda a=a: (barrier.wait(), a.check())) for a in alerters]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            for a in alerters:
+                a.notify("records_lost", f"mark-{marks}", "mark")  # a relay's own event: never claimed
+                marks += 1
+            wait_for(lambda: sum(b["subject"].startswith("mark-") for b in receiver.bodies[start:]) == len(alerters),
+                     timeout=10, what="every relay's mark")
+            return [e for e in receiver.events()[start:] if not e[1].startswith("mark-")]
+
+        try:
+            assert round_at_once(*relays) == []
+            breaker("alpha", True)
+            assert round_at_once(*relays) == [("node_failed", "alpha")]
+            assert round_at_once(*relays) == []
+            relays[0].notify("key_budget_reached", "alice", "client key alice reached its daily_requests limit")
+            relays[1].notify("key_budget_reached", "alice", "client key alice reached its daily_requests limit")
+            breaker("beta", True)
+            assert sorted(round_at_once(*relays)) == [("all_nodes_down", "relay"), ("key_budget_reached", "alice"),
+                                                      ("node_failed", "beta")]
+            relays[0].stop()  # r1 restarts: what the fleet told is in the database, so it tells nothing again
+            relays[0] = relay("r1")
+            assert round_at_once(*relays) == []
+            breaker("alpha", False)
+            assert round_at_once(*relays) == [("node_recovered", "alpha")]
+        finally:
+            for a in relays:
+                a.stop()
+    assert set(receiver.relays()) <= {"r1", "r2"}
+
+
+def test_a_database_that_does_not_answer_leaves_this_relays_own_view(tmp_path, receiver):
+    pool = NodePool([Node(NodeConfig("alpha", "http://127.0.0.1:9/v1", KEY))])
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'missing' / 'codex.db'}")  # no such folder: never opens
+    alerts = Alerts([Webhook(receiver.url)], lambda: pool, lambda: None, engine=engine, relay="r1", interval=3600)
+    alerts.start()
+    try:
+        fail(pool.get("alpha"))
+        alerts.check()
+        wait_for(lambda: receiver.events() == [("node_failed", "alpha"), ("all_nodes_down", "relay")], timeout=10,
+                 what="the alerts of this relay's view")
+    finally:
+        alerts.stop()
+        engine.dispose()
+    assert receiver.relays() == ["r1", "r1"]

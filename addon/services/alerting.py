@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+import sqlalchemy as sa
 
 from addon.alerts import Alerts, Webhook, webhooks_from_file
 from addon.routing import NodePool
@@ -20,31 +23,37 @@ log = logging.getLogger("codex.runtime")
 class AlertSettings:
     webhooks: tuple[Webhook, ...]  # none: no alerts
     dedup: float
+    relay: str  # this relay in the alerts' payloads
 
 
-def alert_settings(options: Any) -> AlertSettings:
-    """The ``[[webhooks]]`` of ``codex_nodes``, and ``codex_alert_dedup``."""
+def alert_settings(options: Any, source: str | None, listen_port: int | None) -> AlertSettings:
+    """The ``[[webhooks]]`` of ``codex_nodes``, ``codex_alert_dedup``, and the relay's name: its ``source``
+    (``codex_source``, when set), else host and the port it listens on."""
     try:
         hooks = tuple(webhooks_from_file(options.codex_nodes)) if options.codex_nodes else ()
     except ConfigError as e:
         raise SettingsError(f"codex_nodes: {e}") from None
-    return AlertSettings(hooks, seconds("codex_alert_dedup", options.codex_alert_dedup))
+    host = socket.gethostname()
+    relay = source or (f"{host}:{listen_port}" if listen_port else host)
+    return AlertSettings(hooks, seconds("codex_alert_dedup", options.codex_alert_dedup), relay)
 
 
 class Alerting:
     """Watches ``pool`` and the writer (``writer_stats``) and sends what changes, and ``notify``'s events."""
 
-    def __init__(self, pool: Callable[[], NodePool], writer_stats: Callable[[], WriterStats | None]) -> None:
+    def __init__(self, pool: Callable[[], NodePool], writer_stats: Callable[[], WriterStats | None],
+                 engine: Callable[[], sa.Engine | None]) -> None:
         self._pool = pool
         self._writer_stats = writer_stats
+        self._engine = engine  # the fleet's announced state (store.alertstate) lives there
         self.interval = 1.0  # seconds between checks; tests shorten it
         self._alerts: Alerts | None = None
 
     def apply(self, settings: AlertSettings) -> None:
         self.stop()
         if settings.webhooks:
-            self._alerts = Alerts(settings.webhooks, self._pool, self._writer_stats, dedup=settings.dedup,
-                                  interval=self.interval)
+            self._alerts = Alerts(settings.webhooks, self._pool, self._writer_stats, engine=self._engine(),
+                                  relay=settings.relay, dedup=settings.dedup, interval=self.interval)
             self._alerts.start()
             log.info("alerts to %d webhook(s)", len(settings.webhooks))
 
