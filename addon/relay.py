@@ -31,7 +31,7 @@ from mitmproxy.proxy import server_hooks
 from mitmproxy.utils import human
 
 from addon.callbody import BodyRefused, read_call_body
-from addon.egress import attach, clear_as_is, header_values, origin_of
+from addon.egress import Origin, attach, clear_as_is, header_values, origin_of
 from addon.endpoints import UNBILLED, detect_format, filter_model_list, is_model_list
 from addon.errors import CLIENT_KEY_NAME, error_response, fail_closed, refusal_response
 from addon.inject import answer_waiting, can_answer, close_server
@@ -39,6 +39,7 @@ from addon.limits import Limits
 from addon.loglines import CALL_COMMENT, demote_streaming_line, restore_streaming_line, take_call_lines
 from addon.meter import MeterResult, StreamMeter
 from addon.modelroute import rewrite_model, serves_model, upstream_model
+from addon.nodeconn import Via, open_to, via_of
 from addon.options import seconds
 from addon.outcome import Outcome, classify_error, classify_response, is_node_failure_status, rest_asked
 from addon.outcome import ms as _ms
@@ -301,7 +302,7 @@ class Relay:
             origin = origin_of(node.config.base_url)
             if (flow.client_conn.id, (origin.host, origin.port)) in self._connected:
                 return node
-            err = await _probe(origin.host, origin.port, self.runtime.connect_timeout)
+            err = await _probe(origin, via_of(flow), self.runtime.connect_timeout)
             if err is None:
                 return node
             state.relay_error = err
@@ -583,14 +584,16 @@ def _copy_for_retry(flow: http.HTTPFlow) -> http.HTTPFlow:
     return attempt
 
 
-async def _probe(host: str, port: int, timeout: float) -> str | None:
-    """Why a TCP connection to host:port cannot be made, or None when it can."""
+async def _probe(origin: Origin, via: Via | None, timeout: float) -> str | None:
+    """Why a connection to the node cannot be made as the call's would be (TCP, through the upstream proxy's tunnel
+    in upstream mode), or None when it can."""
+    where = f"{origin.host}:{origin.port}"
     try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+        _, writer = await asyncio.wait_for(open_to(origin, via, tls=False), timeout)
     except TimeoutError:
-        return f"connect to {host}:{port} timed out after {timeout:g} s"
+        return f"connect to {where} timed out after {timeout:g} s"
     except OSError as e:
-        return f"connect to {host}:{port} failed: {e.strerror or e}"
+        return f"connect to {where} failed: {e.strerror or e}"
     writer.close()
     return None
 

@@ -6,7 +6,8 @@ request alone by ``addon.egress.attach``), among the nodes that speak WebSocket:
 ``websocket = false`` in the nodes file, nor those that refused an upgrade in the last ``NO_WEBSOCKET_S``.
 The upgrade is no invocation and no limit applies to it. A node not seen taking an upgrade in the last
 ``NO_WEBSOCKET_S`` is asked first (``takes_upgrade``: the same upgrade request, its status line read, the
-connection closed); one that refuses or cannot be reached is failed over to the next, within
+connection closed; sent as mitmproxy sends the upgrade, through the upstream proxy in upstream mode:
+``addon.nodeconn``); one that refuses or cannot be reached is failed over to the next, within
 ``codex_retries``, before anything is sent for the client. When no node takes it, or the node answers
 anything but 101 all the same, the client gets ``426 Upgrade Required``: Codex then falls back to HTTP at
 once (on a 404 it would reconnect five times first). mitmproxy cannot move an upgrade whose request went
@@ -27,13 +28,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import ssl
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from mitmproxy import ctx, http, websocket
+from mitmproxy.net.http import http1
 
 from addon.callbody import BodyRefused, read_socket_message
 from addon.egress import EgressRefused, attach
@@ -42,6 +43,7 @@ from addon.inject import close_server
 from addon.loglines import CALL_COMMENT
 from addon.meter import NO_USAGE
 from addon.modelroute import rewrite_model, serves, upstream_model
+from addon.nodeconn import open_to, via_of
 from addon.outcome import Outcome, classify_error, is_node_failure_status
 from addon.outcome import ms as _ms
 from addon.wsturns import CREATE, KeptMessages, SocketTurns, Turn, error_event
@@ -121,16 +123,14 @@ class Sockets:
             origin = attach(probe, node.config, target)
         except EgressRefused as e:
             return None, str(e)
-        req = probe.request
-        head = b"".join([f"GET {req.path} HTTP/1.1\r\n".encode("utf-8", "surrogateescape"),
-                         *(k + b": " + v + b"\r\n" for k, v in req.headers.fields), b"\r\n"])
+        # The request as mitmproxy sends it: absolute-form where the client's was (to an upstream proxy, say).
+        head = http1.assemble_request_head(probe.request)
+        via = via_of(flow)  # upstream mode: through the proxy, as the upgrade itself will go
         relay = self.relay
         where = f"{origin.host}:{origin.port}"
         try:
-            tls = _upstream_tls() if origin.scheme == "https" else None
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(
-                origin.host, origin.port, ssl=tls, server_hostname=origin.host if tls else None),
-                relay.runtime.connect_timeout)
+            reader, writer = await asyncio.wait_for(open_to(origin, via, tls=origin.scheme == "https"),
+                                                    relay.runtime.connect_timeout)
         except (OSError, TimeoutError, ValueError) as e:
             return None, f"connect to {where} for the WebSocket upgrade failed: {getattr(e, 'strerror', None) or e}"
         try:
@@ -341,18 +341,6 @@ class Sockets:
             flags=sorted({*x.flags, WEBSOCKET_FLAG, *([NO_USAGE] if x.usage is None else [])}),
         )
         relay.submit(flow, record)
-
-
-def _upstream_tls() -> ssl.SSLContext:
-    """TLS to a node for ``Sockets._handshake``, verified as mitmproxy's options say it verifies upstreams."""
-    opts = ctx.options
-    tls = ssl.create_default_context(cafile=opts.ssl_verify_upstream_trusted_ca or None,
-                                     capath=opts.ssl_verify_upstream_trusted_confdir or None)
-    if opts.ssl_insecure:
-        tls.check_hostname = False
-        tls.verify_mode = ssl.CERT_NONE
-    tls.set_alpn_protocols(["http/1.1"])
-    return tls
 
 
 def upgrade_required(path: str, reason: str | None) -> http.Response:

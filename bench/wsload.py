@@ -10,8 +10,10 @@ their own, and the bench charges the proxies only with the proxies' CPU (``tests
 SOCKETS sockets to ``/v1/responses``, each running TURNS turns back to back (a create with about INPUT_BYTES of
 input, then the node's events up to ``response.completed``). After each checkpoint turn count (every socket
 there) it prints ``{"at": K}`` and waits for a line on stdin, so the bench samples memory with the sockets open
-and idle; ``--hold`` does the same once all turns are done. Last it prints one JSON object: ``turns``,
-``messages`` (both directions), ``errors``, ``wall_s``.
+and idle; ``--hold`` does the same once all turns are done. With ``--live`` (TURNS 0: until stopped) it answers
+every line on stdin with ``{"messages": M}`` (so far) at once, so the bench reads the count in the same instant as
+a proxy's CPU; on ``stop`` (or end of input) each socket ends its running turn and closes. Last it prints one
+JSON object: ``turns``, ``messages`` (both directions), ``errors``, ``wall_s``.
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ class _Load:
         # every socket waits at each checkpoint until the bench says go
         self.reached = {k: 0 for k in self.checkpoints}
         self.go = {k: asyncio.Event() for k in self.checkpoints}
+        self.stopped = asyncio.Event()  # --live: end each socket after its running turn
 
     async def socket(self, i: int) -> None:
         a = self.a
@@ -81,7 +84,9 @@ class _Load:
         try:
             async with connect(f"ws://127.0.0.1:{a.port}/v1/responses", additional_headers=headers,
                                max_size=None, open_timeout=60) as ws:
-                for t in range(1, a.turns + 1):
+                t = 0
+                while (t < a.turns or not a.turns) and not self.stopped.is_set():
+                    t += 1
                     body = {"type": "response.create", "model": "gpt-5-codex",
                             "input": input_text(a.input_bytes, i * 100_003 + t)}
                     await ws.send(json.dumps(body))
@@ -102,10 +107,18 @@ class _Load:
             for k in self.checkpoints:  # it will not reach the rest
                 self.reached[k] += 1
 
+    async def answer_counts(self, loop: asyncio.AbstractEventLoop) -> None:
+        """--live: a count per line on stdin, until ``stop`` or its end."""
+        while (await loop.run_in_executor(None, sys.stdin.readline)).strip() not in ("stop", ""):
+            print(json.dumps({"messages": self.messages}), flush=True)
+        self.stopped.set()
+
     async def run(self) -> None:
         start = time.monotonic()
         tasks = [asyncio.create_task(self.socket(i)) for i in range(self.a.sockets)]
         loop = asyncio.get_running_loop()
+        if self.a.live:
+            await self.answer_counts(loop)
         for k in self.checkpoints:
             while self.reached[k] < self.a.sockets:
                 await asyncio.sleep(0.01)
@@ -129,6 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("input_bytes", type=int)
     g.add_argument("--checkpoints", default="")
     g.add_argument("--hold", action="store_true")
+    g.add_argument("--live", action="store_true")
     g.add_argument("--key", default="bench")
     a = p.parse_args(argv)
     if a.cmd == "serve":

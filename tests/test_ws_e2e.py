@@ -4,12 +4,19 @@ the saved socket (what mitmweb shows) without the node's key."""
 
 from __future__ import annotations
 
+import datetime as dt
+import ssl
+
 import openai
 import pytest
 import sqlalchemy as sa
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from mitmproxy import io
 from websockets.exceptions import InvalidStatus
 
+from tests.support.connectproxy import ConnectProxy
 from tests.support.fakeupstream import FakeUpstream
 from tests.support.relayproc import RelayProcess
 from tests.support.wsupstream import WsUpstream
@@ -114,3 +121,60 @@ def test_the_saved_socket_shows_no_node_key_in_its_upgrade_nor_its_messages(sqli
     assert len(sock.websocket.messages) > 4  # the turns' messages are shown (kept within codex_keep_body)
     assert not [m for m in sock.websocket.messages if node_key.encode() in m.content]
     assert node_key not in repr(sock.get_state())
+
+
+def _self_signed(tmp_path, host: str) -> tuple[ssl.SSLContext, str]:
+    """A server context for ``host`` and the path of its certificate (the one a client is to trust)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, host)])
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(hours=1))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(host)]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = tmp_path / "node.pem", tmp_path / "node.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(cert_path, key_path)
+    return tls, str(cert_path)
+
+
+def test_in_upstream_mode_the_relays_checks_reach_the_node_through_the_upstream_proxy(sqlite_url, tmp_path):
+    """``--mode upstream:http://proxy``: the node's name resolves nowhere but at the proxy (as where only a corporate
+    proxy reaches out). The relay's connect probe, its upgrade check and the socket itself each reach the node by a
+    CONNECT through the proxy (mitmproxy's way for a TLS node), nothing goes around it, and the proxy sees the
+    node's key nowhere (it is inside TLS to the node). The socket's turn is a row with the node's usage."""
+    tls, cert = _self_signed(tmp_path, "node.invalid")
+    ws = WsUpstream(tls=tls).start()
+    node_key = "sk-node-key-0123456789abcdef"
+    try:
+        nodes = tmp_path / "nodes.toml"
+        nodes.write_text(f'[[nodes]]\nid = "ws"\nbase_url = "https://node.invalid:{ws.port}/v1"\n'
+                         f'api_key = "{node_key}"\n')
+        with ConnectProxy({"node.invalid": ("127.0.0.1", ws.port)}) as proxy:
+            options = {"codex_nodes": str(nodes), "codex_ping_interval": "0", "ssl_verify_upstream_trusted_ca": cert}
+            with RelayProcess(db_url=sqlite_url, options=options, mode=f"upstream:http://127.0.0.1:{proxy.port}"
+                              ) as relay:
+                client = openai.OpenAI(base_url=f"{relay.url}/v1", api_key="client-key", max_retries=0)
+                with client.responses.connect(max_retries=0) as conn:
+                    events = turn(conn, (30, 0, 5, 0))
+            assert relay.proc is not None and relay.proc.returncode == 0, relay.output()
+    finally:
+        ws.stop()
+    assert events[-1].type == "response.completed"
+    # the connect probe, the upgrade check, the socket: each a tunnel through the proxy
+    assert proxy.connects == [f"node.invalid:{ws.port}"] * 3
+    assert [h["authorization"] for h in ws.headers] == [f"Bearer {node_key}"] * 2  # the check and the socket
+    assert node_key.encode() not in proxy.received
+    eng = sa.create_engine(sqlite_url)
+    try:
+        with eng.connect() as c:
+            rows = c.execute(sa.text(
+                "SELECT node_id, status, input_tokens, output_tokens FROM codex_invocations")).all()
+    finally:
+        eng.dispose()
+    assert [tuple(r) for r in rows] == [("ws", "success", 30, 5)]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import threading
 from dataclasses import dataclass, field
 
@@ -59,6 +60,7 @@ class WsUpstream:
     usages: list[Usage4] = field(default_factory=list)  # the usage of the next creates, first first
     sent: list[Usage4] = field(default_factory=list)  # the usage each create was answered with
     port: int = 0
+    tls: ssl.SSLContext | None = None  # a server context: the node speaks wss
 
     def __post_init__(self) -> None:
         self._loop = asyncio.new_event_loop()
@@ -75,7 +77,7 @@ class WsUpstream:
         return self
 
     async def _listen(self):
-        server = await serve(self._handle, "127.0.0.1", 0)
+        server = await serve(self._handle, "127.0.0.1", 0, ssl=self.tls)
         self.port = next(iter(server.sockets)).getsockname()[1]
         return server
 
