@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -128,6 +129,22 @@ def fresh_engine(db_url: str) -> Iterator[sa.Engine]:
 def sqlite_url(tmp_path) -> str:
     """A URL of an empty SQLite file, for tests where the database plays no part: they run once, not per database."""
     return f"sqlite:///{tmp_path / 'codex.db'}"
+
+
+@pytest.fixture
+def listening() -> Iterator[Callable[[], str]]:
+    """Makes base URLs of nodes that accept connections and never answer: a test plays the node (the relay's
+    connect probe finds it up)."""
+    sockets: list[socket.socket] = []
+
+    def url() -> str:
+        s = socket.create_server(("127.0.0.1", 0))
+        sockets.append(s)
+        return f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+
+    yield url
+    for s in sockets:
+        s.close()
 
 
 def request_flow(path: str = "/v1/responses", headers: dict[str, str] | None = None,
