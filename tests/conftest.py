@@ -138,7 +138,7 @@ def listening() -> Iterator[Callable[[], str]]:
     sockets: list[socket.socket] = []
 
     def url() -> str:
-        s = socket.create_server(("127.0.0.1", 0))
+        s = socket.create_server(("127.0.0.1", 0), backlog=1024)  # never accepted: each probe stays queued
         sockets.append(s)
         return f"http://127.0.0.1:{s.getsockname()[1]}/v1"
 

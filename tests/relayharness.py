@@ -3,8 +3,8 @@
 ``RelayHarness`` runs a ``Relay`` on a stub runtime (its pool, a real ``Health``, a writer that keeps what it
 is given) inside mitmproxy's test context, and plays mitmproxy around it: each hook is triggered through the
 addon manager as the proxy would, and the test plays the node (``answer``, ``fail``) where no real upstream
-is needed. A stub ``proxyserver`` stands in for mitmproxy's connection handlers, so the relay's own answers
-and closes (``addon.inject``) are seen by the test.
+is needed. A stand-in for mitmproxy's connection handler of a client (``connected``) shows the test the
+relay's own answers and closes (``addon.inject``).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from collections.abc import Callable, Coroutine, Iterable
 from types import SimpleNamespace
 
 from mitmproxy import connection, flow, http
+from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.proxy import server_hooks
 from mitmproxy.proxy.layers.http import (
     HttpErrorHook,
@@ -76,18 +77,6 @@ class _Handler:
         self.closed.set()
 
 
-class StubProxyServer:
-    """mitmproxy's ``proxyserver`` addon as ``addon.inject`` sees it: the connection handler of each client."""
-
-    name = "proxyserver"
-
-    def __init__(self) -> None:
-        self.connections: dict[str, _Handler] = {}
-
-    def handler(self, f: http.HTTPFlow) -> _Handler:
-        return self.connections.setdefault(f.client_conn.id, _Handler())
-
-
 class RelayHarness:
     """A ``Relay`` in mitmproxy's test context; use inside a running event loop (``async with``)."""
 
@@ -100,7 +89,8 @@ class RelayHarness:
             self.limits = Limits(self.runtime)  # type: ignore[arg-type]
             self.limits.set_keys(keys)
         self.relay = Relay(self.runtime, limits=self.limits)  # type: ignore[arg-type]
-        self.proxyserver = StubProxyServer()
+        # mitmproxy's own (its options are the proxy's): a stand-in handler per client is put in its connections
+        self.proxyserver = Proxyserver()
         self.options = options
 
     async def __aenter__(self) -> RelayHarness:
@@ -142,6 +132,8 @@ class RelayHarness:
         await self.hook(HttpRequestHeadersHook(f))
         if f.response is None:
             await self.hook(HttpRequestHook(f))
+        if f.response is not None:  # answered by the relay itself: mitmproxy goes on with the response hook
+            await self.hook(HttpResponseHook(f))
         return f
 
     async def connected(self, f: http.HTTPFlow) -> None:
@@ -149,7 +141,9 @@ class RelayHarness:
         server = connection.Server(address=(f.request.host, f.request.port))
         server.state = connection.ConnectionState.OPEN
         f.server_conn = server
-        self.proxyserver.handler(f).transports.add(server)
+        handler = self.proxyserver.connections.setdefault(f.client_conn.id, _Handler())
+        assert isinstance(handler, _Handler)
+        handler.transports.add(server)
         await self.hook(server_hooks.ServerConnectedHook(server_hooks.ServerConnectionHookData(server, f.client_conn)))
 
     async def answer(self, f: http.HTTPFlow, status: int = 200, chunks: Iterable[bytes] = (), *,

@@ -4,10 +4,15 @@ on 127.0.0.1 where the relay replays a call on another node itself."""
 
 from __future__ import annotations
 
+import json
 import socket
+from collections import Counter
 
-from bench.fakeupstream import responses_events
-from store.records import Usage
+import pytest
+
+from addon.breaker import BreakerPolicy
+from bench.fakeupstream import FakeUpstream, responses_events, responses_json
+from store.records import NodeStateUpdate, Usage
 from tests.relayharness import RelayHarness, in_loop, node
 
 # The weight that makes a node the first choice: a lighter node (weight 1) goes first once in 10^9.
@@ -50,3 +55,138 @@ async def test_a_streamed_call_goes_to_its_node_with_its_key_and_is_recorded_wit
         "gpt-5-codex", "gpt-5-codex", "conv-1", "/v1/responses")
     assert r.ttfb_ms is not None and r.response_bytes == len(b"".join(STREAM)) and not r.node_failure
     assert flow.comment.startswith("call: a gpt-5-codex success in 10 (cached 4) out 5")
+
+
+def error_json(status: int) -> bytes:
+    return json.dumps({"error": {"message": f"HTTP {status} from the node", "type": "server_error"}}).encode()
+
+
+@pytest.mark.parametrize("failure", ["refused", "500", "429"])
+@in_loop
+async def test_retry_lands_on_a_healthy_node_and_the_failing_node_is_counted(listening, failure):
+    with FakeUpstream("good") as good:
+        bad = node("bad", closed_port_url() if failure == "refused" else listening(), HEAVY)
+        async with RelayHarness(bad, node("good", good.base_url)) as h:
+            for k in range(6):
+                usage = (10 + k, 0, 5, 0)
+                flow = await h.send(body={**CALL, "metadata": {"fake_usage": list(usage)}})
+                if flow.request.port == port_of(bad.base_url):  # the failing node's answer: kept from the client
+                    await h.answer(flow, int(failure), [error_json(int(failure))], length=True)
+                else:  # the good node, straight away: the test plays it
+                    assert flow.request.port == good.port
+                    assert flow.request.headers.get_all("authorization") == ["Bearer key-good"]
+                    await h.answer(flow, 200, responses_events("gpt-5-codex", usage, 1), headers=SSE)
+                assert flow.response is not None and flow.response.status_code == 200
+                assert b"response.completed" in (flow.response.raw_content or b"") or flow.response.stream
+    records = h.records()
+    assert [(r.node_id, r.status, r.usage.input_tokens) for r in records] == [("good", "success", 10 + k)
+                                                                             for k in range(6)]
+    # Three failures in a row mark the node failed; after that it is no longer tried.
+    assert [r.attempts for r in records] == [2, 2, 2, 1, 1, 1]
+    failed = h.failed_attempts()
+    assert [u.node_id for u in failed] == ["bad"] * 3 and all(u.last_error for u in failed)
+    opened = [u for u in h.runtime.submitted if isinstance(u, NodeStateUpdate) and u.failed is not None]
+    assert [(u.node_id, u.failed) for u in opened] == [("bad", True)]
+    assert h.node("bad").failed and h.node("bad").breaker.streak == 3
+    assert not h.node("good").failed and h.node("good").breaker.streak == 0
+    # The calls replayed on the good node (after a failure status) reached it with its own key only.
+    assert len(good.seen) == (0 if failure == "refused" else 3)
+    assert {r.headers.get("authorization") for r in good.seen} <= {"Bearer key-good"}
+
+
+@in_loop
+async def test_an_error_event_inside_a_200_stream_is_a_node_failure_and_not_retried(listening):
+    created, *_ = responses_events("gpt-5-codex", (1, 0, 1, 0), 1)
+    error = (b'event: error\ndata: {"type":"error","error":{"type":"server_error","code":"server_is_overloaded",'
+             b'"message":"Our servers are currently overloaded."}}\n\n')
+    async with RelayHarness(node("e", listening(), HEAVY), node("ok", listening())) as h:
+        flow = await h.send(body=CALL)
+        assert flow.request.port == port_of(h.node("e").config.base_url)
+        got = await h.answer(flow, 200, [created, error], headers=SSE)
+    assert flow.response.status_code == 200 and b"overloaded" in got
+    (r,) = h.records()
+    assert (r.node_id, r.status, r.attempts, r.node_failure) == ("e", "failed", 1, True)
+    assert "overloaded" in r.error_message
+    assert h.node("e").breaker.streak == 1 and h.failed_attempts() == []
+
+
+@in_loop
+async def test_all_nodes_down_refuses_without_trying_them():
+    x, y = node("x", closed_port_url()), node("y", closed_port_url())
+    async with RelayHarness(x, y, policy=BreakerPolicy(threshold=1)) as h:
+        answers = [(await h.send(body=CALL)).response for _ in range(4)]
+    # The first call finds both nodes down (each breaker opens at its failure); the retries of a client are
+    # then the relay's refusal, not attempts of a node, and no answer shows a node's address.
+    assert [a.status_code for a in answers] == [502, 429, 429, 429]
+    assert json.loads(answers[0].content)["error"]["code"] == "upstream_unreachable"
+    assert all(b"127.0.0.1" not in (a.content or b"") for a in answers)
+    assert {json.loads(a.content)["error"]["code"] for a in answers[1:]} == {"no_node_available"}
+    records = h.records()
+    assert len(records) == 4 and {r.status for r in records} == {"failed"}
+    assert records[0].node_id in ("x", "y") and "127.0.0.1" in records[0].error_message  # the address stays
+    assert [r.node_id for r in records[1:]] == [None] * 3
+    assert h.node("x").failed and h.node("y").failed
+    # One attempt of each node, then none: the call's own and the one before it failed over.
+    assert len(h.failed_attempts()) == 1 and h.failed_attempts()[0].node_id != records[0].node_id
+
+
+@in_loop
+async def test_a_single_failed_node_is_refused_until_its_trial(listening):
+    now = [1000.0]
+    only = node("only", listening())
+    async with RelayHarness(only, policy=BreakerPolicy(cooldown=1.0), clock=lambda: now[0]) as h:
+
+        async def call(status: int) -> int:
+            flow = await h.send(body={**CALL, "stream": False})
+            if flow.response is None:  # it reached the node: the test answers for it
+                body = error_json(status) if status >= 400 else json.dumps(responses_json("gpt-5-codex", (1, 0, 1, 0)))
+                await h.answer(flow, status, [body if isinstance(body, bytes) else body.encode()],
+                               headers={"content-type": "application/json"}, length=True)
+            assert flow.response is not None
+            return flow.response.status_code
+
+        # Three failures open its breaker; until its cooldown ends a call is refused (no attempt of the
+        # node) and told when to come back; then one trial, and the first that succeeds closes it.
+        assert [await call(500) for _ in range(3)] == [500] * 3
+        assert await call(200) == 429
+        now[0] += 1.0
+        assert [await call(200) for _ in range(2)] == [200, 200]
+    tried = [(r.node_id, r.status) for r in h.records() if r.node_id is not None]
+    assert tried == [("only", "failed")] * 3 + [("only", "success")] * 2
+    assert not h.node("only").failed and h.node("only").breaker.streak == 0
+    assert sum(r.node_failure for r in h.records()) == 3
+
+
+@in_loop
+async def test_a_node_that_answers_429_with_retry_after_is_left_alone_that_long(listening):
+    with FakeUpstream("good") as good:
+        busy = node("busy", listening(), HEAVY)
+        async with RelayHarness(busy, node("good", good.base_url)) as h:
+            reached_busy = 0
+            for _ in range(8):
+                flow = await h.send(body={**CALL, "stream": False})
+                if flow.request.port == port_of(busy.base_url):
+                    reached_busy += 1
+                    await h.answer(flow, 429, [error_json(429)], headers={"retry-after": "30"}, length=True)
+                else:
+                    await h.answer(flow, 200, [json.dumps(responses_json("gpt-5-codex", (1, 0, 1, 0))).encode()],
+                                   headers={"content-type": "application/json"}, length=True)
+                assert flow.response.status_code == 200
+    # The first call found out (and was served by the other node); the other seven left it alone.
+    assert reached_busy == 1 and len(good.seen) == 1
+    assert [r.attempts for r in h.records()] == [2] + [1] * 7
+
+
+@in_loop
+async def test_sticky_sessions_hold_and_spread_by_weight(listening):
+    async with RelayHarness(node("a", listening(), 1), node("b", listening(), 3)) as h:
+        ports = {port_of(h.node(n).config.base_url): n for n in ("a", "b")}
+        chosen = []
+        for s in ["conv-1"] * 20 + [f"s-{s}" for s in range(120)]:
+            flow = await h.send(body=CALL, headers={"session_id": s})
+            chosen.append(ports[flow.request.port])
+            await h.answer(flow, 200, STREAM, headers=SSE)
+    assert [r.node_id for r in h.records()] == chosen
+    assert len(set(chosen[:20])) == 1
+    spread = Counter(chosen[20:])
+    assert 0.55 < spread["b"] / 120 < 0.92, spread
