@@ -25,6 +25,7 @@ from mitmproxy.proxy.layers.http import (
     HttpRequestHook,
     HttpResponseHeadersHook,
     HttpResponseHook,
+    ResponseHeaders,
 )
 from mitmproxy.test import taddons, tflow, tutils
 
@@ -62,16 +63,20 @@ class StubRuntime:
         pass
 
 
-class _Handler:
+class Handler:
     """A stand-in for mitmproxy's connection handler of one client: what the relay injects and closes."""
 
     def __init__(self) -> None:
         self.transports: set[connection.Server] = set()
         self.injected: list[object] = []
         self.closed = asyncio.Event()
+        self.answered: asyncio.Future[http.Response] = asyncio.get_running_loop().create_future()
 
     async def server_event(self, event: object) -> None:
+        """An event injected as if the node had sent it (``addon.inject.answer_waiting``)."""
         self.injected.append(event)
+        if isinstance(event, ResponseHeaders) and not self.answered.done():
+            self.answered.set_result(event.response)
 
     def close_connection(self, conn: connection.Server) -> None:
         self.closed.set()
@@ -136,15 +141,17 @@ class RelayHarness:
             await self.hook(HttpResponseHook(f))
         return f
 
-    async def connected(self, f: http.HTTPFlow) -> None:
-        """mitmproxy opened the flow's connection to its node."""
-        server = connection.Server(address=(f.request.host, f.request.port))
+    async def connected(self, f: http.HTTPFlow, alpn: bytes | None = None) -> Handler:
+        """mitmproxy opened the flow's connection to its node (``alpn``: the protocol they speak); returns the
+        stand-in for the client's connection handler."""
+        server = connection.Server(address=(f.request.host, f.request.port), alpn=alpn)
         server.state = connection.ConnectionState.OPEN
         f.server_conn = server
-        handler = self.proxyserver.connections.setdefault(f.client_conn.id, _Handler())
-        assert isinstance(handler, _Handler)
+        handler = self.proxyserver.connections.setdefault(f.client_conn.id, Handler())  # type: ignore[arg-type]
+        assert isinstance(handler, Handler)
         handler.transports.add(server)
         await self.hook(server_hooks.ServerConnectedHook(server_hooks.ServerConnectionHookData(server, f.client_conn)))
+        return handler
 
     async def answer(self, f: http.HTTPFlow, status: int = 200, chunks: Iterable[bytes] = (), *,
                      headers: dict[str, str] | None = None, length: bool = False) -> bytes:

@@ -4,14 +4,18 @@ on 127.0.0.1 where the relay replays a call on another node itself."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 from collections import Counter
 
 import pytest
+from mitmproxy.proxy.layers.http import HttpResponseHeadersHook
 
 from addon.breaker import BreakerPolicy
+from addon.refusal import REFUSED_KEY
 from bench.fakeupstream import FakeUpstream, responses_events, responses_json
+from store.keys import KeySpec
 from store.records import NodeStateUpdate, Usage
 from tests.relayharness import RelayHarness, in_loop, node
 
@@ -72,12 +76,13 @@ async def test_retry_lands_on_a_healthy_node_and_the_failing_node_is_counted(lis
                 flow = await h.send(body={**CALL, "metadata": {"fake_usage": list(usage)}})
                 if flow.request.port == port_of(bad.base_url):  # the failing node's answer: kept from the client
                     await h.answer(flow, int(failure), [error_json(int(failure))], length=True)
+                    assert flow.response is not None
+                    got = flow.response.raw_content or b""  # the good node's, replayed there by the relay
                 else:  # the good node, straight away: the test plays it
                     assert flow.request.port == good.port
                     assert flow.request.headers.get_all("authorization") == ["Bearer key-good"]
-                    await h.answer(flow, 200, responses_events("gpt-5-codex", usage, 1), headers=SSE)
-                assert flow.response is not None and flow.response.status_code == 200
-                assert b"response.completed" in (flow.response.raw_content or b"") or flow.response.stream
+                    got = await h.answer(flow, 200, responses_events("gpt-5-codex", usage, 1), headers=SSE)
+                assert flow.response.status_code == 200 and b"response.completed" in got
     records = h.records()
     assert [(r.node_id, r.status, r.usage.input_tokens) for r in records] == [("good", "success", 10 + k)
                                                                              for k in range(6)]
@@ -190,3 +195,129 @@ async def test_sticky_sessions_hold_and_spread_by_weight(listening):
     assert len(set(chosen[:20])) == 1
     spread = Counter(chosen[20:])
     assert 0.55 < spread["b"] / 120 < 0.92, spread
+
+
+@pytest.mark.parametrize("node_speaks", ["HTTP/1.1", "HTTP/2"])
+@in_loop
+async def test_a_node_without_response_headers_in_time_fails_the_call(listening, node_speaks):
+    async with RelayHarness(node("slow", listening()), codex_first_byte_timeout="0.05") as h:
+        flow = await h.send(body=CALL)
+        handler = await h.connected(flow, alpn=b"h2" if node_speaks == "HTTP/2" else None)
+        if node_speaks == "HTTP/1.1":
+            # The relay answers for the node: a JSON 504 the client's SDK reads, with every hook as usual.
+            answer = await handler.answered
+            assert answer.status_code == 504 and json.loads(answer.content)["error"]["code"] == "upstream_timeout"
+            await h.answer(flow, answer.status_code, [answer.content], headers=dict(answer.headers), length=True)
+        else:  # mitmproxy cannot be answered for over HTTP/2: the node's connection is closed
+            await asyncio.wait_for(handler.closed.wait(), 10)
+            await h.fail(flow, "Server disconnected.")
+    (r,) = h.records()
+    assert (r.node_id, r.status, r.node_failure) == ("slow", "failed", True)
+    assert r.error_message == "no response headers within 0.05 s"
+    assert h.node("slow").breaker.streak == 1
+
+
+@in_loop
+async def test_a_stream_whose_node_goes_quiet_is_cut_and_recorded_truncated(listening):
+    first, *rest = STREAM
+    async with RelayHarness(node("stall", listening()), codex_idle_timeout="0.2") as h:
+        flow = await h.send(body=CALL)
+        handler = await h.connected(flow)
+        h.headers(flow, 200, SSE, None)
+        await h.hook(HttpResponseHeadersHook(flow))
+        assert flow.response.stream(first) == first
+        await asyncio.wait_for(handler.closed.wait(), 10)  # the idle watch closed the node's connection
+        await h.fail(flow, "Server disconnected.")
+    (r,) = h.records()
+    assert (r.status, r.node_failure, r.error_message) == ("truncated", True, "no bytes from the node for 0.2 s")
+    assert r.response_bytes == len(first)
+    assert h.node("stall").breaker.streak == 1
+
+
+@in_loop
+async def test_a_client_that_goes_away_mid_stream_is_no_failure_of_the_node(listening):
+    first, *rest = STREAM
+    async with RelayHarness(node("a", listening())) as h:
+        flow = await h.send(body=CALL)
+        h.headers(flow, 200, SSE, None)
+        await h.hook(HttpResponseHeadersHook(flow))
+        flow.response.stream(first)
+        await h.fail(flow, "Client disconnected.")
+    (r,) = h.records()
+    assert (r.node_id, r.status, r.node_failure, r.error_message) == ("a", "aborted", False, "Client disconnected.")
+    assert h.node("a").breaker.streak == 0 and h.failed_attempts() == []
+
+
+@in_loop
+async def test_a_keys_limits_refuse_before_any_node_and_a_finished_call_frees_its_slot(listening):
+    keys = [KeySpec("team", "sk-team-key", rpm=2, concurrency=1), KeySpec("small", "sk-small", models=("gpt-5",))]
+    async with RelayHarness(node("a", listening()), keys=keys) as h:
+        first = await h.send(body=CALL, client_key="team")
+        assert first.response is None  # admitted: on its way to the node
+        second = await h.send(body=CALL, client_key="team")  # the first still holds the one slot
+        await h.answer(first, 200, STREAM, headers=SSE)
+        third = await h.send(body=CALL, client_key="team")  # the first's slot is free again
+        await h.answer(third, 200, STREAM, headers=SSE)
+        fourth = await h.send(body=CALL, client_key="team")  # a third admission in the minute
+        model = await h.send(body=CALL, client_key="small")
+    for refused, status, code in ((second, 429, "concurrency_limited"), (fourth, 429, "rate_limited"),
+                                  (model, 400, "model_not_allowed")):
+        assert refused.response.status_code == status and json.loads(refused.response.content)["error"]["code"] == code
+        assert REFUSED_KEY in refused.metadata and refused.request.host == "relay.test"  # it reached no node
+    assert [r.client_key for r in h.records()] == ["team", "team"]  # a refusal is no invocation
+    assert [(c.client_key, c.counter) for c in h.key_counts()] == [
+        ("team", "refused_concurrency"), ("team", "refused_rate"), ("small", "refused_model")]
+
+
+@in_loop
+async def test_a_model_no_node_serves_is_refused_and_recorded_without_a_node(listening):
+    async with RelayHarness(node("a", listening(), models=("gpt-5",))) as h:
+        flow = await h.send(body=CALL)
+    assert flow.response.status_code == 400
+    assert json.loads(flow.response.content)["error"]["code"] == "model_not_found"
+    (r,) = h.records()
+    assert (r.node_id, r.status, r.node_failure) == (None, "failed", False)
+    assert r.error_message == "no configured node serves model 'gpt-5-codex' (responses)"
+
+
+@in_loop
+async def test_calls_in_flight_at_shutdown_are_recorded_aborted(listening):
+    async with RelayHarness(node("a", listening())) as h:
+        waiting = await h.send(body=CALL)
+        streaming = await h.send(body=CALL)
+        h.headers(streaming, 200, SSE, None)
+        await h.hook(HttpResponseHeadersHook(streaming))
+        streaming.response.stream(STREAM[0])
+        for callback in h.runtime.shutdown:  # the runtime's done, before the writer's last flush
+            callback()
+        assert not h.relay.idle.armed
+    assert {r.status for r in h.records()} == {"aborted"} and len(h.records()) == 2
+    assert {r.error_message for r in h.records()} == {"the relay shut down during the call"}
+    assert waiting.comment.startswith("call: a") and streaming.marked
+
+
+@in_loop
+async def test_an_error_event_in_a_200_and_a_failure_status_are_failed_calls_of_the_node(listening):
+    created, *_ = responses_events("gpt-5-codex", (1, 0, 1, 0), 1)
+    error = b'event: error\ndata: {"type":"error","error":{"message":"Our servers are currently overloaded."}}\n\n'
+    async with RelayHarness(node("bad", listening()), policy=BreakerPolicy(threshold=100), codex_retries=0) as h:
+        streamed = await h.send(body=CALL)
+        assert b"overloaded" in await h.answer(streamed, 200, [created, error], headers=SSE)
+        whole = await h.send("/v1/chat/completions", {"model": "gpt-5-codex", "messages": []})
+        await h.answer(whole, 500, [error_json(500)], headers={"content-type": "application/json"}, length=True)
+        assert whole.response.status_code == 500  # no other node may be tried: the client gets the node's answer
+    records = h.records()
+    assert [(r.status, r.http_status, r.node_failure) for r in records] == [("failed", 200, True),
+                                                                            ("failed", 500, True)]
+    assert "overloaded" in records[0].error_message
+    assert h.node("bad").breaker.streak == 2 and h.failed_attempts() == []
+
+
+@in_loop
+async def test_no_node_available_gives_a_final_openai_style_429():
+    async with RelayHarness(node("off", "http://127.0.0.1:9/v1", 0)) as h:
+        flow = await h.send(body=CALL)
+    assert flow.response.status_code == 429  # final: every node has weight 0, waiting cannot help (docs/refusals.md)
+    assert "retry-after" not in flow.response.headers
+    assert json.loads(flow.response.content)["error"]["code"] == "no_node_available"
+    assert [(r.status, r.http_status, r.node_id) for r in h.records()] == [("failed", 429, None)]
