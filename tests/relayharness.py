@@ -64,17 +64,16 @@ class StubRuntime:
 
 
 class Handler:
-    """A stand-in for mitmproxy's connection handler of one client: what the relay injects and closes."""
+    """A stand-in for mitmproxy's connection handler of one client: the answer the relay injects (``answered``),
+    and whether it closed the node's connection (``closed``)."""
 
     def __init__(self) -> None:
         self.transports: set[connection.Server] = set()
-        self.injected: list[object] = []
         self.closed = asyncio.Event()
         self.answered: asyncio.Future[http.Response] = asyncio.get_running_loop().create_future()
 
     async def server_event(self, event: object) -> None:
         """An event injected as if the node had sent it (``addon.inject.answer_waiting``)."""
-        self.injected.append(event)
         if isinstance(event, ResponseHeaders) and not self.answered.done():
             self.answered.set_result(event.response)
 
