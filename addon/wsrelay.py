@@ -16,7 +16,7 @@ out to another node (docs/how-it-works.md, "Responses over WebSocket").
 On the open socket every ``response.create`` is one invocation (``addon.wsturns``): the key's limits and
 the node's ``models`` are checked per turn, a refused turn is dropped (the node never sees it) and
 answered with an ``error`` event, ``model_map`` rewrites the turn's model. Each turn is recorded through
-``Relay.submit`` when its terminal or ``error`` event comes, or ``truncated`` when the socket closes first or
+``Ledger.submit`` when its terminal or ``error`` event comes, or ``truncated`` when the socket closes first or
 its node sends nothing for ``codex_idle_timeout`` (``watch_idle``, from the relay's idle watch: the socket is cut).
 mitmdump prints no line per message of a socket the relay records (``addon.loglines.take_call_lines``).
 mitmproxy keeps every message of a socket for its life: messages are dropped once metered, beyond
@@ -50,7 +50,8 @@ from addon.wsturns import CREATE, KeptMessages, SocketTurns, Turn, error_event
 from store.records import InvocationRecord, Usage, utcnow
 
 if TYPE_CHECKING:
-    from addon.relay import CallState, Relay
+    from addon.call import Call
+    from addon.relay import Relay
     from addon.routing import Node
 
 log = logging.getLogger("codex.websocket")
@@ -70,7 +71,7 @@ def is_upgrade(request: http.Request) -> bool:
 @dataclass(slots=True)
 class _Socket:
     flow: http.HTTPFlow
-    state: CallState  # the upgrade's: node, session, client target
+    state: Call  # the upgrade's: node, session, client target
     turns: SocketTurns
     kept: KeptMessages
 
@@ -95,7 +96,7 @@ class Sockets:
         return {n.id for n in self.relay.runtime.pool if not n.config.websocket} | self._refused.keys()
 
     # -- the upgrade (called by Relay) ---------------------------------------------------------------
-    async def takes_upgrade(self, flow: http.HTTPFlow, state: CallState) -> Node | None:
+    async def takes_upgrade(self, flow: http.HTTPFlow, state: Call) -> Node | None:
         """The upgrade's node, or the next one that takes a WebSocket, before anything is sent for the client.
 
         A node seen answering 101 in the last ``NO_WEBSOCKET_S`` is taken as is (a socket lives long: asking
@@ -111,7 +112,7 @@ class Sockets:
                 self._takes[node.id] = self._clock() + NO_WEBSOCKET_S
                 return node
             state.relay_error = self._refused_by(node, status, err, state)
-            nxt = self.relay._next_node(state)
+            nxt = self.relay.failover.next_node(flow, state)
             log.warning("%s; %s", state.relay_error, f"trying node {nxt.id}" if nxt else "no other node to try")
             node = state.node = nxt
         return None
@@ -135,7 +136,7 @@ class Sockets:
             return None, f"connect to {where} for the WebSocket upgrade failed: {getattr(e, 'strerror', None) or e}"
         try:
             writer.write(head)
-            line = await asyncio.wait_for(reader.readline(), relay._first_byte_timeout)
+            line = await asyncio.wait_for(reader.readline(), relay.first_byte_timeout)
             if line.split(None, 2)[1:2] == [b"101"]:
                 writer.write(_CLOSE_FRAME)  # a socket closed as a client closes one: no error in the node's log
         except (OSError, TimeoutError, ValueError) as e:
@@ -147,31 +148,31 @@ class Sockets:
             return None, f"no HTTP answer from {where} to the WebSocket upgrade"
         return int(parts[1]), None
 
-    def _refused_by(self, node: Node, status: int | None, err: str | None, state: CallState,
+    def _refused_by(self, node: Node, status: int | None, err: str | None, state: Call,
                     answer: http.Response | None = None) -> str:
         """A node did not take an upgrade (``status``: its answer's, None when there was none, ``err`` says why):
         a failure of the node for no answer or a failure status, else no upgrade to it for a while. The reason."""
         self._takes.pop(node.id, None)
         if status is None:
             reason = err or "no answer to the WebSocket upgrade"
-            self.relay._attempt_failed(node, reason)
+            self.relay.ledger.attempt_failed(node, reason)
         elif is_node_failure_status(status):
             reason = f"node {node.id} answered the WebSocket upgrade with HTTP {status}"
-            self.relay._attempt_failed(node, reason, answer)
+            self.relay.ledger.attempt_failed(node, reason, answer)
         else:  # it serves HTTP, not WebSockets: no failure, but no upgrade for a while
             reason = f"node {node.id} does not take WebSockets (HTTP {status} to the upgrade)"
             self._refused[node.id] = self._clock() + NO_WEBSOCKET_S
-            self.relay.report_node(node, Outcome("failed", False, reason), state)
+            self.relay.ledger.report_node(node, Outcome("failed", False, reason), state)
         return reason
 
-    def upgraded(self, flow: http.HTTPFlow, state: CallState) -> None:
+    def upgraded(self, flow: http.HTTPFlow, state: Call) -> None:
         """The upgrade's answer is in: the socket opens, or the client is told to use HTTP."""
         resp = flow.response
         assert resp is not None
         relay, node = self.relay, state.node
         if resp.status_code == 101 and flow.websocket is not None:
-            self._open[flow.id] = _Socket(flow, state, SocketTurns(), KeptMessages(relay._keep_body))
-            relay.report_node(node, Outcome("success", False, None), state)
+            self._open[flow.id] = _Socket(flow, state, SocketTurns(), KeptMessages(relay.keep_body))
+            relay.ledger.report_node(node, Outcome("success", False, None), state)
             if node is not None:
                 self._takes[node.id] = self._clock() + NO_WEBSOCKET_S
             # A recorded call's comment: mitmdump prints no line per message of it (a Codex turn is some hundred
@@ -184,7 +185,7 @@ class Sockets:
             reason = "none of the nodes this client may use takes WebSockets"
         if node is not None:
             if reason is not None:  # unreachable, or no answer in time: the node's failure
-                relay._attempt_failed(node, reason)
+                relay.ledger.attempt_failed(node, reason)
             else:
                 reason = self._refused_by(node, resp.status_code, None, state, resp)
             log.warning("%s: the client is told to use HTTP (426)", reason)
@@ -196,15 +197,15 @@ class Sockets:
         barred = self.barred() | (limits.barred(flow) if limits is not None else set())
         return self.relay.runtime.pool.serves_any("responses", None, exclude=barred)
 
-    def upgrade_failed(self, flow: http.HTTPFlow, state: CallState) -> None:
+    def upgrade_failed(self, flow: http.HTTPFlow, state: Call) -> None:
         """The upgrade ended in an error (no answer): it counts against the node, and is no invocation."""
         assert flow.error is not None
         outcome = classify_error(flow.error.msg, got_response=False)
         if state.node is not None:
             if outcome.node_failure:
-                self.relay._attempt_failed(state.node, state.relay_error or outcome.error or "upgrade failed")
+                self.relay.ledger.attempt_failed(state.node, state.relay_error or outcome.error or "upgrade failed")
             else:
-                self.relay.report_node(state.node, outcome, state)
+                self.relay.ledger.report_node(state.node, outcome, state)
 
     # -- hooks ---------------------------------------------------------------------------------------
     def websocket_message(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
@@ -296,7 +297,7 @@ class Sockets:
         sock.turns.start(Turn(invoke_id=invoke_id, occurred_at=utcnow(), started_at=message.timestamp,
                               requested_model=model, request_bytes=len(message.content), lane=lane))
         self.turns_running = True
-        self.relay._arm_idle_watch()  # codex_idle_timeout applies to the turn (watch_idle)
+        self.relay.idle.arm()  # codex_idle_timeout applies to the turn (watch_idle)
 
     def _refuse(self, flow: http.HTTPFlow, message: websocket.WebSocketMessage, status: int, body: bytes) -> None:
         """The turn reaches no node: the client gets the refusal as an ``error`` event."""
@@ -309,24 +310,20 @@ class Sockets:
 
     def _record(self, sock: _Socket, turn: Turn) -> None:
         relay, flow, state = self.relay, sock.flow, sock.state
-        if relay.limits is not None:
-            relay.limits.release(flow, turn.invoke_id)
-        outcome = turn.outcome or Outcome("aborted", False, None)
-        if outcome.error:  # upstream text: it may echo a key back
-            outcome = Outcome(outcome.status, outcome.node_failure, relay.secrets.scrub(outcome.error[:2000]))
-            if flow.websocket is not None and flow.websocket.messages and not (last := flow.websocket.messages[-1]
-                                                                                   ).from_client:
-                # The node's error event (the newest message when it ended the turn), as the client and mitmweb
-                # get it: without a key (an HTTP error answer is scrubbed the same way).
-                text = last.content.decode("utf-8", "replace")
-                if (clean := relay.secrets.scrub(text)) != text:
-                    last.content = clean.encode()
+        outcome = relay.ledger.settle(flow, turn.outcome or Outcome("aborted", False, None), turn.invoke_id)
+        if outcome.error and flow.websocket is not None and flow.websocket.messages and not (
+                last := flow.websocket.messages[-1]).from_client:
+            # The node's error event (the newest message when it ended the turn), as the client and mitmweb
+            # get it: without a key (an HTTP error answer is scrubbed the same way).
+            text = last.content.decode("utf-8", "replace")
+            if (clean := relay.secrets.scrub(text)) != text:
+                last.content = clean.encode()
         node = state.node
-        relay.report_node(node, outcome, state)
+        relay.ledger.report_node(node, outcome, state)
         x = turn.extractor
         end = turn.last_event_at if outcome.status in ("success", "failed") and turn.last_event_at else time.time()
         record = InvocationRecord(
-            invoke_id=turn.invoke_id, occurred_at=turn.occurred_at, source=relay._source,
+            invoke_id=turn.invoke_id, occurred_at=turn.occurred_at, source=relay.ledger.source,
             endpoint=flow.request.path.split("?", 1)[0][:255], status=outcome.status,
             node_id=node.id if node else None, api_format="responses", model=x.model or turn.requested_model,
             requested_model=turn.requested_model, stream=True,
@@ -340,7 +337,7 @@ class Sockets:
             usage=x.usage or Usage(), session_key=state.session_key,  # the upgrade's (addon.sessions)
             flags=sorted({*x.flags, WEBSOCKET_FLAG, *([NO_USAGE] if x.usage is None else [])}),
         )
-        relay.submit(flow, record)
+        relay.ledger.submit(flow, record)
 
 
 def upgrade_required(path: str, reason: str | None) -> http.Response:

@@ -7,7 +7,8 @@ The helpers behind them, and those the test modules share, are in ``tests.suppor
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import socket
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -66,3 +67,19 @@ def umask_022() -> Iterator[None]:
     old = os.umask(0o022)  # the usual umask, under which SQLite creates its files 0644
     yield
     os.umask(old)
+
+
+@pytest.fixture
+def listening() -> Iterator[Callable[[], str]]:
+    """Makes base URLs of nodes that accept connections and never answer: a test plays the node (the relay's
+    connect probe finds it up)."""
+    sockets: list[socket.socket] = []
+
+    def url() -> str:
+        s = socket.create_server(("127.0.0.1", 0), backlog=1024)  # never accepted: each probe stays queued
+        sockets.append(s)
+        return f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+
+    yield url
+    for s in sockets:
+        s.close()

@@ -142,35 +142,6 @@ def test_gzip_stream_metered_and_passed_through(sqlite_url, tmp_path):
     assert [tuple(r) for r in got] == [(50, 10, 20, 5)]
 
 
-def test_upstream_errors_and_in_200_error_event_recorded_as_failed(sqlite_url, tmp_path):
-    with FakeUpstream("bad") as up:
-        nodes = write_nodes(tmp_path / "nodes.toml", [("bad", up.base_url, "k", 1)])
-        with RelayProcess(db_url=sqlite_url, options={"codex_nodes": str(nodes), "codex_retries": "0",
-                                                  "codex_fail_threshold": "100"}) as relay:
-            up.behaviour.error_event = True
-            status, body = call(relay, "responses", stream=True, usage=(1, 0, 1, 0))
-            assert status == 200 and b"overloaded" in body
-            up.behaviour.error_event = False
-            up.behaviour.status = 500
-            status, _ = call(relay, "chat", stream=False, usage=(1, 0, 1, 0))
-            assert status == 500
-    got = rows(sqlite_url, "SELECT status, http_status, error_message FROM codex_invocations ORDER BY id")
-    assert [(r.status, r.http_status) for r in got] == [("failed", 200), ("failed", 500)]
-    assert "overloaded" in got[0].error_message
-    node = rows(sqlite_url, "SELECT requests, fail_count, fail_streak FROM nodes")[0]
-    assert (node.requests, node.fail_count, node.fail_streak) == (2, 2, 2)
-
-
-def test_no_node_available_gives_a_final_openai_style_429(sqlite_url, tmp_path):
-    nodes = write_nodes(tmp_path / "nodes.toml", [("off", "http://127.0.0.1:9/v1", "k", 0)])
-    with RelayProcess(db_url=sqlite_url, options={"codex_nodes": str(nodes)}) as relay:
-        status, body = call(relay, "responses", stream=True, usage=(1, 0, 1, 0))
-    assert status == 429  # final: every node has weight 0, waiting cannot help (docs/refusals.md)
-    assert json.loads(body)["error"]["code"] == "no_node_available"
-    got = rows(sqlite_url, "SELECT status, http_status, node_id FROM codex_invocations")
-    assert [tuple(r) for r in got] == [("failed", 429, None)]
-
-
 def test_monitor_mode_passes_through_and_meters(sqlite_url):
     with FakeUpstream("direct") as up, \
             RelayProcess(db_url=sqlite_url, reverse_target=f"http://127.0.0.1:{up.port}") as relay:

@@ -31,9 +31,9 @@ ROOT = Path(__file__).resolve().parent.parent
 PROXY_HOOKS = frozenset(name for name, hook in hooks.all_hooks.items()
                         if hook.__module__.startswith("mitmproxy.proxy."))
 
-# Relay composes wsrelay's Sockets as a nested addon (its ``addons`` attribute, mitmproxy's way of building one
-# addon from parts) and Sockets calls back into its Relay: one addon in two modules.
-NESTED_ADDONS = {("addon.relay", "addon.wsrelay"), ("addon.wsrelay", "addon.relay")}
+# Relay composes wsrelay's Sockets and failover's Failover as nested addons (its ``addons`` attribute, mitmproxy's
+# way of building one addon from parts), and Sockets calls back into its Relay: one addon in three modules.
+NESTED_ADDONS = {("addon.relay", "addon.wsrelay"), ("addon.wsrelay", "addon.relay"), ("addon.relay", "addon.failover")}
 
 
 def module_name(root: Path, path: Path) -> str:

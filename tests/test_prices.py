@@ -4,17 +4,14 @@ table on top for private ones, lookup rules, and bad files."""
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import genai_prices
 import pytest
-from mitmproxy.test import taddons, tflow, tutils
 
-from addon.meter import StreamMeter
-from addon.relay import Relay
 from store.config import ConfigError
 from store.prices import CostSplit, Price, PriceTable, load_prices
-from store.records import InvocationRecord, Usage
+from store.records import Usage
+from tests.support.relayharness import RelayHarness, in_loop, node
 
 LOCAL = PriceTable({"my-model": Price(input=2.0, cached_input=0.5, cache_write=2.5, output=8.0)})
 SHIPPED = load_prices()
@@ -129,31 +126,20 @@ def test_a_call_with_iterations_costs_each_at_its_own_models_price():
     assert table.call_cost("main", main, [(None, main), ("nobody-prices-this", advisor)]) is None
 
 
-def test_the_relays_record_prices_iterations_and_keeps_the_cache_write_share():
+@in_loop
+async def test_the_relays_record_prices_iterations_and_keeps_the_cache_write_share(listening):
     """The record the relay submits for an Anthropic answer with an advisor iteration and cache writes."""
     table = PriceTable({"main": Price(input=1.0, cached_input=0.1, cache_write=1.25, output=5.0),
                         "advisor": Price(input=15.0, cached_input=1.5, cache_write=18.75, output=75.0)})
-    submitted: list = []
-    runtime = SimpleNamespace(prices=table, submit=submitted.append, on_shutdown=lambda _: None,
-                              metrics=SimpleNamespace(count_in_flight=lambda _: None))
-    relay = Relay(runtime)
     usage = {"input_tokens": 100, "cache_creation_input_tokens": 4000, "cache_read_input_tokens": 0,
              "output_tokens": 50, "iterations": [
                  {"type": "message", "input_tokens": 100, "cache_creation_input_tokens": 4000, "output_tokens": 50},
                  {"type": "advisor_message", "model": "advisor", "input_tokens": 2000, "output_tokens": 300}]}
     body = json.dumps({"type": "message", "model": "main", "content": [], "usage": usage}).encode()
-    meter = StreamMeter("messages", "application/json", None)
-    meter(body)
-    meter(b"")
-    result = meter.result()
-    assert result.usage is not None
-    record = InvocationRecord(invoke_id="i", occurred_at=None, source="relay", endpoint="/v1/messages",
-                              api_format="messages", model=result.model, status="success",
-                              raw_response=result.raw_usage)
-    record.usage = result.usage
-    with taddons.context(relay):
-        relay.submit(tflow.tflow(resp=tutils.tresp(content=body)), record)  # what _finish hands on, priced
-    [r] = submitted
+    async with RelayHarness(node("a", listening()), prices=table) as h:
+        flow = await h.send("/v1/messages", {"model": "main", "max_tokens": 10, "messages": []})
+        await h.answer(flow, 200, [body], headers={"content-type": "application/json"}, length=True)
+    [r] = h.records()
     write = 4000 * 1.25 / 1e6
     assert r.cost_cache_write == pytest.approx(write)
     assert r.cost_input == pytest.approx(100 / 1e6 + write + 2000 * 15 / 1e6)

@@ -1,4 +1,4 @@
-"""The relay addon's own options, in process (its flow hooks are exercised by the e2e and fleet tests)."""
+"""The relay addon's own options, in process (its flow hooks: tests/test_relay_hooks.py)."""
 
 from __future__ import annotations
 
@@ -25,17 +25,17 @@ def test_relay_configures_the_kept_body_from_its_surroundings(tmp_path):
     relay = Relay(Runtime())
     with taddons.context(relay, Save()) as tctx:
         tctx.configure(relay)
-        assert relay._keep_body == 0
+        assert relay.keep_body == 0
         tctx.configure(relay, save_stream_file=str(tmp_path / "flows"))
-        assert relay._keep_body == AUTO_KEEP_BODY
+        assert relay.keep_body == AUTO_KEEP_BODY
         tctx.configure(relay, save_stream_file=None, codex_keep_body=100)
-        assert relay._keep_body == 100
+        assert relay.keep_body == 100
         with pytest.raises(exceptions.OptionsError, match="codex_keep_body"):
             tctx.configure(relay, codex_keep_body=-2)
     shown = Relay(Runtime())
     with taddons.context(View(), shown) as tctx:  # mitmweb has a view of the flows (added before scripts)
         tctx.configure(shown, codex_keep_body=-1)
-        assert shown._keep_body == AUTO_KEEP_BODY
+        assert shown.keep_body == AUTO_KEEP_BODY
 
 
 @pytest.mark.parametrize(("headers", "body_key", "expected"), [

@@ -9,13 +9,15 @@ import json
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from mitmproxy.http import Headers, Response
-from mitmproxy.test import tflow, tutils
+from mitmproxy.http import Headers, Request, Response
+from mitmproxy.test import tutils
 
+from addon.bodies import CONTENT_HEADERS, chunks, prepare_body, start_meter, strips_usage
+from addon.call import Call
 from addon.egress import header_values
 from addon.meter import StreamMeter
-from addon.relay import _CONTENT_HEADERS, CallState, _chunks, _prepare_body, _start_meter, _strips_usage
 from addon.routing import Node
+from addon.usage import RequestInfo
 from addon.usageprobe import MAX_HELD_BYTES, UsageChunkFilter, add_include_usage
 from store.config import ConfigError, node_from_mapping
 from store.records import NodeConfig, Usage
@@ -82,54 +84,58 @@ def test_the_probe_leaves_bodies_that_need_nothing(body: bytes):
     assert add_include_usage(body) is None
 
 
-def _call(body: bytes, *, api_format: str = "chat", stream: bool = True) -> CallState:
-    flow = tflow.tflow(req=tutils.treq(content=body, path="/v1/chat/completions"))
-    return CallState(flow=flow, invoke_id="i", occurred_at=None, api_format=api_format, model="gpt-5-codex",
-                     stream=stream, session_key=None, request_bytes=len(body), client_target="/v1/chat/completions",
-                     requested_model="gpt-5-codex")
+def _call(body: bytes, *, api_format: str = "chat", stream: bool = True) -> tuple[Call, Request]:
+    """A call as the relay starts it, and its request."""
+    request = tutils.treq(content=body, path="/v1/chat/completions")
+    return Call.start("/v1/chat/completions", api_format, RequestInfo("gpt-5-codex", stream, None), session_key=None,
+                      request_bytes=len(body)), request
+
+
+def _sent(*, probe: bool) -> tuple[Call, Request]:
+    """A streamed chat call without usage, sent to a node that takes the probe (or turns it off)."""
+    call, request = _call(b'{"model": "gpt-5-codex", "stream": true, "messages": []}')
+    prepare_body(request, call, Node(NodeConfig("a", "https://a.example/v1", usage_probe=probe)))
+    assert call.probed is probe
+    return call, request
 
 
 def test_each_node_gets_the_clients_body_with_its_model_and_its_probe_setting():
     body = b'{"model": "gpt-5-codex", "stream": true, "messages": []}'
-    state = _call(body)
-    req = state.flow.request
+    state, req = _call(body)
     mapped = Node(NodeConfig("a", "https://a.example/v1", model_map={"gpt-5-codex": "gpt-5.1"}))
-    _prepare_body(req, state, mapped)
+    prepare_body(req, state, mapped)
     assert state.probed and json.loads(req.content) == {"model": "gpt-5.1", "stream": True, "messages": [],
                                                         "stream_options": {"include_usage": True}}
     # A retry on a node that rejects stream_options: the client's body again, no probe.
-    _prepare_body(req, state, Node(NodeConfig("b", "https://b.example/v1", usage_probe=False)))
+    prepare_body(req, state, Node(NodeConfig("b", "https://b.example/v1", usage_probe=False)))
     assert not state.probed and req.content == body
     # Not a streamed chat call: nothing changes.
-    other = _call(b'{"model": "gpt-5-codex", "stream": true}', api_format="responses")
-    _prepare_body(other.flow.request, other, Node(NodeConfig("c", "https://c.example/v1")))
-    assert not other.probed and other.flow.request.content == b'{"model": "gpt-5-codex", "stream": true}'
+    other, other_req = _call(b'{"model": "gpt-5-codex", "stream": true}', api_format="responses")
+    prepare_body(other_req, other, Node(NodeConfig("c", "https://c.example/v1")))
+    assert not other.probed and other_req.content == b'{"model": "gpt-5-codex", "stream": true}'
 
 
 def test_only_an_identity_encoded_successful_stream_is_filtered():
-    def strips(state: CallState, r: Response) -> bool:
-        return _strips_usage(state, r, header_values(r.headers, _CONTENT_HEADERS))
+    def strips(sent: tuple[Call, Request], r: Response) -> bool:
+        return strips_usage(*sent, r, header_values(r.headers, CONTENT_HEADERS))
 
-    state = _call(b"{}")
-    state.probed = True
+    probed = _sent(probe=True)
     sse = (("content-type", "text/event-stream"),)
-    assert strips(state, resp(sse))
-    assert not strips(state, resp((*sse, ("content-encoding", "gzip"))))
-    assert not strips(state, resp(sse, 400))
-    assert not strips(state, resp((("content-type", "application/json"),)))
-    state.probed = False
-    assert not strips(state, resp(sse))
+    assert strips(probed, resp(sse))
+    assert not strips(probed, resp((*sse, ("content-encoding", "gzip"))))
+    assert not strips(probed, resp(sse, 400))
+    assert not strips(probed, resp((("content-type", "application/json"),)))
+    assert not strips(_sent(probe=False), resp(sse))
 
 
 @pytest.mark.parametrize(("version", "framing"), [("HTTP/1.1", "chunked"), ("HTTP/2.0", None), ("HTTP/1.0", "as sent")])
 def test_an_answer_with_a_length_is_not_left_announcing_the_removed_chunk(version, framing):
     upstream, expected = chat_stream(["a", "b"])
-    state = _call(b"{}")
-    state.probed = True
-    state.flow.request.http_version = version
+    state, request = _sent(probe=True)
+    request.http_version = version
     r = resp((("content-type", "text/event-stream"), ("content-length", str(len(upstream)))))
-    feed = _start_meter(state, r)
-    sent = b"".join([*_chunks(feed(upstream)), *_chunks(feed(b""))])
+    feed = start_meter(state, request, r)
+    sent = b"".join([*chunks(feed(upstream)), *chunks(feed(b""))])
     if framing == "as sent":  # an HTTP/1.0 client can be told neither a new length nor chunks: it gets it all
         assert sent == upstream and r.headers["content-length"] == str(len(upstream))
         return

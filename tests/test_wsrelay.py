@@ -9,18 +9,19 @@ import time
 
 import pytest
 from mitmproxy import http
+from mitmproxy.connection import Server
+from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 from mitmproxy.test import taddons, tflow
 from mitmproxy.websocket import WebSocketMessage
 from wsproto.frame_protocol import Opcode
 
-from addon.relay import CallState
 from addon.wsrelay import NO_WEBSOCKET_S
 from store.keys import KeySpec
 from store.records import NodeConfig, NodeStateUpdate
 from tests.support.fakeupstream import Behaviour, FakeUpstream
 from tests.support.flows import request_flow
 from tests.support.waiting import wait_for
-from tests.support.wsenv import Env, completed, node
+from tests.support.wsenv import Env, completed, node, upgrade_call
 from tests.support.wsupstream import WsUpstream
 
 
@@ -105,10 +106,7 @@ def test_a_node_refusing_the_upgrade_gets_the_client_a_426(status, node_failure)
     env = Env(node("a"), node("b"))
     with taddons.context(env.relay):
         flow = tflow.tflow(req=tflow.treq(method=b"GET", path=b"/v1/responses"), resp=tflow.tresp(status_code=status))
-        state = CallState(flow=flow, invoke_id="up", occurred_at=None, api_format="responses",  # type: ignore[arg-type]
-                          model=None, stream=False, session_key=None, request_bytes=0,
-                          client_target="/v1/responses", websocket=True, node=env.pool.get("a"))
-        env.sockets.upgraded(flow, state)
+        env.sockets.upgraded(flow, upgrade_call(env.pool.get("a")))
         assert flow.response is not None and flow.response.status_code == 426
         assert json.loads(flow.response.content or b"")["error"]["code"] == "websocket_unavailable"
         assert env.records() == []
@@ -136,7 +134,9 @@ def test_an_upgrade_no_node_takes_is_answered_426_at_once():
         call.request.method = "POST"
         call.request.content = b'{"model": "gpt-5", "input": "hi"}'
         call.response = None
-        env.relay._connected.add((call.client_conn.id, ("a.example", 80)))  # no connect probe
+        # mitmproxy has a connection of this client's to the node open: no connect probe
+        connected = ServerConnectionHookData(Server(address=("a.example", 80)), call.client_conn)
+        env.relay.failover.server_connected(connected)
         asyncio.run(env.relay.request(call))
         assert call.response is None and call.request.host == "a.example"
 
@@ -165,7 +165,7 @@ def test_a_node_refusing_the_upgrade_is_failed_over_before_anything_is_sent(retr
             if not retries:  # no other node may be tried: 426 at once, the node that takes it never asked
                 assert flow.response is not None and flow.response.status_code == 426
                 assert "node a does not take WebSockets (HTTP 404" in flow.response.text
-                assert ws.headers == [] and flow.id not in env.relay._calls
+                assert ws.headers == [] and env.in_flight() == 0
                 return
             assert flow.response is None  # nothing sent for the client yet: mitmproxy sends it to b
             assert (flow.request.port, flow.request.headers["authorization"]) == (ws.port, "Bearer key-b")
@@ -190,7 +190,7 @@ def test_a_turn_whose_node_goes_quiet_for_the_idle_timeout_is_cut_by_the_relays_
         now = time.time()
         quiet, busy = env.open(), env.open()
 
-        async def turns_and_tick() -> asyncio.TimerHandle | None:
+        async def turns_and_tick() -> bool:
             # The node answered the quiet socket's turn once, 25 s ago; the busy one's a second ago.
             for flow, base in ((quiet, now - 30), (busy, now - 2)):
                 pending = env.sockets.websocket_message(
@@ -199,17 +199,14 @@ def test_a_turn_whose_node_goes_quiet_for_the_idle_timeout_is_cut_by_the_relays_
                 await pending
                 _append(flow, {"type": "response.created", "response": {"model": "gpt-5"}}, base + 1)
                 assert env.sockets.websocket_message(flow) is None
-            armed = env.relay._idle_watch
-            assert armed is not None  # a turn started: the relay's one idle watch runs for it
-            armed.cancel()
-            env.relay._idle_watch = None
-            env.relay._watch_idle()  # what the armed watch calls
-            watch = env.relay._idle_watch
-            if watch is not None:
-                watch.cancel()
-            return watch
+            watch = env.relay.idle
+            assert watch.armed  # a turn started: the relay's one idle watch runs for it
+            watch.check()  # what the armed watch runs
+            armed = watch.armed
+            watch.stop()
+            return armed
 
-        assert asyncio.run(turns_and_tick()) is not None  # the busy socket's turn still runs: watched on
+        assert asyncio.run(turns_and_tick())  # the busy socket's turn still runs: watched on
         (cut,) = env.records()
         assert (cut.status, cut.node_failure, cut.error_message) == (
             "truncated", True, "no message from the node for 10 s")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from types import SimpleNamespace
 
 from mitmproxy import http
@@ -11,12 +12,14 @@ from mitmproxy.test import tflow
 from mitmproxy.websocket import WebSocketMessage
 from wsproto.frame_protocol import Opcode
 
+from addon.call import Call
 from addon.errors import CLIENT_KEY_NAME
 from addon.health import Health
 from addon.limits import Limits
-from addon.relay import CallState, Relay
+from addon.relay import Relay
 from addon.routing import Node, NodePool
 from addon.services.clientkeys import ClientKeys
+from addon.usage import RequestInfo
 from store.keys import KeySpec
 from store.records import InvocationRecord, NodeConfig
 
@@ -28,7 +31,7 @@ class Env:
         self.pool = NodePool([Node(c) for c in configs])
         self.runtime = SimpleNamespace(
             prices=None, submit=self.submitted.append, on_shutdown=lambda _: None, pool=self.pool,
-            metrics=SimpleNamespace(count_in_flight=lambda _: None), health=Health(self.submitted.append),
+            metrics=SimpleNamespace(count_in_flight=self._count_in_flight), health=Health(self.submitted.append),
             engine=None, connect_timeout=1.0, alert=lambda *a: None, keys=ClientKeys())
         self.limits = None
         if keys is not None:
@@ -40,6 +43,9 @@ class Env:
         self.injected: list[bytes] = []
         self.sockets.inject = lambda flow, content: self.injected.append(content)  # type: ignore[method-assign]
 
+    def _count_in_flight(self, count: Callable[[], int]) -> None:
+        self.in_flight = count
+
     def records(self) -> list[InvocationRecord]:
         return [r for r in self.submitted if isinstance(r, InvocationRecord)]
 
@@ -49,10 +55,7 @@ class Env:
         flow.request.path = "/v1/responses"
         if key is not None:
             flow.metadata[CLIENT_KEY_NAME] = key
-        state = CallState(flow=flow, invoke_id="up", occurred_at=None, api_format="responses",  # type: ignore[arg-type]
-                          model=None, stream=False, session_key=None, request_bytes=0, client_target="/v1/responses",
-                          websocket=True, node=self.pool.get(node_id) if node_id else None)
-        self.sockets.upgraded(flow, state)
+        self.sockets.upgraded(flow, upgrade_call(self.pool.get(node_id) if node_id else None))
         return flow
 
     def client(self, flow: http.HTTPFlow, obj: dict, at: float) -> WebSocketMessage:
@@ -66,6 +69,15 @@ class Env:
     def server(self, flow: http.HTTPFlow, obj: dict, at: float) -> None:
         flow.websocket.messages.append(WebSocketMessage(Opcode.TEXT, False, json.dumps(obj).encode(), timestamp=at))
         assert self.sockets.websocket_message(flow) is None
+
+
+def upgrade_call(node: Node | None) -> Call:
+    """A WebSocket upgrade as the relay starts it, gone to ``node``."""
+    call = Call.start("/v1/responses", "responses", RequestInfo(None, False, None), session_key=None, request_bytes=0,
+                      websocket=True)
+    if node is not None:
+        call.attempt(node)
+    return call
 
 
 def completed(model: str, i: int, c: int, o: int, r: int) -> dict:
