@@ -41,8 +41,8 @@ from store.records import Item, NodeConfig
 from store.retention import DAY, Pruner
 from store.sources import SourceConfig
 from store.spool import default_spool_path
-from store.writer import Writer, WriterStats
-from store.writerproc import WriterProcess, WriterStartError, start_writer
+from store.writer import RecordWriter, WriterStats
+from store.writerproc import WriterStartError, start_writer
 
 log = logging.getLogger("codex.runtime")
 
@@ -64,7 +64,7 @@ class Runtime:
         self._ping_interval = 30.0
         self._sticky_ttl = 3600.0
         self._db_url: str | None = None
-        self._writer: Writer | WriterProcess | None = None
+        self._writer: RecordWriter | None = None
         self._pinger: Pinger | None = None
         self._poller: Poller | None = None
         self._node_sync: NodeSync | None = None
