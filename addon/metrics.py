@@ -26,8 +26,8 @@ from store.writer import WriterStats
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 DIRECT = "direct"  # the node label of calls that went to no node (monitor mode, refused calls)
 
-# The help of each counter family ``observe`` keeps (store.rollups says which counters feed it); exposed
-# with the ``_total`` suffix.
+# The help of each counter family ``observe`` keeps (store.rollups says which counters feed it), exposed
+# with the ``_total`` suffix, and of each histogram.
 _HELP = {
     "codex_node_requests": "Calls and retried attempts per node.",
     "codex_node_failures": "Failures counted against a node, by kind: failed, truncated (a call's status) or "
@@ -132,8 +132,8 @@ class _Counts(Collector):
     def collect(self) -> Iterable[CounterMetricFamily | HistogramMetricFamily]:
         with self.lock:
             counters, histograms = dict(self._counters), {k: list(v) for k, v in self._histograms.items()}
-        for name, help_text in _HELP.items():
-            family = CounterMetricFamily(name, help_text, labels=list(_LABELS[name]))
+        for name, labels in _LABELS.items():
+            family = CounterMetricFamily(name, _HELP[name], labels=list(labels))
             for (n, values), v in counters.items():
                 if n == name:
                     family.add_metric(list(values), v)

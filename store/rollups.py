@@ -61,7 +61,7 @@ class To(enum.Flag):
 
 DAY, HOUR, KEY = To.DAY, To.HOUR, To.KEY
 PERIODS = DAY | HOUR
-CALLS = PERIODS | KEY  # every call's own figures
+ALL = PERIODS | KEY
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,12 +78,14 @@ class Metric:
 
 @dataclass(frozen=True, slots=True)
 class Counter:
-    name: str
-    value: Callable[[InvocationRecord], Any]  # a number (a bool counts 1)
+    """One line of ``COUNTERS``."""
+
+    name: str  # its column in the rollups of ``to``
+    value: Callable[[InvocationRecord], Any]  # its value for one call: a number (a bool counts 1)
     to: To = To.NONE
-    node: str | None = None
+    node: str | None = None  # its column in ``nodes``
     metric: Metric | None = None
-    attempt: int = 0
+    attempt: int = 0  # what a failed attempt adds to its node and Prometheus targets
 
 
 def _usage(name: str) -> Callable[[InvocationRecord], int]:
@@ -92,19 +94,19 @@ def _usage(name: str) -> Callable[[InvocationRecord], int]:
 
 COUNTERS: tuple[Counter, ...] = (
     #       name, value of a call                                rollups  nodes column     Prometheus
-    Counter("requests", lambda r: 1,                           CALLS,   "requests",      Metric("requests"),
+    Counter("requests", lambda r: 1,                           ALL,     "requests",      Metric("requests"),
             attempt=1),
     Counter("successes", lambda r: outcome(r) == SUCCESS,      PERIODS),
     Counter("failures", lambda r: outcome(r) == FAILURE,       PERIODS, "fail_count",
             Metric("failures", per_client=False, by_status=True), attempt=1),
     Counter("aborted", lambda r: outcome(r) == ABORTED,        PERIODS),
-    Counter("input_tokens", _usage("input_tokens"),            CALLS,   "total_input",   Metric("tokens", "input")),
-    Counter("cached_tokens", _usage("cached_tokens"),          CALLS,   "total_cached",  Metric("tokens", "cached")),
-    Counter("output_tokens", _usage("output_tokens"),          CALLS,   "total_output",  Metric("tokens", "output")),
+    Counter("input_tokens", _usage("input_tokens"),            ALL,     "total_input",   Metric("tokens", "input")),
+    Counter("cached_tokens", _usage("cached_tokens"),          ALL,     "total_cached",  Metric("tokens", "cached")),
+    Counter("output_tokens", _usage("output_tokens"),          ALL,     "total_output",  Metric("tokens", "output")),
     Counter("reasoning_tokens", _usage("reasoning_tokens"),    PERIODS, "total_reasoning",
             Metric("tokens", "reasoning")),
-    Counter("total_tokens", _usage("total_tokens"),            CALLS),
-    Counter("cost", lambda r: r.cost or 0.0,                   CALLS),    # an unpriced call adds 0 ...
+    Counter("total_tokens", _usage("total_tokens"),            ALL),
+    Counter("cost", lambda r: r.cost or 0.0,                   ALL),    # an unpriced call adds 0 ...
     Counter("priced", lambda r: r.cost is not None,            PERIODS),  # ... and is not priced
     Counter("bytes", operator.attrgetter("response_bytes"),    PERIODS, "total_bytes"),
     Counter("ttfb_sum", lambda r: r.ttfb_ms or 0,              PERIODS, "first_byte_ms"),
