@@ -40,7 +40,8 @@ _STORED = (sa.select(codex_invocations.c.invoke_id)
 class _NodeChange:
     """The net effect of one batch on one node row, in the order the records happened."""
 
-    add: dict[str, Any] = field(default_factory=lambda: dict.fromkeys(rollups.NODE_COLUMNS, 0))
+    calls: list[Sequence[Any]] = field(default_factory=list)  # the values (store.rollups) of its calls
+    failed_attempts: int = 0  # retried on another node
     streak_reset: bool = False  # a success (or a recovery) reset the streak within the batch
     streak_add: int = 0  # failures since that reset (or since the batch began)
     values: dict[str, object] = field(default_factory=dict)  # plain assignments: failed, last_error, pings
@@ -145,9 +146,7 @@ def _stored_ids(conn: sa.Connection, ids: Iterable[str]) -> set[str]:
 
 
 def _count_invocation(change: _NodeChange, r: InvocationRecord, values: Sequence[Any]) -> None:
-    add = change.add
-    for column, i in rollups.NODE:
-        add[column] += values[i]
+    change.calls.append(values)
     end = rollups.outcome(r)
     if end == rollups.FAILURE:
         change.failure(r.error_message or r.status)
@@ -157,8 +156,7 @@ def _count_invocation(change: _NodeChange, r: InvocationRecord, values: Sequence
 
 def _apply_state(change: _NodeChange, u: NodeStateUpdate) -> None:
     if u.failed_attempt:
-        for column, n in rollups.NODE_ATTEMPT:
-            change.add[column] += n
+        change.failed_attempts += 1
         change.failure(u.last_error)
     elif u.last_error is not None:
         change.values["last_error"] = u.last_error[:ERROR_MESSAGE_MAX]
@@ -173,10 +171,11 @@ def _apply_state(change: _NodeChange, u: NodeStateUpdate) -> None:
 
 def _node_statement(node_id: str, change: _NodeChange) -> tuple[sa.Update, dict[str, object]]:
     """The UPDATE of one node row for ``change``, and its values."""
-    added = tuple(name for name, amount in change.add.items() if amount)
+    add = rollups.node_increments(change.calls, change.failed_attempts)
+    added = tuple(name for name, amount in add.items() if amount)
     streak = "reset" if change.streak_reset else "add" if change.streak_add else ""
     params: dict[str, object] = {"node_id": node_id, "streak": change.streak_add}
-    params |= {f"add_{name}": change.add[name] for name in added}
+    params |= {f"add_{name}": add[name] for name in added}
     params |= {f"set_{name}": value for name, value in change.values.items()}
     return _node_update(added, streak, tuple(sorted(change.values))), params
 

@@ -136,18 +136,44 @@ DISTRIBUTIONS: tuple[Distribution, ...] = (
                  "codex_node_duration_seconds"),
 )
 
-# Each target's columns and where its values sit in ``values(r)``: the writer adds up every call once.
-_VALUES = tuple(c.value for c in COUNTERS)
-_DAY = tuple((c.name, i) for i, c in enumerate(COUNTERS) if DAY in c.to)
-_HOUR = tuple((c.name, i) for i, c in enumerate(COUNTERS) if HOUR in c.to)
-_KEY = tuple((c.name, i) for i, c in enumerate(COUNTERS) if KEY in c.to)
-NODE = tuple((c.node, i) for i, c in enumerate(COUNTERS) if c.node)
-NODE_ATTEMPT = tuple((c.node, c.attempt) for c in COUNTERS if c.node and c.attempt)  # a failed attempt's
 
-DAY_COLUMNS = tuple(name for name, _ in _DAY)
-HOUR_COLUMNS = (*(name for name, _ in _HOUR), *(col for d in DISTRIBUTIONS for col in d.columns))
-KEY_COLUMNS = tuple(name for name, _ in _KEY)
-NODE_COLUMNS = tuple(col for col, _ in NODE)
+class _Target:
+    """The columns of one target and which of a call's ``values`` go in them: every call's values are
+    computed once and summed per row in C, where adding them up call by call in Python cost more than the
+    rest of the rollups."""
+
+    def __init__(self, keys: tuple[str, ...], columns: tuple[tuple[str, int], ...],
+                 extra: tuple[str, ...] = ()) -> None:
+        self.columns = tuple(name for name, _ in columns)  # what its upsert increments (with ``extra``)
+        self.names = (*keys, *self.columns, *extra)  # of a row
+        indexes = [i for _, i in columns]
+        self._pick = operator.itemgetter(*indexes) if len(indexes) > 1 else lambda v: (v[indexes[0]],)
+
+    def sums(self, calls: list[Sequence[Any]]) -> tuple[Any, ...]:
+        """The column sums of ``calls`` (each call's ``values``), in ``columns`` order."""
+        return self._pick(list(map(sum, zip(*calls, strict=True))))
+
+    def row(self, key: tuple, calls: list[Sequence[Any]], extra: Sequence[int] = ()) -> dict[str, Any]:
+        """A row of its upsert: ``key``, the sums of ``calls``, then ``extra``."""
+        return dict(zip(self.names, (*key, *self.sums(calls), *extra), strict=True))
+
+
+_VALUES = tuple(c.value for c in COUNTERS)
+_BUCKET_COLUMNS = tuple(col for d in DISTRIBUTIONS for col in d.columns)
+_BUCKETS = tuple((d, sum(len(e.columns) for e in DISTRIBUTIONS[:i])) for i, d in enumerate(DISTRIBUTIONS))
+_DAY = _Target(("day", "source", "node_id", "model"),
+               tuple((c.name, i) for i, c in enumerate(COUNTERS) if DAY in c.to))
+_HOUR = _Target(("hour", "source", "node_id", "model"),
+                tuple((c.name, i) for i, c in enumerate(COUNTERS) if HOUR in c.to), _BUCKET_COLUMNS)
+_KEY = _Target(("day", "client_key"), tuple((c.name, i) for i, c in enumerate(COUNTERS) if KEY in c.to))
+_NODE = _Target((), tuple((c.node, i) for i, c in enumerate(COUNTERS) if c.node))
+_NODE_ATTEMPT = tuple((c.node, c.attempt) for c in COUNTERS if c.node and c.attempt)
+
+# What each upsert increments.
+DAY_COLUMNS = _DAY.columns
+HOUR_COLUMNS = (*_HOUR.columns, *_BUCKET_COLUMNS)
+KEY_COLUMNS = _KEY.columns
+NODE_COLUMNS = _NODE.columns
 
 
 def values(r: InvocationRecord) -> list[Any]:
@@ -164,44 +190,42 @@ class Sums:
     """A batch's calls added up per row of the day, hour and key rollups: the rows their upserts add."""
 
     def __init__(self) -> None:
-        self._day: dict[tuple, dict[str, Any]] = {}
-        self._hour: dict[tuple, dict[str, Any]] = {}
-        self._key: dict[tuple, dict[str, Any]] = {}
+        # Per row key, the values of its calls (summed by ``_Target.row``).
+        self._day: dict[tuple, list[Sequence[Any]]] = {}
+        self._hour: dict[tuple, list[Sequence[Any]]] = {}
+        self._key: dict[tuple, list[Sequence[Any]]] = {}
+        self._buckets: dict[tuple, list[int]] = {}  # per hour row, its calls per latency bucket
 
     def add(self, r: InvocationRecord, row: dict[str, Any], vals: Sequence[Any]) -> None:
         """Add call ``r``, stored as ``row`` (its clipped model and key name are the rollups' keys), whose
         counter values are ``vals``."""
         at = row["occurred_at"]
-        group = (row["source"], row["node_id"] or "", row["model"] or "")  # '': no node, unknown model
-        _add(_row(self._day, ("day", "source", "node_id", "model"), (at.date(), *group), DAY_COLUMNS), _DAY, vals)
-        hour = _row(self._hour, ("hour", "source", "node_id", "model"), (hour_of(at), *group), HOUR_COLUMNS)
-        _add(hour, _HOUR, vals)
-        for d in DISTRIBUTIONS:
+        day, group = at.date(), (row["source"], row["node_id"] or "", row["model"] or "")  # '': none, unknown
+        self._day.setdefault((day, *group), []).append(vals)
+        hour = (hour_of(at), *group)
+        self._hour.setdefault(hour, []).append(vals)
+        buckets = self._buckets.setdefault(hour, [0] * len(_BUCKET_COLUMNS))
+        for d, first in _BUCKETS:
             ms = d.value(r)
             if ms is not None:
-                hour[d.columns[bucket_index(d.bounds, ms)]] += 1
+                buckets[first + bucket_index(d.bounds, ms)] += 1
         if row["client_key"]:
-            _add(_row(self._key, ("day", "client_key"), (at.date(), row["client_key"]), KEY_COLUMNS), _KEY, vals)
+            self._key.setdefault((day, row["client_key"]), []).append(vals)
 
     # Sorted by key: relays upserting the same rows lock them in one order (no deadlock).
     def day(self) -> list[dict[str, Any]]:
-        return [self._day[k] for k in sorted(self._day)]
+        return [_DAY.row(k, self._day[k]) for k in sorted(self._day)]
 
     def hour(self) -> list[dict[str, Any]]:
-        return [self._hour[k] for k in sorted(self._hour)]
+        return [_HOUR.row(k, self._hour[k], self._buckets[k]) for k in sorted(self._hour)]
 
     def key(self) -> list[dict[str, Any]]:
-        return [self._key[k] for k in sorted(self._key)]
+        return [_KEY.row(k, self._key[k]) for k in sorted(self._key)]
 
 
-def _row(rows: dict[tuple, dict[str, Any]], names: tuple[str, ...], key: tuple,
-         columns: tuple[str, ...]) -> dict[str, Any]:
-    d = rows.get(key)
-    if d is None:  # every row of one upsert has the same columns
-        d = rows[key] = dict(zip(names, key, strict=True)) | dict.fromkeys(columns, 0)
-    return d
-
-
-def _add(d: dict[str, Any], columns: tuple[tuple[str, int], ...], vals: Sequence[Any]) -> None:
-    for name, i in columns:
-        d[name] += vals[i]
+def node_increments(calls: list[Sequence[Any]], failed_attempts: int) -> dict[str, Any]:
+    """What a node's ``calls`` (each one's ``values``) and its failed attempts add to its row."""
+    add = dict(zip(NODE_COLUMNS, _NODE.sums(calls), strict=True)) if calls else dict.fromkeys(NODE_COLUMNS, 0)
+    for column, n in _NODE_ATTEMPT:
+        add[column] += n * failed_attempts
+    return add
