@@ -10,35 +10,55 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from addon.routing import NodePool
-from store.histogram import DURATION_BUCKETS_MS, TTFB_BUCKETS_MS, bucket_index
-from store.records import Item, KeyCount, NodeStateUpdate
+from store.histogram import bucket_index
+from store.records import InvocationRecord, Item, KeyCount, NodeStateUpdate
+from store.rollups import COUNTERS, DISTRIBUTIONS, RETRIED
 from store.writer import WriterStats
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 DIRECT = "direct"  # the node label of calls that went to no node (monitor mode, refused calls)
-TOKEN_KINDS = ("input", "cached", "output", "reasoning")
 
-# name -> (help, label names) of the counters ``observe`` keeps; exposed with the ``_total`` suffix.
-_COUNTERS = {
-    "codex_node_requests": ("Calls and retried attempts per node.", ("node",)),
-    "codex_node_failures": ("Failures counted against a node, by kind: failed, truncated (a call's status) or "
-                            "retried (an attempt the client never saw).", ("node", "kind")),
-    "codex_node_tokens": ("Tokens per node by kind (input includes cached, output includes reasoning).",
-                          ("node", "kind")),
-    "codex_client_requests": ("Calls per client key name.", ("client",)),
-    "codex_client_tokens": ("Tokens per client key name by kind.", ("client", "kind")),
+# The help of each counter family ``observe`` keeps (store.rollups says which counters feed it), exposed
+# with the ``_total`` suffix, and of each histogram.
+_HELP = {
+    "codex_node_requests": "Calls and retried attempts per node.",
+    "codex_node_failures": "Failures counted against a node, by kind: failed, truncated (a call's status) or "
+                           "retried (an attempt the client never saw).",
+    "codex_node_tokens": "Tokens per node by kind (input includes cached, output includes reasoning).",
+    "codex_client_requests": "Calls per client key name.",
+    "codex_client_tokens": "Tokens per client key name by kind.",
 }
-# name -> (help, bucket bounds in ms) of its histograms, labelled by node; exposed in seconds.
-_HISTOGRAMS = {
-    "codex_node_ttfb_seconds": ("Time to the node's response headers.", TTFB_BUCKETS_MS),
-    "codex_node_duration_seconds": ("Whole call duration as the client saw it.", DURATION_BUCKETS_MS),
+_HISTOGRAM_HELP = {
+    "codex_node_ttfb_seconds": "Time to the node's response headers.",
+    "codex_node_duration_seconds": "Whole call duration as the client saw it.",
 }
+
+
+@dataclass(frozen=True, slots=True)
+class _Feed:
+    """One counter of ``store.rollups.COUNTERS`` as ``observe`` adds it: its value for a call, its families."""
+
+    value: Callable[[InvocationRecord], Any]
+    node: str  # the per-node family
+    client: str | None  # the per-client family, if any
+    kind: str | None
+    by_status: bool
+    attempt: int
+
+
+_FEEDS = tuple(_Feed(c.value, f"codex_node_{m.family}", f"codex_client_{m.family}" if m.per_client else None,
+                     m.kind, m.by_status, c.attempt) for c in COUNTERS if (m := c.metric) is not None)
+# name -> label names of every counter family
+_LABELS = {name: (label, "kind") if f.kind is not None or f.by_status else (label,)
+           for f in _FEEDS for name, label in ((f.node, "node"), (f.client, "client")) if name is not None}
 
 
 class Metrics:
@@ -56,34 +76,32 @@ class Metrics:
         self._in_flight = getter
 
     def observe(self, item: Item) -> None:
-        """Count one record on its way to the writer. Cheap: it runs on the event loop."""
+        """Count one record on its way to the writer, as ``store.rollups`` declares. Cheap: it runs on the
+        event loop."""
         with self._counts.lock:
-            add, seen = self._counts.add, self._counts.seen
+            add = self._counts.add
             if isinstance(item, NodeStateUpdate):
                 if item.failed_attempt:
-                    add("codex_node_requests", (item.node_id,))
-                    add("codex_node_failures", (item.node_id, "retried"))
+                    for f in _FEEDS:
+                        if f.attempt:
+                            kind = RETRIED if f.by_status else f.kind
+                            add(f.node, (item.node_id,) if kind is None else (item.node_id, kind), f.attempt)
                 return
             if isinstance(item, KeyCount):  # a client key's admission or refusal: no node's
                 return
-            node = item.node_id or DIRECT
-            u = item.usage
-            tokens = (u.input_tokens, u.cached_tokens, u.output_tokens, u.reasoning_tokens)
-            add("codex_node_requests", (node,))
-            if item.node_failure:
-                add("codex_node_failures", (node, item.status))
-            for kind, n in zip(TOKEN_KINDS, tokens, strict=True):
-                if n:
-                    add("codex_node_tokens", (node, kind), n)
-            if item.ttfb_ms is not None:
-                seen("codex_node_ttfb_seconds", node, item.ttfb_ms)
-            if item.duration_ms is not None:
-                seen("codex_node_duration_seconds", node, item.duration_ms)
-            if item.client_key:
-                add("codex_client_requests", (item.client_key,))
-                for kind, n in zip(TOKEN_KINDS, tokens, strict=True):
-                    if n:
-                        add("codex_client_tokens", (item.client_key, kind), n)
+            node, client = item.node_id or DIRECT, item.client_key
+            for f in _FEEDS:
+                n = f.value(item)
+                if not n:
+                    continue
+                kind = item.status if f.by_status else f.kind
+                add(f.node, (node,) if kind is None else (node, kind), n)
+                if f.client is not None and client:
+                    add(f.client, (client,) if kind is None else (client, kind), n)
+            for d in DISTRIBUTIONS:
+                ms = d.value(item)
+                if ms is not None:
+                    self._counts.seen(d.metric, d.bounds, node, ms)
 
     def scrape(self) -> bytes:
         """The text exposition format (``CONTENT_TYPE``)."""
@@ -104,8 +122,7 @@ class _Counts(Collector):
         key = (name, labels)
         self._counters[key] = self._counters.get(key, 0) + n
 
-    def seen(self, name: str, node: str, ms: int) -> None:
-        bounds = _HISTOGRAMS[name][1]
+    def seen(self, name: str, bounds: tuple[int, ...], node: str, ms: int) -> None:
         h = self._histograms.get((name, node))
         if h is None:
             h = self._histograms[(name, node)] = [0] * (len(bounds) + 2)
@@ -115,14 +132,15 @@ class _Counts(Collector):
     def collect(self) -> Iterable[CounterMetricFamily | HistogramMetricFamily]:
         with self.lock:
             counters, histograms = dict(self._counters), {k: list(v) for k, v in self._histograms.items()}
-        for name, (help_text, labels) in _COUNTERS.items():
-            family = CounterMetricFamily(name, help_text, labels=list(labels))
+        for name, labels in _LABELS.items():
+            family = CounterMetricFamily(name, _HELP[name], labels=list(labels))
             for (n, values), v in counters.items():
                 if n == name:
                     family.add_metric(list(values), v)
             yield family
-        for name, (help_text, bounds) in _HISTOGRAMS.items():
-            histogram = HistogramMetricFamily(name, help_text, labels=["node"])
+        for d in DISTRIBUTIONS:
+            name, bounds = d.metric, d.bounds
+            histogram = HistogramMetricFamily(name, _HISTOGRAM_HELP[name], labels=["node"])
             for (n, node), h in histograms.items():
                 if n == name:
                     cumulative: float = 0

@@ -1,32 +1,25 @@
-"""Apply a batch of records in one transaction: invocation rows plus atomic per-node increments.
+"""Apply a batch of records in one transaction: invocation rows plus atomic per-node and rollup increments.
 
 Exactly once: an invocation whose ``invoke_id`` is already stored (a spool replay after a crash, a
-retried batch whose commit was lost) is skipped together with its increments. Node columns only
-change through ``col = col + ?`` (or a value that does not depend on the old row), so relays
-sharing one database never lose a count.
+retried batch whose commit was lost) is skipped together with its increments. Node and rollup columns
+only change through ``col = col + ?`` (or a value that does not depend on the old row), so relays
+sharing one database never lose a count. What each call adds where is declared in ``store.rollups``.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import functools
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import sqlalchemy as sa
 
-from store.hourly import add_latencies, hour_of
+from store import rollups
 from store.key_usage import add_counts, add_usage
 from store.nodes import bump_version
 from store.records import InvocationRecord, Item, KeyCount, NodeStateUpdate
-from store.schema import (
-    DAILY_COUNTERS,
-    HOURLY_COUNTERS,
-    codex_daily_stats,
-    codex_hourly_stats,
-    codex_invocations,
-    nodes,
-)
+from store.schema import codex_daily_stats, codex_hourly_stats, codex_invocations, nodes
 from store.upsert import upsert
 
 _ID_CHUNK = 500  # ids per IN (…) lookup
@@ -36,8 +29,6 @@ RAW_RESPONSE_MAX = 64 * 1024  # characters
 ERROR_MESSAGE_MAX = 2000
 FLAGS_MAX = 255  # the column's size
 
-_INCREMENTS = ("requests", "fail_count", "total_bytes", "total_input", "total_cached", "total_output",
-               "total_reasoning", "stream_dur_ms", "first_byte_ms")
 # The writer's statements are built once and run with their values: building and cache-keying them anew
 # took the writer thread (and so the proxy's GIL) ~0.4 ms per batch, most of a one-record batch.
 _INSERT = sa.insert(codex_invocations)
@@ -49,13 +40,14 @@ _STORED = (sa.select(codex_invocations.c.invoke_id)
 class _NodeChange:
     """The net effect of one batch on one node row, in the order the records happened."""
 
-    add: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_INCREMENTS, 0))
+    calls: list[Sequence[Any]] = field(default_factory=list)  # the values (store.rollups) of its calls
+    failed_attempts: int = 0  # retried on another node
     streak_reset: bool = False  # a success (or a recovery) reset the streak within the batch
     streak_add: int = 0  # failures since that reset (or since the batch began)
     values: dict[str, object] = field(default_factory=dict)  # plain assignments: failed, last_error, pings
 
     def failure(self, error: str | None) -> None:
-        self.add["fail_count"] += 1
+        """A failure in the streak (its count is one of the increments)."""
         self.streak_add += 1
         if error:
             self.values["last_error"] = error[:ERROR_MESSAGE_MAX]
@@ -79,7 +71,7 @@ def apply_batch(conn: sa.Connection, items: Sequence[Item]) -> BatchResult:
     known = _stored_ids(conn, {r.invoke_id for r in records})
     changes: dict[str, _NodeChange] = {}
     rows: list[dict] = []
-    written: list[InvocationRecord] = []
+    sums = rollups.Sums()
     counts: list[KeyCount] = []
     for item in items:
         if isinstance(item, InvocationRecord):
@@ -87,10 +79,12 @@ def apply_batch(conn: sa.Connection, items: Sequence[Item]) -> BatchResult:
                 result.duplicates += 1
                 continue
             known.add(item.invoke_id)
-            rows.append(invocation_row(item))
-            written.append(item)
+            row = invocation_row(item)
+            rows.append(row)
+            values = rollups.values(item)
+            sums.add(item, row, values)
             if item.node_id:
-                _count_invocation(changes.setdefault(item.node_id, _NodeChange()), item)
+                _count_invocation(changes.setdefault(item.node_id, _NodeChange()), item, values)
         elif isinstance(item, KeyCount):
             counts.append(item)
         else:
@@ -98,13 +92,9 @@ def apply_batch(conn: sa.Connection, items: Sequence[Item]) -> BatchResult:
     if rows:
         conn.execute(_INSERT, rows)
         result.inserted = len(rows)
-        # Sorted keys: two relays upserting the same days lock their rows in the same order.
-        daily = sorted(_daily(written, rows).values(), key=lambda d: (d["day"], d["source"], d["node_id"], d["model"]))
-        upsert(conn, codex_daily_stats, daily, increment=DAILY_COUNTERS)
-        hourly = sorted(_daily(written, rows, "hour", hour_of, add_latencies).values(),
-                        key=lambda d: (d["hour"], d["source"], d["node_id"], d["model"]))
-        upsert(conn, codex_hourly_stats, hourly, increment=HOURLY_COUNTERS)
-        add_usage(conn, rows)  # per client key and day: teams' budgets and stats
+        upsert(conn, codex_daily_stats, sums.day(), increment=rollups.DAY_COLUMNS)
+        upsert(conn, codex_hourly_stats, sums.hour(), increment=rollups.HOUR_COLUMNS)
+        add_usage(conn, sums.key())  # per client key and day: teams' budgets and stats
     add_counts(conn, counts)
     # A fixed order of row locks: two relays updating the same nodes cannot deadlock each other.
     for node_id in sorted(changes):
@@ -142,52 +132,6 @@ def invocation_row(r: InvocationRecord) -> dict:
     }
 
 
-def _daily(records: Sequence[InvocationRecord], rows: Sequence[dict], period: str = "day",
-           period_of: Callable[[dt.datetime], object] = dt.datetime.date,
-           extra: Callable[[dict, dict], None] | None = None) -> dict[tuple, dict]:
-    """The batch's invocation rows (``rows[i]`` stores ``records[i]``) added up per codex_daily_stats key
-    (or per ``period`` column given by ``period_of``, plus what ``extra`` adds for each row: the hourly rollup).
-
-    A call that did not succeed is a failure (the node's fault, as the node's ``fail_count`` counts
-    it), aborted (the client went away), or neither (a client error, the relay's own 503): its row
-    does not store which, the record does.
-    """
-    out: dict[tuple, dict] = {}
-    for record, r in zip(records, rows, strict=True):
-        key = (period_of(r["occurred_at"]), r["source"], r["node_id"] or "", r["model"] or "")
-        d = out.get(key)
-        if d is None:
-            d = out[key] = dict(zip((period, "source", "node_id", "model"), key, strict=True),
-                                **dict.fromkeys(DAILY_COUNTERS, 0))
-        success = r["status"] == "success"
-        timed = success and r["stream"] and r["stream_ms"] is not None and r["output_tokens"] > 0
-        d["requests"] += 1
-        if success:
-            d["successes"] += 1
-        elif record.node_failure:
-            d["failures"] += 1
-        elif r["status"] == "aborted":
-            d["aborted"] += 1
-        d["input_tokens"] += r["input_tokens"]
-        d["cached_tokens"] += r["cache_input_tokens"]
-        d["output_tokens"] += r["output_tokens"]
-        d["reasoning_tokens"] += r["reasoning_tokens"]
-        d["total_tokens"] += r["total_tokens"]
-        if r["cost"] is not None:  # None: the model has no price, which is not a cost of 0
-            d["cost"] += r["cost"]
-            d["priced"] += 1
-        d["bytes"] += r["response_bytes"]
-        if r["ttfb_ms"] is not None:
-            d["ttfb_sum"] += r["ttfb_ms"]
-            d["ttfb_n"] += 1
-        if timed:
-            d["stream_ms"] += r["stream_ms"]
-            d["stream_tokens"] += r["output_tokens"]
-        if extra is not None:
-            extra(d, r)
-    return out
-
-
 def _clip(text: str | None, size: int) -> str | None:
     return text[:size] if text else text
 
@@ -201,26 +145,18 @@ def _stored_ids(conn: sa.Connection, ids: Iterable[str]) -> set[str]:
     return found
 
 
-def _count_invocation(change: _NodeChange, r: InvocationRecord) -> None:
-    u = r.usage
-    add = change.add
-    add["requests"] += 1
-    add["total_bytes"] += r.response_bytes
-    add["total_input"] += u.input_tokens
-    add["total_cached"] += u.cached_tokens
-    add["total_output"] += u.output_tokens
-    add["total_reasoning"] += u.reasoning_tokens
-    add["stream_dur_ms"] += r.stream_ms or 0
-    add["first_byte_ms"] += r.ttfb_ms or 0
-    if r.node_failure:
+def _count_invocation(change: _NodeChange, r: InvocationRecord, values: Sequence[Any]) -> None:
+    change.calls.append(values)
+    end = rollups.outcome(r)
+    if end == rollups.FAILURE:
         change.failure(r.error_message or r.status)
-    elif r.status == "success":
+    elif end == rollups.SUCCESS:
         change.reset_streak()
 
 
 def _apply_state(change: _NodeChange, u: NodeStateUpdate) -> None:
     if u.failed_attempt:
-        change.add["requests"] += 1
+        change.failed_attempts += 1
         change.failure(u.last_error)
     elif u.last_error is not None:
         change.values["last_error"] = u.last_error[:ERROR_MESSAGE_MAX]
@@ -235,10 +171,11 @@ def _apply_state(change: _NodeChange, u: NodeStateUpdate) -> None:
 
 def _node_statement(node_id: str, change: _NodeChange) -> tuple[sa.Update, dict[str, object]]:
     """The UPDATE of one node row for ``change``, and its values."""
-    added = tuple(name for name, amount in change.add.items() if amount)
+    add = rollups.node_increments(change.calls, change.failed_attempts)
+    added = tuple(name for name, amount in add.items() if amount)
     streak = "reset" if change.streak_reset else "add" if change.streak_add else ""
     params: dict[str, object] = {"node_id": node_id, "streak": change.streak_add}
-    params |= {f"add_{name}": change.add[name] for name in added}
+    params |= {f"add_{name}": add[name] for name in added}
     params |= {f"set_{name}": value for name, value in change.values.items()}
     return _node_update(added, streak, tuple(sorted(change.values))), params
 

@@ -5,9 +5,9 @@ one database: ``UPDATE … SET admitted = admitted + 1 WHERE admitted < limit`` 
 never a read then a write. Token and cost budgets are read (a call is admitted while the key is under
 them, so the overshoot is bounded by the calls in flight). Refusals (and admissions made while the
 database was away) are ``KeyCount`` records the writer adds (``add_counts``), journaled like every
-record during an outage. The writer adds each invocation's tokens
-and cost in the transaction that stores its row (``add_usage``), so these rows sum
-``codex_invocations`` by ``client_key`` exactly.
+record during an outage. The writer adds each invocation's figures (``store.rollups``, ``KEY``) in
+the transaction that stores its row (``add_usage``), so these rows sum ``codex_invocations`` by
+``client_key`` exactly.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import sqlalchemy as sa
 
 from store.keys import KeySpec
 from store.records import KeyCount
+from store.rollups import KEY_COLUMNS
 from store.schema import client_key_usage, codex_invocations
 from store.stats import Filters
 from store.upsert import upsert
@@ -28,7 +29,6 @@ from store.upsert import upsert
 REFUSAL_REASONS = ("model", "nodes", "rate", "concurrency", "budget", "endpoint")
 # What a ``KeyCount`` record may add to (its ``counter``).
 KEY_COUNTERS = ("admitted", *(f"refused_{r}" for r in REFUSAL_REASONS))
-USAGE_COUNTERS = ("requests", "input_tokens", "cached_tokens", "output_tokens", "total_tokens", "cost")
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,24 +81,9 @@ def add_counts(conn: sa.Connection, counts: Sequence[KeyCount]) -> None:
     upsert(conn, client_key_usage, [sums[k] for k in sorted(sums)], increment=KEY_COUNTERS)
 
 
-def add_usage(conn: sa.Connection, rows: Sequence[dict]) -> None:
-    """Add stored ``codex_invocations`` rows (as ``invocation_row`` made them) to their keys' days."""
-    sums: dict[tuple[dt.date, str], dict] = {}
-    for r in rows:
-        if not r["client_key"]:
-            continue
-        k = (r["occurred_at"].date(), r["client_key"])
-        d = sums.get(k)
-        if d is None:
-            d = sums[k] = {"day": k[0], "client_key": k[1], **dict.fromkeys(USAGE_COUNTERS, 0)}
-        d["requests"] += 1
-        d["input_tokens"] += r["input_tokens"]
-        d["cached_tokens"] += r["cache_input_tokens"]
-        d["output_tokens"] += r["output_tokens"]
-        d["total_tokens"] += r["total_tokens"]
-        d["cost"] += r["cost"] or 0.0
-    # Sorted: relays upserting the same rows lock them in one order (no deadlock).
-    upsert(conn, client_key_usage, [sums[k] for k in sorted(sums)], increment=USAGE_COUNTERS)
+def add_usage(conn: sa.Connection, sums: Sequence[dict]) -> None:
+    """Add a batch's calls, summed per key and day (``store.rollups.Sums.key``), to their keys' days."""
+    upsert(conn, client_key_usage, sums, increment=KEY_COLUMNS)
 
 
 def _ensure_row(conn: sa.Connection, key: str, day: dt.date) -> None:
@@ -191,7 +176,7 @@ def key_report(rows: Iterable[KeyStats], specs: Mapping[str, KeySpec], day: dt.d
     by_name = {r.client_key: r.as_dict() for r in rows}
     for name in specs.keys() - by_name.keys():
         by_name[name] = {"client_key": name, "day": day.isoformat(), "admitted": 0, "month_cost": 0.0,
-                         "refused": 0, "cache_hit_rate": None, **dict.fromkeys(USAGE_COUNTERS, 0),
+                         "refused": 0, "cache_hit_rate": None, **dict.fromkeys(KEY_COLUMNS, 0),
                          **{f"refused_{r}": 0 for r in REFUSAL_REASONS}}
     for name, row in by_name.items():
         spec = specs.get(name)

@@ -21,7 +21,10 @@ def utcnow() -> dt.datetime:
 class Usage:
     """A call's billed tokens: cache reads and writes (OpenAI's and Anthropic's) are inside the input,
     reasoning (Anthropic's thinking) inside the output; with Anthropic ``usage.iterations`` every
-    iteration is counted (``addon.usage.iteration_usages`` gives each one from the raw usage)."""
+    iteration is counted (``addon.usage.iteration_usages`` gives each one from the raw usage).
+
+    ``cached_tokens`` is the code's one name for the cached part of the input; older columns keep
+    theirs (``codex_invocations.cache_input_tokens``, ``nodes.total_cached``: ``store.rollups`` maps them)."""
 
     input_tokens: int = 0
     cached_tokens: int = 0

@@ -158,7 +158,7 @@ codex_daily_stats = sa.Table(
     _counter("priced"),  # calls with a cost; ``cost`` sums only these
 )
 
-# What the writer adds to a codex_daily_stats row and the stats views sum, in table order.
+# What the stats views sum, in table order (store.rollups declares what the writer adds to each).
 DAILY_COUNTERS = tuple(c.name for c in codex_daily_stats.columns if not c.primary_key)
 
 # revision 10: per UTC hour (the hour's start), the daily rollup's sums plus the distributions of TTFB
@@ -175,7 +175,6 @@ codex_hourly_stats = sa.Table(
     _counter("duration_n"),
     *[_counter(name) for name in TTFB_COLUMNS + DURATION_COLUMNS],
 )
-HOURLY_COUNTERS = tuple(c.name for c in codex_hourly_stats.columns if not c.primary_key)
 
 stats_source_snapshots = sa.Table(
     "stats_source_snapshots", metadata,

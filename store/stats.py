@@ -391,9 +391,9 @@ def recent_invocations(conn: sa.Connection, f: Filters, limit: int = 50) -> list
     """The latest ``limit`` calls, newest first."""
     query = (sa.select(_inv.id, _inv.invoke_id, _inv.occurred_at, _inv.source, _inv.node_id, _inv.model,
                        _inv.endpoint, _inv.api_format, _inv.stream, _inv.status, _inv.http_status,
-                       _inv.error_message, _inv.input_tokens, _inv.cache_input_tokens, _inv.output_tokens,
-                       _inv.reasoning_tokens, _inv.total_tokens, _inv.cost, _inv.ttfb_ms, _inv.stream_ms,
-                       _inv.duration_ms, _inv.response_bytes, _inv.attempts)
+                       _inv.error_message, _inv.input_tokens, _inv.cache_input_tokens.label("cached_tokens"),
+                       _inv.output_tokens, _inv.reasoning_tokens, _inv.total_tokens, _inv.cost, _inv.ttfb_ms,
+                       _inv.stream_ms, _inv.duration_ms, _inv.response_bytes, _inv.attempts)
              .where(*f.where()).order_by(_inv.occurred_at.desc(), _inv.id.desc()).limit(limit))
     out = []
     for r in conn.execute(query):
@@ -403,7 +403,7 @@ def recent_invocations(conn: sa.Connection, f: Filters, limit: int = 50) -> list
             model=r.model, endpoint=r.endpoint, api_format=r.api_format,
             stream=None if r.stream is None else bool(r.stream), status=r.status, http_status=r.http_status,
             error_message=r.error_message, input_tokens=m["input_tokens"] or 0,
-            cached_tokens=m["cache_input_tokens"] or 0, output_tokens=m["output_tokens"] or 0,
+            cached_tokens=m["cached_tokens"] or 0, output_tokens=m["output_tokens"] or 0,
             reasoning_tokens=m["reasoning_tokens"] or 0, total_tokens=m["total_tokens"] or 0, cost=r.cost,
             ttfb_ms=r.ttfb_ms, stream_ms=r.stream_ms, duration_ms=r.duration_ms, bytes=r.response_bytes or 0,
             attempts=r.attempts))

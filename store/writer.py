@@ -1,6 +1,6 @@
 """The writer: records handed to a queue are written in batches by its thread (in the writer process,
 ``store.writerproc``; in the relay's own process for a database in its memory or with
-``codex_writer_process`` off).
+``codex_writer_process`` off). ``RecordWriter`` is what the relay may ask of either.
 
 When the database is unreachable, batches go to the spool (store.spool) and are replayed, oldest
 first, once a retry succeeds (backoff up to ``max_backoff`` seconds). A record the database refuses
@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import sqlalchemy as sa
 
@@ -52,6 +53,26 @@ class WriterStats:
     last_error: str | None
     stalled: bool = False  # the writer process sends nothing: its records go to the relay's journal
     stalls: int = 0  # times a stalled writer process was replaced
+
+
+class RecordWriter(Protocol):
+    """The writer's contract with the relay, kept by ``Writer`` (a thread) and ``store.writerproc.WriterProcess``
+    (a child process). Every record submitted is settled once: written (an invocation exactly once), kept in
+    a journal for later, set aside as refused by the database, or counted ``lost`` and logged."""
+
+    def submit(self, item: Item) -> None:
+        """Queue one record. Called on the proxy's event loop: never blocks on the database or a child."""
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every record submitted so far is settled and no journal waits on a database that
+        answers; False when ``timeout`` passed first."""
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Settle what is queued and stop, within about ``timeout``: what the database cannot take now stays
+        journaled for the next start."""
+
+    def stats(self) -> WriterStats:
+        """Counts and health, for the admin page, the alerts and ``/metrics``: cheap, never the database."""
 
 
 def is_outage(error: BaseException) -> bool:
@@ -107,8 +128,7 @@ class Writer:
 
     def submit(self, item: Item) -> None:
         """Queue one record; never blocks on the database."""
-        with self._idle:
-            self._pending += 1
+        self._expect(1)
         self._queue.put(item)
 
     def flush(self, timeout: float | None = None) -> bool:
@@ -157,7 +177,7 @@ class Writer:
                 self._idle.wait(timeout)
 
     def stats(self) -> WriterStats:
-        return WriterStats(queued=self._queue.qsize(), spooled=self.spool.count,
+        return WriterStats(queued=self._pending, spooled=self.spool.count,
                            spool_oldest_s=self.spool.oldest_age() if self.spool.count else None,
                            written=self._written, duplicates=self._duplicates, rejected=self._rejected,
                            lost=self._lost, batches=self._batches, db_ok=self._db_ok,
@@ -196,7 +216,13 @@ class Writer:
         return 1.0
 
     def _take(self, timeout: float) -> tuple[list[Item], bool]:
+        """The next batch (empty after ``timeout``), and whether ``STOP`` was taken."""
         return take_batch(self._queue, timeout, self.linger, self.batch_size, self._stopping)
+
+    def _expect(self, n: int) -> None:
+        """``n`` more records were submitted: ``flush`` waits for them."""
+        with self._idle:
+            self._pending += n
 
     def _done(self, n: int) -> None:
         with self._idle:

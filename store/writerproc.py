@@ -11,10 +11,10 @@ child died is applied again. What this side holds is bounded (``WriterProcess``)
 child takes records, they go to the relay's own journal on disk; its writes to the pipe never block, and a
 child that stays silent (it reports at least twice a second) is stalled, taken off and replaced.
 
-Frames are pickles behind a 4-byte length, over the child's stdin and stdout (the child is this module,
-so unpickling is no risk): ``config`` then ``("batch", items)``… and ``("stop",)`` (or EOF) down;
-``("ready",)`` or ``("error", kind, text)``, then ``("progress", settled, stats)`` (also as a heartbeat) and
-``("log", level, name, text)`` up.
+Records are batched once, by this side's sender: the child writes each ``Batch`` as it came. The messages
+are the dataclasses below, pickled behind a 4-byte length over the child's stdin and stdout (the child is
+this module, so unpickling is no risk): ``Settings``, then ``Batch``… and ``Stop`` (or EOF) down;
+``Ready`` or ``StartFailed``, then ``Progress`` (also as a heartbeat) and ``LogLine`` up.
 """
 
 from __future__ import annotations
@@ -40,14 +40,14 @@ import weakref
 from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol, cast
+from typing import BinaryIO, Protocol, cast
 
 import sqlalchemy as sa
 
 from store.engine import error_line, in_memory, make_engine
 from store.records import Item
 from store.spool import ORPHAN_GRACE_S, Spool, SpoolInUse
-from store.writer import STOP, Writer, WriterStats, take_batch
+from store.writer import STOP, RecordWriter, Writer, WriterStats, take_batch
 
 log = logging.getLogger("codex.writer")
 
@@ -71,14 +71,71 @@ class WriterStartError(RuntimeError):
         self.kind = kind
 
 
-def send(out: BinaryIO, message: object) -> None:
+# -- the messages ----------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True, slots=True)
+class Settings:
+    """Down, first: how the child writes."""
+
+    url: str
+    spool: str | None  # its journal
+    batch_size: int  # records per batch replayed from its journal
+    max_backoff: float
+    orphan_grace: float  # how long it may take to finish once the relay is gone
+    heartbeat: float  # it reports at least this often
+    log_level: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Batch:
+    """Down: records to write as one batch (one transaction, unless the database refuses one of them)."""
+
+    items: list[Item]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Stop:
+    """Down: write what was sent, then end."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Ready:
+    """Up, first: the journal and the database are open."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StartFailed:
+    """Up, first: the child cannot write; ``kind`` as ``WriterStartError``'s."""
+
+    kind: str
+    text: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Progress:
+    """Up: of the records sent, the first ``settled`` are settled (oldest first); its counts and health."""
+
+    settled: int
+    stats: WriterStats
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LogLine:
+    """Up: a line of the child's log, for the relay's."""
+
+    level: int
+    name: str
+    text: str
+
+
+Down = Settings | Batch | Stop
+Up = Ready | StartFailed | Progress | LogLine
+_DOWN = (Settings, Batch, Stop)
+_UP = (Ready, StartFailed, Progress, LogLine)
+
+
+def send(out: BinaryIO, message: Down | Up) -> None:
     out.write(_frame(message))
     out.flush()
-
-
-# A frame between the relay and its writer process: a tuple whose first item names it ("batch", "progress",
-# "log", "error", "stop", …); the one exception is the child's first frame, its settings (a dict).
-Message = tuple[Any, ...]
 
 
 def _read(inp: BinaryIO) -> object | None:
@@ -90,16 +147,16 @@ def _read(inp: BinaryIO) -> object | None:
     return pickle.loads(data) if len(data) == size else None
 
 
-def receive(inp: BinaryIO) -> Message | None:
-    """The next frame; None at the end of the stream (the other side is gone) or for a frame of no kind."""
-    frame = _read(inp)
-    return frame if isinstance(frame, tuple) and frame else None
+def receive_up(inp: BinaryIO) -> Up | None:
+    """The child's next message; None at the end of the stream (it is gone) or for anything else."""
+    message = _read(inp)
+    return message if isinstance(message, _UP) else None
 
 
-def receive_settings(inp: BinaryIO) -> dict[str, Any] | None:
-    """The child's first frame: its settings; None when the relay sent none."""
-    frame = _read(inp)
-    return frame if isinstance(frame, dict) else None
+def receive_down(inp: BinaryIO) -> Down | None:
+    """The relay's next message; None at the end of the stream (it is gone) or for anything else."""
+    message = _read(inp)
+    return message if isinstance(message, _DOWN) else None
 
 
 class _Proc(Protocol):
@@ -155,7 +212,7 @@ class _Child:
 
 
 def start_writer(engine: sa.Engine, url: str, spool_path: str | None, *, linger: float,
-                 process: bool = True) -> Writer | WriterProcess:
+                 process: bool = True) -> RecordWriter:
     """A started writer for ``url`` (``engine`` is on it) journaling to ``spool_path``: in a child process if
     ``process``, unless the database lives in this process's memory. Raises ``WriterStartError``."""
     if process and not in_memory(url):
@@ -178,7 +235,7 @@ def relay_journal_path(spool_path: str | None) -> str | None:
 
 
 class WriterProcess:
-    """``Writer``'s interface (start, submit, flush, close, stats); the writing happens in a child process.
+    """The ``RecordWriter`` whose writing happens in a child process (``start`` it first).
 
     The hand-off is bounded: at most ``max_in_flight`` bytes of records are shipped and not yet settled
     by the child; what does not fit, and everything while no child takes records (one being replaced, or
@@ -266,7 +323,7 @@ class WriterProcess:
             self._closing = True
             child = self._child
             if child is not None:
-                self._post(child, ("stop",))
+                self._post(child, Stop())
         while child is not None:
             self._feed(child, 0.1)
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -349,7 +406,7 @@ class WriterProcess:
     def _hand(self, batch: list[Item]) -> None:
         """To the child if it takes records and has room (nothing journaled before them), else to the journal."""
         child = self._child
-        frame = _frame(("batch", batch))
+        frame = _frame(Batch(batch))
         full = self._in_flight and self._in_flight + len(frame) > self.max_in_flight  # one batch always fits
         if child is None or child.stalled or self._journal.count or full:
             self._spill(batch, "no writer process runs" if child is None else "the writer process is stalled"
@@ -373,7 +430,7 @@ class WriterProcess:
                 ids, items = self._journal.peek(self.batch_size, after=self._shipped_to)
                 if not ids:
                     break
-                self._to_child(child, items, _frame(("batch", items)), (ids[0], ids[-1]))
+                self._to_child(child, items, _frame(Batch(items)), (ids[0], ids[-1]))
                 self._shipped_to = ids[-1]
         except Exception:  # unreadable: its records stay there for the next try
             log.exception("reading the relay's journal %s failed", self._journal.path or "(memory)")
@@ -416,7 +473,7 @@ class WriterProcess:
         except (OSError, ValueError):  # gone (ValueError: its pipe is closed): its listener replaces it
             child.out.clear()
 
-    def _post(self, child: _Child, message: object) -> None:
+    def _post(self, child: _Child, message: Down) -> None:
         child.out += _frame(message)
         self._pump(child)
 
@@ -460,20 +517,18 @@ class WriterProcess:
         proc = _fork() if _may_fork(self._sqlite_files()) else _exec()
         child = _Child(proc)
         try:
-            send(proc.stdin, {"url": self.url, "spool": self.spool_path, "batch_size": self.batch_size,
-                              "max_backoff": self.max_backoff, "orphan_grace": self.orphan_grace,
-                              "heartbeat": min(_HEARTBEAT_S, self.stall_after / 4),
-                              "log_level": log.getEffectiveLevel()})
-            while True:
-                message = receive(proc.stdout)
-                if message is None:
-                    raise WriterStartError("process", f"the writer process exited with code {proc.wait()}")
-                if message[0] == "log":
-                    _relog(message)
-                    continue
-                if message[0] == "error":
-                    raise WriterStartError(message[1], message[2])
-                break
+            send(proc.stdin, Settings(url=self.url, spool=self.spool_path, batch_size=self.batch_size,
+                                      max_backoff=self.max_backoff, orphan_grace=self.orphan_grace,
+                                      heartbeat=min(_HEARTBEAT_S, self.stall_after / 4),
+                                      log_level=log.getEffectiveLevel()))
+            while not isinstance(message := receive_up(proc.stdout), Ready):
+                match message:
+                    case None:
+                        raise WriterStartError("process", f"the writer process exited with code {proc.wait()}")
+                    case StartFailed(kind, text):
+                        raise WriterStartError(kind, text)
+                    case LogLine():
+                        _relog(message)
         except (WriterStartError, OSError):
             _end(proc)
             raise
@@ -490,7 +545,7 @@ class WriterProcess:
                 resend = [batch[self._settled - first:] if first < self._settled else batch
                           for first, batch, _, _ in self._shipped]
             for batch in resend:
-                child.out += _frame(("batch", batch))
+                child.out += _frame(Batch(batch))
             self._pump(child)
             self._child = child
         child.listener = threading.Thread(target=self._listen, args=(child,), name="codex-writer-child",
@@ -499,10 +554,10 @@ class WriterProcess:
 
     def _listen(self, child: _Child) -> None:
         """Read one child's frames until it ends; then start another, unless closing."""
-        while (message := receive(child.proc.stdout)) is not None:
+        while (message := receive_up(child.proc.stdout)) is not None:
             child.heard = time.monotonic()
-            if message[0] == "progress" and not child.stalled:
-                self._progress(message[1], message[2])
+            if isinstance(message, Progress) and not child.stalled:
+                self._progress(message.settled, message.stats)
                 if self._journal.count:  # room again: ship what waits, without waiting for the sender
                     with self._send_lock:
                         if self._child is child and not child.stalled:
@@ -510,7 +565,7 @@ class WriterProcess:
                             self._pump(child)
                         else:
                             self._forget_settled()
-            elif message[0] == "log":
+            elif isinstance(message, LogLine):
                 _relog(message)
         code = child.proc.wait()
         with self._send_lock, self._state:
@@ -558,7 +613,7 @@ class WriterProcess:
         log.error("%d record(s) lost, neither written nor journaled: %s", n, reason)
 
 
-def _frame(message: object) -> bytes:
+def _frame(message: Down | Up) -> bytes:
     data = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
     return _HEADER.pack(len(data)) + data
 
@@ -650,9 +705,8 @@ def _end(proc: _Proc) -> None:
         proc.wait()
 
 
-def _relog(message: tuple) -> None:
-    _, level, name, text = message
-    logging.getLogger(name).log(level, "%s", text)
+def _relog(line: LogLine) -> None:
+    logging.getLogger(line.name).log(line.level, "%s", line.text)
 
 
 # -- the child -----------------------------------------------------------------------------------------
@@ -666,9 +720,25 @@ class _Upstream(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             with self._frames:
-                send(self._out, ("log", record.levelno, record.name, self.format(record)))
+                send(self._out, LogLine(record.levelno, record.name, self.format(record)))
         except Exception:
             self.handleError(record)
+
+
+class _AsShipped(Writer):
+    """The child's writer: each ``Batch`` is written as the relay's sender made it, neither split nor merged
+    (a record the database refuses is still found by halving). Fed by ``submit_batch`` alone."""
+
+    def submit_batch(self, items: list[Item]) -> None:
+        self._expect(len(items))
+        self._queue.put(items)
+
+    def _take(self, timeout: float) -> tuple[list[Item], bool]:
+        try:
+            batch = self._queue.get(timeout=timeout)
+        except queue.Empty:
+            return [], False
+        return ([], True) if batch is STOP else (batch, False)
 
 
 def main() -> None:
@@ -679,29 +749,29 @@ def main() -> None:
     inp, out = open(0, "rb", closefd=False), os.fdopen(os.dup(1), "wb")  # noqa: SIM115 - the process's own
     os.dup2(2, 1)  # a stray print goes to stderr, never into the frames
     lock = threading.Lock()
-    config = receive_settings(inp)
-    if config is None:
+    settings = receive_down(inp)
+    if not isinstance(settings, Settings):
         return
     root = logging.getLogger()
     root.handlers[:] = [_Upstream(out, lock)]  # a forked child has the proxy's handlers: its log is the parent's
-    root.setLevel(config["log_level"])
+    root.setLevel(settings.log_level)
 
-    def tell(message: object) -> None:
+    def tell(message: Up) -> None:
         with lock:
             send(out, message)
 
     try:
-        spool = Spool(config["spool"], relay_pid=os.getppid())  # the lock names the relay, not this process
+        spool = Spool(settings.spool, relay_pid=os.getppid())  # the lock names the relay, not this process
     except (SpoolInUse, OSError) as e:
-        return tell(("error", "spool", str(e)))
+        return tell(StartFailed("spool", str(e)))
     try:
-        writer = Writer(make_engine(config["url"]), spool, batch_size=config["batch_size"], linger=0.0,
-                        max_backoff=config["max_backoff"])
+        writer = _AsShipped(make_engine(settings.url), spool, batch_size=settings.batch_size,
+                            max_backoff=settings.max_backoff)
     except Exception as e:
         spool.close()
-        return tell(("error", "db", error_line(e)))
+        return tell(StartFailed("db", error_line(e)))
     writer.start()
-    tell(("ready",))
+    tell(Ready())
     submitted = [0]
 
     def report() -> None:
@@ -709,28 +779,28 @@ def main() -> None:
         while True:
             ended = writer.ended  # read first: a report made after the end is the final one
             with contextlib.suppress(OSError):  # the relay is gone: nobody reads reports any more
-                tell(("progress", submitted[0] - writer.pending, writer.stats()))  # that order: never more than settled
+                tell(Progress(submitted[0] - writer.pending, writer.stats()))  # that order: never more than settled
             if ended:
                 return
-            writer.wait_progress(config["heartbeat"])
+            writer.wait_progress(settings.heartbeat)
 
     reporter = threading.Thread(target=report, name="codex-writer-report", daemon=True)
     reporter.start()
-    while (message := receive(inp)) is not None and message[0] == "batch":
-        items: Sequence[Item] = message[1]
-        for item in items:
-            writer.submit(item)
-        submitted[0] += len(items)
-    if message is None:  # EOF without "stop": the relay is gone, and nobody will stop this process
+    while isinstance(message := receive_down(inp), Batch):
+        writer.submit_batch(message.items)
+        submitted[0] += len(message.items)
+    if message is None:  # EOF without Stop: the relay is gone, and nobody will stop this process
         # What it was sent is written or journaled as usual, but within a bound: a database that hangs
         # must not keep the journal locked against the relay's next start (store.spool waits for this).
-        orphaned = threading.Timer(config["orphan_grace"], os._exit, (1,))
+        orphaned = threading.Timer(settings.orphan_grace, os._exit, (1,))
         orphaned.daemon = True
         orphaned.start()
     writer.finish()
     reporter.join(5)  # its last report is the final state, read before the journal closes
     writer.close()
 
-
 if __name__ == "__main__":
-    main()
+    # Run as ``store.writerproc``, not ``__main__``: the messages are unpickled as that module's classes.
+    from store import writerproc
+
+    writerproc.main()

@@ -62,6 +62,26 @@ def test_records_reach_the_database_through_the_child_and_close_writes_the_rest(
     assert writer._child is None  # the child ended with close
 
 
+def test_records_are_batched_once_the_child_writes_each_batch_as_shipped(sqlite_url, tmp_path):
+    """The relay's sender makes the batches; the child neither splits nor merges them, even when they wait
+    for the database together: one transaction each."""
+    engine = engine_with_node(sqlite_url)
+    writer = WriterProcess(sqlite_url, str(tmp_path / "spool.db"), linger=0.5)  # ample: 5 submits take µs
+    writer.start()
+    blocker = _lock_database(sqlite_url)  # the child's first write waits: the other batches arrive meanwhile
+    for n in (5, 10, 15):  # three batches of five, each shipped after the sender's linger
+        for _ in range(5):
+            writer.submit(record())
+        wait_for(lambda n=n: writer._sent == n, what=f"{n} records shipped")
+    wait_for(lambda: writer._child_stats.queued == 15, what="the three batches with the child")
+    blocker.execute("ROLLBACK")
+    blocker.close()
+    assert writer.flush(60)
+    writer.close()
+    assert counts(engine) == (15, 15, 15)
+    assert (writer.stats().written, writer.stats().batches) == (15, 3)
+
+
 def test_a_killed_child_is_replaced_and_its_unwritten_records_are_written_once(sqlite_url, tmp_path, caplog):
     engine = engine_with_node(sqlite_url)
     writer = WriterProcess(sqlite_url, str(tmp_path / "spool.db"), linger=0.0)

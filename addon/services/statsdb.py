@@ -15,8 +15,8 @@ from store.engine import error_line, make_engine, upgrade_to_head
 from store.records import Item
 from store.retention import DAY, Pruner
 from store.spool import default_spool_path
-from store.writer import Writer, WriterStats
-from store.writerproc import WriterProcess, WriterStartError, start_writer
+from store.writer import RecordWriter, WriterStats
+from store.writerproc import WriterStartError, start_writer
 
 log = logging.getLogger("codex.runtime")
 
@@ -45,7 +45,7 @@ class StatsDb:
         self.engine: sa.Engine | None = None
         self.prune_interval = DAY  # tests shorten it
         self._url: str | None = None
-        self._writer: Writer | WriterProcess | None = None
+        self._writer: RecordWriter | None = None
         self._pruner: Pruner | None = None
         self._pruning: tuple[int, sa.Engine | None] = (0, None)
 
