@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import sqlite3
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -21,7 +24,7 @@ from mitmproxy.test import tflow
 from bench import relayproc
 from bench.relayproc import ROOT
 from bench.warm import Zygote
-from store.engine import make_engine, upgrade_to_head
+from store.engine import create_private, make_engine, upgrade_to_head
 
 MYSQL_SERVER_URL = os.environ.get("CODEX_TEST_MYSQL", "mysql+pymysql://root@127.0.0.1:3306/test")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -113,11 +116,69 @@ def db_url(request: pytest.FixtureRequest, tmp_path) -> Iterator[str]:
     yield from _mariadb()
 
 
+# One database per backend that Alembic upgraded to head in this session (each xdist worker has its own),
+# copied into a test's empty database by at_head: on MariaDB a full upgrade is seconds of DDL, a copy ~0.2 s.
+_templates: dict[str, str] = {}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _drop_templates() -> Iterator[None]:
+    yield
+    for url in _templates.values():
+        if url.startswith("sqlite"):
+            shutil.rmtree(os.path.dirname(sa.engine.make_url(url).database or ""), ignore_errors=True)
+        else:
+            _drop(url, sa.create_engine(MYSQL_SERVER_URL))
+    _templates.clear()
+
+
+def _template(backend: str) -> str:
+    if backend not in _templates:
+        if backend == "sqlite":
+            url = f"sqlite:///{tempfile.mkdtemp(prefix='codex-template-')}/head.db"
+        else:
+            url, admin = _fresh_mysql_db()
+            admin.dispose()
+        engine = make_engine(url)
+        try:
+            upgrade_to_head(engine)
+        finally:
+            engine.dispose()
+        _templates[backend] = url
+    return _templates[backend]
+
+
+def at_head(db_url: str) -> str:
+    """Give the empty database at ``db_url`` the latest schema, and return ``db_url``: a copy of this session's
+    template (tables, indexes and the rows the migrations insert), which tests/test_migrations.py checks
+    equals what upgrade_to_head makes. For tests about what the schema holds, not how it got there."""
+    url = sa.engine.make_url(db_url)
+    template = sa.engine.make_url(_template(url.get_backend_name()))
+    if url.get_backend_name() == "sqlite":
+        assert url.database and template.database
+        create_private(url.database)  # 0600, as the store creates its files
+        with contextlib.closing(sqlite3.connect(template.database)) as src, \
+                contextlib.closing(sqlite3.connect(url.database)) as dst:
+            src.backup(dst)
+        return db_url
+    engine = sa.create_engine(MYSQL_SERVER_URL)
+    try:
+        with engine.begin() as conn:
+            tables = conn.execute(sa.text("SELECT table_name FROM information_schema.tables WHERE table_schema = :s"),
+                                  {"s": template.database}).scalars().all()
+            for table in tables:
+                conn.execute(sa.text(f"CREATE TABLE `{url.database}`.`{table}` LIKE `{template.database}`.`{table}`"))
+                conn.execute(sa.text(f"INSERT INTO `{url.database}`.`{table}` "
+                                     f"SELECT * FROM `{template.database}`.`{table}`"))
+    finally:
+        engine.dispose()
+    return db_url
+
+
 @contextlib.contextmanager
 def fresh_engine(db_url: str) -> Iterator[sa.Engine]:
-    """The store's engine on an empty database upgraded to the latest schema."""
-    engine = make_engine(db_url)
-    upgrade_to_head(engine)
+    """The store's engine on the empty database at ``db_url``, given the latest schema (``at_head``)."""
+    engine = make_engine(at_head(db_url))
     try:
         yield engine
     finally:

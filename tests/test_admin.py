@@ -29,7 +29,7 @@ from store.engine import make_engine, upgrade_to_head
 from store.invocations import apply_batch
 from store.records import InvocationRecord, Usage
 from store.schema import codex_invocations, nodes
-from tests.conftest import wait_for
+from tests.conftest import at_head, wait_for
 from tests.fakestats import FakeStats, crs_item, crs_response
 from tests.test_e2e import call, write_nodes
 
@@ -54,8 +54,8 @@ def env(db_url, tmp_path):
     with taddons.context(runtime, admin) as tctx:
         # The writer in a thread: these tests are about the admin page; the writer process has its own
         # (test_writerproc) and runs in every real relay of the suite.
-        tctx.configure(runtime, codex_db=db_url, codex_spool=str(tmp_path / "spool.db"), codex_nodes=str(nodes_file),
-                       codex_ping_interval="0", codex_writer_process=False)
+        tctx.configure(runtime, codex_db=at_head(db_url), codex_spool=str(tmp_path / "spool.db"),
+                       codex_nodes=str(nodes_file), codex_ping_interval="0", codex_writer_process=False)
         with runtime.engine.begin() as conn:
             apply_batch(conn, [
                 InvocationRecord(invoke_id=f"c{i}", occurred_at=dt.datetime(2026, 11, 20 + i, 12), source="relay",

@@ -18,7 +18,7 @@ from addon.routing import Node, NodePool
 from addon.runtime import Runtime
 from bench.fakeupstream import FakeUpstream
 from store.records import NodeConfig, NodeStateUpdate
-from tests.conftest import wait_for
+from tests.conftest import at_head, wait_for
 from tests.test_e2e import rows, write_nodes
 
 
@@ -205,7 +205,7 @@ def db_node(db_url: str, node_id: str) -> sa.Row:
 def test_relay_keeps_the_breaker_across_a_restart_and_enable_resets_it(db_url, tmp_path):
     nodes_file = write_nodes(tmp_path / "nodes.toml", [("a", "http://127.0.0.1:9/v1", "ka", 1),
                                                       ("b", "http://127.0.0.1:9/b/v1", "kb", 1)])
-    opts = {"codex_db": db_url, "codex_spool": str(tmp_path / "spool.db"), "codex_nodes": str(nodes_file),
+    opts = {"codex_db": at_head(db_url), "codex_spool": str(tmp_path / "spool.db"), "codex_nodes": str(nodes_file),
             "codex_ping_interval": "0", "codex_cooldown": "45"}
     runtime = Runtime()
     with taddons.context(runtime) as tctx:

@@ -21,7 +21,7 @@ from addon.runtime import Runtime
 from store.records import InvocationRecord, NodeStateUpdate, Usage
 from store.schema import codex_invocations, nodes
 from store.writer import WriterStats
-from tests.conftest import wait_for
+from tests.conftest import at_head, wait_for
 from tests.test_admin import TOKEN, alpha_and_beta, ask
 
 
@@ -32,8 +32,9 @@ def env(db_url, tmp_path):
     admin = Admin(runtime)
     relay = Relay(runtime)  # counts the calls in flight
     with taddons.context(runtime, admin, relay) as tctx:
-        tctx.configure(runtime, codex_db=db_url, codex_spool=str(tmp_path / "spool.db"), codex_nodes=str(nodes_file),
-                       codex_ping_interval="0", codex_writer_process=False)  # the writer's own tests: test_writerproc
+        # The writer's own tests: test_writerproc.
+        tctx.configure(runtime, codex_db=at_head(db_url), codex_spool=str(tmp_path / "spool.db"),
+                       codex_nodes=str(nodes_file), codex_ping_interval="0", codex_writer_process=False)
         try:
             yield SimpleNamespace(runtime=runtime, admin=admin, tctx=tctx)
         finally:

@@ -14,6 +14,7 @@ from addon.secrets import KnownSecrets
 from store.records import InvocationRecord
 from store.writer import Writer
 from store.writerproc import WriterProcess
+from tests.conftest import at_head
 from tests.test_e2e import rows
 
 UPSTREAM_KEY = "sk-upstream-0123456789abcdef"
@@ -63,8 +64,8 @@ def test_done_runs_shutdown_callbacks_before_the_last_flush(db_url, tmp_path, pr
                               endpoint="/v1/responses", status="aborted")
     runtime.on_shutdown(lambda: runtime.submit(record))
     with taddons.context(runtime) as tctx:
-        tctx.configure(runtime, codex_db=db_url, codex_spool=str(tmp_path / "spool.db"), codex_ping_interval="0",
-                       codex_writer_process=process)
+        tctx.configure(runtime, codex_db=at_head(db_url), codex_spool=str(tmp_path / "spool.db"),
+                       codex_ping_interval="0", codex_writer_process=process)
         assert isinstance(runtime._writer, WriterProcess if process else Writer)
         runtime.done()
     assert [r.status for r in rows(db_url, "SELECT status FROM codex_invocations WHERE invoke_id = 'in-flight'")] \

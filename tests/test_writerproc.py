@@ -24,7 +24,7 @@ from store.records import NodeStateUpdate, Usage
 from store.spool import Spool
 from store.writer import Writer
 from store.writerproc import WriterProcess, WriterStartError, _Forked, relay_journal_path, start_writer
-from tests.conftest import wait_for
+from tests.conftest import at_head, wait_for
 from tests.test_store import record
 from tests.test_writer import counts, engine_with_node
 
@@ -33,7 +33,7 @@ pytestmark = pytest.mark.fault
 
 @pytest.fixture
 def engine(db_url):
-    eng = engine_with_node(db_url)
+    eng = engine_with_node(at_head(db_url))
     yield eng
     eng.dispose()
 
