@@ -13,15 +13,38 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from tests.support import relayproc
-from tests.support.databases import fresh_mariadb
+from tests.support.databases import drop_templates, fresh_mariadb
 from tests.support.relayproc import ROOT
 from tests.support.warm import Zygote
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+@pytest.hookimpl(trylast=True)  # after pytest-xdist's own, which names the groups
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Slow tests first (a stable sort): the workers take the short ones while the long ones run, rather than
-    one worker finishing alone on a long test at the end."""
+    one worker finishing alone on a long test at the end.
+
+    And the xdist groups: ``--dist loadgroup`` sends the tests of one ``xdist_group`` to one worker (where
+    their module's relays start once) by the "@group" pytest-xdist 3.8 appends to their ids. It writes
+    ``item._nodeid``, which pytest 9.2 no longer reads (pytest-dev/pytest-xdist#1386): each test went to any
+    worker, which set its module's relays up again whenever it came back to the module. The suffix is set
+    here where xdist's did not take."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    if not getattr(config.option, "loadgroup", False):
+        return
+    for item in items:
+        groups = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                         for m in item.iter_markers("xdist_group")})
+        if groups and "@" not in item.nodeid:
+            from _pytest.nodeid import coerce_node_id  # pytest >= 9.2, whose node ids are structured
+
+            item._id = coerce_node_id(f"{item.nodeid}@{'_'.join(groups)}")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _drop_templates() -> Iterator[None]:
+    """The template databases of ``tests.support.databases.at_head`` last as long as the session."""
+    yield
+    drop_templates()
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -29,6 +29,7 @@ from store.records import InvocationRecord, Usage
 from store.schema import codex_invocations, nodes
 from tests.support.admin import ALPHA_KEY, BETA_KEY, REVERSE, TOKEN, alpha_and_beta, ask
 from tests.support.calls import call, write_nodes
+from tests.support.databases import at_head
 from tests.support.fakestats import FakeStats, crs_item, crs_response
 from tests.support.fakeupstream import FakeUpstream
 from tests.support.relayproc import RelayProcess
@@ -45,8 +46,8 @@ def env(db_url, tmp_path):
     with taddons.context(options, admin) as tctx:
         # The writer in a thread: these tests are about the admin page; the writer process has its own
         # (test_writerproc) and runs in every real relay of the suite.
-        tctx.configure(options, codex_db=db_url, codex_spool=str(tmp_path / "spool.db"), codex_nodes=str(nodes_file),
-                       codex_ping_interval="0", codex_writer_process=False)
+        tctx.configure(options, codex_db=at_head(db_url), codex_spool=str(tmp_path / "spool.db"),
+                       codex_nodes=str(nodes_file), codex_ping_interval="0", codex_writer_process=False)
         with runtime.engine.begin() as conn:
             apply_batch(conn, [
                 InvocationRecord(invoke_id=f"c{i}", occurred_at=dt.datetime(2026, 11, 20 + i, 12), source="relay",

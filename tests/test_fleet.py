@@ -19,10 +19,10 @@ from addon.routing import Node, NodePool
 from addon.runtime import Runtime
 from addon.serviceoptions import RuntimeOptions
 from store.config import ConfigError, node_from_mapping
-from store.engine import make_engine, upgrade_to_head
+from store.engine import make_engine
 from store.nodes import config_of, load_nodes, read_version, set_disabled, upsert_nodes
 from store.records import NodeConfig
-from tests.support.databases import rows
+from tests.support.databases import at_head, rows
 from tests.support.waiting import wait_for
 
 OPENAI = NodeConfig(id="oa", name="oa", base_url="http://127.0.0.1:1/v1", formats=("openai",), models=("gpt-5*",),
@@ -80,8 +80,7 @@ def test_node_fields_are_validated():
 
 
 def test_served_fields_are_stored_and_every_node_change_moves_the_version(db_url):
-    engine = make_engine(db_url)
-    upgrade_to_head(engine)
+    engine = make_engine(at_head(db_url))
     with engine.begin() as conn:
         start = read_version(conn)
         upsert_nodes(conn, [OPENAI, ANTHROPIC])
@@ -112,8 +111,8 @@ def test_relay_routes_by_model_rewrites_mapped_calls_and_refuses_unserved_models
                           ("oa", oa.base_url, 'formats = ["openai"]\nmodel_map = {"gpt-5-codex" = "gpt-5.1"}'),
                           ("an", an.base_url, 'formats = ["anthropic"]\nmodels = ["claude-*"]'))
         with taddons.context(options, relay) as tctx:
-            tctx.configure(options, codex_db=db_url, codex_nodes=path, codex_ping_interval="0", codex_node_sync="0",
-                           codex_writer_process=False)  # routing is tested here; the writer in test_writerproc
+            tctx.configure(options, codex_db=at_head(db_url), codex_nodes=path, codex_ping_interval="0",
+                           codex_node_sync="0", codex_writer_process=False)  # routing here; the writer: test_writerproc
 
             def send(target: str, body: bytes) -> http.HTTPFlow:
                 f = tflow.tflow()
@@ -153,6 +152,7 @@ def two_relays(db_url, tmp_path):
     """Two Runtimes on one database with the same nodes file, each checking node state every 0.2 s."""
     path = nodes_file(tmp_path, ("a", "http://127.0.0.1:1/v1", ""), ("b", "http://127.0.0.1:2/v1", ""))
     relays = []
+    at_head(db_url)
     for name in ("one", "two"):
         options = RuntimeOptions(Runtime())
         with taddons.context(options) as tctx:

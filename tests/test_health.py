@@ -19,7 +19,7 @@ from addon.runtime import Runtime
 from addon.serviceoptions import RuntimeOptions
 from store.records import NodeConfig, NodeStateUpdate
 from tests.support.calls import write_nodes
-from tests.support.databases import rows
+from tests.support.databases import at_head, rows
 from tests.support.fakeupstream import FakeUpstream
 from tests.support.waiting import wait_for
 
@@ -207,7 +207,7 @@ def db_node(db_url: str, node_id: str) -> sa.Row:
 def test_relay_keeps_the_breaker_across_a_restart_and_enable_resets_it(db_url, tmp_path):
     nodes_file = write_nodes(tmp_path / "nodes.toml", [("a", "http://127.0.0.1:9/v1", "ka", 1),
                                                       ("b", "http://127.0.0.1:9/b/v1", "kb", 1)])
-    opts = {"codex_db": db_url, "codex_spool": str(tmp_path / "spool.db"), "codex_nodes": str(nodes_file),
+    opts = {"codex_db": at_head(db_url), "codex_spool": str(tmp_path / "spool.db"), "codex_nodes": str(nodes_file),
             "codex_ping_interval": "0", "codex_cooldown": "45"}
     runtime = Runtime()
     options = RuntimeOptions(runtime)

@@ -23,6 +23,7 @@ from store.records import InvocationRecord, NodeStateUpdate, Usage
 from store.schema import codex_invocations, nodes
 from store.writer import WriterStats
 from tests.support.admin import TOKEN, alpha_and_beta, ask
+from tests.support.databases import at_head
 from tests.support.waiting import wait_for
 
 
@@ -34,8 +35,9 @@ def env(db_url, tmp_path):
     admin = Admin(runtime)
     relay = Relay(runtime)  # counts the calls in flight
     with taddons.context(options, admin, relay) as tctx:
-        tctx.configure(options, codex_db=db_url, codex_spool=str(tmp_path / "spool.db"), codex_nodes=str(nodes_file),
-                       codex_ping_interval="0", codex_writer_process=False)  # the writer's own tests: test_writerproc
+        # The writer's own tests: test_writerproc.
+        tctx.configure(options, codex_db=at_head(db_url), codex_spool=str(tmp_path / "spool.db"),
+                       codex_nodes=str(nodes_file), codex_ping_interval="0", codex_writer_process=False)
         try:
             yield SimpleNamespace(runtime=runtime, admin=admin, tctx=tctx)
         finally:

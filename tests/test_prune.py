@@ -5,16 +5,17 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 import pytest
 import sqlalchemy as sa
 
+from store.engine import make_engine
 from store.invocations import apply_batch
 from store.nodes import upsert_nodes
 from store.prune import cutoff_for, prune_older_than
 from store.prune_cli import main
-from store.records import InvocationRecord, NodeConfig, Usage, utcnow
+from store.records import InvocationRecord, NodeConfig, utcnow
 from store.schema import codex_daily_stats, codex_invocations, nodes
 from tests.support.databases import fresh_engine
 
@@ -40,20 +41,77 @@ def write(engine: sa.Engine, items: Iterable[InvocationRecord], chunk: int = 20_
             apply_batch(conn, batch)
 
 
-def spread(n: int, end: dt.datetime, days: int) -> Iterator[InvocationRecord]:
-    """``n`` calls evenly over the ``days`` before ``end``, varied enough that every rollup counter
-    and key (day, source, node or none, model or none) gets values; cheap to make, unlike bench.data's."""
-    start, step = end - dt.timedelta(days=days), dt.timedelta(days=days) / n
-    for i in range(n):
-        ok = i % 25 != 0
-        usage = Usage(input_tokens=1000 + i % 997, cached_tokens=i % 500, output_tokens=100 + i % 89,
-                      reasoning_tokens=i % 40) if ok else Usage()
-        yield InvocationRecord(
-            invoke_id=f"r{i}", occurred_at=start + step * i, source="relay" if i % 10 else "xy",
-            endpoint="/v1/responses", status="success" if ok else "failed",
-            node_id=NODES[i % 4].id if i % 50 else None, model=MODELS[i % 4], stream=True, usage=usage,
-            cost=(i % 1000) * 1e-5 if ok else None, ttfb_ms=100 + i % 300 if i % 7 else None,
-            stream_ms=2000 + i % 1000 if ok else None, response_bytes=500 + i % 3000, node_failure=not ok)
+def spread(engine: sa.Engine, n: int, end: dt.datetime, days: int, per_instant: int = 80) -> None:
+    """``n`` calls over the ``days`` before ``end``, ``per_instant`` at each of ``n / per_instant`` evenly spaced
+    instants (a batch of 5,000 then ends among the rows of one instant, and the next resumes inside it), varied
+    enough that every rollup counter and key (day, source, node or none, model or none) gets values; then their
+    daily rollup and node counters, added up from the rows.
+
+    All in SQL in one transaction: through the writer's apply_batch the 200,000 rows took 25 s on SQLite and
+    55 s on MariaDB. The prune never reads the rollups; whatever they hold must stay as it was."""
+    instants = sa.Table("t_instants", sa.MetaData(), sa.Column("i", sa.Integer), sa.Column("at", sa.DateTime),
+                        prefixes=["TEMPORARY"])
+    reps = sa.Table("t_reps", instants.metadata, sa.Column("j", sa.Integer), prefixes=["TEMPORARY"])
+    start, step = end - dt.timedelta(days=days), dt.timedelta(days=days) / (n // per_instant)
+    i = instants.c.i * per_instant + reps.c.j  # the call's number, 0 … n - 1
+
+    def every(k: int, yes: object, no: object = None) -> sa.Case:
+        """``no`` for every ``k``-th call, ``yes`` for the others."""
+        return sa.case((i % k == 0, no), else_=yes)
+
+    ok = i % 25 != 0
+    calls = sa.select(
+        sa.literal("r") + sa.cast(i, sa.String), instants.c.at, every(10, "relay", "xy"), sa.literal("/v1/responses"),
+        sa.case((ok, "success"), else_="failed"), every(50, sa.case(*((i % 4 == k, NODES[k].id) for k in range(4)))),
+        sa.case(*((i % 4 == k, MODELS[k]) for k in range(3)), else_=None), sa.true(),
+        sa.case((ok, 1000 + i % 997), else_=0), sa.case((ok, i % 500), else_=0), sa.case((ok, 100 + i % 89), else_=0),
+        sa.case((ok, i % 40), else_=0), sa.case((ok, 1100 + i % 997 + i % 89), else_=0),
+        sa.case((ok, (i % 1000) * 1e-5), else_=None), every(7, 100 + i % 300), sa.case((ok, 2000 + i % 1000)),
+        500 + i % 3000,
+    ).select_from(instants.join(reps, sa.true())).where(i < n)
+    columns = ["invoke_id", "occurred_at", "source", "endpoint", "status", "node_id", "model", "stream", "input_tokens",
+               "cache_input_tokens", "output_tokens", "reasoning_tokens", "total_tokens", "cost", "ttfb_ms",
+               "stream_ms", "response_bytes"]
+
+    def total(column: sa.ColumnElement) -> sa.ColumnElement:
+        return sa.func.coalesce(sa.func.sum(column), 0)
+
+    success = sa.case((_inv.status == "success", 1), else_=0)
+    daily_keys = (sa.func.date(_inv.occurred_at), _inv.source, sa.func.coalesce(_inv.node_id, ""),
+                  sa.func.coalesce(_inv.model, ""))
+    daily = sa.select(
+        *daily_keys, sa.func.count(), total(success), total(1 - success), total(_inv.input_tokens),
+        total(_inv.cache_input_tokens), total(_inv.output_tokens), total(_inv.reasoning_tokens),
+        total(_inv.total_tokens), total(_inv.cost), sa.func.count(_inv.cost), total(_inv.response_bytes),
+        total(_inv.ttfb_ms), sa.func.count(_inv.ttfb_ms), total(_inv.stream_ms),
+    ).group_by(*daily_keys)
+    daily_columns = ["day", "source", "node_id", "model", "requests", "successes", "failures", "input_tokens",
+                     "cached_tokens", "output_tokens", "reasoning_tokens", "total_tokens", "cost", "priced", "bytes",
+                     "ttfb_sum", "ttfb_n", "stream_ms"]
+
+    counters = {"requests": sa.func.count(), "fail_count": total(1 - success),
+                "total_bytes": total(_inv.response_bytes), "total_input": total(_inv.input_tokens),
+                "total_cached": total(_inv.cache_input_tokens), "total_output": total(_inv.output_tokens),
+                "total_reasoning": total(_inv.reasoning_tokens), "stream_dur_ms": total(_inv.stream_ms),
+                "first_byte_ms": total(_inv.ttfb_ms)}
+    per_node = sa.select(_inv.node_id, *(v.label(k) for k, v in counters.items())).where(
+        _inv.node_id.is_not(None)).group_by(_inv.node_id)
+
+    # One statement inserts them all: on MariaDB longer than the store's read timeout of 4 s.
+    patient = make_engine(engine.url.update_query_dict({"read_timeout": "600"}).render_as_string(False)) \
+        if engine.dialect.name == "mysql" else engine
+    with patient.begin() as conn:
+        instants.metadata.create_all(conn)
+        conn.execute(instants.insert(), [{"i": k, "at": start + step * k} for k in range(n // per_instant)])
+        conn.execute(reps.insert(), [{"j": k} for k in range(per_instant)])
+        conn.execute(codex_invocations.insert().from_select(columns, calls))
+        conn.execute(codex_daily_stats.insert().from_select(daily_columns, daily))
+        node_rows = [{**r._asdict(), "node": r.node_id} for r in conn.execute(per_node)]
+        conn.execute(nodes.update().where(nodes.c.id == sa.bindparam("node"))
+                     .values({k: sa.bindparam(k) for k in counters}), node_rows)
+        instants.metadata.drop_all(conn)
+    if patient is not engine:
+        patient.dispose()
 
 
 def snapshot(engine: sa.Engine) -> tuple[list, list]:
@@ -83,7 +141,7 @@ def test_cutoff_is_a_utc_midnight_whole_days_back():
 @pytest.mark.slow
 def test_200k_rows_pruned_in_bounded_batches_rollup_unchanged(engine):
     now = utcnow()
-    write(engine, spread(200_000, now, days=60))
+    spread(engine, 200_000, now, days=60)
     cutoff = cutoff_for(30, now)
     old, young = ids(engine, _inv.occurred_at < cutoff), ids(engine, _inv.occurred_at >= cutoff)
     assert len(old) > 90_000 and len(young) > 90_000

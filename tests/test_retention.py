@@ -15,6 +15,7 @@ from addon.serviceoptions import RuntimeOptions
 from store.invocations import apply_batch
 from store.records import InvocationRecord, Usage, utcnow
 from store.schema import codex_daily_stats, codex_hourly_stats, codex_invocations
+from tests.support.databases import at_head
 from tests.support.waiting import wait_for
 
 
@@ -39,8 +40,9 @@ def test_runtime_prunes_daily_and_keeps_the_rollups(db_url, tmp_path):
     options = RuntimeOptions(runtime)
     runtime.db.prune_interval = 0.05
     with taddons.context(options) as tctx:
-        tctx.configure(options, codex_db=db_url, codex_spool=str(tmp_path / "spool.db"), codex_ping_interval="0",
-                       codex_writer_process=False)  # the pruner is tested here; the writer in test_writerproc
+        # The pruner is tested here; the writer in test_writerproc.
+        tctx.configure(options, codex_db=at_head(db_url), codex_spool=str(tmp_path / "spool.db"),
+                       codex_ping_interval="0", codex_writer_process=False)
         try:
             with runtime.engine.begin() as conn:
                 apply_batch(conn, [old_call("old", 10), old_call("new", 0)])

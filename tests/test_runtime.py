@@ -24,7 +24,7 @@ from store.masking import digest
 from store.records import InvocationRecord
 from store.writer import Writer
 from store.writerproc import WriterProcess
-from tests.support.databases import rows
+from tests.support.databases import at_head, rows
 
 UPSTREAM_KEY = "sk-upstream-0123456789abcdef"
 
@@ -112,7 +112,7 @@ def test_done_runs_shutdown_callbacks_before_the_last_flush(db_url, tmp_path, pr
                               endpoint="/v1/responses", status="aborted")
     runtime.on_shutdown(lambda: runtime.submit(record))
     with taddons.context(addon) as tctx:
-        tctx.configure(addon, codex_db=db_url, codex_spool=str(tmp_path / "spool.db"), codex_ping_interval="0",
+        tctx.configure(addon, codex_db=at_head(db_url), codex_spool=str(tmp_path / "spool.db"), codex_ping_interval="0",
                        codex_writer_process=process)
         assert isinstance(runtime.db._writer, WriterProcess if process else Writer)
         addon.done()

@@ -10,12 +10,13 @@ import json
 import pytest
 
 from addon.outcome import is_node_failure_status
-from store.engine import make_engine, upgrade_to_head
+from store.engine import make_engine
 from store.invocations import apply_batch
 from store.nodes import set_disabled, upsert_nodes
 from store.records import InvocationRecord, NodeConfig, NodeStateUpdate, Usage
 from store.stats import Filters, per_day, per_model, per_node, per_session, per_source, recent_invocations
 from store.stats_cli import main, parse_day
+from tests.support.databases import at_head
 
 D20, D21, D22 = dt.date(2026, 11, 20), dt.date(2026, 11, 21), dt.date(2026, 11, 22)
 CODEX, MINI = "gpt-5-codex", "gpt-5-mini"
@@ -57,8 +58,7 @@ CALLS = [
 
 @pytest.fixture
 def engine(db_url):
-    engine = make_engine(db_url)
-    upgrade_to_head(engine)
+    engine = make_engine(at_head(db_url))
     with engine.begin() as conn:
         upsert_nodes(conn, [NodeConfig("alpha", "https://a.example/v1", "sk-alpha-secret-1234", "Alpha", 3),
                             NodeConfig("beta", "https://b.example/v1", "sk-beta-secret-5678", "Beta", 1),

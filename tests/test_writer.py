@@ -17,7 +17,7 @@ from store.records import NodeStateUpdate, Usage
 from store.schema import codex_invocations, nodes
 from store.spool import Spool, SpoolInUse, decode, default_spool_path, encode
 from store.writer import Writer
-from tests.support.databases import counts, engine_with_node, modes, record
+from tests.support.databases import at_head, counts, engine_with_node, modes, record
 from tests.support.tcpproxy import TcpProxy
 from tests.support.waiting import wait_for
 
@@ -32,7 +32,7 @@ def writer_through(proxy: TcpProxy, url: str, tmp_path) -> Writer:
 
 @pytest.fixture
 def engine(db_url):
-    eng = engine_with_node(db_url)
+    eng = engine_with_node(at_head(db_url))
     yield eng
     eng.dispose()
 
@@ -87,7 +87,7 @@ def test_journal_from_a_crashed_run_is_written_once(engine, db_url, tmp_path):
 
 def test_outage_spools_and_replays_exactly_once(mariadb, tmp_path):
     url = mariadb
-    direct = engine_with_node(url)
+    direct = engine_with_node(at_head(url))
     try:
         with TcpProxy("127.0.0.1", sa.engine.make_url(url).port or 3306) as proxy:
             writer = writer_through(proxy, url, tmp_path)
@@ -127,7 +127,7 @@ def rejected_errors(path) -> list[str]:
 
 
 def test_an_oversized_record_never_blocks_its_batch_nor_the_next_start(mariadb, tmp_path):
-    direct = engine_with_node(mariadb)
+    direct = engine_with_node(at_head(mariadb))
     path = tmp_path / "spool.db"
     writer = Writer(make_engine(mariadb), Spool(path))
     big_raw = record(raw_response=OVERSIZED)  # trimmed at the store boundary: stored, flagged
@@ -160,7 +160,7 @@ def test_an_oversized_record_never_blocks_its_batch_nor_the_next_start(mariadb, 
 
 
 def test_an_oversized_record_journaled_by_an_earlier_run_is_set_aside(mariadb, tmp_path):
-    direct = engine_with_node(mariadb)
+    direct = engine_with_node(at_head(mariadb))
     path = tmp_path / "spool.db"
     crashed = Spool(path)
     crashed.append([record(), record(payload=OVERSIZED), record(), NodeStateUpdate("a", failed_attempt=True)])
@@ -177,7 +177,7 @@ def test_an_oversized_record_journaled_by_an_earlier_run_is_set_aside(mariadb, t
 
 @pytest.mark.slow
 def test_a_frozen_database_sends_records_to_the_journal_within_seconds(mariadb, tmp_path):
-    direct = engine_with_node(mariadb)
+    direct = engine_with_node(at_head(mariadb))
     with TcpProxy("127.0.0.1", sa.engine.make_url(mariadb).port or 3306) as proxy:
         writer = writer_through(proxy, mariadb, tmp_path)
         for _ in range(10):

@@ -24,7 +24,7 @@ from store.records import NodeStateUpdate, Usage
 from store.spool import Spool
 from store.writer import Writer
 from store.writerproc import WriterProcess, WriterStartError, _Forked, relay_journal_path, start_writer
-from tests.support.databases import counts, engine_with_node, record
+from tests.support.databases import at_head, counts, engine_with_node, record
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.fault
@@ -32,7 +32,7 @@ pytestmark = pytest.mark.fault
 
 @pytest.fixture
 def engine(db_url):
-    eng = engine_with_node(db_url)
+    eng = engine_with_node(at_head(db_url))
     yield eng
     eng.dispose()
 

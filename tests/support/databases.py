@@ -11,14 +11,17 @@ import contextlib
 import datetime as dt
 import functools
 import os
+import shutil
+import sqlite3
 import stat
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import sqlalchemy as sa
 
-from store.engine import make_engine, upgrade_to_head
+from store.engine import create_private, make_engine, upgrade_to_head
 from store.nodes import upsert_nodes
 from store.records import InvocationRecord, NodeConfig, Usage
 from store.schema import codex_invocations, nodes
@@ -45,27 +48,96 @@ def require_mysql() -> None:
         unavailable("the MySQL server", reason)
 
 
-@contextlib.contextmanager
-def fresh_mariadb() -> Iterator[str]:
-    """A URL of a new, empty database on the MariaDB server, dropped afterwards."""
+def _create_mariadb() -> str:
     require_mysql()
     name = f"codex_t_{uuid.uuid4().hex[:12]}"
     admin = sa.create_engine(MYSQL_SERVER_URL)
-    with admin.begin() as conn:
-        conn.execute(sa.text(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4"))
     try:
-        yield sa.engine.make_url(MYSQL_SERVER_URL).set(database=name).render_as_string(hide_password=False)
-    finally:
         with admin.begin() as conn:
-            conn.execute(sa.text(f"DROP DATABASE IF EXISTS `{name}`"))
+            conn.execute(sa.text(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4"))
+    finally:
+        admin.dispose()
+    return sa.engine.make_url(MYSQL_SERVER_URL).set(database=name).render_as_string(hide_password=False)
+
+
+def _drop_mariadb(url: str) -> None:
+    admin = sa.create_engine(MYSQL_SERVER_URL)
+    try:
+        with admin.begin() as conn:
+            conn.execute(sa.text(f"DROP DATABASE IF EXISTS `{sa.engine.make_url(url).database}`"))
+    finally:
         admin.dispose()
 
 
 @contextlib.contextmanager
+def fresh_mariadb() -> Iterator[str]:
+    """A URL of a new, empty database on the MariaDB server, dropped afterwards."""
+    url = _create_mariadb()
+    try:
+        yield url
+    finally:
+        _drop_mariadb(url)
+
+
+# One database per backend that Alembic upgraded to head in this process (each xdist worker has its own),
+# copied into a test's empty database by at_head: on MariaDB a full upgrade is seconds of DDL, a copy ~0.2 s.
+_templates: dict[str, str] = {}
+
+
+def _template(backend: str) -> str:
+    if backend not in _templates:
+        url = (f"sqlite:///{tempfile.mkdtemp(prefix='codex-template-')}/head.db" if backend == "sqlite"
+               else _create_mariadb())
+        engine = make_engine(url)
+        try:
+            upgrade_to_head(engine)
+        finally:
+            engine.dispose()
+        _templates[backend] = url
+    return _templates[backend]
+
+
+def drop_templates() -> None:
+    """Remove the template databases ``at_head`` made (the session's end)."""
+    for url in _templates.values():
+        if url.startswith("sqlite"):
+            shutil.rmtree(os.path.dirname(sa.engine.make_url(url).database or ""), ignore_errors=True)
+        else:
+            _drop_mariadb(url)
+    _templates.clear()
+
+
+def at_head(db_url: str) -> str:
+    """Give the empty database at ``db_url`` the latest schema, and return ``db_url``: a copy of this session's
+    template (tables, indexes and the rows the migrations insert), which tests/test_migrations.py checks
+    equals what upgrade_to_head makes. For tests about what the schema holds, not how it got there."""
+    url = sa.engine.make_url(db_url)
+    template = sa.engine.make_url(_template(url.get_backend_name()))
+    if url.get_backend_name() == "sqlite":
+        assert url.database and template.database
+        create_private(url.database)  # 0600, as the store creates its files
+        with contextlib.closing(sqlite3.connect(template.database)) as src, \
+                contextlib.closing(sqlite3.connect(url.database)) as dst:
+            src.backup(dst)
+        return db_url
+    engine = sa.create_engine(MYSQL_SERVER_URL)
+    try:
+        with engine.begin() as conn:
+            tables = conn.execute(sa.text("SELECT table_name FROM information_schema.tables WHERE table_schema = :s"),
+                                  {"s": template.database}).scalars().all()
+            for table in tables:
+                conn.execute(sa.text(f"CREATE TABLE `{url.database}`.`{table}` LIKE `{template.database}`.`{table}`"))
+                conn.execute(sa.text(f"INSERT INTO `{url.database}`.`{table}` "
+                                     f"SELECT * FROM `{template.database}`.`{table}`"))
+    finally:
+        engine.dispose()
+    return db_url
+
+
+@contextlib.contextmanager
 def fresh_engine(db_url: str) -> Iterator[sa.Engine]:
-    """The store's engine on an empty database upgraded to the latest schema."""
-    engine = make_engine(db_url)
-    upgrade_to_head(engine)
+    """The store's engine on the empty database at ``db_url``, given the latest schema (``at_head``)."""
+    engine = make_engine(at_head(db_url))
     try:
         yield engine
     finally:
