@@ -99,10 +99,10 @@ case "$cmd" in
         exec "$VENV/bin/python" -m pytest -n "$(( $(nproc) * 2 ))" --dist loadgroup "$@"
         ;;
     web) shift; setup_venv; relay mitmweb "$@" ;;
-    stats) shift; setup_venv; CODEX_DB=$DB exec "$VENV/bin/python" -m store.stats_cli "$@" ;;
-    poll-stats) shift; setup_venv; CODEX_DB=$DB exec "$VENV/bin/python" -m store.poll_cli "$@" ;;
-    reconcile) shift; setup_venv; CODEX_DB=$DB exec "$VENV/bin/python" -m store.reconcile_cli "$@" ;;
-    prune) shift; setup_venv; CODEX_DB=$DB exec "$VENV/bin/python" -m store.prune_cli "$@" ;;
+    stats) shift; setup_venv; CODEX_DB=$DB exec "$VENV/bin/python" -m store.cli.stats "$@" ;;
+    poll-stats) shift; setup_venv; CODEX_DB=$DB exec "$VENV/bin/python" -m store.cli.poll "$@" ;;
+    reconcile) shift; setup_venv; CODEX_DB=$DB exec "$VENV/bin/python" -m store.cli.reconcile "$@" ;;
+    prune) shift; setup_venv; CODEX_DB=$DB exec "$VENV/bin/python" -m store.cli.prune "$@" ;;
     bench) shift; setup_venv dev; cd "$ROOT"; exec "$VENV/bin/python" -m bench "$@" ;;
     setup) setup_venv ;;
     *) setup_venv; relay mitmdump "$@" ;;

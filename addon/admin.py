@@ -4,7 +4,7 @@
 ``request`` hook by setting ``flow.response``: such flows never go upstream and are never metered
 (the relay skips flows that already have a response). Database work runs in a thread, so the proxy
 keeps relaying meanwhile.
-The database, the nodes and the writer's and poller's state are the runtime's services (``addon.runtime``),
+The database, the nodes and the writer's and poller's state are the runtime's services (``addon.services.runtime``),
 reached through their public interfaces only.
 
 Access: with ``codex_admin_token`` set, every request but the login form and the static files needs
@@ -39,19 +39,19 @@ from mitmproxy import ctx, exceptions, http
 from mitmproxy.proxy.mode_specs import ReverseMode
 
 from addon.errors import fail_closed
+from addon.guard.secrets import secrets_equal
+from addon.guard.target import METRICS_PATH, is_admin_path, is_loopback_host
 from addon.limits import Limits
-from addon.metrics import CONTENT_TYPE as METRICS_TYPE
-from addon.nodeurl import origin_of
+from addon.nodes.nodeurl import origin_of
+from addon.observe.metrics import CONTENT_TYPE as METRICS_TYPE
 from addon.refusal import answered
-from addon.runtime import Runtime
-from addon.secrets import secrets_equal
-from addon.target import METRICS_PATH, is_admin_path, is_loopback_host
+from addon.services.runtime import Runtime
 from store import stats
 from store.config import ConfigError, node_from_mapping
 from store.engine import error_line
 from store.key_usage import per_key
 from store.nodes import config_of, load_nodes
-from store.reconcile import ReconcileError, as_json, reconcile
+from store.sources.reconcile import ReconcileError, as_json, reconcile
 
 log = logging.getLogger("codex.admin")
 

@@ -29,9 +29,9 @@ from mitmproxy.proxy.mode_specs import ReverseMode
 
 from addon.egress import credentials_in
 from addon.errors import CLIENT_KEY_NAME, error_response, fail_closed
+from addon.guard.target import is_own_endpoint
 from addon.refusal import RefusalSink, answered
 from addon.services.clientkeys import ClientKeys
-from addon.target import is_own_endpoint
 
 log = logging.getLogger("codex.auth")
 

@@ -1,7 +1,7 @@
 """A call's bodies on their way: what each node is sent, and what meters the answer on its way back.
 
-mitmproxy glue for ``addon.call``: the client's body with the model name a node wants (its ``model_map``) and
-the usage probe (``addon.usageprobe``); the answer's ``StreamMeter``, behind the filter that takes out the
+mitmproxy glue for ``addon.metering.call``: the client's body with the model name a node wants (its ``model_map``) and
+the usage probe (``addon.metering.usageprobe``); the answer's ``StreamMeter``, behind the filter that takes out the
 usage chunk the relay asked for.
 """
 
@@ -11,12 +11,12 @@ from collections.abc import Callable
 
 from mitmproxy import http
 
-from addon.call import Call, is_sse
 from addon.egress import header_values
-from addon.meter import StreamMeter
-from addon.modelroute import rewrite_model, upstream_model
-from addon.routing import Node
-from addon.usageprobe import UsageChunkFilter, add_include_usage
+from addon.metering.call import Call, is_sse
+from addon.metering.meter import StreamMeter
+from addon.metering.usageprobe import UsageChunkFilter, add_include_usage
+from addon.nodes.modelroute import rewrite_model, upstream_model
+from addon.nodes.routing import Node
 
 CONTENT_HEADERS = ("content-length", "content-type", "content-encoding")
 

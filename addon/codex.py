@@ -22,8 +22,8 @@ from addon.limits import Limits  # noqa: E402
 from addon.ownbody import OwnBodies  # noqa: E402
 from addon.refusal import RefusalSink  # noqa: E402
 from addon.relay import Relay  # noqa: E402
-from addon.runtime import Runtime  # noqa: E402
 from addon.serviceoptions import LimitOptions, RuntimeOptions  # noqa: E402
+from addon.services.runtime import Runtime  # noqa: E402
 from addon.sseview import SSEView  # noqa: E402
 from addon.startup import StartupCheck  # noqa: E402
 from addon.userstats import UserStats  # noqa: E402

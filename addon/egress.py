@@ -7,8 +7,8 @@ is the key set. ``attach`` records the origin it checked on the flow; ``egress_p
 last addon, after every other ``request`` hook) refuses a flow whose destination no longer matches it,
 or that nobody marked at all: nothing leaves the relay because a hook failed or was skipped.
 
-Paths (``addon.nodeurl``): a node's ``base_url`` is what you would give an SDK (it carries its own version prefix, e.g.
-``https://h/openai/v1``); the client talks to the relay as to an OpenAI-style base URL ending in
+Paths (``addon.nodes.nodeurl``): a node's ``base_url`` is what you would give an SDK (it carries its own
+version prefix, e.g. ``https://h/openai/v1``); the client talks to the relay as to an OpenAI-style base URL ending in
 ``/v1``. So a leading ``/v1`` of the client's path is dropped and the rest is put after the node's
 path: ``/v1/responses`` on ``https://h/openai/v1`` → ``/openai/v1/responses``. The query is kept.
 Every attempt of a call (first choice, connect probe, retries) maps the client's *original* target.
@@ -21,7 +21,7 @@ import functools
 from mitmproxy import http
 from mitmproxy.net.http import url
 
-from addon.nodeurl import EgressRefused, Origin, key_header, node_path, origin_of
+from addon.nodes.nodeurl import EgressRefused, Origin, key_header, node_path, origin_of
 from store.records import NodeConfig
 
 # Metadata: the (scheme, host, port) a flow was cleared to go to. Plain data: flows are pickled by -w.

@@ -22,8 +22,8 @@ from typing import Any
 
 from mitmproxy import http
 
-from addon.endpoints import detect_format
-from addon.endpoints import is_anthropic as _anthropic_endpoint
+from addon.guard.endpoints import detect_format
+from addon.guard.endpoints import is_anthropic as _anthropic_endpoint
 
 log = logging.getLogger("codex.errors")
 

@@ -26,16 +26,16 @@ from mitmproxy.addons.clientplayback import ReplayHandler
 from mitmproxy.proxy import server_hooks
 
 from addon.bodies import prepare_body
-from addon.call import Call
 from addon.egress import attach
 from addon.errors import CLIENT_KEY_NAME, error_response, refusal_response
 from addon.ledger import Ledger
 from addon.limits import Limits
+from addon.metering.call import Call
+from addon.metering.outcome import is_node_failure_status
 from addon.nodeconn import Via, open_to, via_of
-from addon.nodeurl import Origin, origin_of
-from addon.outcome import is_node_failure_status
-from addon.routing import Node
-from addon.runtime import Runtime
+from addon.nodes.nodeurl import Origin, origin_of
+from addon.nodes.routing import Node
+from addon.services.runtime import Runtime
 
 log = logging.getLogger("codex.relay")
 

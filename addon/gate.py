@@ -3,7 +3,7 @@
 ``Gate`` (first addon) refuses a request whose header fields hold a CR, LF or NUL, holds every request
 until start-up is over (see ``addon.startup``; 503 if it fails or takes longer than ``START_HOLD_S``) and,
 on the relay's own port (reverse mode), refuses every request target that is not canonical
-(``addon.target``) before any other addon reads it.
+(``addon.guard.target``) before any other addon reads it.
 ``EgressCheck`` (last ``request`` hook) lets no request leave unless an addon cleared its destination
 (``addon.egress``).
 """
@@ -21,8 +21,8 @@ from mitmproxy.proxy.mode_specs import ReverseMode
 
 from addon.egress import CREDENTIAL_HEADERS, egress_problem
 from addon.errors import error_response, fail_closed, internal_error
+from addon.guard.target import target_problem
 from addon.refusal import REFUSED_KEY, RefusalSink, answered
-from addon.target import target_problem
 
 log = logging.getLogger("codex.gate")
 

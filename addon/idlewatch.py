@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING
 
 from mitmproxy import http
 
-from addon.call import Call
 from addon.inject import close_server
+from addon.metering.call import Call
 
 if TYPE_CHECKING:
     from addon.wsrelay import Sockets

@@ -1,7 +1,7 @@
 """Finishing a call: its key's slot freed, its node's health told, its record priced, submitted and shown.
 
 The relay's hooks (and ``addon.wsrelay``'s turns) end here; the record itself is the call's own
-(``addon.call``). Hooks are cheap and never touch the database: records go to the runtime's writer.
+(``addon.metering.call``). Hooks are cheap and never touch the database: records go to the runtime's writer.
 """
 
 from __future__ import annotations
@@ -12,17 +12,17 @@ import time
 from mitmproxy import http
 from mitmproxy.utils import human
 
-from addon.call import Call, Exchange
-from addon.endpoints import UNBILLED
 from addon.errors import CLIENT_KEY_NAME
+from addon.guard.endpoints import UNBILLED
+from addon.guard.secrets import KnownSecrets
 from addon.limits import Limits
-from addon.loglines import CALL_COMMENT
-from addon.meter import MeterResult
-from addon.outcome import Outcome, rest_asked
-from addon.routing import Node
-from addon.runtime import Runtime
-from addon.secrets import KnownSecrets
-from addon.usage import iteration_usages
+from addon.metering.call import Call, Exchange
+from addon.metering.meter import MeterResult
+from addon.metering.outcome import Outcome, rest_asked
+from addon.metering.usage import iteration_usages
+from addon.nodes.routing import Node
+from addon.observe.loglines import CALL_COMMENT
+from addon.services.runtime import Runtime
 from store.records import InvocationRecord, NodeStateUpdate
 
 log = logging.getLogger("codex.relay")
@@ -38,7 +38,7 @@ class Ledger:
         self.secrets = secrets
         self.limits = limits
         self.source = DEFAULT_SOURCE  # codex_source, set by the relay's configure
-        self.call_lines = False  # a line per recorded call in the log (addon.loglines.take_call_lines)
+        self.call_lines = False  # a line per recorded call in the log (addon.observe.loglines.take_call_lines)
 
     def finish(self, flow: http.HTTPFlow, call: Call, outcome: Outcome, result: MeterResult | None = None) -> None:
         """Record the call; ``result``: its meter's, when the caller has it already."""
@@ -114,5 +114,5 @@ def _annotate(flow: http.HTTPFlow, record: InvocationRecord) -> None:
 
 
 def _rest_asked(answer: http.Response | None) -> float:
-    """Seconds a node's answer asked to be left alone (``addon.outcome.rest_asked``)."""
+    """Seconds a node's answer asked to be left alone (``addon.metering.outcome.rest_asked``)."""
     return rest_asked(answer.status_code, answer.headers.get("retry-after")) if answer is not None else 0.0

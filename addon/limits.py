@@ -31,9 +31,9 @@ from typing import Any
 import sqlalchemy as sa
 from mitmproxy import http
 
-from addon.endpoints import DEFAULT_KEY_ENDPOINTS, UNBILLED, endpoint_allowed, route
 from addon.errors import CLIENT_KEY_NAME, refusal_response
-from addon.runtime import Runtime
+from addon.guard.endpoints import DEFAULT_KEY_ENDPOINTS, UNBILLED, endpoint_allowed, route
+from addon.services.runtime import Runtime
 from addon.services.settings import SettingsError
 from store.engine import error_line
 from store.key_usage import Budgets, KeyStats, admit, budget_reset, key_report
@@ -83,7 +83,7 @@ class Limits:
         """None when the call may go on (it then holds a slot until ``release``), else the refusal. ``holder``
         names the call when a flow makes several (a WebSocket's turns); by default the flow's id.
 
-        ``api_format``: the call's endpoint (``addon.endpoints``), None for a path the relay does not meter
+        ``api_format``: the call's endpoint (``addon.guard.endpoints``), None for a path the relay does not meter
         (its model is not checked: it names none). Token counting is checked for its model and nodes only:
         it is never billed and counts against no rate, concurrency or budget.
         """

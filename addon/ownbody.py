@@ -1,7 +1,7 @@
 """The relay's own endpoints read at most ``MAX_BODY`` bytes of a request body, and never buffer more.
 
 mitmproxy holds a whole request body before the ``request`` hook, whatever its size: a chunked or HTTP/2
-body sent to an endpoint that needs no client key (``addon.target.is_own_endpoint``: the admin page,
+body sent to an endpoint that needs no client key (``addon.guard.target.is_own_endpoint``: the admin page,
 /metrics, the usage endpoint) took the relay's memory (RSS +800 MiB for 400 MiB sent, never given back). So, in
 ``requestheaders``:
 
@@ -25,9 +25,9 @@ from mitmproxy.proxy.mode_specs import ReverseMode
 
 from addon.egress import EGRESS_KEY
 from addon.errors import error_response, fail_closed
+from addon.guard.target import is_own_endpoint
 from addon.refusal import REFUSED_KEY, RefusalSink, answered, body_pending
 from addon.services.clientkeys import ClientKeys
-from addon.target import is_own_endpoint
 
 MAX_BODY = 2**20
 

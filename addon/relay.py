@@ -1,9 +1,9 @@
 """The relay addon: pick a node, rewrite the request, meter the streamed answer, record the call.
 
-The flow hooks, and nothing else: each adapts a flow event to the call in flight (``addon.call``), its
+The flow hooks, and nothing else: each adapts a flow event to the call in flight (``addon.metering.call``), its
 node choice and failover (``addon.failover``), its bodies (``addon.bodies``), the idle watch
 (``addon.idlewatch``) and its accounting when it ends (``addon.ledger``); the nodes, their health, the
-prices and the writer belong to the ``Runtime`` it is given (``addon.runtime``). Hooks are cheap and
+prices and the writer belong to the ``Runtime`` it is given (``addon.services.runtime``). Hooks are cheap and
 never touch the database (the runtime's writer process does).
 """
 
@@ -15,27 +15,27 @@ import logging
 from mitmproxy import ctx, exceptions, http
 
 from addon.bodies import CONTENT_HEADERS, folded, meter_whole, prepare_body, start_meter
-from addon.call import Call, is_sse
-from addon.callbody import BodyRefused, read_call_body
 from addon.egress import attach, clear_as_is, header_values
-from addon.endpoints import detect_format, filter_model_list, is_model_list
 from addon.errors import error_response, fail_closed
 from addon.failover import RETRY_KEY, Failover
+from addon.guard.callbody import BodyRefused, read_call_body
+from addon.guard.endpoints import detect_format, filter_model_list, is_model_list
+from addon.guard.secrets import KnownSecrets
+from addon.guard.target import target_problem
 from addon.idlewatch import IdleWatch
 from addon.inject import answer_waiting, can_answer, close_server
 from addon.ledger import DEFAULT_SOURCE, Ledger
 from addon.limits import Limits
-from addon.loglines import demote_streaming_line, restore_streaming_line, take_call_lines
-from addon.meter import MeterResult
-from addon.modelroute import serves_model
+from addon.metering.call import Call, is_sse
+from addon.metering.meter import MeterResult
+from addon.metering.outcome import Outcome, classify_error, classify_response, is_node_failure_status
+from addon.metering.usage import RequestInfo
+from addon.nodes.modelroute import serves_model
+from addon.nodes.sessions import SESSION_HEADERS, session_key
+from addon.observe.loglines import demote_streaming_line, restore_streaming_line, take_call_lines
 from addon.options import seconds
-from addon.outcome import Outcome, classify_error, classify_response, is_node_failure_status
 from addon.refusal import REFUSED_KEY, RefusalSink, answered
-from addon.runtime import Runtime
-from addon.secrets import KnownSecrets
-from addon.sessions import SESSION_HEADERS, session_key
-from addon.target import target_problem
-from addon.usage import RequestInfo
+from addon.services.runtime import Runtime
 from addon.wsrelay import Sockets, is_upgrade, upgrade_required
 
 log = logging.getLogger("codex.relay")
@@ -314,5 +314,5 @@ def keep_body_bytes(option: int, *, shown: bool, saved: bool) -> int:
 
 
 def _session_key(flow: http.HTTPFlow, body_key: str | None) -> str | None:
-    """The conversation this call belongs to (addon.sessions): a session header, else the body's."""
+    """The conversation this call belongs to (addon.nodes.sessions): a session header, else the body's."""
     return session_key(header_values(flow.request.headers, SESSION_HEADERS), body_key)

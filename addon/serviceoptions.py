@@ -19,13 +19,13 @@ from mitmproxy import ctx, exceptions
 from mitmproxy.proxy.mode_specs import ProxyMode
 
 from addon.limits import Limits, db_down_policy
-from addon.runtime import Runtime
 from addon.services.alerting import alert_settings
 from addon.services.clientkeys import key_specs
 from addon.services.fleet import fleet_settings
 from addon.services.healthchecks import health_settings
 from addon.services.prices import price_settings
 from addon.services.providers import provider_settings
+from addon.services.runtime import Runtime
 from addon.services.settings import SettingsError
 from addon.services.statsdb import db_settings
 from store.engine import DEFAULT_DB

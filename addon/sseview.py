@@ -3,9 +3,9 @@
 mitmweb (and ``mitmdump --flow-detail 3``) picks it for ``text/event-stream`` bodies. It shows the
 output text assembled from the deltas of the three metered APIs — Responses
 ``response.output_text.delta``, Chat Completions ``choices[].delta.content``, Anthropic
-``content_block_delta`` / ``text_delta`` — what ``addon.usage`` reads from the stream (model,
+``content_block_delta`` / ``text_delta`` — what ``addon.metering.usage`` reads from the stream (model,
 usage, error, whether it finished), and then every event with its data as indented JSON. Events are
-split by ``addon.sse.SSEParser``, the relay's own parser. A streamed body is only what the relay
+split by ``addon.metering.sse.SSEParser``, the relay's own parser. A streamed body is only what the relay
 kept of it (``codex_keep_body``): a cut-off body shows what it holds and says it did not finish.
 """
 
@@ -16,8 +16,8 @@ from typing import Any
 
 from mitmproxy import contentviews
 
-from addon.sse import SSEEvent, SSEParser
-from addon.usage import UsageExtractor
+from addon.metering.sse import SSEEvent, SSEParser
+from addon.metering.usage import UsageExtractor
 
 SSE_CONTENT_TYPE = "text/event-stream"
 

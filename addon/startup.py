@@ -25,8 +25,8 @@ from mitmproxy import ctx, exceptions, optmanager
 from mitmproxy.proxy.mode_specs import ProxyMode, ReverseMode
 
 from addon.gate import Gate
-from addon.runtime import Runtime
-from addon.target import is_loopback_host
+from addon.guard.target import is_loopback_host
+from addon.services.runtime import Runtime
 
 log = logging.getLogger("codex.startup")
 

@@ -21,9 +21,9 @@ from mitmproxy import http
 from mitmproxy.proxy.mode_specs import ReverseMode
 
 from addon.errors import fail_closed
+from addon.guard.target import USER_STATS_PATH, is_user_stats_path
 from addon.refusal import answered
-from addon.runtime import Runtime
-from addon.target import USER_STATS_PATH, is_user_stats_path
+from addon.services.runtime import Runtime
 from store.key_usage import models_of_key, month_start
 from store.records import utcnow
 

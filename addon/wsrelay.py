@@ -13,12 +13,12 @@ anything but 101 all the same, the client gets ``426 Upgrade Required``: Codex t
 once (on a 404 it would reconnect five times first). mitmproxy cannot move an upgrade whose request went
 out to another node (docs/how-it-works.md, "Responses over WebSocket").
 
-On the open socket every ``response.create`` is one invocation (``addon.wsturns``): the key's limits and
+On the open socket every ``response.create`` is one invocation (``addon.metering.wsturns``): the key's limits and
 the node's ``models`` are checked per turn, a refused turn is dropped (the node never sees it) and
 answered with an ``error`` event, ``model_map`` rewrites the turn's model. Each turn is recorded through
 ``Ledger.submit`` when its terminal or ``error`` event comes, or ``truncated`` when the socket closes first or
 its node sends nothing for ``codex_idle_timeout`` (``watch_idle``, from the relay's idle watch: the socket is cut).
-mitmdump prints no line per message of a socket the relay records (``addon.loglines.take_call_lines``).
+mitmdump prints no line per message of a socket the relay records (``addon.observe.loglines.take_call_lines``).
 mitmproxy keeps every message of a socket for its life: messages are dropped once metered, beyond
 ``codex_keep_body`` bytes where something shows flows (``Relay``'s kept body), beyond the newest otherwise.
 """
@@ -36,23 +36,23 @@ from typing import TYPE_CHECKING
 from mitmproxy import ctx, http, websocket
 from mitmproxy.net.http import http1
 
-from addon.callbody import BodyRefused, read_socket_message
 from addon.egress import EgressRefused, attach
 from addon.errors import CLIENT_KEY_NAME, error_body, refusal_response
+from addon.guard.callbody import BodyRefused, read_socket_message
 from addon.inject import close_server
-from addon.loglines import CALL_COMMENT
-from addon.meter import NO_USAGE
-from addon.modelroute import rewrite_model, serves, upstream_model
+from addon.metering.meter import NO_USAGE
+from addon.metering.outcome import Outcome, classify_error, is_node_failure_status
+from addon.metering.outcome import ms as _ms
+from addon.metering.wsturns import CREATE, KeptMessages, SocketTurns, Turn, error_event
 from addon.nodeconn import open_to, via_of
-from addon.outcome import Outcome, classify_error, is_node_failure_status
-from addon.outcome import ms as _ms
-from addon.wsturns import CREATE, KeptMessages, SocketTurns, Turn, error_event
+from addon.nodes.modelroute import rewrite_model, serves, upstream_model
+from addon.observe.loglines import CALL_COMMENT
 from store.records import InvocationRecord, Usage, utcnow
 
 if TYPE_CHECKING:
-    from addon.call import Call
+    from addon.metering.call import Call
+    from addon.nodes.routing import Node
     from addon.relay import Relay
-    from addon.routing import Node
 
 log = logging.getLogger("codex.websocket")
 
@@ -176,7 +176,7 @@ class Sockets:
             if node is not None:
                 self._takes[node.id] = self._clock() + NO_WEBSOCKET_S
             # A recorded call's comment: mitmdump prints no line per message of it (a Codex turn is some hundred
-            # messages), the relay a line per turn (addon.loglines.take_call_lines).
+            # messages), the relay a line per turn (addon.observe.loglines.take_call_lines).
             flow.comment = f"{CALL_COMMENT}WebSocket to {node.id if node else '-'}"
             log.debug("socket %s open to node %s", flow.id, node.id if node else "-")
             return
@@ -334,7 +334,7 @@ class Sockets:
             duration_ms=_ms(end - turn.started_at), request_bytes=turn.request_bytes,
             response_bytes=turn.response_bytes, raw_response=x.raw_usage,
             client_key=flow.metadata.get(CLIENT_KEY_NAME), node_failure=outcome.node_failure,
-            usage=x.usage or Usage(), session_key=state.session_key,  # the upgrade's (addon.sessions)
+            usage=x.usage or Usage(), session_key=state.session_key,  # the upgrade's (addon.nodes.sessions)
             flags=sorted({*x.flags, WEBSOCKET_FLAG, *([NO_USAGE] if x.usage is None else [])}),
         )
         relay.ledger.submit(flow, record)

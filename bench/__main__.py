@@ -160,7 +160,7 @@ def writer_tables(r: dict) -> str:
         rows.append((name, b["records"], b["per_s"], b["max_queued"], p["offered_per_s"], p["achieved_per_s"],
                      p["max_queued"], p["queue_growth_per_s"], p["queue_growing"],
                      b["per_s"] >= WRITER_TARGET_PER_S and not p["queue_growing"]))
-    out = table(f"Writer alone (store.writer.Writer; target ≥ {WRITER_TARGET_PER_S:,}/s, queue not growing)",
+    out = table(f"Writer alone (store.write.writer.Writer; target ≥ {WRITER_TARGET_PER_S:,}/s, queue not growing)",
                 ["backend", "burst", "burst /s", "burst max queue", "paced offered /s", "paced achieved /s",
                  "paced max queue", "queue trend /s", "growing", "target met"], rows)
     out += table("Writer check", ["backend", "submitted", "stored", "node requests", "batches", "mean batch"],
@@ -179,7 +179,7 @@ def query_tables(r: dict) -> str:
     out = table(f"store.stats queries over {r['invocations']:,} invocations ({r['span_days']} days; "
                 f"target < {QUERY_TARGET_MS:g} ms)",
                 ["backend", "query", "window", "groups", "median ms", "max ms", "target met"], rows)
-    out += table("Bulk load (store.invocations.apply_batch, one transaction per 10,000 invocations)",
+    out += table("Bulk load (store.write.batch.apply_batch, one transaction per 10,000 invocations)",
                  ["backend", "seconds", "invocations/s", "daily rollup rows"],
                  [(k, v, round(r["invocations"] / v) if v else None, r["rollup_rows"].get(k))
                   for k, v in r["load_seconds"].items()])

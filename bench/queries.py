@@ -21,10 +21,10 @@ import sqlalchemy as sa
 
 from bench.data import NODES, records
 from store import stats
-from store.invocations import apply_batch
 from store.nodes import upsert_nodes
 from store.records import utcnow
 from store.schema import codex_daily_stats, codex_invocations
+from store.write.batch import apply_batch
 
 QUERIES: dict[str, Callable[[sa.Connection, stats.Filters], list]] = {
     "per_node": stats.per_node, "per_day": stats.per_day, "per_model": stats.per_model,

@@ -1,4 +1,4 @@
-"""The writer alone: invocations/s through ``store.writer.Writer`` into a real database, and its queue.
+"""The writer alone: invocations/s through ``store.write.writer.Writer`` into a real database, and its queue.
 
 Two phases on one writer: a burst (every record submitted at once: the writer's capacity, from the
 first submit until ``flush()`` returns) and a paced phase at a fixed offered rate (does the queue
@@ -19,8 +19,8 @@ from bench.scratch import migrated_engine
 from store.nodes import upsert_nodes
 from store.records import InvocationRecord, utcnow
 from store.schema import codex_invocations, nodes
-from store.spool import Spool
-from store.writer import Writer
+from store.write.journal import Spool
+from store.write.writer import Writer
 
 SAMPLE_EVERY_S = 0.1
 

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 from store.records import NodeConfig
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-# What a node's ``formats`` may name: an API family, or single endpoints (addon.endpoints names them; a test
+# What a node's ``formats`` may name: an API family, or single endpoints (addon.guard.endpoints names them; a test
 # checks every one is there). "responses" includes compaction, "messages" token counting.
 NODE_FORMATS: dict[str, frozenset[str]] = {
     "openai": frozenset({"responses", "compact", "chat", "completions", "embeddings", "images"}),
@@ -177,7 +177,7 @@ def load_entries[T](path: str | Path, key: str, parse: Callable[[Any, str], T], 
     return entries
 
 
-# What the relay reads from its nodes file (codex_nodes): here, store.sources and addon.alerts.
+# What the relay reads from its nodes file (codex_nodes): here, store.sources and addon.observe.alerts.
 NODES_FILE_TABLES = ("nodes", "sources", "webhooks")
 
 

@@ -34,7 +34,7 @@ class KeySpec:
     rpm: int | None = None
     concurrency: int | None = None
     # Globs over the path after /v1/ that the key may reach; None: the metered endpoints and the model list
-    # (addon.endpoints.DEFAULT_KEY_ENDPOINTS).
+    # (addon.guard.endpoints.DEFAULT_KEY_ENDPOINTS).
     endpoints: tuple[str, ...] | None = None
 
     def allows_model(self, model: str | None) -> bool:

@@ -90,7 +90,7 @@ class PriceTable:
 
     def call_cost(self, model: str | None, usage: Usage,
                   iterations: Sequence[tuple[str | None, Usage]] = ()) -> CostSplit | None:
-        """A call's cost: with Anthropic ``usage.iterations`` (``addon.usage.iteration_usages``: each
+        """A call's cost: with Anthropic ``usage.iterations`` (``addon.metering.usage.iteration_usages``: each
         one's model, None for the call's, and usage) the sum of each iteration at its own model's price,
         None if any is unpriced; without, ``cost(model, usage)``."""
         if not iterations:

@@ -21,7 +21,7 @@ def utcnow() -> dt.datetime:
 class Usage:
     """A call's billed tokens: cache reads and writes (OpenAI's and Anthropic's) are inside the input,
     reasoning (Anthropic's thinking) inside the output; with Anthropic ``usage.iterations`` every
-    iteration is counted (``addon.usage.iteration_usages`` gives each one from the raw usage).
+    iteration is counted (``addon.metering.usage.iteration_usages`` gives each one from the raw usage).
 
     ``cached_tokens`` is the code's one name for the cached part of the input; older columns keep
     theirs (``codex_invocations.cache_input_tokens``, ``nodes.total_cached``: ``store.rollups`` maps them)."""
@@ -49,11 +49,12 @@ class NodeConfig:
     api_key: str = field(default="", repr=False)  # never in a repr: flows, logs and tracebacks print those
     name: str = ""
     weight: int = 1
-    # What the node serves (addon.modelroute): API families or formats, model globs; empty: everything.
+    # What the node serves (addon.nodes.modelroute): API families or formats, model globs; empty: everything.
     formats: tuple[str, ...] = ()
     models: tuple[str, ...] = ()
     model_map: dict[str, str] = field(default_factory=dict)  # client's model -> the name this node wants
-    # Ask for usage in chat streams that lack it (addon.usageprobe); off for upstreams rejecting stream_options.
+    # Ask for usage in chat streams that lack it (addon.metering.usageprobe); off for upstreams rejecting
+    # stream_options.
     usage_probe: bool = True
     # The header the node's key goes in ("authorization": as a Bearer token); empty: derived (addon.egress).
     auth_header: str = ""
@@ -70,7 +71,7 @@ class InvocationRecord:
     occurred_at: dt.datetime
     source: str
     endpoint: str
-    status: str  # "success" | "failed" | "truncated" | "aborted" (addon.outcome decides)
+    status: str  # "success" | "failed" | "truncated" | "aborted" (addon.metering.outcome decides)
     node_id: str | None = None
     api_format: str | None = None  # "responses" | "chat" | "messages" | None
     model: str | None = None
@@ -97,8 +98,8 @@ class InvocationRecord:
     node_failure: bool = False
     # Short notes about the row (free-form: "raw_trimmed", "no_usage", ...), stored as a sorted set.
     flags: list[str] = field(default_factory=list)
-    # The conversation the call belongs to (addon.sessions): what keeps it on one node; None: none named.
-    # A record journaled (store.spool) before this field existed decodes without it: None.
+    # The conversation the call belongs to (addon.nodes.sessions): what keeps it on one node; None: none named.
+    # A record journaled (store.write.journal) before this field existed decodes without it: None.
     session_key: str | None = None
 
     def __reduce__(self) -> tuple:

@@ -1,5 +1,5 @@
-"""What a call record adds to each rollup, declared once: the writer's upserts (``store.invocations``) and
-the Prometheus counters (``addon.metrics``) add up exactly what ``COUNTERS`` and ``DISTRIBUTIONS`` say.
+"""What a call record adds to each rollup, declared once: the writer's upserts (``store.write.batch``) and
+the Prometheus counters (``addon.observe.metrics``) add up exactly what ``COUNTERS`` and ``DISTRIBUTIONS`` say.
 
 A counter is one line: its name, its value for a call (the rule), and the targets it feeds —
 

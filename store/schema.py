@@ -63,7 +63,7 @@ nodes = sa.Table(
     sa.Column("formats", sa.String(128)),
     sa.Column("models", sa.Text),
     sa.Column("model_map", sa.Text),
-    # revision 11: the relay asks this node for usage in chat streams (addon.usageprobe); false for
+    # revision 11: the relay asks this node for usage in chat streams (addon.metering.usageprobe); false for
     # upstreams that reject stream_options
     sa.Column("usage_probe", sa.Boolean, nullable=False, server_default=sa.true()),
     # revision 12: the header the node's key goes in (NULL: derived from the node, addon.egress.key_header)
@@ -120,7 +120,7 @@ codex_invocations = sa.Table(
     sa.Column("requested_model", sa.String(128)),
     # revision 11: the share of ``cost_input`` spent writing the prompt cache
     sa.Column("cost_cache_write", sa.Double),
-    # revision 14: the conversation the call belongs to (addon.sessions; NULL: none named), clipped to 128
+    # revision 14: the conversation the call belongs to (addon.nodes.sessions; NULL: none named), clipped to 128
     sa.Column("session_key", sa.String(128)),
     sa.UniqueConstraint("invoke_id", "occurred_at", name="uq_codex_invocations_invoke_id_occurred_at"),
     sa.Index("idx_codex_invocations_source_occurred_at", "source", "occurred_at"),

@@ -22,7 +22,7 @@ Definitions, the same in every view:
 - ``cache_hit_rate`` = cached ÷ input tokens (input includes cached, so 0–1): how much of the prompts a
   node's prompt cache served; None without input tokens.
 
-The command line over these queries is ``store.stats_cli``.
+The command line over these queries is ``store.cli.stats``.
 """
 
 from __future__ import annotations
@@ -246,7 +246,7 @@ class Invocation:
 
 @dataclass(slots=True)
 class SessionStats:
-    """One session's calls (``codex_invocations.session_key``, addon.sessions): how much of its prompts
+    """One session's calls (``codex_invocations.session_key``, addon.nodes.sessions): how much of its prompts
     the nodes' caches served, and on how many nodes it ran (more than one: it moved, and paid for it)."""
 
     session_key: str

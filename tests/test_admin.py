@@ -20,13 +20,13 @@ from mitmproxy.proxy.mode_specs import ProxyMode
 from mitmproxy.test import taddons, tflow
 
 from addon.admin import Admin, is_loopback, session_cookie
-from addon.runtime import Runtime
 from addon.serviceoptions import RuntimeOptions
+from addon.services.runtime import Runtime
 from store import stats
 from store.engine import make_engine, upgrade_to_head
-from store.invocations import apply_batch
 from store.records import InvocationRecord, Usage
 from store.schema import codex_invocations, nodes
+from store.write.batch import apply_batch
 from tests.support.admin import ALPHA_KEY, BETA_KEY, REVERSE, TOKEN, alpha_and_beta, ask
 from tests.support.calls import call, write_nodes
 from tests.support.databases import at_head

@@ -21,11 +21,11 @@ import sqlalchemy as sa
 
 from store.config import node_from_mapping
 from store.engine import make_engine
-from store.invocations import apply_batch
 from store.nodes import upsert_nodes
 from store.records import InvocationRecord, Usage
 from store.schema import codex_invocations, nodes
 from store.stats import Filters, per_hour
+from store.write.batch import apply_batch
 from tests.support.calls import call, write_nodes
 from tests.support.ci import unavailable
 from tests.support.fakeupstream import FakeUpstream

@@ -3,7 +3,7 @@ can serve, and when a change is told (bad news always, good news held back while
 
 from __future__ import annotations
 
-from addon.alertrules import NodeStatus, Watch, all_nodes_watch, due, node_watches, told
+from addon.observe.alertrules import NodeStatus, Watch, all_nodes_watch, due, node_watches, told
 from store.alertstate import Announced
 from store.records import NodeConfig
 

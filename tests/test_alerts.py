@@ -15,16 +15,16 @@ import sqlalchemy as sa
 from mitmproxy import exceptions
 from mitmproxy.test import taddons
 
-from addon.alerts import Alerts, Webhook, webhooks_from_file
-from addon.breaker import BreakerPolicy
-from addon.routing import Node, NodePool
-from addon.runtime import Runtime
+from addon.nodes.breaker import BreakerPolicy
+from addon.nodes.routing import Node, NodePool
+from addon.observe.alerts import Alerts, Webhook, webhooks_from_file
 from addon.serviceoptions import RuntimeOptions
+from addon.services.runtime import Runtime
 from store.config import ConfigError
-from store.invocations import apply_batch
 from store.nodes import upsert_nodes
 from store.records import NodeConfig, NodeStateUpdate
-from store.writer import WriterStats
+from store.write.batch import apply_batch
+from store.write.writer import WriterStats
 from tests.support.databases import fresh_engine
 from tests.support.waiting import wait_for
 

@@ -13,10 +13,10 @@ from mitmproxy.test import taddons, tflow
 
 from addon.auth import ClientAuth
 from addon.errors import CLIENT_KEY_NAME
-from addon.runtime import Runtime
+from addon.guard.target import is_admin_path
 from addon.serviceoptions import ClientKeyOptions
 from addon.services.clientkeys import parse_client_keys
-from addon.target import is_admin_path
+from addon.services.runtime import Runtime
 from tests.support.flows import request_flow
 
 ALICE = "ck-alice-0123456789abcdef"

@@ -10,8 +10,8 @@ import brotli
 import pytest
 import zstandard
 
-from addon.callbody import BodyRefused, read_call_body
-from addon.usage import RequestInfo
+from addon.guard.callbody import BodyRefused, read_call_body
+from addon.metering.usage import RequestInfo
 
 LIMIT = 1 << 20
 

@@ -46,7 +46,7 @@ def test_all_formats_metered_routed_and_stats_survive_restart(db_url, two_nodes)
                 assert status == 200, body
                 calls.append((fmt, stream, usage))
     assert relay.proc.returncode == 0, relay.output()
-    assert "Streaming response from" not in relay.output()  # debug level: not a line per call (addon.loglines)
+    assert "Streaming response from" not in relay.output()  # debug level: not a line per call (addon.observe.loglines)
     # One line per call, the relay's own: which node, what it metered; never mitmdump's "(content missing)".
     assert "(content missing)" not in relay.output()
     lines = [line for line in relay.lines if "<< 200 call: " in line]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from addon.egress import EGRESS_KEY, attach, clear_as_is, egress_problem
-from addon.nodeurl import EgressRefused, node_path, node_url, origin_of
+from addon.nodes.nodeurl import EgressRefused, node_path, node_url, origin_of
 from store.records import NodeConfig
 from tests.support.flows import request_flow
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from websockets.sync.client import connect as ws_connect
 
-from addon.endpoints import (
+from addon.guard.endpoints import (
     DEFAULT_KEY_ENDPOINTS,
     ENDPOINTS,
     USAGE_SHAPE,

@@ -13,11 +13,11 @@ import pytest
 from mitmproxy import http
 from mitmproxy.test import taddons, tflow
 
-from addon.modelroute import rewrite_model, serves
+from addon.nodes.modelroute import rewrite_model, serves
+from addon.nodes.routing import Node, NodePool
 from addon.relay import Relay
-from addon.routing import Node, NodePool
-from addon.runtime import Runtime
 from addon.serviceoptions import RuntimeOptions
+from addon.services.runtime import Runtime
 from store.config import ConfigError, node_from_mapping
 from store.engine import make_engine
 from store.nodes import config_of, load_nodes, read_version, set_disabled, upsert_nodes

@@ -13,8 +13,9 @@ from addon import gate as gate_module
 from addon.egress import EGRESS_KEY, attach
 from addon.errors import error_response, fail_closed
 from addon.gate import EgressCheck, Gate
+from addon.guard.target import target_problem
 from addon.refusal import REFUSED_KEY, RefusalSink, answered
-from addon.runtime import Runtime
+from addon.services.runtime import Runtime
 from addon.startup import (
     StartupCheck,
     listen_hosts,
@@ -23,7 +24,6 @@ from addon.startup import (
     take_unusable_options,
     unknown_options_message,
 )
-from addon.target import target_problem
 from store.records import NodeConfig
 from tests.support.flows import request_flow
 

@@ -11,12 +11,12 @@ import sqlalchemy as sa
 from mitmproxy import exceptions
 from mitmproxy.test import taddons
 
-from addon.breaker import BreakerPolicy
-from addon.health import Health, Pinger, ping
-from addon.outcome import rest_asked
-from addon.routing import Node, NodePool
-from addon.runtime import Runtime
+from addon.metering.outcome import rest_asked
+from addon.nodes.breaker import BreakerPolicy
+from addon.nodes.health import Health, Pinger, ping
+from addon.nodes.routing import Node, NodePool
 from addon.serviceoptions import RuntimeOptions
+from addon.services.runtime import Runtime
 from store.records import NodeConfig, NodeStateUpdate
 from tests.support.calls import write_nodes
 from tests.support.databases import at_head, rows

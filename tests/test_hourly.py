@@ -10,13 +10,13 @@ import random
 import pytest
 import sqlalchemy as sa
 
+from store.cli.stats import main as stats_main
 from store.engine import downgrade_to, upgrade_to_head
 from store.histogram import DURATION_BUCKETS_MS, TTFB_BUCKETS_MS, bucket_index, percentile
-from store.invocations import apply_batch
 from store.records import InvocationRecord, Usage
 from store.schema import DAILY_COUNTERS, codex_daily_stats, codex_hourly_stats, codex_invocations
 from store.stats import Filters, per_hour, per_node
-from store.stats_cli import main as stats_main
+from store.write.batch import apply_batch
 from tests.support.databases import fresh_engine
 
 T0 = dt.datetime(2026, 11, 20, 9)

@@ -10,9 +10,9 @@ import pytest
 from mitmproxy.proxy.layers.http import HttpStream
 from mitmproxy.test import taddons
 
-from addon.loglines import SERVER_LOGGER, STREAMING_LINE
+from addon.observe.loglines import SERVER_LOGGER, STREAMING_LINE
 from addon.relay import Relay
-from addon.runtime import Runtime
+from addon.services.runtime import Runtime
 
 
 class _Lines(logging.Handler):
@@ -64,7 +64,7 @@ def test_the_streaming_line_is_debug_while_the_relay_is_loaded_and_info_after(ha
 def test_the_relay_takes_the_call_lines_only_from_a_dumper_at_its_default():
     from mitmproxy import optmanager
 
-    from addon.loglines import take_call_lines
+    from addon.observe.loglines import take_call_lines
 
     def options(detail: int, dumper_filter: str | None = None) -> optmanager.OptManager:
         opts = optmanager.OptManager()
@@ -89,7 +89,7 @@ def test_mitmdump_prints_no_line_per_message_of_a_socket_the_relay_records():
     from mitmproxy.proxy.layers.websocket import WebsocketMessageHook
     from mitmproxy.test import taddons, tflow
 
-    from addon.loglines import CALL_COMMENT, take_call_lines
+    from addon.observe.loglines import CALL_COMMENT, take_call_lines
 
     out = io.StringIO()
     dumper = Dumper(outfile=out)

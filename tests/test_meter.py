@@ -18,7 +18,7 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from addon.meter import CHUNK_INFLATE_FLOOR, MAX_INFLATE_RATIO, MeterResult, StreamMeter
+from addon.metering.meter import CHUNK_INFLATE_FLOOR, MAX_INFLATE_RATIO, MeterResult, StreamMeter
 from store.records import Usage
 from tests.support.apibodies import CASES, CODEX_MODEL, CODEX_USAGE, OVERLOADED_STREAM, events_of
 

@@ -14,14 +14,14 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from addon.admin import Admin
-from addon.metrics import Metrics
+from addon.nodes.routing import NodePool
+from addon.observe.metrics import Metrics
 from addon.relay import Relay
-from addon.routing import NodePool
-from addon.runtime import Runtime
 from addon.serviceoptions import RuntimeOptions
+from addon.services.runtime import Runtime
 from store.records import InvocationRecord, NodeStateUpdate, Usage
 from store.schema import codex_invocations, nodes
-from store.writer import WriterStats
+from store.write.writer import WriterStats
 from tests.support.admin import TOKEN, alpha_and_beta, ask
 from tests.support.databases import at_head
 from tests.support.waiting import wait_for

@@ -11,9 +11,9 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
 from store.engine import alembic_config, current_revision, downgrade_to, head_revision, make_engine, upgrade_to_head
-from store.invocations import apply_batch
 from store.records import InvocationRecord
 from store.schema import DAILY_COUNTERS, metadata
+from store.write.batch import apply_batch
 from tests.support.databases import at_head
 
 

@@ -15,9 +15,9 @@ from addon.auth import ClientAuth
 from addon.egress import EGRESS_KEY
 from addon.ownbody import MAX_BODY, OwnBodies
 from addon.refusal import REFUSED_KEY, RefusalSink, answered
-from addon.runtime import Runtime
 from addon.serviceoptions import ClientKeyOptions
 from addon.services.clientkeys import ClientKeys
+from addon.services.runtime import Runtime
 from addon.userstats import UserStats
 from tests.support.flows import request_flow
 from tests.support.h2client import h2_exchange

@@ -14,10 +14,10 @@ import urllib.request
 
 import pytest
 
-from store.poll import Poller, fetch
-from store.poll_cli import main
-from store.snapshots import Delta
+from store.cli.poll import main
 from store.sources import SourceConfig, source_from_mapping
+from store.sources.poll import Poller, fetch
+from store.sources.snapshots import Delta
 from tests.support.databases import fresh_engine
 from tests.support.fakestats import FakeStats, Key, crs_item, crs_response, delta_rows, snapshot_rows
 

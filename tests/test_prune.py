@@ -10,13 +10,13 @@ from collections.abc import Iterable
 import pytest
 import sqlalchemy as sa
 
+from store.cli.prune import main
 from store.engine import make_engine
-from store.invocations import apply_batch
 from store.nodes import upsert_nodes
 from store.prune import cutoff_for, prune_older_than
-from store.prune_cli import main
 from store.records import InvocationRecord, NodeConfig, utcnow
 from store.schema import codex_daily_stats, codex_invocations, nodes
+from store.write.batch import apply_batch
 from tests.support.databases import fresh_engine
 
 _inv = codex_invocations.c

@@ -8,14 +8,14 @@ import uuid
 
 import pytest
 
-from store.invocations import apply_batch
-from store.poll import Poller
+from store.cli.reconcile import main
 from store.prices import load_prices
-from store.reconcile import ALL_MODELS, NO_MODEL, ReconRow, Totals, compare, reconcile
-from store.reconcile_cli import main
 from store.records import InvocationRecord, Usage
-from store.snapshots import ingest
 from store.sources import SourceConfig, source_from_mapping
+from store.sources.poll import Poller
+from store.sources.reconcile import ALL_MODELS, NO_MODEL, ReconRow, Totals, compare, reconcile
+from store.sources.snapshots import ingest
+from store.write.batch import apply_batch
 from tests.support.databases import fresh_engine
 from tests.support.fakestats import FakeStats, crs_item, crs_response
 

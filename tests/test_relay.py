@@ -9,7 +9,7 @@ from mitmproxy.addons.view import View
 from mitmproxy.test import taddons
 
 from addon.relay import AUTO_KEEP_BODY, Relay, _session_key, keep_body_bytes
-from addon.runtime import Runtime
+from addon.services.runtime import Runtime
 from tests.support.flows import request_flow
 
 

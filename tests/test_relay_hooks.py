@@ -12,7 +12,7 @@ from collections import Counter
 import pytest
 from mitmproxy.proxy.layers.http import HttpResponseHeadersHook
 
-from addon.breaker import BreakerPolicy
+from addon.nodes.breaker import BreakerPolicy
 from addon.refusal import REFUSED_KEY
 from store.keys import KeySpec
 from store.records import NodeStateUpdate, Usage

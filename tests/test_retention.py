@@ -10,11 +10,11 @@ import sqlalchemy as sa
 from mitmproxy import exceptions
 from mitmproxy.test import taddons
 
-from addon.runtime import Runtime
 from addon.serviceoptions import RuntimeOptions
-from store.invocations import apply_batch
+from addon.services.runtime import Runtime
 from store.records import InvocationRecord, Usage, utcnow
 from store.schema import codex_daily_stats, codex_hourly_stats, codex_invocations
+from store.write.batch import apply_batch
 from tests.support.databases import at_head
 from tests.support.waiting import wait_for
 

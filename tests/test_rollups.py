@@ -12,15 +12,15 @@ import sqlalchemy as sa
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from addon.metrics import DIRECT, Metrics
-from addon.routing import NodePool
+from addon.nodes.routing import NodePool
+from addon.observe.metrics import DIRECT, Metrics
 from store import rollups
-from store.invocations import apply_batch
 from store.key_usage import KEY_COUNTERS
 from store.nodes import upsert_nodes
 from store.records import InvocationRecord, NodeConfig, NodeStateUpdate, Usage
 from store.rollups import COUNTERS, DAY, HOUR, KEY, Counter
 from store.schema import DAILY_COUNTERS, client_key_usage, codex_daily_stats, codex_hourly_stats, nodes
+from store.write.batch import apply_batch
 from tests.support.databases import fresh_engine
 
 T0 = dt.datetime(2026, 11, 20, 23, 30)

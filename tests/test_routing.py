@@ -7,8 +7,8 @@ from collections import Counter
 
 import pytest
 
-from addon.breaker import Breaker
-from addon.routing import Node, NodePool, StickyMap
+from addon.nodes.breaker import Breaker
+from addon.nodes.routing import Node, NodePool, StickyMap
 from store.config import validate_base_url
 from store.records import NodeConfig
 

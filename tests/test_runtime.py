@@ -12,18 +12,18 @@ import pytest
 from mitmproxy import exceptions
 from mitmproxy.test import taddons
 
-from addon.breaker import BreakerPolicy
-from addon.runtime import Runtime
+from addon.nodes.breaker import BreakerPolicy
 from addon.serviceoptions import RuntimeOptions
 from addon.services.clientkeys import ClientKeys, key_specs
 from addon.services.fleet import fleet_settings
 from addon.services.healthchecks import HealthSettings, health_settings
+from addon.services.runtime import Runtime
 from addon.services.settings import SettingsError
 from addon.services.statsdb import db_settings
 from store.masking import digest
 from store.records import InvocationRecord
-from store.writer import Writer
-from store.writerproc import WriterProcess
+from store.write.process import WriterProcess
+from store.write.writer import Writer
 from tests.support.databases import at_head, rows
 
 UPSTREAM_KEY = "sk-upstream-0123456789abcdef"

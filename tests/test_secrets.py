@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from addon.secrets import KnownSecrets, secrets_equal
+from addon.guard.secrets import KnownSecrets, secrets_equal
 from addon.services.clientkeys import ClientKeys, key_specs
 
 NODE_KEY = "sk-proj-NODEKEY-0123456789abcd"

@@ -1,4 +1,4 @@
-"""Sessions stick for every coding client (addon.sessions), and a node's prompt cache shows it.
+"""Sessions stick for every coding client (addon.nodes.sessions), and a node's prompt cache shows it.
 
 Plain functions, then the routing driven in process (no proxy): the relay's own session reading and
 node choice, over three nodes that each cache prompts per conversation (tests.support.fakeupstream.PromptCache).
@@ -13,9 +13,9 @@ import random
 import pytest
 from mitmproxy.test import taddons
 
-from addon.callbody import read_call_body
-from addon.routing import Node, NodePool, StickyMap
-from addon.sessions import SESSION_KEY_MAX, body_session, claude_session, session_key
+from addon.guard.callbody import read_call_body
+from addon.nodes.routing import Node, NodePool, StickyMap
+from addon.nodes.sessions import SESSION_KEY_MAX, body_session, claude_session, session_key
 from store.records import NodeConfig
 from tests.support.fakeupstream import PromptCache
 from tests.support.sessionsim import CLIENTS, sessions

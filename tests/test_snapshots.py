@@ -11,8 +11,8 @@ import pytest
 import sqlalchemy as sa
 
 from store.schema import stats_source_snapshots
-from store.snapshots import Delta, ingest, latest_capture
 from store.sources import Capture, ModelStats
+from store.sources.snapshots import Delta, ingest, latest_capture
 from tests.support.databases import fresh_engine
 from tests.support.fakestats import delta_rows, snapshot_rows
 

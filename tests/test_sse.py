@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from addon.sse import SSEEvent, SSEParser
+from addon.metering.sse import SSEEvent, SSEParser
 
 STREAM = (
     ": keep-alive\n"

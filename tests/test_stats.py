@@ -9,13 +9,13 @@ import json
 
 import pytest
 
-from addon.outcome import is_node_failure_status
+from addon.metering.outcome import is_node_failure_status
+from store.cli.stats import main, parse_day
 from store.engine import make_engine
-from store.invocations import apply_batch
 from store.nodes import set_disabled, upsert_nodes
 from store.records import InvocationRecord, NodeConfig, NodeStateUpdate, Usage
 from store.stats import Filters, per_day, per_model, per_node, per_session, per_source, recent_invocations
-from store.stats_cli import main, parse_day
+from store.write.batch import apply_batch
 from tests.support.databases import at_head
 
 D20, D21, D22 = dt.date(2026, 11, 20), dt.date(2026, 11, 21), dt.date(2026, 11, 22)

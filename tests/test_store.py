@@ -9,10 +9,10 @@ import pytest
 import sqlalchemy as sa
 
 from store.engine import make_engine, upgrade_to_head
-from store.invocations import apply_batch
 from store.nodes import config_of, load_nodes, set_disabled, upsert_nodes
 from store.records import NodeConfig, NodeStateUpdate, Usage
 from store.schema import codex_invocations, nodes
+from store.write.batch import apply_batch
 from tests.support.databases import fresh_engine, modes, record
 
 

@@ -18,22 +18,22 @@ from mitmproxy.test import taddons, tflow
 from addon.admin import Admin
 from addon.auth import ClientAuth
 from addon.errors import CLIENT_KEY_NAME
+from addon.guard.secrets import digest
 from addon.limits import DB_RETRY_S, Limits
-from addon.routing import Node, NodePool
-from addon.runtime import Runtime
-from addon.secrets import digest
+from addon.nodes.routing import Node, NodePool
 from addon.serviceoptions import ClientKeyOptions, LimitOptions
+from addon.services.runtime import Runtime
 from addon.userstats import UserStats
+from store.cli.stats import main as stats_main
 from store.engine import make_engine
-from store.invocations import apply_batch
 from store.key_usage import Budgets, admit
 from store.keys import KeySpec
 from store.records import InvocationRecord, KeyCount, NodeConfig, Usage, utcnow
 from store.schema import client_key_usage, codex_invocations
 from store.sources import crs
-from store.spool import Spool
-from store.stats_cli import main as stats_main
-from store.writer import Writer
+from store.write.batch import apply_batch
+from store.write.journal import Spool
+from store.write.writer import Writer
 from tests.support.admin import ask
 from tests.support.databases import fresh_engine
 from tests.support.waiting import wait_for

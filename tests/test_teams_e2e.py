@@ -10,10 +10,10 @@ import pytest
 import sqlalchemy as sa
 
 from store.engine import make_engine
-from store.poll import Poller
-from store.reconcile import reconcile
 from store.records import utcnow
 from store.sources import SourceConfig, crs
+from store.sources.poll import Poller
+from store.sources.reconcile import reconcile
 from tests.support.fakeupstream import FakeUpstream
 from tests.support.relayproc import RelayProcess
 from tests.support.waiting import wait_for

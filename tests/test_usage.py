@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from addon.sse import SSEEvent, SSEParser
-from addon.usage import UsageExtractor, iteration_usages
+from addon.metering.sse import SSEEvent, SSEParser
+from addon.metering.usage import UsageExtractor, iteration_usages
 from store.records import Usage
 from tests.support.apibodies import (
     ANTHROPIC_JSON,

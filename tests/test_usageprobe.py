@@ -13,12 +13,12 @@ from mitmproxy.http import Headers, Request, Response
 from mitmproxy.test import tutils
 
 from addon.bodies import CONTENT_HEADERS, chunks, prepare_body, start_meter, strips_usage
-from addon.call import Call
 from addon.egress import header_values
-from addon.meter import StreamMeter
-from addon.routing import Node
-from addon.usage import RequestInfo
-from addon.usageprobe import MAX_HELD_BYTES, UsageChunkFilter, add_include_usage
+from addon.metering.call import Call
+from addon.metering.meter import StreamMeter
+from addon.metering.usage import RequestInfo
+from addon.metering.usageprobe import MAX_HELD_BYTES, UsageChunkFilter, add_include_usage
+from addon.nodes.routing import Node
 from store.config import ConfigError, node_from_mapping
 from store.records import NodeConfig, Usage
 from tests.support.calls import write_nodes

@@ -15,8 +15,8 @@ import sqlalchemy as sa
 from store.engine import make_engine
 from store.records import NodeStateUpdate, Usage
 from store.schema import codex_invocations, nodes
-from store.spool import Spool, SpoolInUse, decode, default_spool_path, encode
-from store.writer import Writer
+from store.write.journal import Spool, SpoolInUse, decode, default_spool_path, encode
+from store.write.writer import Writer
 from tests.support.databases import at_head, counts, engine_with_node, modes, record
 from tests.support.tcpproxy import TcpProxy
 from tests.support.waiting import wait_for
@@ -252,7 +252,7 @@ def _gone_pid() -> int:
 
 
 def test_a_spool_held_for_a_relay_that_is_gone_is_waited_for(tmp_path, caplog):
-    """A relay killed outright leaves its writer process finishing (store.writerproc): the next start waits."""
+    """A relay killed outright leaves its writer process finishing (store.write.process): the next start waits."""
     lock = _held_for(tmp_path / "s.db", _gone_pid())
 
     class ReleaseWhenWaiting(logging.Handler):  # the old writer ends while the new relay waits

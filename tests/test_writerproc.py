@@ -18,12 +18,12 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from store import writerproc
 from store.engine import make_engine
 from store.records import NodeStateUpdate, Usage
-from store.spool import Spool
-from store.writer import Writer
-from store.writerproc import WriterProcess, WriterStartError, _Forked, relay_journal_path, start_writer
+from store.write import process as writerproc
+from store.write.journal import Spool
+from store.write.process import WriterProcess, WriterStartError, _Forked, relay_journal_path, start_writer
+from store.write.writer import Writer
 from tests.support.databases import at_head, counts, engine_with_node, record
 from tests.support.waiting import wait_for
 
@@ -48,7 +48,7 @@ def _lock_database(sqlite_url: str) -> sqlite3.Connection:
 def test_records_reach_the_database_through_the_child_and_close_writes_the_rest(engine, db_url, tmp_path):
     writer = WriterProcess(db_url, str(tmp_path / "spool.db"), batch_size=200, linger=0.05)
     writer.start()
-    # The child holds the journal for this process, its relay: a relay that dies is seen as gone (store.spool).
+    # The child holds the journal for this process, its relay: a relay that dies is seen as gone (store.write.journal).
     assert (tmp_path / "spool.db.lock").read_text() == f"{os.getpid()}\n"
     for _ in range(700):
         writer.submit(record(usage=Usage(3, 1, 0, 2, 0)))
@@ -130,7 +130,7 @@ def test_the_child_outlives_sigterm_and_sigint_and_ends_with_its_parents_pipe(en
 
 def test_a_child_whose_relay_is_gone_ends_within_its_grace_even_on_a_hung_database(sqlite_url, tmp_path):
     """Nobody stops a child whose relay died: it finishes what it was sent, within a bound, so the journal's
-    lock is free for the relay's next start (which waits for such a child: store.spool)."""
+    lock is free for the relay's next start (which waits for such a child: store.write.journal)."""
     engine = engine_with_node(sqlite_url)
     writer = WriterProcess(sqlite_url, str(tmp_path / "spool.db"), linger=0.0, orphan_grace=1.0)
     writer.start()

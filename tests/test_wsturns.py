@@ -1,4 +1,4 @@
-"""The turns of one Responses WebSocket (addon.wsturns), as plain functions."""
+"""The turns of one Responses WebSocket (addon.metering.wsturns), as plain functions."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from addon.callbody import BodyRefused, read_socket_message
-from addon.wsturns import KeptMessages, SocketTurns, Turn, error_event, event_type
+from addon.guard.callbody import BodyRefused, read_socket_message
+from addon.metering.wsturns import KeptMessages, SocketTurns, Turn, error_event, event_type
 from store.records import Usage, utcnow
 
 

@@ -1,4 +1,4 @@
-"""Alerts: the ``[[webhooks]]`` of the nodes file, told of node and relay events (``addon.alerts``)."""
+"""Alerts: the ``[[webhooks]]`` of the nodes file, told of node and relay events (``addon.observe.alerts``)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from addon.alerts import Alerts, Webhook, webhooks_from_file
-from addon.routing import NodePool
+from addon.nodes.routing import NodePool
+from addon.observe.alerts import Alerts, Webhook, webhooks_from_file
 from addon.services.settings import SettingsError, seconds
 from store.config import ConfigError
-from store.writer import WriterStats
+from store.write.writer import WriterStats
 
 log = logging.getLogger("codex.runtime")
 

@@ -10,9 +10,9 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from addon.health import Health
-from addon.nodesync import NodeSync
-from addon.routing import Node, NodePool, StickyMap
+from addon.nodes.health import Health
+from addon.nodes.nodesync import NodeSync
+from addon.nodes.routing import Node, NodePool, StickyMap
 from addon.services.settings import SettingsError, seconds
 from store.config import ConfigError, base_url_warnings, load_nodes_file, validate_base_url
 from store.nodes import config_of, load_nodes, read_version, set_disabled, upsert_nodes

@@ -7,9 +7,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from addon.breaker import BreakerPolicy
-from addon.health import Health, Pinger, Submit
-from addon.routing import NodePool
+from addon.nodes.breaker import BreakerPolicy
+from addon.nodes.health import Health, Pinger, Submit
+from addon.nodes.routing import NodePool
 from addon.services.settings import SettingsError, seconds
 
 

@@ -10,8 +10,8 @@ import sqlalchemy as sa
 
 from addon.services.settings import SettingsError
 from store.config import ConfigError
-from store.poll import Poller, PollResult
 from store.sources import SourceConfig, load_sources_file
+from store.sources.poll import Poller, PollResult
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,9 +14,9 @@ from addon.services.settings import SettingsError
 from store.engine import error_line, make_engine, upgrade_to_head
 from store.records import Item
 from store.retention import DAY, Pruner
-from store.spool import default_spool_path
-from store.writer import RecordWriter, WriterStats
-from store.writerproc import WriterStartError, start_writer
+from store.write.journal import default_spool_path
+from store.write.process import WriterStartError, start_writer
+from store.write.writer import RecordWriter, WriterStats
 
 log = logging.getLogger("codex.runtime")
 

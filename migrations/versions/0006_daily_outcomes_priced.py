@@ -16,7 +16,7 @@ branch_labels = None
 depends_on = None
 
 _NEW = ("failures", "aborted", "priced")
-# The relay's own 503 when every node is down: not a node's failure (addon.outcome at this revision).
+# The relay's own 503 when every node is down: not a node's failure (addon.metering.outcome at this revision).
 _NO_NODE = "no upstream node available"
 
 

@@ -2,7 +2,7 @@
 
 A stats source is an endpoint of an upstream provider that reports its own tally of our usage for
 the current period (e.g. today, per model). The poller fetches it, a format module turns the JSON
-into ``ModelStats`` rows, and ``store.snapshots`` stores them as one capture.
+into ``ModelStats`` rows, and ``store.sources.snapshots`` stores them as one capture.
 
 A format is one small module in this package, registered in ``FORMATS``, with
 ``CONFIG_KEYS`` (the config keys of its own), ``configure(item, where) -> dict`` (checks them, raises
@@ -13,7 +13,7 @@ ConfigError, and returns the request fields it sets: ``method``, ``body``, ``per
 
 Token convention of snapshots (the provider's, as claude-relay-service reports it):
 ``input_tokens`` excludes cache reads and cache writes; ``all_tokens`` = input + output +
-cache_create + cache_read. ``store.reconcile`` converts to the relay's OpenAI convention.
+cache_create + cache_read. ``store.sources.reconcile`` converts to the relay's OpenAI convention.
 """
 
 from __future__ import annotations

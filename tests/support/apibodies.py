@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 
-from addon.sse import SSEEvent, SSEParser
+from addon.metering.sse import SSEEvent, SSEParser
 from store.records import Usage
 
 

@@ -29,19 +29,20 @@ from mitmproxy.proxy.layers.http import (
 )
 from mitmproxy.test import taddons, tflow, tutils
 
-from addon.breaker import BreakerPolicy
 from addon.errors import CLIENT_KEY_NAME
-from addon.health import Health
 from addon.limits import Limits
+from addon.nodes.breaker import BreakerPolicy
+from addon.nodes.health import Health
+from addon.nodes.routing import Node, NodePool
 from addon.relay import Relay
-from addon.routing import Node, NodePool
 from addon.services.clientkeys import ClientKeys
 from store.keys import KeySpec
 from store.records import InvocationRecord, KeyCount, NodeConfig, NodeStateUpdate
 
 
 class StubRuntime:
-    """What ``Relay`` uses of ``addon.runtime.Runtime``: the pool, health, prices and a writer that keeps records."""
+    """What ``Relay`` uses of ``addon.services.runtime.Runtime``: the pool, health, prices and a writer that keeps
+    records."""
 
     def __init__(self, nodes: Iterable[NodeConfig], *, prices=None, policy: BreakerPolicy | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:

@@ -170,9 +170,11 @@ def main() -> None:
     for name in WARM_MODULES:
         importlib.import_module(name)
     # The relay's own modules too (the entry script itself is loaded by mitmproxy, as a script).
-    for path in sorted((Path(__file__).resolve().parents[2] / "addon").glob("*.py")):
-        if path.stem not in ("__init__", "codex"):
-            importlib.import_module(f"addon.{path.stem}")
+    addon = Path(__file__).resolve().parents[2] / "addon"
+    for path in sorted(addon.rglob("*.py")):
+        module = ".".join(path.relative_to(addon.parent).with_suffix("").parts)
+        if path.stem != "__init__" and module != "addon.codex":
+            importlib.import_module(module)
     gc.freeze()  # what every relay shares stays out of their collections (and their pages unwritten)
     with contextlib.closing(socket.socket(fileno=int(sys.argv[1]))) as sock:
         req = _serve(sock)

@@ -12,14 +12,14 @@ from mitmproxy.test import tflow
 from mitmproxy.websocket import WebSocketMessage
 from wsproto.frame_protocol import Opcode
 
-from addon.call import Call
 from addon.errors import CLIENT_KEY_NAME
-from addon.health import Health
 from addon.limits import Limits
+from addon.metering.call import Call
+from addon.metering.usage import RequestInfo
+from addon.nodes.health import Health
+from addon.nodes.routing import Node, NodePool
 from addon.relay import Relay
-from addon.routing import Node, NodePool
 from addon.services.clientkeys import ClientKeys
-from addon.usage import RequestInfo
 from store.keys import KeySpec
 from store.records import InvocationRecord, NodeConfig
 
