@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 
 from websockets.asyncio.server import ServerConnection, serve
 
+from tests.support.pipes import ThreadServer, pipe
+
 DEFAULT_USAGE = (207, 0, 47, 0)
 Usage4 = tuple[int, int, int, int]
 
@@ -120,31 +122,20 @@ class WsUpstream:
         self._thread.join(10)
 
 
-class Splitter:
+class Splitter(ThreadServer):
     """One address for an HTTP node and a WebSocket node (127.0.0.1, for tests): a connection whose first request
     asks for a WebSocket is piped to ``ws``, any other to ``http`` — one node of the relay that speaks both, as
     OpenAI's does. (mitmproxy opens a server connection per client connection: an upgrade never shares one.)"""
 
     def __init__(self, http_port: int, ws_port: int) -> None:
-        self.http_port, self.ws_port, self.port = http_port, ws_port, 0
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._server: asyncio.Server | None = None
+        super().__init__()
+        self.http_port, self.ws_port = http_port, ws_port
 
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
 
-    def start(self) -> Splitter:
-        self._thread.start()
-
-        async def listen() -> asyncio.Server:
-            return await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self._server = asyncio.run_coroutine_threadsafe(listen(), self._loop).result(10)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             head = await reader.readuntil(b"\r\n\r\n")
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
@@ -153,22 +144,4 @@ class Splitter:
         upgrade = b"\r\nupgrade: websocket" in head.lower()
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.ws_port if upgrade else self.http_port)
         up_writer.write(head)
-
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            try:
-                while data := await src.read(65536):
-                    dst.write(data)
-                    await dst.drain()
-            except ConnectionError:
-                pass
-            finally:
-                dst.close()
         await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
-
-    def stop(self) -> None:
-        async def close() -> None:
-            if self._server is not None:
-                self._server.close()
-        asyncio.run_coroutine_threadsafe(close(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
