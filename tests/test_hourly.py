@@ -103,10 +103,9 @@ def test_hourly_percentiles_are_within_ten_percent_on_ordinary_traffic(db_url):
         status="success", node_id="alpha", model="gpt-5-codex",
         ttfb_ms=round(rnd.lognormvariate(math.log(800), 0.5)),
         duration_ms=round(rnd.lognormvariate(math.log(12_000), 0.6))) for i in range(1000)]
-    with fresh_engine(db_url) as engine:
-        with engine.begin() as conn:
-            apply_batch(conn, records)
-            [hour] = per_hour(conn, Filters())
+    with fresh_engine(db_url) as engine, engine.begin() as conn:
+        apply_batch(conn, records)
+        [hour] = per_hour(conn, Filters())
     ttfb, durations = [r.ttfb_ms for r in records], [r.duration_ms for r in records]
     for read, values, q in ((hour.ttfb_p50_ms, ttfb, 0.5), (hour.ttfb_p95_ms, ttfb, 0.95),
                             (hour.duration_p50_ms, durations, 0.5)):
