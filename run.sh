@@ -55,7 +55,8 @@ setup_venv() {  # setup_venv [dev]: the relay's dependencies; with dev, the test
 }
 
 ensure_debian() {  # ensure_debian PROGRAM PACKAGE TEST: install Debian's PACKAGE for TEST when we may
-    # Tests drive real Debian programs (chromium for the admin page, haproxy in front of two relays).
+    # Tests drive real Debian programs (chromium for the admin page, haproxy in front of two relays, prometheus
+    # scraping two relays).
     [ -x "$1" ] && return 0
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         echo "run.sh: installing $2 for $3" >&2
@@ -92,6 +93,7 @@ case "$cmd" in
         cd "$ROOT"
         ensure_debian /usr/bin/chromium chromium "the browser test"
         ensure_debian /usr/sbin/haproxy haproxy "the HAProxy test"
+        ensure_debian /usr/bin/prometheus prometheus "the Grafana dashboard's Prometheus test"
         "$VENV/bin/ruff" check .
         "$VENV/bin/mypy"  # what it checks: [tool.mypy] in pyproject.toml
         # Two workers per core: the end-to-end tests spend much of their time waiting on real processes,

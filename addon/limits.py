@@ -33,10 +33,11 @@ from mitmproxy import http
 
 from addon.errors import CLIENT_KEY_NAME, refusal_response
 from addon.guard.endpoints import DEFAULT_KEY_ENDPOINTS, UNBILLED, endpoint_allowed, route
+from addon.observe.metrics import Budget
 from addon.services.runtime import Runtime
 from addon.services.settings import SettingsError
 from store.engine import error_line
-from store.key_usage import Budgets, KeyStats, admit, budget_reset, key_report
+from store.key_usage import Budgets, KeyStats, admit, budget_reset, key_report, month_start
 from store.keys import KeySpec
 from store.records import KeyCount, utcnow
 
@@ -67,6 +68,9 @@ class Limits:
         self.when_db_down = "admit"  # codex_limits_when_db_down (addon.serviceoptions)
         self._last_outage_log = -math.inf
         self._db_retry_at = -math.inf
+        # (key name, budget) -> (the day it was read, its use then), as the last budget check read it
+        self._used: dict[tuple[str, str], tuple[dt.date, float]] = {}
+        runtime.metrics.count_budgets(self.budgets)
 
     def _spec(self, flow: http.HTTPFlow) -> KeySpec | None:
         return self.runtime.keys.spec(flow.metadata.get(CLIENT_KEY_NAME, ""))
@@ -134,7 +138,9 @@ class Limits:
             if self._clock() < self._db_retry_at:
                 over = self._db_down(spec, day, None)
             else:
-                over = await asyncio.to_thread(_admit, engine, spec, day)
+                seen: dict[str, float] = {}
+                over = await asyncio.to_thread(_admit, engine, spec, day, seen)
+                self._used.update({(spec.name, budget): (day, use) for budget, use in seen.items()})
         except Exception as e:  # unreachable, frozen, or anything else: never a 500
             self._db_retry_at = self._clock() + DB_RETRY_S
             over = self._db_down(spec, day, e)
@@ -185,11 +191,34 @@ class Limits:
         now = self._clock()
 
         def live(name: str, limit: str) -> int:
-            if limit == "rpm":
-                return len([t for t in self._recent.get(name, ()) if t > now - RPM_WINDOW_S])
-            return self.in_flight(name)
+            return self._rpm_used(name, now) if limit == "rpm" else self.in_flight(name)
 
         return key_report(rows, self.runtime.keys.specs, day, live)
+
+    def budgets(self) -> list[Budget]:
+        """Every limit of the configured keys with its use (``addon.observe.metrics``): rpm and concurrency in
+        this process now; a budget as its last check here read it, if that was in its current day or month."""
+        now, today = self._clock(), self._now().date()
+        out = []
+        for spec in self.runtime.keys.specs.values():
+            for name in ("rpm", "concurrency", "daily_requests", "daily_tokens", "monthly_cost"):
+                value = getattr(spec, name)
+                if value is None:
+                    continue
+                if name == "rpm":
+                    used: float | None = self._rpm_used(spec.name, now)
+                elif name == "concurrency":
+                    used = self.in_flight(spec.name)
+                else:
+                    day, use = self._used.get((spec.name, name), (None, None))
+                    current = day is not None and (month_start(day) == month_start(today) if name == "monthly_cost"
+                                                   else day == today)
+                    used = use if current else None
+                out.append(Budget(spec.name, name, value, used))
+        return out
+
+    def _rpm_used(self, name: str, now: float) -> int:
+        return len([t for t in self._recent.get(name, ()) if t > now - RPM_WINDOW_S])
 
     def _refuse(self, flow: http.HTTPFlow, spec: KeySpec, reason: str, response: http.Response) -> http.Response:
         _log_refusal(flow, spec, reason, response)
@@ -226,6 +255,7 @@ def _log_refusal(flow: http.HTTPFlow, spec: KeySpec, reason: str, response: http
              response.headers.get("x-request-id", "-"))
 
 
-def _admit(engine: sa.Engine, spec: KeySpec, day: dt.date) -> str | None:
+def _admit(engine: sa.Engine, spec: KeySpec, day: dt.date, seen: dict[str, float]) -> str | None:
     with engine.begin() as conn:
-        return admit(conn, spec.name, day, Budgets(spec.daily_requests, spec.daily_tokens, spec.monthly_cost))
+        return admit(conn, spec.name, day, Budgets(spec.daily_requests, spec.daily_tokens, spec.monthly_cost),
+                     seen)

@@ -1,7 +1,7 @@
 """Fixed latency buckets, shared by the Prometheus histograms and the hourly rollup's bucket counts.
 
 Fixed (never per-deployment) so that rows written by several relays and over years add up, and a
-percentile read from the counts is off by at most one bucket's width.
+percentile read from the counts (interpolated within its bucket) is off by less than one bucket's width.
 """
 
 from __future__ import annotations
@@ -21,15 +21,19 @@ def bucket_index(bounds: Sequence[int], value_ms: int) -> int:
 
 
 def percentile(bounds: Sequence[int], counts: Sequence[int], q: float) -> int | None:
-    """The upper bound of the bucket holding the ``q`` quantile (0 < q <= 1) of the counted values;
-    None when nothing is counted. Values in the open bucket read as the last bound."""
+    """The ``q`` quantile (0 < q <= 1) of the counted values, interpolated linearly within the bucket that
+    holds it (as Prometheus' ``histogram_quantile``: the first bucket starts at 0); None when nothing is
+    counted. Values in the open bucket read as the last bound."""
     total = sum(counts)
     if not total:
         return None
     rank = q * total
     seen = 0
     for i, n in enumerate(counts):
+        if n and seen + n >= rank:
+            if i >= len(bounds):
+                break
+            lower = bounds[i - 1] if i else 0
+            return round(lower + (bounds[i] - lower) * (rank - seen) / n)
         seen += n
-        if seen >= rank:
-            return bounds[min(i, len(bounds) - 1)]
     return bounds[-1]

@@ -44,20 +44,25 @@ def month_start(day: dt.date) -> dt.date:
     return day.replace(day=1)
 
 
-def admit(conn: sa.Connection, key: str, day: dt.date, budgets: Budgets) -> str | None:
-    """Admit one call of ``key`` on ``day``: None, or the name of the budget it is over.
+def admit(conn: sa.Connection, key: str, day: dt.date, budgets: Budgets,
+          seen: dict[str, float] | None = None) -> str | None:
+    """Admit one call of ``key`` on ``day``: None, or the name of the budget it is over. ``seen`` gets the
+    use of each budget checked, by its name (the requests admitted including this call).
 
     The caller owns the transaction. Only an admitted call with a ``daily_requests`` limit counts in
     ``admitted``.
     """
     t = client_key_usage.c
+    seen = {} if seen is None else seen
     if budgets.daily_tokens is not None:
         used = conn.execute(sa.select(t.total_tokens).where(t.day == day, t.client_key == key)).scalar() or 0
+        seen["daily_tokens"] = used
         if used >= budgets.daily_tokens:
             return "daily_tokens"
     if budgets.monthly_cost is not None:
         spent = conn.execute(sa.select(sa.func.coalesce(sa.func.sum(t.cost), 0.0)).where(
             t.client_key == key, t.day >= month_start(day), t.day <= day)).scalar() or 0.0
+        seen["monthly_cost"] = float(spent)
         if spent >= budgets.monthly_cost:
             return "monthly_cost"
     if budgets.daily_requests is not None:
@@ -65,6 +70,8 @@ def admit(conn: sa.Connection, key: str, day: dt.date, budgets: Budgets) -> str 
         taken = conn.execute(sa.update(client_key_usage)
                              .where(t.day == day, t.client_key == key, t.admitted < budgets.daily_requests)
                              .values(admitted=t.admitted + 1)).rowcount
+        seen["daily_requests"] = conn.execute(sa.select(t.admitted).where(t.day == day, t.client_key == key)
+                                              ).scalar() or 0
         if taken != 1:
             return "daily_requests"
     return None

@@ -6,7 +6,8 @@ A counter is one line: its name, its value for a call (the rule), and the target
 - ``DAY``, ``HOUR``: ``codex_daily_stats`` and ``codex_hourly_stats``, per period, source, node and model;
 - ``KEY``: ``client_key_usage``, per UTC day and client key (calls that named a key);
 - ``node``: its column in ``nodes``, the node's lifetime row (calls served by a node);
-- ``metric``: a Prometheus counter per node (``direct`` for calls no node served) and per client key name.
+- ``metric``: a Prometheus counter per node (``direct`` for calls no node served) and per client key name,
+  optionally by model (folded: ``addon.observe.modelfold``) and HTTP status class.
 
 The rollup columns (``DAY``, ``HOUR``, ``KEY``) carry the counter's own name; a new one also needs its
 column, added by an Alembic revision. Every call has one ``outcome`` (the one success/failure rule);
@@ -68,12 +69,21 @@ ALL = PERIODS | KEY
 class Metric:
     """A Prometheus counter: ``codex_node_<family>`` labelled by node and, if ``per_client``,
     ``codex_client_<family>`` by client key name; with a ``kind`` label when ``kind`` is given or
-    ``by_status`` (the kind is then the call's status, ``retried`` for a failed attempt)."""
+    ``by_status`` (the kind is then the call's status, ``retried`` for a failed attempt), a ``model`` label
+    when ``by_model`` and a ``code`` label (``status_class``) when ``by_code``. A counter with an ``attempt``
+    has neither of the last two: an attempt names no model and told the client nothing."""
 
     family: str
     kind: str | None = None
     per_client: bool = True
     by_status: bool = False
+    by_model: bool = False
+    by_code: bool = False
+
+
+def status_class(r: InvocationRecord) -> str:
+    """The ``code`` label: the class of the HTTP status the client got (``2xx`` … ``5xx``), ``none`` without one."""
+    return f"{r.http_status // 100}xx" if r.http_status else "none"
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +116,8 @@ COUNTERS: tuple[Counter, ...] = (
     Counter("reasoning_tokens", _usage("reasoning_tokens"),    PERIODS, "total_reasoning",
             Metric("tokens", "reasoning")),
     Counter("total_tokens", _usage("total_tokens"),            ALL),
-    Counter("cost", lambda r: r.cost or 0.0,                   ALL),    # an unpriced call adds 0 ...
+    Counter("cost", lambda r: r.cost or 0.0,                   ALL,     None,            # an unpriced call adds 0 ...
+            Metric("cost_usd", by_model=True)),
     Counter("priced", lambda r: r.cost is not None,            PERIODS),  # ... and is not priced
     Counter("bytes", operator.attrgetter("response_bytes"),    PERIODS, "total_bytes"),
     Counter("ttfb_sum", lambda r: r.ttfb_ms or 0,              PERIODS, "first_byte_ms"),
@@ -116,6 +127,8 @@ COUNTERS: tuple[Counter, ...] = (
     Counter("stream_dur_ms", lambda r: r.stream_ms or 0,       To.NONE, "stream_dur_ms"),  # every call's stream
     Counter("duration_sum", lambda r: r.duration_ms or 0,      HOUR),
     Counter("duration_n", lambda r: r.duration_ms is not None, HOUR),
+    Counter("calls", lambda r: 1,                              To.NONE, None,
+            Metric("calls", by_model=True, by_code=True)),  # requests less retried attempts, by model and answer
 )
 
 

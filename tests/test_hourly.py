@@ -1,5 +1,5 @@
 """The hourly rollup: its sums match the daily rollup's, and the percentiles read from its fixed buckets
-agree with the raw rows' within one bucket (SQLite and MariaDB)."""
+agree with the raw rows' within one bucket, and within 10% on ordinary traffic (SQLite and MariaDB)."""
 
 from __future__ import annotations
 
@@ -46,8 +46,12 @@ def exact(values: list[int], q: float) -> int:
 
 
 def same_bucket(bounds: tuple[int, ...], read: int, raw: int) -> bool:
-    """``read`` (a bucket's upper bound) is the bucket of ``raw``; past the last bound, the last bound."""
-    return read == bounds[min(bucket_index(bounds, raw), len(bounds) - 1)]
+    """``read`` (interpolated) lies in the bucket of ``raw`` (its lower bound included: rounding); past the last
+    bound, it is the last bound."""
+    i = bucket_index(bounds, raw)
+    if i >= len(bounds):
+        return read == bounds[-1]
+    return (bounds[i - 1] if i else 0) <= read <= bounds[i]
 
 
 def test_hourly_percentiles_agree_with_the_raw_rows(engine):
@@ -81,11 +85,32 @@ def test_hourly_sums_equal_the_daily_rollup(engine):
     assert int(n) == 600
 
 
-def test_percentile_reads_bucket_bounds():
+def test_percentile_interpolates_within_its_bucket():
     assert percentile((10, 20, 30), [0, 0, 0, 0], 0.5) is None
     assert percentile((10, 20, 30), [5, 5, 0, 0], 0.5) == 10
-    assert percentile((10, 20, 30), [5, 5, 0, 0], 0.51) == 20
+    assert percentile((10, 20, 30), [5, 5, 0, 0], 0.75) == 15  # halfway through the second bucket's calls
+    assert percentile((10, 20, 30), [4, 0, 0, 0], 0.5) == 5  # the first bucket starts at 0
     assert percentile((10, 20, 30), [0, 0, 1, 9], 0.99) == 30  # the open bucket reads as the last bound
+
+
+def test_hourly_percentiles_are_within_ten_percent_on_ordinary_traffic(db_url):
+    """Log-normal latencies (a model's TTFB around 0.8 s, its calls around 12 s), as a busy hour has them: the
+    TTFB p50 and p95 and the duration p50 read from the hourly rows are within 10% of the raw values' (issue 29:
+    104 ms once read 200). The tails in the wider buckets are only within their bucket (docs/observability.md)."""
+    rnd = random.Random(29)
+    records = [InvocationRecord(
+        invoke_id=f"o{i}", occurred_at=T0 + dt.timedelta(seconds=3 * i), source="relay", endpoint="/v1/responses",
+        status="success", node_id="alpha", model="gpt-5-codex",
+        ttfb_ms=round(rnd.lognormvariate(math.log(800), 0.5)),
+        duration_ms=round(rnd.lognormvariate(math.log(12_000), 0.6))) for i in range(1000)]
+    with fresh_engine(db_url) as engine, engine.begin() as conn:
+        apply_batch(conn, records)
+        [hour] = per_hour(conn, Filters())
+    ttfb, durations = [r.ttfb_ms for r in records], [r.duration_ms for r in records]
+    for read, values, q in ((hour.ttfb_p50_ms, ttfb, 0.5), (hour.ttfb_p95_ms, ttfb, 0.95),
+                            (hour.duration_p50_ms, durations, 0.5)):
+        assert read == pytest.approx(exact(values, q), rel=0.10), (q, exact(values, q))
+    assert same_bucket(DURATION_BUCKETS_MS, hour.duration_p95_ms, exact(durations, 0.95))
 
 
 def test_stats_hours_and_nodes_cli(engine, db_url, capsys):

@@ -14,12 +14,13 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from addon.admin import Admin
-from addon.nodes.routing import NodePool
+from addon.nodes.routing import Node, NodePool
 from addon.observe.metrics import Metrics
+from addon.observe.modelfold import TOP_N
 from addon.relay import Relay
 from addon.serviceoptions import RuntimeOptions
 from addon.services.runtime import Runtime
-from store.records import InvocationRecord, NodeStateUpdate, Usage
+from store.records import InvocationRecord, KeyCount, NodeConfig, NodeStateUpdate, Usage
 from store.schema import codex_invocations, nodes
 from store.write.writer import WriterStats
 from tests.support.admin import TOKEN, alpha_and_beta, ask
@@ -120,7 +121,7 @@ def test_hours_api_serves_the_percentiles(env):
     assert resp.status_code == 200
     [hour] = json.loads(resp.get_text())["hours"]
     assert (hour["hour"], hour["requests"], hour["ttfb_p50_ms"], hour["duration_p99_ms"]) == \
-        ("2026-11-20 12:00", 1, 50, 1000)
+        ("2026-11-20 12:00", 1, 25, 995)  # 40 ms and 900 ms, interpolated in their buckets
 
 
 def test_metrics_follow_the_admin_access_rules(env):
@@ -143,3 +144,42 @@ def test_a_stalled_writer_process_is_a_gauge_and_a_counter():
                for s in family.samples}
     assert total(samples, "codex_writer_stalled") == 1 and total(samples, "codex_writer_stalls_total") == 2
     assert total(samples, "codex_writer_db_ok") == 0 and total(samples, "codex_writer_journal") == 40
+
+
+def test_money_series_by_node_key_model_and_status_class():
+    """Cost by node, key and model; calls by model and HTTP status class; refusals by key and reason; the model
+    label folded to the nodes' globs, then the first TOP_N other names, then ``other``."""
+    pool = NodePool([Node(NodeConfig("alpha", "http://127.0.0.1:9", models=("gpt-5*",))),
+                     Node(NodeConfig("beta", "http://127.0.0.1:9", models=("claude-*",)))])
+    metrics = Metrics(lambda: pool, lambda: None)
+
+    def call(i: int, node: str | None, model: str | None, client: str | None, cost: float | None,
+             http_status: int | None) -> InvocationRecord:
+        return InvocationRecord(invoke_id=f"c{i}", occurred_at=dt.datetime(2026, 11, 20, 12), source="relay",
+                                endpoint="/v1/responses", status="success" if http_status == 200 else "failed",
+                                node_id=node, model=model, client_key=client, cost=cost, http_status=http_status)
+
+    items = [call(1, "alpha", "gpt-5-codex", "ci", 0.25, 200), call(2, "alpha", "gpt-5", "ci", 0.5, 200),
+             call(3, "beta", "claude-opus-4", "dev", 1.0, 200), call(4, "beta", "claude-opus-4", "dev", None, 529),
+             call(5, None, "o3", "ci", None, 400), call(6, None, None, None, None, None),
+             *(call(10 + i, "alpha", f"made-up-{i}", "ci", 0.01, 200) for i in range(TOP_N + 5)),
+             KeyCount("ci", dt.date(2026, 11, 20), "refused_rate"), KeyCount("ci", dt.date(2026, 11, 20), "admitted"),
+             KeyCount("dev", dt.date(2026, 11, 20), "refused_budget")]
+    for item in items:
+        metrics.observe(item)
+    m = {(s.name, tuple(sorted(s.labels.items()))): s.value
+         for family in text_string_to_metric_families(metrics.scrape().decode()) for s in family.samples}
+    assert total(m, "codex_client_cost_usd_total", client="ci", model="gpt-5*") == 0.75
+    assert total(m, "codex_node_cost_usd_total", node="beta", model="claude-*") == 1.0
+    assert total(m, "codex_client_cost_usd_total") == pytest.approx(1.75 + 0.01 * (TOP_N + 5))
+    assert total(m, "codex_node_calls_total", node="beta", model="claude-*", code="5xx") == 1
+    assert total(m, "codex_node_calls_total", node="direct", model="o3", code="4xx") == 1
+    assert total(m, "codex_node_calls_total", model="none", code="none") == 1
+    assert total(m, "codex_node_calls_total") == len(items) - 3  # every call once, refusals are no calls
+    models = {dict(labels)["model"] for (n, labels) in m if n == "codex_node_calls_total"}
+    # o3 and the first TOP_N - 1 made-up names keep theirs: TOP_N names besides the globs, none and other
+    assert len(models) == 2 + TOP_N + 2 and "other" in models
+    assert total(m, "codex_node_calls_total", model="other") == 6
+    assert {dict(labels)["reason"]: v for (n, labels), v in m.items() if n == "codex_client_refusals_total"} == {
+        "rate": 1, "budget": 1}
+    assert total(m, "codex_client_refusals_total", client="ci") == 1

@@ -14,6 +14,7 @@ import sqlalchemy as sa
 from mitmproxy import exceptions
 from mitmproxy.proxy.mode_specs import ProxyMode
 from mitmproxy.test import taddons, tflow
+from prometheus_client.parser import text_string_to_metric_families
 
 from addon.admin import Admin
 from addon.auth import ClientAuth
@@ -465,3 +466,31 @@ def test_the_when_db_down_policy_is_an_option_and_a_bad_one_stops_the_relay():
         assert limits.when_db_down == "refuse"
         with pytest.raises(exceptions.OptionsError, match="admit, refuse"):
             tctx.configure(addon, codex_limits_when_db_down="maybe")
+
+
+def test_metrics_show_each_keys_limits_use_and_refusals(writer):
+    """Prometheus' budget panels (examples/grafana-dashboard.json): each limit of a key and its use, and the
+    refusals by key and reason."""
+    now = dt.datetime(2026, 11, 25, 12, 0, 0)
+    limits = Limits(runtime_with("alpha", writer=writer), now=lambda: now)
+    limits.runtime.keys.apply([KeySpec("alice", b"x" * 32, models=("gpt-5*",), daily_requests=2, monthly_cost=2.0,
+                                       rpm=10, concurrency=5)])
+
+    async def run() -> list:
+        return [await limits.admit(flow_of("alice"), model) for model in ("gpt-5", "gpt-5", "gpt-5", "claude-x")]
+
+    answers = asyncio.run(run())
+    assert [a is None for a in answers] == [True, True, False, False]
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(limits.runtime.metrics.scrape().decode())
+               for s in family.samples}
+
+    def gauge(name: str, limit: str) -> float | None:
+        return samples.get((name, (("client", "alice"), ("limit", limit))))
+
+    assert {lim: (gauge("codex_key_limit", lim), gauge("codex_key_used", lim))
+            for lim in ("daily_requests", "monthly_cost", "rpm", "concurrency", "daily_tokens")} == {
+        "daily_requests": (2, 2), "monthly_cost": (2.0, 0), "rpm": (10, 2), "concurrency": (5, 2),
+        "daily_tokens": (None, None)}
+    refusals = {dict(labels)["reason"]: v for (n, labels), v in samples.items() if n == "codex_client_refusals_total"}
+    assert refusals == {"budget": 1, "model": 1}

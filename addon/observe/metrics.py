@@ -2,8 +2,10 @@
 
 Counters and histograms change in ``observe``, called for every record the runtime hands to its
 writer (so they count what the database rows count: a node's requests and failures include the
-attempts retried elsewhere); gauges (breaker state, calls in flight, the writer's queue, journal and
-lost records) are read when scraped. A scrape never touches the database.
+attempts retried elsewhere), and a client key's refusals from its ``KeyCount`` records; gauges (breaker
+state, calls in flight, the writer's queue, journal and lost records, the keys' limits and their use) are
+read when scraped. A scrape never touches the database. The ``model`` label is folded
+(``addon.observe.modelfold``) so that its values stay few.
 """
 
 from __future__ import annotations
@@ -18,13 +20,16 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from addon.nodes.routing import NodePool
+from addon.observe.modelfold import ModelFold
 from store.histogram import bucket_index
 from store.records import InvocationRecord, Item, KeyCount, NodeStateUpdate
-from store.rollups import COUNTERS, DISTRIBUTIONS, RETRIED
+from store.rollups import COUNTERS, DISTRIBUTIONS, RETRIED, status_class
 from store.write.writer import WriterStats
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 DIRECT = "direct"  # the node label of calls that went to no node (monitor mode, refused calls)
+REFUSALS = "codex_client_refusals"
+_REFUSED = "refused_"  # the counter prefix of a refusal's KeyCount
 
 # The help of each counter family ``observe`` keeps (store.rollups says which counters feed it), exposed
 # with the ``_total`` suffix, and of each histogram.
@@ -35,6 +40,12 @@ _HELP = {
     "codex_node_tokens": "Tokens per node by kind (input includes cached, output includes reasoning).",
     "codex_client_requests": "Calls per client key name.",
     "codex_client_tokens": "Tokens per client key name by kind.",
+    "codex_node_cost_usd": "Cost in USD of the calls per node and model (unpriced calls add 0).",
+    "codex_client_cost_usd": "Cost in USD of the calls per client key name and model.",
+    "codex_node_calls": "Client calls per node, model and HTTP status class of the answer (code).",
+    "codex_client_calls": "Client calls per client key name, model and HTTP status class of the answer (code).",
+    REFUSALS: "Calls refused by a client key's limits, per key and reason (model, nodes, rate, concurrency, "
+              "budget, endpoint).",
 }
 _HISTOGRAM_HELP = {
     "codex_node_ttfb_seconds": "Time to the node's response headers.",
@@ -51,14 +62,23 @@ class _Feed:
     client: str | None  # the per-client family, if any
     kind: str | None
     by_status: bool
+    by_model: bool
+    by_code: bool
     attempt: int
+
+    def labels(self) -> tuple[str, ...]:
+        """The label names after ``node`` or ``client``."""
+        return (*(("kind",) if self.kind is not None or self.by_status else ()),
+                *(("model",) if self.by_model else ()), *(("code",) if self.by_code else ()))
 
 
 _FEEDS = tuple(_Feed(c.value, f"codex_node_{m.family}", f"codex_client_{m.family}" if m.per_client else None,
-                     m.kind, m.by_status, c.attempt) for c in COUNTERS if (m := c.metric) is not None)
+                     m.kind, m.by_status, m.by_model, m.by_code, c.attempt)
+               for c in COUNTERS if (m := c.metric) is not None)
 # name -> label names of every counter family
-_LABELS = {name: (label, "kind") if f.kind is not None or f.by_status else (label,)
+_LABELS = {name: (label, *f.labels())
            for f in _FEEDS for name, label in ((f.node, "node"), (f.client, "client")) if name is not None}
+_LABELS[REFUSALS] = ("client", "reason")
 
 
 class Metrics:
@@ -67,13 +87,19 @@ class Metrics:
     def __init__(self, pool: Callable[[], NodePool], writer: Callable[[], WriterStats | None]) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self._in_flight: Callable[[], int] = lambda: 0
+        self._budgets: Callable[[], Iterable[Budget]] = lambda: ()
         self._counts = _Counts()
+        self._models = ModelFold(lambda: (g for node in pool() for g in node.config.models))
         self.registry.register(self._counts)
-        self.registry.register(_StateCollector(pool, writer, lambda: self._in_flight()))
+        self.registry.register(_StateCollector(pool, writer, lambda: self._in_flight(), lambda: self._budgets()))
 
     def count_in_flight(self, getter: Callable[[], int]) -> None:
         """Where the calls in flight are counted (the relay's)."""
         self._in_flight = getter
+
+    def count_budgets(self, getter: Callable[[], Iterable[Budget]]) -> None:
+        """Where the client keys' limits and their use are read (``addon.limits.Limits.budgets``)."""
+        self._budgets = getter
 
     def observe(self, item: Item) -> None:
         """Count one record on its way to the writer, as ``store.rollups`` declares. Cheap: it runs on the
@@ -88,16 +114,21 @@ class Metrics:
                             add(f.node, (item.node_id,) if kind is None else (item.node_id, kind), f.attempt)
                 return
             if isinstance(item, KeyCount):  # a client key's admission or refusal: no node's
+                if item.counter.startswith(_REFUSED):
+                    add(REFUSALS, (item.client_key, item.counter.removeprefix(_REFUSED)))
                 return
             node, client = item.node_id or DIRECT, item.client_key
+            model, code = self._models.label(item.model), status_class(item)
             for f in _FEEDS:
                 n = f.value(item)
                 if not n:
                     continue
                 kind = item.status if f.by_status else f.kind
-                add(f.node, (node,) if kind is None else (node, kind), n)
+                labels = (*(() if kind is None else (kind,)), *((model,) if f.by_model else ()),
+                          *((code,) if f.by_code else ()))
+                add(f.node, (node, *labels), n)
                 if f.client is not None and client:
-                    add(f.client, (client,) if kind is None else (client, kind), n)
+                    add(f.client, (client, *labels), n)
             for d in DISTRIBUTIONS:
                 ms = d.value(item)
                 if ms is not None:
@@ -152,12 +183,22 @@ class _Counts(Collector):
             yield histogram
 
 
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """One limit of a client key: its value and, if known, its use."""
+
+    client: str
+    limit: str  # the KeySpec field: rpm, concurrency, daily_requests, daily_tokens, monthly_cost
+    value: float
+    used: float | None
+
+
 class _StateCollector(Collector):
     """Gauges read from the live state at each scrape."""
 
     def __init__(self, pool: Callable[[], NodePool], writer: Callable[[], WriterStats | None],
-                 in_flight: Callable[[], int]) -> None:
-        self._pool, self._writer, self._in_flight = pool, writer, in_flight
+                 in_flight: Callable[[], int], budgets: Callable[[], Iterable[Budget]]) -> None:
+        self._pool, self._writer, self._in_flight, self._budgets = pool, writer, in_flight, budgets
 
     def collect(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
         breaker = GaugeMetricFamily("codex_node_breaker_open", "1 while the node's circuit breaker keeps it out "
@@ -170,6 +211,18 @@ class _StateCollector(Collector):
         yield breaker
         yield disabled
         yield GaugeMetricFamily("codex_calls_in_flight", "Client calls being relayed now.", value=self._in_flight())
+        limit = GaugeMetricFamily("codex_key_limit", "A client key's configured limit, per key and limit (rpm, "
+                                  "concurrency, daily_requests, daily_tokens, monthly_cost in USD).",
+                                  labels=["client", "limit"])
+        used = GaugeMetricFamily("codex_key_used", "A client key's use of its limit: rpm and concurrency in this "
+                                 "relay now; the budgets fleet-wide as this relay last read them (at the key's "
+                                 "last call here, in the current day or month).", labels=["client", "limit"])
+        for b in self._budgets():
+            limit.add_metric([b.client, b.limit], b.value)
+            if b.used is not None:
+                used.add_metric([b.client, b.limit], b.used)
+        yield limit
+        yield used
         stats = self._writer()
         if stats is None:
             return
