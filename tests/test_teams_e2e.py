@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import http.client
 import json
+import re
 
 import pytest
 import sqlalchemy as sa
@@ -83,3 +84,40 @@ def test_two_relays_on_one_database_admit_exactly_the_daily_requests(mariadb, tm
             eng.dispose()
     finally:
         node.stop()
+
+
+def test_a_real_relay_shows_the_keys_limits_to_the_openai_sdk_and_at_v1_key(tmp_path):
+    import openai
+
+    with FakeUpstream("alpha") as node:
+        nodes = tmp_path / "nodes.toml"
+        nodes.write_text(f'[[nodes]]\nid = "alpha"\nbase_url = "{node.base_url}"\napi_key = "node-key-1"\n')
+        keys = tmp_path / "keys.toml"
+        keys.write_text(f'[[keys]]\nname = "alice"\nkey = "{KEY}"\ndaily_requests = 2\nrpm = 10\n')
+        options = {"codex_nodes": str(nodes), "codex_client_keys": f"@{keys}", "codex_ping_interval": "0"}
+        with RelayProcess(db_url=f"sqlite:///{tmp_path / 'codex.db'}", options=options) as relay:
+            client = openai.OpenAI(base_url=f"{relay.url}/v1", api_key=KEY, max_retries=0, timeout=30)
+            streamed = client.responses.with_raw_response.create(model="gpt-5", input="hi", stream=True)
+            list(streamed.parse())  # the stream to its end
+            whole = client.responses.with_raw_response.create(model="gpt-5", input="hi")
+            assert whole.parse().model == "gpt-5"
+            with pytest.raises(openai.RateLimitError) as refused:
+                client.responses.create(model="gpt-5", input="hi")
+            assert refused.value.code == "budget_exceeded"
+            # GET /v1/key with the same key, from OpenAI's base URL, as a status line asks; the day's use once the
+            # writer has stored the two calls (the refused one is no invocation).
+            info = wait_for(lambda: (got := client.get("/key", cast_to=object))["usage"]["requests"] == 2 and got,
+                            what="the two calls in GET /v1/key")
+            with pytest.raises(openai.AuthenticationError):
+                openai.OpenAI(base_url=f"{relay.url}/v1", api_key="ck-wrong", max_retries=0).get("/key", cast_to=object)
+    heads = [{k: r.headers[f"x-ratelimit-{k}-requests"] for k in ("limit", "remaining", "reset")}
+             for r in (streamed, whole, refused.value.response)]
+    # 2 daily requests bind before 10 per minute: 1 left, then none (reset: the next UTC midnight).
+    assert [(h["limit"], h["remaining"]) for h in heads] == [("2", "1"), ("2", "0"), ("2", "0")]
+    assert all(re.fullmatch(r"(\d+h)?(\d+m)?\d+s", h["reset"]) for h in heads)
+    assert info["name"] == "alice"
+    assert {name: (lim["limit"], lim["used"], lim["remaining"]) for name, lim in info["limits"].items()} == {
+        "daily_requests": (2, 2, 0), "rpm": (10, 2, 8)}
+    assert info["limits"]["daily_requests"]["resets_at"] == (
+        dt.datetime.combine(utcnow().date() + dt.timedelta(days=1), dt.time()).isoformat() + "Z")
+    assert len(node.seen) == 2 and not any(r.path.endswith("/key") for r in node.seen)  # never sent to a node
