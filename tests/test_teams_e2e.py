@@ -5,7 +5,11 @@ from __future__ import annotations
 import datetime as dt
 import http.client
 import json
+import os
 import re
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -15,8 +19,9 @@ from store.records import utcnow
 from store.sources import SourceConfig, crs
 from store.sources.poll import Poller
 from store.sources.reconcile import reconcile
+from tests.support.ci import unavailable
 from tests.support.fakeupstream import FakeUpstream
-from tests.support.relayproc import RelayProcess
+from tests.support.relayproc import ROOT, RelayProcess
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
@@ -110,6 +115,7 @@ def test_a_real_relay_shows_the_keys_limits_to_the_openai_sdk_and_at_v1_key(tmp_
                             what="the two calls in GET /v1/key")
             with pytest.raises(openai.AuthenticationError):
                 openai.OpenAI(base_url=f"{relay.url}/v1", api_key="ck-wrong", max_retries=0).get("/key", cast_to=object)
+            line = status_line(relay, tmp_path)
     heads = [{k: r.headers[f"x-ratelimit-{k}-requests"] for k in ("limit", "remaining", "reset")}
              for r in (streamed, whole, refused.value.response)]
     # 2 daily requests bind before 10 per minute: 1 left, then none (reset: the next UTC midnight).
@@ -121,3 +127,20 @@ def test_a_real_relay_shows_the_keys_limits_to_the_openai_sdk_and_at_v1_key(tmp_
     assert info["limits"]["daily_requests"]["resets_at"] == (
         dt.datetime.combine(utcnow().date() + dt.timedelta(days=1), dt.time()).isoformat() + "Z")
     assert len(node.seen) == 2 and not any(r.path.endswith("/key") for r in node.seen)  # never sent to a node
+    # The status line of docs/teams.md, as Claude Code runs it (its session JSON on stdin).
+    wait = r"\((\d+h)?(\d+m)?\d+s\)"
+    assert re.fullmatch(rf"alice · daily_requests 2/2 {wait} · rpm \d+/10 {wait} · today \$0", line), line
+
+
+def status_line(relay: RelayProcess, tmp_path: Path) -> str:
+    """The output of docs/teams.md's status-line script for ``KEY`` on ``relay``."""
+    if not (shutil.which("curl") and shutil.which("jq")):
+        unavailable("curl and jq", "the status-line script needs curl and jq")
+    doc = (ROOT / "docs" / "teams.md").read_text()
+    script = tmp_path / "relay-status"
+    script.write_text(re.search(r"```sh\n(#!/bin/sh\n.*?)```", doc, re.S).group(1))
+    script.chmod(0o755)
+    env = {"PATH": os.environ["PATH"], "ANTHROPIC_BASE_URL": relay.url, "ANTHROPIC_API_KEY": KEY}
+    done = subprocess.run([str(script)], input='{"model": {"display_name": "Opus"}}', env=env, capture_output=True,
+                          text=True, timeout=30, check=True)
+    return done.stdout.strip()
