@@ -56,9 +56,6 @@ _OUTAGE_LOG_EVERY_S = 10.0
 # After the database failed a budget check, it is asked again only after this long: a frozen database
 # would otherwise hold each call for its connect timeout.
 DB_RETRY_S = 5.0
-# OpenAI's rate-limit headers, in its order: the requests limit, then the tokens limit.
-RATELIMIT_HEADERS = tuple(f"x-ratelimit-{part}-{unit}" for unit in ("requests", "tokens")
-                          for part in ("limit", "remaining", "reset"))
 
 
 class Window(NamedTuple):
@@ -139,9 +136,7 @@ class Limits:
         if api_format in UNBILLED:
             return None
         now = self._clock()
-        recent = self._recent.setdefault(spec.name, deque())
-        while recent and recent[0] <= now - RPM_WINDOW_S:
-            recent.popleft()
+        recent = self._rpm_window(spec.name)
         if spec.rpm is not None and len(recent) >= spec.rpm:
             wait = max(1, math.ceil(recent[0] + RPM_WINDOW_S - now)) if recent else math.ceil(RPM_WINDOW_S)
             return self._refuse(flow, spec, "rate", refusal_response(
@@ -253,11 +248,10 @@ class Limits:
             self._show(spec, flow.response)
 
     def _show(self, spec: KeySpec, response: http.Response) -> None:
+        # One pass over the fields: a node's own headers (its account's, not this key's) out, the key's in.
         headers = response.headers
-        for name in RATELIMIT_HEADERS:  # a node's own describe its account, not this key
-            if name in headers:
-                del headers[name]
-        headers.update(ratelimit_headers(self.windows(spec)))
+        headers.fields = (*(f for f in headers.fields if not f[0].lower().startswith(b"x-ratelimit-")),
+                          *((k.encode(), v.encode()) for k, v in ratelimit_headers(self.windows(spec)).items()))
 
     def _saw(self, name: str, day: dt.date, admission: Admission) -> None:
         """Keep what an admission read of a key's day; a figure it did not read stays as read before that day."""
@@ -267,9 +261,13 @@ class Limits:
         self._seen[name] = _DaySeen(day, before.admitted if admission.admitted is None else admission.admitted,
                                     before.total_tokens if admission.total_tokens is None else admission.total_tokens)
 
-    def _rpm_window(self, name: str) -> list[float]:
+    def _rpm_window(self, name: str) -> deque[float]:
+        """The key's admission times in the rolling minute (the older ones dropped)."""
+        recent = self._recent.setdefault(name, deque())
         now = self._clock()
-        return [t for t in self._recent.get(name, ()) if t > now - RPM_WINDOW_S]
+        while recent and recent[0] <= now - RPM_WINDOW_S:
+            recent.popleft()
+        return recent
 
     def _refuse(self, flow: http.HTTPFlow, spec: KeySpec, reason: str, response: http.Response) -> http.Response:
         _log_refusal(flow, spec, reason, response)
