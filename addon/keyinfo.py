@@ -86,7 +86,7 @@ def key_answer(spec: KeySpec, row: KeyStats | None, known: bool, limits: Limits,
         wait = None
         if resets_at is not None:
             wait = (dt.datetime.fromisoformat(resets_at.removesuffix("Z")) - now).total_seconds()
-        elif rpm is not None and name == "rpm" and rpm.reset_s is not None:
+        elif rpm is not None and name == "rpm":
             wait = rpm.reset_s
             resets_at = (now + dt.timedelta(seconds=wait)).isoformat(timespec="seconds") + "Z"
         found[name] = {"limit": entry["limit"], "used": used,

@@ -59,13 +59,12 @@ DB_RETRY_S = 5.0
 
 
 class Window(NamedTuple):
-    """One limit of a key as its client sees it: its value, its use, and the seconds until it is whole again
-    (None: it does not reset by time, or its use is not known here)."""
+    """One limit of a key as its client sees it: its value, its use, and the seconds until it is whole again."""
 
     name: str
     limit: int
     used: int
-    reset_s: float | None
+    reset_s: float
 
     @property
     def remaining(self) -> int:
@@ -310,9 +309,9 @@ def ratelimit_headers(windows: Sequence[Window]) -> dict[str, str]:
     for unit, names in (("requests", ("rpm", "daily_requests")), ("tokens", ("daily_tokens",))):
         candidates = [w for w in windows if w.name in names]
         if candidates:
-            w = min(candidates, key=lambda w: (w.remaining, -(w.reset_s or 0.0)))
+            w = min(candidates, key=lambda w: (w.remaining, -w.reset_s))
             headers |= {f"x-ratelimit-limit-{unit}": str(w.limit), f"x-ratelimit-remaining-{unit}": str(w.remaining),
-                        f"x-ratelimit-reset-{unit}": duration_text(w.reset_s or 0.0)}
+                        f"x-ratelimit-reset-{unit}": duration_text(w.reset_s)}
     return headers
 
 
