@@ -18,6 +18,7 @@ from addon.chain import AddonChain  # noqa: E402
 from addon.drain import Drain  # noqa: E402
 from addon.gate import EgressCheck, Gate  # noqa: E402
 from addon.hygiene import KeyHygiene  # noqa: E402
+from addon.keyinfo import KeyInfo  # noqa: E402
 from addon.limits import Limits  # noqa: E402
 from addon.ownbody import OwnBodies  # noqa: E402
 from addon.refusal import RefusalSink  # noqa: E402
@@ -42,5 +43,5 @@ own = OwnBodies(refusals, runtime.keys)  # the own endpoints' bodies: read aroun
 # hook apart, cost ~25 µs of a short call.
 addons = [AddonChain([refusals, Drain(), gate, RuntimeOptions(runtime), LimitOptions(limits),
                       ClientAuth(refusals, runtime.keys), own, Admin(runtime, limits), UserStats(runtime),
-                      own.handover, Relay(runtime, refusals, runtime.secrets, limits),
+                      KeyInfo(runtime, limits), own.handover, Relay(runtime, refusals, runtime.secrets, limits),
                       KeyHygiene(), SSEView(), EgressCheck(), StartupCheck(gate, runtime)])]

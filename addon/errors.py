@@ -36,6 +36,7 @@ _TYPES: dict[int, tuple[str, str]] = {
     401: ("invalid_request_error", "authentication_error"),
     403: ("permission_error", "permission_error"),
     404: ("invalid_request_error", "not_found_error"),
+    405: ("invalid_request_error", "invalid_request_error"),
     407: ("invalid_request_error", "authentication_error"),
     411: ("invalid_request_error", "invalid_request_error"),
     413: ("invalid_request_error", "request_too_large"),

@@ -15,6 +15,10 @@ never by SQL from here. When the budgets cannot be read (the database is unreach
 ``codex_limits_when_db_down`` decides: ``admit`` serves the call and counts its admission through the
 writer, so the day's ``admitted`` is exact once the database is back; ``refuse`` answers 503
 ``limits_unavailable``. Never a 500. After a failed check the database is asked again ``DB_RETRY_S`` later.
+
+What a key has left is shown to its client (``show``): OpenAI's ``x-ratelimit-*`` headers on every answer, from
+what this process knows without asking the database again — its rpm window, and the day's figures its latest
+admission of the key read (``store.key_usage.Admission``).
 """
 
 from __future__ import annotations
@@ -25,8 +29,9 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 from mitmproxy import http
@@ -37,7 +42,7 @@ from addon.observe.metrics import Budget
 from addon.services.runtime import Runtime
 from addon.services.settings import SettingsError
 from store.engine import error_line
-from store.key_usage import Budgets, KeyStats, admit, budget_reset, key_report, month_start
+from store.key_usage import Admission, Budgets, KeyStats, admit, budget_reset, key_report, month_start
 from store.keys import KeySpec
 from store.records import KeyCount, utcnow
 
@@ -54,6 +59,29 @@ _OUTAGE_LOG_EVERY_S = 10.0
 DB_RETRY_S = 5.0
 
 
+class Window(NamedTuple):
+    """One limit of a key as its client sees it: its value, its use, and the seconds until it is whole again."""
+
+    name: str
+    limit: int
+    used: int
+    reset_s: float
+
+    @property
+    def remaining(self) -> int:
+        return max(0, self.limit - self.used)
+
+
+@dataclass(slots=True)
+class _DaySeen:
+    """A key's day as its latest admission here read it (None: that figure was not read)."""
+
+    day: dt.date
+    admitted: int | None
+    total_tokens: int | None
+    month_cost: float | None = None  # the month's cost up to that day
+
+
 class Limits:
     """The configured keys' limits and this process's rate and concurrency counts."""
 
@@ -68,8 +96,7 @@ class Limits:
         self.when_db_down = "admit"  # codex_limits_when_db_down (addon.serviceoptions)
         self._last_outage_log = -math.inf
         self._db_retry_at = -math.inf
-        # (key name, budget) -> (the day it was read, its use then), as the last budget check read it
-        self._used: dict[tuple[str, str], tuple[dt.date, float]] = {}
+        self._seen: dict[str, _DaySeen] = {}  # key name -> its day as the latest admission read it
         runtime.metrics.count_budgets(self.budgets)
 
     def _spec(self, flow: http.HTTPFlow) -> KeySpec | None:
@@ -111,9 +138,7 @@ class Limits:
         if api_format in UNBILLED:
             return None
         now = self._clock()
-        recent = self._recent.setdefault(spec.name, deque())
-        while recent and recent[0] <= now - RPM_WINDOW_S:
-            recent.popleft()
+        recent = self._rpm_window(spec.name)
         if spec.rpm is not None and len(recent) >= spec.rpm:
             wait = max(1, math.ceil(recent[0] + RPM_WINDOW_S - now)) if recent else math.ceil(RPM_WINDOW_S)
             return self._refuse(flow, spec, "rate", refusal_response(
@@ -138,9 +163,9 @@ class Limits:
             if self._clock() < self._db_retry_at:
                 over = self._db_down(spec, day, None)
             else:
-                seen: dict[str, float] = {}
-                over = await asyncio.to_thread(_admit, engine, spec, day, seen)
-                self._used.update({(spec.name, budget): (day, use) for budget, use in seen.items()})
+                admission = await asyncio.to_thread(_admit, engine, spec, day)
+                over = admission.over
+                self._saw(spec.name, day, admission)
         except Exception as e:  # unreachable, frozen, or anything else: never a 500
             self._db_retry_at = self._clock() + DB_RETRY_S
             over = self._db_down(spec, day, e)
@@ -169,6 +194,7 @@ class Limits:
             "budget_exceeded", openai_type="usage_limit_reached",
             resets_at=int(reset.replace(tzinfo=dt.UTC).timestamp()))
         _log_refusal(flow, spec, "budget", response)
+        self._show(spec, response)
         return response
 
     def model_filter(self, flow: http.HTTPFlow) -> Callable[[str], bool] | None:
@@ -186,43 +212,94 @@ class Limits:
     def in_flight(self, name: str) -> int:
         return self._in_flight.get(name, 0)
 
+    def live(self, name: str, limit: str) -> int:
+        """What this process counts of a key's ``rpm`` (its calls in the rolling minute) or ``concurrency``."""
+        if limit == "rpm":
+            return len(self._rpm_window(name))
+        return self.in_flight(name)
+
     def report(self, rows: Iterable[KeyStats], day: dt.date) -> list[dict]:
         """``store.key_usage.key_report`` with this process's rpm window and calls in flight."""
+        return key_report(rows, self.runtime.keys.specs, day, self.live)
+
+    def windows(self, spec: KeySpec) -> list[Window]:
+        """The key's request and token limits as this process knows them now, without asking the database:
+        ``rpm`` from its window (whole again when its newest call leaves it), ``daily_requests`` and
+        ``daily_tokens`` as its latest admission of the key today read them (none read yet: left out)."""
+        found = []
+        if spec.rpm is not None:
+            recent = self._rpm_window(spec.name)
+            found.append(Window("rpm", spec.rpm, len(recent),
+                                max(0.0, recent[-1] + RPM_WINDOW_S - self._clock()) if recent else 0.0))
+        now = self._now()
+        seen = self._seen.get(spec.name)
+        if seen is not None and seen.day < now.date():
+            seen = _DaySeen(now.date(), 0, 0)  # a new UTC day: the day's counts start again
+        midnight = (budget_reset(now.date(), monthly=False) - now).total_seconds()
+        if spec.daily_requests is not None and seen is not None and seen.admitted is not None:
+            found.append(Window("daily_requests", spec.daily_requests, seen.admitted, midnight))
+        if spec.daily_tokens is not None and seen is not None and seen.total_tokens is not None:
+            found.append(Window("daily_tokens", spec.daily_tokens, seen.total_tokens, midnight))
+        return found
+
+    def show(self, flow: http.HTTPFlow) -> None:
+        """Put the limits of ``flow``'s key on its answer (``flow.response``), when it has any."""
+        spec = self._spec(flow)
+        if spec is not None and flow.response is not None and (spec.rpm, spec.daily_requests, spec.daily_tokens) != (
+                None, None, None):
+            self._show(spec, flow.response)
+
+    def _show(self, spec: KeySpec, response: http.Response) -> None:
+        # One pass over the fields: a node's own headers (its account's, not this key's) out, the key's in.
+        headers = response.headers
+        headers.fields = (*(f for f in headers.fields if not f[0].lower().startswith(b"x-ratelimit-")),
+                          *((k.encode(), v.encode()) for k, v in ratelimit_headers(self.windows(spec)).items()))
+
+    def _saw(self, name: str, day: dt.date, admission: Admission) -> None:
+        """Keep what an admission read of a key's day; a figure it did not read stays as read before that day."""
+        before = self._seen.get(name)
+        if before is None or before.day != day:
+            before = _DaySeen(day, None, None)
+        self._seen[name] = _DaySeen(day, before.admitted if admission.admitted is None else admission.admitted,
+                                    before.total_tokens if admission.total_tokens is None else admission.total_tokens,
+                                    before.month_cost if admission.month_cost is None else admission.month_cost)
+
+    def _rpm_window(self, name: str) -> deque[float]:
+        """The key's admission times in the rolling minute (the older ones dropped)."""
+        recent = self._recent.setdefault(name, deque())
         now = self._clock()
-
-        def live(name: str, limit: str) -> int:
-            return self._rpm_used(name, now) if limit == "rpm" else self.in_flight(name)
-
-        return key_report(rows, self.runtime.keys.specs, day, live)
+        while recent and recent[0] <= now - RPM_WINDOW_S:
+            recent.popleft()
+        return recent
 
     def budgets(self) -> list[Budget]:
         """Every limit of the configured keys with its use (``addon.observe.metrics``): rpm and concurrency in
-        this process now; a budget as its last check here read it, if that was in its current day or month."""
-        now, today = self._clock(), self._now().date()
+        this process now; a budget as its last admission here read it, if that was in its current day or month."""
+        today = self._now().date()
         out = []
         for spec in self.runtime.keys.specs.values():
+            seen = self._seen.get(spec.name)
             for name in ("rpm", "concurrency", "daily_requests", "daily_tokens", "monthly_cost"):
                 value = getattr(spec, name)
                 if value is None:
                     continue
-                if name == "rpm":
-                    used: float | None = self._rpm_used(spec.name, now)
-                elif name == "concurrency":
-                    used = self.in_flight(spec.name)
+                used: float | None
+                if name in ("rpm", "concurrency"):
+                    used = self.live(spec.name, name)
+                elif seen is None:
+                    used = None
+                elif name == "monthly_cost":
+                    used = seen.month_cost if month_start(seen.day) == month_start(today) else None
                 else:
-                    day, use = self._used.get((spec.name, name), (None, None))
-                    current = day is not None and (month_start(day) == month_start(today) if name == "monthly_cost"
-                                                   else day == today)
-                    used = use if current else None
+                    used = (seen.admitted if name == "daily_requests" else seen.total_tokens) \
+                        if seen.day == today else None
                 out.append(Budget(spec.name, name, value, used))
         return out
-
-    def _rpm_used(self, name: str, now: float) -> int:
-        return len([t for t in self._recent.get(name, ()) if t > now - RPM_WINDOW_S])
 
     def _refuse(self, flow: http.HTTPFlow, spec: KeySpec, reason: str, response: http.Response) -> http.Response:
         _log_refusal(flow, spec, reason, response)
         self.runtime.submit(KeyCount(spec.name, self._now().date(), f"refused_{reason}"))
+        self._show(spec, response)
         return response
 
     def _db_down(self, spec: KeySpec, day: dt.date, error: Exception | None) -> str | None:
@@ -238,6 +315,9 @@ class Limits:
             return "unavailable"
         if spec.daily_requests is not None:
             self.runtime.submit(KeyCount(spec.name, day, "admitted"))
+            seen = self._seen.get(spec.name)
+            if seen is not None and seen.day == day and seen.admitted is not None:
+                seen.admitted += 1  # journaled: it counts once the database is back
         return None
 
 
@@ -249,13 +329,37 @@ def db_down_policy(options: Any) -> str:
     return value
 
 
+def ratelimit_headers(windows: Sequence[Window]) -> dict[str, str]:
+    """OpenAI's ``x-ratelimit-*`` headers for a key's limits: ``-requests`` from the request limit that binds
+    first (fewest remaining; on a tie the one that lasts longer: ``rpm`` or ``daily_requests``), ``-tokens``
+    from ``daily_tokens``; the reset is the time until that limit is whole again, as OpenAI writes it."""
+    headers: dict[str, str] = {}
+    for unit, names in (("requests", ("rpm", "daily_requests")), ("tokens", ("daily_tokens",))):
+        candidates = [w for w in windows if w.name in names]
+        if candidates:
+            w = min(candidates, key=lambda w: (w.remaining, -w.reset_s))
+            headers |= {f"x-ratelimit-limit-{unit}": str(w.limit), f"x-ratelimit-remaining-{unit}": str(w.remaining),
+                        f"x-ratelimit-reset-{unit}": duration_text(w.reset_s)}
+    return headers
+
+
+def duration_text(seconds: float) -> str:
+    """A wait as OpenAI's ``x-ratelimit-reset-*`` headers write one, rounded up: "250ms", "1s", "6m0s", "3h2m1s"."""
+    if seconds <= 0:
+        return "0s"
+    if seconds < 1:
+        return f"{math.ceil(seconds * 1000)}ms"
+    minutes, secs = divmod(math.ceil(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes}m{secs}s" if hours else f"{minutes}m{secs}s" if minutes else f"{secs}s"
+
+
 def _log_refusal(flow: http.HTTPFlow, spec: KeySpec, reason: str, response: http.Response) -> None:
     log.info("key %s: %s %s refused (%s, %d, %s)", spec.name, flow.request.method,
              flow.request.path.partition("?")[0][:200], reason, response.status_code,
              response.headers.get("x-request-id", "-"))
 
 
-def _admit(engine: sa.Engine, spec: KeySpec, day: dt.date, seen: dict[str, float]) -> str | None:
+def _admit(engine: sa.Engine, spec: KeySpec, day: dt.date) -> Admission:
     with engine.begin() as conn:
-        return admit(conn, spec.name, day, Budgets(spec.daily_requests, spec.daily_tokens, spec.monthly_cost),
-                     seen)
+        return admit(conn, spec.name, day, Budgets(spec.daily_requests, spec.daily_tokens, spec.monthly_cost))

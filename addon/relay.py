@@ -216,6 +216,8 @@ class Relay:
             close_server(flow)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
+        if self.limits is not None:  # every answer to a key, the relay's own too (mitmproxy runs this hook for them)
+            self.limits.show(flow)
         entry = self._calls.get(flow.id)
         if entry is None or flow.response is None:
             return
@@ -248,6 +250,8 @@ class Relay:
             return
         if call.retry:
             await self.failover.replay(flow, call)
+            if self.limits is not None:  # another node's answer
+                self.limits.show(flow)
         resp = flow.response
         if call.model_filter is not None and call.node is not None and resp.status_code == 200:
             node, allowed = call.node.config, call.model_filter

@@ -44,37 +44,49 @@ def month_start(day: dt.date) -> dt.date:
     return day.replace(day=1)
 
 
-def admit(conn: sa.Connection, key: str, day: dt.date, budgets: Budgets,
-          seen: dict[str, float] | None = None) -> str | None:
-    """Admit one call of ``key`` on ``day``: None, or the name of the budget it is over. ``seen`` gets the
-    use of each budget checked, by its name (the requests admitted including this call).
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """What ``admit`` decided, and the day's figures it read on the way (None: not read, no such budget)."""
+
+    over: str | None  # the budget the call is over; None: admitted
+    admitted: int | None = None  # calls admitted today under daily_requests, this one included
+    total_tokens: int | None = None  # today's tokens before this call
+    month_cost: float | None = None  # this month's cost up to today
+
+
+def admit(conn: sa.Connection, key: str, day: dt.date, budgets: Budgets) -> Admission:
+    """Admit one call of ``key`` on ``day``: ``over`` is None, or the name of the budget it is over.
 
     The caller owns the transaction. Only an admitted call with a ``daily_requests`` limit counts in
-    ``admitted``.
+    ``admitted``. The figures read come back with the answer (the ``x-ratelimit-*`` headers show them): the
+    day's row is read once, and written only where it is missing, so no statement is added for them.
     """
     t = client_key_usage.c
-    seen = {} if seen is None else seen
-    if budgets.daily_tokens is not None:
-        used = conn.execute(sa.select(t.total_tokens).where(t.day == day, t.client_key == key)).scalar() or 0
-        seen["daily_tokens"] = used
-        if used >= budgets.daily_tokens:
-            return "daily_tokens"
+    seen, tokens = None, None
+    if budgets.daily_tokens is not None or budgets.daily_requests is not None:
+        seen = conn.execute(sa.select(t.admitted, t.total_tokens).where(t.day == day, t.client_key == key)).first()
+        tokens = seen.total_tokens if seen is not None else 0
+    if budgets.daily_tokens is not None and tokens is not None and tokens >= budgets.daily_tokens:
+        return Admission("daily_tokens", total_tokens=tokens)
+    spent = None
     if budgets.monthly_cost is not None:
-        spent = conn.execute(sa.select(sa.func.coalesce(sa.func.sum(t.cost), 0.0)).where(
-            t.client_key == key, t.day >= month_start(day), t.day <= day)).scalar() or 0.0
-        seen["monthly_cost"] = float(spent)
+        spent = float(conn.execute(sa.select(sa.func.coalesce(sa.func.sum(t.cost), 0.0)).where(
+            t.client_key == key, t.day >= month_start(day), t.day <= day)).scalar() or 0.0)
         if spent >= budgets.monthly_cost:
-            return "monthly_cost"
+            return Admission("monthly_cost", total_tokens=tokens, month_cost=spent)
+    admitted = None
     if budgets.daily_requests is not None:
-        _ensure_row(conn, key, day)
+        if seen is None:
+            _ensure_row(conn, key, day)
+        # The row count decides, not what was read: another relay may have admitted calls since.
         taken = conn.execute(sa.update(client_key_usage)
                              .where(t.day == day, t.client_key == key, t.admitted < budgets.daily_requests)
                              .values(admitted=t.admitted + 1)).rowcount
-        seen["daily_requests"] = conn.execute(sa.select(t.admitted).where(t.day == day, t.client_key == key)
-                                              ).scalar() or 0
+        before = seen.admitted if seen is not None else 0
         if taken != 1:
-            return "daily_requests"
-    return None
+            return Admission("daily_requests", max(before, budgets.daily_requests), tokens, spent)
+        admitted = before + 1
+    return Admission(None, admitted, tokens, spent)
 
 
 def add_counts(conn: sa.Connection, counts: Sequence[KeyCount]) -> None:
@@ -134,11 +146,13 @@ class KeyStats:
         return d
 
 
-def per_key(conn: sa.Connection, day: dt.date) -> list[KeyStats]:
-    """Every key with a row this month up to ``day``: its numbers of ``day`` (zeros without a row)."""
+def per_key(conn: sa.Connection, day: dt.date, key: str | None = None) -> list[KeyStats]:
+    """Every key (or only ``key``) with a row this month up to ``day``: its numbers of ``day`` (zeros without
+    a row)."""
     t = client_key_usage.c
     month = (sa.select(t.client_key, sa.func.sum(t.cost).label("month_cost"))
-             .where(t.day >= month_start(day), t.day <= day).group_by(t.client_key).subquery())
+             .where(t.day >= month_start(day), t.day <= day, *([t.client_key == key] if key is not None else []))
+             .group_by(t.client_key).subquery())
     today = sa.select(client_key_usage).where(t.day == day).subquery()
     names = [f.name for f in fields(KeyStats) if f.name not in ("client_key", "day", "month_cost")]
     rows = conn.execute(

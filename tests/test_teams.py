@@ -198,7 +198,7 @@ def test_daily_requests_admission_is_exact_under_concurrency(engine):
     def worker() -> None:
         for _ in range(5):
             with engine.begin() as conn:
-                admitted.append(admit(conn, "alice", day, Budgets(daily_requests=7)) is None)
+                admitted.append(admit(conn, "alice", day, Budgets(daily_requests=7)).over is None)
 
     threads = [threading.Thread(target=worker) for _ in range(4)]
     for th in threads:
@@ -207,7 +207,7 @@ def test_daily_requests_admission_is_exact_under_concurrency(engine):
         th.join()
     assert admitted.count(True) == 7 and len(admitted) == 20
     with engine.begin() as conn:
-        assert admit(conn, "alice", day + dt.timedelta(days=1), Budgets(daily_requests=7)) is None  # a new day
+        assert admit(conn, "alice", day + dt.timedelta(days=1), Budgets(daily_requests=7)).over is None  # a new day
 
 
 def test_token_and_cost_budgets_read_the_writers_usage(engine):
@@ -215,10 +215,10 @@ def test_token_and_cost_budgets_read_the_writers_usage(engine):
     with engine.begin() as conn:
         apply_batch(conn, [record("a1", "alice", dt.datetime(2026, 11, 3, 12), 900, 0.75),
                            record("a2", "alice", dt.datetime(2026, 11, 25, 12), 100, 0.30)])
-        assert admit(conn, "alice", day, Budgets(daily_tokens=101, monthly_cost=1.1)) is None
-        assert admit(conn, "alice", day, Budgets(daily_tokens=100)) == "daily_tokens"
-        assert admit(conn, "alice", day, Budgets(monthly_cost=1.05)) == "monthly_cost"
-        assert admit(conn, "alice", dt.date(2026, 12, 1), Budgets(monthly_cost=1.05)) is None
+        assert admit(conn, "alice", day, Budgets(daily_tokens=101, monthly_cost=1.1)).over is None
+        assert admit(conn, "alice", day, Budgets(daily_tokens=100)).over == "daily_tokens"
+        assert admit(conn, "alice", day, Budgets(monthly_cost=1.05)).over == "monthly_cost"
+        assert admit(conn, "alice", dt.date(2026, 12, 1), Budgets(monthly_cost=1.05)).over is None
 
 
 def record(invoke_id: str, key: str | None, at: dt.datetime, tokens: int, cost: float | None) -> InvocationRecord:
@@ -274,7 +274,7 @@ def test_stats_keys_shows_each_keys_day_with_refusals_by_reason(engine, capsys):
 def test_stats_keys_with_the_keys_file_shows_each_limits_use_and_reset(engine, capsys, tmp_path):
     with engine.begin() as conn:
         apply_batch(conn, [record("k1", "alice", dt.datetime(2026, 11, 25, 8), 40, 0.25)])
-        assert admit(conn, "alice", dt.date(2026, 11, 25), Budgets(daily_requests=5)) is None
+        assert admit(conn, "alice", dt.date(2026, 11, 25), Budgets(daily_requests=5)).over is None
     keys = tmp_path / "keys.toml"
     keys.write_text('[[keys]]\nname = "alice"\nkey = "ck-alice-0123456789"\ndaily_requests = 5\n'
                     'monthly_cost = 10.0\nrpm = 60\n\n[[keys]]\nname = "carol"\nkey = "ck-carol-0123456789"\n'

@@ -5,6 +5,11 @@ from __future__ import annotations
 import datetime as dt
 import http.client
 import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -14,8 +19,9 @@ from store.records import utcnow
 from store.sources import SourceConfig, crs
 from store.sources.poll import Poller
 from store.sources.reconcile import reconcile
+from tests.support.ci import unavailable
 from tests.support.fakeupstream import FakeUpstream
-from tests.support.relayproc import RelayProcess
+from tests.support.relayproc import ROOT, RelayProcess
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
@@ -83,3 +89,58 @@ def test_two_relays_on_one_database_admit_exactly_the_daily_requests(mariadb, tm
             eng.dispose()
     finally:
         node.stop()
+
+
+def test_a_real_relay_shows_the_keys_limits_to_the_openai_sdk_and_at_v1_key(tmp_path):
+    import openai
+
+    with FakeUpstream("alpha") as node:
+        nodes = tmp_path / "nodes.toml"
+        nodes.write_text(f'[[nodes]]\nid = "alpha"\nbase_url = "{node.base_url}"\napi_key = "node-key-1"\n')
+        keys = tmp_path / "keys.toml"
+        keys.write_text(f'[[keys]]\nname = "alice"\nkey = "{KEY}"\ndaily_requests = 2\nrpm = 10\n')
+        options = {"codex_nodes": str(nodes), "codex_client_keys": f"@{keys}", "codex_ping_interval": "0"}
+        with RelayProcess(db_url=f"sqlite:///{tmp_path / 'codex.db'}", options=options) as relay:
+            client = openai.OpenAI(base_url=f"{relay.url}/v1", api_key=KEY, max_retries=0, timeout=30)
+            streamed = client.responses.with_raw_response.create(model="gpt-5", input="hi", stream=True)
+            list(streamed.parse())  # the stream to its end
+            whole = client.responses.with_raw_response.create(model="gpt-5", input="hi")
+            assert whole.parse().model == "gpt-5"
+            with pytest.raises(openai.RateLimitError) as refused:
+                client.responses.create(model="gpt-5", input="hi")
+            assert refused.value.code == "budget_exceeded"
+            # GET /v1/key with the same key, from OpenAI's base URL, as a status line asks; the day's use once the
+            # writer has stored the two calls (the refused one is no invocation).
+            info = wait_for(lambda: (got := client.get("/key", cast_to=object))["usage"]["requests"] == 2 and got,
+                            what="the two calls in GET /v1/key")
+            with pytest.raises(openai.AuthenticationError):
+                openai.OpenAI(base_url=f"{relay.url}/v1", api_key="ck-wrong", max_retries=0).get("/key", cast_to=object)
+            line = status_line(relay, tmp_path)
+    heads = [{k: r.headers[f"x-ratelimit-{k}-requests"] for k in ("limit", "remaining", "reset")}
+             for r in (streamed, whole, refused.value.response)]
+    # 2 daily requests bind before 10 per minute: 1 left, then none (reset: the next UTC midnight).
+    assert [(h["limit"], h["remaining"]) for h in heads] == [("2", "1"), ("2", "0"), ("2", "0")]
+    assert all(re.fullmatch(r"(\d+h)?(\d+m)?\d+s", h["reset"]) for h in heads)
+    assert info["name"] == "alice"
+    assert {name: (lim["limit"], lim["used"], lim["remaining"]) for name, lim in info["limits"].items()} == {
+        "daily_requests": (2, 2, 0), "rpm": (10, 2, 8)}
+    assert info["limits"]["daily_requests"]["resets_at"] == (
+        dt.datetime.combine(utcnow().date() + dt.timedelta(days=1), dt.time()).isoformat() + "Z")
+    assert len(node.seen) == 2 and not any(r.path.endswith("/key") for r in node.seen)  # never sent to a node
+    # The status line of docs/teams.md, as Claude Code runs it (its session JSON on stdin).
+    wait = r"\((\d+h)?(\d+m)?\d+s\)"
+    assert re.fullmatch(rf"alice · daily_requests 2/2 {wait} · rpm \d+/10 {wait} · today \$0", line), line
+
+
+def status_line(relay: RelayProcess, tmp_path: Path) -> str:
+    """The output of docs/teams.md's status-line script for ``KEY`` on ``relay``."""
+    if not (shutil.which("curl") and shutil.which("jq")):
+        unavailable("curl and jq", "the status-line script needs curl and jq")
+    doc = (ROOT / "docs" / "teams.md").read_text()
+    script = tmp_path / "relay-status"
+    script.write_text(re.search(r"```sh\n(#!/bin/sh\n.*?)```", doc, re.S).group(1))
+    script.chmod(0o755)
+    env = {"PATH": os.environ["PATH"], "ANTHROPIC_BASE_URL": relay.url, "ANTHROPIC_API_KEY": KEY}
+    done = subprocess.run([str(script)], input='{"model": {"display_name": "Opus"}}', env=env, capture_output=True,
+                          text=True, timeout=30, check=True)
+    return done.stdout.strip()

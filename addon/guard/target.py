@@ -81,6 +81,16 @@ def is_user_stats_path(target: str) -> bool:
     return route(target) == USER_STATS_PATH and target_problem(target) is None
 
 
+# A client key's own limits and use, answered by addon.keyinfo (the key in the usual auth header).
+KEY_INFO_PATH = "/v1/key"
+
+
+def is_key_info_path(target: str) -> bool:
+    """A canonical target of the key info endpoint: OpenAI's base URL (``…/v1``) and Anthropic's (the root) both
+    reach it as ``key`` and ``v1/key``."""
+    return route(target) == KEY_INFO_PATH and target_problem(target) is None
+
+
 def is_own_endpoint(target: str, *, reverse: bool, client_keys: bool) -> bool:
     """Whether the relay answers this request itself, needing no client key: on its own port (``reverse``; in
     regular mode such a path belongs to whatever site the client asked for), the admin page and /metrics (their

@@ -10,6 +10,7 @@ relay's own answers and closes (``addon.inject``).
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import functools
 import json
 import time
@@ -37,7 +38,7 @@ from addon.nodes.routing import Node, NodePool
 from addon.relay import Relay
 from addon.services.clientkeys import ClientKeys
 from store.keys import KeySpec
-from store.records import InvocationRecord, KeyCount, NodeConfig, NodeStateUpdate
+from store.records import InvocationRecord, KeyCount, NodeConfig, NodeStateUpdate, utcnow
 
 
 class StubRuntime:
@@ -52,7 +53,7 @@ class StubRuntime:
         self.prices = prices
         self.engine = None
         self.connect_timeout = 1.0
-        self.metrics = SimpleNamespace(count_in_flight=lambda _: None)
+        self.metrics = SimpleNamespace(count_in_flight=lambda _: None, count_budgets=lambda _: None)
         self.keys = ClientKeys()
         self.shutdown: list[Callable[[], None]] = []
 
@@ -89,11 +90,11 @@ class RelayHarness:
 
     def __init__(self, *nodes: NodeConfig, keys: list[KeySpec] | None = None, prices=None,
                  policy: BreakerPolicy | None = None, clock: Callable[[], float] = time.monotonic,
-                 **options: object) -> None:
+                 now: Callable[[], dt.datetime] = utcnow, **options: object) -> None:
         self.runtime = StubRuntime(nodes, prices=prices, policy=policy, clock=clock)
         self.limits = None
         if keys is not None:
-            self.limits = Limits(self.runtime)  # type: ignore[arg-type]
+            self.limits = Limits(self.runtime, clock=clock, now=now)  # type: ignore[arg-type]
             self.runtime.keys.apply(keys)
         self.relay = Relay(self.runtime, limits=self.limits)  # type: ignore[arg-type]
         # mitmproxy's own (its options are the proxy's): a stand-in handler per client is put in its connections

@@ -31,7 +31,8 @@ class Env:
         self.pool = NodePool([Node(c) for c in configs])
         self.runtime = SimpleNamespace(
             prices=None, submit=self.submitted.append, on_shutdown=lambda _: None, pool=self.pool,
-            metrics=SimpleNamespace(count_in_flight=self._count_in_flight), health=Health(self.submitted.append),
+            metrics=SimpleNamespace(count_in_flight=self._count_in_flight, count_budgets=lambda _: None),
+            health=Health(self.submitted.append),
             engine=None, connect_timeout=1.0, alert=lambda *a: None, keys=ClientKeys())
         self.limits = None
         if keys is not None:
