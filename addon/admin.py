@@ -392,7 +392,7 @@ class Admin:
 
     def _change_key(self, method: str, path: str, body: Any) -> http.Response:
         """Add (POST /api/keys), change (PATCH /api/keys/NAME), rotate or revoke a key (POST …/NAME/rotate,
-        …/revoke); every relay on the database applies it within ``codex_node_sync``, this one at once. A new
+        …/revoke); every relay on the database applies it within ``codex_key_sync``, this one at once. A new
         secret is in this answer only: the database keeps its SHA-256, the log never has it."""
         if not isinstance(body, dict):
             raise HttpError(400, "send a JSON object")

@@ -137,9 +137,8 @@ class FleetOptions(_ServiceOptions):
                           "x-session-affinity, Claude Code's metadata.user_id) stays on its node. "
                           "0 disables stickiness.")
         loader.add_option("codex_node_sync", str, "1",
-                          "Seconds between checks for node and client key changes made by other relays (or "
-                          "./run.sh keys) on the same database (admin edits, enable/disable, failed/recovered, "
-                          "keys added, changed, rotated, revoked). 0 disables the check.")
+                          "Seconds between checks for node changes made by other relays on the same "
+                          "database (admin edits, enable/disable, failed/recovered). 0 disables the check.")
 
     def configure(self, updated: set[str]) -> None:
         # codex_db: the nodes are upserted into a newly opened database.
@@ -206,16 +205,21 @@ class ClientKeyOptions(_ServiceOptions):
             "Upserted into the database at start, where the admin API and './run.sh keys' manage keys too. "
             "Other requests get HTTP 401 and reach no node. The key's name is recorded "
             "as client_key. Empty and no key made through the admin API: no client auth.")
+        loader.add_option("codex_key_sync", str, "1",
+                          "Seconds between checks for client keys added, changed, rotated or revoked by other "
+                          "relays or ./run.sh keys on the same database. 0 disables the check.")
 
     def configure(self, updated: set[str]) -> None:
         # codex_db: the keys are upserted into, and read from, a newly opened database.
-        if updated & {"codex_db", "codex_client_keys", "codex_node_sync"}:
+        if updated & {"codex_db", "codex_client_keys", "codex_key_sync"}:
             options = ctx.options
             with _option_errors():
                 specs = key_specs(options.codex_client_keys, (n.id for n in self.runtime.pool))
-                interval = seconds("codex_node_sync", options.codex_node_sync)
-                assert self.runtime.engine is not None  # opened by the first configure (codex_db has a default)
-                self.runtime.keys.sync(self.runtime.engine, specs, interval)
+                interval = seconds("codex_key_sync", options.codex_key_sync)
+                if self.runtime.engine is None:  # no database: the file's keys only
+                    self.runtime.keys.apply(specs)
+                else:
+                    self.runtime.keys.sync(self.runtime.engine, specs, interval)
 
 
 class LimitOptions:

@@ -284,7 +284,7 @@ client_keys = sa.Table(
 )
 
 # Revision 16: one counter row, bumped in the transaction of every change to ``client_keys``; relays on one
-# database read it every second (``codex_node_sync``) and reload their keys when it moves.
+# database read it every second (``codex_key_sync``) and reload their keys when it moves.
 client_key_state = sa.Table(
     "client_key_state", metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),

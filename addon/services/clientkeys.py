@@ -3,7 +3,7 @@
 ``codex_client_keys`` is parsed once (``key_specs``) into frozen specs and upserted into the database
 (``store.keyrows``), where the admin API and ``./run.sh keys`` add, change, rotate and revoke keys; ``sync``
 applies the database's keys and reloads them whenever their version moves (a cheap read every
-``codex_node_sync`` seconds), so a change made through any relay applies on every relay. Client auth names a
+``codex_key_sync`` seconds), so a change made through any relay applies on every relay. Client auth names a
 request's key with ``find``, the usage endpoint with ``name_of``, the limits read a key's spec, and
 ``KnownSecrets`` scrubs with ``digests``. The keys themselves are not kept: only their SHA-256.
 """

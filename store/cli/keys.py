@@ -3,7 +3,7 @@
 ``add NAME [limits]`` and ``rotate NAME`` print the new secret alone on stdout (the only time anyone sees it:
 the database keeps its SHA-256); ``list`` prints every key (``--json`` for scripts); ``set NAME limits``
 changes only the limits given (``none`` removes one); ``revoke NAME`` refuses the key from then on. Every
-relay on the database applies a change within ``codex_node_sync`` seconds. Exit 0: done; 1: database error
+relay on the database applies a change within ``codex_key_sync`` seconds. Exit 0: done; 1: database error
 or a conflict (a name taken, a revoked or unknown key); 2: bad arguments.
 """
 
@@ -62,7 +62,7 @@ def _table(rows: Sequence[dict]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = OneLineParser(prog="keys", description="Manage the client keys in the stats database; every relay "
-                           "on it applies a change within codex_node_sync seconds.")
+                           "on it applies a change within codex_key_sync seconds.")
     add_db_option(parser)
     commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     add = commands.add_parser("add", help="add a key; prints its secret (shown once)")
