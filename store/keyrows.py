@@ -87,9 +87,12 @@ def _check_nodes(conn: sa.Connection, limits: Mapping[str, object]) -> None:
         raise ValueError(f"unknown node id(s) {', '.join(unknown)} (known: {', '.join(sorted(known)) or 'none'})")
 
 
-def _digest_taken(conn: sa.Connection, key_sha256: str, name: str) -> bool:
+def _admin_key_with(conn: sa.Connection, key_sha256: str, name: str) -> str | None:
+    """The other key made through the API or CLI whose secret this is (another file key's may be: a key renamed in
+    the file keeps its secret, and relays whose file still has the old name keep accepting it there)."""
     c = client_keys.c
-    return conn.execute(sa.select(c.name).where(c.key_sha256 == key_sha256, c.name != name)).first() is not None
+    return conn.execute(sa.select(c.name).where(c.key_sha256 == key_sha256, c.name != name,
+                                                c.source == "admin")).scalar()
 
 
 def upsert_file_keys(conn: sa.Connection, specs: Sequence[KeySpec]) -> None:
@@ -101,8 +104,9 @@ def upsert_file_keys(conn: sa.Connection, specs: Sequence[KeySpec]) -> None:
     now = utcnow()
     for spec in specs:
         key_sha256 = spec.key_digest.hex()
-        if _digest_taken(conn, key_sha256, spec.name):
-            raise ValueError(f"key {spec.name!r}: its secret is already another key's (in the database)")
+        taken = _admin_key_with(conn, key_sha256, spec.name)
+        if taken is not None:
+            raise ValueError(f"key {spec.name!r}: its secret is already the key {taken!r}'s (made through the API)")
         given = _columns({f: v for f in LIMIT_FIELDS if (v := getattr(spec, f)) is not None})
         values = {"key_sha256": key_sha256, "source": "file", "updated_at": now, **given}
         if _row(conn, spec.name) is None:

@@ -280,7 +280,6 @@ client_keys = sa.Table(
     sa.Column("created_at", TIMESTAMP, nullable=False),
     sa.Column("updated_at", TIMESTAMP, nullable=False),
     sa.Column("revoked_at", TIMESTAMP),
-    sa.UniqueConstraint("key_sha256", name="uq_client_keys_key_sha256"),
 )
 
 # Revision 16: one counter row, bumped in the transaction of every change to ``client_keys``; relays on one

@@ -59,11 +59,15 @@ def test_the_file_wins_what_it_sets_and_keeps_the_rest_and_the_usage(engine):
     assert (usage.admitted, usage.requests, usage.total_tokens, usage.cost) == (7, 7, 700, 0.5)
 
 
-def test_a_file_key_with_another_keys_secret_is_refused(engine):
+def test_a_file_key_may_not_take_an_admin_keys_secret_but_may_be_renamed(engine):
     with engine.begin() as conn:
-        keyrows.upsert_file_keys(conn, [KeySpec("alice", digest("ck-shared-0123456789"))])
-    with engine.begin() as conn, pytest.raises(ValueError, match="'bob': its secret is already another key's"):
-        keyrows.upsert_file_keys(conn, [KeySpec("bob", digest("ck-shared-0123456789"))])
+        secret = keyrows.create_key(conn, "dana", {})
+        keyrows.upsert_file_keys(conn, [KeySpec("alice", digest("ck-alice-0123456789"))])
+    with engine.begin() as conn, pytest.raises(ValueError, match="'bob': its secret is already the key 'dana'"):
+        keyrows.upsert_file_keys(conn, [KeySpec("bob", digest(secret))])
+    with engine.begin() as conn:  # alice renamed alicia in the file: the same secret, a new name
+        keyrows.upsert_file_keys(conn, [KeySpec("alicia", digest("ck-alice-0123456789"))])
+    assert row(engine, "alicia").key_sha256 == row(engine, "alice").key_sha256 == digest("ck-alice-0123456789").hex()
 
 
 def test_create_stores_only_the_digest_and_refuses_a_taken_name(engine):

@@ -39,7 +39,6 @@ def upgrade() -> None:
         sa.Column("created_at", TIMESTAMP, nullable=False),
         sa.Column("updated_at", TIMESTAMP, nullable=False),
         sa.Column("revoked_at", TIMESTAMP),
-        sa.UniqueConstraint("key_sha256", name="uq_client_keys_key_sha256"),
     )
     op.create_table(
         "client_key_state",
