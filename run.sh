@@ -3,7 +3,7 @@
 #   ./run.sh [mitmdump args…]   set up .venv, upgrade the DB, start the relay on 127.0.0.1:8000 (SQLite by default)
 #   ./run.sh test [pytest args…] set up .venv and run the whole test suite (+ ruff)
 #   ./run.sh web [mitmweb args…] same as the default, in mitmweb
-#   ./run.sh stats|poll-stats|reconcile|prune|bench …   see README.md and docs/
+#   ./run.sh stats|poll-stats|reconcile|prune|keys|bench …   see README.md and docs/
 set -euo pipefail
 # Paths the user gives (nodes files, keys files, SQLite URLs) are read from where the command runs: no cd.
 ROOT=$(cd "$(dirname "$0")" && pwd)
@@ -105,6 +105,7 @@ case "$cmd" in
     poll-stats) shift; setup_venv; CODEX_DB=$DB exec "$VENV/bin/python" -m store.cli.poll "$@" ;;
     reconcile) shift; setup_venv; CODEX_DB=$DB exec "$VENV/bin/python" -m store.cli.reconcile "$@" ;;
     prune) shift; setup_venv; CODEX_DB=$DB exec "$VENV/bin/python" -m store.cli.prune "$@" ;;
+    keys) shift; setup_venv; CODEX_DB=$DB exec "$VENV/bin/python" -m store.cli.keys "$@" ;;
     bench) shift; setup_venv dev; cd "$ROOT"; exec "$VENV/bin/python" -m bench "$@" ;;
     setup) setup_venv ;;
     *) setup_venv; relay mitmdump "$@" ;;

@@ -1,4 +1,4 @@
-"""The admin page: stats, node health and node management, served by the relay on its own port.
+"""The admin page: stats, node health, node and client key management, served by the relay on its own port.
 
 ``/admin`` (HTML), ``/admin/api/…`` (JSON) and ``/metrics`` (Prometheus) are answered in the
 ``request`` hook by setting ``flow.response``: such flows never go upstream and are never metered
@@ -46,10 +46,11 @@ from addon.nodes.nodeurl import origin_of
 from addon.observe.metrics import CONTENT_TYPE as METRICS_TYPE
 from addon.refusal import answered
 from addon.services.runtime import Runtime
-from store import stats
+from store import keyrows, stats
 from store.config import ConfigError, node_from_mapping
 from store.engine import error_line
 from store.key_usage import per_key
+from store.keys import LIMIT_FIELDS
 from store.nodes import config_of, load_nodes
 from store.sources.reconcile import ReconcileError, as_json, reconcile
 
@@ -64,6 +65,8 @@ MAX_RECENT = 500
 # Node config that a save without it keeps as stored: what the node serves, and its usage probe.
 _KEPT_KEYS = frozenset({"formats", "models", "model_map", "usage_probe", "auth_header"})
 _NODE_ACTION = re.compile(r"^/admin/api/nodes/([^/]+)/(enable|disable)$")
+_KEY = re.compile(r"^/admin/api/keys/([^/]+)$")
+_KEY_ACTION = re.compile(r"^/admin/api/keys/([^/]+)/(rotate|revoke)$")
 _SECURITY_HEADERS = {
     "cache-control": "no-store",
     "x-content-type-options": "nosniff",
@@ -245,11 +248,15 @@ class Admin:
             self._method(method, "POST")
             return _response(303, "", "text/plain", location=PREFIX,
                              **{"set-cookie": f"{COOKIE}=; Path={PREFIX}; Max-Age=0; HttpOnly; SameSite=Strict"})
-        if method == "POST":
+        if method in ("POST", "PATCH"):
             if flow.request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
                 raise HttpError(415, "send changes as application/json")
             return await self._change(flow, path)
         self._method(method, "GET")
+        m = _KEY.match(path)
+        if m is not None:
+            key = await asyncio.to_thread(self._key, unquote(m.group(1)), _filters(flow.request.query))
+            return json_response(200, key)
         return await self._read(flow, path)
 
     @staticmethod
@@ -286,7 +293,7 @@ class Admin:
             "/api/writer": self._writer,
             "/api/session": lambda: {"login": bool(self._token)},  # whether the page shows "Log out"
             "/api/reconcile": lambda: self._reconcile(date),
-            "/api/keys": lambda: {"keys": self._keys(f)},
+            "/api/keys": lambda: {"keys": self._keys(f), "stored": self._stored_keys()},
         }
         reader = readers.get(path.removeprefix(PREFIX))
         if reader is None:
@@ -298,6 +305,9 @@ class Admin:
             body = json.loads(flow.request.get_text() or "{}")
         except ValueError as e:
             raise HttpError(400, f"body is not JSON: {e}") from None
+        if path == PREFIX + "/api/keys" or path.startswith(PREFIX + "/api/keys/"):
+            return await asyncio.to_thread(self._change_key, flow.request.method, path, body)
+        self._method(flow.request.method, "POST")
         if path == PREFIX + "/api/nodes":
             node = await asyncio.to_thread(self._save_node, body)
             log.info("admin: node %s saved (weight %s, %s)", node["node_id"], node["weight"], node["base_url"])
@@ -367,6 +377,66 @@ class Admin:
         if self.limits is None:
             return [r.as_dict() for r in rows]
         return self.limits.report(rows, day)
+
+    def _stored_keys(self) -> list[dict]:
+        """Every key in the database (the file's and those made here or by the CLI), revoked ones too."""
+        with self._engine().connect() as conn:
+            return [keyrows.describe(r) for r in keyrows.load_keys(conn)]
+
+    def _key(self, name: str, f: stats.Filters) -> dict:
+        """One stored key and its usage of one day (``until``, default today)."""
+        stored = next((k for k in self._stored_keys() if k["name"] == name), None)
+        if stored is None:
+            raise HttpError(404, f"no key {name!r}")
+        return {"key": stored, "usage": next((r for r in self._keys(f) if r["client_key"] == name), None)}
+
+    def _change_key(self, method: str, path: str, body: Any) -> http.Response:
+        """Add (POST /api/keys), change (PATCH /api/keys/NAME), rotate or revoke a key (POST …/NAME/rotate,
+        …/revoke); every relay on the database applies it within ``codex_key_sync``, this one at once. A new
+        secret is in this answer only: the database keeps its SHA-256, the log never has it."""
+        if not isinstance(body, dict):
+            raise HttpError(400, "send a JSON object")
+        key, action = _KEY.match(path), _KEY_ACTION.match(path)
+        allowed = set(LIMIT_FIELDS) | ({"name"} if key is None and action is None else set())
+        unknown = sorted(set(body) - allowed) if action is None else []
+        if unknown:
+            raise HttpError(400, f"unknown field(s) {', '.join(unknown)} (known: {', '.join(sorted(allowed))})")
+        secret = None
+        try:
+            with self._engine().begin() as conn:
+                if path == PREFIX + "/api/keys":
+                    self._method(method, "POST")
+                    name = body.get("name")
+                    secret = keyrows.create_key(conn, name, body)
+                    status, what = 201, "added"
+                elif key is not None:
+                    self._method(method, "PATCH")
+                    name = unquote(key.group(1))
+                    keyrows.update_key(conn, name, body)
+                    status, what = 200, f"changed ({', '.join(sorted(body)) or 'nothing'})"
+                elif action is not None:
+                    self._method(method, "POST")
+                    name = unquote(action.group(1))
+                    if action.group(2) == "rotate":
+                        secret = keyrows.rotate_key(conn, name)
+                    else:
+                        keyrows.revoke_key(conn, name)
+                    status, what = 200, f"{action.group(2)}d"
+                else:
+                    raise HttpError(404, f"no such page: {path}")
+                row = next(r for r in keyrows.load_keys(conn) if r.name == name)
+        except ValueError as e:
+            raise HttpError(400, str(e)) from None
+        except keyrows.NoSuchKey:
+            raise HttpError(404, f"no key {name!r}") from None
+        except keyrows.KeyConflict as e:
+            raise HttpError(409, str(e)) from None
+        self.runtime.keys.reload()
+        log.info("admin: key %s %s", name, what)
+        answer: dict[str, Any] = {"key": keyrows.describe(row)}
+        if secret is not None:
+            answer["secret"] = secret  # shown once: nobody can read it again
+        return json_response(status, answer)
 
     def _writer(self) -> dict:
         writer = self.runtime.db.writer_stats()

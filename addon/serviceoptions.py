@@ -26,7 +26,7 @@ from addon.services.healthchecks import health_settings
 from addon.services.prices import price_settings
 from addon.services.providers import provider_settings
 from addon.services.runtime import Runtime
-from addon.services.settings import SettingsError
+from addon.services.settings import SettingsError, seconds
 from addon.services.statsdb import db_settings
 from store.engine import DEFAULT_DB
 
@@ -202,13 +202,24 @@ class ClientKeyOptions(_ServiceOptions):
             "Keys clients must send (Authorization: Bearer <key> or x-api-key) to use the relay: "
             "comma-separated name=key or bare keys, or @path of a file with one name=key per line "
             "(# comments), or @path of a TOML file of [[keys]] with limits (docs/teams.md). "
+            "Upserted into the database at start, where the admin API and './run.sh keys' manage keys too. "
             "Other requests get HTTP 401 and reach no node. The key's name is recorded "
-            "as client_key. Empty: no client auth.")
+            "as client_key. Empty and no key made through the admin API: no client auth.")
+        loader.add_option("codex_key_sync", str, "1",
+                          "Seconds between checks for client keys added, changed, rotated or revoked by other "
+                          "relays or ./run.sh keys on the same database. 0 disables the check.")
 
     def configure(self, updated: set[str]) -> None:
-        if "codex_client_keys" in updated:
+        # codex_db: the keys are upserted into, and read from, a newly opened database.
+        if updated & {"codex_db", "codex_client_keys", "codex_key_sync"}:
+            options = ctx.options
             with _option_errors():
-                self.runtime.keys.apply(key_specs(ctx.options.codex_client_keys, (n.id for n in self.runtime.pool)))
+                specs = key_specs(options.codex_client_keys, (n.id for n in self.runtime.pool))
+                interval = seconds("codex_key_sync", options.codex_key_sync)
+                if self.runtime.engine is None:  # no database: the file's keys only
+                    self.runtime.keys.apply(specs)
+                else:
+                    self.runtime.keys.sync(self.runtime.engine, specs, interval)
 
 
 class LimitOptions:

@@ -171,7 +171,7 @@ class StartupCheck:
             (reverse if isinstance(server.mode, ReverseMode) else proxy).extend(server.listen_addrs)
         return startup_summary(reverse_addrs=reverse, proxy_addrs=proxy, database=self.runtime.db.database,
                                nodes=[n.id for n in self.runtime.pool],
-                               client_keys=bool(opts.codex_client_keys.strip()),
+                               client_keys=self.runtime.keys.enabled,
                                admin_token=bool(opts.codex_admin_token))
 
     def running(self) -> None:
@@ -181,7 +181,7 @@ class StartupCheck:
         opts = ctx.options
         for problem in (unknown_options_message(opts.deferred, (name for name, _ in opts.items())),
                         open_relay_problem(routes=len(self.runtime.pool) > 0,
-                                           client_keys=bool(opts.codex_client_keys.strip()),
+                                           client_keys=self.runtime.keys.enabled,
                                            hosts=listen_hosts(opts.mode, opts.listen_host),
                                            allow_open=opts.codex_allow_open)):
             if problem:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fnmatch
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -49,7 +50,10 @@ class KeySpec:
         return any(v is not None for v in (self.daily_requests, self.daily_tokens, self.monthly_cost))
 
 
+_LIST_LIMITS = ("nodes", "models", "endpoints")
 _INT_LIMITS = ("daily_requests", "daily_tokens", "rpm", "concurrency")
+# What a key may be limited by: every KeySpec field but its name and digest.
+LIMIT_FIELDS = (*_LIST_LIMITS, *_INT_LIMITS, "monthly_cost")
 _FIELDS = {f.name for f in fields(KeySpec)} - {"key_digest"} | {"key", "key_sha256"}
 
 
@@ -119,22 +123,30 @@ def _entry(entry: dict, max_name_chars: int) -> KeySpec:
             key_digest = b""
         if len(key_digest) != 32:
             raise ValueError("key_sha256 must be 64 hex digits (the SHA-256 of the key)")
+    limits = parse_limits(entry)
+    return KeySpec(name=name, key_digest=key_digest, **limits)  # type: ignore[arg-type]
+
+
+def parse_limits(entry: Mapping[str, object], *, none_clears: bool = False) -> dict[str, object]:
+    """The limits (``LIMIT_FIELDS``) ``entry`` gives, validated; other fields are ignored. With ``none_clears``
+    a field given as None stays None (no limit: the admin API's partial updates); else it is an error."""
     limits: dict[str, object] = {}
-    for field_name in ("nodes", "models", "endpoints"):
-        if field_name in entry:
-            value = entry[field_name]
-            if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+    for field_name in LIMIT_FIELDS:
+        if field_name not in entry:
+            continue
+        value = entry[field_name]
+        if value is None and none_clears:
+            limits[field_name] = None
+        elif field_name in _LIST_LIMITS:
+            if not isinstance(value, list | tuple) or not value or not all(isinstance(v, str) and v for v in value):
                 raise ValueError(f"{field_name} must be a non-empty list of non-empty strings")
             limits[field_name] = tuple(value)
-    for field_name in _INT_LIMITS:
-        if field_name in entry:
-            value = entry[field_name]
+        elif field_name in _INT_LIMITS:
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{field_name} must be an integer >= 0")
             limits[field_name] = value
-    if "monthly_cost" in entry:
-        value = entry["monthly_cost"]
-        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-            raise ValueError("monthly_cost must be a number >= 0 (USD)")
-        limits["monthly_cost"] = float(value)
-    return KeySpec(name=name, key_digest=key_digest, **limits)  # type: ignore[arg-type]
+        else:
+            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+                raise ValueError(f"{field_name} must be a number >= 0 (USD)")
+            limits[field_name] = float(value)
+    return limits

@@ -259,3 +259,33 @@ alert_state = sa.Table(
     sa.Column("good_at", TIMESTAMP),  # when good news of it was last sent (flapping holds the next one back)
     sa.Column("relay", sa.String(128), nullable=False),
 )
+
+# Revision 16: the client keys (issue 29): those of the codex_client_keys file (``source`` 'file', upserted at
+# every start) and those made through the admin API or ``./run.sh keys`` ('admin'). Only the SHA-256 of a
+# secret is kept (``key_sha256``, hex); a limit column is NULL when the key has no such limit; ``nodes``,
+# ``models`` and ``endpoints`` are JSON lists. A revoked key (``revoked_at``) stays for its usage and name.
+client_keys = sa.Table(
+    "client_keys", metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("key_sha256", sa.String(64), nullable=False),
+    sa.Column("source", sa.String(16), nullable=False),
+    sa.Column("nodes", sa.Text),
+    sa.Column("models", sa.Text),
+    sa.Column("endpoints", sa.Text),
+    sa.Column("daily_requests", sa.BigInteger),
+    sa.Column("daily_tokens", sa.BigInteger),
+    sa.Column("monthly_cost", sa.Double),
+    sa.Column("rpm", sa.Integer),
+    sa.Column("concurrency", sa.Integer),
+    sa.Column("created_at", TIMESTAMP, nullable=False),
+    sa.Column("updated_at", TIMESTAMP, nullable=False),
+    sa.Column("revoked_at", TIMESTAMP),
+)
+
+# Revision 16: one counter row, bumped in the transaction of every change to ``client_keys``; relays on one
+# database read it every second (``codex_key_sync``) and reload their keys when it moves.
+client_key_state = sa.Table(
+    "client_key_state", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("version", sa.BigInteger, nullable=False, server_default="0"),
+)

@@ -240,3 +240,46 @@ def test_admin_page_shows_stats_and_edits_a_node(sqlite_url, tmp_path, browser):
                     shutil.copyfile(shot, SCREENSHOT)
             finally:
                 engine.dispose()
+
+
+@pytest.mark.slow
+def test_admin_page_adds_edits_and_revokes_a_key(sqlite_url, tmp_path, browser):
+    from playwright.sync_api import expect
+
+    with FakeUpstream("a") as a:
+        nodes_file = write_nodes(tmp_path / "nodes.toml", [("a", a.base_url, "key-a-0123456789", 1)])
+        keys_file = tmp_path / "keys.toml"
+        keys_file.write_text(KEYS)
+        options = {"codex_nodes": str(nodes_file), "codex_ping_interval": "0", "codex_client_keys": f"@{keys_file}"}
+        with RelayProcess(db_url=sqlite_url, options=options) as relay:
+            page = browser.new_page(viewport=VIEWPORT)
+            page.on("dialog", lambda dialog: dialog.accept())
+            page.goto(relay.url + "/admin")
+            team = page.locator('#stored-keys tr[data-key="team"]')
+            expect(team.locator('[data-col="source"]')).to_have_text("file")
+            expect(team.locator('[data-action="rotate"]')).to_have_count(0)  # a file key's secret is the file's
+
+            form = page.locator("#key-form")
+            form.locator('[name="name"]').fill("dana")
+            form.locator('[name="models"]').fill("gpt-5*, o3")
+            form.locator('[name="rpm"]').fill("3")
+            form.locator('button[type="submit"]').click()
+            expect(page.locator("#message")).to_contain_text("shown this once: crk-")
+            secret = re.search(r"crk-\S+", page.locator("#message").inner_text()).group(0)
+            dana = page.locator('#stored-keys tr[data-key="dana"]')
+            expect(dana.locator('[data-col="limits"] div')).to_have_text(["models gpt-5*, o3", "rpm 3"])
+            assert call(relay, "responses", stream=False, usage=(1, 0, 1, 0),
+                        headers={"authorization": f"Bearer {secret}"})[0] == 200
+
+            dana.locator('[data-action="edit"]').click()
+            form.locator('[name="rpm"]').fill("")
+            form.locator('[name="daily_requests"]').fill("50")
+            form.locator('button[type="submit"]').click()
+            expect(dana.locator('[data-col="limits"] div')).to_have_text(["models gpt-5*, o3", "daily_requests 50"])
+
+            dana.locator('[data-action="revoke"]').click()
+            expect(dana.locator('[data-col="state"]')).to_have_text("revoked")
+            assert call(relay, "responses", stream=False, usage=(1, 0, 1, 0),
+                        headers={"authorization": f"Bearer {secret}"})[0] == 401
+            page.reload()
+            assert secret not in page.content()  # shown once: no read of the page has it again

@@ -1,8 +1,11 @@
 """The client keys: the one holder of their specs (``store.keys.KeySpec``), digests and names.
 
-``codex_client_keys`` is parsed once (``key_specs``) into frozen specs; client auth names a request's key with
-``find``, the usage endpoint with ``name_of``, the limits read a key's spec, and ``KnownSecrets`` scrubs
-with ``digests``. The keys themselves are not kept: only their SHA-256.
+``codex_client_keys`` is parsed once (``key_specs``) into frozen specs and upserted into the database
+(``store.keyrows``), where the admin API and ``./run.sh keys`` add, change, rotate and revoke keys; ``sync``
+applies the database's keys and reloads them whenever their version moves (a cheap read every
+``codex_key_sync`` seconds), so a change made through any relay applies on every relay. Client auth names a
+request's key with ``find``, the usage endpoint with ``name_of``, the limits read a key's spec, and
+``KnownSecrets`` scrubs with ``digests``. The keys themselves are not kept: only their SHA-256.
 """
 
 from __future__ import annotations
@@ -10,12 +13,17 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 
+import sqlalchemy as sa
+
 from addon.services.settings import SettingsError
+from store.keyrows import load_keys, read_version, spec_of, upsert_file_keys
 from store.keys import MAX_NAME_CHARS, KeySpec, parse_keys_toml, toml_file
 from store.masking import digest
+from store.periodic import Periodic
 
 log = logging.getLogger("codex.auth")
 
@@ -92,24 +100,75 @@ def key_specs(spec: str, known_nodes: Iterable[str]) -> tuple[KeySpec, ...]:
 
 
 class ClientKeys:
-    """The configured client keys."""
+    """The client keys in use: the file's and the database's."""
 
     def __init__(self) -> None:
         self.specs: dict[str, KeySpec] = {}  # by name
         self.digests: frozenset[bytes] = frozenset()
+        self._enabled = False
+        self._engine: sa.Engine | None = None
+        self._file_names: frozenset[str] = frozenset()
+        self._version = -1
+        self._rounds: Periodic | None = None
+        self._reloading = threading.Lock()  # the sync's thread and the admin API's: one reads and applies at a time
 
-    def apply(self, specs: Iterable[KeySpec]) -> None:
-        """Use these keys (``key_specs``) from now on."""
+    def apply(self, specs: Iterable[KeySpec], *, enabled: bool | None = None) -> None:
+        """Use these keys from now on; client auth is on when ``enabled`` (default: when there are keys)."""
         specs = tuple(specs)
+        names = sorted(s.name for s in specs)
+        if names != sorted(self.specs):
+            log.info("client auth: %d key(s): %s", len(names), ", ".join(names))
         self.specs = {s.name: s for s in specs}
         self.digests = frozenset(s.key_digest for s in specs)
-        if specs:
-            log.info("client auth: %d key(s): %s", len(specs), ", ".join(s.name for s in specs))
+        self._enabled = bool(specs) if enabled is None else enabled
+
+    def sync(self, engine: sa.Engine, file_specs: Iterable[KeySpec], interval: float) -> None:
+        """Upsert the file's keys into ``engine`` (``store.keyrows``' rule), use the database's keys, and reload
+        them every ``interval`` seconds when they changed (0: never). Blocking DB work."""
+        self.stop()
+        file_specs = tuple(file_specs)
+        with engine.begin() as conn:
+            try:
+                upsert_file_keys(conn, file_specs)
+            except ValueError as e:
+                raise SettingsError(f"codex_client_keys: {e}") from None
+        self._engine, self._file_names, self._version = engine, frozenset(s.name for s in file_specs), -1
+        self.reload()
+        if interval > 0:
+            self._rounds = Periodic("codex-keysync", interval, self.reload, _reload_failed)
+            self._rounds.start()
+
+    def reload(self) -> bool:
+        """Read the keys again if their version moved (True then). Blocking: call it off the event loop.
+
+        A key is accepted while it is not revoked and was made through the admin API or CLI, or this relay's
+        file names it (a key dropped from the file is refused, as a node dropped from it gets no calls).
+        Client auth stays on once the database holds an admin-made key, revoked or not: revoking the last
+        key never opens the relay.
+        """
+        if self._engine is None:
+            return False
+        with self._reloading:
+            with self._engine.connect() as conn:
+                version = read_version(conn)
+                if version == self._version:
+                    return False
+                rows = load_keys(conn)
+            self._version = version
+            live = [spec_of(r) for r in rows
+                    if r.revoked_at is None and (r.source == "admin" or r.name in self._file_names)]
+            self.apply(live, enabled=bool(self._file_names) or any(r.source == "admin" for r in rows))
+        return True
+
+    def stop(self) -> None:
+        if self._rounds is not None:
+            self._rounds.stop()
+            self._rounds = None
 
     @property
     def enabled(self) -> bool:
-        """Whether client keys are configured."""
-        return bool(self.specs)
+        """Whether clients must send a client key."""
+        return self._enabled
 
     def spec(self, name: str) -> KeySpec | None:
         return self.specs.get(name)
@@ -134,3 +193,7 @@ class ClientKeys:
                 if hmac.compare_digest(d, spec.key_digest) and found is None:
                     found = spec.name
         return found
+
+
+def _reload_failed(e: Exception) -> None:  # the database away for a while: the next round tries again
+    log.warning("client key check failed: %s", e)

@@ -46,7 +46,7 @@ class Runtime:
         self._on_shutdown: list[Callable[[], None]] = []
         # In the order they stop: calls in flight are recorded after every thread that reports has stopped and
         # before the writer's last flush (mitmproxy ends their connections only after ``done``).
-        self._stopping = (self.fleet.stop, self.checks.stop, self.providers.stop, self.alerts.stop,
+        self._stopping = (self.fleet.stop, self.keys.stop, self.checks.stop, self.providers.stop, self.alerts.stop,
                           self._run_shutdown_callbacks, self.db.stop)
 
     # -- for the addons ----------------------------------------------------------------------------

@@ -77,10 +77,10 @@ function say(text, isError = false) {
 }
 
 // -- API ----------------------------------------------------------------------------------------
-async function api(path, body) {
+async function api(path, body, method = "POST") {
   const init = {credentials: "same-origin"};
   if (body !== undefined) {
-    init.method = "POST";
+    init.method = method;
     init.headers = {"content-type": "application/json"};
     init.body = JSON.stringify(body);
   }
@@ -341,6 +341,28 @@ function renderKeys(keys) {
       el("div", {title: l.resets_at ? "resets " + l.resets_at : null}, limitText(name, l))), k.limits && Object.keys(k.limits).length ? null : "–"))));
 }
 
+// The keys in the database: limits as "name value", actions by state (a file key's secret is the file's).
+const KEY_LIMITS = ["models", "nodes", "endpoints", "daily_requests", "daily_tokens", "monthly_cost", "rpm", "concurrency"];
+function renderStoredKeys(keys) {
+  fill($("#stored-keys"), keys.map((k) => {
+    const limits = KEY_LIMITS.filter((f) => k[f] !== null).map((f) =>
+      el("div", {}, `${f} ${Array.isArray(k[f]) ? k[f].join(", ") : f === "monthly_cost" ? usd(k[f]) : int(k[f])}`));
+    const actions = el("td", {class: "actions"});
+    if (!k.revoked) {
+      actions.append(el("button", {type: "button", onclick: () => editKey(k), "data-action": "edit"}, "Edit"));
+      if (k.source === "admin") {
+        actions.append(el("button", {type: "button", onclick: () => keyAction(k.name, "rotate"), "data-action": "rotate"},
+          "Rotate"));
+      }
+      actions.append(el("button", {type: "button", onclick: () => keyAction(k.name, "revoke"), "data-action": "revoke"},
+        "Revoke"));
+    }
+    return el("tr", {"data-key": k.name}, cell("key", k.name), cell("source", k.source),
+      cell("state", k.revoked ? "revoked" : "active"), el("td", {"data-col": "limits"}, ...limits, limits.length ? null : "–"),
+      actions);
+  }));
+}
+
 // -- refresh ------------------------------------------------------------------------------------
 async function refresh() {
   const query = filterQuery();
@@ -359,6 +381,7 @@ async function refresh() {
     renderWriter(writer.writer);
     renderHours((await api("hours?" + query)).hours);
     renderKeys(keys.keys);
+    renderStoredKeys(keys.stored);
     $("#updated").textContent = "updated " + new Date().toLocaleTimeString();
     document.body.dataset.loaded = String(Date.now());
   } catch (e) {
@@ -427,6 +450,61 @@ async function toggleNode(id, disable) {
   }
 }
 
+// -- key management -----------------------------------------------------------------------------
+function editKey(k) {
+  const form = $("#key-form");
+  form.elements.name.value = k.name;
+  form.elements.name.readOnly = true;
+  for (const f of KEY_LIMITS) {
+    if (form.elements[f]) form.elements[f].value = k[f] === null ? "" : Array.isArray(k[f]) ? k[f].join(", ") : k[f];
+  }
+  $("#key-form-title").textContent = "Edit key " + k.name;
+}
+
+function newKey() {
+  const form = $("#key-form");
+  form.reset();
+  form.elements.name.readOnly = false;
+  $("#key-form-title").textContent = "Add a key";
+}
+
+async function saveKey(event) {
+  event.preventDefault();
+  const f = event.target.elements;
+  const editing = f.name.readOnly;
+  const body = {};
+  for (const name of KEY_LIMITS) {
+    const input = f[name];
+    if (!input) continue;
+    const value = input.value.trim();
+    // A new key gets only the limits filled in; an edit sends every field, an empty one as "no limit".
+    if (value === "") { if (editing) body[name] = null; continue; }
+    body[name] = input.type === "number" ? Number(value) : list(value);
+  }
+  try {
+    const name = f.name.value.trim();
+    const answer = editing ? await api("keys/" + encodeURIComponent(name), body, "PATCH")
+      : await api("keys", {name, ...body});
+    say(answer.secret ? `Key ${name} added. Its secret, shown this once: ${answer.secret}` : `Key ${name} saved.`);
+    newKey();
+    await refresh();
+  } catch (e) {
+    say("Not saved: " + e.message, true);
+  }
+}
+
+async function keyAction(name, action) {
+  const what = action === "revoke" ? "refused from now on, on every relay" : "given a new secret; the old one is refused";
+  if (!confirm(`Key ${name} will be ${what}. Go on?`)) return;
+  try {
+    const answer = await api(`keys/${encodeURIComponent(name)}/${action}`, {});
+    say(answer.secret ? `Key ${name} rotated. Its new secret, shown this once: ${answer.secret}` : `Key ${name} revoked.`);
+    await refresh();
+  } catch (e) {
+    say("Not changed: " + e.message, true);
+  }
+}
+
 // -- reconciliation -----------------------------------------------------------------------------
 async function showReconcile(event) {
   event.preventDefault();
@@ -463,6 +541,8 @@ async function start() {
   $("#recent-limit").addEventListener("change", refresh);
   $("#node-form").addEventListener("submit", saveNode);
   $("#node-form-reset").addEventListener("click", newNode);
+  $("#key-form").addEventListener("submit", saveKey);
+  $("#key-form-reset").addEventListener("click", newKey);
   $("#reconcile-form").addEventListener("submit", showReconcile);
   $("#reconcile-form").elements.date.value = utcDay(new Date());
   try {
