@@ -23,7 +23,7 @@ from addon.observe.metrics import Budget, Metrics
 from tests.support.calls import call, write_nodes
 from tests.support.ci import unavailable
 from tests.support.fakeupstream import FakeUpstream
-from tests.support.ports import accepts, free_port
+from tests.support.ports import free_port
 from tests.support.relayproc import RelayProcess
 from tests.support.waiting import wait_for
 
@@ -82,7 +82,7 @@ def test_every_dashboard_query_answers_from_prometheus_scraping_two_relays(maria
                                  f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT)
         stack.callback(proc.wait, 10)
         stack.callback(proc.terminate)
-        wait_for(lambda: accepts(port) or proc.poll() is not None, 20, "prometheus listening")
+        wait_for(lambda: ready(port) or proc.poll() is not None, 60, "prometheus ready")
         assert proc.poll() is None, (tmp_path / "prometheus.log").read_text()[-2000:]
 
         def ask(expr: str) -> list[dict]:
@@ -115,3 +115,12 @@ def test_every_dashboard_query_answers_from_prometheus_scraping_two_relays(maria
         assert float(failures["value"][1]) == 4
         limits = {r["metric"]["limit"] for r in ask("max by (client, limit) (codex_key_limit)")}
         assert limits == {"daily_requests", "monthly_cost", "rpm"}
+
+
+def ready(port: int) -> bool:
+    """Whether Prometheus answers queries: it listens before it has opened its database (503 until then)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/-/ready", timeout=5) as resp:
+            return resp.status == 200
+    except OSError:  # refused, or an HTTPError 503 while it starts
+        return False
