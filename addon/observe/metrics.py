@@ -68,6 +68,9 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self._in_flight: Callable[[], int] = lambda: 0
         self._counts = _Counts()
+        # (node, client key, status) -> what a record so labelled adds to: each counter's series built once. Bounded:
+        # nodes, key names and statuses are the configuration's and the relay's own.
+        self._plans: dict[tuple[str, str | None, str], _Plan] = {}
         self.registry.register(self._counts)
         self.registry.register(_StateCollector(pool, writer, lambda: self._in_flight()))
 
@@ -79,9 +82,9 @@ class Metrics:
         """Count one record on its way to the writer, as ``store.rollups`` declares. Cheap: it runs on the
         event loop."""
         with self._counts.lock:
-            add = self._counts.add
             if isinstance(item, NodeStateUpdate):
                 if item.failed_attempt:
+                    add = self._counts.add
                     for f in _FEEDS:
                         if f.attempt:
                             kind = RETRIED if f.by_status else f.kind
@@ -89,15 +92,12 @@ class Metrics:
                 return
             if isinstance(item, KeyCount):  # a client key's admission or refusal: no node's
                 return
-            node, client = item.node_id or DIRECT, item.client_key
-            for f in _FEEDS:
-                n = f.value(item)
-                if not n:
-                    continue
-                kind = item.status if f.by_status else f.kind
-                add(f.node, (node,) if kind is None else (node, kind), n)
-                if f.client is not None and client:
-                    add(f.client, (client,) if kind is None else (client, kind), n)
+            node = item.node_id or DIRECT
+            labels = (node, item.client_key, item.status)
+            plan = self._plans.get(labels)
+            if plan is None:
+                plan = self._plans[labels] = _plan(*labels)
+            self._counts.add_each(plan, item)
             for d in DISTRIBUTIONS:
                 ms = d.value(item)
                 if ms is not None:
@@ -106,6 +106,23 @@ class Metrics:
     def scrape(self) -> bytes:
         """The text exposition format (``CONTENT_TYPE``)."""
         return generate_latest(self.registry)
+
+
+# Per counter: its value for a record, and the series (name, labels) of its node's family and of its client's (None).
+_Plan = tuple[tuple[Callable[[InvocationRecord], Any], tuple[str, tuple[str, ...]], tuple[str, tuple[str, ...]] | None],
+              ...]
+
+
+def _plan(node: str, client: str | None, status: str) -> _Plan:
+    """What a record of ``node``, ``client`` and ``status`` adds to, as ``Metrics.observe`` counts it."""
+    plan = []
+    for f in _FEEDS:
+        kind = status if f.by_status else f.kind
+        per_client = None
+        if f.client is not None and client:
+            per_client = (f.client, (client,) if kind is None else (client, kind))
+        plan.append((f.value, (f.node, (node,) if kind is None else (node, kind)), per_client))
+    return tuple(plan)
 
 
 class _Counts(Collector):
@@ -121,6 +138,16 @@ class _Counts(Collector):
     def add(self, name: str, labels: tuple[str, ...], n: float = 1) -> None:
         key = (name, labels)
         self._counters[key] = self._counters.get(key, 0) + n
+
+    def add_each(self, plan: _Plan, item: InvocationRecord) -> None:
+        """Add a record's value of each counter of ``plan`` (``_plan``) to its series."""
+        counters = self._counters
+        for value, series, per_client in plan:
+            n = value(item)
+            if n:
+                counters[series] = counters.get(series, 0) + n
+                if per_client is not None:
+                    counters[per_client] = counters.get(per_client, 0) + n
 
     def seen(self, name: str, bounds: tuple[int, ...], node: str, ms: int) -> None:
         h = self._histograms.get((name, node))
