@@ -84,10 +84,36 @@ def test_a_top_level_error_in_any_event_is_read_even_spelled_with_an_escape(erro
 
 
 def test_a_response_object_in_a_non_terminal_event_still_names_the_model():
+    # Read once the turn ends (a socket closed mid-turn here): the terminal event mostly names it again.
     turns = SocketTurns()
     turns.start(t := turn(model=None))
     assert turns.server_message(ev("response.in_progress", response={"model": "gpt-5-2025"}), 1.0) is None
+    assert turns.close(by_client=True, reason="gone") == [t]
     assert t.extractor.model == "gpt-5-2025"
+
+
+@pytest.mark.parametrize(("last", "model"), [
+    (ev("error", error={"type": "server_error", "message": "overloaded"}), "gpt-5-b"),
+    (completed(model=""), "gpt-5-b"),
+    (completed(model="gpt-5-c"), "gpt-5-c"),
+])
+def test_the_newest_event_naming_a_model_names_the_turns(last, model):
+    turns = SocketTurns()
+    turns.start(t := turn(model=None))
+    created = {"model": "gpt-5-a", "error": None, "instructions": "be brief"}
+    assert turns.server_message(ev("response.created", response=created), 1.0) is None
+    assert turns.server_message(ev("response.in_progress", response={"model": "gpt-5-b", "error": None}), 1.5) is None
+    assert turns.server_message(last, 2.0) is t
+    assert t.extractor.model == model
+
+
+def test_an_error_in_an_event_read_only_for_its_model_is_still_read():
+    turns = SocketTurns()
+    turns.start(t := turn())
+    assert turns.server_message(ev("response.created", response={"model": "gpt-5", "error": None},
+                                   error={"message": "boom"}), 1.0) is None
+    assert turns.server_message(completed(), 2.0) is t
+    assert t.extractor.error is not None and "boom" in t.extractor.error
 
 
 @pytest.mark.parametrize(("kind", "status"), [("response.incomplete", "success"), ("response.failed", "failed")])

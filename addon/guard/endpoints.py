@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from fnmatch import fnmatchcase
+from functools import lru_cache
 
 from store.config import NODE_FORMATS
 
@@ -79,8 +80,18 @@ def api_path(path: str) -> str:
 
 def endpoint_allowed(path: str, globs: tuple[str, ...] | None) -> bool:
     """Whether a key whose ``endpoints`` are ``globs`` (None: the default list) may reach this path."""
+    # Asked per call and per turn of a socket, mostly of a few paths: remembered for short ones (paths come from
+    # clients: the memory stays bounded).
+    return _allowed_remembered(path, globs) if len(path) <= _REMEMBERED_PATH else _allowed(path, globs)
+
+
+def _allowed(path: str, globs: tuple[str, ...] | None) -> bool:
     p = api_path(path)
     return any(fnmatchcase(p, g) for g in (globs if globs is not None else DEFAULT_KEY_ENDPOINTS))
+
+
+_REMEMBERED_PATH = 256
+_allowed_remembered = lru_cache(maxsize=512)(_allowed)
 
 
 def filter_model_list(body: bytes, allowed: Callable[[str], bool]) -> bytes | None:

@@ -10,6 +10,9 @@ import json
 import re
 
 _WS = re.compile(r"[ \t\n\r]*")
+# A member's key with nothing to unescape, and its colon (the common case: one match instead of four steps).
+_PLAIN_KEY = re.compile(r'[ \t\n\r]*"([^"\\\x00-\x1f]*)"[ \t\n\r]*:[ \t\n\r]*')
+_AFTER_VALUE = re.compile(r"[ \t\n\r]*([,}])")
 _DECODER = json.JSONDecoder()
 
 
@@ -39,22 +42,29 @@ def top_level(text: str) -> dict[str, tuple[object, int, int]] | None:
         pos = _skip_ws(text, pos + 1)
         if text[pos:pos + 1] == "}":
             return found
-        while text[pos:pos + 1] == '"':
-            key, pos = _DECODER.raw_decode(text, pos)
-            pos = _skip_ws(text, pos)
-            if text[pos:pos + 1] != ":":
-                return None
-            start = _skip_ws(text, pos + 1)
+        while True:
+            plain = _PLAIN_KEY.match(text, pos)
+            if plain is not None:
+                key, start = plain.group(1), plain.end()
+            else:  # escapes in the key (or no key: raw_decode says so)
+                pos = _skip_ws(text, pos)
+                if text[pos:pos + 1] != '"':
+                    return None
+                key, pos = _DECODER.raw_decode(text, pos)
+                pos = _skip_ws(text, pos)
+                if text[pos:pos + 1] != ":":
+                    return None
+                start = _skip_ws(text, pos + 1)
             value, end = _DECODER.raw_decode(text, start)
             if key in found:
                 raise DuplicateKey(key)
             found[key] = (value, start, end)
-            pos = _skip_ws(text, end)
-            if text[pos:pos + 1] == "}":
-                return found if not text[pos + 1:].strip(" \t\n\r") else None
-            if text[pos:pos + 1] != ",":
+            after = _AFTER_VALUE.match(text, end)
+            if after is None:
                 return None
-            pos = _skip_ws(text, pos + 1)
+            if after.group(1) == "}":
+                return found if not text[after.end():].strip(" \t\n\r") else None
+            pos = after.end()
     except DuplicateKey:
         raise
     except (ValueError, RecursionError):  # not JSON, or absurdly deep nesting

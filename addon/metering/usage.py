@@ -146,7 +146,11 @@ class UsageExtractor:
             if self._accepts("chat"):
                 self.completed = True
             return
-        obj = _loads(data)
+        self.on_parsed(name, _loads(data), data)
+
+    def on_parsed(self, name: str, obj: Any, data: str) -> None:
+        """An event named ``name`` whose ``data`` its caller has parsed already (``obj``: anything but a dict when
+        it is no JSON object); neither a noise event nor ``[DONE]``."""
         if isinstance(obj, dict):
             self._error_in(obj)
         if name == "error" and self.error is None:

@@ -9,7 +9,8 @@ oldest open turn of their lane.
 
 Server messages are read as ``addon.metering.usage.UsageExtractor`` reads SSE events: the event type is taken
 from the message's head without parsing it, so the deltas (most messages) are counted, never parsed; nor is
-an event whose bytes name no ``response`` or ``error`` (all the meter reads of a non-terminal event).
+an event whose bytes name no ``response`` or ``error`` (all the meter reads of a non-terminal event), and one
+whose only say is its response's model (``response.created``) is parsed only when no later event names one.
 """
 
 from __future__ import annotations
@@ -50,6 +51,17 @@ class Turn:
     events: int = 0
     error_status: int | None = None  # the HTTP status an ``error`` event names, if any
     outcome: Outcome | None = None  # set when the turn ended
+    # The newest event not yet read whose only say is its ``response.model`` (``_model_only``): its type and bytes.
+    # It is read before the next event that is, or at the end when nothing later names a model.
+    unread_model: tuple[str, bytes] | None = None
+
+    def read_unread_model(self) -> None:
+        """Read the event put aside as ``unread_model``, if any (it comes before any event read after this)."""
+        if self.unread_model is not None:
+            kind, content = self.unread_model
+            self.unread_model = None
+            text = content.decode("utf-8", "replace")
+            self.extractor.on_parsed(kind, _loads(text), text)
 
     def result(self) -> Outcome:
         """How the turn ended, by the events seen so far (it must have ended)."""
@@ -74,6 +86,23 @@ def _unread(content: bytes, start: int) -> bool:
     not parsed."""
     return content.find(b'"response', start) < 0 and content.find(b'"error', start) < 0 and content.find(
         b"\\u", start) < 0
+
+
+def _model_only(content: bytes, start: int) -> bool:
+    """Whether all the meter could read of a non-terminal ``response.*`` event after its type at ``start`` is its
+    ``response.model`` (for the turn's model): every ``error`` in it null, no escape that could spell one.
+    ``response.created`` is such an event (Codex's echoes the turn's instructions: tens of KB); the terminal
+    event names the model again, so it is mostly never parsed."""
+    if content.find(b"\\u", start) >= 0:
+        return False
+    errors = content.count(b'"error"', start)
+    return not errors or errors == content.count(b'"error":null', start) + content.count(b'"error": null', start)
+
+
+def _names_model(obj: Any) -> bool:
+    """Whether a parsed Responses event names its response's model (then an earlier event's model is moot)."""
+    resp = obj.get("response") if isinstance(obj, dict) else None
+    return isinstance(resp, dict) and isinstance(model := resp.get("model"), str) and bool(model)
 
 
 def _parsed_type(content: bytes) -> str | None:
@@ -112,19 +141,32 @@ class SocketTurns:
         if turn.first_event_at is None:
             turn.first_event_at = at
         head = _TYPE_AT_HEAD.match(content)
-        if head is None:
+        if head is None:  # no type first: parsed (twice) as any SSE event
             kind = _parsed_type(content)
+            turn.read_unread_model()
+            turn.extractor.on_event(SSEEvent(kind or "message", content.decode("utf-8", "replace")))
+            obj = _loads(content) if kind == "error" else None
         elif UsageExtractor.noise(name := head.group(1)):
             return None  # a delta (most messages): the meter skips it by its name, so it is not decoded
         else:
             kind = name.decode("utf-8", "replace")
-            if kind not in _ENDS and _unread(content, head.end()):
-                return None
-        turn.extractor.on_event(SSEEvent(kind or "message", content.decode("utf-8", "replace")))
+            ends = kind in _ENDS
+            if not ends:
+                if _unread(content, head.end()):
+                    return None
+                if kind.startswith("response.") and _model_only(content, head.end()):
+                    turn.read_unread_model()  # only the newest such event is held
+                    turn.unread_model = (kind, content)
+                    return None
+            text = content.decode("utf-8", "replace")
+            obj = _loads(text)
+            if not ends or not _names_model(obj):
+                turn.read_unread_model()
+            turn.unread_model = None  # the terminal event's model is the turn's
+            turn.extractor.on_parsed(kind, obj, text)
         if kind not in _ENDS:
             return None
         if kind == "error":
-            obj = _loads(content)
             status = obj.get("status") if isinstance(obj, dict) else None
             if isinstance(status, int) and not isinstance(status, bool):
                 turn.error_status = status
@@ -137,6 +179,7 @@ class SocketTurns:
         closed it)."""
         ended = [turn for queue in self._lanes.values() for turn in queue]
         for turn in ended:
+            turn.read_unread_model()
             turn.outcome = Outcome("truncated", not by_client, reason)
         self._lanes.clear()
         self._named_lanes = 0
