@@ -15,6 +15,7 @@ import urllib.request
 import pytest
 
 from store.cli.poll import main
+from store.records import utcnow
 from store.sources import SourceConfig, source_from_mapping
 from store.sources.poll import Poller, fetch
 from store.sources.snapshots import Delta
@@ -145,9 +146,10 @@ def test_a_poller_clock_ahead_of_crs_does_not_count_the_old_day_again(engine):
 def test_crs_errors_reach_the_poll_result(engine):
     with FakeStats() as crs:
         crs.add_key("off", active=False)
-        (unknown,) = Poller(engine, [crs_source(crs)]).poll_once()
+        noon = Clock(at(23, 12))  # far from the provider's midnight, where no poll asks (whatever the hour now)
+        (unknown,) = Poller(engine, [crs_source(crs)], clock=noon).poll_once()
         off = next(iter(crs.keys.values()))
-        (disabled,) = Poller(engine, [crs_source(crs, off)]).poll_once()
+        (disabled,) = Poller(engine, [crs_source(crs, off)], clock=noon).poll_once()
     assert unknown.error == ('HTTP 404 Not Found: {"error": "API key not found", '
                              '"message": "The specified API key does not exist"}')
     assert disabled.error.startswith('HTTP 403 Forbidden: {"error": "API key is disabled"')
@@ -261,15 +263,19 @@ def write_sources(tmp_path, url: str, extra: str = "") -> str:
 
 
 def test_command_polls_once(engine, stats, tmp_path, capsys):
+    # The command polls now: a provider whose midnight is twelve hours away, so that no hour of the day the
+    # suite runs at falls in the margin where no poll asks.
+    offset = 12 - utcnow().hour
+    zone = f'timezone = "{"+" if offset >= 0 else "-"}{abs(offset):02d}:00"\n'
     stats.queue(200, crs_response(crs_item("gpt-5-codex", 2, 10, 1, cost=0.5)))
     url = engine.url.render_as_string(hide_password=False)
-    assert main(["--db", url, "--sources", write_sources(tmp_path, stats.url)]) == 0
+    assert main(["--db", url, "--sources", write_sources(tmp_path, stats.url, zone)]) == 0
     out = capsys.readouterr().out
     assert out.startswith("crs: captured at ") and "delta +2 requests, +11 tokens, +$0.500000" in out
     assert len(snapshot_rows(engine)) == 2
 
     stats.queue(500, "oops")
-    assert main(["--db", url, "--sources", write_sources(tmp_path, stats.url)]) == 1
+    assert main(["--db", url, "--sources", write_sources(tmp_path, stats.url, zone)]) == 1
     assert capsys.readouterr().out == "crs: FAILED: HTTP 500 Internal Server Error: oops\n"
 
 
