@@ -18,13 +18,13 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from tests.support import relayproc
 from tests.support.calls import write_nodes
 from tests.support.databases import at_head, rows
 from tests.support.fakeupstream import Behaviour, FakeUpstream
-from tests.support.relayproc import ROOT, RelayProcess
+from tests.support.relayproc import RelayProcess
 from tests.support.tcpproxy import TcpProxy
 from tests.support.waiting import wait_for
-from tests.support.warm import Zygote
 
 pytestmark = [pytest.mark.fault, pytest.mark.e2e]
 
@@ -170,19 +170,20 @@ def test_sigterm_flushes_every_record(db_url, upstreams):
 def test_fifty_restarts_keep_node_counters_equal_to_rows(db_url, upstreams, tmp_path):
     """The seed's bug at scale: every start upserts the nodes; no start may reset or skip a count.
 
-    Each relay is forked from a warm interpreter (tests.support.warm: its own process running mitmdump's main, without
-    re-importing mitmproxy) and boots while the one before it serves and stops, so every start's upsert also
-    races the previous relay's last writes; each has its own spool file. The schema is there before the first
-    start (at_head): creating it is the subject of other tests, and takes the first start seconds on MariaDB.
+    Each relay is forked from the session's warm interpreter (tests.support.warm: its own process running
+    mitmdump's main, without re-importing mitmproxy) and boots while the one before it serves and stops, so every
+    start's upsert also races the previous relay's last writes; each has its own spool file. The schema is there
+    before the first start (at_head): creating it is the subject of other tests, and takes the first start
+    seconds on MariaDB.
     """
     at_head(db_url)
+    assert relayproc.default_zygote is not None, "the relays fork warm (conftest's warm_relays)"
     with contextlib.ExitStack() as stack:  # whatever fails, no relay outlives the test
-        zygote = stack.enter_context(Zygote(ROOT))
 
         def relay(i: int) -> RelayProcess:
             options = {"codex_nodes": str(upstreams), "codex_ping_interval": "0",
                        "codex_spool": str(tmp_path / f"spool-{i}.db")}
-            booted = RelayProcess(db_url=db_url, options=options, zygote=zygote).spawn()
+            booted = RelayProcess(db_url=db_url, options=options).spawn()
             stack.callback(booted.kill)
             return booted
 

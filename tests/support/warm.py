@@ -29,7 +29,11 @@ from typing import IO, NoReturn
 # What every relay imports before it listens: mitmproxy's dump tool and the store's libraries.
 WARM_MODULES = ("mitmproxy.tools.main", "mitmproxy.tools.dump", "mitmproxy.tools.cmdline", "sqlalchemy",
                 "sqlalchemy.dialects.sqlite", "sqlalchemy.dialects.mysql", "pymysql", "alembic.command",
-                "alembic.config", "alembic.runtime.migration", "alembic.script")
+                "alembic.config", "alembic.runtime.migration", "alembic.script",
+                # what a relay forked from these still imported at its start (the price data store.prices loads
+                # lazily, the IDNA codec): ~20 ms of CPU each time
+                "genai_prices.data", "genai_prices.data_units", "genai_prices.decompose", "genai_prices.validation",
+                "encodings.idna")
 
 
 class WarmProcess:
