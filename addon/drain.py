@@ -4,24 +4,29 @@ mitmproxy ends the process on SIGTERM right away, cutting every stream in flight
 answers those clients with its own 502). ``Drain`` takes SIGTERM over: the proxy stops listening at once
 (a balancer's health check fails and new connections go to another relay), requests already on open
 connections are served with ``Connection: close`` so that clients do not reuse them, and the process ends
-(through mitmproxy's usual shutdown, which records and flushes) when no request is in flight any more,
-or after ``codex_drain_timeout`` seconds. SIGINT (Ctrl-C) still ends it at once.
+(through mitmproxy's usual shutdown, which records and flushes) when no request is in flight any more and
+no connection accepted in the last ``ARRIVING_S`` waits for its first request, or after
+``codex_drain_timeout`` seconds. SIGINT (Ctrl-C) still ends it at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import time
 
-from mitmproxy import ctx, http
+from mitmproxy import connection, ctx, http
 
 from addon.options import seconds
 
 log = logging.getLogger("codex.drain")
 
 DEFAULT_DRAIN_TIMEOUT = "30"
+# A connection accepted just before the listener closed may not have sent its request yet (a balancer sends it
+# right after connecting): the drain waits this long for it rather than close it unanswered (HAProxy's 502).
+ARRIVING_S = 1.0
 
 
 class Drain:
@@ -29,6 +34,7 @@ class Drain:
         self.timeout = float(DEFAULT_DRAIN_TIMEOUT)
         self.draining = False
         self._in_flight: set[str] = set()  # ids of flows whose request came and whose answer has not ended
+        self._arriving: dict[str, float] = {}  # client connection id -> when accepted, until its first request
         self._idle = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -46,7 +52,15 @@ class Drain:
         # Replaces mitmproxy's own SIGTERM handler (which shuts down at once); synchronous, see RefusalSink.
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, self.sigterm)
 
+    def client_connected(self, client: connection.Client) -> None:
+        self._arriving[client.id] = time.monotonic()
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        if self._arriving.pop(client.id, None) is not None:
+            self._idle.set()
+
     def requestheaders(self, flow: http.HTTPFlow) -> None:
+        self._arriving.pop(flow.client_conn.id, None)
         self._in_flight.add(flow.id)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
@@ -68,6 +82,11 @@ class Drain:
         if not self._in_flight:
             self._idle.set()
 
+    def _still_arriving(self) -> bool:
+        """Whether a connection accepted in the last ``ARRIVING_S`` has not sent its first request yet."""
+        recent = time.monotonic() - ARRIVING_S
+        return any(at > recent for at in self._arriving.values())
+
     @property
     def in_flight(self) -> int:
         """Requests that came and whose answer has not ended."""
@@ -87,15 +106,20 @@ class Drain:
         for server in list(proxyserver.servers) if proxyserver is not None else []:
             if server.is_running:
                 await server.stop()
-        if self._in_flight and self.timeout:
+        if (self._in_flight or self._still_arriving()) and self.timeout:
             log.info("SIGTERM: no new connections; waiting up to %g s for %d call(s) in flight (SIGTERM again "
                      "to exit now)", self.timeout, len(self._in_flight))
-            self._idle.clear()
-            try:
-                await asyncio.wait_for(self._idle.wait(), self.timeout)
-            except TimeoutError:
-                log.warning("drain timeout (%g s): exiting with %d call(s) in flight", self.timeout,
-                            len(self._in_flight))
+            deadline = started + self.timeout
+            while self._in_flight or self._still_arriving():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    log.warning("drain timeout (%g s): exiting with %d call(s) in flight", self.timeout,
+                                len(self._in_flight))
+                    break
+                self._idle.clear()
+                # A call ending or a connection closing wakes the check; an arriving connection's grace ends it.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._idle.wait(), min(left, ARRIVING_S) if self._arriving else left)
             else:
                 log.info("calls in flight ended in %.1f s: exiting", time.monotonic() - started)
         ctx.master.shutdown()

@@ -111,3 +111,27 @@ def test_while_draining_answers_close_their_connection_and_the_last_call_ends_th
         assert drain.in_flight == 1
         drain.error(calls[1])
         assert drain.in_flight == 0
+
+
+def test_a_connection_accepted_before_sigterm_gets_its_answer(sqlite_url):
+    """A balancer connects, then sends its request; a SIGTERM in between used to end a relay with no call in
+    flight at once, closing that connection unanswered (HAProxy's 502 in a rolling restart)."""
+    with FakeUpstream() as up:
+        relay = RelayProcess(db_url=sqlite_url, options={"codex_upstream": up.base_url, "codex_upstream_key": "k",
+                                                         "codex_ping_interval": "0"}).start()
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", relay.port, timeout=30)
+            conn.connect()
+            wait_for(lambda: "client connect" in relay.output(), 10, "the relay to accept the connection")
+            relay.proc.send_signal(signal.SIGTERM)
+            wait_for(lambda: not accepts(relay.port), 10, "the relay to stop listening")
+            body = b'{"model": "gpt-5-codex", "input": "hi"}'
+            conn.request("POST", "/v1/responses", body, {"content-type": "application/json"})
+            resp = conn.getresponse()
+            assert (resp.status, resp.getheader("connection")) == (200, "close"), resp.read()[:300]
+            assert resp.read() and len(up.requests_to("/responses")) == 1  # answered whole, by the node
+            conn.close()
+            assert relay.proc.wait(30) == 0, relay.output()
+        finally:
+            relay.stop()
+    assert len(rows(sqlite_url, "SELECT id FROM codex_invocations")) == 1

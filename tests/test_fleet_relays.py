@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import http.client
-import time
 
 import pytest
 
 from tests.support.calls import HEAVY, call, write_nodes
 from tests.support.fakeupstream import Behaviour, FakeUpstream
 from tests.support.relayproc import RelayProcess
-from tests.support.waiting import wait_for
+from tests.support.waiting import seconds_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.mysql]
 
@@ -22,12 +21,6 @@ def admin_post(relay: RelayProcess, path: str) -> int:
         return conn.getresponse().status
     finally:
         conn.close()
-
-
-def seconds_until(condition, what: str) -> float:
-    started = time.monotonic()
-    wait_for(condition, 10, what)
-    return time.monotonic() - started
 
 
 def test_disable_enable_and_failure_cross_between_relays(mariadb, tmp_path):

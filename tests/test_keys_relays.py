@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import http.client
 import json
-import time
 
 import pytest
 
 from tests.support.fakeupstream import FakeUpstream
 from tests.support.relayproc import RelayProcess
-from tests.support.waiting import wait_for
+from tests.support.waiting import seconds_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.mysql]
 
@@ -37,12 +36,6 @@ def status_of(relay: RelayProcess, key: str) -> int:
         return resp.status
     finally:
         conn.close()
-
-
-def seconds_until(condition, what: str) -> float:
-    started = time.monotonic()
-    wait_for(condition, 10, what)
-    return time.monotonic() - started
 
 
 def test_a_key_made_and_revoked_on_relay_a_applies_on_relay_b(mariadb, tmp_path):
