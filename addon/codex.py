@@ -35,13 +35,14 @@ from addon.userstats import UserStats  # noqa: E402
 # anything reads the body, the egress check after every other request hook, and the start-up check
 # last (its load and configure run after every other addon's).
 refusals = RefusalSink()
-gate = Gate(refusals)
+drain = Drain()
+gate = Gate(refusals, drain.is_draining)  # the health check fails once SIGTERM came
 runtime = Runtime()  # the services: stats database, fleet, health checks, providers, alerts, prices, client keys
 limits = Limits(runtime)  # client keys' limits: enforced by Relay
 own = OwnBodies(refusals, runtime.keys)  # the own endpoints' bodies: read around them (own.handover after them)
 # One addon for mitmproxy to dispatch to (addon.chain): walking eleven for every event, and calling each
 # hook apart, cost ~25 µs of a short call.
-addons = [AddonChain([refusals, Drain(), gate, RuntimeOptions(runtime), LimitOptions(limits),
+addons = [AddonChain([refusals, drain, gate, RuntimeOptions(runtime), LimitOptions(limits),
                       ClientAuth(refusals, runtime.keys), own, Admin(runtime, limits), UserStats(runtime),
                       KeyInfo(runtime, limits), own.handover, Relay(runtime, refusals, runtime.secrets, limits),
                       KeyHygiene(), SSEView(), EgressCheck(), StartupCheck(gate, runtime)])]

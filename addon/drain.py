@@ -32,6 +32,7 @@ ARRIVING_S = 1.0
 class Drain:
     def __init__(self) -> None:
         self.timeout = float(DEFAULT_DRAIN_TIMEOUT)
+        self.delay = 0.0
         self.draining = False
         self._in_flight: set[str] = set()  # ids of flows whose request came and whose answer has not ended
         self._arriving: dict[str, float] = {}  # client connection id -> when accepted, until its first request
@@ -39,6 +40,11 @@ class Drain:
         self._task: asyncio.Task[None] | None = None
 
     def load(self, loader) -> None:
+        loader.add_option("codex_drain_delay", str, "0",
+                          "On SIGTERM, seconds the relay keeps listening and serving while its health check "
+                          "(GET /healthz) answers 503, before it stops listening: long enough for a balancer's "
+                          "check to take it out (HAProxy: fall x inter), so that no connection is on its way "
+                          "when the listener closes. 0: stop listening at once.")
         loader.add_option("codex_drain_timeout", str, DEFAULT_DRAIN_TIMEOUT,
                           "On SIGTERM the relay stops listening and waits up to this many seconds for the "
                           "calls in flight to end (they are recorded), then exits; a second SIGTERM exits at "
@@ -47,6 +53,8 @@ class Drain:
     def configure(self, updated: set[str]) -> None:
         if "codex_drain_timeout" in updated:
             self.timeout = seconds("codex_drain_timeout", ctx.options.codex_drain_timeout)
+        if "codex_drain_delay" in updated:
+            self.delay = seconds("codex_drain_delay", ctx.options.codex_drain_delay)
 
     def running(self) -> None:
         # Replaces mitmproxy's own SIGTERM handler (which shuts down at once); synchronous, see RefusalSink.
@@ -100,7 +108,15 @@ class Drain:
         self.draining = True
         self._task = asyncio.get_running_loop().create_task(self._drain())
 
+    def is_draining(self) -> bool:
+        """Whether SIGTERM came: the gate's health check answers 503 from then on."""
+        return self.draining
+
     async def _drain(self) -> None:
+        if self.delay:
+            log.info("SIGTERM: failing the health check for %g s before no longer listening (SIGTERM again to "
+                     "exit now)", self.delay)
+            await asyncio.sleep(self.delay)  # the balancer's checks, not a synchronisation: it is the point
         started = time.monotonic()
         proxyserver = ctx.master.addons.get("proxyserver")
         for server in list(proxyserver.servers) if proxyserver is not None else []:

@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import re
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 
 from mitmproxy import ctx, http
 from mitmproxy.proxy.mode_specs import ReverseMode
 
 from addon.egress import CREDENTIAL_HEADERS, egress_problem
 from addon.errors import error_response, fail_closed, internal_error
-from addon.guard.target import target_problem
+from addon.guard.target import is_health_path, target_problem
 from addon.refusal import REFUSED_KEY, RefusalSink, answered
 
 log = logging.getLogger("codex.gate")
@@ -42,9 +43,10 @@ def bad_fields(headers: http.Headers) -> list[tuple[bytes, bytes]]:
 
 
 class Gate:
-    def __init__(self, refusals: RefusalSink) -> None:
+    def __init__(self, refusals: RefusalSink, draining: Callable[[], bool] = lambda: False) -> None:
         self.refusals = refusals
         self.ready = False
+        self.draining = draining  # the drain's: a relay that stopped taking calls fails its health check
         self._started = asyncio.Event()  # start-up is over, ready or not
 
     def settle(self, ready: bool) -> None:
@@ -72,6 +74,9 @@ class Gate:
             self.refusals.refuse(flow, error_response(flow.request.path, 400, f"codex-relay: {problem}",
                                                       "invalid_header"), problem)
             return None
+        if isinstance(flow.client_conn.proxy_mode, ReverseMode) and is_health_path(flow.request.path):
+            self._health(flow)
+            return None
         if not self.ready:
             return self._hold(flow) if not self._started.is_set() else self._not_ready(flow)
         self._check_target(flow)
@@ -84,6 +89,12 @@ class Gate:
             self._check_target(flow)
         else:
             self._not_ready(flow)
+
+    def _health(self, flow: http.HTTPFlow) -> None:
+        # Never held, never sent on: a balancer asks it to know whether to send calls here (HAProxy's httpchk).
+        status = "draining" if self.draining() else "ready" if self.ready else "starting"
+        flow.response = http.Response.make(200 if status == "ready" else 503, json.dumps({"status": status}),
+                                           {"content-type": "application/json", "cache-control": "no-store"})
 
     @staticmethod
     def _not_ready(flow: http.HTTPFlow) -> None:

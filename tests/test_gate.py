@@ -339,3 +339,23 @@ def test_an_unknown_option_names_the_one_it_most_likely_meant():
         "addon/codex.py --options) lists every option with its help")
     assert unknown_options_message({"codex_xyzzy": "1"}, known).startswith("unknown option(s): codex_xyzzy;")
     assert unknown_options_message({}, known) is None
+
+
+def test_the_health_check_says_starting_ready_and_draining_and_is_never_held():
+    draining = False
+    gate = Gate(RefusalSink(), lambda: draining)
+
+    def check(mode: str = "reverse:http://127.0.0.1:9") -> tuple[int, dict]:
+        f = flow("/healthz?from=haproxy", mode)
+        assert gate.requestheaders(f) is None  # answered at once, even while starting
+        return f.response.status_code, json.loads(f.response.content)
+
+    assert check() == (503, {"status": "starting"})
+    gate.settle(True)
+    assert check() == (200, {"status": "ready"})
+    draining = True
+    assert check() == (503, {"status": "draining"})
+    # As a forward proxy /healthz is some other site's path: left alone.
+    g = flow("/healthz", "regular")
+    gate.requestheaders(g)
+    assert g.response is None

@@ -87,9 +87,11 @@ def test_a_rolling_restart_of_two_relays_behind_haproxy_costs_clients_nothing(ha
         nodes = write_nodes(tmp_path / "nodes.toml", [("n1", n1.base_url, "k1", 1)])
 
         def relay(name: str, port: int) -> RelayProcess:
-            # As docs/several-relays.md starts them: a port each, no journal option (each has its own).
+            # As docs/several-relays.md starts them: a port each, no journal option (each has its own), the
+            # health check failed for 3 s after SIGTERM before the listener closes.
             return RelayProcess(db_url=mariadb, extra_args=["-p", str(port)], options={
-                "codex_nodes": str(nodes), "codex_ping_interval": "0", "codex_source": name})
+                "codex_nodes": str(nodes), "codex_ping_interval": "0", "codex_source": name,
+                "codex_drain_delay": "3"})
 
         relays = [relay("relay1", free_port()).spawn(), relay("relay2", free_port()).spawn()]
         for r in relays:

@@ -16,6 +16,7 @@ import re
 from addon.guard.endpoints import detect_format
 
 ADMIN_PREFIX = "/admin"
+HEALTH_PATH = "/healthz"  # a balancer's check: 200 while the relay takes calls, 503 starting or draining
 METRICS_PATH = "/metrics"  # Prometheus scrapes it; the admin page's access rules apply
 
 # Percent escapes that would turn into a separator or a dot segment at the node.
@@ -97,3 +98,8 @@ def is_own_endpoint(target: str, *, reverse: bool, client_keys: bool) -> bool:
     own token) and, with ``client_keys`` set, the usage endpoint (``addon.userstats``: the key in its body, as
     claude-relay-service takes it)."""
     return reverse and (is_admin_path(target) or (client_keys and is_user_stats_path(target)))
+
+
+def is_health_path(target: str) -> bool:
+    """The balancer's health check (``HEALTH_PATH``, any query)."""
+    return route(target) == HEALTH_PATH
