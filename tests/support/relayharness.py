@@ -53,12 +53,16 @@ class StubRuntime:
         self.prices = prices
         self.engine = None
         self.connect_timeout = 1.0
-        self.metrics = SimpleNamespace(count_in_flight=lambda _: None, count_budgets=lambda _: None)
+        self.metrics = SimpleNamespace(count_in_flight=self._count_in_flight, count_budgets=lambda _: None)
+        self.in_flight: Callable[[], int] = lambda: 0  # the relay's count of calls in flight, once it gives it
         self.keys = ClientKeys()
         self.shutdown: list[Callable[[], None]] = []
 
     def submit(self, item: object) -> None:
         self.submitted.append(item)
+
+    def _count_in_flight(self, count: Callable[[], int]) -> None:
+        self.in_flight = count
 
     def on_shutdown(self, callback: Callable[[], None]) -> None:
         self.shutdown.append(callback)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
-from types import SimpleNamespace
 
 from mitmproxy import http
 from mitmproxy.test import tflow
@@ -16,24 +14,19 @@ from addon.errors import CLIENT_KEY_NAME
 from addon.limits import Limits
 from addon.metering.call import Call
 from addon.metering.usage import RequestInfo
-from addon.nodes.health import Health
-from addon.nodes.routing import Node, NodePool
+from addon.nodes.routing import Node
 from addon.relay import Relay
-from addon.services.clientkeys import ClientKeys
 from store.keys import KeySpec
 from store.records import InvocationRecord, NodeConfig
+from tests.support.relayharness import StubRuntime
 
 
 class Env:
     def __init__(self, *configs: NodeConfig, keys: list[KeySpec] | None = None) -> None:
-        self.submitted: list = []
         self.now = 1000.0
-        self.pool = NodePool([Node(c) for c in configs])
-        self.runtime = SimpleNamespace(
-            prices=None, submit=self.submitted.append, on_shutdown=lambda _: None, pool=self.pool,
-            metrics=SimpleNamespace(count_in_flight=self._count_in_flight, count_budgets=lambda _: None),
-            health=Health(self.submitted.append),
-            engine=None, connect_timeout=1.0, alert=lambda *a: None, keys=ClientKeys())
+        self.runtime = StubRuntime(configs)
+        self.submitted = self.runtime.submitted
+        self.pool = self.runtime.pool
         self.limits = None
         if keys is not None:
             self.limits = Limits(self.runtime)  # type: ignore[arg-type]
@@ -44,8 +37,9 @@ class Env:
         self.injected: list[bytes] = []
         self.sockets.inject = lambda flow, content: self.injected.append(content)  # type: ignore[method-assign]
 
-    def _count_in_flight(self, count: Callable[[], int]) -> None:
-        self.in_flight = count
+    def in_flight(self) -> int:
+        """The relay's count of calls in flight."""
+        return self.runtime.in_flight()
 
     def records(self) -> list[InvocationRecord]:
         return [r for r in self.submitted if isinstance(r, InvocationRecord)]
