@@ -15,7 +15,7 @@ from addon.nodes.nodesync import NodeSync
 from addon.nodes.routing import Node, NodePool, StickyMap
 from addon.services.settings import SettingsError, seconds
 from store.config import ConfigError, base_url_warnings, load_nodes_file, validate_base_url
-from store.nodes import config_of, load_nodes, read_version, set_disabled, upsert_nodes
+from store.nodes import config_of, delete_node, load_nodes, read_version, release_unnamed, set_disabled, upsert_nodes
 from store.records import NodeConfig
 
 log = logging.getLogger("codex.runtime")
@@ -68,6 +68,7 @@ class Fleet:
         with engine.begin() as conn:
             if configs:
                 upsert_nodes(conn, configs)
+                release_unnamed(conn, [c.id for c in configs])
             stored = load_nodes(conn)
             version = read_version(conn)
         failed = {r.id: bool(r.failed) for r in stored}
@@ -111,6 +112,20 @@ class Fleet:
         else:  # in place: calls in flight hold this object and report its health to it
             current.config, current.disabled = config, disabled
         self._set_node_keys(n.config.api_key for n in self.pool)
+
+    def delete_node(self, node_id: str) -> bool:
+        """Delete a node (admin page): out of routing here at once, on other relays at their next node sync.
+        False: no such node; ``store.nodes.NodeInUse``: it may not go.
+
+        Blocking DB work: call it off the event loop.
+        """
+        assert self._engine is not None
+        with self._engine.begin() as conn:
+            if not delete_node(conn, node_id):
+                return False
+        self.pool.remove(node_id)
+        self._set_node_keys(n.config.api_key for n in self.pool)
+        return True
 
     def set_node_disabled(self, node_id: str, disabled: bool) -> bool:
         """Take a node out of routing, or put it back (admin page); its stats stay. False: no such node.
