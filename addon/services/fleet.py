@@ -3,6 +3,7 @@ and edited at run time from the admin page."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -73,6 +74,9 @@ class Fleet:
             version = read_version(conn)
         failed = {r.id: bool(r.failed) for r in stored}
         disabled = {r.id for r in stored if r.disabled}
+        # A file node routes as stored: the fields its file leaves out are the page's (store.nodes).
+        rows = {r.id: r for r in stored}
+        configs = [dataclasses.replace(config_of(rows[c.id]), websocket=c.websocket, given=c.given) for c in configs]
         # The configured nodes route, and those added on the admin page; others in the DB (dropped from
         # the file) keep their stats but get no traffic. A node failed before a restart starts with its
         # first cooldown, then gets its trial call; a disabled one stays out.
@@ -109,8 +113,9 @@ class Fleet:
         current = self.pool.get(config.id)
         if current is None:
             self.pool.put(Node(config=config, disabled=disabled))
-        else:  # in place: calls in flight hold this object and report its health to it
-            current.config, current.disabled = config, disabled
+        else:  # in place: calls in flight hold this object and report its health to it; websocket is the file's
+            current.config = dataclasses.replace(config, websocket=current.config.websocket)
+            current.disabled = disabled
         self._set_node_keys(n.config.api_key for n in self.pool)
 
     def delete_node(self, node_id: str) -> bool:
