@@ -302,7 +302,7 @@ client_key_state = sa.Table(
 # without it is gone (the admin page says so after a few missed beats).
 relays = sa.Table(
     "relays", metadata,
-    sa.Column("relay", sa.String(160), primary_key=True),  # host:port, the same across the relay's restarts
+    sa.Column("relay", sa.String(160), primary_key=True),  # host:port, the same across restarts (-p 0: host/pid)
     sa.Column("name", sa.String(128), nullable=False),  # codex_source when set, else host:port
     sa.Column("version", sa.String(32), nullable=False),
     sa.Column("pid", sa.Integer, nullable=False),

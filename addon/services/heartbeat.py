@@ -53,7 +53,9 @@ class Heartbeat:
         """Beat into ``engine`` as ``name`` from now on (the first beat at once)."""
         self.stop(mark=False)
         self._engine = engine
-        self._beat = relays.Beat(relay=host_port(listen_port), name=name, version=_version(), pid=os.getpid(),
+        # Its row: host and port, the same across restarts; with no fixed port (-p 0), host and process.
+        row = host_port(listen_port) if listen_port else f"{socket.gethostname()}/{os.getpid()}"
+        self._beat = relays.Beat(relay=row, name=name, version=_version(), pid=os.getpid(),
                                  started_at=self._started_at, interval_s=self.interval, writer=None)
         with engine.begin() as conn:
             relays.forget_old(conn)

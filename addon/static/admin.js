@@ -119,10 +119,7 @@ function renderNodes(nodes) {
         actions.append(el("button", {type: "button", "data-action": "reset",
           onclick: () => toggleNode(n.node_id, false)}, "Reset"));
       }
-      if (!(n.file_fields || []).length) {  // a node the nodes file names comes back at the next start
-        actions.append(el("button", {type: "button", "data-action": "delete", onclick: () => deleteNode(n.node_id)},
-          "Delete"));
-      }
+
     }
     const ping = n.last_ping_err ? "error" : n.last_ping_ms === null ? "–" : int(n.last_ping_ms) + " ms";
     const named = n.name && n.name !== n.node_id ? el("div", {class: "muted", "data-col": "name"}, n.name) : null;
@@ -468,6 +465,7 @@ function editNode(n) {
     form.elements[name].title = owned ? "set by the nodes file: change it there" : "";
   }
   $("#node-form-title").textContent = "Edit node " + n.node_id;
+  $("#node-form-delete").hidden = (n.file_fields ?? []).length > 0;  // the file's node: back at the next start
   form.elements.weight.focus();
 }
 
@@ -478,6 +476,7 @@ function newNode() {
   for (const input of form.elements) { input.readOnly = false; input.title = ""; }
   form.elements.api_key.placeholder = "";
   $("#node-form-title").textContent = "Add a node";
+  $("#node-form-delete").hidden = true;
 }
 
 // "a, b" -> ["a", "b"]: the node form's list fields
@@ -519,6 +518,7 @@ async function deleteNode(id) {
   try {
     await api(`nodes/${encodeURIComponent(id)}`, undefined, "DELETE");
     say(`Node ${id} deleted.`);
+    newNode();
     await refresh();
   } catch (e) {
     say("Not deleted: " + e.message, true);
@@ -626,6 +626,7 @@ async function start() {
   $("#recent-form").elements.limit.addEventListener("change", refresh);
   $("#node-form").addEventListener("submit", saveNode);
   $("#node-form-reset").addEventListener("click", newNode);
+  $("#node-form-delete").addEventListener("click", () => deleteNode(editing.node_id));
   $("#key-form").addEventListener("submit", saveKey);
   $("#key-form-reset").addEventListener("click", newKey);
   $("#reconcile-form").addEventListener("submit", showReconcile);
