@@ -351,9 +351,10 @@ class Admin:
     def _nodes(self, f: stats.Filters) -> list[dict]:
         rows = self._query(stats.per_node, f)
         for row in rows:
-            row["routed"] = row["node_id"] is not None and self.runtime.pool.get(row["node_id"]) is not None
-            # What the relay does with it: "status" is the stored flag; a node kept in the database for its
-            # stats but neither in the nodes file nor added on a page gets no calls, whatever that flag says.
+            # What the fleet does with it, from the database (not the answering relay's pool): "status" is the
+            # stored flag; a node kept for its stats but neither in the nodes file (as the relays' starts applied
+            # it) nor added on a page gets no calls, whatever that flag says.
+            row["routed"] = row["origin"] == "admin" or bool(row["file_fields"])
             row["state"] = row["status"] if row["status"] is None or row["routed"] else "not routed"
         return rows
 

@@ -206,6 +206,7 @@ class NodeStats(Metrics):
     base_url: str | None = None
     weight: int | None = None
     status: str | None = None  # active | failed | disabled
+    origin: str | None = None  # 'file' or 'admin' (store.schema.nodes)
     api_key_hint: str | None = None  # never the key: store.masking.mask_secret of it
     formats: list[str] | None = None  # what the node serves (store.config); empty: everything
     models: list[str] | None = None
@@ -402,7 +403,7 @@ def per_node(conn: sa.Connection, f: Filters) -> list[NodeStats]:
 
 
 def _fill_node(s: NodeStats, row: sa.Row) -> None:
-    s.name, s.base_url, s.weight, s.status = row.name, row.base_url, row.weight, _status(row)
+    s.name, s.base_url, s.weight, s.status, s.origin = row.name, row.base_url, row.weight, _status(row), row.origin
     s.api_key_hint = mask_secret(row.api_key) if row.api_key else None
     s.last_error, s.last_ping_ms, s.last_ping_err = row.last_error, row.last_ping_ms, row.last_ping_err
     s.fail_streak = row.fail_streak

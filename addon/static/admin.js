@@ -32,7 +32,7 @@ const limitText = (name, l) => {
 };
 // What the node's badge says: the relay's view (state), which tells a node it does not route from an active one.
 const STATE_TITLES = {
-  "not routed": "In the database with its stats, but neither in this relay's nodes file nor added on this page: " +
+  "not routed": "In the database with its stats, but neither in the nodes file nor added on an admin page: " +
     "it gets no calls. Save it in the form to route it again.",
 };
 const utcDay = (date) => date.toISOString().slice(0, 10);
