@@ -42,10 +42,11 @@ def beat(conn: sa.Connection, b: Beat) -> None:
     """Record one heartbeat: one statement."""
     w = b.writer or {}
     error = w.get("last_error")
+    writer = None if b.writer is None else "stalled" if w.get("stalled") else "ok" if w["db_ok"] else "unreachable"
     row = {"relay": b.relay, "name": b.name, "version": b.version, "pid": b.pid, "started_at": b.started_at,
            "seen_at": utcnow(), "interval_s": b.interval_s, "stopped_at": None,
-           "writer_ok": None if b.writer is None else bool(w["db_ok"]) and not w.get("stalled"),
-           **{k: int(w.get(k) or 0) for k in ("queued", "written", "spooled", "rejected", "lost")},
+           "writer": writer,
+           **{k: int(w.get(k) or 0) for k in ("queued", "written", "spooled", "rejected", "lost", "stalls")},
            "last_error": error[:300] if error else None}
     upsert(conn, relays, [row], _BEAT_COLUMNS)
 
@@ -75,8 +76,7 @@ def fleet(conn: sa.Connection) -> list[dict[str, Any]]:
     out = []
     for r in conn.execute(sa.select(relays)):
         s = state(r, now)
-        out.append({**{k: v for k, v in r._mapping.items()}, "state": s,
-                    "writer_ok": None if r.writer_ok is None else bool(r.writer_ok),
+        out.append({**r._mapping, "state": s,
                     "uptime_s": ((r.seen_at if s != "running" else now) - r.started_at).total_seconds(),
                     "seen_s_ago": max(0.0, (now - r.seen_at).total_seconds())})
     return sorted(out, key=lambda r: (r["state"] != "running", r["name"], r["relay"]))

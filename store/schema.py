@@ -310,7 +310,8 @@ relays = sa.Table(
     sa.Column("seen_at", TIMESTAMP, nullable=False),
     sa.Column("interval_s", sa.Double, nullable=False),  # seconds between its beats
     sa.Column("stopped_at", TIMESTAMP),
-    sa.Column("writer_ok", sa.Boolean),  # NULL: no writer running
+    sa.Column("writer", sa.String(16)),  # ok | unreachable (the database) | stalled (the process); NULL: none
+    sa.Column("stalls", COUNTER, nullable=False, server_default="0"),  # stalled writer processes replaced
     sa.Column("queued", COUNTER, nullable=False, server_default="0"),
     sa.Column("written", COUNTER, nullable=False, server_default="0"),
     sa.Column("spooled", COUNTER, nullable=False, server_default="0"),

@@ -106,7 +106,7 @@ def test_token_bearer_cookie_and_login_form(env):
     value = cookie.split(";")[0]
     assert ask(env.admin, "GET", "/admin", headers={"cookie": value}, peer=remote).status_code == 200
     stale = f"codex_admin={session_cookie('another-token-000000')}"
-    assert ask(env.admin, "GET", "/admin/api/writer", headers={"cookie": stale}, peer=remote).status_code == 401
+    assert ask(env.admin, "GET", "/admin/api/relays", headers={"cookie": stale}, peer=remote).status_code == 401
     logout = ask(env.admin, "POST", "/admin/logout", headers={"cookie": value}, peer=remote)
     assert logout.status_code == 303 and "Max-Age=0" in logout.headers["set-cookie"]
 
@@ -209,8 +209,8 @@ def test_days_recent_relays_and_reconcile_endpoints(env):
     env.runtime.heartbeat.beat()  # as its thread does every few seconds
     fleet = data(ask(env.admin, "GET", "/admin/api/relays"))
     (me,) = fleet["relays"]
-    assert (me["relay"], me["state"], me["writer_ok"], me["spooled"], me["lost"]) == \
-        (fleet["answered_by"], "running", True, 0, 0)
+    assert (me["relay"], me["state"], me["writer"], me["spooled"], me["lost"], me["stalls"]) == \
+        (fleet["answered_by"], "running", "ok", 0, 0, 0)
     assert me["version"] and me["seen_s_ago"] < 60
     assert data(ask(env.admin, "GET", "/admin/api/reconcile")) == {"configured": False, "results": [], "polls": []}
     assert ask(env.admin, "GET", "/admin/api/nope").status_code == 404

@@ -97,8 +97,8 @@ def test_every_relay_s_page_shows_the_fleet(fleet):
     # The relays panel: both relays, each with its own writer, from either relay; each says who answered.
     for name, answer in answers.items():
         panel = answer["/admin/api/relays"]
-        assert [(r["relay"].rsplit(":", 1)[1], r["state"], r["written"], r["writer_ok"]) for r in panel["relays"]] \
-            == [("18001", "running", 3, True), ("18002", "running", 1, True)]
+        assert [(r["relay"].rsplit(":", 1)[1], r["state"], r["written"], r["writer"]) for r in panel["relays"]] \
+            == [("18001", "running", 3, "ok"), ("18002", "running", 1, "ok")]
         assert panel["answered_by"].endswith({"a": ":18001", "b": ":18002"}[name])
     # The cards: the fleet's day.
     overview = answers["a"]["/admin/api/overview"]["overview"]

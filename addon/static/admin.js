@@ -190,14 +190,15 @@ function renderOverview(o) {
 
 // One row per relay by its heartbeat; under them the running relays' writers added up.
 const WRITER_COUNTS = ["queued", "written", "spooled"];
+const WRITER_STATES = {ok: "ok", unreachable: "DATABASE UNREACHABLE", stalled: "WRITER STALLED"};
 function renderRelays(data) {
   const rows = data.relays.map((r) => el("tr", {"data-relay": r.relay, class: r.state === "gone" || r.lost ? "bad" : null},
     cell("name", r.name), cell("relay", r.relay + (r.relay === data.answered_by ? " (this one)" : "")),
     cell("version", r.version),
     cell("state", el("span", {class: "badge " + r.state}, r.state), r.state),
     num("uptime_s", r.uptime_s, duration), cell("seen_s_ago", duration(r.seen_s_ago) + " ago", r.seen_s_ago, "num"),
-    cell("writer", r.writer_ok === null ? "none" : r.writer_ok ? "ok" : "DATABASE UNREACHABLE", r.writer_ok ?? "",
-      r.writer_ok === false ? "bad-text" : null),
+    cell("writer", WRITER_STATES[r.writer] ?? "none", r.writer ?? "", r.writer && r.writer !== "ok" ? "bad-text" : null,
+      r.stalls ? el("div", {class: "muted", "data-col": "stalls"}, `${int(r.stalls)} stalls`) : null),
     ...WRITER_COUNTS.map((k) => num(k, r[k])), cell("failed", `${int(r.rejected)} / ${int(r.lost)}`, r.rejected + r.lost, "num"),
     cell("last_error", r.last_error ?? "", undefined, "error-text")));
   fill($("#relays"), rows);
