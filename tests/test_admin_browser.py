@@ -326,6 +326,12 @@ def test_admin_page_adds_edits_and_revokes_a_key(sqlite_url, tmp_path, browser):
             team = page.locator('#stored-keys tr[data-key="team"]')
             expect(team.locator('[data-col="source"]')).to_have_text("file")
             expect(team.locator('[data-action="rotate"]')).to_have_count(0)  # a file key's secret is the file's
+            # The limits the keys file sets are the file's: shown, not editable; the others are the page's.
+            team.locator('[data-action="edit"]').click()
+            for name in ("daily_requests", "monthly_cost"):
+                expect(page.locator(f'#key-form [name="{name}"]')).to_have_attribute("readonly", "")
+            expect(page.locator('#key-form [name="rpm"]')).not_to_have_attribute("readonly", "")
+            page.click("#key-form-reset")
 
             form = page.locator("#key-form")
             form.locator('[name="name"]').fill("dana")
