@@ -4,8 +4,10 @@
 ``request`` hook by setting ``flow.response``: such flows never go upstream and are never metered
 (the relay skips flows that already have a response). Database work runs in a thread, so the proxy
 keeps relaying meanwhile.
-The database, the nodes and the writer's and poller's state are the runtime's services (``addon.services.runtime``),
-reached through their public interfaces only.
+The database, the nodes and the poller's state are the runtime's services (``addon.services.runtime``),
+reached through their public interfaces only. Behind a balancer any relay may answer: every panel reads the shared
+database (the relays and their writers from their heartbeats, ``store.relays``), never this relay's memory, but
+for the reconciliation's last polls.
 
 Access: with ``codex_admin_token`` set, every request but the login form and the static files needs
 ``Authorization: Bearer <token>`` or the cookie ``POST /admin/login`` sets (else 401). Without a token
@@ -371,12 +373,12 @@ class Admin:
         if stored is None and existing:
             raise HttpError(404, f"no node {body.get('id')!r}")
         before = config_of(stored) if stored is not None else None
+        owned = [f for f in (stored.file_fields or "").split(",") if f] if stored is not None else []
         try:
             config = node_from_mapping(body if before is None else {**_as_mapping(before), **body}, "node")
         except ConfigError as e:
             raise HttpError(400, str(e)) from None
-        if stored is not None and before is not None:
-            owned = [f for f in (stored.file_fields or "").split(",") if f]
+        if before is not None:
             changed = [f for f in owned if getattr(config, f) != getattr(before, f)]
             if changed:
                 raise HttpError(409, f"node {config.id}: {', '.join(changed)} set by the nodes file (codex_nodes): "
