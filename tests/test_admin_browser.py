@@ -250,6 +250,12 @@ def test_admin_page_shows_stats_and_edits_a_node(sqlite_url, tmp_path, browser):
                 expect(col(hour_row, "ttfb_p95_ms")).to_have_text(f"{latest.ttfb_p95_ms:,}")
                 # ... and the chart draws the three percentile lines over the same hours.
                 assert page.locator("#chart-hours polyline").count() == 3
+                # One hour of data is three dots (a line needs two points).
+                assert page.evaluate("""(() => {
+                    const svg = document.createElementNS(SVG, "svg");
+                    drawLines(svg, ["2026-12-07 09:00"], [["p50", [80]], ["p95", [120]], ["p99", [130]]], "ms");
+                    return [svg.querySelectorAll("polyline").length, svg.querySelectorAll("circle").length];
+                })()""") == [0, 3]
 
                 # The page refreshes itself: a new call shows up without a reload.
                 page.select_option("#refresh", "5")

@@ -329,9 +329,12 @@ function drawLines(svg, labels, series, unit) {
   const [parts, add] = collector();
   gridLines(add, step, max, y, left, W);
   series.forEach(([name, vs], k) => {
-    const points = vs.map((v, i) => (v === null || v === undefined ? null : `${x(i)},${y(v)}`)).filter(Boolean);
-    if (points.length) add("polyline", {points: points.join(" "), fill: "none", stroke: COLORS[k % COLORS.length],
-      "stroke-width": 2, "data-series": name});
+    const points = vs.map((v, i) => (v === null || v === undefined ? null : [x(i), y(v)])).filter(Boolean);
+    const color = COLORS[k % COLORS.length];
+    if (points.length > 1) add("polyline", {points: points.map((p) => p.join(",")).join(" "), fill: "none",
+      stroke: color, "stroke-width": 2, "data-series": name});
+    // A dot per value: one hour of data is a point, which a line alone would not show.
+    for (const [cx, cy] of points) add("circle", {cx, cy, r: 2.5, fill: color, "data-series": name});
   });
   const labelEvery = Math.max(1, Math.ceil(labels.length / 6));
   labels.forEach((label, i) => {
