@@ -38,24 +38,18 @@ class Beat:
     writer: dict[str, Any] | None  # WriterStats as a dict; None: no writer running
 
 
-def beat(conn: sa.Connection, b: Beat) -> None:
-    """Record one heartbeat: one statement."""
+def beat(conn: sa.Connection, b: Beat, stopped: bool = False) -> None:
+    """Record one heartbeat: one statement. ``stopped``: the last, at a clean shutdown."""
+    now = utcnow()
     w = b.writer or {}
     error = w.get("last_error")
     writer = None if b.writer is None else "stalled" if w.get("stalled") else "ok" if w["db_ok"] else "unreachable"
     row = {"relay": b.relay, "name": b.name, "version": b.version, "pid": b.pid, "started_at": b.started_at,
-           "seen_at": utcnow(), "interval_s": b.interval_s, "stopped_at": None,
+           "seen_at": now, "interval_s": b.interval_s, "stopped_at": now if stopped else None,
            "writer": writer,
            **{k: int(w.get(k) or 0) for k in ("queued", "written", "spooled", "rejected", "lost", "stalls")},
            "last_error": error[:300] if error else None}
     upsert(conn, relays, [row], _BEAT_COLUMNS)
-
-
-def stopped(conn: sa.Connection, relay: str, pid: int) -> None:
-    """Mark the relay stopped (a clean shutdown), unless another process took its row over since."""
-    now = utcnow()
-    conn.execute(sa.update(relays).where(relays.c.relay == relay, relays.c.pid == pid)
-                 .values(stopped_at=now, seen_at=now))
 
 
 def forget_old(conn: sa.Connection) -> None:

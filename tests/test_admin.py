@@ -25,7 +25,7 @@ from addon.services.runtime import Runtime
 from store import stats
 from store.engine import make_engine, upgrade_to_head
 from store.records import InvocationRecord, Usage
-from store.schema import client_keys, codex_invocations, nodes
+from store.schema import client_keys, codex_invocations, nodes, relays
 from store.write.batch import apply_batch
 from tests.support.admin import ALPHA_KEY, BETA_KEY, REVERSE, TOKEN, alpha_and_beta, ask
 from tests.support.calls import call, write_nodes
@@ -462,6 +462,14 @@ def test_admin_is_never_forwarded_nor_metered_and_disabled_survives_restart(db_u
             # The relay's calls reach the Prometheus counters (issue 15.1).
             assert b'codex_node_requests_total{node="b"} 6.0' in get(relay.port, "/metrics")[1]
         assert a.seen == [] and len(b.seen) == 6  # no admin request went upstream; disabled a got no call
+        # Its heartbeat row says it stopped cleanly (SIGTERM), so the relays panel shows it as stopped, not gone.
+        engine = make_engine(db_url)
+        try:
+            with engine.connect() as conn:
+                (stopped_at,) = conn.execute(sa.select(relays.c.stopped_at)).scalars()
+        finally:
+            engine.dispose()
+        assert stopped_at is not None
 
         with RelayProcess(db_url=db_url, options=options) as relay:
             for _ in range(4):

@@ -68,13 +68,13 @@ class Heartbeat:
         """This relay's row in ``relays`` (host:port); None before a database is open."""
         return self._beat.relay if self._beat is not None else None
 
-    def beat(self) -> None:
-        """One heartbeat now. Blocking: call it from a thread."""
+    def beat(self, stopped: bool = False) -> None:
+        """One heartbeat now (``stopped``: the last). Blocking: call it from a thread."""
         assert self._engine is not None and self._beat is not None
         writer = self._writer_stats()
         b = dataclasses.replace(self._beat, writer=None if writer is None else dataclasses.asdict(writer))
         with self._engine.begin() as conn:
-            relays.beat(conn, b)
+            relays.beat(conn, b, stopped)
 
     def stop(self, mark: bool = True) -> None:
         """Stop beating; ``mark``: tell the fleet this relay stopped (a clean shutdown)."""
@@ -82,10 +82,9 @@ class Heartbeat:
             return
         self._rounds.stop()
         self._rounds = None
-        if mark and self._engine is not None and self._beat is not None:
+        if mark:
             try:
-                with self._engine.begin() as conn:
-                    relays.stopped(conn, self._beat.relay, self._beat.pid)
+                self.beat(stopped=True)  # with the writer's counts as it is about to flush the last records
             except sa.exc.SQLAlchemyError as e:  # shown as gone instead, after a few missed beats
                 log.warning("could not mark this relay stopped in the database: %s", error_line(e))
 

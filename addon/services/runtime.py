@@ -49,9 +49,9 @@ class Runtime:
         self._on_shutdown: list[Callable[[], None]] = []
         # In the order they stop: calls in flight are recorded after every thread that reports has stopped and
         # before the writer's last flush (mitmproxy ends their connections only after ``done``).
-        self._stopping = (self.heartbeat.stop, self.fleet.stop, self.keys.stop,
-                          self.checks.stop, self.providers.stop, self.alerts.stop,
-                          self._run_shutdown_callbacks, self.db.stop)
+        # The heartbeat's last beat tells the fleet this relay stopped, with its writer's counts.
+        self._stopping = (self.fleet.stop, self.keys.stop, self.checks.stop, self.providers.stop,
+                          self.alerts.stop, self._run_shutdown_callbacks, self.heartbeat.stop, self.db.stop)
 
     # -- for the addons ----------------------------------------------------------------------------
     @property
