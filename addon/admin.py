@@ -4,8 +4,10 @@
 ``request`` hook by setting ``flow.response``: such flows never go upstream and are never metered
 (the relay skips flows that already have a response). Database work runs in a thread, so the proxy
 keeps relaying meanwhile.
-The database, the nodes and the writer's and poller's state are the runtime's services (``addon.services.runtime``),
-reached through their public interfaces only.
+The database, the nodes and the poller's state are the runtime's services (``addon.services.runtime``),
+reached through their public interfaces only. Behind a balancer any relay may answer: every panel reads the shared
+database (the relays and their writers from their heartbeats, ``store.relays``), never this relay's memory, but
+for the reconciliation's last polls.
 
 Access: with ``codex_admin_token`` set, every request but the login form and the static files needs
 ``Authorization: Bearer <token>`` or the cookie ``POST /admin/login`` sets (else 401). Without a token
@@ -20,7 +22,6 @@ scheme, host or port on the page needs the key again.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import datetime as dt
 import hashlib
 import hmac
@@ -46,12 +47,13 @@ from addon.nodes.nodeurl import origin_of
 from addon.observe.metrics import CONTENT_TYPE as METRICS_TYPE
 from addon.refusal import answered
 from addon.services.runtime import Runtime
-from store import keyrows, stats
+from store import keyrows, relays, stats
 from store.config import ConfigError, node_from_mapping
 from store.engine import error_line
 from store.key_usage import per_key
 from store.keys import LIMIT_FIELDS
-from store.nodes import config_of, load_nodes
+from store.nodes import NodeInUse, config_of, load_nodes
+from store.records import NodeConfig
 from store.sources.reconcile import ReconcileError, as_json, reconcile
 
 log = logging.getLogger("codex.admin")
@@ -62,8 +64,7 @@ STATIC = Path(__file__).resolve().parent / "static"
 STATIC_TYPES = {"admin.html": "text/html; charset=utf-8", "admin.js": "text/javascript; charset=utf-8",
                 "admin.css": "text/css; charset=utf-8"}
 MAX_RECENT = 500
-# Node config that a save without it keeps as stored: what the node serves, and its usage probe.
-_KEPT_KEYS = frozenset({"formats", "models", "model_map", "usage_probe", "auth_header"})
+_NODE = re.compile(r"^/admin/api/nodes/([^/]+)$")
 _NODE_ACTION = re.compile(r"^/admin/api/nodes/([^/]+)/(enable|disable)$")
 _KEY = re.compile(r"^/admin/api/keys/([^/]+)$")
 _KEY_ACTION = re.compile(r"^/admin/api/keys/([^/]+)/(rotate|revoke)$")
@@ -248,6 +249,14 @@ class Admin:
             self._method(method, "POST")
             return _response(303, "", "text/plain", location=PREFIX,
                              **{"set-cookie": f"{COOKIE}=; Path={PREFIX}; Max-Age=0; HttpOnly; SameSite=Strict"})
+        if method == "DELETE":
+            m = _NODE.match(path)
+            if m is None:
+                raise HttpError(405, "only a node can be deleted (DELETE /admin/api/nodes/ID)")
+            node_id = unquote(m.group(1))
+            await asyncio.to_thread(self._delete_node, node_id)
+            log.info("admin: node %s deleted", node_id)
+            return json_response(200, {"deleted": node_id})
         if method in ("POST", "PATCH"):
             if flow.request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
                 raise HttpError(415, "send changes as application/json")
@@ -289,8 +298,10 @@ class Admin:
             "/api/sources": lambda: {"sources": self._query(stats.per_source, f)},
             "/api/days": lambda: {"days": self._query(stats.per_day, f)},
             "/api/hours": lambda: {"hours": self._query(stats.per_hour, f)},
-            "/api/recent": lambda: {"invocations": self._query(stats.recent_invocations, f, limit)},
-            "/api/writer": self._writer,
+            "/api/recent": lambda: {"invocations": self._query(stats.recent_invocations, f, limit,
+                                                               query.get("key") or None)},
+            "/api/overview": lambda: {"overview": self._overview(f)},
+            "/api/relays": self._relays,
             "/api/session": lambda: {"login": bool(self._token)},  # whether the page shows "Log out"
             "/api/reconcile": lambda: self._reconcile(date),
             "/api/keys": lambda: {"keys": self._keys(f), "stored": self._stored_keys()},
@@ -307,11 +318,19 @@ class Admin:
             raise HttpError(400, f"body is not JSON: {e}") from None
         if path == PREFIX + "/api/keys" or path.startswith(PREFIX + "/api/keys/"):
             return await asyncio.to_thread(self._change_key, flow.request.method, path, body)
-        self._method(flow.request.method, "POST")
-        if path == PREFIX + "/api/nodes":
-            node = await asyncio.to_thread(self._save_node, body)
+        single = _NODE.match(path)
+        if path == PREFIX + "/api/nodes" or single is not None:
+            if single is not None:  # PATCH /api/nodes/ID: a node that exists, its id in the path
+                self._method(flow.request.method, "PATCH")
+                if not isinstance(body, dict):
+                    raise HttpError(400, "send a JSON object")
+                body = {**body, "id": unquote(single.group(1))}
+            else:
+                self._method(flow.request.method, "POST")
+            node = await asyncio.to_thread(self._save_node, body, single is not None)
             log.info("admin: node %s saved (weight %s, %s)", node["node_id"], node["weight"], node["base_url"])
             return json_response(200, {"node": node})
+        self._method(flow.request.method, "POST")
         m = _NODE_ACTION.match(path)
         if m is None:
             raise HttpError(404, f"no such action: {path}")
@@ -334,34 +353,48 @@ class Admin:
     def _nodes(self, f: stats.Filters) -> list[dict]:
         rows = self._query(stats.per_node, f)
         for row in rows:
-            row["routed"] = row["node_id"] is not None and self.runtime.pool.get(row["node_id"]) is not None
-            # What the relay does with it: "status" is the stored flag; a node kept in the database for its
-            # stats but neither in the nodes file nor added on a page gets no calls, whatever that flag says.
+            # What the fleet does with it, from the database (not the answering relay's pool): "status" is the
+            # stored flag; a node kept for its stats but neither in the nodes file (as the relays' starts applied
+            # it) nor added on a page gets no calls, whatever that flag says.
+            row["routed"] = row["origin"] == "admin" or bool(row["file_fields"])
             row["state"] = row["status"] if row["status"] is None or row["routed"] else "not routed"
         return rows
 
-    def _save_node(self, body: Any) -> dict:
-        """Add a node or change its config; an empty or missing api_key keeps the stored one, and so
-        does a missing formats, models, model_map, usage_probe or auth_header."""
+    def _save_node(self, body: Any, existing: bool = False) -> dict:
+        """Add a node, or change the fields ``body`` gives of a stored one (the others keep their values; an
+        empty api_key keeps the stored key). The fields the nodes file sets for it are the file's: a change to
+        one is refused (409). ``existing``: 404 when there is no such node."""
+        if not isinstance(body, dict):
+            raise HttpError(400, "send a JSON object")
+        if body.get("api_key") == "":
+            body = {k: v for k, v in body.items() if k != "api_key"}
+        with self._engine().connect() as conn:
+            stored = next((r for r in load_nodes(conn) if r.id == body.get("id")), None)
+        if stored is None and existing:
+            raise HttpError(404, f"no node {body.get('id')!r}")
+        before = config_of(stored) if stored is not None else None
+        owned = [f for f in (stored.file_fields or "").split(",") if f] if stored is not None else []
         try:
-            config = node_from_mapping(body, "node")
+            config = node_from_mapping(body if before is None else {**_as_mapping(before), **body}, "node")
         except ConfigError as e:
             raise HttpError(400, str(e)) from None
-        kept = _KEPT_KEYS - body.keys()
-        if not config.api_key or kept:
-            with self._engine().connect() as conn:
-                stored = next((r for r in load_nodes(conn) if r.id == config.id), None)
-            if stored is not None:
-                before = config_of(stored)
-                for key in kept:
-                    setattr(config, key, getattr(before, key))
-            if stored is not None and not config.api_key:
-                if stored.api_key and origin_of(stored.base_url) != origin_of(config.base_url):
-                    raise HttpError(400, "base_url moves the node to another scheme, host or port: give its "
-                                         "api_key again (a stored key never follows a node elsewhere)")
-                config.api_key = stored.api_key or ""
+        if before is not None:
+            changed = [f for f in owned if getattr(config, f) != getattr(before, f)]
+            if changed:
+                raise HttpError(409, f"node {config.id}: {', '.join(changed)} set by the nodes file (codex_nodes): "
+                                     "change it there (the page may change the fields the file leaves out)")
+            if "api_key" not in body and before.api_key and origin_of(before.base_url) != origin_of(config.base_url):
+                raise HttpError(400, "base_url moves the node to another scheme, host or port: give its "
+                                     "api_key again (a stored key never follows a node elsewhere)")
         self.runtime.fleet.update_node(config)
         return self._nodes(stats.Filters(node=config.id))[0]
+
+    def _delete_node(self, node_id: str) -> None:
+        try:
+            if not self.runtime.fleet.delete_node(node_id):
+                raise HttpError(404, f"no node {node_id!r}")
+        except NodeInUse as e:
+            raise HttpError(409, str(e)) from None
 
     def _set_disabled(self, node_id: str, disable: bool) -> dict:
         self._engine()
@@ -438,9 +471,15 @@ class Admin:
             answer["secret"] = secret  # shown once: nobody can read it again
         return json_response(status, answer)
 
-    def _writer(self) -> dict:
-        writer = self.runtime.db.writer_stats()
-        return {"writer": dataclasses.asdict(writer) if writer is not None else None}
+    def _overview(self, f: stats.Filters) -> dict:
+        """The fleet's day ``until`` (default today, UTC)."""
+        with self._engine().connect() as conn:
+            return stats.overview(conn, f.until or dt.datetime.now(dt.UTC).date()).as_dict()
+
+    def _relays(self) -> dict:
+        """Every relay on the database by its heartbeat, and which one answers."""
+        with self._engine().connect() as conn:
+            return {"relays": relays.fleet(conn), "answered_by": self.runtime.heartbeat.relay}
 
     def _reconcile(self, date: str | None) -> dict:
         """Each daily stats source the relay polls against the relay's own calls, and its last poll."""
@@ -460,6 +499,13 @@ class Admin:
                     results.append({"source": source.name, "stats_date": day.isoformat(), "error": str(e)})
         polls = [r.describe() for r in self.runtime.providers.last_polls()]
         return {"configured": True, "results": results, "polls": polls}
+
+
+def _as_mapping(config: NodeConfig) -> dict[str, Any]:
+    """A stored node's config as the body that would set it: what a partial save's fields go over."""
+    return {"id": config.id, "name": config.name, "base_url": config.base_url, "api_key": config.api_key,
+            "weight": config.weight, "formats": list(config.formats), "models": list(config.models),
+            "model_map": config.model_map, "usage_probe": config.usage_probe, "auth_header": config.auth_header}
 
 
 def _is_ip(host: str) -> bool:

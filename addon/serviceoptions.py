@@ -23,6 +23,7 @@ from addon.services.alerting import alert_settings
 from addon.services.clientkeys import key_specs
 from addon.services.fleet import fleet_settings
 from addon.services.healthchecks import health_settings
+from addon.services.heartbeat import relay_name
 from addon.services.prices import price_settings
 from addon.services.providers import provider_settings
 from addon.services.runtime import Runtime
@@ -44,7 +45,7 @@ class RuntimeOptions:
         self.runtime = runtime
         self.addons = [StatsDbOptions(runtime), HealthOptions(runtime), FleetOptions(runtime),
                        ProviderOptions(runtime), AlertOptions(runtime), PriceOptions(runtime),
-                       ClientKeyOptions(runtime)]
+                       ClientKeyOptions(runtime), HeartbeatOptions(runtime)]
 
     def load(self, loader) -> None:
         atexit.register(self.runtime.stop)
@@ -175,11 +176,22 @@ class AlertOptions(_ServiceOptions):
     def configure(self, updated: set[str]) -> None:
         # codex_db: the fleet's announced alerts are claimed there; codex_source names the relay in them.
         if updated & {"codex_db", "codex_nodes", "codex_alert_dedup", "codex_source"}:
-            options = ctx.options
-            source = options.codex_source if "codex_source" in options and options.has_changed("codex_source") \
-                else None
             with _option_errors():
-                self.runtime.alerts.apply(alert_settings(options, source, _listen_port()))
+                self.runtime.alerts.apply(alert_settings(ctx.options, _source(), _listen_port()))
+
+
+def _source() -> str | None:
+    """``codex_source`` when the user set it (the relay's name then), else None."""
+    options = ctx.options
+    return options.codex_source if "codex_source" in options and options.has_changed("codex_source") else None
+
+
+class HeartbeatOptions(_ServiceOptions):
+    """No option of its own: the heartbeat goes to ``codex_db`` under the relay's name."""
+
+    def configure(self, updated: set[str]) -> None:
+        if updated & {"codex_db", "codex_source"} and self.runtime.engine is not None:
+            self.runtime.heartbeat.apply(self.runtime.engine, relay_name(_source(), _listen_port()), _listen_port())
 
 
 class PriceOptions(_ServiceOptions):

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from store.records import NodeConfig
+from store.records import NODE_CONFIG_FIELDS, NodeConfig
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 # What a node's ``formats`` may name: an API family, or single endpoints (addon.guard.endpoints names them; a test
@@ -134,7 +134,8 @@ def node_from_mapping(item: Any, where: str) -> NodeConfig:
     formats, models, model_map = _served(item, f"{where} ({node_id})")
     return NodeConfig(id=node_id, name=name, base_url=base_url, api_key=api_key, weight=weight,
                       formats=formats, models=models, model_map=model_map, usage_probe=usage_probe,
-                      auth_header=auth_header.lower(), websocket=websocket)
+                      auth_header=auth_header.lower(), websocket=websocket,
+                      given=frozenset(item) & NODE_CONFIG_FIELDS)
 
 
 def _served(item: dict, where: str) -> tuple[tuple[str, ...], tuple[str, ...], dict[str, str]]:

@@ -5,8 +5,9 @@ orders the key writers (two relays starting at once, a CLI and a page), so a cha
 then write it; relays reload their keys when the version moves (``addon.services.clientkeys``).
 
 The file's rule: at start a file key's secret and the limits the file sets are written (the file wins
-them); a limit the file does not set keeps what the admin API or CLI set, and ``revoked_at`` is never
-touched by the file, so a revocation holds across restarts. Usage (``client_key_usage``) is never touched.
+them, and they are recorded as its ``file_fields``: the admin API and CLI refuse to change them); a limit the
+file does not set keeps what the admin API or CLI set, and ``revoked_at`` is never touched by the file, so a
+revocation holds across restarts. Usage (``client_key_usage``) is never touched.
 A secret is never stored: only its SHA-256.
 """
 
@@ -66,6 +67,7 @@ def describe(row: sa.Row) -> dict[str, Any]:
     """A key as the admin API and the CLI show it: never its secret nor its digest."""
     spec = spec_of(row)
     return {"name": row.name, "source": row.source, "revoked": row.revoked_at is not None,
+            "file_fields": [f for f in (row.file_fields or "").split(",") if f],
             **{f: list(v) if isinstance(v := getattr(spec, f), tuple) else v for f in LIMIT_FIELDS},
             "created_at": row.created_at, "updated_at": row.updated_at, "revoked_at": row.revoked_at}
 
@@ -108,11 +110,16 @@ def upsert_file_keys(conn: sa.Connection, specs: Sequence[KeySpec]) -> None:
         if taken is not None:
             raise ValueError(f"key {spec.name!r}: its secret is already the key {taken!r}'s (made through the API)")
         given = _columns({f: v for f in LIMIT_FIELDS if (v := getattr(spec, f)) is not None})
-        values = {"key_sha256": key_sha256, "source": "file", "updated_at": now, **given}
+        values = {"key_sha256": key_sha256, "source": "file", "updated_at": now, "file_fields": ",".join(given),
+                  **given}
         if _row(conn, spec.name) is None:
             conn.execute(sa.insert(client_keys).values(name=spec.name, created_at=now, **values))
         else:
             conn.execute(sa.update(client_keys).where(client_keys.c.name == spec.name).values(**values))
+    # A key the file no longer names keeps its limits, now the API's to change.
+    conn.execute(sa.update(client_keys).where(client_keys.c.file_fields.is_not(None),
+                                              client_keys.c.name.not_in([s.name for s in specs]))
+                 .values(file_fields=None))
 
 
 def create_key(conn: sa.Connection, name: Any, fields: Mapping[str, object]) -> str:
@@ -137,7 +144,12 @@ def update_key(conn: sa.Connection, name: str, fields: Mapping[str, object]) -> 
     """Set the limits ``fields`` gives (None: no limit), leave the others; the key's row after."""
     limits = parse_limits(fields, none_clears=True)
     bump_version(conn)
-    _live(conn, name)
+    row = _live(conn, name)
+    owned = set((row.file_fields or "").split(","))
+    changed = [f for f, v in _columns(limits).items() if f in owned and getattr(row, f) != v]
+    if changed:
+        raise KeyConflict(f"key {name!r}: {', '.join(changed)} set by the codex_client_keys file: change it there "
+                          "(the limits the file leaves out may be changed here)")
     _check_nodes(conn, limits)
     conn.execute(sa.update(client_keys).where(client_keys.c.name == name)
                  .values(updated_at=utcnow(), **_columns(limits)))

@@ -40,6 +40,11 @@ class Usage:
         return Usage, _USAGE_FIELDS(self)
 
 
+# What a node's config stores, besides its id (store.nodes: the columns of the same names).
+NODE_CONFIG_FIELDS = frozenset({"name", "base_url", "api_key", "weight", "formats", "models", "model_map",
+                                "usage_probe", "auth_header"})
+
+
 @dataclass(slots=True)
 class NodeConfig:
     """One upstream node as configured (TOML or admin page); stats are never part of it."""
@@ -61,6 +66,9 @@ class NodeConfig:
     # Takes Responses over WebSocket (addon.wsrelay); false: upgrades go to other nodes, or are answered 426.
     # From the nodes file only: not a column (a node added on the admin page takes WebSockets).
     websocket: bool = True
+    # The config fields its source set (a nodes file's [[nodes]] table may leave some out): those of a file node
+    # are the file's (store.nodes). Not part of the node's identity or config.
+    given: frozenset[str] = field(default=NODE_CONFIG_FIELDS, compare=False, repr=False)
 
 
 @dataclass(slots=True)

@@ -68,6 +68,9 @@ nodes = sa.Table(
     sa.Column("usage_probe", sa.Boolean, nullable=False, server_default=sa.true()),
     # revision 12: the header the node's key goes in (NULL: derived from the node, addon.egress.key_header)
     sa.Column("auth_header", sa.String(64)),
+    # revision 18: the config columns the nodes file sets (comma-separated, as last applied by a relay's start;
+    # NULL: no file names the node). They are the file's: the admin page refuses to change them.
+    sa.Column("file_fields", sa.String(255)),
 )
 
 # Revision 8: one counter row, bumped in the transaction of every change to a node's config, `disabled`
@@ -280,6 +283,9 @@ client_keys = sa.Table(
     sa.Column("created_at", TIMESTAMP, nullable=False),
     sa.Column("updated_at", TIMESTAMP, nullable=False),
     sa.Column("revoked_at", TIMESTAMP),
+    # revision 18: the limits the codex_client_keys file sets (comma-separated, as last applied; NULL: none, or
+    # not a file key): the file's, so the admin API refuses to change them.
+    sa.Column("file_fields", sa.String(255)),
 )
 
 # Revision 16: one counter row, bumped in the transaction of every change to ``client_keys``; relays on one
@@ -288,4 +294,28 @@ client_key_state = sa.Table(
     "client_key_state", metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
     sa.Column("version", sa.BigInteger, nullable=False, server_default="0"),
+)
+
+# Revision 18: every relay on the database, one row each, written by its heartbeat (``store.relays``): who it is,
+# since when it runs, its writer's counters (this process's, since its start: a snapshot each beat, the row is
+# its relay's alone) and when it last beat. A clean shutdown sets ``stopped_at``; a relay whose beats stopped
+# without it is gone (the admin page says so after a few missed beats).
+relays = sa.Table(
+    "relays", metadata,
+    sa.Column("relay", sa.String(160), primary_key=True),  # host:port, the same across restarts (-p 0: host/pid)
+    sa.Column("name", sa.String(128), nullable=False),  # codex_source when set, else host:port
+    sa.Column("version", sa.String(32), nullable=False),
+    sa.Column("pid", sa.Integer, nullable=False),
+    sa.Column("started_at", TIMESTAMP, nullable=False),
+    sa.Column("seen_at", TIMESTAMP, nullable=False),
+    sa.Column("interval_s", sa.Double, nullable=False),  # seconds between its beats
+    sa.Column("stopped_at", TIMESTAMP),
+    sa.Column("writer", sa.String(16)),  # ok | unreachable (the database) | stalled (the process); NULL: none
+    sa.Column("stalls", COUNTER, nullable=False, server_default="0"),  # stalled writer processes replaced
+    sa.Column("queued", COUNTER, nullable=False, server_default="0"),
+    sa.Column("written", COUNTER, nullable=False, server_default="0"),
+    sa.Column("spooled", COUNTER, nullable=False, server_default="0"),
+    sa.Column("rejected", COUNTER, nullable=False, server_default="0"),
+    sa.Column("lost", COUNTER, nullable=False, server_default="0"),
+    sa.Column("last_error", sa.String(300)),
 )

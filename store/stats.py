@@ -172,6 +172,22 @@ class HourStats(Metrics):
 
 
 @dataclass(slots=True, kw_only=True)
+class Overview(Metrics):
+    """One UTC day of the whole fleet: the admin page's cards. ``error_rate`` = calls that ended in an error,
+    the node's or refused (not the client's aborts), ÷ requests; ``ttfb_p95_ms`` from the hourly rollup."""
+
+    day: str
+    ttfb_p95_ms: int | None = None
+
+    @property
+    def error_rate(self) -> float | None:
+        return (self.failures + self.refused) / self.requests if self.requests else None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**Metrics.as_dict(self), "error_rate": self.error_rate}
+
+
+@dataclass(slots=True, kw_only=True)
 class NodeStats(Metrics):
     """A node's calls in the filter window, plus its row in ``nodes`` (config, health, lifetime counters).
 
@@ -190,10 +206,12 @@ class NodeStats(Metrics):
     base_url: str | None = None
     weight: int | None = None
     status: str | None = None  # active | failed | disabled
+    origin: str | None = None  # 'file' or 'admin' (store.schema.nodes)
     api_key_hint: str | None = None  # never the key: store.masking.mask_secret of it
     formats: list[str] | None = None  # what the node serves (store.config); empty: everything
     models: list[str] | None = None
     model_map: dict[str, str] | None = None
+    file_fields: list[str] | None = None  # the config fields the nodes file sets (store.nodes): not the page's
     last_error: str | None = None
     last_ping_ms: int | None = None
     last_ping_err: str | None = None
@@ -239,6 +257,7 @@ class Invocation:
     duration_ms: int | None
     bytes: int
     attempts: int | None
+    client_key: str | None  # the client key's name (None: no client auth)
 
     def as_dict(self) -> dict[str, Any]:
         return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
@@ -347,6 +366,15 @@ def _hour_stats(r: sa.Row) -> HourStats:
     return HourStats(hour=f"{r.hour:%Y-%m-%d %H:00}", **_metrics(r), **ttfb, **duration)
 
 
+def overview(conn: sa.Connection, day: dt.date) -> Overview:
+    """The fleet's ``day`` (UTC) from the rollups every relay writes to."""
+    f = Filters(since=day, until=day)
+    (sums,) = _grouped(conn, f)  # no group: one row, of NULLs without calls
+    ttfb = conn.execute(sa.select(*_hour_sums(TTFB_COLUMNS)).where(*f.hourly_where())).one()
+    p95 = _percentiles(ttfb, "ttfb", TTFB_COLUMNS, TTFB_BUCKETS_MS, (0.95,))["ttfb_p95_ms"]
+    return Overview(day=day.isoformat(), **_metrics(sums), ttfb_p95_ms=p95)
+
+
 def _node_ttfb_percentiles(conn: sa.Connection, f: Filters) -> dict[str | None, dict[str, int | None]]:
     query = (sa.select(_hour.node_id, *_hour_sums(TTFB_COLUMNS)).where(*f.hourly_where())
              .group_by(_hour.node_id))
@@ -375,26 +403,28 @@ def per_node(conn: sa.Connection, f: Filters) -> list[NodeStats]:
 
 
 def _fill_node(s: NodeStats, row: sa.Row) -> None:
-    s.name, s.base_url, s.weight, s.status = row.name, row.base_url, row.weight, _status(row)
+    s.name, s.base_url, s.weight, s.status, s.origin = row.name, row.base_url, row.weight, _status(row), row.origin
     s.api_key_hint = mask_secret(row.api_key) if row.api_key else None
     s.last_error, s.last_ping_ms, s.last_ping_err = row.last_error, row.last_ping_ms, row.last_ping_err
     s.fail_streak = row.fail_streak
     config = config_of(row)
     s.formats, s.models, s.model_map = list(config.formats), list(config.models), config.model_map
+    s.file_fields = [f for f in (row.file_fields or "").split(",") if f]
     s.lifetime_attempts, s.lifetime_failed_attempts, s.lifetime_bytes = row.requests, row.fail_count, row.total_bytes
     s.lifetime_input_tokens, s.lifetime_cached_tokens = row.total_input, row.total_cached
     s.lifetime_output_tokens, s.lifetime_reasoning_tokens = row.total_output, row.total_reasoning
     s.lifetime_stream_ms, s.lifetime_ttfb_ms = row.stream_dur_ms, row.first_byte_ms
 
 
-def recent_invocations(conn: sa.Connection, f: Filters, limit: int = 50) -> list[Invocation]:
-    """The latest ``limit`` calls, newest first."""
+def recent_invocations(conn: sa.Connection, f: Filters, limit: int = 50, key: str | None = None) -> list[Invocation]:
+    """The latest ``limit`` calls, newest first; ``key``: those of that client key only."""
+    by_key = [] if key is None else [_inv.client_key == key]
     query = (sa.select(_inv.id, _inv.invoke_id, _inv.occurred_at, _inv.source, _inv.node_id, _inv.model,
                        _inv.endpoint, _inv.api_format, _inv.stream, _inv.status, _inv.http_status,
                        _inv.error_message, _inv.input_tokens, _inv.cache_input_tokens.label("cached_tokens"),
                        _inv.output_tokens, _inv.reasoning_tokens, _inv.total_tokens, _inv.cost, _inv.ttfb_ms,
-                       _inv.stream_ms, _inv.duration_ms, _inv.response_bytes, _inv.attempts)
-             .where(*f.where()).order_by(_inv.occurred_at.desc(), _inv.id.desc()).limit(limit))
+                       _inv.stream_ms, _inv.duration_ms, _inv.response_bytes, _inv.attempts, _inv.client_key)
+             .where(*f.where(), *by_key).order_by(_inv.occurred_at.desc(), _inv.id.desc()).limit(limit))
     out = []
     for r in conn.execute(query):
         m = r._mapping
@@ -406,7 +436,7 @@ def recent_invocations(conn: sa.Connection, f: Filters, limit: int = 50) -> list
             cached_tokens=m["cached_tokens"] or 0, output_tokens=m["output_tokens"] or 0,
             reasoning_tokens=m["reasoning_tokens"] or 0, total_tokens=m["total_tokens"] or 0, cost=r.cost,
             ttfb_ms=r.ttfb_ms, stream_ms=r.stream_ms, duration_ms=r.duration_ms, bytes=r.response_bytes or 0,
-            attempts=r.attempts))
+            attempts=r.attempts, client_key=r.client_key))
     return out
 
 

@@ -25,7 +25,7 @@ from addon.services.runtime import Runtime
 from store import stats
 from store.engine import make_engine, upgrade_to_head
 from store.records import InvocationRecord, Usage
-from store.schema import codex_invocations, nodes
+from store.schema import client_keys, codex_invocations, nodes, relays
 from store.write.batch import apply_batch
 from tests.support.admin import ALPHA_KEY, BETA_KEY, REVERSE, TOKEN, alpha_and_beta, ask
 from tests.support.calls import call, write_nodes
@@ -106,7 +106,7 @@ def test_token_bearer_cookie_and_login_form(env):
     value = cookie.split(";")[0]
     assert ask(env.admin, "GET", "/admin", headers={"cookie": value}, peer=remote).status_code == 200
     stale = f"codex_admin={session_cookie('another-token-000000')}"
-    assert ask(env.admin, "GET", "/admin/api/writer", headers={"cookie": stale}, peer=remote).status_code == 401
+    assert ask(env.admin, "GET", "/admin/api/relays", headers={"cookie": stale}, peer=remote).status_code == 401
     logout = ask(env.admin, "POST", "/admin/logout", headers={"cookie": value}, peer=remote)
     assert logout.status_code == 303 and "Max-Age=0" in logout.headers["set-cookie"]
 
@@ -119,16 +119,16 @@ def test_token_is_validated(env):
 
 
 def test_changes_need_json_and_a_loopback_origin(env):
-    body = {"id": "alpha", "name": "Alpha", "base_url": "http://127.0.0.1:9/v1", "weight": 4}
+    body = {"id": "alpha", "models": ["gpt-5*"]}  # a field the nodes file leaves to the page
     text = ask(env.admin, "POST", "/admin/api/nodes", json.dumps(body).encode(), headers={"content-type": "text/plain"})
     assert text.status_code == 415  # what a cross-site form or no-cors fetch could send
     bad = ask(env.admin, "POST", "/admin/api/nodes", b"{not json", headers={"content-type": "application/json"})
     assert bad.status_code == 400 and "not JSON" in data(bad)["error"]
     evil = ask(env.admin, "POST", "/admin/api/nodes", body, headers={"origin": "http://evil.example"})
     assert evil.status_code == 403
-    assert node_row(env.runtime, "alpha").weight == 2
+    assert node_row(env.runtime, "alpha").models is None
     ok = ask(env.admin, "POST", "/admin/api/nodes", body, headers={"origin": "http://127.0.0.1:8000"})
-    assert ok.status_code == 200 and node_row(env.runtime, "alpha").weight == 4
+    assert ok.status_code == 200 and json.loads(node_row(env.runtime, "alpha").models) == ["gpt-5*"]
     # A key no header can carry (a lone surrogate from JSON) is a 400 naming the field, not a 500.
     surrogate = b'{"id": "alpha", "base_url": "http://127.0.0.1:9/v1", "api_key": "sk-\\ud800"}'
     refused = ask(env.admin, "POST", "/admin/api/nodes", surrogate, headers={"content-type": "application/json"})
@@ -183,18 +183,20 @@ def test_a_node_removed_from_the_file_shows_as_not_routed(env, tmp_path):
 
 def test_no_response_ever_holds_a_full_key(env):
     ask(env.admin, "POST", "/admin/api/nodes/beta/disable", {})
+    bodies = [ask(env.admin, "POST", "/admin/api/nodes", {"id": "gamma", "base_url": "http://127.0.0.1:9/v1",
+                                                           "api_key": "sk-new-key-77778888"}).content]
     paths = ["/admin", "/admin/static/admin.js", "/admin/api/nodes", "/admin/api/days", "/admin/api/models",
-             "/admin/api/sources", "/admin/api/recent", "/admin/api/writer", "/admin/api/reconcile"]
-    bodies = [ask(env.admin, "GET", p).content for p in paths]
+             "/admin/api/sources", "/admin/api/recent", "/admin/api/relays", "/admin/api/overview",
+             "/admin/api/reconcile"]
+    bodies += [ask(env.admin, "GET", p).content for p in paths]
     bodies.append(ask(env.admin, "POST", "/admin/api/nodes/beta/enable", {}).content)
-    bodies.append(ask(env.admin, "POST", "/admin/api/nodes", {"id": "alpha", "base_url": "http://127.0.0.1:9/v1",
-                                                               "api_key": "sk-new-key-77778888"}).content)
+    bodies.append(ask(env.admin, "PATCH", "/admin/api/nodes/gamma", {"weight": 3}).content)
     for body in bodies:
         for key in (ALPHA_KEY, BETA_KEY, "sk-new-key-77778888"):
             assert key.encode() not in body
 
 
-def test_days_recent_writer_and_reconcile_endpoints(env):
+def test_days_recent_relays_and_reconcile_endpoints(env):
     days = data(ask(env.admin, "GET", "/admin/api/days?since=2026-11-21"))["days"]
     assert [(d["day"], d["source"], d["requests"], d["total_tokens"]) for d in days] == \
         [("2026-11-21", "relay", 1, 210), ("2026-11-22", "relay", 1, 310)]
@@ -204,11 +206,16 @@ def test_days_recent_writer_and_reconcile_endpoints(env):
     (model,) = data(ask(env.admin, "GET", "/admin/api/models"))["models"]
     assert (model["model"], model["requests"]) == ("gpt-5-codex", 3)
     assert (model["cost"], model["unpriced"]) == (None, 3)  # no price: unknown, not 0
-    writer = data(ask(env.admin, "GET", "/admin/api/writer"))["writer"]
-    assert writer["db_ok"] is True and writer["spooled"] == 0
+    env.runtime.heartbeat.beat()  # as its thread does every few seconds
+    fleet = data(ask(env.admin, "GET", "/admin/api/relays"))
+    (me,) = fleet["relays"]
+    assert (me["relay"], me["state"], me["writer"], me["spooled"], me["lost"], me["stalls"]) == \
+        (fleet["answered_by"], "running", "ok", 0, 0, 0)
+    assert me["version"] and me["seen_s_ago"] < 60
     assert data(ask(env.admin, "GET", "/admin/api/reconcile")) == {"configured": False, "results": [], "polls": []}
     assert ask(env.admin, "GET", "/admin/api/nope").status_code == 404
     assert ask(env.admin, "DELETE", "/admin/api/nodes").status_code == 405
+    assert ask(env.admin, "PUT", "/admin/api/nodes/alpha").status_code == 405
 
 
 def test_reconcile_panel_compares_the_polled_sources(env, tmp_path):
@@ -261,40 +268,99 @@ def test_slow_queries_leave_the_event_loop_free(env, monkeypatch):
 
 
 # -- node management -------------------------------------------------------------------------------
-def test_edit_weight_keeps_key_and_stats(env):
-    before = node_row(env.runtime, "alpha")
+GAMMA_KEY = "sk-gamma-0123456789"
+
+
+@pytest.fixture
+def gamma(env):
+    """A node added on the page (weight 2, name Gamma) with two calls recorded."""
+    resp = ask(env.admin, "POST", "/admin/api/nodes", {"id": "gamma", "name": "Gamma", "base_url": "http://127.0.0.1:9/g",
+                                                       "api_key": GAMMA_KEY, "weight": 2})
+    assert resp.status_code == 200
+    with env.runtime.engine.begin() as conn:
+        apply_batch(conn, [InvocationRecord(invoke_id=f"g{i}", occurred_at=dt.datetime(2026, 11, 21, 12),
+                                            source="relay", endpoint="/v1/responses", status="success",
+                                            node_id="gamma", usage=Usage(input_tokens=10, output_tokens=1))
+                           for i in range(2)])
+    return "gamma"
+
+
+def test_edit_weight_keeps_key_and_stats(env, gamma):
+    before = node_row(env.runtime, gamma)
     resp = ask(env.admin, "POST", "/admin/api/nodes",
-               {"id": "alpha", "name": "Alpha!", "base_url": "http://127.0.0.1:9/v1", "weight": 7})
+               {"id": gamma, "name": "Gamma!", "base_url": "http://127.0.0.1:9/g", "weight": 7})
     assert resp.status_code == 200 and data(resp)["node"]["weight"] == 7
-    after = node_row(env.runtime, "alpha")
-    assert (after.weight, after.name, after.api_key) == (7, "Alpha!", ALPHA_KEY)  # no key sent: key kept
+    after = node_row(env.runtime, gamma)
+    assert (after.weight, after.name, after.api_key) == (7, "Gamma!", GAMMA_KEY)  # no key sent: key kept
     for col in ("requests", "fail_count", "total_input", "total_output", "total_bytes", "first_byte_ms", "created_at"):
         assert getattr(after, col) == getattr(before, col), col
-    live = env.runtime.pool.get("alpha").config
-    assert (live.weight, live.api_key) == (7, ALPHA_KEY)
+    assert after.requests == 2
+    live = env.runtime.pool.get(gamma).config
+    assert (live.weight, live.api_key) == (7, GAMMA_KEY)
 
-    ask(env.admin, "POST", "/admin/api/nodes", {"id": "alpha", "base_url": "http://127.0.0.1:9/v2", "weight": 7,
+    ask(env.admin, "POST", "/admin/api/nodes", {"id": gamma, "base_url": "http://127.0.0.1:9/v2",
                                                 "api_key": "sk-rotated-000011112222"})
-    assert (node_row(env.runtime, "alpha").api_key, env.runtime.pool.get("alpha").config.base_url) == \
+    assert (node_row(env.runtime, gamma).api_key, env.runtime.pool.get(gamma).config.base_url) == \
         ("sk-rotated-000011112222", "http://127.0.0.1:9/v2")
 
 
-def test_an_edit_without_usage_probe_keeps_the_stored_setting(env):
-    node = {"id": "alpha", "base_url": "http://127.0.0.1:9/v1"}
-    assert ask(env.admin, "POST", "/admin/api/nodes", {**node, "usage_probe": False}).status_code == 200
-    assert ask(env.admin, "POST", "/admin/api/nodes", {**node, "weight": 4}).status_code == 200
-    assert node_row(env.runtime, "alpha").usage_probe is False
-    assert env.runtime.pool.get("alpha").config.usage_probe is False
+def test_a_partial_save_changes_only_the_fields_it_gives(env, gamma):
+    # What an operator saw: saving one field reset the weight 2 to 1 and lost the name.
+    for body in ({"usage_probe": False}, {"models": ["gpt-5*"]}):
+        assert ask(env.admin, "POST", "/admin/api/nodes", {"id": gamma, **body}).status_code == 200
+    resp = ask(env.admin, "PATCH", f"/admin/api/nodes/{gamma}", {"model_map": {"a": "b"}})
+    assert resp.status_code == 200
+    row = node_row(env.runtime, gamma)
+    assert (row.weight, row.name, row.base_url, row.api_key, row.usage_probe, row.models, row.model_map) == \
+        (2, "Gamma", "http://127.0.0.1:9/g", GAMMA_KEY, False, '["gpt-5*"]', '{"a": "b"}')
+    live = env.runtime.pool.get(gamma).config
+    assert (live.weight, live.name, live.usage_probe, live.models) == (2, "Gamma", False, ("gpt-5*",))
+    assert ask(env.admin, "PATCH", "/admin/api/nodes/nope", {"weight": 1}).status_code == 404  # PATCH: no new node
 
 
-def test_stored_key_never_follows_a_node_to_another_origin(env):
-    moved = {"id": "alpha", "base_url": "http://127.0.0.1:19/v1", "weight": 2}  # another port, no key
+def test_the_files_fields_are_the_files(env):
+    # alpha's file sets name, base_url, api_key and weight: the page may not change them, only the rest.
+    (alpha,) = data(ask(env.admin, "GET", "/admin/api/nodes?node=alpha"))["nodes"]
+    assert alpha["file_fields"] == ["name", "base_url", "api_key", "weight"]
+    for body in ({"weight": 4}, {"name": "Alpha!"}, {"api_key": "sk-another-000011112222"}):
+        resp = ask(env.admin, "POST", "/admin/api/nodes", {"id": "alpha", **body})
+        assert resp.status_code == 409 and "set by the nodes file (codex_nodes)" in data(resp)["error"], body
+    # The file's own values may be sent along (the page's form sends what it shows).
+    resp = ask(env.admin, "POST", "/admin/api/nodes", {"id": "alpha", "weight": 2, "formats": ["openai"]})
+    assert resp.status_code == 200 and data(resp)["node"]["formats"] == ["openai"]
+    assert (node_row(env.runtime, "alpha").weight, node_row(env.runtime, "alpha").name) == (2, "alpha node")
+
+
+def test_stored_key_never_follows_a_node_to_another_origin(env, gamma):
+    moved = {"id": gamma, "base_url": "http://127.0.0.1:19/g"}  # another port, no key
     resp = ask(env.admin, "POST", "/admin/api/nodes", moved)
     assert resp.status_code == 400 and "api_key" in data(resp)["error"]
-    assert node_row(env.runtime, "alpha").base_url == "http://127.0.0.1:9/v1"
-    assert env.runtime.pool.get("alpha").config.base_url == "http://127.0.0.1:9/v1"
+    assert node_row(env.runtime, gamma).base_url == "http://127.0.0.1:9/g"
+    assert env.runtime.pool.get(gamma).config.base_url == "http://127.0.0.1:9/g"
     resp = ask(env.admin, "POST", "/admin/api/nodes", {**moved, "api_key": "sk-for-the-new-host-0001"})
-    assert resp.status_code == 200 and node_row(env.runtime, "alpha").api_key == "sk-for-the-new-host-0001"
+    assert resp.status_code == 200 and node_row(env.runtime, gamma).api_key == "sk-for-the-new-host-0001"
+
+
+def test_delete_a_node(env, gamma):
+    with env.runtime.engine.begin() as conn:  # a key that may use only gamma holds it
+        when = dt.datetime(2026, 1, 1)
+        conn.execute(sa.insert(client_keys).values(name="k", key_sha256="0" * 64, source="admin", nodes='["gamma"]',
+                                                   created_at=when, updated_at=when))
+    resp = ask(env.admin, "DELETE", f"/admin/api/nodes/{gamma}")
+    assert resp.status_code == 409 and "nodes limit of key(s) k" in data(resp)["error"]
+    with env.runtime.engine.begin() as conn:
+        conn.execute(sa.delete(client_keys))
+    resp = ask(env.admin, "DELETE", f"/admin/api/nodes/{gamma}")
+    assert resp.status_code == 200 and data(resp) == {"deleted": gamma}
+    assert env.runtime.pool.get(gamma) is None
+    # Its calls keep their stats, under its id, without a node row.
+    (gone,) = data(ask(env.admin, "GET", f"/admin/api/nodes?node={gamma}"))["nodes"]
+    assert (gone["requests"], gone["status"], gone["lifetime_attempts"]) == (2, None, 0)
+    assert ask(env.admin, "DELETE", f"/admin/api/nodes/{gamma}").status_code == 404
+    # A node the nodes file names would be back at the next start: the file first.
+    resp = ask(env.admin, "DELETE", "/admin/api/nodes/alpha")
+    assert resp.status_code == 409 and "remove it there first" in data(resp)["error"]
+    assert env.runtime.pool.get("alpha") is not None
 
 
 def test_unknown_host_names_are_refused(env):
@@ -320,7 +386,7 @@ def test_add_node_routes_it(env):
     ({"id": "alpha", "base_url": "ftp://x/v1", "weight": 1}, "base_url must start with http"),
     ({"id": "bad id", "base_url": "http://x/v1"}, "id must be"),
     ({"id": "alpha", "base_url": "http://x/v1", "requests": 0}, "unknown keys ['requests']"),
-    (["not", "an", "object"], "must be a table"),
+    (["not", "an", "object"], "send a JSON object"),
 ])
 def test_bad_node_is_refused(env, body, message):
     resp = ask(env.admin, "POST", "/admin/api/nodes", body)
@@ -334,7 +400,7 @@ def test_database_error_is_a_503_without_the_statement(env, monkeypatch):
                                       Exception("(2006, 'MySQL server has gone away')"))
 
     monkeypatch.setattr(env.runtime.fleet, "update_node", down)
-    resp = ask(env.admin, "POST", "/admin/api/nodes", {"id": "alpha", "base_url": "http://127.0.0.1:9/v1",
+    resp = ask(env.admin, "POST", "/admin/api/nodes", {"id": "delta", "base_url": "http://127.0.0.1:9/v1",
                                                        "api_key": "sk-fresh-key-99990000"})
     assert resp.status_code == 503 and "gone away" in data(resp)["error"]
     assert b"sk-fresh-key-99990000" not in resp.content and b"UPDATE" not in resp.content
@@ -347,8 +413,8 @@ def test_disable_and_enable(env):
     assert {env.runtime.pool.choose().id for _ in range(50)} == {"beta"}
     assert env.runtime.pool.choose(session_key="s1").id == "beta"
 
-    # A weight or key edit leaves a disabled node disabled.
-    ask(env.admin, "POST", "/admin/api/nodes", {"id": "alpha", "base_url": "http://127.0.0.1:9/v1", "weight": 9})
+    # An edit leaves a disabled node disabled.
+    assert ask(env.admin, "POST", "/admin/api/nodes", {"id": "alpha", "models": ["gpt-5*"]}).status_code == 200
     assert not env.runtime.pool.get("alpha").eligible and node_row(env.runtime, "alpha").disabled
 
     assert data(ask(env.admin, "POST", "/admin/api/nodes/alpha/enable", {}))["node"]["status"] == "active"
@@ -396,6 +462,14 @@ def test_admin_is_never_forwarded_nor_metered_and_disabled_survives_restart(db_u
             # The relay's calls reach the Prometheus counters (issue 15.1).
             assert b'codex_node_requests_total{node="b"} 6.0' in get(relay.port, "/metrics")[1]
         assert a.seen == [] and len(b.seen) == 6  # no admin request went upstream; disabled a got no call
+        # Its heartbeat row says it stopped cleanly (SIGTERM), so the relays panel shows it as stopped, not gone.
+        engine = make_engine(db_url)
+        try:
+            with engine.connect() as conn:
+                (stopped_at,) = conn.execute(sa.select(relays.c.stopped_at)).scalars()
+        finally:
+            engine.dispose()
+        assert stopped_at is not None
 
         with RelayProcess(db_url=db_url, options=options) as relay:
             for _ in range(4):
@@ -417,20 +491,22 @@ def test_admin_is_never_forwarded_nor_metered_and_disabled_survives_restart(db_u
 
 
 @pytest.mark.e2e
-def test_node_added_on_the_page_routes_after_a_restart_and_the_file_wins_its_own_nodes(db_url, tmp_path):
+def test_node_added_on_the_page_routes_after_a_restart_and_the_page_keeps_what_the_file_leaves_out(db_url, tmp_path):
     with FakeUpstream("a") as a, FakeUpstream("c") as c:
-        nodes_file = write_nodes(tmp_path / "nodes.toml", [("a", a.base_url, "key-a", 1)])
+        nodes_file = tmp_path / "nodes.toml"  # a's weight is not the file's: the page's
+        nodes_file.write_text(f'[[nodes]]\nid = "a"\nbase_url = "{a.base_url}"\napi_key = "key-a"\n')
         options = {"codex_nodes": str(nodes_file), "codex_ping_interval": "0"}
         with RelayProcess(db_url=db_url, options=options) as relay:
             assert post(relay.port, "/admin/api/nodes", {"id": "c", "base_url": c.base_url, "api_key": "key-c",
                                                          "weight": 1}) == 200
-            assert post(relay.port, "/admin/api/nodes", {"id": "a", "base_url": a.base_url, "weight": 0}) == 200
+            assert post(relay.port, "/admin/api/nodes", {"id": "a", "weight": 2}) == 200
+            assert post(relay.port, "/admin/api/nodes", {"id": "a", "api_key": "key-x"}) == 409  # the file's
             assert post(relay.port, "/admin/api/nodes/a/disable", {}) == 200
             assert post(relay.port, "/admin/api/nodes/a/enable", {}) == 200
         with RelayProcess(db_url=db_url, options=options) as relay:
             for _ in range(20):
                 assert call(relay, "responses", stream=True, usage=(1, 0, 1, 0))[0] == 200
-    # c (added on the page) still routes; a is back at the file's weight 1, so both got calls.
+    # c (added on the page) still routes; a keeps the page's weight 2 after the restart; both got calls.
     assert len(c.seen) > 0 and len(a.seen) > 0 and len(a.seen) + len(c.seen) == 20
     assert all(r.headers["authorization"] == "Bearer key-c" for r in c.seen)
     engine = make_engine(db_url)
@@ -439,5 +515,5 @@ def test_node_added_on_the_page_routes_after_a_restart_and_the_file_wins_its_own
             rows = {r.id: r for r in conn.execute(sa.text("SELECT id, origin, weight, requests FROM nodes"))}
     finally:
         engine.dispose()
-    assert {k: (r.origin, r.weight) for k, r in rows.items()} == {"a": ("file", 1), "c": ("admin", 1)}
+    assert {k: (r.origin, r.weight) for k, r in rows.items()} == {"a": ("file", 2), "c": ("admin", 1)}
     assert rows["a"].requests + rows["c"].requests == 20

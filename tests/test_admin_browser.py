@@ -1,10 +1,12 @@
 """The admin page in a real browser: Debian's chromium, headless, driven by Playwright.
 
-A real relay with fake upstreams records traffic; the page must show the numbers the store holds, draw
-them in the per-day chart, refresh by itself, and save a weight edit without touching the node's key
-or stats. Without chromium (or the playwright package) this skips locally and fails under CI=true;
-``./run.sh test`` installs chromium when it can. ``CODEX_UPDATE_SCREENSHOT=1`` also writes the
-screenshot to docs/admin.png (the README shows it).
+A real relay with fake upstreams records traffic; the page must show the numbers the store holds (the fleet's
+day in its cards, every relay by its heartbeat), draw them in the per-day chart, refresh by itself, filter
+the recent calls by key, save a weight edit without touching the node's key or stats (and not offer to edit
+what the nodes file sets), and delete a node no file names. Without chromium (or the playwright package) this
+skips locally and fails under CI=true; ``./run.sh test`` installs chromium when it can.
+``CODEX_UPDATE_SCREENSHOT=1`` also writes the screenshots to docs/admin.png (the whole page: the README and
+observability.md show it) and docs/admin-fleet.png (the cards, nodes and relays).
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ import sqlalchemy as sa
 
 from store.config import node_from_mapping
 from store.engine import make_engine
-from store.nodes import upsert_nodes
-from store.records import InvocationRecord, Usage
-from store.schema import codex_invocations, nodes
+from store.nodes import release_unnamed, upsert_nodes
+from store.records import InvocationRecord, Usage, utcnow
+from store.relays import Beat, beat
+from store.schema import codex_invocations, nodes, relays
 from store.stats import Filters, per_hour
 from store.write.batch import apply_batch
 from tests.support.calls import call, write_nodes
@@ -36,6 +39,7 @@ pytestmark = pytest.mark.e2e
 
 CHROMIUM = Path("/usr/bin/chromium")
 SCREENSHOT = ROOT / "docs" / "admin.png"
+FLEET_SCREENSHOT = ROOT / "docs" / "admin-fleet.png"
 # Live calls through the relay (input, cached, output, reasoning); all on node "a" (b has weight 0).
 LIVE = [(1200, 800, 300, 100), (2400, 2000, 500, 200), (900, 0, 150, 0)]
 # The narrowest screen the page is laid out for (issue 30): a laptop's.
@@ -104,8 +108,11 @@ def test_admin_page_shows_stats_and_edits_a_node(sqlite_url, tmp_path, browser):
 
     today = dt.datetime.now(dt.UTC).date()
     with FakeUpstream("a") as a, FakeUpstream("b") as b:
-        nodes_file = write_nodes(tmp_path / "nodes.toml",
-                                 [("a", a.base_url, "key-a-0123456789", 1), ("b", b.base_url, "key-b-9876543210", 0)])
+        # a's entry leaves its weight to the page; b's sets weight 0.
+        nodes_file = tmp_path / "nodes.toml"
+        nodes_file.write_text(f'[[nodes]]\nid = "a"\nbase_url = "{a.base_url}"\napi_key = "key-a-0123456789"\n\n'
+                              f'[[nodes]]\nid = "b"\nbase_url = "{b.base_url}"\napi_key = "key-b-9876543210"\n'
+                              'weight = 0\n')
         keys_file = tmp_path / "keys.toml"
         keys_file.write_text(KEYS)
         options = {"codex_nodes": str(nodes_file), "codex_ping_interval": "0", "codex_retries": "0",
@@ -115,10 +122,18 @@ def test_admin_page_shows_stats_and_edits_a_node(sqlite_url, tmp_path, browser):
             try:
                 with engine.begin() as conn:
                     apply_batch(conn, history(today))
-                    # What a node removed from the nodes file leaves: its row (and stats), from the file.
+                    # What a node removed from the nodes file leaves: its row (and stats), from the file, no longer
+                    # the file's once a relay started without it.
                     upsert_nodes(conn, [node_from_mapping({"id": "gone", "name": "gone node", "weight": 1,
                                                            "base_url": "http://127.0.0.1:9/v1",
                                                            "api_key": "key-gone-000011112222"}, "node")])
+                    release_unnamed(conn, ["a", "b"])
+                    # A second relay that died an hour ago: the row its last heartbeat left.
+                    beat(conn, Beat(relay="relay-2.internal:8000", name="eu-2", version="0.1.0", pid=4242,
+                                    started_at=utcnow() - dt.timedelta(days=2), interval_s=5.0,
+                                    writer={"db_ok": True, "queued": 0, "written": 18211, "spooled": 0}))
+                    conn.execute(sa.update(relays).where(relays.c.relay == "relay-2.internal:8000")
+                                 .values(seen_at=utcnow() - dt.timedelta(hours=1)))
                 for usage in LIVE:
                     assert call(relay, "responses", stream=True, usage=usage)[0] == 200
                 a.behaviour.status = 500
@@ -138,6 +153,26 @@ def test_admin_page_shows_stats_and_edits_a_node(sqlite_url, tmp_path, browser):
 
                 def col(row, name):
                     return row.locator(f'[data-col="{name}"]')
+
+                # Today's cards: the fleet's day from the database (3 calls and 1 failed, of one relay here).
+                card = page.locator("#overview .card")
+                expect(page.locator('#overview [data-card="requests"] b')).to_have_text(str(len(LIVE) + 1))
+                expect(page.locator('#overview [data-card="error_rate"] b')).to_have_text("25.0%")
+                expect(page.locator('#overview [data-card="tokens"] b')).to_have_text(
+                    f"{sum(u[0] + u[2] for u in LIVE):,}")
+                expect(page.locator('#overview [data-card="cost"] b')).to_have_text(re.compile(r"^\$0\.\d{2,4}$"))
+                expect(page.locator('#overview [data-card="ttfb_p95_ms"] b')).to_have_text(re.compile(r"^\d+ ms$"))
+                assert card.count() == 5
+
+                # Relays: this one, running, with its writer; the dead one, gone.
+                this = page.locator("#relays tbody tr").filter(has_text="(this one)")
+                expect(col(this, "state")).to_have_text("running")
+                expect(col(this, "writer")).to_have_text("ok")
+                dead = page.locator('#relays tr[data-relay="relay-2.internal:8000"]')
+                expect(col(dead, "state")).to_have_text("gone")
+                expect(col(dead, "written")).to_have_text("18,211")
+                expect(page.locator("#relays tbody tr")).to_have_count(2)
+                expect(page.locator('#relays tfoot [data-col="name"]')).to_have_text("fleet (1 running)")
 
                 # A node the relay does not route says so, whatever its stored status, and the page says why.
                 gone = page.locator('#nodes tr[data-node="gone"]')
@@ -169,11 +204,23 @@ def test_admin_page_shows_stats_and_edits_a_node(sqlite_url, tmp_path, browser):
                 expect(col(team, "cost")).to_have_text(re.compile(r"^\$0\.\d{2,4}$"))
                 expect(col(team, "cache_hit_rate")).to_have_text(
                     f"{sum(u[1] for u in LIVE) / sum(u[0] for u in LIVE):.1%}")
-                for panel in ("#models", "#sources", "#keys"):
+                for panel in ("#overview", "#models", "#sources", "#keys", "#recent"):
                     assert not re.search(r"\d\.\d{5}", page.locator(panel).inner_text()), panel
                 assert page.evaluate("""[limitText("monthly_cost", {used: 0.053743549999999994, limit: 0.05}),
                     usd(0.0034), usd(1234.5), usd(0), usd(null)]""") == \
                     ["monthly_cost $0.05 / $0.05", "$0.0034", "$1,234.50", "$0.00", "–"]
+
+                # Recent calls: each with its key (the history's had none); the panel filters by key and model.
+                expect(page.locator('#recent tbody [data-col="client_key"]')).to_have_text(
+                    ["team"] * (len(LIVE) + 1) + ["–"] * len(history(today)))
+                recent = page.locator("#recent-form")
+                recent.locator('[name="key"]').fill("nobody")
+                recent.locator('button[type="submit"]').click()
+                expect(page.locator("#recent tbody")).to_have_text("nothing recorded")
+                recent.locator('[name="key"]').fill("team")
+                recent.locator('[name="model"]').fill("gpt-5-codex")
+                recent.locator('button[type="submit"]').click()
+                expect(page.locator("#recent tbody tr")).to_have_count(len(LIVE) + 1)
 
                 # Chart: one bar segment per day and source, sized by the day's total tokens.
                 live_tokens = sum(u[0] + u[2] for u in LIVE)  # the failed call has no usage
@@ -203,6 +250,12 @@ def test_admin_page_shows_stats_and_edits_a_node(sqlite_url, tmp_path, browser):
                 expect(col(hour_row, "ttfb_p95_ms")).to_have_text(f"{latest.ttfb_p95_ms:,}")
                 # ... and the chart draws the three percentile lines over the same hours.
                 assert page.locator("#chart-hours polyline").count() == 3
+                # One hour of data is three dots (a line needs two points).
+                assert page.evaluate("""(() => {
+                    const svg = document.createElementNS(SVG, "svg");
+                    drawLines(svg, ["2026-12-07 09:00"], [["p50", [80]], ["p95", [120]], ["p99", [130]]], "ms");
+                    return [svg.querySelectorAll("polyline").length, svg.querySelectorAll("circle").length];
+                })()""") == [0, 3]
 
                 # The page refreshes itself: a new call shows up without a reload.
                 page.select_option("#refresh", "5")
@@ -215,6 +268,10 @@ def test_admin_page_shows_stats_and_edits_a_node(sqlite_url, tmp_path, browser):
                     before = conn.execute(sa.select(nodes).where(nodes.c.id == "a")).one()
                 node_a.locator('button[data-action="edit"]').click()
                 expect(page.locator("#node-form-title")).to_have_text("Edit node a")
+                # What the nodes file sets is the file's: shown, not editable; the weight it leaves out is.
+                for name in ("base_url", "api_key"):
+                    expect(page.locator(f'#node-form input[name="{name}"]')).to_have_attribute("readonly", "")
+                expect(page.locator('#node-form input[name="weight"]')).not_to_have_attribute("readonly", "")
                 page.fill('#node-form input[name="weight"]', "5")
                 page.click('#node-form button[type="submit"]')
                 expect(page.locator("#message")).to_have_text("Node a saved: weight 5.")
@@ -233,11 +290,28 @@ def test_admin_page_shows_stats_and_edits_a_node(sqlite_url, tmp_path, browser):
                 with engine.connect() as conn:
                     assert conn.execute(sa.select(nodes.c.disabled).where(nodes.c.id == "b")).scalar()
 
-                shot = tmp_path / "admin.png"
+                shot, fleet_shot = tmp_path / "admin.png", tmp_path / "admin-fleet.png"
                 page.screenshot(path=str(shot), full_page=True)
-                assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+                # The fleet's panels: from the cards to the end of the relays panel.
+                box = page.locator("#relays-section").bounding_box()
+                height = box["y"] + box["height"] + 8
+                page.screenshot(path=str(fleet_shot), full_page=True,
+                                clip={"x": 0, "y": 0, "width": VIEWPORT["width"], "height": height})
+                for png in (shot, fleet_shot):
+                    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
                 if os.environ.get("CODEX_UPDATE_SCREENSHOT") == "1":
                     shutil.copyfile(shot, SCREENSHOT)
+                    shutil.copyfile(fleet_shot, FLEET_SCREENSHOT)
+
+                # Delete the node no file names any more, from its form: gone from every panel (it had no calls).
+                # A node the file names has no Delete: the next start would add it again.
+                node_a.locator('button[data-action="edit"]').click()
+                expect(page.locator("#node-form-delete")).to_be_hidden()
+                page.on("dialog", lambda dialog: dialog.accept())
+                gone.locator('button[data-action="edit"]').click()
+                page.click("#node-form-delete")
+                expect(page.locator("#message")).to_have_text("Node gone deleted.")
+                expect(gone).to_have_count(0)
             finally:
                 engine.dispose()
 
@@ -258,6 +332,12 @@ def test_admin_page_adds_edits_and_revokes_a_key(sqlite_url, tmp_path, browser):
             team = page.locator('#stored-keys tr[data-key="team"]')
             expect(team.locator('[data-col="source"]')).to_have_text("file")
             expect(team.locator('[data-action="rotate"]')).to_have_count(0)  # a file key's secret is the file's
+            # The limits the keys file sets are the file's: shown, not editable; the others are the page's.
+            team.locator('[data-action="edit"]').click()
+            for name in ("daily_requests", "monthly_cost"):
+                expect(page.locator(f'#key-form [name="{name}"]')).to_have_attribute("readonly", "")
+            expect(page.locator('#key-form [name="rpm"]')).not_to_have_attribute("readonly", "")
+            page.click("#key-form-reset")
 
             form = page.locator("#key-form")
             form.locator('[name="name"]').fill("dana")

@@ -111,7 +111,11 @@ def test_one_key_and_the_refusals(relays):
 
 def test_a_restart_keeps_a_revocation_and_the_page_s_limits_the_file_does_not_set(relays):
     a = relays.a
-    assert api(a, "PATCH", "/admin/api/keys/bob", {"rpm": 7, "models": ["o3"]})[0] == 200
+    status, refused = api(a, "PATCH", "/admin/api/keys/bob", {"rpm": 7, "models": ["o3"]})
+    assert status == 409 and "models set by the codex_client_keys file" in refused["error"]  # the file's limit
+    assert api(a, "GET", "/admin/api/keys/bob")[1]["key"]["rpm"] is None  # nothing of a refused change
+    status, changed = api(a, "PATCH", "/admin/api/keys/bob", {"rpm": 7, "models": ["gpt-5*"]})  # the file's value: fine
+    assert status == 200 and changed["key"]["file_fields"] == ["models"]
     assert api(a, "POST", "/admin/api/keys/bob/revoke", {})[0] == 200
     assert a.runtime.keys.find([BOB_KEY]) is None
     a.tctx.configure(a.options, codex_client_keys=f"@{relays.keys_file} ")  # a restart reads the file again

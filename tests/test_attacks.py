@@ -405,11 +405,20 @@ def test_8_open_relay_refuses_to_start_and_run_sh_listens_on_loopback(tmp_path):
 def test_9_admin_keeps_keys_on_their_origin_and_checks_host(shared):
     port = shared.relay.port
     stored = rows(shared.db_url, "SELECT base_url FROM nodes WHERE id = 'victim'")[0].base_url
-    moved = {"id": "victim", "name": "victim node", "base_url": f"http://127.0.0.1:{free_port()}/v1", "weight": 0}
-    reply = post(port, b"/admin/api/nodes", {**moved, "api_key": ""})
+    elsewhere = f"http://127.0.0.1:{free_port()}/v1"
+    # A file node's URL is the file's: the page cannot move it at all.
+    reply = post(port, b"/admin/api/nodes", {"id": "victim", "base_url": elsewhere, "api_key": ""})
+    assert reply.status == 409, f"HTTP {reply.status}: the page moved a node the nodes file places"
+    # A node added on the page (weight 0: no calls) may move, but its key only with a new one.
+    added = {"id": "paged", "base_url": stored, "api_key": VICTIM_KEY, "weight": 0}
+    assert post(port, b"/admin/api/nodes", added).status == 200
+    reply = post(port, b"/admin/api/nodes", {"id": "paged", "base_url": elsewhere, "api_key": ""})
     assert reply.status == 400, f"HTTP {reply.status}: the stored key followed the node to another origin"
-    assert rows(shared.db_url, "SELECT base_url FROM nodes WHERE id = 'victim'")[0].base_url == stored
-    reply = post(port, b"/admin/api/nodes", {**moved, "api_key": "sk-new-key-for-the-new-origin"})
+    assert [r.base_url for r in rows(shared.db_url, "SELECT base_url FROM nodes WHERE id IN ('victim', 'paged')")] \
+        == [stored, stored]
+    reply = post(port, b"/admin/api/nodes", {"id": "paged", "base_url": elsewhere, "api_key": "sk-new-key-for-the-new"})
+    assert reply.status == 200, reply.body[:300]
+    reply = exchange(port, request_head("DELETE", b"/admin/api/nodes/paged", port, {}, 0), b"")
     assert reply.status == 200, reply.body[:300]
 
     status, body = admin_get(port, "/admin/api/nodes", f"evil.example:{port}")

@@ -44,8 +44,10 @@ def test_the_file_wins_what_it_sets_and_keeps_the_rest_and_the_usage(engine):
         conn.execute(sa.insert(client_key_usage).values(day=dt.date(2026, 12, 7), client_key="alice", admitted=7,
                                                         requests=7, total_tokens=700, cost=0.5))
     v0 = version(engine)
-    with engine.begin() as conn:  # the page raises a limit the file sets, adds one it does not set, revokes
-        keyrows.update_key(conn, "alice", {"daily_requests": 50, "rpm": 30})
+    with engine.begin() as conn, pytest.raises(keyrows.KeyConflict, match="daily_requests set by the codex_client"):
+        keyrows.update_key(conn, "alice", {"daily_requests": 50})  # a limit the file sets is the file's
+    with engine.begin() as conn:  # the page adds a limit the file does not set, and revokes
+        keyrows.update_key(conn, "alice", {"rpm": 30})
         keyrows.revoke_key(conn, "alice")
     assert version(engine) > v0
     with engine.begin() as conn:  # a restart: the file again

@@ -8,6 +8,7 @@ reporting to them), stats columns are only read, never written.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Iterable
 
@@ -62,6 +63,8 @@ class NodeSync:
                 pool.put(Node(config=config, breaker=self.health.restored(failed), disabled=bool(row.disabled)))
                 log.info("node %s added by another relay", node_id)
                 continue
+            # ``websocket`` is the nodes file's alone, not a column: the node keeps what it was given.
+            config = dataclasses.replace(config, websocket=node.config.websocket, given=node.config.given)
             if node.config != config:
                 node.config = config
             node.disabled = bool(row.disabled)

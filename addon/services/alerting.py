@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -12,6 +11,7 @@ import sqlalchemy as sa
 
 from addon.nodes.routing import NodePool
 from addon.observe.alerts import Alerts, Webhook, webhooks_from_file
+from addon.services.heartbeat import relay_name
 from addon.services.settings import SettingsError, seconds
 from store.config import ConfigError
 from store.write.writer import WriterStats
@@ -33,9 +33,8 @@ def alert_settings(options: Any, source: str | None, listen_port: int | None) ->
         hooks = tuple(webhooks_from_file(options.codex_nodes)) if options.codex_nodes else ()
     except ConfigError as e:
         raise SettingsError(f"codex_nodes: {e}") from None
-    host = socket.gethostname()
-    relay = source or (f"{host}:{listen_port}" if listen_port else host)
-    return AlertSettings(hooks, seconds("codex_alert_dedup", options.codex_alert_dedup), relay)
+    return AlertSettings(hooks, seconds("codex_alert_dedup", options.codex_alert_dedup),
+                         relay_name(source, listen_port))
 
 
 class Alerting:

@@ -3,6 +3,7 @@ and edited at run time from the admin page."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from addon.nodes.nodesync import NodeSync
 from addon.nodes.routing import Node, NodePool, StickyMap
 from addon.services.settings import SettingsError, seconds
 from store.config import ConfigError, base_url_warnings, load_nodes_file, validate_base_url
-from store.nodes import config_of, load_nodes, read_version, set_disabled, upsert_nodes
+from store.nodes import config_of, delete_node, load_nodes, read_version, release_unnamed, set_disabled, upsert_nodes
 from store.records import NodeConfig
 
 log = logging.getLogger("codex.runtime")
@@ -68,10 +69,14 @@ class Fleet:
         with engine.begin() as conn:
             if configs:
                 upsert_nodes(conn, configs)
+                release_unnamed(conn, [c.id for c in configs])
             stored = load_nodes(conn)
             version = read_version(conn)
         failed = {r.id: bool(r.failed) for r in stored}
         disabled = {r.id for r in stored if r.disabled}
+        # A file node routes as stored: the fields its file leaves out are the page's (store.nodes).
+        rows = {r.id: r for r in stored}
+        configs = [dataclasses.replace(config_of(rows[c.id]), websocket=c.websocket, given=c.given) for c in configs]
         # The configured nodes route, and those added on the admin page; others in the DB (dropped from
         # the file) keep their stats but get no traffic. A node failed before a restart starts with its
         # first cooldown, then gets its trial call; a disabled one stays out.
@@ -108,9 +113,24 @@ class Fleet:
         current = self.pool.get(config.id)
         if current is None:
             self.pool.put(Node(config=config, disabled=disabled))
-        else:  # in place: calls in flight hold this object and report its health to it
-            current.config, current.disabled = config, disabled
+        else:  # in place: calls in flight hold this object and report its health to it; websocket is the file's
+            current.config = dataclasses.replace(config, websocket=current.config.websocket)
+            current.disabled = disabled
         self._set_node_keys(n.config.api_key for n in self.pool)
+
+    def delete_node(self, node_id: str) -> bool:
+        """Delete a node (admin page): out of routing here at once, on other relays at their next node sync.
+        False: no such node; ``store.nodes.NodeInUse``: it may not go.
+
+        Blocking DB work: call it off the event loop.
+        """
+        assert self._engine is not None
+        with self._engine.begin() as conn:
+            if not delete_node(conn, node_id):
+                return False
+        self.pool.remove(node_id)
+        self._set_node_keys(n.config.api_key for n in self.pool)
+        return True
 
     def set_node_disabled(self, node_id: str, disabled: bool) -> bool:
         """Take a node out of routing, or put it back (admin page); its stats stay. False: no such node.

@@ -24,6 +24,7 @@ from addon.services.alerting import Alerting
 from addon.services.clientkeys import ClientKeys
 from addon.services.fleet import Fleet
 from addon.services.healthchecks import HealthChecks
+from addon.services.heartbeat import Heartbeat
 from addon.services.providers import Providers
 from addon.services.statsdb import StatsDb
 from store.prices import PriceTable
@@ -31,7 +32,8 @@ from store.records import Item
 
 
 class Runtime:
-    """The stats database, the fleet and its health checks, providers, alerts, prices and client keys."""
+    """The stats database, the fleet and its health checks, providers, alerts, prices, client keys and the
+    heartbeat."""
 
     def __init__(self) -> None:
         self.keys = ClientKeys()
@@ -43,11 +45,13 @@ class Runtime:
         self.alerts = Alerting(lambda: self.pool, self.db.writer_stats, lambda: self.db.engine)
         self.prices: PriceTable | None = None  # set by codex_prices; None: calls are not priced
         self.metrics = Metrics(lambda: self.pool, self.db.writer_stats)
+        self.heartbeat = Heartbeat(self.db.writer_stats)  # this relay's row in ``relays``, for the admin page
         self._on_shutdown: list[Callable[[], None]] = []
         # In the order they stop: calls in flight are recorded after every thread that reports has stopped and
         # before the writer's last flush (mitmproxy ends their connections only after ``done``).
-        self._stopping = (self.fleet.stop, self.keys.stop, self.checks.stop, self.providers.stop, self.alerts.stop,
-                          self._run_shutdown_callbacks, self.db.stop)
+        # The heartbeat's last beat tells the fleet this relay stopped, with its writer's counts.
+        self._stopping = (self.fleet.stop, self.keys.stop, self.checks.stop, self.providers.stop,
+                          self.alerts.stop, self._run_shutdown_callbacks, self.heartbeat.stop, self.db.stop)
 
     # -- for the addons ----------------------------------------------------------------------------
     @property

@@ -32,7 +32,7 @@ const limitText = (name, l) => {
 };
 // What the node's badge says: the relay's view (state), which tells a node it does not route from an active one.
 const STATE_TITLES = {
-  "not routed": "In the database with its stats, but neither in this relay's nodes file nor added on this page: " +
+  "not routed": "In the database with its stats, but neither in the nodes file nor added on an admin page: " +
     "it gets no calls. Save it in the form to route it again.",
 };
 const utcDay = (date) => date.toISOString().slice(0, 10);
@@ -77,9 +77,10 @@ function say(text, isError = false) {
 }
 
 // -- API ----------------------------------------------------------------------------------------
-async function api(path, body, method = "POST") {
+async function api(path, body, method = body === undefined ? "GET" : "POST") {
   const init = {credentials: "same-origin"};
-  if (body !== undefined) {
+  if (method === "DELETE") init.method = method;
+  else if (body !== undefined) {
     init.method = method;
     init.headers = {"content-type": "application/json"};
     init.body = JSON.stringify(body);
@@ -118,6 +119,7 @@ function renderNodes(nodes) {
         actions.append(el("button", {type: "button", "data-action": "reset",
           onclick: () => toggleNode(n.node_id, false)}, "Reset"));
       }
+
     }
     const ping = n.last_ping_err ? "error" : n.last_ping_ms === null ? "–" : int(n.last_ping_ms) + " ms";
     const named = n.name && n.name !== n.node_id ? el("div", {class: "muted", "data-col": "name"}, n.name) : null;
@@ -163,26 +165,58 @@ function metricRow(key, label, s) {
     costCell(s), num("avg_ttfb_ms", s.avg_ttfb_ms, dec));
 }
 
-function renderWriter(w) {
-  const facts = w === null ? [["state", "not running"]] : [
-    ["database", w.stalled ? "WRITER STALLED" : w.db_ok ? "reachable" : "UNREACHABLE"], ["queued", int(w.queued)],
-    ["spooled", int(w.spooled)], ["stalls", int(w.stalls)],
-    ["oldest spooled", w.spool_oldest_s === null ? "–" : dec(w.spool_oldest_s) + " s"], ["written", int(w.written)],
-    ["duplicates", int(w.duplicates)], ["rejected", int(w.rejected)], ["lost", int(w.lost)],
-    ["batches", int(w.batches)], ["last error", w.last_error ?? "–"]];
-  // Records neither written nor journaled: never to be missed.
-  const red = (k) => k === "lost" && w.lost > 0 ? "color: var(--bad); font-weight: 600" : null;
-  $("#writer").replaceChildren(...facts.flatMap(([k, v]) => [el("dt", {}, k),
-    el("dd", {"data-fact": k, style: red(k)}, v)]));
-  $("#writer").classList.toggle("alarm", w !== null && (!w.db_ok || w.spooled > 0 || w.lost > 0));
+// Seconds as "3 d 4 h", "2 h 5 min", "4 min 10 s" or "12 s".
+function duration(v) {
+  if (v === null || v === undefined) return "–";
+  const t = Math.round(v);
+  const [d, h, m] = [Math.floor(t / 86400), Math.floor(t / 3600) % 24, Math.floor(t / 60) % 60];
+  return d ? `${d} d ${h} h` : h ? `${h} h ${m} min` : m ? `${m} min ${t % 60} s` : `${t} s`;
+}
+
+// The fleet's day: every figure from the database every relay writes to, whichever relay answers.
+function renderOverview(o) {
+  const shown = {requests: int(o.requests), tokens: int(o.total_tokens), cost: money(o), error_rate: pct(o.error_rate),
+    ttfb_p95_ms: o.ttfb_p95_ms === null ? "–" : int(o.ttfb_p95_ms) + " ms"};
+  const raw = {requests: o.requests, tokens: o.total_tokens, cost: o.cost, error_rate: o.error_rate,
+    ttfb_p95_ms: o.ttfb_p95_ms};
+  for (const card of document.querySelectorAll("#overview .card")) {
+    const name = card.dataset.card;
+    const value = $("b", card);
+    value.textContent = shown[name];
+    value.dataset.value = raw[name] ?? "";
+  }
+  $("#overview-day").textContent = `${o.day} (UTC), every relay on the database`;
+}
+
+// One row per relay by its heartbeat; under them the running relays' writers added up.
+const WRITER_COUNTS = ["queued", "written", "spooled"];
+const WRITER_STATES = {ok: "ok", unreachable: "DATABASE UNREACHABLE", stalled: "WRITER STALLED"};
+function renderRelays(data) {
+  const rows = data.relays.map((r) => el("tr", {"data-relay": r.relay, class: r.state === "gone" || r.lost ? "bad" : null},
+    cell("name", r.name), cell("relay", r.relay + (r.relay === data.answered_by ? " (this one)" : "")),
+    cell("version", r.version),
+    cell("state", el("span", {class: "badge " + r.state}, r.state), r.state),
+    num("uptime_s", r.uptime_s, duration), cell("seen_s_ago", duration(r.seen_s_ago) + " ago", r.seen_s_ago, "num"),
+    cell("writer", WRITER_STATES[r.writer] ?? "none", r.writer ?? "", r.writer && r.writer !== "ok" ? "bad-text" : null,
+      r.stalls ? el("div", {class: "muted", "data-col": "stalls"}, `${int(r.stalls)} stalls`) : null),
+    ...WRITER_COUNTS.map((k) => num(k, r[k])), cell("failed", `${int(r.rejected)} / ${int(r.lost)}`, r.rejected + r.lost, "num"),
+    cell("last_error", r.last_error ?? "", undefined, "error-text")));
+  fill($("#relays"), rows);
+  const running = data.relays.filter((r) => r.state === "running");
+  const sum = (k) => running.reduce((total, r) => total + r[k], 0);
+  $("#relays tfoot").replaceChildren(el("tr", {"data-relay": "fleet"}, cell("name", `fleet (${running.length} running)`),
+    el("td", {colSpan: 6}), ...WRITER_COUNTS.map((k) => num(k, sum(k))),
+    cell("failed", `${int(sum("rejected"))} / ${int(sum("lost"))}`, sum("rejected") + sum("lost"), "num"), el("td")));
+  $("#answered-by").textContent = data.answered_by ? `This page was answered by ${data.answered_by}.` : "";
 }
 
 function renderRecent(calls) {
   fill($("#recent"), calls.map((c) => el("tr", {"data-invoke": c.invoke_id, class: c.status === "success" ? "" : "bad"},
-    cell("time", c.occurred_at.replace("T", " ").slice(0, 19)), cell("source", c.source), cell("node", c.node_id ?? "–"),
+    cell("time", c.occurred_at.replace("T", " ").slice(0, 19)), cell("client_key", c.client_key ?? "–"),
+    cell("source", c.source), cell("node", c.node_id ?? "–"),
     cell("model", c.model ?? "–"), cell("status", c.status ?? "–"), num("http_status", c.http_status),
     num("input_tokens", c.input_tokens), num("cached_tokens", c.cached_tokens), num("output_tokens", c.output_tokens),
-    num("ttfb_ms", c.ttfb_ms), num("duration_ms", c.duration_ms), num("attempts", c.attempts),
+    cell("cost", usd(c.cost), c.cost ?? "", "num"), num("ttfb_ms", c.ttfb_ms), num("duration_ms", c.duration_ms), num("attempts", c.attempts),
     cell("error", c.error_message ?? "", undefined, "error-text"))));
 }
 
@@ -295,9 +329,12 @@ function drawLines(svg, labels, series, unit) {
   const [parts, add] = collector();
   gridLines(add, step, max, y, left, W);
   series.forEach(([name, vs], k) => {
-    const points = vs.map((v, i) => (v === null || v === undefined ? null : `${x(i)},${y(v)}`)).filter(Boolean);
-    if (points.length) add("polyline", {points: points.join(" "), fill: "none", stroke: COLORS[k % COLORS.length],
-      "stroke-width": 2, "data-series": name});
+    const points = vs.map((v, i) => (v === null || v === undefined ? null : [x(i), y(v)])).filter(Boolean);
+    const color = COLORS[k % COLORS.length];
+    if (points.length > 1) add("polyline", {points: points.map((p) => p.join(",")).join(" "), fill: "none",
+      stroke: color, "stroke-width": 2, "data-series": name});
+    // A dot per value: one hour of data is a point, which a line alone would not show.
+    for (const [cx, cy] of points) add("circle", {cx, cy, r: 2.5, fill: color, "data-series": name});
   });
   const labelEvery = Math.max(1, Math.ceil(labels.length / 6));
   labels.forEach((label, i) => {
@@ -346,7 +383,8 @@ const KEY_LIMITS = ["models", "nodes", "endpoints", "daily_requests", "daily_tok
 function renderStoredKeys(keys) {
   fill($("#stored-keys"), keys.map((k) => {
     const limits = KEY_LIMITS.filter((f) => k[f] !== null).map((f) =>
-      el("div", {}, `${f} ${Array.isArray(k[f]) ? k[f].join(", ") : f === "monthly_cost" ? usd(k[f]) : int(k[f])}`));
+      el("div", {title: (k.file_fields || []).includes(f) ? "set by the keys file" : null},
+        `${f} ${Array.isArray(k[f]) ? k[f].join(", ") : f.endsWith("_cost") ? usd(k[f]) : int(k[f])}`));
     const actions = el("td", {class: "actions"});
     if (!k.revoked) {
       actions.append(el("button", {type: "button", onclick: () => editKey(k), "data-action": "edit"}, "Edit"));
@@ -366,22 +404,26 @@ function renderStoredKeys(keys) {
 // -- refresh ------------------------------------------------------------------------------------
 async function refresh() {
   const query = filterQuery();
+  // Recent calls: the day filters above, and the panel's own key, model and count.
   const recentQuery = new URLSearchParams(query);
-  recentQuery.set("limit", $("#recent-limit").value);
+  for (const [k, v] of new FormData($("#recent-form"))) if (v) recentQuery.set(k, v); else recentQuery.delete(k);
+  const today = new URLSearchParams(query.get("until") ? {until: query.get("until")} : {});
   try {
-    const [nodes, days, models, sources, recent, writer, keys] = await Promise.all([
-      api("nodes?" + query), api("days?" + query), api("models?" + query), api("sources?" + query),
-      api("recent?" + recentQuery), api("writer"), api("keys?" + query)]);
+    const [overview, relays, nodes, days, models, sources, recent, keys] = await Promise.all([
+      api("overview?" + today), api("relays"), api("nodes?" + query), api("days?" + query), api("models?" + query),
+      api("sources?" + query), api("recent?" + recentQuery), api("keys?" + query)]);
+    renderOverview(overview.overview);
+    renderRelays(relays);
     renderNodes(nodes.nodes);
     renderDays(days.days, query);
     fill($("#models"), models.models.map((m) => metricRow(m.model, m.model ?? "(unknown)", m)));
     $("#model-list").replaceChildren(...models.models.filter((m) => m.model).map((m) => el("option", {value: m.model})));
     fill($("#sources"), sources.sources.map((s) => metricRow(s.source, s.source, s)));
     renderRecent(recent.invocations);
-    renderWriter(writer.writer);
     renderHours((await api("hours?" + query)).hours);
     renderKeys(keys.keys);
     renderStoredKeys(keys.stored);
+    $("#key-list").replaceChildren(...keys.stored.map((k) => el("option", {value: k.name})));
     $("#updated").textContent = "updated " + new Date().toLocaleTimeString();
     document.body.dataset.loaded = String(Date.now());
   } catch (e) {
@@ -396,8 +438,20 @@ function schedule() {
 }
 
 // -- node management ----------------------------------------------------------------------------
+// The node form's fields as the API takes them; on an edit only those that differ from the node are sent.
+const NODE_FIELDS = {
+  name: (f) => f.name.value.trim(),
+  base_url: (f) => f.base_url.value.trim(),
+  weight: (f) => Number(f.weight.value),
+  formats: (f) => list(f.formats.value),
+  models: (f) => list(f.models.value),
+  model_map: (f) => Object.fromEntries(list(f.model_map.value).map((pair) => pair.split("=").map((s) => s.trim()))),
+};
+let editing = null;  // the node being edited, as the API listed it
+
 function editNode(n) {
   const form = $("#node-form");
+  editing = n;
   form.elements.id.value = n.node_id;
   form.elements.id.readOnly = true;
   form.elements.name.value = n.name ?? "";
@@ -408,16 +462,25 @@ function editNode(n) {
   form.elements.formats.value = (n.formats ?? []).join(", ");
   form.elements.models.value = (n.models ?? []).join(", ");
   form.elements.model_map.value = Object.entries(n.model_map ?? {}).map(([k, v]) => k + "=" + v).join(", ");
+  // What the nodes file sets is the file's: shown, not editable here (the API answers 409).
+  for (const name of [...Object.keys(NODE_FIELDS), "api_key"]) {
+    const owned = (n.file_fields ?? []).includes(name);
+    form.elements[name].readOnly = owned;
+    form.elements[name].title = owned ? "set by the nodes file: change it there" : "";
+  }
   $("#node-form-title").textContent = "Edit node " + n.node_id;
+  $("#node-form-delete").hidden = (n.file_fields ?? []).length > 0;  // the file's node: back at the next start
   form.elements.weight.focus();
 }
 
 function newNode() {
   const form = $("#node-form");
+  editing = null;
   form.reset();
-  form.elements.id.readOnly = false;
+  for (const input of form.elements) { input.readOnly = false; input.title = ""; }
   form.elements.api_key.placeholder = "";
   $("#node-form-title").textContent = "Add a node";
+  $("#node-form-delete").hidden = true;
 }
 
 // "a, b" -> ["a", "b"]: the node form's list fields
@@ -426,9 +489,13 @@ const list = (text) => text.split(",").map((s) => s.trim()).filter(Boolean);
 async function saveNode(event) {
   event.preventDefault();
   const f = event.target.elements;
-  const body = {id: f.id.value.trim(), name: f.name.value.trim() || f.id.value.trim(), base_url: f.base_url.value.trim(),
-    weight: Number(f.weight.value), formats: list(f.formats.value), models: list(f.models.value),
-    model_map: Object.fromEntries(list(f.model_map.value).map((pair) => pair.split("=").map((s) => s.trim())))};
+  const body = {id: f.id.value.trim()};
+  for (const [name, read] of Object.entries(NODE_FIELDS)) {
+    const value = read(f);
+    const before = editing && (name === "name" ? editing.name ?? "" : editing[name] ?? (name === "model_map" ? {} : []));
+    if (!editing || JSON.stringify(value) !== JSON.stringify(before)) body[name] = value;
+  }
+  if (!editing && !body.name) body.name = body.id;
   if (f.api_key.value) body.api_key = f.api_key.value;
   try {
     const {node} = await api("nodes", body);
@@ -450,36 +517,57 @@ async function toggleNode(id, disable) {
   }
 }
 
+async function deleteNode(id) {
+  if (!confirm(`Node ${id} will be deleted on every relay: its calls keep their stats. Go on?`)) return;
+  try {
+    await api(`nodes/${encodeURIComponent(id)}`, undefined, "DELETE");
+    say(`Node ${id} deleted.`);
+    newNode();
+    await refresh();
+  } catch (e) {
+    say("Not deleted: " + e.message, true);
+  }
+}
+
 // -- key management -----------------------------------------------------------------------------
+let editingKey = null;  // the key being edited, as the API listed it
+
 function editKey(k) {
   const form = $("#key-form");
   form.elements.name.value = k.name;
   form.elements.name.readOnly = true;
+  editingKey = k;
   for (const f of KEY_LIMITS) {
-    if (form.elements[f]) form.elements[f].value = k[f] === null ? "" : Array.isArray(k[f]) ? k[f].join(", ") : k[f];
+    const input = form.elements[f];
+    if (!input) continue;
+    input.value = k[f] === null ? "" : Array.isArray(k[f]) ? k[f].join(", ") : k[f];
+    const owned = (k.file_fields ?? []).includes(f);  // the keys file's: the API answers 409
+    input.readOnly = owned;
+    input.title = owned ? "set by the keys file: change it there" : "";
   }
   $("#key-form-title").textContent = "Edit key " + k.name;
 }
 
 function newKey() {
   const form = $("#key-form");
+  editingKey = null;
   form.reset();
-  form.elements.name.readOnly = false;
+  for (const input of form.elements) { input.readOnly = false; input.title = ""; }
   $("#key-form-title").textContent = "Add a key";
 }
 
 async function saveKey(event) {
   event.preventDefault();
   const f = event.target.elements;
-  const editing = f.name.readOnly;
+  const editing = editingKey !== null;
   const body = {};
   for (const name of KEY_LIMITS) {
     const input = f[name];
     if (!input) continue;
     const value = input.value.trim();
-    // A new key gets only the limits filled in; an edit sends every field, an empty one as "no limit".
-    if (value === "") { if (editing) body[name] = null; continue; }
-    body[name] = input.type === "number" ? Number(value) : list(value);
+    // A new key gets only the limits filled in; an edit sends the fields changed, an emptied one as "no limit".
+    const given = value === "" ? null : input.type === "number" ? Number(value) : list(value);
+    if (editing ? JSON.stringify(given) !== JSON.stringify(editingKey[name]) : given !== null) body[name] = given;
   }
   try {
     const name = f.name.value.trim();
@@ -538,9 +626,11 @@ async function start() {
   filters.elements.since.value = utcDay(new Date(Date.now() - 13 * DAY_MS)); // two weeks, today included
   filters.addEventListener("submit", (e) => { e.preventDefault(); refresh(); });
   $("#refresh").addEventListener("change", schedule);
-  $("#recent-limit").addEventListener("change", refresh);
+  $("#recent-form").addEventListener("submit", (e) => { e.preventDefault(); refresh(); });
+  $("#recent-form").elements.limit.addEventListener("change", refresh);
   $("#node-form").addEventListener("submit", saveNode);
   $("#node-form-reset").addEventListener("click", newNode);
+  $("#node-form-delete").addEventListener("click", () => deleteNode(editing.node_id));
   $("#key-form").addEventListener("submit", saveKey);
   $("#key-form-reset").addEventListener("click", newKey);
   $("#reconcile-form").addEventListener("submit", showReconcile);
