@@ -1,7 +1,10 @@
-"""Fixed latency buckets, shared by the Prometheus histograms and the hourly rollup's bucket counts.
+"""Fixed latency buckets: the hourly rollup's bucket counts and, coarser, the Prometheus histograms.
 
-Fixed (never per-deployment) so that rows written by several relays and over years add up, and a
-percentile read from the counts (interpolated within its bucket) is off by less than one bucket's width.
+Fixed (never per-deployment) so that rows written by several relays and over years add up. The hourly
+bounds grow by at most 10% each: a percentile read from the counts (interpolated within its bucket) and
+the exact one lie in the same bucket, so between the first and the last bound it is off by less than 10%
+whatever the traffic (docs/observability.md). Prometheus keeps its few wide buckets: each is a series per
+node, and ``histogram_quantile`` over them is an estimate anyway.
 """
 
 from __future__ import annotations
@@ -9,10 +12,24 @@ from __future__ import annotations
 import bisect
 from collections.abc import Sequence
 
+
+def _geometric(first: int, last: int) -> tuple[int, ...]:
+    """Integer bounds from ``first`` until one reaches ``last``, each at most 10% above the one before."""
+    bounds = [first]
+    while bounds[-1] < last:
+        bounds.append(bounds[-1] * 11 // 10)  # rounded down: never a wider bucket than 10%
+    return tuple(bounds)
+
+
 # Upper bounds in milliseconds; a value above the last falls into the open bucket after it.
-TTFB_BUCKETS_MS: tuple[int, ...] = (50, 100, 200, 300, 500, 750, 1000, 1500, 2000, 3000, 5000, 10000, 30000, 60000)
-DURATION_BUCKETS_MS: tuple[int, ...] = (250, 500, 1000, 2000, 3000, 5000, 10000, 20000, 30000, 60000, 120000,
-                                        300000, 600000)
+# The hourly rollup's: TTFB from 50 ms to ~64 s (77 bounds), call duration from 250 ms to ~32 min (95).
+TTFB_BUCKETS_MS: tuple[int, ...] = _geometric(50, 60_000)
+DURATION_BUCKETS_MS: tuple[int, ...] = _geometric(250, 1_800_000)
+# The Prometheus histograms' (and the hourly rollup's before revision 19).
+TTFB_METRIC_BUCKETS_MS: tuple[int, ...] = (50, 100, 200, 300, 500, 750, 1000, 1500, 2000, 3000, 5000, 10000, 30000,
+                                           60000)
+DURATION_METRIC_BUCKETS_MS: tuple[int, ...] = (250, 500, 1000, 2000, 3000, 5000, 10000, 20000, 30000, 60000,
+                                               120000, 300000, 600000)
 
 
 def bucket_index(bounds: Sequence[int], value_ms: int) -> int:
