@@ -1,4 +1,4 @@
-"""Hourly rollup: TTFB and duration buckets at most 10% wide, so hourly percentiles are within 10%.
+"""Hourly rollup: TTFB and duration buckets at most 15% wide, so hourly percentiles are within 10%.
 
 Revision ID: 0019
 Revises: 0016
@@ -41,10 +41,10 @@ _SUMS = ("requests", "successes", "input_tokens", "cached_tokens", "output_token
 
 
 def _geometric(first: int, last: int) -> tuple[int, ...]:
-    """store.histogram's bounds at this revision: each at most 10% above the one before."""
+    """store.histogram's bounds at this revision: each at most 15% above the one before."""
     bounds = [first]
     while bounds[-1] < last:
-        bounds.append(bounds[-1] * 11 // 10)
+        bounds.append(bounds[-1] * 23 // 20)
     return tuple(bounds)
 
 
