@@ -13,7 +13,7 @@ import pytest
 import sqlalchemy as sa
 
 from store.cli.stats import main as stats_main
-from store.engine import downgrade_to, upgrade_to_head
+from store.engine import downgrade_to, make_engine, upgrade_to_head
 from store.histogram import (
     DURATION_BUCKETS_MS,
     DURATION_METRIC_BUCKETS_MS,
@@ -264,3 +264,16 @@ def test_revision_19_moves_the_old_buckets_to_the_new(db_url):
             i = bucket_index(bounds, exact(raw, q))
             lower, upper = (bounds[i - 1] if i else 0), (bounds[i] if i < len(bounds) else bounds[-1])
             assert lower / 1.15 <= getattr(last, f"{prefix}_p{round(q * 100)}_ms") <= upper * 1.15, (prefix, q)
+
+
+def test_revision_19_refuses_to_drop_a_column_it_does_not_know(sqlite_url):
+    """The rebuild copies the columns it names: a column another revision added to the hourly rollup stops the
+    upgrade, named, rather than vanish with its counts."""
+    engine = make_engine(sqlite_url)
+    upgrade_to_head(engine)
+    downgrade_to(engine, "0016")
+    with engine.begin() as conn:
+        conn.execute(sa.text("ALTER TABLE codex_hourly_stats ADD COLUMN ws_cpu_ms BIGINT NOT NULL DEFAULT 0"))
+    with pytest.raises(RuntimeError, match="ws_cpu_ms"):
+        upgrade_to_head(engine)
+    engine.dispose()

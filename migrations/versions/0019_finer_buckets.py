@@ -75,6 +75,11 @@ def downgrade() -> None:
 
 def _rebuild(old: dict[str, tuple[int, ...]], new: dict[str, tuple[int, ...]]) -> None:
     conn = op.get_bind()
+    # The copy names every column: one another revision added would be dropped without a word.
+    known = {*_KEYS, *_SUMS, *(n for prefix, bounds in old.items() for n in _names(prefix, bounds))}
+    unknown = {c["name"] for c in sa.inspect(conn).get_columns(_TABLE)} - known
+    if unknown:
+        raise RuntimeError(f"revision 0019 would drop {_TABLE}.{', '.join(sorted(unknown))}: add it to its _SUMS")
     buckets = [name for prefix, bounds in new.items() for name in _names(prefix, bounds)]
     op.create_table(
         _NEW_TABLE,
