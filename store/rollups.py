@@ -27,7 +27,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from store.histogram import DURATION_BUCKETS_MS, TTFB_BUCKETS_MS, bucket_index
+from store.histogram import (
+    DURATION_BUCKETS_MS,
+    DURATION_METRIC_BUCKETS_MS,
+    TTFB_BUCKETS_MS,
+    TTFB_METRIC_BUCKETS_MS,
+    bucket_index,
+)
 from store.records import InvocationRecord
 from store.schema import DURATION_COLUMNS, TTFB_COLUMNS
 
@@ -134,19 +140,22 @@ COUNTERS: tuple[Counter, ...] = (
 
 @dataclass(frozen=True, slots=True)
 class Distribution:
-    """A latency counted per fixed bucket (``store.histogram``): into the hour's bucket ``columns`` and the
-    per-node Prometheus histogram ``metric`` (in seconds). Calls without one count in neither."""
+    """A latency counted per fixed bucket (``store.histogram``): into the hour's bucket ``columns`` (upper
+    ``bounds``) and the per-node Prometheus histogram ``metric`` (in seconds, coarser ``metric_bounds``).
+    Calls without one count in neither."""
 
     value: Callable[[InvocationRecord], int | None]
     bounds: tuple[int, ...]
     columns: tuple[str, ...]
     metric: str
+    metric_bounds: tuple[int, ...]
 
 
 DISTRIBUTIONS: tuple[Distribution, ...] = (
-    Distribution(operator.attrgetter("ttfb_ms"), TTFB_BUCKETS_MS, TTFB_COLUMNS, "codex_node_ttfb_seconds"),
+    Distribution(operator.attrgetter("ttfb_ms"), TTFB_BUCKETS_MS, TTFB_COLUMNS, "codex_node_ttfb_seconds",
+                 TTFB_METRIC_BUCKETS_MS),
     Distribution(operator.attrgetter("duration_ms"), DURATION_BUCKETS_MS, DURATION_COLUMNS,
-                 "codex_node_duration_seconds"),
+                 "codex_node_duration_seconds", DURATION_METRIC_BUCKETS_MS),
 )
 
 

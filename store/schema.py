@@ -167,6 +167,7 @@ DAILY_COUNTERS = tuple(c.name for c in codex_daily_stats.columns if not c.primar
 # revision 10: per UTC hour (the hour's start), the daily rollup's sums plus the distributions of TTFB
 # and call duration as counts per fixed bucket (store.histogram: ``ttfb_le_<ms>``, then ``_le_inf``),
 # from which percentiles are read. Kept by the writer in the same transaction, by atomic increments.
+# Revision 19: each bound at most 15% above the one before (it was up to twice), for percentiles within 10%.
 TTFB_COLUMNS = (*(f"ttfb_le_{b}" for b in TTFB_BUCKETS_MS), "ttfb_le_inf")
 DURATION_COLUMNS = (*(f"dur_le_{b}" for b in DURATION_BUCKETS_MS), "dur_le_inf")
 codex_hourly_stats = sa.Table(

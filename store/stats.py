@@ -159,8 +159,8 @@ class DayStats(Metrics):
 
 @dataclass(slots=True, kw_only=True)
 class HourStats(Metrics):
-    """One UTC hour (its start, ``YYYY-MM-DD HH:00``) with its latency percentiles, each interpolated
-    within the fixed bucket (``store.histogram``) that holds it; None without calls that have one."""
+    """One UTC hour (its start, ``YYYY-MM-DD HH:00``) with its latency percentiles, each read from the fixed
+    bucket (``store.histogram``) that holds it, within 10% of the exact value; None without calls that have one."""
 
     hour: str
     ttfb_p50_ms: int | None = None

@@ -132,7 +132,7 @@ class Metrics:
             for d in DISTRIBUTIONS:
                 ms = d.value(item)
                 if ms is not None:
-                    self._counts.seen(d.metric, d.bounds, node, ms)
+                    self._counts.seen(d.metric, d.metric_bounds, node, ms)
 
     def scrape(self) -> bytes:
         """The text exposition format (``CONTENT_TYPE``)."""
@@ -170,7 +170,7 @@ class _Counts(Collector):
                     family.add_metric(list(values), v)
             yield family
         for d in DISTRIBUTIONS:
-            name, bounds = d.metric, d.bounds
+            name, bounds = d.metric, d.metric_bounds
             histogram = HistogramMetricFamily(name, _HISTOGRAM_HELP[name], labels=["node"])
             for (n, node), h in histograms.items():
                 if n == name:
