@@ -164,10 +164,9 @@ class _Target:
     computed once and summed per row in C, where adding them up call by call in Python cost more than the
     rest of the rollups."""
 
-    def __init__(self, keys: tuple[str, ...], columns: tuple[tuple[str, int], ...],
-                 extra: tuple[str, ...] = ()) -> None:
-        self.columns = tuple(name for name, _ in columns)  # what its upsert increments (with ``extra``)
-        self.names = (*keys, *self.columns, *extra)  # of a row
+    def __init__(self, keys: tuple[str, ...], columns: tuple[tuple[str, int], ...]) -> None:
+        self.columns = tuple(name for name, _ in columns)  # what its upsert increments
+        self.names = (*keys, *self.columns)  # of a row
         indexes = [i for _, i in columns]
         self._pick = operator.itemgetter(*indexes) if len(indexes) > 1 else lambda v: (v[indexes[0]],)
 
@@ -175,9 +174,9 @@ class _Target:
         """The column sums of ``calls`` (each call's ``values``), in ``columns`` order."""
         return self._pick(list(map(sum, zip(*calls, strict=True))))
 
-    def row(self, key: tuple, calls: list[Sequence[Any]], extra: Sequence[int] = ()) -> dict[str, Any]:
-        """A row of its upsert: ``key``, the sums of ``calls``, then ``extra``."""
-        return dict(zip(self.names, (*key, *self.sums(calls), *extra), strict=True))
+    def row(self, key: tuple, calls: list[Sequence[Any]]) -> dict[str, Any]:
+        """A row of its upsert: ``key``, then the sums of ``calls``."""
+        return dict(zip(self.names, (*key, *self.sums(calls)), strict=True))
 
 
 _VALUES = tuple(c.value for c in COUNTERS)
@@ -186,7 +185,11 @@ _BUCKETS = tuple((d, sum(len(e.columns) for e in DISTRIBUTIONS[:i])) for i, d in
 _DAY = _Target(("day", "source", "node_id", "model"),
                tuple((c.name, i) for i, c in enumerate(COUNTERS) if DAY in c.to))
 _HOUR = _Target(("hour", "source", "node_id", "model"),
-                tuple((c.name, i) for i, c in enumerate(COUNTERS) if HOUR in c.to), _BUCKET_COLUMNS)
+                tuple((c.name, i) for i, c in enumerate(COUNTERS) if HOUR in c.to))
+# Each distribution's buckets as (first index in _BUCKET_COLUMNS, count); spans of them are sent in steps of
+# _SPAN_STEP buckets, so a batch's span is one of a few statements (each built once: store.upsert).
+_SLICES = tuple((first, len(d.columns)) for d, first in _BUCKETS)
+_SPAN_STEP = 16
 _KEY = _Target(("day", "client_key"), tuple((c.name, i) for i, c in enumerate(COUNTERS) if KEY in c.to))
 _NODE = _Target((), tuple((c.node, i) for i, c in enumerate(COUNTERS) if c.node))
 _NODE_ATTEMPT = tuple((c.node, c.attempt) for c in COUNTERS if c.node and c.attempt)
@@ -238,8 +241,26 @@ class Sums:
     def day(self) -> list[dict[str, Any]]:
         return [_DAY.row(k, self._day[k]) for k in sorted(self._day)]
 
-    def hour(self) -> list[dict[str, Any]]:
-        return [_HOUR.row(k, self._hour[k], self._buckets[k]) for k in sorted(self._hour)]
+    def hour(self) -> tuple[list[dict[str, Any]], tuple[str, ...]]:
+        """The hour rows and the columns their upsert increments: the counters, and of each distribution's
+        buckets only the span some row of the batch counts in (widened to ``_SPAN_STEP``), the same for every
+        row: a row sends its zeros within the span, none outside it, so a batch's calls, which fall in a few
+        buckets, do not send and add every bucket of 120 (most of the writer's cost per hour row)."""
+        keys = sorted(self._hour)
+        picked: list[int] = []
+        for first, n in _SLICES:
+            used = [i for i in range(first, first + n) if any(self._buckets[k][i] for k in keys)]
+            if used:
+                lo = first + (used[0] - first) // _SPAN_STEP * _SPAN_STEP
+                picked.extend(range(lo, min(first + n, lo + -(-(used[-1] + 1 - lo) // _SPAN_STEP) * _SPAN_STEP)))
+        names = tuple(_BUCKET_COLUMNS[i] for i in picked)
+        rows = []
+        for k in keys:
+            row = _HOUR.row(k, self._hour[k])
+            buckets = self._buckets[k]
+            row.update(zip(names, (buckets[i] for i in picked), strict=True))
+            rows.append(row)
+        return rows, (*_HOUR.columns, *names)
 
     def key(self) -> list[dict[str, Any]]:
         return [_KEY.row(k, self._key[k]) for k in sorted(self._key)]

@@ -93,7 +93,8 @@ def apply_batch(conn: sa.Connection, items: Sequence[Item]) -> BatchResult:
         conn.execute(_INSERT, rows)
         result.inserted = len(rows)
         upsert(conn, codex_daily_stats, sums.day(), increment=rollups.DAY_COLUMNS)
-        upsert(conn, codex_hourly_stats, sums.hour(), increment=rollups.HOUR_COLUMNS)
+        hours, increment = sums.hour()
+        upsert(conn, codex_hourly_stats, hours, increment=increment)
         add_usage(conn, sums.key())  # per client key and day: teams' budgets and stats
     add_counts(conn, counts)
     # A fixed order of row locks: two relays updating the same nodes cannot deadlock each other.
