@@ -26,7 +26,7 @@ from store.schema import client_key_usage, codex_invocations
 from store.stats import Filters
 from store.upsert import upsert
 
-REFUSAL_REASONS = ("model", "nodes", "rate", "concurrency", "budget", "endpoint")
+REFUSAL_REASONS = ("model", "nodes", "rate", "concurrency", "budget", "endpoint", "expired")
 # What a ``KeyCount`` record may add to (its ``counter``).
 KEY_COUNTERS = ("admitted", *(f"refused_{r}" for r in REFUSAL_REASONS))
 
@@ -130,6 +130,7 @@ class KeyStats:
     refused_concurrency: int
     refused_budget: int
     refused_endpoint: int
+    refused_expired: int
 
     @property
     def refused(self) -> int:

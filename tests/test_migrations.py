@@ -67,7 +67,7 @@ def summary(engine: sa.Engine) -> tuple:
 def test_head_matches_the_schema_module(engine):
     upgrade_to_head(engine)
     with engine.connect() as conn:
-        assert current_revision(conn) == head_revision() == "0016"
+        assert current_revision(conn) == head_revision() == "0017"
         diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), metadata)
     assert diff == []
 
