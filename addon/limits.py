@@ -31,7 +31,7 @@ import math
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -325,9 +325,10 @@ class Limits:
             return len(self._rpm_window(name))
         return self.in_flight(name)
 
-    def report(self, rows: Iterable[KeyStats], day: dt.date) -> list[dict]:
+    def report(self, rows: Iterable[KeyStats], day: dt.date,
+               budget_uses: Mapping[str, Mapping[str, tuple[float, dt.datetime | None]]] | None = None) -> list[dict]:
         """``store.key_usage.key_report`` with this process's rpm window and calls in flight."""
-        return key_report(rows, self.runtime.keys.specs, day, self.live)
+        return key_report(rows, self.runtime.keys.specs, day, self.live, budget_uses)
 
     def windows(self, spec: KeySpec) -> list[Window]:
         """The key's request and token limits as this process knows them now, without asking the database:

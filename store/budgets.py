@@ -15,7 +15,7 @@ statement here: ``admit_key`` is not called for it.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import sqlalchemy as sa
@@ -23,6 +23,7 @@ import sqlalchemy as sa
 from store import keycalls
 from store.key_usage import Admission, Budgets, admit
 from store.keys import Budget, KeySpec
+from store.records import utcnow
 from store.rollups import DAY_MINUTES, MINUTE, span_starts
 from store.schema import client_key_spans
 from store.upsert import upsert
@@ -106,6 +107,19 @@ def read_use(conn: sa.Connection, key: str, budgets: Sequence[Budget], now: dt.d
             resets = _next_window(b.window, start) if start is not None else None
         uses.append(Use(b, used, resets, window_number(b.window, now)))
     return uses
+
+
+def as_of(day: dt.date) -> dt.datetime:
+    """The moment a report of ``day`` shows budgets at: now for today, else the day's last second."""
+    now = utcnow()
+    return now if day >= now.date() else dt.datetime.combine(day, dt.time(23, 59, 59))
+
+
+def uses_of(conn: sa.Connection, specs: Iterable[KeySpec], now: dt.datetime
+            ) -> dict[str, dict[str, tuple[float, dt.datetime | None]]]:
+    """Per key with budgets, each budget's use and reset at ``now`` (``store.key_usage.key_report``'s form)."""
+    return {s.name: {u.budget.name: (u.used, u.resets_at) for u in read_use(conn, s.name, s.budgets, now)}
+            for s in specs if s.budgets}
 
 
 def count_admission(conn: sa.Connection, key: str, model: str | None, now: dt.datetime) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from store.budgets import as_of, uses_of
 from store.cli.common import OneLineParser, add_db_option, day_of
 from store.engine import DEFAULT_DB, current_revision, error_summary, head_revision, make_engine
 from store.key_usage import key_report, per_key
@@ -306,7 +307,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 rows = query(conn, f, args.limit) if args.view in ("recent", "sessions") else query(conn, f)
                 if specs is not None:
                     day = args.until or dt.datetime.now(dt.UTC).date()
-                    rows = [KeyRow(r) for r in key_report(rows, specs, day)]
+                    uses = uses_of(conn, specs.values(), as_of(day))
+                    rows = [KeyRow(r) for r in key_report(rows, specs, day, budget_uses=uses)]
         finally:
             engine.dispose()
     except StatsError as e:
