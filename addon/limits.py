@@ -32,7 +32,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
 import sqlalchemy as sa
@@ -180,7 +180,7 @@ class Limits:
                 over = verdict.over
                 if over is None and row is not None:
                     self._rows[holder] = row
-                self._saw(spec, at, verdict)
+                self._saw(spec, at, model, verdict)
         except Exception as e:  # unreachable, frozen, or anything else: never a 500
             self._db_retry_at = self._clock() + DB_RETRY_S
             over = self._db_down(spec, at.date(), e)
@@ -372,12 +372,16 @@ class Limits:
         headers.fields = (*(f for f in headers.fields if not f[0].lower().startswith(b"x-ratelimit-")),
                           *((k.encode(), v.encode()) for k, v in ratelimit_headers(self.windows(spec)).items()))
 
-    def _saw(self, spec: KeySpec, at: dt.datetime, verdict: Verdict) -> None:
+    def _saw(self, spec: KeySpec, at: dt.datetime, model: str | None, verdict: Verdict) -> None:
         """Keep what an admission read: the key's day (a figure it did not read stays as read before that day),
         its budgets, its fleet rpm."""
         name, day, admission = spec.name, at.date(), verdict.day
         if verdict.uses:
-            self._uses[name] = verdict.uses
+            # An admitted call is one of the requests its budgets count (tokens and cost come after it).
+            counted = verdict.over is None
+            self._uses[name] = tuple(
+                replace(u, used=u.used + 1) if counted and u.budget.unit == "requests" and u.budget.counts(model) else u
+                for u in verdict.uses)
         if verdict.calls is not None:
             calls = verdict.calls
             oldest = calls.oldest or at
