@@ -3,10 +3,11 @@
 The relay asks ``admit`` once per API call, after client auth named the key and the body told the
 model; a refusal is an error answer in the client's API shape and the call reaches no node, counts
 against no node and is not an invocation; it is counted per key and reason in ``client_key_usage``.
-In this order: ``models`` (400 ``model_not_allowed``), ``nodes`` (429 ``no_node_available`` when none of
-them may take calls), ``rpm`` over a rolling minute and ``concurrency`` (429 ``rate_limited`` /
-``concurrency_limited``, with a short ``retry-after``; both per relay process), then the database budgets
-(429 ``budget_exceeded``; ``store.key_usage.admit``, run off the event loop). Every answer is an
+In this order: ``expires_at`` (400 ``key_expired``), ``endpoints``, ``models`` (400 ``model_not_allowed``),
+``nodes`` (429 ``no_node_available`` when none of them may take calls), ``rpm`` over a rolling minute and
+``concurrency`` (429 ``rate_limited`` / ``concurrency_limited``, with a short ``retry-after``; counted
+fleet-wide in the database, ``store.keycalls``, or in this process without one), then the budgets (429
+``budget_exceeded``): all in one transaction run off the event loop (``store.budgets.admit_key``). Every answer is an
 ``addon.errors.refusal_response``: docs/refusals.md has what each client does with it. ``barred`` gives
 the nodes a key's calls may not use; ``release`` ends a call's concurrency slot.
 
@@ -137,7 +138,8 @@ class Limits:
             return None
         path = flow.request.path
         if spec.expires_at is not None and self._now() >= spec.expires_at:
-            # 400: both clients stop at once and show the message (a 401 or 403 shows a login text instead).
+            # 400: both clients stop at once and show the message (Claude Code shows a 403 as "Failed to
+            # authenticate.", hiding why).
             return self._refuse(flow, spec, "expired", refusal_response(
                 path, 400, f"codex-relay: key {spec.name!r} expired at {spec.expires_at.isoformat()}Z (UTC); ask "
                 "the relay's operator for a new key or a later expires_at", "key_expired"))
