@@ -25,7 +25,6 @@ admission of the key read (``store.key_usage.Admission``).
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import datetime as dt
 import logging
 import math
@@ -109,9 +108,7 @@ class Limits:
         self._rows: dict[str, str] = {}  # holder -> its client_key_calls row (fleet-wide slots)
         self._leases: Periodic | None = None
         self._tidy_at = dt.datetime.min
-        # Ends fleet slots off the event loop, in order; one thread: a release is one short statement.
-        self._ending = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="codex-slots")
-        self._ended: concurrent.futures.Future[None] | None = None  # the latest end submitted (ends run in order)
+        self._ending: set[asyncio.Future[None]] = set()  # fleet slots being ended off the event loop
         runtime.metrics.count_budgets(self.budgets)
 
     def _spec(self, flow: http.HTTPFlow) -> KeySpec | None:
@@ -176,8 +173,8 @@ class Limits:
                 over = self._db_down(spec, at.date(), None)
             else:
                 row = uuid.uuid4().hex if fleet else None
-                if fleet and self._ended is not None and not self._ended.done():
-                    await asyncio.wrap_future(self._ended)  # a slot this relay freed is free fleet-wide first
+                if fleet and self._ending:
+                    await asyncio.wait(list(self._ending))  # a slot this relay freed is free fleet-wide first
                 verdict = await asyncio.to_thread(_admit, engine, spec, at, model, row)
                 over = verdict.over
                 if over is None and row is not None:
@@ -316,7 +313,14 @@ class Limits:
         row = self._rows.pop(holder, None)
         engine = self.runtime.engine
         if row is not None and engine is not None:
-            self._ended = self._ending.submit(_end, engine, row)
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # not on the event loop (a test, a hook run by hand): end it here
+                _end(engine, row)
+                return
+            ending = loop.run_in_executor(None, _end, engine, row)
+            self._ending.add(ending)
+            ending.add_done_callback(self._ending.discard)
 
     def in_flight(self, name: str) -> int:
         return self._in_flight.get(name, 0)

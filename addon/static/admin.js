@@ -342,11 +342,31 @@ function renderKeys(keys) {
 }
 
 // The keys in the database: limits as "name value", actions by state (a file key's secret is the file's).
-const KEY_LIMITS = ["models", "nodes", "endpoints", "daily_requests", "daily_tokens", "monthly_cost", "rpm", "concurrency"];
+const KEY_LIMITS = ["models", "nodes", "endpoints", "daily_requests", "daily_tokens", "monthly_cost", "rpm", "concurrency",
+  "budgets", "expires_at", "warn_at"];
+// A budget as ./run.sh keys --budget writes it: WINDOW:UNIT=LIMIT[:GLOB,GLOB]; several joined by "; ".
+const BUDGET_UNITS = ["requests", "tokens", "cost"];
+function budgetText(b) {
+  const unit = BUDGET_UNITS.find((u) => u in b);
+  return `${b.window}:${unit}=${b[unit]}` + (b.models ? ":" + b.models.join(",") : "");
+}
+function parseBudgets(text) {
+  return text.split(";").map((t) => t.trim()).filter(Boolean).map((t) => {
+    const [head, rest = ""] = t.split("=");
+    const [window, unit] = head.split(":").map((x) => x.trim());
+    const [limit, globs = ""] = rest.split(":");
+    const models = list(globs);
+    return {window, [unit]: Number(limit), ...(models.length ? {models} : {})};
+  });
+}
+function keyField(f, v) {
+  if (f === "budgets") return v.map(budgetText).join("; ");
+  return Array.isArray(v) ? v.join(", ") : f === "monthly_cost" ? usd(v) : ["expires_at", "warn_at"].includes(f) ? v : int(v);
+}
 function renderStoredKeys(keys) {
   fill($("#stored-keys"), keys.map((k) => {
-    const limits = KEY_LIMITS.filter((f) => k[f] !== null).map((f) =>
-      el("div", {}, `${f} ${Array.isArray(k[f]) ? k[f].join(", ") : f === "monthly_cost" ? usd(k[f]) : int(k[f])}`));
+    const limits = KEY_LIMITS.filter((f) => k[f] !== null && !(f === "budgets" && !k[f].length)).map((f) =>
+      el("div", {}, `${f} ${keyField(f, k[f])}`));
     const actions = el("td", {class: "actions"});
     if (!k.revoked) {
       actions.append(el("button", {type: "button", onclick: () => editKey(k), "data-action": "edit"}, "Edit"));
@@ -456,7 +476,8 @@ function editKey(k) {
   form.elements.name.value = k.name;
   form.elements.name.readOnly = true;
   for (const f of KEY_LIMITS) {
-    if (form.elements[f]) form.elements[f].value = k[f] === null ? "" : Array.isArray(k[f]) ? k[f].join(", ") : k[f];
+    if (form.elements[f]) form.elements[f].value = k[f] === null ? "" : f === "budgets" ? k[f].map(budgetText).join("; ")
+      : Array.isArray(k[f]) ? k[f].join(", ") : k[f];
   }
   $("#key-form-title").textContent = "Edit key " + k.name;
 }
@@ -479,7 +500,8 @@ async function saveKey(event) {
     const value = input.value.trim();
     // A new key gets only the limits filled in; an edit sends every field, an empty one as "no limit".
     if (value === "") { if (editing) body[name] = null; continue; }
-    body[name] = input.type === "number" ? Number(value) : list(value);
+    body[name] = input.type === "number" ? Number(value) : name === "budgets" ? parseBudgets(value)
+      : name === "expires_at" ? value : list(value);
   }
   try {
     const name = f.name.value.trim();
