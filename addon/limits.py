@@ -162,9 +162,11 @@ class Limits:
             return refusal
         holder = holder or flow.id
         now = self._take(spec.name, holder)  # before the database is asked: calls admitted meanwhile see it
-        if engine is None or not (spec.needs_database or fleet):
+        if engine is None:
             return None
-        self._keep_leases(engine)
+        self._keep_leases(engine)  # every key's calls fill minute buckets: the round drops the stale ones
+        if not (spec.needs_database or fleet):
+            return None
         at = self._now()
         over: str | Use | None = "error"  # until the database answers: an error there frees the slot too
         verdict = None

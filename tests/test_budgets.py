@@ -20,6 +20,7 @@ from addon.services.runtime import Runtime
 from store import keycalls
 from store.budgets import admit_key, read_use, window_start
 from store.cli.keys import main as keys_main
+from store.cli.stats import main as stats_main
 from store.keyrows import describe, load_keys
 from store.keys import Budget, KeySpec, parse_keys_toml
 from store.records import InvocationRecord, KeyCount, NodeConfig, Usage
@@ -204,6 +205,23 @@ def test_budgets_show_in_headers_and_metrics_as_the_admission_read_them(engine):
         "1000", "600", "12h0m0s")
     assert {(b.limit, b.value, b.used) for b in limits.budgets()} == {
         ("5h_requests", 3, 1), ("daily_tokens", 1000, 400), ("total_cost", 9.0, 2.5)}
+
+
+def test_stats_keys_shows_each_budgets_use_and_reset(engine, capsys, tmp_path):
+    with engine.begin() as conn:
+        apply_batch(conn, [call("o1", "alice", dt.datetime(2026, 11, 23, 9), "claude-opus-4-1", 500, 7.5),
+                           call("s1", "alice", dt.datetime(2026, 11, 24, 9), "claude-sonnet-4-5", 900, 3.0)])
+    keys = tmp_path / "keys.toml"
+    keys.write_text('[[keys]]\nname = "alice"\nkey = "ck-alice-0123456789"\n[[keys.budgets]]\nwindow = "weekly"\n'
+                    'cost = 20\nmodels = ["claude-opus-*"]\n[[keys.budgets]]\nwindow = "total"\ntokens = 5000\n')
+    url = engine.url.render_as_string(hide_password=False)
+    assert stats_main(["keys", "--db", url, "--until", "2026-11-24", "--keys", str(keys), "--json"]) == 0
+    (alice,) = json.loads(capsys.readouterr().out)
+    assert alice["limits"] == {
+        "weekly_cost[claude-opus-*]": {"limit": 20.0, "used": 7.5, "resets_at": "2026-11-30T00:00:00Z"},
+        "total_tokens": {"limit": 5000, "used": 1400, "resets_at": None}}
+    assert stats_main(["keys", "--db", url, "--until", "2026-11-24", "--keys", str(keys)]) == 0
+    assert "weekly_cost[claude-opus-*] 7.50/20.00 (2026-11-30T00:00); total_tokens 1400/5000" in capsys.readouterr().out
 
 
 # -- expiry and the warning --------------------------------------------------------------------------------------
