@@ -510,7 +510,17 @@ def _log_refusal(flow: http.HTTPFlow, spec: KeySpec, reason: str, response: http
              response.headers.get("x-request-id", "-"))
 
 
+_DEADLOCK = 1213  # MariaDB's ER_LOCK_DEADLOCK: the transaction was rolled back and may simply run again
+
+
 def _admit(engine: sa.Engine, spec: KeySpec, at: dt.datetime, model: str | None, row: str | None) -> Verdict:
+    try:
+        with engine.begin() as conn:
+            return admit_key(conn, spec, at, model, row)
+    except sa.exc.OperationalError as e:
+        # A deadlock with the writer's upserts is no outage: run it once more before calling the database down.
+        if getattr(e.orig, "args", (None,))[0] != _DEADLOCK:
+            raise
     with engine.begin() as conn:
         return admit_key(conn, spec, at, model, row)
 
