@@ -54,7 +54,7 @@ from store.records import KeyCount, utcnow
 log = logging.getLogger("codex.limits")
 
 RPM_WINDOW_S = keycalls.RPM_WINDOW_S
-TIDY_EVERY = dt.timedelta(minutes=10)  # how often a relay drops minute buckets no window counts
+TIDY_EVERY = dt.timedelta(minutes=1)  # how often a relay drops the calls and minute buckets no count needs
 # A concurrency slot frees when a call of the key ends: Codex, the one client that waits on its own, retries
 # after this many seconds (five times), the others are told at once.
 CONCURRENCY_RETRY_AFTER_S = 1
@@ -286,7 +286,8 @@ class Limits:
             recent.remove(taken)
 
     def _keep_leases(self, engine: sa.Engine) -> None:
-        """Start the round that keeps this relay's fleet slots leased and drops stale minute buckets (once)."""
+        """Start the round that keeps this relay's fleet slots leased and drops stale calls and minute buckets
+        (once)."""
         if self._leases is None:
             self._leases = Periodic("codex-leases", keycalls.LEASE_S / 4, lambda: self._lease_round(engine),
                                     lambda e: log.warning("client key leases not refreshed: %s", error_line(e)))

@@ -45,11 +45,8 @@ class Calls:
 
 
 def figures(conn: sa.Connection, key: str, now: dt.datetime) -> Calls:
-    """``key``'s calls at ``now``; rows out of both counts are deleted on the way (under the gate)."""
-    minute_ago = now - dt.timedelta(seconds=RPM_WINDOW_S)
-    conn.execute(sa.delete(client_key_calls).where(_c.client_key == key, _c.started_at <= minute_ago,
-                                                   sa.or_(_c.lease_until.is_(None), _c.lease_until < now)))
-    recent = _c.started_at > minute_ago
+    """``key``'s calls at ``now``: one read (rows out of both counts are left to ``tidy``)."""
+    recent = _c.started_at > now - dt.timedelta(seconds=RPM_WINDOW_S)
     # CASE, not FILTER: MariaDB has no aggregate FILTER clause.
     row = conn.execute(sa.select(
         sa.func.sum(sa.case((recent, 1), else_=0)), sa.func.sum(sa.case((_c.lease_until >= now, 1), else_=0)),
@@ -79,7 +76,11 @@ def refresh(engine: sa.Engine, holders: Collection[str], now: dt.datetime) -> No
 
 
 def tidy(engine: sa.Engine, now: dt.datetime) -> None:
-    """Drop the minute buckets no window counts any more (``SPAN_KEEP``)."""
+    """Drop the calls out of both counts (started over a minute ago, ended or their lease run out) and the minute
+    buckets no window counts any more (``SPAN_KEEP``)."""
     with engine.begin() as conn:
+        conn.execute(sa.delete(client_key_calls).where(
+            _c.started_at <= now - dt.timedelta(seconds=RPM_WINDOW_S),
+            sa.or_(_c.lease_until.is_(None), _c.lease_until < now)))
         conn.execute(sa.delete(client_key_spans).where(client_key_spans.c.width == 1,
                                                        client_key_spans.c.start < now - SPAN_KEEP))
