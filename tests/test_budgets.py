@@ -10,7 +10,7 @@ import threading
 
 import pytest
 import sqlalchemy as sa
-from mitmproxy.test import tflow
+from mitmproxy.test import taddons, tflow
 
 from addon.errors import CLIENT_KEY_NAME
 from addon.limits import Limits
@@ -27,6 +27,7 @@ from store.records import InvocationRecord, KeyCount, NodeConfig, Usage
 from store.schema import client_key_calls, client_key_usage
 from store.write.batch import apply_batch
 from tests.support.databases import at_head, fresh_engine
+from tests.support.wsenv import Env, completed, node
 
 TUESDAY = dt.datetime(2026, 11, 24, 12, 0)  # ISO week 48: Monday 2026-11-23
 
@@ -358,3 +359,21 @@ def test_a_key_without_budgets_or_fleet_limits_pays_no_statement(engine):
     assert statements == []
     with engine.connect() as conn:
         assert conn.execute(sa.select(sa.func.count()).select_from(client_key_usage)).scalar() == 0
+
+
+def test_websocket_turns_hold_fleet_slots_turn_by_turn(engine):
+    """A Responses WebSocket admits each turn (``Limits.admit`` with the turn as holder): with concurrency = 1
+    fleet-wide, a turn on another socket waits for the running turn to end."""
+    spec = KeySpec("alice", b"x" * 32, concurrency=1)
+    env = Env(node(), keys=[spec])
+    env.runtime.engine = engine
+    with taddons.context(env.relay, env.limits):
+        first, second = env.open(key="alice"), env.open(key="alice")
+        assert not env.client(first, {"type": "response.create", "model": "gpt-5"}, 1.0).dropped
+        assert env.client(second, {"type": "response.create", "model": "gpt-5"}, 1.5).dropped
+        assert json.loads(env.injected[-1])["error"]["code"] == "concurrency_limited"
+        env.server(first, completed("gpt-5", 10, 0, 1, 0), 2.0)  # the turn ended: its slot is free
+        assert not env.client(second, {"type": "response.create", "model": "gpt-5"}, 2.5).dropped
+    with engine.connect() as conn:
+        leases = conn.execute(sa.select(client_key_calls.c.lease_until)).scalars().all()
+    assert sorted(lease is None for lease in leases) == [False, True]  # one ended, one running
