@@ -1,13 +1,15 @@
-"""Two real relays on one MariaDB: a key made or revoked through relay A's admin API applies on relay B within 5 s."""
+"""Two real relays on one MariaDB: a key made or revoked through relay A's admin API applies on relay B within 5 s;
+its rpm and concurrency hold for both relays together."""
 
 from __future__ import annotations
 
 import http.client
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.support.fakeupstream import FakeUpstream
+from tests.support.fakeupstream import Behaviour, FakeUpstream
 from tests.support.relayproc import RelayProcess
 from tests.support.waiting import seconds_until
 
@@ -58,4 +60,17 @@ def test_a_key_made_and_revoked_on_relay_a_applies_on_relay_b(mariadb, tmp_path)
             assert status_of(a, secret) == 401
             assert seconds_until(lambda: status_of(b, secret) == 401, "relay B to refuse the revoked key") < 5
             assert status_of(b, ALICE) == 200
+
+            # rpm and concurrency are the fleet's: counted in the database, not per relay process.
+            status, made = admin_post(a, "/admin/api/keys", {"name": "erin", "rpm": 5, "concurrency": 2})
+            assert status == 201, made
+            erin = made["secret"]
+            assert seconds_until(lambda: status_of(b, erin) == 200, "relay B to accept erin") < 5
+            node.behaviour = Behaviour(first_byte_delay=1.0)  # six calls at once: all overlap
+            with ThreadPoolExecutor(6) as pool:
+                statuses = list(pool.map(lambda relay: status_of(relay, erin), [a, b] * 3))
+            assert sorted(statuses) == [200, 200, 429, 429, 429, 429]  # 2 in flight fleet-wide, not 2 per relay
+            node.behaviour = Behaviour()
+            # 1 call before and 2 in the burst: 2 more are free in the minute, whichever relay is asked.
+            assert [status_of(r, erin) for r in (a, b, a, b)] == [200, 200, 429, 429]
         assert secret not in "\n".join(a.lines + b.lines)  # shown once, in the answer: never logged
