@@ -119,6 +119,9 @@ def test_run_sh_keys_sets_budgets_expiry_and_warning(db_url, capsys):
         assert (dana["expires_at"], dana["warn_at"]) == ("2027-01-31T00:00:00Z", 0.8)
         assert keys_main(["--db", url, "list"]) == 0
         assert "budgets=5h:requests=100,weekly:cost=20.0:claude-opus-* o3" in capsys.readouterr().out
+        assert stats_main(["keys", "--db", url, "--json"]) == 0  # no --keys: the keys in the database
+        (row,) = json.loads(capsys.readouterr().out)
+        assert (row["client_key"], sorted(row["limits"])) == ("dana", ["5h_requests", "weekly_cost[claude-opus-*,o3]"])
         assert keys_main(["--db", url, "set", "dana", "--budget", "none", "--expires-at", "none"]) == 0
         with engine.connect() as conn:
             (dana,) = [describe(r) for r in load_keys(conn)]
