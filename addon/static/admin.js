@@ -27,7 +27,7 @@ function costCell(s) {
 }
 // A client key's limit as "name used / limit"; a cost limit in dollars, a use nobody counts (rpm outside a relay) "–".
 const limitText = (name, l) => {
-  const fmt = name.endsWith("_cost") ? usd : int;
+  const fmt = /_cost(\[|$)/.test(name) ? usd : int;  // monthly_cost, weekly_cost[claude-opus-*]
   return `${name} ${fmt(l.used)} / ${fmt(l.limit)}`;
 };
 // What the node's badge says: the relay's view (state), which tells a node it does not route from an active one.
