@@ -44,7 +44,7 @@ from addon.observe.metrics import Budget
 from addon.services.runtime import Runtime
 from addon.services.settings import SettingsError
 from store import keycalls
-from store.budgets import Use, Verdict, admit_key
+from store.budgets import Use, Verdict, admit_key, first_reset
 from store.engine import error_line
 from store.key_usage import KeyStats, budget_reset, key_report, month_start
 from store.keys import KeySpec
@@ -389,7 +389,8 @@ class Limits:
             # An admitted call is one of the requests its budgets count (tokens and cost come after it).
             counted = verdict.over is None
             self._uses[name] = tuple(
-                replace(u, used=u.used + 1) if counted and u.budget.unit == "requests" and u.budget.counts(model) else u
+                replace(u, used=u.used + 1, resets_at=u.resets_at or first_reset(u.budget.window, at))
+                if counted and u.budget.unit == "requests" and u.budget.counts(model) else u
                 for u in verdict.uses)
         if verdict.calls is not None:
             calls = verdict.calls

@@ -64,6 +64,12 @@ def _next_window(window: str, start: dt.datetime) -> dt.datetime:
     return (start.replace(day=28) + dt.timedelta(days=4)).replace(day=1)
 
 
+def first_reset(window: str, at: dt.datetime) -> dt.datetime | None:
+    """When a call counted at ``at`` in an unused rolling window leaves it (None for the other windows, whose
+    reset does not depend on use)."""
+    return at.replace(second=0, microsecond=0) + ROLLING if window == "5h" else None
+
+
 @dataclass(frozen=True, slots=True)
 class Use:
     """A budget's use at a moment: ``used`` (before the call being admitted) and when it is whole again

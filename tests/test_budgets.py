@@ -204,7 +204,8 @@ def test_budgets_show_in_headers_and_metrics_as_the_admission_read_them(engine):
     f.response = tflow.tresp()
     limits.show(f)
     h = f.response.headers
-    assert (h["x-ratelimit-limit-requests"], h["x-ratelimit-remaining-requests"]) == ("3", "2")
+    assert (h["x-ratelimit-limit-requests"], h["x-ratelimit-remaining-requests"], h["x-ratelimit-reset-requests"]) == (
+        "3", "2", "5h0m0s")  # this call leaves the 5-hour window 5 h after its minute
     assert (h["x-ratelimit-limit-tokens"], h["x-ratelimit-remaining-tokens"], h["x-ratelimit-reset-tokens"]) == (
         "1000", "600", "12h0m0s")
     assert {(b.limit, b.value, b.used) for b in limits.budgets()} == {
