@@ -48,6 +48,7 @@ from addon.observe.metrics import CONTENT_TYPE as METRICS_TYPE
 from addon.refusal import answered
 from addon.services.runtime import Runtime
 from store import keyrows, relays, stats
+from store.budgets import as_of, uses_of
 from store.config import ConfigError, node_from_mapping
 from store.engine import error_line
 from store.key_usage import per_key
@@ -407,9 +408,10 @@ class Admin:
         day = f.until or dt.datetime.now(dt.UTC).date()
         with self._engine().connect() as conn:
             rows = per_key(conn, day)
+            uses = uses_of(conn, self.limits.runtime.keys.specs.values(), as_of(day)) if self.limits else {}
         if self.limits is None:
             return [r.as_dict() for r in rows]
-        return self.limits.report(rows, day)
+        return self.limits.report(rows, day, uses)
 
     def _stored_keys(self) -> list[dict]:
         """Every key in the database (the file's and those made here or by the CLI), revoked ones too."""

@@ -240,10 +240,10 @@ class LimitOptions:
 
     def load(self, loader) -> None:
         loader.add_option("codex_limits_when_db_down", str, "admit",
-                          "What a call of a client key with daily_requests, daily_tokens or monthly_cost gets "
-                          "while the stats database is unreachable: 'admit' serves it (its admission is "
-                          "journaled and counted once the database is back), 'refuse' answers 503 "
-                          "limits_unavailable.")
+                          "What a call of a client key with a budget, rpm or concurrency gets while the stats "
+                          "database is unreachable: 'admit' serves it (its admission is journaled and counted "
+                          "once the database is back; rpm and concurrency are counted by this relay alone), "
+                          "'refuse' answers 503 limits_unavailable.")
 
     def configure(self, updated: set[str]) -> None:
         if "codex_limits_when_db_down" in updated:

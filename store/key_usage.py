@@ -26,7 +26,7 @@ from store.schema import client_key_usage, codex_invocations
 from store.stats import Filters
 from store.upsert import upsert
 
-REFUSAL_REASONS = ("model", "nodes", "rate", "concurrency", "budget", "endpoint")
+REFUSAL_REASONS = ("model", "nodes", "rate", "concurrency", "budget", "endpoint", "expired")
 # What a ``KeyCount`` record may add to (its ``counter``).
 KEY_COUNTERS = ("admitted", *(f"refused_{r}" for r in REFUSAL_REASONS))
 
@@ -130,6 +130,7 @@ class KeyStats:
     refused_concurrency: int
     refused_budget: int
     refused_endpoint: int
+    refused_expired: int
 
     @property
     def refused(self) -> int:
@@ -190,10 +191,13 @@ def budget_reset(day: dt.date, monthly: bool) -> dt.datetime:
 
 
 def key_report(rows: Iterable[KeyStats], specs: Mapping[str, KeySpec], day: dt.date,
-               live: Callable[[str, str], int | None] = lambda name, limit: None) -> list[dict]:
+               live: Callable[[str, str], int | None] = lambda name, limit: None,
+               budget_uses: Mapping[str, Mapping[str, tuple[float, dt.datetime | None]]] | None = None) -> list[dict]:
     """``rows`` (``per_key`` of ``day``) and every configured key without one, each with ``limits``: per
     configured limit its value, its use and when it resets. ``live(name, "rpm" | "concurrency")`` is what a
-    relay process knows of its rolling window and calls in flight (None where nobody does, e.g. the CLI)."""
+    relay process knows of its rolling window and calls in flight (None where nobody does, e.g. the CLI).
+    ``budget_uses``: per key, its plan-shaped budgets' use and reset by budget name (``store.budgets.uses_of``);
+    each budget is a limit under its name (``weekly_cost``, ``5h_requests[claude-opus-*]``)."""
     by_name = {r.client_key: r.as_dict() for r in rows}
     for name in specs.keys() - by_name.keys():
         by_name[name] = {"client_key": name, "day": day.isoformat(), "admitted": 0, "month_cost": 0.0,
@@ -208,4 +212,9 @@ def key_report(rows: Iterable[KeyStats], specs: Mapping[str, KeySpec], day: dt.d
         row["limits"] = {limit: {"limit": getattr(spec, limit), "used": used,
                                  "resets_at": reset.isoformat() + "Z" if reset else None}
                          for limit, (used, reset) in uses.items() if spec and getattr(spec, limit) is not None}
+        known = (budget_uses or {}).get(name, {})
+        for b in spec.budgets or () if spec else ():
+            used_b, reset_b = known.get(b.name, (None, None))
+            row["limits"][b.name] = {"limit": b.limit, "used": used_b,
+                                     "resets_at": reset_b.isoformat() + "Z" if reset_b else None}
     return [by_name[n] for n in sorted(by_name)]

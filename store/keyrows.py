@@ -20,7 +20,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from store.keys import LIMIT_FIELDS, MAX_NAME_CHARS, KeySpec, parse_limits
+from store.keys import LIMIT_FIELDS, MAX_NAME_CHARS, KeySpec, parse_budgets, parse_limits
 from store.masking import digest
 from store.records import utcnow
 from store.schema import client_key_state, client_keys, nodes
@@ -60,6 +60,7 @@ def spec_of(row: sa.Row) -> KeySpec:
     limits = {f: getattr(row, f) for f in LIMIT_FIELDS}
     for f in _JSON_FIELDS:
         limits[f] = tuple(json.loads(limits[f])) if limits[f] is not None else None
+    limits["budgets"] = parse_budgets(json.loads(row.budgets)) if row.budgets is not None else None
     return KeySpec(name=row.name, key_digest=bytes.fromhex(row.key_sha256), **limits)
 
 
@@ -69,12 +70,17 @@ def describe(row: sa.Row) -> dict[str, Any]:
     return {"name": row.name, "source": row.source, "revoked": row.revoked_at is not None,
             "file_fields": [f for f in (row.file_fields or "").split(",") if f],
             **{f: list(v) if isinstance(v := getattr(spec, f), tuple) else v for f in LIMIT_FIELDS},
+            "budgets": [b.as_dict() for b in spec.budgets or ()],
+            "expires_at": spec.expires_at.isoformat() + "Z" if spec.expires_at is not None else None,
             "created_at": row.created_at, "updated_at": row.updated_at, "revoked_at": row.revoked_at}
 
 
 def _columns(limits: Mapping[str, object]) -> dict[str, object]:
-    return {f: json.dumps(list(v)) if f in _JSON_FIELDS and v is not None else v  # type: ignore[call-overload]
-            for f, v in limits.items()}
+    columns = {f: json.dumps(list(v)) if f in _JSON_FIELDS and v is not None else v  # type: ignore[call-overload]
+               for f, v in limits.items()}
+    if limits.get("budgets") is not None:
+        columns["budgets"] = json.dumps([b.as_dict() for b in limits["budgets"]])  # type: ignore[attr-defined]
+    return columns
 
 
 def _row(conn: sa.Connection, name: str) -> sa.Row | None:

@@ -5,6 +5,8 @@ A counter is one line: its name, its value for a call (the rule), and the target
 
 - ``DAY``, ``HOUR``: ``codex_daily_stats`` and ``codex_hourly_stats``, per period, source, node and model;
 - ``KEY``: ``client_key_usage``, per UTC day and client key (calls that named a key);
+- ``SPAN``: ``client_key_spans``, per client key, model (the one the client asked for) and UTC minute and day:
+  what the plan-shaped budgets count (``store.budgets``);
 - ``node``: its column in ``nodes``, the node's lifetime row (calls served by a node);
 - ``metric``: a Prometheus counter per node (``direct`` for calls no node served) and per client key name,
   optionally by model (folded: ``addon.observe.modelfold``) and HTTP status class.
@@ -64,9 +66,10 @@ class To(enum.Flag):
     DAY = enum.auto()
     HOUR = enum.auto()
     KEY = enum.auto()
+    SPAN = enum.auto()
 
 
-DAY, HOUR, KEY = To.DAY, To.HOUR, To.KEY
+DAY, HOUR, KEY, SPAN = To.DAY, To.HOUR, To.KEY, To.SPAN
 PERIODS = DAY | HOUR
 ALL = PERIODS | KEY
 
@@ -121,8 +124,8 @@ COUNTERS: tuple[Counter, ...] = (
     Counter("output_tokens", _usage("output_tokens"),          ALL,     "total_output",  Metric("tokens", "output")),
     Counter("reasoning_tokens", _usage("reasoning_tokens"),    PERIODS, "total_reasoning",
             Metric("tokens", "reasoning")),
-    Counter("total_tokens", _usage("total_tokens"),            ALL),
-    Counter("cost", lambda r: r.cost or 0.0,                   ALL,     None,            # an unpriced call adds 0 ...
+    Counter("total_tokens", _usage("total_tokens"),            ALL | SPAN),
+    Counter("cost", lambda r: r.cost or 0.0,                   ALL | SPAN, None,     # an unpriced call adds 0 ...
             Metric("cost_usd", by_model=True)),
     Counter("priced", lambda r: r.cost is not None,            PERIODS),  # ... and is not priced
     Counter("bytes", operator.attrgetter("response_bytes"),    PERIODS, "total_bytes"),
@@ -191,6 +194,8 @@ _HOUR = _Target(("hour", "source", "node_id", "model"),
 _SLICES = tuple((first, len(d.columns)) for d, first in _BUCKETS)
 _SPAN_STEP = 16
 _KEY = _Target(("day", "client_key"), tuple((c.name, i) for i, c in enumerate(COUNTERS) if KEY in c.to))
+_SPAN = _Target(("client_key", "width", "start", "model"),
+                tuple((c.name, i) for i, c in enumerate(COUNTERS) if SPAN in c.to))
 _NODE = _Target((), tuple((c.node, i) for i, c in enumerate(COUNTERS) if c.node))
 _NODE_ATTEMPT = tuple((c.node, c.attempt) for c in COUNTERS if c.node and c.attempt)
 
@@ -198,12 +203,21 @@ _NODE_ATTEMPT = tuple((c.node, c.attempt) for c in COUNTERS if c.node and c.atte
 DAY_COLUMNS = _DAY.columns
 HOUR_COLUMNS = (*_HOUR.columns, *_BUCKET_COLUMNS)
 KEY_COLUMNS = _KEY.columns
+SPAN_COLUMNS = _SPAN.columns
+# The widths of ``client_key_spans``' buckets, in minutes.
+MINUTE, DAY_MINUTES = 1, 1440
 NODE_COLUMNS = _NODE.columns
 
 
 def values(r: InvocationRecord) -> list[Any]:
     """Every counter's value for ``r``, in ``COUNTERS`` order."""
     return [value(r) for value in _VALUES]
+
+
+def span_starts(t: dt.datetime) -> tuple[tuple[int, dt.datetime], tuple[int, dt.datetime]]:
+    """The ``client_key_spans`` buckets (width, start) ``t`` falls in: its minute and its day."""
+    return (MINUTE, t.replace(second=0, microsecond=0)), (DAY_MINUTES, t.replace(hour=0, minute=0, second=0,
+                                                                                  microsecond=0))
 
 
 def hour_of(t: dt.datetime) -> dt.datetime:
@@ -219,6 +233,7 @@ class Sums:
         self._day: dict[tuple, list[Sequence[Any]]] = {}
         self._hour: dict[tuple, list[Sequence[Any]]] = {}
         self._key: dict[tuple, list[Sequence[Any]]] = {}
+        self._span: dict[tuple, list[Sequence[Any]]] = {}
         self._buckets: dict[tuple, list[int]] = {}  # per hour row, its calls per latency bucket
 
     def add(self, r: InvocationRecord, row: dict[str, Any], vals: Sequence[Any]) -> None:
@@ -236,6 +251,9 @@ class Sums:
                 buckets[first + bucket_index(d.bounds, ms)] += 1
         if row["client_key"]:
             self._key.setdefault((day, row["client_key"]), []).append(vals)
+            model = row["requested_model"] or row["model"] or ""  # as admission saw it: the client's name
+            for width, start in span_starts(at):
+                self._span.setdefault((row["client_key"], width, start, model), []).append(vals)
 
     # Sorted by key: relays upserting the same rows lock them in one order (no deadlock).
     def day(self) -> list[dict[str, Any]]:
@@ -264,6 +282,9 @@ class Sums:
 
     def key(self) -> list[dict[str, Any]]:
         return [_KEY.row(k, self._key[k]) for k in sorted(self._key)]
+
+    def span(self) -> list[dict[str, Any]]:
+        return [_SPAN.row(k, self._span[k]) for k in sorted(self._span)]
 
 
 def node_increments(calls: list[Sequence[Any]], failed_attempts: int) -> dict[str, Any]:

@@ -248,6 +248,7 @@ client_key_usage = sa.Table(
     _counter("refused_concurrency"),
     _counter("refused_budget"),
     _counter("refused_endpoint"),  # revision 13
+    _counter("refused_expired"),  # revision 17
 )
 
 # Revision 15: what the fleet last announced about each watched thing (a node, a format and model pattern,
@@ -284,6 +285,11 @@ client_keys = sa.Table(
     sa.Column("created_at", TIMESTAMP, nullable=False),
     sa.Column("updated_at", TIMESTAMP, nullable=False),
     sa.Column("revoked_at", TIMESTAMP),
+    # revision 17: plan-shaped budgets (a JSON list of {window, requests|tokens|cost, models}: store.keys.Budget),
+    # when the key stops working, and the share of a budget that raises key_budget_warning
+    sa.Column("budgets", sa.Text),
+    sa.Column("expires_at", TIMESTAMP),
+    sa.Column("warn_at", sa.Double),
     # revision 18: the limits the codex_client_keys file sets (comma-separated, as last applied; NULL: none, or
     # not a file key): the file's, so the admin API refuses to change them.
     sa.Column("file_fields", sa.String(255)),
@@ -295,6 +301,43 @@ client_key_state = sa.Table(
     "client_key_state", metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
     sa.Column("version", sa.BigInteger, nullable=False, server_default="0"),
+)
+
+# Revision 17: what the plan-shaped budgets count, per client key, bucket and model (``store.budgets``):
+# ``width`` 1 (a UTC minute: the 5-hour rolling window) or 1440 (a UTC day: daily, weekly, monthly and total
+# windows), ``start`` the bucket's first instant. ``admitted`` is added by the admission transaction (exact
+# request budgets); ``total_tokens`` and ``cost`` by the writer with the invocation rows (store.rollups' SPAN).
+client_key_spans = sa.Table(
+    "client_key_spans", metadata,
+    sa.Column("client_key", sa.String(64), primary_key=True),
+    sa.Column("width", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("start", sa.DateTime, primary_key=True),
+    sa.Column("model", sa.String(128), primary_key=True),
+    _counter("admitted"),
+    _counter("total_tokens"),
+    sa.Column("cost", sa.Double, nullable=False, server_default="0"),
+)
+
+# Revision 17: one row per client key whose admission is serialised fleet-wide (fleet rpm and concurrency,
+# request budgets): the admission transaction's first statement increments ``admissions``, whose row lock
+# (MariaDB) or write lock (SQLite) orders the key's admissions across relays (``store.fleetlimits``).
+client_key_gate = sa.Table(
+    "client_key_gate", metadata,
+    sa.Column("client_key", sa.String(64), primary_key=True),
+    _counter("admissions"),
+)
+
+# Revision 17: the calls of keys with fleet-wide rpm or concurrency, one row per admitted call: ``started_at``
+# (rpm: the calls started in the last 60 s) and ``lease_until``, which the relay running the call pushes
+# forward while it runs and clears (NULL) when it ends (concurrency: the rows whose lease holds); a crashed
+# relay's calls free their slots when the lease runs out. Rows are deleted once out of both.
+client_key_calls = sa.Table(
+    "client_key_calls", metadata,
+    sa.Column("holder", sa.String(64), primary_key=True),
+    sa.Column("client_key", sa.String(64), nullable=False),
+    sa.Column("started_at", sa.DateTime, nullable=False),
+    sa.Column("lease_until", sa.DateTime),
+    sa.Index("idx_client_key_calls_key", "client_key", "started_at"),
 )
 
 # Revision 18: every relay on the database, one row each, written by its heartbeat (``store.relays``): who it is,

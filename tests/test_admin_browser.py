@@ -354,8 +354,12 @@ def test_admin_page_adds_edits_and_revokes_a_key(sqlite_url, tmp_path, browser):
             dana.locator('[data-action="edit"]').click()
             form.locator('[name="rpm"]').fill("")
             form.locator('[name="daily_requests"]').fill("50")
+            form.locator('[name="budgets"]').fill("5h:requests=20; weekly:cost=2:claude-opus-*")
+            form.locator('[name="warn_at"]').fill("0.8")
             form.locator('button[type="submit"]').click()
-            expect(dana.locator('[data-col="limits"] div')).to_have_text(["models gpt-5*, o3", "daily_requests 50"])
+            expect(dana.locator('[data-col="limits"] div')).to_have_text([
+                "models gpt-5*, o3", "daily_requests 50", "budgets 5h:requests=20; weekly:cost=2:claude-opus-*",
+                "warn_at 0.8"])
 
             dana.locator('[data-action="revoke"]').click()
             expect(dana.locator('[data-col="state"]')).to_have_text("revoked")

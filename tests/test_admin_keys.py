@@ -122,3 +122,23 @@ def test_a_restart_keeps_a_revocation_and_the_page_s_limits_the_file_does_not_se
     status, one = api(a, "GET", "/admin/api/keys/bob")
     assert (one["key"]["rpm"], one["key"]["models"], one["key"]["revoked"]) == (7, ["gpt-5*"], True)
     assert a.runtime.keys.find([BOB_KEY]) is None
+
+
+def test_budgets_expiry_and_warning_through_the_api_apply_on_the_other_relay(relays):
+    a, b = relays.a, relays.b
+    budgets = [{"window": "5h", "requests": 200}, {"window": "weekly", "cost": 20, "models": ["claude-opus-*"]}]
+    status, made = api(a, "POST", "/admin/api/keys", {"name": "erin", "budgets": budgets,
+                                                      "expires_at": "2027-01-31T00:00:00Z", "warn_at": 0.8})
+    assert status == 201
+    assert (made["key"]["budgets"], made["key"]["expires_at"], made["key"]["warn_at"]) == (
+        [{"window": "5h", "requests": 200}, {"window": "weekly", "cost": 20.0, "models": ["claude-opus-*"]}],
+        "2027-01-31T00:00:00Z", 0.8)
+    b.runtime.keys.reload()
+    erin = b.runtime.keys.spec("erin")
+    assert [x.name for x in erin.budgets] == ["5h_requests", "weekly_cost[claude-opus-*]"]
+    assert api(b, "GET", "/admin/api/keys/erin")[1]["key"]["budgets"] == made["key"]["budgets"]
+    status, changed = api(a, "PATCH", "/admin/api/keys/erin", {"budgets": [], "expires_at": None})
+    assert status == 200 and (changed["key"]["budgets"], changed["key"]["expires_at"]) == ([], None)
+    assert changed["key"]["warn_at"] == 0.8  # not given: kept
+    status, error = api(a, "PATCH", "/admin/api/keys/erin", {"budgets": [{"window": "hourly", "requests": 1}]})
+    assert status == 400 and "window must be one of 5h, daily, weekly, monthly, total" in error["error"]

@@ -19,6 +19,7 @@ import sys
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,10 +137,17 @@ def key_call(port: int, key: str, model: str = "gpt-5-codex",
 
 
 def make_key(relay: RelayProcess, name: str, **limits: object) -> str:
-    """A key made through ``relay``'s admin API: its secret."""
-    status, _, made = request(relay.port, "POST", "/admin/api/keys", {"name": name, **limits})
+    """A key made through ``relay``'s admin API, whose calls go to the team's node (the dashboard's node sees
+    only its own key's): its secret."""
+    status, _, made = request(relay.port, "POST", "/admin/api/keys", {"name": name, "nodes": ["team-node"], **limits})
     assert status == 201, made
     return made["secret"]
+
+
+def known_on_both(fleet: Fleet, secret: str) -> None:
+    """Wait until the relay that did not make the key accepts it (made on the first)."""
+    status = lambda: request(fleet.relays[1].port, "GET", "/v1/key", key=secret)[0]  # noqa: E731
+    assert seconds_until(lambda: status() == 200, "relay B to know the key") < 5
 
 
 def test_every_dashboard_query_answers_from_prometheus_scraping_two_relays(fleet):
@@ -195,8 +203,8 @@ def test_a_key_made_on_one_relay_works_on_the_other_and_a_change_or_revocation_f
 
 def test_a_keys_cost_of_the_day_is_one_figure_in_the_database_stats_v1_key_and_prometheus(fleet):
     secret = make_key(fleet.relays[0], "carol")
-    wait_for(lambda: key_call(fleet.relays[1].port, secret)[0] == 200, 5, "relay B to know the key")
-    for n in range(6):  # through the balancer: both relays serve the key
+    known_on_both(fleet, secret)
+    for n in range(7):  # through the balancer: both relays serve the key
         assert key_call(fleet.front, secret, usage=(1000 + n, 200, 100 + n, 20))[0] == 200
     engine = sa.create_engine(fleet.db_url)
     try:
@@ -225,3 +233,50 @@ def test_a_keys_cost_of_the_day_is_one_figure_in_the_database_stats_v1_key_and_p
     wait_for(lambda: (got := fleet.ask('sum(codex_client_cost_usd_total{client="carol"})'))
              and float(got[0]["value"][1]) == pytest.approx(cost, rel=1e-9), 30, "Prometheus to scrape the cost")
 
+
+
+def test_rpm_and_concurrency_hold_for_both_relays_together(fleet):
+    a, b = fleet.relays
+    secret = make_key(a, "erin", rpm=5, concurrency=2)
+    known_on_both(fleet, secret)
+    assert key_call(a.port, secret)[0] == 200
+    fleet.node.behaviour.first_byte_delay = 1.0  # six calls at once, three on each relay: all overlap
+    try:
+        with ThreadPoolExecutor(6) as pool:
+            burst = list(pool.map(lambda relay: key_call(relay.port, secret), [a, b] * 3))
+    finally:
+        fleet.node.behaviour.first_byte_delay = 0.0
+    assert sorted(status for status, _, _ in burst) == [200, 200, 429, 429, 429, 429]  # 2 in flight, not 2 a relay
+    assert {body["error"]["code"] for status, _, body in burst if status == 429} == {"concurrency_limited"}
+    # 1 call before and 2 in the burst: 2 more are free in the minute, whichever relay is asked.
+    answers = [key_call(relay.port, secret) for relay in (a, b, a, b)]
+    assert [status for status, _, _ in answers] == [200, 200, 429, 429]
+    assert answers[-1][2]["error"]["code"] == "rate_limited" and int(answers[-1][1]["retry-after"]) <= 60
+
+
+def test_a_5_hour_window_holds_across_both_relays(fleet):
+    a, b = fleet.relays
+    secret = make_key(a, "fay", budgets=[{"window": "5h", "requests": 4}])
+    known_on_both(fleet, secret)
+    # 4 calls in the window on the two relays together, whichever answers.
+    answers = [key_call(relay.port, secret) for relay in (a, b) * 3]
+    assert [status for status, _, _ in answers] == [200] * 4 + [429] * 2
+    assert {body["error"]["code"] for status, _, body in answers if status == 429} == {"budget_exceeded"}
+    assert "5h_requests" in answers[-1][2]["error"]["message"]
+    status, _, info = request(b.port, "GET", "/v1/key", key=secret)
+    assert status == 200 and info["limits"]["5h_requests"]["used"] == 4
+
+
+def test_a_weekly_cost_cap_of_one_model_holds_across_both_relays(fleet):
+    a, b = fleet.relays
+    secret = make_key(a, "gus", budgets=[{"window": "weekly", "cost": 0.01, "models": ["gpt-5-codex"]}])
+    known_on_both(fleet, secret)
+    # One call of the capped model costs more than the cap (1M input tokens): admitted while under, it uses
+    # the week up once written, and then both relays refuse that model and serve others.
+    assert key_call(a.port, secret, usage=(1_000_000, 0, 1000, 0))[0] == 200
+    capped = lambda relay: key_call(relay.port, secret)  # noqa: E731
+    wait_for(lambda: capped(b)[0] == 429, 30, "relay B to refuse the capped model once the call is written")
+    status, headers, body = capped(a)
+    assert (status, body["error"]["code"]) == (429, "budget_exceeded")
+    assert "weekly_cost[gpt-5-codex]" in body["error"]["message"]
+    assert all(key_call(relay.port, secret, model="gpt-5-mini")[0] == 200 for relay in (a, b))

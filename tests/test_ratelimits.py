@@ -159,8 +159,9 @@ def ask_key(runtime: Runtime, info: KeyInfo, headers: dict[str, str], method: st
 
 def test_get_v1_key_answers_a_key_its_limits_use_and_resets(engine):
     runtime = runtime_with_keys(engine)
-    t = [1000.0]
-    limits = Limits(runtime, clock=lambda: t[0], now=lambda: NOW)
+    t = [980.0]  # the call is admitted 20 s before NOW
+    # rpm and concurrency are the fleet's (client_key_calls), on the wall clock: both clocks move together.
+    limits = Limits(runtime, clock=lambda: t[0], now=lambda: NOW + dt.timedelta(seconds=t[0] - 1000))
     info = KeyInfo(runtime, limits, now=lambda: NOW)
     call = tflow.tflow()
     call.request.path = "/v1/responses"
@@ -184,11 +185,12 @@ def test_get_v1_key_answers_a_key_its_limits_use_and_resets(engine):
                                  "resets_in": "121h0m0s"},
                 "rpm": {"limit": 60, "used": 1, "remaining": 59, "resets_at": "2026-11-25T23:00:40Z",
                         "resets_in": "40s"},
-                "concurrency": {"limit": 2, "used": 1, "remaining": 1, "resets_at": None, "resets_in": None}}}
+                "concurrency": {"limit": 2, "used": 1, "remaining": 1, "resets_at": None, "resets_in": None}},
+            "expires_at": None, "warn_at": None}
         # Anthropic clients send their key as x-api-key: the same answer. A key without limits: its name and use.
         assert ask_key(runtime, info, {"x-api-key": ALICE_KEY})[1] == answer
         assert ask_key(runtime, info, {"x-api-key": BOB_KEY}) == (200, {
-            "name": "bob", "day": "2026-11-25", "limits": {},
+            "name": "bob", "day": "2026-11-25", "limits": {}, "expires_at": None, "warn_at": None,
             "usage": {"requests": 0, "input_tokens": 0, "cached_tokens": 0, "output_tokens": 0, "total_tokens": 0,
                       "cost": 0, "month_cost": 0.0, "refused": 0}})
         # A wrong or missing key: client auth's 401 in OpenAI's shape; a method other than GET: 405.

@@ -144,7 +144,9 @@ def refused_counts(writer: Writer, key: str) -> dict[str, int]:
 
 def test_limits_refuse_in_order_and_count_refusals_per_key(writer):
     t = [1000.0]
-    limits = Limits(runtime_with("alpha", "beta", writer=writer), clock=lambda: t[0])
+    # rpm and concurrency are counted in the database (fleet-wide), on the wall clock ``now``.
+    limits = Limits(runtime_with("alpha", "beta", writer=writer), clock=lambda: t[0],
+                    now=lambda: dt.datetime(2026, 11, 25, 12) + dt.timedelta(seconds=t[0]))
     limits.runtime.keys.apply([KeySpec("alice", b"x" * 32, nodes=("alpha",), models=("gpt-5*",), rpm=4, concurrency=2),
                      KeySpec("bob", b"y" * 32, nodes=("beta",))])
 
@@ -188,7 +190,7 @@ def test_daily_requests_budget_refuses_with_reset_time_and_frees_the_slot(writer
     assert "daily_requests limit (2)" in third.text and "2026-11-26T00:00:00Z" in third.text
     assert limits.in_flight("alice") == 2  # the refused call holds no slot
     assert refused_counts(writer, "alice") == {"refused_budget": 1}
-    assert [(e, k) for e, k, _ in alerts] == [("key_budget_reached", "alice")] and "daily_requests" in alerts[0][2]
+    assert [(e, k) for e, k, *_ in alerts] == [("key_budget_reached", "alice")] and "daily_requests" in alerts[0][2]
 
 
 def test_daily_requests_admission_is_exact_under_concurrency(engine):

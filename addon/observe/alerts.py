@@ -43,10 +43,11 @@ from store.write.writer import WriterStats
 log = logging.getLogger("codex.alerts")
 
 EVENTS = ("node_failed", "node_recovered", "all_nodes_down", "no_node_serves", "serving_again", "writer_journaling",
-          "writer_recovered", "writer_stalled", "records_lost", "key_budget_reached")
+          "writer_recovered", "writer_stalled", "records_lost", "key_budget_reached",
+          "key_budget_warning")
 FORMATS = ("json", "slack")
 # Events ``notify`` gets about something the relays share: one relay sends each (claimed in the ledger).
-FLEET_EVENTS = frozenset({"key_budget_reached"})
+FLEET_EVENTS = frozenset({"key_budget_reached", "key_budget_warning"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,7 +128,7 @@ class Alerts:
         self._version: int | None = None  # the node state version of the last fleet round
         self._held = False  # good news held back: the next fleet round looks again though nothing moved
         self._db_ok = True  # the last fleet round reached the database
-        self._fleet_events: collections.deque[tuple[str, str, str]] = collections.deque()  # to claim
+        self._fleet_events: collections.deque[tuple[str, str, str, int | None]] = collections.deque()  # to claim
         self._lost = 0
         self._stalls = 0
         self._rounds = Periodic("codex-alert-watch", interval, self.check, _check_failed, join_timeout=timeout + 5)
@@ -231,18 +232,21 @@ class Alerts:
         self._lost, self._stalls = stats.lost, stats.stalls
 
     def _claim_fleet_events(self, now: float) -> None:
-        """Claim each fleet event ``notify`` queued for its ``dedup`` window: the relay that lands it sends it."""
-        window = int(now // max(self.dedup, 1.0))
+        """Claim each fleet event ``notify`` queued for its window (its own, else the ``dedup`` window): the relay
+        that lands it sends it."""
         while self._fleet_events:
-            event, subject, message = self._fleet_events.popleft()
-            if self._claim(f"{event}:{subject}", Announced(True, window), now):
+            event, subject, message, window = self._fleet_events.popleft()
+            if window is None:
+                window = int(now // max(self.dedup, 1.0))
+            if self._claim(f"{event}:{subject}"[:200], Announced(True, window), now):
                 self._emit(event, subject, message)
 
-    def notify(self, event: str, subject: str, message: str) -> None:
+    def notify(self, event: str, subject: str, message: str, window: int | None = None) -> None:
         """Queue ``event`` for the webhooks that want it, unless sent for ``subject`` within ``dedup``.
 
         Cheap and non-blocking (the event loop calls it): a fleet event waits for the watcher's next round,
-        which claims it in the database."""
+        which claims it in the database, once per ``window`` (a number that grows with each new one, e.g. a
+        budget's; None: the ``dedup`` window)."""
         now = self._clock()
         last = self._sent_at.get((event, subject))
         if last is not None and now - last < self.dedup:
@@ -250,7 +254,7 @@ class Alerts:
             return
         self._sent_at[(event, subject)] = now
         if event in FLEET_EVENTS and self._engine is not None:
-            self._fleet_events.append((event, subject, message))
+            self._fleet_events.append((event, subject, message, window))
         else:
             self._emit(event, subject, message)
 

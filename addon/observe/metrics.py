@@ -45,7 +45,7 @@ _HELP = {
     "codex_node_calls": "Client calls per node, model and HTTP status class of the answer (code).",
     "codex_client_calls": "Client calls per client key name, model and HTTP status class of the answer (code).",
     REFUSALS: "Calls refused by a client key's limits, per key and reason (model, nodes, rate, concurrency, "
-              "budget, endpoint).",
+              "budget, endpoint, expired).",
 }
 _HISTOGRAM_HELP = {
     "codex_node_ttfb_seconds": "Time to the node's response headers.",
@@ -188,7 +188,7 @@ class Budget:
     """One limit of a client key: its value and, if known, its use."""
 
     client: str
-    limit: str  # the KeySpec field: rpm, concurrency, daily_requests, daily_tokens, monthly_cost
+    limit: str  # the KeySpec field (rpm, concurrency, daily_requests, daily_tokens, monthly_cost) or a budget's name
     value: float
     used: float | None
 

@@ -56,10 +56,10 @@ class Alerting:
             self._alerts.start()
             log.info("alerts to %d webhook(s)", len(settings.webhooks))
 
-    def notify(self, event: str, subject: str, message: str) -> None:
+    def notify(self, event: str, subject: str, message: str, window: int | None = None) -> None:
         """Send an alert event to the webhooks that want it (de-duplicated); a no-op without webhooks."""
         if self._alerts is not None:
-            self._alerts.notify(event, subject, message)
+            self._alerts.notify(event, subject, message, window)
 
     def stop(self) -> None:
         if self._alerts is not None:

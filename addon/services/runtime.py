@@ -76,9 +76,10 @@ class Runtime:
         self.metrics.observe(item)
         self.db.submit(item)
 
-    def alert(self, event: str, subject: str, message: str) -> None:
-        """Send an alert event to the webhooks that want it (de-duplicated); a no-op without webhooks."""
-        self.alerts.notify(event, subject, message)
+    def alert(self, event: str, subject: str, message: str, window: int | None = None) -> None:
+        """Send an alert event to the webhooks that want it (de-duplicated; a fleet event once per ``window``,
+        ``addon.observe.alerts``); a no-op without webhooks."""
+        self.alerts.notify(event, subject, message, window)
 
     def on_shutdown(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` in ``stop`` while records can still be submitted (before the last flush)."""

@@ -27,7 +27,7 @@ function costCell(s) {
 }
 // A client key's limit as "name used / limit"; a cost limit in dollars, a use nobody counts (rpm outside a relay) "–".
 const limitText = (name, l) => {
-  const fmt = name.endsWith("_cost") ? usd : int;
+  const fmt = /_cost(\[|$)/.test(name) ? usd : int;  // monthly_cost, weekly_cost[claude-opus-*]
   return `${name} ${fmt(l.used)} / ${fmt(l.limit)}`;
 };
 // What the node's badge says: the relay's view (state), which tells a node it does not route from an active one.
@@ -379,12 +379,31 @@ function renderKeys(keys) {
 }
 
 // The keys in the database: limits as "name value", actions by state (a file key's secret is the file's).
-const KEY_LIMITS = ["models", "nodes", "endpoints", "daily_requests", "daily_tokens", "monthly_cost", "rpm", "concurrency"];
+const KEY_LIMITS = ["models", "nodes", "endpoints", "daily_requests", "daily_tokens", "monthly_cost", "rpm", "concurrency",
+  "budgets", "expires_at", "warn_at"];
+// A budget as ./run.sh keys --budget writes it: WINDOW:UNIT=LIMIT[:GLOB,GLOB]; several joined by "; ".
+const BUDGET_UNITS = ["requests", "tokens", "cost"];
+function budgetText(b) {
+  const unit = BUDGET_UNITS.find((u) => u in b);
+  return `${b.window}:${unit}=${b[unit]}` + (b.models ? ":" + b.models.join(",") : "");
+}
+function parseBudgets(text) {
+  return text.split(";").map((t) => t.trim()).filter(Boolean).map((t) => {
+    const [head, rest = ""] = t.split("=");
+    const [window, unit] = head.split(":").map((x) => x.trim());
+    const [limit, globs = ""] = rest.split(":");
+    const models = list(globs);
+    return {window, [unit]: Number(limit), ...(models.length ? {models} : {})};
+  });
+}
+function keyField(f, v) {
+  if (f === "budgets") return v.map(budgetText).join("; ");
+  return Array.isArray(v) ? v.join(", ") : f === "monthly_cost" ? usd(v) : ["expires_at", "warn_at"].includes(f) ? v : int(v);
+}
 function renderStoredKeys(keys) {
   fill($("#stored-keys"), keys.map((k) => {
-    const limits = KEY_LIMITS.filter((f) => k[f] !== null).map((f) =>
-      el("div", {title: (k.file_fields || []).includes(f) ? "set by the keys file" : null},
-        `${f} ${Array.isArray(k[f]) ? k[f].join(", ") : f.endsWith("_cost") ? usd(k[f]) : int(k[f])}`));
+    const limits = KEY_LIMITS.filter((f) => k[f] !== null && !(f === "budgets" && !k[f].length)).map((f) =>
+      el("div", {title: (k.file_fields || []).includes(f) ? "set by the keys file" : null}, `${f} ${keyField(f, k[f])}`));
     const actions = el("td", {class: "actions"});
     if (!k.revoked) {
       actions.append(el("button", {type: "button", onclick: () => editKey(k), "data-action": "edit"}, "Edit"));
@@ -540,7 +559,9 @@ function editKey(k) {
   for (const f of KEY_LIMITS) {
     const input = form.elements[f];
     if (!input) continue;
-    input.value = k[f] === null ? "" : Array.isArray(k[f]) ? k[f].join(", ") : k[f];
+    input.value = k[f] === null ? "" : f === "budgets" ? k[f].map(budgetText).join("; ")
+      : Array.isArray(k[f]) ? k[f].join(", ") : k[f];
+    input.dataset.shown = input.value;  // a save sends only the fields changed from this
     const owned = (k.file_fields ?? []).includes(f);  // the keys file's: the API answers 409
     input.readOnly = owned;
     input.title = owned ? "set by the keys file: change it there" : "";
@@ -566,8 +587,9 @@ async function saveKey(event) {
     if (!input) continue;
     const value = input.value.trim();
     // A new key gets only the limits filled in; an edit sends the fields changed, an emptied one as "no limit".
-    const given = value === "" ? null : input.type === "number" ? Number(value) : list(value);
-    if (editing ? JSON.stringify(given) !== JSON.stringify(editingKey[name]) : given !== null) body[name] = given;
+    if (editing ? value === input.dataset.shown : value === "") continue;
+    body[name] = value === "" ? null : input.type === "number" ? Number(value) : name === "budgets" ? parseBudgets(value)
+      : name === "expires_at" ? value : list(value);
   }
   try {
     const name = f.name.value.trim();

@@ -2,7 +2,7 @@
 (``nodes.file_fields``, ``client_keys.file_fields``): the fleet admin page (issue 29 item 7).
 
 Revision ID: 0018
-Revises: 0016
+Revises: 0017
 Create Date: 2026-12-07
 
 Branch wt-fleetpage. The integrator re-chains it after another branch's 0017 (``down_revision``, the head test in
@@ -17,7 +17,7 @@ from alembic import op
 from store.schema import COUNTER, TIMESTAMP
 
 revision = "0018"
-down_revision = "0016"
+down_revision = "0017"
 branch_labels = None
 depends_on = None
 

@@ -2,7 +2,9 @@
 
 ``add NAME [limits]`` and ``rotate NAME`` print the new secret alone on stdout (the only time anyone sees it:
 the database keeps its SHA-256); ``list`` prints every key (``--json`` for scripts); ``set NAME limits``
-changes only the limits given (``none`` removes one); ``revoke NAME`` refuses the key from then on. Every
+changes only the limits given (``none`` removes one); ``revoke NAME`` refuses the key from then on. A budget is
+``--budget WINDOW:UNIT=LIMIT[:GLOB,GLOB]`` (e.g. ``weekly:cost=20:claude-opus-*``), repeated for several;
+``set`` replaces the key's budgets with those given (``--budget none``: no budgets). Every
 relay on the database applies a change within ``codex_key_sync`` seconds. Exit 0: done; 1: database error
 or a conflict (a name taken, a revoked or unknown key); 2: bad arguments.
 """
@@ -19,17 +21,37 @@ import sqlalchemy as sa
 from store import keyrows
 from store.cli.common import OneLineParser, add_db_option, open_db
 from store.engine import error_summary
-from store.keys import LIMIT_FIELDS
+from store.keys import LIMIT_FIELDS, UNITS, WINDOWS
 
 _LISTS = ("nodes", "models", "endpoints")
-_FLOATS = ("monthly_cost",)
+_FLOATS = ("monthly_cost", "warn_at")
+_KINDS = {"expires_at": "ISO 8601 time, UTC", "warn_at": "share of each budget, e.g. 0.8"}
 
 
 def _add_limit_options(parser: argparse.ArgumentParser, clearing: bool) -> None:
     clear = " ('none': no limit)" if clearing else ""
     for f in LIMIT_FIELDS:
-        kind = "comma-separated list" if f in _LISTS else "USD" if f in _FLOATS else "integer"
+        if f == "budgets":
+            parser.add_argument("--budget", dest=f, action="append", metavar="WINDOW:UNIT=LIMIT[:GLOBS]",
+                                help=f"a budget: WINDOW one of {', '.join(WINDOWS)}, UNIT one of {', '.join(UNITS)} "
+                                "(cost in USD), GLOBS comma-separated models it counts; repeat for several"
+                                + (" (set replaces them all; 'none': no budgets)" if clearing else ""))
+            continue
+        kind = _KINDS.get(f) or ("comma-separated list" if f in _LISTS else "USD" if f in _FLOATS else "integer")
         parser.add_argument("--" + f.replace("_", "-"), dest=f, metavar="VALUE", help=f"{f} ({kind}){clear}")
+
+
+def _budget(text: str) -> dict[str, object]:
+    """``WINDOW:UNIT=LIMIT[:GLOB,GLOB]`` as the admin API's JSON gives a budget (checked by store.keys)."""
+    head, _, limit_text = text.partition("=")
+    window, _, unit = head.strip().partition(":")
+    limit_text, _, globs = limit_text.partition(":")
+    try:
+        limit: float = float(limit_text) if unit.strip() == "cost" else int(limit_text)
+    except ValueError:
+        raise ValueError(f"--budget {text!r}: expected WINDOW:UNIT=LIMIT[:GLOB,GLOB], e.g. weekly:cost=20") from None
+    models = [m.strip() for m in globs.split(",") if m.strip()]
+    return {"window": window.strip(), unit.strip(): limit, **({"models": models} if models else {})}
 
 
 def _limits(args: argparse.Namespace) -> dict[str, object]:
@@ -39,8 +61,12 @@ def _limits(args: argparse.Namespace) -> dict[str, object]:
         text = getattr(args, f)
         if text is None:
             continue
-        if text.strip().lower() == "none":
+        if f == "budgets":
+            limits[f] = [] if [t.strip().lower() for t in text] == ["none"] else [_budget(t) for t in text]
+        elif text.strip().lower() == "none":
             limits[f] = None
+        elif f == "expires_at":
+            limits[f] = text.strip()
         elif f in _LISTS:
             limits[f] = [v.strip() for v in text.split(",") if v.strip()]
         else:
@@ -54,10 +80,19 @@ def _limits(args: argparse.Namespace) -> dict[str, object]:
 def _table(rows: Sequence[dict]) -> str:
     lines = [f"{'name':<24} {'source':<6} {'state':<7} limits"]
     for r in rows:
-        limits = ", ".join(f"{f}={','.join(v) if isinstance(v, list) else v}"
-                           for f in LIMIT_FIELDS if (v := r[f]) is not None)
+        limits = ", ".join(f"{f}={_shown(v)}" for f in LIMIT_FIELDS if (v := r[f]) not in (None, []))
         lines.append(f"{r['name']:<24} {r['source']:<6} {'revoked' if r['revoked'] else 'active':<7} {limits or '-'}")
     return "\n".join(lines)
+
+
+def _shown(value: object) -> str:
+    if isinstance(value, list):
+        return ",".join(_shown(v) for v in value)
+    if isinstance(value, dict):  # a budget, as --budget writes it
+        unit = next(u for u in UNITS if u in value)
+        models = value.get("models")
+        return f"{value['window']}:{unit}={value[unit]}" + (f":{' '.join(models)}" if models else "")
+    return str(value)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -21,9 +21,11 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from store.budgets import as_of, uses_of
 from store.cli.common import OneLineParser, add_db_option, day_of
 from store.engine import DEFAULT_DB, current_revision, error_summary, head_revision, make_engine
 from store.key_usage import key_report, per_key
+from store.keyrows import load_keys, spec_of
 from store.keys import parse_keys_toml, toml_file
 from store.stats import (
     Filters,
@@ -276,7 +278,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=50,
                         help="rows of the recent and sessions views (default %(default)s)")
     parser.add_argument("--keys", metavar="FILE", help="keys view: the relay's TOML keys file (codex_client_keys), "
-                        "to show each key's limits with their use and reset time")
+                        "to show each key's limits with their use and reset time (default: the keys in the "
+                        "database, when it has any)")
     fmt = parser.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="print JSON")
     fmt.add_argument("--csv", action="store_true", help="print CSV with a header row")
@@ -304,9 +307,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             with engine.connect() as conn:
                 rows = query(conn, f, args.limit) if args.view in ("recent", "sessions") else query(conn, f)
+                if specs is None and args.view == "keys":  # the keys managed live, revoked ones left out
+                    specs = {s.name: s for s in (spec_of(r) for r in load_keys(conn) if r.revoked_at is None)} or None
                 if specs is not None:
                     day = args.until or dt.datetime.now(dt.UTC).date()
-                    rows = [KeyRow(r) for r in key_report(rows, specs, day)]
+                    uses = uses_of(conn, specs.values(), as_of(day))
+                    rows = [KeyRow(r) for r in key_report(rows, specs, day, budget_uses=uses)]
         finally:
             engine.dispose()
     except StatsError as e:

@@ -19,7 +19,7 @@ from store import rollups
 from store.key_usage import add_counts, add_usage
 from store.nodes import bump_version
 from store.records import InvocationRecord, Item, KeyCount, NodeStateUpdate
-from store.schema import codex_daily_stats, codex_hourly_stats, codex_invocations, nodes
+from store.schema import client_key_spans, codex_daily_stats, codex_hourly_stats, codex_invocations, nodes
 from store.upsert import upsert
 
 _ID_CHUNK = 500  # ids per IN (…) lookup
@@ -96,6 +96,7 @@ def apply_batch(conn: sa.Connection, items: Sequence[Item]) -> BatchResult:
         hours, increment = sums.hour()
         upsert(conn, codex_hourly_stats, hours, increment=increment)
         add_usage(conn, sums.key())  # per client key and day: teams' budgets and stats
+        upsert(conn, client_key_spans, sums.span(), increment=rollups.SPAN_COLUMNS)  # plan-shaped budgets
     add_counts(conn, counts)
     # A fixed order of row locks: two relays updating the same nodes cannot deadlock each other.
     for node_id in sorted(changes):
