@@ -54,6 +54,8 @@ class CachedDispatch:
         manager = self.manager
         if isinstance(getattr(manager.trigger_event, "__self__", None), CachedDispatch):
             return  # installed already
+        if not all(hasattr(manager, name) for name in (*_CHANGES, "chain", "_iter_hooks")):
+            return  # another mitmproxy than this was written for: its own dispatch stays
         for name in _CHANGES:
             setattr(manager, name, self._forgetting(getattr(manager, name)))
         manager.trigger_event = self.trigger_event  # type: ignore[method-assign]
