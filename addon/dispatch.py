@@ -6,10 +6,10 @@ its ~35 addons and their sub-addons (``traverse``), asks each for a method of th
 mitmdump's CPU per WebSocket message, more than all the relay's own work per message (docs/benchmarks.md).
 ``HookCache`` keeps, per event name, the hooks of each addon that has one — found by mitmproxy's own
 ``_iter_hooks``, in its order — and forgets them whenever the addon tree changes: an addon added, removed or
-registered (scripts loading and reloading do that). Each addon's hooks still run in order inside its own
-``safecall``, an async hook is awaited before the next runs, ``AddonHalt`` ends the event. What it does not
-see: a hook method set on an addon object after the addon was added (no mitmproxy addon does that);
-``codex_hook_cache=false`` leaves mitmproxy's dispatch as it is.
+registered (scripts loading and reloading do that), or options changed (``scripts`` reordered). Each addon's
+hooks still run in order inside its own ``safecall``, an async hook is awaited before the next runs,
+``AddonHalt`` ends the event. What it does not see: a hook method set on an addon object after the addon was
+added (no mitmproxy addon does that); ``codex_hook_cache=false`` leaves mitmproxy's dispatch as it is.
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ class CachedDispatch:
             return  # another mitmproxy than this was written for: its own dispatch stays
         for name in _CHANGES:
             setattr(manager, name, self._forgetting(getattr(manager, name)))
+        manager.trigger = self._configuring(manager.trigger)  # type: ignore[method-assign,assignment]
         manager.trigger_event = self.trigger_event  # type: ignore[method-assign]
 
     def _forgetting(self, change: Callable[..., Any]) -> Callable[..., Any]:
@@ -68,6 +69,18 @@ class CachedDispatch:
             finally:
                 self._found.clear()
         return changed
+
+    def _configuring(self, trigger: Callable[[hooks.Hook], None]) -> Callable[[hooks.Hook], None]:
+        """mitmproxy's ``trigger``, forgetting the hooks found after options changed: ``scripts`` reordered changes
+        the tree with no addon added or removed."""
+        @functools.wraps(trigger)
+        def triggered(event: hooks.Hook) -> None:
+            try:
+                trigger(event)
+            finally:
+                if isinstance(event, hooks.ConfigureHook):
+                    self._found.clear()
+        return triggered
 
     async def trigger_event(self, event: hooks.Hook) -> None:
         found = self._found.get(event.name)

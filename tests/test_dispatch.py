@@ -125,3 +125,24 @@ def test_the_relay_installs_it_when_running_unless_told_not_to():
             assert isinstance(getattr(method, "__self__", None), CachedDispatch) is enabled
             if enabled:
                 assert method.__self__._walk.__self__ is tctx.master.addons  # mitmproxy's own under it
+
+
+@in_loop
+async def test_scripts_reordered_run_in_their_new_order(tmp_path):
+    order: list[str] = []
+    paths = []
+    for tag in ("a", "b"):
+        path = tmp_path / f"{tag}.py"
+        path.write_text(f"def request(flow):\n    flow.append({tag!r})\n")
+        paths.append(str(path))
+    loader = ScriptLoader()
+    with taddons.context(loader) as tctx:
+        tctx.configure(loader, scripts=paths)
+        for sc in loader.addons:
+            if sc.ns is None:  # loaded by its watcher, later: at once here
+                sc.loadscript()
+        CachedDispatch(tctx.master.addons).install()
+        await tctx.master.addons.trigger_event(hooks.all_hooks["request"](order))
+        tctx.master.options.update(scripts=paths[::-1])  # no addon added or removed: only their order changes
+        await tctx.master.addons.trigger_event(hooks.all_hooks["request"](order))
+    assert order == ["a", "b", "b", "a"]
