@@ -15,6 +15,7 @@ if _root not in sys.path:
 from addon.admin import Admin  # noqa: E402
 from addon.auth import ClientAuth  # noqa: E402
 from addon.chain import AddonChain  # noqa: E402
+from addon.dispatch import HookCache  # noqa: E402
 from addon.drain import Drain  # noqa: E402
 from addon.gate import EgressCheck, Gate  # noqa: E402
 from addon.hygiene import KeyHygiene  # noqa: E402
@@ -45,4 +46,4 @@ own = OwnBodies(refusals, runtime.keys)  # the own endpoints' bodies: read aroun
 addons = [AddonChain([refusals, drain, gate, RuntimeOptions(runtime), LimitOptions(limits),
                       ClientAuth(refusals, runtime.keys), own, Admin(runtime, limits), UserStats(runtime),
                       KeyInfo(runtime, limits), own.handover, Relay(runtime, refusals, runtime.secrets, limits),
-                      KeyHygiene(), SSEView(), EgressCheck(), StartupCheck(gate, runtime)])]
+                      KeyHygiene(), SSEView(), EgressCheck(), HookCache(), StartupCheck(gate, runtime)])]

@@ -183,3 +183,5 @@ def test_money_series_by_node_key_model_and_status_class():
     assert {dict(labels)["reason"]: v for (n, labels), v in m.items() if n == "codex_client_refusals_total"} == {
         "rate": 1, "budget": 1}
     assert total(m, "codex_client_refusals_total", client="ci") == 1
+    # A series appears with its first non-zero value: an unpriced call adds no cost series, a success no failures.
+    assert all(v for (n, _), v in m.items() if n.endswith("_total"))
