@@ -122,15 +122,26 @@ def _raw_buckets(conn: sa.Connection, bounds: dict[str, tuple[int, ...]]) -> sa.
     else:
         hour = sa.cast(sa.func.date_format(c.occurred_at, "%Y-%m-%d %H:00:00"), sa.DateTime)
     keys = [hour, c.source, sa.func.coalesce(c.node_id, ""), sa.func.coalesce(c.model, "")]
-    counts = []
+    labelled = [k.label(name) for k, name in zip(keys, _KEYS, strict=True)]
+    # Each call's bucket found once per distribution (a CASE that stops at its bound; NULL: no value), the calls
+    # counted per row and bucket, and only those few counts spread into columns: testing every call against
+    # every bucket's two bounds cost ~19 s per 100,000 calls on MariaDB.
+    per_bucket = []
     for prefix, b in bounds.items():
         value = c[_VALUE[prefix]]
-        edges = [(lo, hi) for lo, hi in zip((None, *b), (*b, None), strict=True)]
-        for name, (lo, hi) in zip(_names(prefix, b), edges, strict=True):
-            inside = [*([value > lo] if lo is not None else []), *([value <= hi] if hi is not None else [])]
-            counts.append(sa.func.sum(sa.case((sa.and_(*inside), 1), else_=0)).label(name))
-    labelled = [k.label(name) for k, name in zip(keys, _KEYS, strict=True)]
-    return sa.select(*labelled, sa.func.count().label("calls"), *counts).group_by(*keys)
+        index = sa.case((value.is_(None), sa.null()),
+                        *[(value <= sa.literal_column(str(hi)), sa.literal_column(str(i))) for i, hi in enumerate(b)],
+                        else_=sa.literal_column(str(len(b))))
+        per_bucket.append(sa.select(*labelled, sa.literal_column(f"'{prefix}'").label("kind"), index.label("bucket"),
+                                    sa.func.count().label("n")).group_by(*keys, index))
+    counted = sa.union_all(*per_bucket).subquery("counted")
+    k = counted.c
+    first = next(iter(bounds))  # every call is counted once per distribution: its calls are one's total
+    counts = [sa.func.sum(sa.case((k.kind == first, k.n), else_=0)).label("calls")]
+    for prefix, b in bounds.items():
+        for i, name in enumerate(_names(prefix, b)):
+            counts.append(sa.func.sum(sa.case((sa.and_(k.kind == prefix, k.bucket == i), k.n), else_=0)).label(name))
+    return sa.select(*[k[name] for name in _KEYS], *counts).group_by(*[k[name] for name in _KEYS])
 
 
 def _spread(counts: list[sa.ColumnElement], bounds: tuple[int, ...], to: tuple[int, ...],
