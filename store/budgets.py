@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 
 from store import keycalls
-from store.key_usage import Admission, Budgets, admit
+from store.key_usage import Admission, Budgets, admit, next_month
 from store.keys import Budget, KeySpec
 from store.records import utcnow
 from store.rollups import DAY_MINUTES, MINUTE, span_starts
@@ -61,7 +61,7 @@ def _next_window(window: str, start: dt.datetime) -> dt.datetime:
         return start + dt.timedelta(days=1)
     if window == "weekly":
         return start + dt.timedelta(days=7)
-    return (start.replace(day=28) + dt.timedelta(days=4)).replace(day=1)
+    return next_month(start)
 
 
 def first_reset(window: str, at: dt.datetime) -> dt.datetime | None:

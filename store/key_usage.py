@@ -44,6 +44,11 @@ def month_start(day: dt.date) -> dt.date:
     return day.replace(day=1)
 
 
+def next_month[T: (dt.date, dt.datetime)](day: T) -> T:
+    """The first of the month after ``day`` (at ``day``'s time of day, for a datetime)."""
+    return (day.replace(day=28) + dt.timedelta(days=4)).replace(day=1)
+
+
 @dataclass(frozen=True, slots=True)
 class Admission:
     """What ``admit`` decided, and the day's figures it read on the way (None: not read, no such budget)."""
@@ -186,7 +191,7 @@ def models_of_key(conn: sa.Connection, key: str, since: dt.date, until: dt.date)
 
 def budget_reset(day: dt.date, monthly: bool) -> dt.datetime:
     """When a daily (or monthly) budget of ``day`` starts again: the next UTC midnight (or month)."""
-    nxt = (day.replace(day=28) + dt.timedelta(days=4)).replace(day=1) if monthly else day + dt.timedelta(days=1)
+    nxt = next_month(day) if monthly else day + dt.timedelta(days=1)
     return dt.datetime.combine(nxt, dt.time())
 
 
