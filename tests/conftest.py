@@ -15,6 +15,7 @@ import pytest
 from tests.support import relayproc
 from tests.support.databases import drop_templates, fresh_mariadb
 from tests.support.relayproc import ROOT
+from tests.support.runtimes import stop_built
 from tests.support.warm import Zygote
 
 
@@ -60,6 +61,13 @@ def warm_relays(request: pytest.FixtureRequest) -> Iterator[None]:
             yield
         finally:
             relayproc.default_zygote = None
+
+
+@pytest.fixture(autouse=True)
+def _stop_runtimes() -> Iterator[None]:
+    """In-process tests' runtimes (tests.support.runtimes) stop with their test, their threads with them."""
+    yield
+    stop_built()
 
 
 @pytest.fixture

@@ -27,6 +27,7 @@ from store.records import InvocationRecord, KeyCount, NodeConfig, Usage
 from store.schema import client_key_calls, client_key_usage
 from store.write.batch import apply_batch
 from tests.support.databases import at_head, fresh_engine
+from tests.support.runtimes import built
 from tests.support.wsenv import Env, completed, node
 
 TUESDAY = dt.datetime(2026, 11, 24, 12, 0)  # ISO week 48: Monday 2026-11-23
@@ -46,7 +47,7 @@ def runtime_on(engine: sa.Engine | None, *specs: KeySpec) -> Runtime:
     runtime.submitted = []  # type: ignore[attr-defined]
     runtime.db.submit = runtime.submitted.append  # type: ignore[attr-defined]
     runtime.keys.apply(specs)
-    return runtime
+    return built(runtime)
 
 
 def flow_of(key: str, path: str = "/v1/responses"):

@@ -25,6 +25,7 @@ from store.write.batch import apply_batch
 from tests.support.databases import fresh_engine
 from tests.support.fakeupstream import responses_events, responses_json
 from tests.support.relayharness import RelayHarness, in_loop, node
+from tests.support.runtimes import built
 
 NOW = dt.datetime(2026, 11, 25, 23, 0, 0)  # one hour before the UTC day's budgets reset
 ALICE_KEY, BOB_KEY = "ck-alice-0123456789", "ck-bob-9876543210"
@@ -141,7 +142,7 @@ def runtime_with_keys(engine) -> Runtime:
     runtime.keys.apply([KeySpec("alice", digest(ALICE_KEY), daily_requests=5, monthly_cost=10.0, rpm=60,
                                 concurrency=2),
                         KeySpec("bob", digest(BOB_KEY))])
-    return runtime
+    return built(runtime)
 
 
 def ask_key(runtime: Runtime, info: KeyInfo, headers: dict[str, str], method: str = "GET") -> tuple[int, dict]:

@@ -37,6 +37,7 @@ from store.write.journal import Spool
 from store.write.writer import Writer
 from tests.support.admin import ask
 from tests.support.databases import fresh_engine
+from tests.support.runtimes import built
 from tests.support.waiting import wait_for
 
 KEYS_TOML = """
@@ -67,7 +68,7 @@ def runtime_with(*node_ids: str, engine: sa.Engine | None = None, writer: Writer
     runtime.db.engine = writer.engine if writer is not None else engine
     if writer is not None:
         runtime.db.submit = writer.submit
-    return runtime
+    return built(runtime)
 
 
 def write_keys(tmp_path, text: str) -> str:
