@@ -53,7 +53,7 @@ from store.config import ConfigError, node_from_mapping
 from store.engine import error_line
 from store.key_usage import per_key
 from store.keys import LIMIT_FIELDS
-from store.nodes import NodeInUse, config_of, load_nodes
+from store.nodes import NodeInUse, config_of, load_nodes, owned_fields
 from store.records import NodeConfig
 from store.sources.reconcile import ReconcileError, as_json, reconcile
 
@@ -374,7 +374,7 @@ class Admin:
         if stored is None and existing:
             raise HttpError(404, f"no node {body.get('id')!r}")
         before = config_of(stored) if stored is not None else None
-        owned = [f for f in (stored.file_fields or "").split(",") if f] if stored is not None else []
+        owned = owned_fields(stored.file_fields) if stored is not None else []
         try:
             config = node_from_mapping(body if before is None else {**_as_mapping(before), **body}, "node")
         except ConfigError as e:

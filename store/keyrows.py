@@ -22,6 +22,7 @@ import sqlalchemy as sa
 
 from store.keys import LIMIT_FIELDS, MAX_NAME_CHARS, KeySpec, parse_budgets, parse_limits
 from store.masking import digest
+from store.nodes import owned_fields
 from store.records import utcnow
 from store.schema import client_key_state, client_keys, nodes
 from store.upsert import upsert
@@ -68,7 +69,7 @@ def describe(row: sa.Row) -> dict[str, Any]:
     """A key as the admin API and the CLI show it: never its secret nor its digest."""
     spec = spec_of(row)
     return {"name": row.name, "source": row.source, "revoked": row.revoked_at is not None,
-            "file_fields": [f for f in (row.file_fields or "").split(",") if f],
+            "file_fields": owned_fields(row.file_fields),
             **{f: list(v) if isinstance(v := getattr(spec, f), tuple) else v for f in LIMIT_FIELDS},
             "budgets": [b.as_dict() for b in spec.budgets or ()],
             "expires_at": spec.expires_at.isoformat() + "Z" if spec.expires_at is not None else None,
@@ -151,7 +152,7 @@ def update_key(conn: sa.Connection, name: str, fields: Mapping[str, object]) -> 
     limits = parse_limits(fields, none_clears=True)
     bump_version(conn)
     row = _live(conn, name)
-    owned = set((row.file_fields or "").split(","))
+    owned = owned_fields(row.file_fields)
     changed = [f for f, v in _columns(limits).items() if f in owned and getattr(row, f) != v]
     if changed:
         raise KeyConflict(f"key {name!r}: {', '.join(changed)} set by the codex_client_keys file: change it there "

@@ -46,6 +46,11 @@ def upsert_nodes(conn: sa.Connection, configs: Sequence[NodeConfig], origin: str
         bump_version(conn)
 
 
+def owned_fields(stored: str | None) -> list[str]:
+    """The fields a node's or key's ``file_fields`` column names: its file's (none for one of the page's)."""
+    return [f for f in (stored or "").split(",") if f]
+
+
 def file_fields(config: NodeConfig) -> tuple[str, ...]:
     """The config columns a nodes file sets for this node, in table order."""
     return tuple(name for name in CONFIG_COLUMNS if name in config.given)

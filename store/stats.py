@@ -37,7 +37,7 @@ import sqlalchemy as sa
 
 from store.histogram import DURATION_BUCKETS_MS, TTFB_BUCKETS_MS, percentile
 from store.masking import mask_secret
-from store.nodes import config_of, load_nodes
+from store.nodes import config_of, load_nodes, owned_fields
 from store.schema import (
     DAILY_COUNTERS,
     DURATION_COLUMNS,
@@ -409,7 +409,7 @@ def _fill_node(s: NodeStats, row: sa.Row) -> None:
     s.fail_streak = row.fail_streak
     config = config_of(row)
     s.formats, s.models, s.model_map = list(config.formats), list(config.models), config.model_map
-    s.file_fields = [f for f in (row.file_fields or "").split(",") if f]
+    s.file_fields = owned_fields(row.file_fields)
     s.lifetime_attempts, s.lifetime_failed_attempts, s.lifetime_bytes = row.requests, row.fail_count, row.total_bytes
     s.lifetime_input_tokens, s.lifetime_cached_tokens = row.total_input, row.total_cached
     s.lifetime_output_tokens, s.lifetime_reasoning_tokens = row.total_output, row.total_reasoning
