@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
-import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import sqlalchemy as sa
@@ -157,11 +157,8 @@ def test_a_5h_request_budget_is_exact_across_relays_and_rolls(engine):
             with engine.begin() as conn:
                 admitted.append(admit_key(conn, spec, TUESDAY, "gpt-5", None).over is None)
 
-    threads = [threading.Thread(target=relay) for _ in range(4)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
+    with ThreadPoolExecutor(4) as pool:  # a worker's error is raised here, not lost with its thread
+        list(pool.map(lambda _: relay(), range(4)))
     assert admitted.count(True) == 7 and len(admitted) == 20
     with engine.begin() as conn:
         over = admit_key(conn, spec, TUESDAY + dt.timedelta(hours=4, minutes=59), "gpt-5", None).over

@@ -6,7 +6,7 @@ import asyncio
 import datetime as dt
 import hashlib
 import json
-import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 import pytest
@@ -203,11 +203,8 @@ def test_daily_requests_admission_is_exact_under_concurrency(engine):
             with engine.begin() as conn:
                 admitted.append(admit(conn, "alice", day, Budgets(daily_requests=7)).over is None)
 
-    threads = [threading.Thread(target=worker) for _ in range(4)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
+    with ThreadPoolExecutor(4) as pool:  # a worker's error is raised here, not lost with its thread
+        list(pool.map(lambda _: worker(), range(4)))
     assert admitted.count(True) == 7 and len(admitted) == 20
     with engine.begin() as conn:
         assert admit(conn, "alice", day + dt.timedelta(days=1), Budgets(daily_requests=7)).over is None  # a new day
