@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import math
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -270,7 +271,8 @@ class Sums:
             used = [i for i in range(first, first + n) if any(self._buckets[k][i] for k in keys)]
             if used:
                 lo = first + (used[0] - first) // _SPAN_STEP * _SPAN_STEP
-                picked.extend(range(lo, min(first + n, lo + -(-(used[-1] + 1 - lo) // _SPAN_STEP) * _SPAN_STEP)))
+                hi = lo + math.ceil((used[-1] + 1 - lo) / _SPAN_STEP) * _SPAN_STEP
+                picked.extend(range(lo, min(first + n, hi)))
         names = tuple(_BUCKET_COLUMNS[i] for i in picked)
         rows = []
         for k in keys:
